@@ -1,0 +1,343 @@
+//! Quantization configurations: which observer watches activations and which watches
+//! weights, as *specs* (small `Copy` values) rather than observer instances, so every
+//! tensor gets a fresh observer of its own (PyTorch's `qconfig.py` refuses instances for
+//! the same reason).
+//!
+//! The presets mirror `torch.ao.quantization` in torch 2.15.0, checked against its
+//! `qconfig.py` and `observer.py`:
+//!
+//! | preset | activation | weight |
+//! |---|---|---|
+//! | [`QConfig::fbgemm`], [`QConfig::x86`] (`get_default_qconfig("fbgemm" / "x86")`) | `HistogramObserver(reduce_range=True)`: quint8 affine 0..=127 | `PerChannelMinMaxObserver(qint8, per_channel_symmetric)` |
+//! | [`QConfig::qnnpack`] (`get_default_qconfig("qnnpack")`) | `HistogramObserver(reduce_range=False)`: quint8 affine 0..=255 | `MinMaxObserver(qint8, per_tensor_symmetric)` |
+//! | [`QConfig::default_qconfig`] (`default_qconfig`) | `MinMaxObserver(quant_min=0, quant_max=127)` | `MinMaxObserver(qint8, per_tensor_symmetric)` |
+//! | [`QConfig::default_per_channel`] (`default_per_channel_qconfig`) | `MinMaxObserver(quant_min=0, quant_max=127)` | `PerChannelMinMaxObserver(qint8, per_channel_symmetric)` |
+//!
+//! plus [`QConfig::minmax_per_tensor`] and [`QConfig::minmax_per_channel`], which use
+//! min/max observers on both sides with fbgemm's ranges.
+
+use crate::error::Result;
+use crate::observer::{
+    FixedQParamsObserver, HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver,
+    MovingAveragePerChannelMinMaxObserver, Observer, PerChannelMinMaxObserver,
+};
+use crate::qparams::{DType, QParams, QScheme, RangeConfig};
+
+/// Which observer algorithm, with its own parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub enum ObserverKind {
+    /// [`MinMaxObserver`] (or [`PerChannelMinMaxObserver`] with a per-channel scheme).
+    MinMax,
+    /// [`MovingAverageMinMaxObserver`] (or its per-channel twin with a per-channel scheme).
+    MovingAverageMinMax {
+        /// Weight of each new batch, PyTorch's default 0.01.
+        averaging_constant: f32,
+    },
+    /// [`HistogramObserver`].
+    Histogram {
+        /// Number of histogram bins, PyTorch's default 2048.
+        bins: usize,
+    },
+    /// [`FixedQParamsObserver`] with this scale and zero point.
+    FixedQParams {
+        /// The fixed scale.
+        scale: f32,
+        /// The fixed zero point.
+        zero_point: i32,
+    },
+}
+
+/// A recipe for an observer: its kind and its `dtype`, `qscheme`, `reduce_range`,
+/// `quant_min`/`quant_max` and `eps` arguments, with PyTorch's meanings.
+///
+/// # Examples
+/// ```
+/// use ptq::qconfig::ObserverSpec;
+/// use ptq::{DType, QScheme};
+/// let spec = ObserverSpec::min_max(DType::QInt8, QScheme::PerTensorSymmetric).with_range(-127, 127);
+/// let obs = spec.build()?;
+/// assert_eq!(obs.kind(), "MinMaxObserver");
+/// # Ok::<(), ptq::QuantError>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ObserverSpec {
+    /// The algorithm.
+    pub kind: ObserverKind,
+    /// The quantized dtype.
+    pub dtype: DType,
+    /// The scheme; a per-channel scheme selects the per-channel observer of the kind.
+    pub qscheme: QScheme,
+    /// Use one bit less of range (PyTorch's `reduce_range`).
+    pub reduce_range: bool,
+    /// A custom `(quant_min, quant_max)`, or `None` for the dtype's default.
+    pub quant_range: Option<(i64, i64)>,
+    /// The smallest scale, PyTorch's default `f32::EPSILON`.
+    pub eps: f32,
+}
+
+impl ObserverSpec {
+    fn with_kind(kind: ObserverKind, dtype: DType, qscheme: QScheme) -> Self {
+        ObserverSpec {
+            kind,
+            dtype,
+            qscheme,
+            reduce_range: false,
+            quant_range: None,
+            eps: f32::EPSILON,
+        }
+    }
+
+    /// A min/max observer spec (per tensor or per channel, following `qscheme`).
+    pub fn min_max(dtype: DType, qscheme: QScheme) -> Self {
+        Self::with_kind(ObserverKind::MinMax, dtype, qscheme)
+    }
+
+    /// A moving-average min/max observer spec with PyTorch's averaging constant 0.01.
+    pub fn moving_average(dtype: DType, qscheme: QScheme) -> Self {
+        Self::with_kind(
+            ObserverKind::MovingAverageMinMax {
+                averaging_constant: crate::observer::DEFAULT_AVERAGING_CONSTANT,
+            },
+            dtype,
+            qscheme,
+        )
+    }
+
+    /// A histogram observer spec with PyTorch's 2048 bins.
+    pub fn histogram(dtype: DType, qscheme: QScheme) -> Self {
+        Self::with_kind(ObserverKind::Histogram { bins: 2048 }, dtype, qscheme)
+    }
+
+    /// A fixed-parameters spec (per-tensor affine, full range of `dtype`).
+    pub fn fixed(scale: f32, zero_point: i32, dtype: DType) -> Self {
+        Self::with_kind(
+            ObserverKind::FixedQParams { scale, zero_point },
+            dtype,
+            QScheme::PerTensorAffine,
+        )
+    }
+
+    /// The same spec with `reduce_range` set.
+    pub fn with_reduce_range(mut self, reduce_range: bool) -> Self {
+        self.reduce_range = reduce_range;
+        self
+    }
+
+    /// The same spec with a custom quantized range.
+    pub fn with_range(mut self, quant_min: i64, quant_max: i64) -> Self {
+        self.quant_range = Some((quant_min, quant_max));
+        self
+    }
+
+    /// The same spec with another `eps`.
+    pub fn with_eps(mut self, eps: f32) -> Self {
+        self.eps = eps;
+        self
+    }
+
+    /// The validated range configuration this spec describes.
+    ///
+    /// # Errors
+    /// As [`RangeConfig::new`].
+    pub fn range_config(&self) -> Result<RangeConfig> {
+        RangeConfig::new(
+            self.dtype,
+            self.qscheme,
+            self.reduce_range,
+            self.quant_range,
+            self.eps,
+        )
+    }
+
+    /// Builds a fresh observer.
+    ///
+    /// # Errors
+    /// Whatever PyTorch refuses for the same arguments: an invalid custom range,
+    /// `reduce_range` with symmetric `quint8`, a per-channel scheme for the histogram
+    /// observer, an averaging constant outside `(0, 1]`, zero bins, an invalid fixed scale.
+    pub fn build(&self) -> Result<Box<dyn Observer>> {
+        let per_channel = self.qscheme.is_per_channel();
+        Ok(match self.kind {
+            ObserverKind::MinMax if per_channel => {
+                Box::new(PerChannelMinMaxObserver::new(self.range_config()?)?)
+            }
+            ObserverKind::MinMax => Box::new(MinMaxObserver::new(self.range_config()?)?),
+            ObserverKind::MovingAverageMinMax { averaging_constant } if per_channel => Box::new(
+                MovingAveragePerChannelMinMaxObserver::new(self.range_config()?, averaging_constant)?,
+            ),
+            ObserverKind::MovingAverageMinMax { averaging_constant } => Box::new(
+                MovingAverageMinMaxObserver::new(self.range_config()?, averaging_constant)?,
+            ),
+            ObserverKind::Histogram { bins } => {
+                Box::new(HistogramObserver::new(self.range_config()?, bins)?)
+            }
+            ObserverKind::FixedQParams { scale, zero_point } => {
+                let range = self.range_config()?.quant_range();
+                let qp = QParams::new(self.qscheme, self.dtype, range, vec![scale], vec![zero_point])?;
+                Box::new(FixedQParamsObserver::new(qp)?)
+            }
+        })
+    }
+}
+
+/// What observes a layer's output activations and what observes its weights.
+///
+/// # Examples
+/// ```
+/// use ptq::qconfig::QConfig;
+/// use ptq::{DType, QScheme};
+/// let q = QConfig::fbgemm();
+/// assert_eq!(q.weight.qscheme, QScheme::PerChannelSymmetric { axis: 0 });
+/// assert!(q.activation.reduce_range);
+/// q.validate()?;
+/// # Ok::<(), ptq::QuantError>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QConfig {
+    /// The activation observer spec.
+    pub activation: ObserverSpec,
+    /// The weight observer spec.
+    pub weight: ObserverSpec,
+}
+
+impl QConfig {
+    /// `get_default_qconfig("fbgemm")`: histogram activations (quint8, `reduce_range`, so
+    /// the u8 x s8 kernels cannot saturate), per-channel symmetric qint8 weights.
+    pub fn fbgemm() -> Self {
+        QConfig {
+            activation: ObserverSpec::histogram(DType::QUInt8, QScheme::PerTensorAffine)
+                .with_reduce_range(true),
+            weight: ObserverSpec::min_max(DType::QInt8, QScheme::PerChannelSymmetric { axis: 0 }),
+        }
+    }
+
+    /// `get_default_qconfig("x86")`, PyTorch's default backend: identical to
+    /// [`QConfig::fbgemm`] in torch 2.15.0.
+    pub fn x86() -> Self {
+        Self::fbgemm()
+    }
+
+    /// `get_default_qconfig("qnnpack")`: histogram activations over the full quint8
+    /// range, per-tensor symmetric qint8 weights.
+    pub fn qnnpack() -> Self {
+        QConfig {
+            activation: ObserverSpec::histogram(DType::QUInt8, QScheme::PerTensorAffine),
+            weight: ObserverSpec::min_max(DType::QInt8, QScheme::PerTensorSymmetric),
+        }
+    }
+
+    /// `default_qconfig`: min/max activations with the custom range 0..=127, per-tensor
+    /// symmetric qint8 weights.
+    pub fn default_qconfig() -> Self {
+        QConfig {
+            activation: ObserverSpec::min_max(DType::QUInt8, QScheme::PerTensorAffine)
+                .with_range(0, 127),
+            weight: ObserverSpec::min_max(DType::QInt8, QScheme::PerTensorSymmetric),
+        }
+    }
+
+    /// `default_per_channel_qconfig`: as [`QConfig::default_qconfig`] with per-channel
+    /// symmetric weights.
+    pub fn default_per_channel() -> Self {
+        QConfig {
+            weight: ObserverSpec::min_max(DType::QInt8, QScheme::PerChannelSymmetric { axis: 0 }),
+            ..Self::default_qconfig()
+        }
+    }
+
+    /// Min/max observers with fbgemm's ranges and per-tensor weights: quint8 affine
+    /// activations with `reduce_range`, per-tensor symmetric qint8 weights.
+    pub fn minmax_per_tensor() -> Self {
+        QConfig {
+            activation: ObserverSpec::min_max(DType::QUInt8, QScheme::PerTensorAffine)
+                .with_reduce_range(true),
+            weight: ObserverSpec::min_max(DType::QInt8, QScheme::PerTensorSymmetric),
+        }
+    }
+
+    /// As [`QConfig::minmax_per_tensor`] with per-channel symmetric weights.
+    pub fn minmax_per_channel() -> Self {
+        QConfig {
+            weight: ObserverSpec::min_max(DType::QInt8, QScheme::PerChannelSymmetric { axis: 0 }),
+            ..Self::minmax_per_tensor()
+        }
+    }
+
+    /// The preset for a PyTorch backend name: `"fbgemm"`, `"x86"`, `"qnnpack"`, `"onednn"`.
+    ///
+    /// `"onednn"` is histogram activations without `reduce_range` and per-channel weights,
+    /// as in PyTorch.
+    ///
+    /// # Errors
+    /// [`crate::QuantError::UnsupportedConfig`] for any other name.
+    pub fn for_backend(backend: &str) -> Result<Self> {
+        match backend {
+            "fbgemm" => Ok(Self::fbgemm()),
+            "x86" => Ok(Self::x86()),
+            "qnnpack" => Ok(Self::qnnpack()),
+            "onednn" => Ok(QConfig {
+                activation: ObserverSpec::histogram(DType::QUInt8, QScheme::PerTensorAffine),
+                ..Self::fbgemm()
+            }),
+            other => Err(crate::QuantError::UnsupportedConfig {
+                context: "QConfig::for_backend".into(),
+                reason: format!(
+                    "backend {other:?} is not one of \"fbgemm\", \"x86\", \"qnnpack\", \"onednn\""
+                ),
+            }),
+        }
+    }
+
+    /// Checks both specs by building an observer from each.
+    ///
+    /// # Errors
+    /// As [`ObserverSpec::build`].
+    pub fn validate(&self) -> Result<()> {
+        self.activation.build()?;
+        self.weight.build()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_preset_builds_and_has_the_documented_ranges() {
+        for (q, act_range, w_range) in [
+            (QConfig::fbgemm(), (0, 127), (-128, 127)),
+            (QConfig::x86(), (0, 127), (-128, 127)),
+            (QConfig::qnnpack(), (0, 255), (-128, 127)),
+            (QConfig::default_qconfig(), (0, 127), (-128, 127)),
+            (QConfig::default_per_channel(), (0, 127), (-128, 127)),
+            (QConfig::minmax_per_tensor(), (0, 127), (-128, 127)),
+            (QConfig::minmax_per_channel(), (0, 127), (-128, 127)),
+        ] {
+            q.validate().unwrap();
+            assert_eq!(q.activation.range_config().unwrap().quant_range(), act_range);
+            assert_eq!(q.weight.range_config().unwrap().quant_range(), w_range);
+        }
+        assert!(QConfig::for_backend("tensorrt").is_err());
+        assert_eq!(QConfig::for_backend("x86").unwrap(), QConfig::fbgemm());
+    }
+
+    #[test]
+    fn specs_pytorch_rejects_fail_to_build() {
+        let sym_u8 = ObserverSpec::min_max(DType::QUInt8, QScheme::PerTensorSymmetric)
+            .with_reduce_range(true);
+        assert!(sym_u8.build().is_err());
+        let hist_pc = ObserverSpec::histogram(DType::QUInt8, QScheme::PerChannelAffine { axis: 0 });
+        assert!(hist_pc.build().is_err());
+        let no_zero = ObserverSpec::min_max(DType::QUInt8, QScheme::PerTensorAffine).with_range(1, 10);
+        assert!(no_zero.build().is_err());
+        let ma = ObserverSpec {
+            kind: ObserverKind::MovingAverageMinMax {
+                averaging_constant: 0.0,
+            },
+            ..ObserverSpec::min_max(DType::QUInt8, QScheme::PerTensorAffine)
+        };
+        assert!(ma.build().is_err());
+    }
+}
