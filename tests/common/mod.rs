@@ -1,0 +1,108 @@
+//! Shared helpers for tests that replay golden fixtures written by `tools/*.py`.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use ndarray::{ArrayD, IxDyn};
+use safetensors::{Dtype, SafeTensors};
+
+/// A fixture file: raw bytes plus its metadata map.
+pub struct Fixture {
+    bytes: Vec<u8>,
+    pub meta: HashMap<String, String>,
+}
+
+impl Fixture {
+    pub fn load(name: &str) -> Fixture {
+        let path: PathBuf = [env!("CARGO_MANIFEST_DIR"), "tests", "fixtures", name]
+            .iter()
+            .collect();
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let (_, md) = SafeTensors::read_metadata(&bytes).expect("valid safetensors header");
+        let meta = md.metadata().clone().unwrap_or_default();
+        Fixture { bytes, meta }
+    }
+
+    fn view(&self) -> SafeTensors<'_> {
+        SafeTensors::deserialize(&self.bytes).expect("valid safetensors file")
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.view().tensor(name).is_ok()
+    }
+
+    /// Keys of the metadata map that start with `prefix`, sorted.
+    pub fn cases(&self, prefix: &str) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .meta
+            .keys()
+            .filter(|k| {
+                k.starts_with(prefix) && k[prefix.len()..].chars().all(|c| c.is_ascii_digit())
+            })
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+
+    pub fn f32(&self, name: &str) -> ArrayD<f32> {
+        let st = self.view();
+        let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(t.dtype(), Dtype::F32, "{name}");
+        let v = t
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        ArrayD::from_shape_vec(IxDyn(t.shape()), v).unwrap()
+    }
+
+    /// Any integer tensor (u8, i8, i16, i32, i64) widened to i64.
+    pub fn int(&self, name: &str) -> ArrayD<i64> {
+        let st = self.view();
+        let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let d = t.data();
+        let v: Vec<i64> = match t.dtype() {
+            Dtype::U8 => d.iter().map(|&b| b as i64).collect(),
+            Dtype::I8 => d.iter().map(|&b| b as i8 as i64).collect(),
+            Dtype::I16 => d
+                .chunks_exact(2)
+                .map(|b| i16::from_le_bytes([b[0], b[1]]) as i64)
+                .collect(),
+            Dtype::I32 => d
+                .chunks_exact(4)
+                .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64)
+                .collect(),
+            Dtype::I64 => d
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+            other => panic!("{name}: not an integer tensor: {other:?}"),
+        };
+        ArrayD::from_shape_vec(IxDyn(t.shape()), v).unwrap()
+    }
+}
+
+/// Parses a `key=value;key=value` description.
+pub fn parse_desc(s: &str) -> HashMap<String, String> {
+    s.split(';')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (k.to_string(), v.to_string())
+        })
+        .collect()
+}
+
+/// Asserts two float tensors are bit-identical, naming the first difference.
+pub fn assert_bits_eq(ours: &ArrayD<f32>, theirs: &ArrayD<f32>, what: &str) {
+    assert_eq!(ours.shape(), theirs.shape(), "{what}: shape");
+    for (i, (a, b)) in ours.iter().zip(theirs.iter()).enumerate() {
+        assert_eq!(
+            a.to_bits(),
+            b.to_bits(),
+            "{what}: element {i}: ours {a:e} vs PyTorch {b:e}"
+        );
+    }
+}
