@@ -58,3 +58,8 @@ pub use qparams::{
     dequantize, dequantize_val, fake_quantize, qparams_from_min_max, quantize, quantize_val,
     resolve_quant_range, DType, QParams, QScheme, RangeConfig,
 };
+
+/// The README's Rust examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

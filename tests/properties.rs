@@ -2,7 +2,6 @@
 
 use ndarray::{Array1, Array3, ArrayD, Axis};
 use proptest::prelude::*;
-use ptq::observer::Observer;
 use ptq::qconfig::ObserverSpec;
 use ptq::{dequantize, quantize, DType, QParams, QScheme};
 
