@@ -44,11 +44,13 @@
 //!   `fake_quantize` and the min/max to scale/zero-point arithmetic.
 //! * [`observer`]: the [`Observer`](observer::Observer) trait and PyTorch's observers.
 //! * [`qconfig`]: observer specs and the fbgemm / x86 / qnnpack presets.
+//! * [`nn`]: float layers, [`Sequential`](nn::Sequential) models of named children, fusion.
 //! * [`error`]: [`QuantError`], the one error type.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod error;
+pub mod nn;
 pub mod observer;
 pub mod qconfig;
 pub mod qparams;
