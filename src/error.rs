@@ -141,6 +141,34 @@ pub enum QuantError {
         quant_max: i64,
     },
 
+    /// A file that cannot be used: unreadable, truncated, corrupt, or holding data of an
+    /// unsupported type.
+    ///
+    /// Fix: re-export the file (for weights: `safetensors.torch.save_file` of the
+    /// `state_dict`, float tensors only).
+    #[error("{context}: invalid file: {reason}")]
+    InvalidFile {
+        /// The file (path or caller-given name).
+        context: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A `state_dict` that does not fit the model.
+    ///
+    /// Cause: the Rust model's architecture differs from the one that was saved (a layer
+    /// renamed, missing, or with other sizes). Fix: make the names and shapes listed here
+    /// agree, or load non-strictly to accept missing/unexpected keys.
+    #[error("state_dict does not fit the model: missing {missing:?}, unexpected {unexpected:?}, shape mismatches {mismatched:?}")]
+    StateDictMismatch {
+        /// Model parameters the state_dict lacks.
+        missing: Vec<String>,
+        /// Keys of the state_dict the model has no parameter for.
+        unexpected: Vec<String>,
+        /// `name: model [shape], file [shape]` for every shape that differs.
+        mismatched: Vec<String>,
+    },
+
     /// Two observers that cannot be merged (different kinds or configurations).
     ///
     /// Fix: merge only observers built from the same spec, e.g. the per-thread copies of
@@ -175,8 +203,11 @@ impl QuantError {
             | QuantError::ShapeMismatch { context, .. }
             | QuantError::InvalidScale { context, .. }
             | QuantError::InvalidZeroPoint { context, .. }
-            | QuantError::QuantizedOutOfRange { context, .. } => *context = place.to_string(),
-            QuantError::InvalidQuantRange { .. } | QuantError::ObserverMismatch { .. } => {}
+            | QuantError::QuantizedOutOfRange { context, .. }
+            | QuantError::InvalidFile { context, .. } => *context = place.to_string(),
+            QuantError::InvalidQuantRange { .. }
+            | QuantError::ObserverMismatch { .. }
+            | QuantError::StateDictMismatch { .. } => {}
         }
         self
     }

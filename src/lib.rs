@@ -45,11 +45,13 @@
 //! * [`observer`]: the [`Observer`](observer::Observer) trait and PyTorch's observers.
 //! * [`qconfig`]: observer specs and the fbgemm / x86 / qnnpack presets.
 //! * [`nn`]: float layers, [`Sequential`](nn::Sequential) models of named children, fusion.
+//! * [`io`]: PyTorch `state_dict` loading from safetensors.
 //! * [`error`]: [`QuantError`], the one error type.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod error;
+pub mod io;
 pub mod nn;
 pub mod observer;
 pub mod qconfig;

@@ -1,0 +1,253 @@
+//! Loading PyTorch weights: a `state_dict` saved with `safetensors.torch.save_file` (or
+//! `save_model`) loads into a [`Sequential`] by PyTorch's dotted parameter names.
+//!
+//! ```python
+//! # in Python, once:
+//! from safetensors.torch import save_file
+//! save_file({k: v.contiguous() for k, v in model.state_dict().items()}, "model.safetensors")
+//! ```
+//!
+//! The load is strict by default: a key the model does not have, a parameter the file does
+//! not have, or a shape that differs is an error that lists every such key. `f32`, `f16`,
+//! `bf16` and `f64` tensors are accepted (converted to `f32`); `num_batches_tracked`
+//! buffers are ignored. A truncated or corrupt file is an error, never a panic: sizes and
+//! offsets in the header are validated against the file before any tensor is read.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use half::{bf16, f16};
+use ndarray::{Array, ArrayD, Dimension, IxDyn};
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{QuantError, Result};
+use crate::nn::{Layer, Sequential};
+
+/// What a load did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LoadReport {
+    /// Parameters copied into the model, by dotted name.
+    pub loaded: Vec<String>,
+    /// Keys in the file that were ignored (`num_batches_tracked`, and with a non-strict
+    /// load every unexpected key).
+    pub ignored: Vec<String>,
+    /// Model parameters the file lacked (empty for a strict load, which fails instead).
+    pub missing: Vec<String>,
+}
+
+/// Reads a safetensors file into named `f32` tensors.
+///
+/// # Errors
+/// [`QuantError::InvalidFile`] if the file cannot be read, is not a valid safetensors file
+/// (bad header, offsets past the end, sizes that do not match shapes), or holds a tensor
+/// of a dtype other than f32/f16/bf16/f64.
+pub fn read_safetensors(path: impl AsRef<Path>) -> Result<BTreeMap<String, ArrayD<f32>>> {
+    let path = path.as_ref();
+    let bytes = std::fs::read(path).map_err(|e| QuantError::InvalidFile {
+        context: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    parse_safetensors(&bytes, &path.display().to_string())
+}
+
+/// As [`read_safetensors`], from bytes in memory; `context` names the source in errors.
+///
+/// # Errors
+/// As [`read_safetensors`].
+///
+/// # Examples
+/// ```
+/// let err = ptq::io::parse_safetensors(b"not a safetensors file", "upload").unwrap_err();
+/// assert!(err.to_string().starts_with("upload: invalid file"));
+/// ```
+pub fn parse_safetensors(bytes: &[u8], context: &str) -> Result<BTreeMap<String, ArrayD<f32>>> {
+    let bad = |reason: String| QuantError::InvalidFile {
+        context: context.into(),
+        reason,
+    };
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let d = view.data();
+        let values: Vec<f32> = match view.dtype() {
+            Dtype::F32 => d
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::F16 => d
+                .chunks_exact(2)
+                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => d
+                .chunks_exact(2)
+                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::F64 => d
+                .chunks_exact(8)
+                .map(|b| {
+                    f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32
+                })
+                .collect(),
+            // Integer buffers (num_batches_tracked) carry no weights.
+            Dtype::I64 | Dtype::I32 if name.ends_with("num_batches_tracked") => continue,
+            other => {
+                return Err(bad(format!(
+                    "tensor {name:?} has dtype {other:?}; expected F32, F16, BF16 or F64"
+                )))
+            }
+        };
+        let arr = ArrayD::from_shape_vec(IxDyn(view.shape()), values)
+            .map_err(|e| bad(format!("tensor {name:?}: {e}")))?;
+        out.insert(name, arr);
+    }
+    Ok(out)
+}
+
+/// The elements of an array in standard (row-major) order, converting it first if needed.
+fn std_slice<D: Dimension>(a: &mut Array<f32, D>) -> &mut [f32] {
+    if !a.is_standard_layout() {
+        *a = a.as_standard_layout().into_owned();
+    }
+    a.as_slice_mut()
+        .expect("a standard-layout array is contiguous")
+}
+
+/// A model parameter: its dotted name, its shape, and where to write it.
+struct Slot<'a> {
+    name: String,
+    target: &'a mut [f32],
+    shape: Vec<usize>,
+}
+
+fn slots<'a>(seq: &'a mut Sequential, prefix: &str, out: &mut Vec<Slot<'a>>) {
+    for (name, layer) in seq.children_mut().iter_mut() {
+        let path = if prefix.is_empty() {
+            name.clone()
+        } else {
+            format!("{prefix}.{name}")
+        };
+        let mut push = |suffix: &str, shape: Vec<usize>, target: &'a mut [f32]| {
+            out.push(Slot {
+                name: format!("{path}.{suffix}"),
+                target,
+                shape,
+            });
+        };
+        match layer {
+            Layer::Conv2d(c) | Layer::ConvReLU2d(c) => {
+                push(
+                    "weight",
+                    c.weight.shape().to_vec(),
+                    std_slice(&mut c.weight),
+                );
+                if let Some(b) = &mut c.bias {
+                    push("bias", vec![b.len()], std_slice(b));
+                }
+            }
+            Layer::Linear(l) | Layer::LinearReLU(l) => {
+                push(
+                    "weight",
+                    l.weight.shape().to_vec(),
+                    std_slice(&mut l.weight),
+                );
+                if let Some(b) = &mut l.bias {
+                    push("bias", vec![b.len()], std_slice(b));
+                }
+            }
+            Layer::BatchNorm2d(b) => {
+                let c = b.channels();
+                push("weight", vec![c], std_slice(&mut b.weight));
+                push("bias", vec![c], std_slice(&mut b.bias));
+                push("running_mean", vec![c], std_slice(&mut b.running_mean));
+                push("running_var", vec![c], std_slice(&mut b.running_var));
+            }
+            Layer::Sequential(s) | Layer::Residual(s) => slots(s, &path, out),
+            _ => {}
+        }
+    }
+}
+
+/// Copies named tensors into the model's parameters.
+///
+/// With `strict`, every model parameter must be present, every key (other than
+/// `num_batches_tracked`) must name a parameter, and every shape must match; otherwise
+/// nothing is written and the error lists all the offending keys.
+///
+/// # Errors
+/// [`QuantError::StateDictMismatch`] listing missing, unexpected and mis-shaped keys
+/// (mis-shaped keys are errors even when not strict).
+///
+/// # Examples
+/// ```
+/// use std::collections::BTreeMap;
+/// use ndarray::{Array2, ArrayD, IxDyn};
+/// use ptq::nn::{Layer, Linear, Sequential};
+/// let mut model = Sequential::new().push("fc", Layer::Linear(Linear::new(Array2::zeros((2, 3)), None)?));
+/// let mut sd = BTreeMap::new();
+/// sd.insert("fc.weight".to_string(), ArrayD::from_elem(IxDyn(&[2, 3]), 0.5f32));
+/// let report = ptq::io::load_state_dict(&mut model, &sd, true)?;
+/// assert_eq!(report.loaded, vec!["fc.weight"]);
+/// sd.insert("fc.bias".to_string(), ArrayD::zeros(IxDyn(&[2])));
+/// assert!(ptq::io::load_state_dict(&mut model, &sd, true).is_err()); // unexpected key
+/// # Ok::<(), ptq::QuantError>(())
+/// ```
+pub fn load_state_dict(
+    model: &mut Sequential,
+    state_dict: &BTreeMap<String, ArrayD<f32>>,
+    strict: bool,
+) -> Result<LoadReport> {
+    let mut targets = Vec::new();
+    slots(model, "", &mut targets);
+    let known: BTreeSet<String> = targets.iter().map(|s| s.name.clone()).collect();
+    let mut report = LoadReport::default();
+    let mut unexpected = Vec::new();
+    for key in state_dict.keys() {
+        if key.ends_with("num_batches_tracked") {
+            report.ignored.push(key.clone());
+        } else if !known.contains(key) {
+            unexpected.push(key.clone());
+        }
+    }
+    let mut missing = Vec::new();
+    let mut mismatched = Vec::new();
+    for slot in &targets {
+        match state_dict.get(&slot.name) {
+            None => missing.push(slot.name.clone()),
+            Some(t) if t.shape() != slot.shape.as_slice() => mismatched.push(format!(
+                "{}: model {:?}, file {:?}",
+                slot.name,
+                slot.shape,
+                t.shape()
+            )),
+            Some(_) => {}
+        }
+    }
+    if !mismatched.is_empty() || (strict && (!missing.is_empty() || !unexpected.is_empty())) {
+        return Err(QuantError::StateDictMismatch {
+            missing,
+            unexpected,
+            mismatched,
+        });
+    }
+    for slot in targets {
+        if let Some(t) = state_dict.get(&slot.name) {
+            for (dst, src) in slot.target.iter_mut().zip(t.iter()) {
+                *dst = *src;
+            }
+            report.loaded.push(slot.name);
+        }
+    }
+    report.ignored.extend(unexpected);
+    report.missing = missing;
+    Ok(report)
+}
+
+/// Reads a safetensors `state_dict` file and loads it strictly into `model`.
+///
+/// # Errors
+/// As [`read_safetensors`] and [`load_state_dict`].
+pub fn load_safetensors(model: &mut Sequential, path: impl AsRef<Path>) -> Result<LoadReport> {
+    let sd = read_safetensors(path)?;
+    load_state_dict(model, &sd, true)
+}
