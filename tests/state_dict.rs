@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-
 use common::Fixture;
 use ndarray::{Array1, Array2, Array4, ArrayD, IxDyn};
 use ptq::io::{load_safetensors, load_state_dict, parse_safetensors, read_safetensors};
