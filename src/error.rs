@@ -141,6 +141,37 @@ pub enum QuantError {
         quant_max: i64,
     },
 
+    /// Several observers saw no data; `convert` lists every one of them.
+    ///
+    /// Cause: no calibration pass (the classic "prepare then convert"), or calibration
+    /// data that never reached these layers. Fix: run `calibrate` with representative
+    /// batches before `convert`.
+    #[error("{} layer(s) saw no calibration data: {}; run calibrate() with representative batches before convert()", layers.len(), layers.join(", "))]
+    UncalibratedLayers {
+        /// Dotted names of the layers whose observers saw nothing.
+        layers: Vec<String>,
+    },
+
+    /// A quantization configuration that quantizes nothing.
+    ///
+    /// Cause: an empty `QConfigMap` (no global config and no entry that matches a
+    /// quantizable layer). Fix: give a global `QConfig`, or entries for the layers to
+    /// quantize.
+    #[error("nothing to quantize: {reason}")]
+    NothingToQuantize {
+        /// Why nothing matched.
+        reason: String,
+    },
+
+    /// Calibration received no batch (or only empty ones).
+    ///
+    /// Fix: pass a non-empty iterator of representative input batches.
+    #[error("calibration received no data: {reason}")]
+    EmptyCalibration {
+        /// What was received.
+        reason: String,
+    },
+
     /// A file that cannot be used: unreadable, truncated, corrupt, or holding data of an
     /// unsupported type.
     ///
@@ -207,7 +238,10 @@ impl QuantError {
             | QuantError::InvalidFile { context, .. } => *context = place.to_string(),
             QuantError::InvalidQuantRange { .. }
             | QuantError::ObserverMismatch { .. }
-            | QuantError::StateDictMismatch { .. } => {}
+            | QuantError::StateDictMismatch { .. }
+            | QuantError::UncalibratedLayers { .. }
+            | QuantError::NothingToQuantize { .. }
+            | QuantError::EmptyCalibration { .. } => {}
         }
         self
     }

@@ -45,6 +45,7 @@
 //! * [`observer`]: the [`Observer`](observer::Observer) trait and PyTorch's observers.
 //! * [`qconfig`]: observer specs and the fbgemm / x86 / qnnpack presets.
 //! * [`nn`]: float layers, [`Sequential`](nn::Sequential) models of named children, fusion.
+//! * [`workflow`]: `prepare` -> `calibrate` -> `convert`.
 //! * [`io`]: PyTorch `state_dict` loading from safetensors.
 //! * [`error`]: [`QuantError`], the one error type.
 #![deny(unsafe_code)]
@@ -56,6 +57,7 @@ pub mod nn;
 pub mod observer;
 pub mod qconfig;
 pub mod qparams;
+pub mod workflow;
 
 pub use error::{QuantError, Result};
 pub use qparams::{

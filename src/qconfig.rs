@@ -354,3 +354,83 @@ mod tests {
         assert!(ma.build().is_err());
     }
 }
+
+/// Which [`QConfig`] each layer gets, by dotted name and by layer type, like PyTorch's
+/// `qconfig_dict` / `QConfigMapping`: the longest matching name prefix wins, then the
+/// layer's type name, then the global config. `None` means "keep this layer in float";
+/// the workflow inserts the dequantize / quantize steps around such float islands itself.
+///
+/// # Examples
+/// ```
+/// use ptq::qconfig::{QConfig, QConfigMap};
+/// let map = QConfigMap::new(QConfig::fbgemm())
+///     .set_type("Linear", Some(QConfig::minmax_per_channel()))
+///     .set_name("features.0", None); // keep the first block in float
+/// assert_eq!(map.qconfig_for("features.0.conv", "Conv2d"), None);
+/// assert_eq!(map.qconfig_for("classifier", "Linear"), Some(QConfig::minmax_per_channel()));
+/// assert_eq!(map.qconfig_for("features.1.conv", "Conv2d"), Some(QConfig::fbgemm()));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QConfigMap {
+    global: Option<QConfig>,
+    by_type: Vec<(String, Option<QConfig>)>,
+    by_name: Vec<(String, Option<QConfig>)>,
+}
+
+impl QConfigMap {
+    /// Every layer gets `global` unless an entry says otherwise.
+    pub fn new(global: QConfig) -> Self {
+        QConfigMap {
+            global: Some(global),
+            ..Self::default()
+        }
+    }
+
+    /// No global config: only layers named by entries are quantized.
+    pub fn empty() -> Self {
+        Self::default()
+    }
+
+    /// Sets the config of every layer of a type (`"Conv2d"`, `"LinearReLU"`, ...; see
+    /// [`crate::nn::Layer::type_name`]).
+    pub fn set_type(mut self, type_name: &str, qconfig: Option<QConfig>) -> Self {
+        self.by_type.retain(|(t, _)| t != type_name);
+        self.by_type.push((type_name.to_string(), qconfig));
+        self
+    }
+
+    /// Sets the config of a layer and everything under it (`"layer1"` covers
+    /// `"layer1.0.conv1"`).
+    pub fn set_name(mut self, name: &str, qconfig: Option<QConfig>) -> Self {
+        self.by_name.retain(|(n, _)| n != name);
+        self.by_name.push((name.to_string(), qconfig));
+        self
+    }
+
+    /// The config for the layer at `path` of type `type_name`.
+    pub fn qconfig_for(&self, path: &str, type_name: &str) -> Option<QConfig> {
+        let covers = |n: &str| {
+            path == n
+                || (path.len() > n.len() && path.starts_with(n) && path.as_bytes()[n.len()] == b'.')
+        };
+        if let Some((_, q)) = self
+            .by_name
+            .iter()
+            .filter(|(n, _)| covers(n))
+            .max_by_key(|(n, _)| n.len())
+        {
+            return *q;
+        }
+        if let Some((_, q)) = self.by_type.iter().find(|(t, _)| t == type_name) {
+            return *q;
+        }
+        self.global
+    }
+
+    /// Whether the map can quantize anything at all.
+    pub fn is_empty(&self) -> bool {
+        self.global.is_none()
+            && self.by_type.iter().all(|(_, q)| q.is_none())
+            && self.by_name.iter().all(|(_, q)| q.is_none())
+    }
+}

@@ -149,15 +149,20 @@ impl Layer {
                 Ok(x.clone())
             }
             Layer::Sequential(s) => s.forward(x),
-            Layer::Residual(body) => residual(body, "Residual", x),
+            Layer::Residual(body) => residual(body, "Residual", x, &mut |_, _| Ok(())),
             Layer::Custom(m) => m.forward(x),
         }
     }
 }
 
 /// `x + body(x)`, with the body's errors labelled under `path`.
-fn residual(body: &Sequential, path: &str, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
-    let y = body.forward_at(path, x)?;
+fn residual(
+    body: &Sequential,
+    path: &str,
+    x: &ArrayD<f32>,
+    hook: &mut Hook<'_>,
+) -> Result<ArrayD<f32>> {
+    let y = body.run(path, x, hook)?;
     if y.shape() != x.shape() {
         return Err(QuantError::ShapeMismatch {
             context: path.into(),
@@ -167,6 +172,10 @@ fn residual(body: &Sequential, path: &str, x: &ArrayD<f32>) -> Result<ArrayD<f32
     }
     Ok(y + x)
 }
+
+/// A callback that sees every leaf layer's output (and every residual add's) with its
+/// dotted path, during a float forward pass.
+pub type Hook<'a> = dyn FnMut(&str, &ArrayD<f32>) -> Result<()> + 'a;
 
 /// An ordered list of named children (`torch.nn.Sequential` with names, as built by an
 /// `OrderedDict` or by attribute assignment in a module).
@@ -255,10 +264,19 @@ impl Sequential {
     /// # Errors
     /// The first child's error, relabelled with that child's dotted name.
     pub fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
-        self.forward_at("", x)
+        self.run("", x, &mut |_, _| Ok(()))
     }
 
-    fn forward_at(&self, prefix: &str, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+    /// Float forward pass that calls `hook(path, output)` after every leaf layer and every
+    /// residual add (with the residual block's path).
+    ///
+    /// # Errors
+    /// As [`Sequential::forward`], and the hook's own errors.
+    pub fn forward_with_hook(&self, x: &ArrayD<f32>, hook: &mut Hook<'_>) -> Result<ArrayD<f32>> {
+        self.run("", x, hook)
+    }
+
+    fn run(&self, prefix: &str, x: &ArrayD<f32>, hook: &mut Hook<'_>) -> Result<ArrayD<f32>> {
         let mut cur: Option<ArrayD<f32>> = None;
         for (name, layer) in &self.children {
             let path = if prefix.is_empty() {
@@ -268,9 +286,17 @@ impl Sequential {
             };
             let input = cur.as_ref().unwrap_or(x);
             let y = match layer {
-                Layer::Sequential(s) => s.forward_at(&path, input)?,
-                Layer::Residual(s) => residual(s, &path, input)?,
-                l => l.forward(input).map_err(|e| e.in_context(&path))?,
+                Layer::Sequential(s) => s.run(&path, input, hook)?,
+                Layer::Residual(s) => {
+                    let y = residual(s, &path, input, hook)?;
+                    hook(&path, &y)?;
+                    y
+                }
+                l => {
+                    let y = l.forward(input).map_err(|e| e.in_context(&path))?;
+                    hook(&path, &y)?;
+                    y
+                }
             };
             cur = Some(y);
         }
