@@ -23,11 +23,12 @@
 //!   for plain linear interpolation), so an element can land one bin off its edges; the
 //!   order `(v - L) * bins / (R - L)` matters when `bins` is not a power of two. Counts
 //!   are accumulated in f32 per thread, so they are exact below 2^24 per batch and bin.
-//! * `torch.sum` of an f32 vector is a cascade: 16-lane vectors (8 on AVX2 builds) summed
-//!   in 4 interleaved rows and chunked levels, then the lanes left to right. The search's
-//!   error sums go through an exact emulation of it ([`torch_sum`]), for
-//!   `SUM_LANES = 16`; on an AVX2-only machine PyTorch's sums may differ in the last bit
-//!   and, rarely, flip a decision of the search.
+//! * `torch.sum` of an f32 vector is a cascade (`SumKernel.cpp`): 8-lane vectors summed in
+//!   4 interleaved rows and chunked levels, the scalar tail, then the 8 lanes left to
+//!   right. The lane count is 8 whatever the CPU capability: the same sums come out with
+//!   `ATEN_CPU_CAPABILITY` = `avx512`, `avx2` and `default` (a 16-lane emulation
+//!   disagrees with PyTorch on most inputs). The search's error sums go through an exact
+//!   emulation ([`torch_sum`]), checked against `torch.sum` by the fixtures.
 //! * `torch.cumsum` of f32 accumulates in f64 and rounds each prefix to f32; comparing an
 //!   f32 tensor element with a Python float rounds the float to f32.
 //! * In `_compute_quantization_error`, `bin_width` and `dst_bin_width` are Python floats
@@ -66,8 +67,9 @@ pub const MAX_BINS: usize = 1 << 24;
 /// `upsample_rate`).
 const UPSAMPLE: usize = 16;
 
-/// Lanes of `Vectorized<float>` in the PyTorch build the fixtures come from (AVX512).
-const SUM_LANES: usize = 16;
+/// Lanes of the vectors `torch.sum` accumulates f32 in (8, found by experiment, even on
+/// AVX512 machines).
+const SUM_LANES: usize = 8;
 
 /// Records a running histogram of everything observed (PyTorch's `HistogramObserver`) and
 /// picks the clipping range that minimizes the L2 quantization error, so a few outliers do
@@ -755,6 +757,43 @@ mod tests {
             assert_eq!(linspace_at(a, b, n, 0), a);
             assert_eq!(linspace_at(a, b, n, n - 1), b);
         }
+    }
+
+    /// The cascade is checked against PyTorch's own `torch.sum` (the `sNNN` tensors of the
+    /// histogram fixture), and a plain left-to-right sum must disagree with it somewhere,
+    /// so the check has teeth.
+    #[test]
+    fn torch_sum_matches_pytorch_bit_for_bit() {
+        use safetensors::SafeTensors;
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/histogram_observer.safetensors"
+        );
+        let bytes = std::fs::read(path).expect("fixture file");
+        let st = SafeTensors::deserialize(&bytes).expect("valid safetensors");
+        let read = |name: &str| -> Vec<f32> {
+            st.tensor(name)
+                .expect(name)
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect()
+        };
+        let (mut checked, mut naive_differs) = (0, 0);
+        for j in 0.. {
+            let key = format!("s{j:03}");
+            if st.tensor(&format!("{key}.x")).is_err() {
+                break;
+            }
+            let x = read(&format!("{key}.x"));
+            let want = read(&format!("{key}.sum"))[0];
+            assert_eq!(torch_sum(&x).to_bits(), want.to_bits(), "{key}, {} values", x.len());
+            let naive: f32 = x.iter().sum();
+            naive_differs += usize::from(naive.to_bits() != want.to_bits());
+            checked += 1;
+        }
+        assert!(checked >= 4);
+        assert!(naive_differs >= 1);
     }
 
     #[test]
