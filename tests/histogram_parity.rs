@@ -17,11 +17,16 @@ struct Fixture {
 
 impl Fixture {
     fn load() -> Fixture {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/histogram_observer.safetensors"
-        );
-        let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // PTQ_HISTOGRAM_FIXTURE points the replay at another file in the same format (for
+        // larger one-off stress runs that are too big to commit).
+        let path = std::env::var("PTQ_HISTOGRAM_FIXTURE").unwrap_or_else(|_| {
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/histogram_observer.safetensors"
+            )
+            .to_string()
+        });
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
         let (_, md) = SafeTensors::read_metadata(&bytes).expect("valid safetensors header");
         let meta = md.metadata().clone().unwrap_or_default();
         Fixture { bytes, meta }
