@@ -86,10 +86,7 @@ struct Case {
 
 fn parse(fx: &Fixture, name: &str) -> Case {
     let desc = fx.meta[name].clone();
-    let kv: HashMap<&str, &str> = desc
-        .split(';')
-        .filter_map(|p| p.split_once('='))
-        .collect();
+    let kv: HashMap<&str, &str> = desc.split(';').filter_map(|p| p.split_once('=')).collect();
     let dtype = match kv["dtype"] {
         "quint8" => DType::QUInt8,
         "qint8" => DType::QInt8,
@@ -104,8 +101,14 @@ fn parse(fx: &Fixture, name: &str) -> Case {
         ("", "") => None,
         (a, b) => Some((a.parse().unwrap(), b.parse().unwrap())),
     };
-    let cfg = RangeConfig::new(dtype, scheme, kv["reduce_range"] == "1", custom, f32::EPSILON)
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let cfg = RangeConfig::new(
+        dtype,
+        scheme,
+        kv["reduce_range"] == "1",
+        custom,
+        f32::EPSILON,
+    )
+    .unwrap_or_else(|e| panic!("{name}: {e}"));
     let bins = kv["bins"].parse().unwrap();
     let n: usize = kv["batches"].parse().unwrap();
     let batches = (0..n)
@@ -240,7 +243,14 @@ fn non_finite_input_is_refused_with_counts_and_records_nothing() {
     let mut obs = HistogramObserver::default();
     obs.observe(array![0.5f32, 1.5].into_dyn().view()).unwrap();
     let before = obs.clone();
-    let bad = array![1.0f32, f32::NAN, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 2.0];
+    let bad = array![
+        1.0f32,
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        2.0
+    ];
     match obs.observe(bad.into_dyn().view()) {
         Err(QuantError::NonFinite {
             nan, inf, total, ..
@@ -319,7 +329,8 @@ fn merge_is_symmetric_in_its_bookkeeping_and_refuses_strangers() {
     // Empty into empty, empty into full, full into empty.
     a.merge(&b).unwrap();
     assert!(!a.is_calibrated());
-    b.observe(array![-1.0f32, 0.0, 3.0].into_dyn().view()).unwrap();
+    b.observe(array![-1.0f32, 0.0, 3.0].into_dyn().view())
+        .unwrap();
     a.merge(&b).unwrap();
     assert_eq!(a, b);
     let empty = HistogramObserver::new(cfg, 64).unwrap();

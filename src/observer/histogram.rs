@@ -310,12 +310,7 @@ impl Observer for HistogramObserver {
                 if new_min == cur_min && new_max == cur_max {
                     add_into(&mut self.hist, &update);
                 } else {
-                    self.hist = combine(
-                        &self.hist,
-                        (cur_min, cur_max),
-                        update,
-                        (new_min, new_max),
-                    );
+                    self.hist = combine(&self.hist, (cur_min, cur_max), update, (new_min, new_max));
                     self.range = Some((new_min, new_max));
                 }
             }
@@ -543,10 +538,7 @@ fn histc(data: &[f32], bins: usize, min: f32, max: f32) -> Vec<f32> {
         }
     }
     // PyTorch adds 1.0f per element: exact up to 2^24, then stuck there.
-    counts
-        .into_iter()
-        .map(|c| c.min(1 << 24) as f32)
-        .collect()
+    counts.into_iter().map(|c| c.min(1 << 24) as f32).collect()
 }
 
 /// The per-candidate L2 error of PyTorch's `_compute_quantization_error`, with what does
@@ -590,31 +582,83 @@ impl<'a> ErrorModel<'a> {
         let half3 = half * half * half;
         let mhalf3 = mhalf * mhalf * mhalf;
         let full = (half3 - mhalf3) / 3.0;
-        // An empty bin's term is exactly +0.0 when every factor is finite: skip those
-        // bins unless the distances could overflow when cubed.
+        // An empty bin's term is exactly +0.0 when every factor is finite (0 * x, then
+        // 0.0 + -0.0 = +0.0): such bins need no work unless the distances could overflow
+        // when cubed.
         let reach = 4.0 * (bins as f64) * (bw as f64) + 4.0 * d as f64;
         let skip_empty = reach.is_finite() && reach * reach * reach < 1e37 && bw > 0.0;
-        let clamp = |v: f32| if v.is_nan() { v } else { v.max(0.0).min(top) };
-        for i in 0..bins {
-            if skip_empty && self.hist[i] == 0.0 {
-                self.norm[i] = 0.0;
-                continue;
-            }
-            let density = self.density[i];
-            let begin = (i as i64 - start as i64) as f32 * bw;
-            let end_ = begin + bw;
-            let dst_begin = clamp(floor_div(begin, d));
-            let dst_end = clamp(floor_div(end_, d));
+        // One bin's term, given PyTorch's clamped floor divisions of its two ends.
+        let term = |density: f32, begin: f32, end_: f32, dst_begin: f32, dst_end: f32| {
             let begin_center = (dst_begin + 0.5) * d;
             let db = begin - begin_center;
             let mut norm = 0.0f32 + density * ((half3 - db * db * db) / 3.0);
             norm += (dst_end - dst_begin - 1.0) * (density * full);
             let end_center = dst_end * d + half;
             let de = end_ - end_center;
-            norm += density * ((de * de * de - mhalf3) / 3.0);
-            self.norm[i] = norm;
+            norm + density * ((de * de * de - mhalf3) / 3.0)
+        };
+        // Quotients below 2^20: PyTorch's floor division is the exact floor (its f32
+        // rounding errors stay far below 0.5 there), which a branch-free f64 loop computes.
+        let fast = bw.is_finite()
+            && d.is_normal()
+            && d > 0.0
+            && ((bins + 1) as f64) * (bw as f64) / (d as f64) < (1u32 << 20) as f64;
+        if fast {
+            let d64 = d as f64;
+            let clamp = |v: f64| {
+                let v = v as f32;
+                if v < 0.0 {
+                    0.0
+                } else if v > top {
+                    top
+                } else {
+                    v
+                }
+            };
+            let mut offset = -(start as i32);
+            for ((out, &density), &h) in self.norm.iter_mut().zip(&self.density).zip(self.hist) {
+                let begin = offset as f32 * bw;
+                let end_ = begin + bw;
+                let dst_begin = clamp(floor_exact(begin as f64, d64));
+                let dst_end = clamp(floor_exact(end_ as f64, d64));
+                let v = term(density, begin, end_, dst_begin, dst_end);
+                *out = if skip_empty && h == 0.0 { 0.0 } else { v };
+                offset += 1;
+            }
+        } else {
+            let clamp = |v: f32| if v.is_nan() { v } else { v.max(0.0).min(top) };
+            for i in 0..bins {
+                if skip_empty && self.hist[i] == 0.0 {
+                    self.norm[i] = 0.0;
+                    continue;
+                }
+                let begin = (i as i64 - start as i64) as f32 * bw;
+                let end_ = begin + bw;
+                let dst_begin = clamp(floor_div(begin, d));
+                let dst_end = clamp(floor_div(end_, d));
+                self.norm[i] = term(self.density[i], begin, end_, dst_begin, dst_end);
+            }
         }
         torch_sum(&self.norm)
+    }
+}
+
+/// `floor(a / b)` of the real quotient, for `b > 0` and `|a / b| < 2^20`, without
+/// branches or library calls (so the search's loop vectorizes): the f64 quotient rounded
+/// to an integer with the 1.5 * 2^52 trick, floored, then corrected by one where the f64
+/// division rounded across an integer (the products `k * b` are exact in f64).
+#[inline(always)]
+fn floor_exact(a: f64, b: f64) -> f64 {
+    const MAGIC: f64 = 6_755_399_441_055_744.0; // 1.5 * 2^52
+    let x = a / b;
+    let r = (x + MAGIC) - MAGIC;
+    let k = if r > x { r - 1.0 } else { r };
+    if a < k * b {
+        k - 1.0
+    } else if a >= (k + 1.0) * b {
+        k + 1.0
+    } else {
+        k
     }
 }
 
@@ -625,7 +669,7 @@ fn floor_div(a: f32, b: f32) -> f32 {
     if b == 0.0 {
         return basic;
     }
-    let m = a % b;
+    let m = fmod(a, b);
     let exact = if basic.abs() == f32::INFINITY && a.abs() != f32::INFINITY {
         a
     } else {
@@ -643,6 +687,36 @@ fn floor_div(a: f32, b: f32) -> f32 {
         floored += 1.0;
     }
     floored
+}
+
+/// `fmod(a, b)` (C's, which is exact), fast for quotients below 2^28: the truncated
+/// quotient in f64, corrected by one if the f64 division rounded across an integer; the
+/// remainder `a - q * b` is exact in f64 there (24 + 29 bits), so the result equals C's
+/// `fmodf` bit for bit. Other cases fall back to Rust's `%` (also C's fmod).
+fn fmod(a: f32, b: f32) -> f32 {
+    let (a64, b64) = (a as f64, b as f64);
+    let q = (a64 / b64).trunc();
+    if !(q.abs() < (1u64 << 28) as f64) || b == 0.0 || !a.is_finite() || !b.is_finite() {
+        return a % b;
+    }
+    let mut r = a64 - q * b64;
+    let babs = b64.abs();
+    if a64 >= 0.0 {
+        if r < 0.0 {
+            r += babs;
+        } else if r >= babs {
+            r -= babs;
+        }
+    } else if r > 0.0 {
+        r -= babs;
+    } else if r <= -babs {
+        r += babs;
+    }
+    if r == 0.0 {
+        0.0f32.copysign(a)
+    } else {
+        r as f32
+    }
 }
 
 /// `torch.sum` of a contiguous f32 vector on the CPU, with PyTorch's cascade order (see
@@ -753,7 +827,11 @@ mod tests {
 
     #[test]
     fn linspace_ends_are_exact() {
-        for &(a, b, n) in &[(-1.5f32, 2.25f32, 2049usize), (0.1, 0.7, 32769), (3.0, 3.0, 5)] {
+        for &(a, b, n) in &[
+            (-1.5f32, 2.25f32, 2049usize),
+            (0.1, 0.7, 32769),
+            (3.0, 3.0, 5),
+        ] {
             assert_eq!(linspace_at(a, b, n, 0), a);
             assert_eq!(linspace_at(a, b, n, n - 1), b);
         }
@@ -787,7 +865,12 @@ mod tests {
             }
             let x = read(&format!("{key}.x"));
             let want = read(&format!("{key}.sum"))[0];
-            assert_eq!(torch_sum(&x).to_bits(), want.to_bits(), "{key}, {} values", x.len());
+            assert_eq!(
+                torch_sum(&x).to_bits(),
+                want.to_bits(),
+                "{key}, {} values",
+                x.len()
+            );
             let naive: f32 = x.iter().sum();
             naive_differs += usize::from(naive.to_bits() != want.to_bits());
             checked += 1;
@@ -806,8 +889,76 @@ mod tests {
     }
 
     #[test]
+    fn fast_fmod_equals_libm_fmod() {
+        let mut s = 0x1234_5678_9abc_def1u64;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 32) as u32
+        };
+        let mut fast = 0;
+        for _ in 0..200_000 {
+            // b anywhere; a within 2^-8 .. 2^30 of b, so most quotients take the fast path.
+            let b = f32::from_bits(next() & 0xBFFF_FFFF | 0x1000_0000);
+            let shift = (next() % 38) as i32 - 8;
+            let a = f32::from_bits(b.to_bits() & 0x7F80_0000 | next() & 0x007F_FFFF);
+            let a = a * 2f32.powi(shift) * if next() & 1 == 0 { 1.0 } else { -1.0 };
+            if !a.is_finite() || !b.is_finite() {
+                continue;
+            }
+            fast += usize::from(((a as f64) / (b as f64)).abs() < (1u64 << 28) as f64);
+            // Also near-integer quotients, as the search produces them.
+            let c = (a / b).round() * b;
+            for x in [a, c, next_down(c), next_up(c), -c] {
+                assert_eq!(fmod(x, b).to_bits(), (x % b).to_bits(), "{x} % {b}");
+            }
+        }
+        assert!(fast > 100_000, "{fast}");
+        for (x, y) in [
+            (0.0f32, 1.0f32),
+            (-0.0, 1.0),
+            (5.0, -2.0),
+            (-5.0, 2.0),
+            (1e30, 3e-30),
+        ] {
+            assert_eq!(fmod(x, y).to_bits(), (x % y).to_bits(), "{x} % {y}");
+        }
+    }
+
+    #[test]
+    fn exact_floor_equals_pytorchs_floor_division_below_2_pow_20() {
+        let mut s = 0x0bad_cafe_f00d_d00du64;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        for _ in 0..300_000 {
+            // The search's operands: b a bin width times a count / 256, a = i * bin width.
+            let bw = f32::from_bits((next() >> 41) as u32 | 0x3000_0000) * 1e-3;
+            let n = (next() % 2048 + 1) as f32;
+            let b = (bw as f64 * n as f64 / 256.0) as f32;
+            let i = (next() % 4096) as f32 - 2048.0;
+            let a = i * bw;
+            for x in [a, a + bw, next_down(a), next_up(a)] {
+                let want = floor_div(x, b);
+                let got = floor_exact(x as f64, b as f64) as f32;
+                assert!(want == got, "{x} // {b}: {got} vs {want}");
+            }
+        }
+    }
+
+    #[test]
     fn floor_div_matches_floor_for_plain_cases() {
-        for &(a, b) in &[(7.0f32, 2.0f32), (-7.0, 2.0), (6.0, 3.0), (0.0, 1.0), (-0.5, 0.25)] {
+        for &(a, b) in &[
+            (7.0f32, 2.0f32),
+            (-7.0, 2.0),
+            (6.0, 3.0),
+            (0.0, 1.0),
+            (-0.5, 0.25),
+        ] {
             assert_eq!(floor_div(a, b), (a / b).floor(), "{a} / {b}");
         }
     }
