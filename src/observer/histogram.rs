@@ -57,11 +57,11 @@ use crate::qparams::{DType, QParams, QScheme, RangeConfig};
 const KIND: &str = "HistogramObserver";
 
 /// PyTorch's default number of bins.
-pub const DEFAULT_BINS: usize = 2048;
+const DEFAULT_BINS: usize = 2048;
 
 /// The most bins [`HistogramObserver::new`] accepts: bin indices and counts must stay
 /// exact in f32, as PyTorch computes them.
-pub const MAX_BINS: usize = 1 << 24;
+const MAX_BINS: usize = 1 << 24;
 
 /// Sub-bins per bin when an old histogram is re-binned onto a wider range (PyTorch's
 /// `upsample_rate`).
@@ -84,8 +84,8 @@ const SUM_LANES: usize = 8;
 ///   error of quantizing onto `2^bits` levels does not grow), then maps the chosen range
 ///   onto the quantized range like [`super::MinMaxObserver`].
 ///
-/// The result is bit-identical to PyTorch 2.15.0 on the CPU (see the
-/// [module documentation](self) for the arithmetic). Two deliberate differences: NaN or
+/// The result is bit-identical to PyTorch 2.15.0 on the CPU (the comments at the top of
+/// `src/observer/histogram.rs` list the arithmetic facts this relies on). Two deliberate differences: NaN or
 /// infinite input is an error ([`QuantError::NonFinite`]) where PyTorch silently drops
 /// infinities (and is poisoned by NaN), and an observer that saw nothing is
 /// [`QuantError::Uncalibrated`] instead of scale 1.0.
@@ -138,11 +138,12 @@ impl Default for HistogramObserver {
 
 impl HistogramObserver {
     /// An observer with this configuration and number of bins (PyTorch's default is
-    /// [`DEFAULT_BINS`] = 2048).
+    /// 2048).
     ///
     /// # Errors
     /// [`QuantError::UnsupportedConfig`] for a per-channel scheme (PyTorch refuses it too),
-    /// for `bins == 0`, and for more than [`MAX_BINS`] bins.
+    /// for `bins == 0`, and for more than 2^24 bins (bin indices and counts must stay exact
+    /// in f32, as PyTorch computes them).
     ///
     /// # Examples
     /// ```
@@ -465,10 +466,10 @@ fn upper_bound(bounds: &[f32], v: f32) -> usize {
     let (mut start, mut end) = (0usize, bounds.len());
     while start < end {
         let mid = start + (end - start) / 2;
-        if !(bounds[mid] > v) {
-            start = mid + 1;
-        } else {
+        if bounds[mid] > v {
             end = mid;
+        } else {
+            start = mid + 1;
         }
     }
     start
@@ -615,15 +616,16 @@ impl<'a> ErrorModel<'a> {
                     v
                 }
             };
-            let mut offset = -(start as i32);
-            for ((out, &density), &h) in self.norm.iter_mut().zip(&self.density).zip(self.hist) {
+            // Bin indices fit i32 (at most MAX_BINS bins), which converts to f32 in SIMD.
+            let bins_from_start = -(start as i32)..;
+            let per_bin = self.norm.iter_mut().zip(&self.density).zip(self.hist);
+            for (offset, ((out, &density), &h)) in bins_from_start.zip(per_bin) {
                 let begin = offset as f32 * bw;
                 let end_ = begin + bw;
                 let dst_begin = clamp(floor_exact(begin as f64, d64));
                 let dst_end = clamp(floor_exact(end_ as f64, d64));
                 let v = term(density, begin, end_, dst_begin, dst_end);
                 *out = if skip_empty && h == 0.0 { 0.0 } else { v };
-                offset += 1;
             }
         } else {
             let clamp = |v: f32| if v.is_nan() { v } else { v.max(0.0).min(top) };
@@ -696,7 +698,8 @@ fn floor_div(a: f32, b: f32) -> f32 {
 fn fmod(a: f32, b: f32) -> f32 {
     let (a64, b64) = (a as f64, b as f64);
     let q = (a64 / b64).trunc();
-    if !(q.abs() < (1u64 << 28) as f64) || b == 0.0 || !a.is_finite() || !b.is_finite() {
+    if q.is_nan() || q.abs() >= (1u64 << 28) as f64 || b == 0.0 || !a.is_finite() || !b.is_finite()
+    {
         return a % b;
     }
     let mut r = a64 - q * b64;
@@ -795,10 +798,10 @@ fn multi_row_sum<const W: usize>(load: &impl Fn(usize) -> [f32; W], size: usize)
             i += 1;
         }
         for j in 1..LEVELS {
-            for k in 0..ROWS {
-                let below = acc[j - 1][k];
-                add_lanes(&mut acc[j][k], &below);
-                acc[j - 1][k] = [0.0; W];
+            let (lower, upper) = acc.split_at_mut(j);
+            for (up, low) in upper[0].iter_mut().zip(lower[j - 1].iter_mut()) {
+                add_lanes(up, low);
+                *low = [0.0; W];
             }
             let mask = level_mask << (j as u32 * level_power);
             if i & mask != 0 {
@@ -812,13 +815,13 @@ fn multi_row_sum<const W: usize>(load: &impl Fn(usize) -> [f32; W], size: usize)
         }
         i += 1;
     }
-    for j in 1..LEVELS {
-        for k in 0..ROWS {
-            let v = acc[j][k];
-            add_lanes(&mut acc[0][k], &v);
+    let [mut total, l1, l2, l3] = acc;
+    for level in [l1, l2, l3] {
+        for (t, v) in total.iter_mut().zip(&level) {
+            add_lanes(t, v);
         }
     }
-    acc[0]
+    total
 }
 
 #[cfg(test)]

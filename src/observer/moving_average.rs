@@ -180,9 +180,10 @@ impl Observer for MovingAverageMinMaxObserver {
 /// use ptq::{DType, QScheme, RangeConfig};
 /// let cfg = RangeConfig::new(DType::QInt8, QScheme::PerChannelSymmetric { axis: 1 }, false, None, f32::EPSILON)?;
 /// let mut obs = MovingAveragePerChannelMinMaxObserver::new(cfg, 0.5)?;
-/// obs.observe(array![[1.0f32, -1.0]].into_dyn().view())?;
-/// obs.observe(array![[3.0f32, -1.0]].into_dyn().view())?;
-/// assert_eq!(obs.channel_ranges(), Some((&[1.0f32, -1.0][..], &[2.0f32, -1.0][..])));
+/// obs.observe(array![[1.0f32, -1.0], [0.0, 1.0]].into_dyn().view())?; // ranges [0, 1], [-1, 1]
+/// obs.observe(array![[3.0f32, -1.0], [2.0, 1.0]].into_dyn().view())?; // ranges [2, 3], [-1, 1]
+/// // channel 0 moves half way: min 0 -> 1, max 1 -> 2
+/// assert_eq!(obs.channel_ranges(), Some((&[1.0f32, -1.0][..], &[2.0f32, 1.0][..])));
 /// # Ok::<(), ptq::QuantError>(())
 /// ```
 #[derive(Debug, Clone, PartialEq)]
