@@ -452,9 +452,24 @@ fn upscale(hist: &[f32], old: (f32, f32), new: (f32, f32)) -> Vec<f32> {
         .collect();
     let last = bins as i64 - 1;
     let mut out = vec![0.0f32; bins];
+    // Both linspaces are sorted (each element is one correctly rounded value of an
+    // increasing sequence), so a pointer walking the bounds gives the binary search's
+    // answer in O(1) per midpoint; an unsorted input (impossible short of NaN) falls back
+    // to the binary search itself.
+    let sorted = bounds.windows(2).all(|w| w[0] <= w[1]);
+    let (mut walked, mut prev) = (0usize, f32::NEG_INFINITY);
     for j in 0..fine {
         let mid = linspace_at(old.0, old.1, fine + 1, j) + half;
-        let bucket = (upper_bound(&bounds, mid) as i64 - 1).clamp(0, last) as usize;
+        let above = if sorted && mid >= prev {
+            while walked < bounds.len() && bounds[walked] <= mid {
+                walked += 1;
+            }
+            prev = mid;
+            walked
+        } else {
+            upper_bound(&bounds, mid)
+        };
+        let bucket = (above as i64 - 1).clamp(0, last) as usize;
         out[bucket] += hist[j / UPSAMPLE] / UPSAMPLE as f32;
     }
     out
@@ -516,30 +531,55 @@ fn histc_edges(min: f32, max: f32) -> (f32, f32) {
 }
 
 /// `torch.histc(data, bins, min, max)` in f32 (one thread).
+///
+/// Bin indices are computed a block at a time in a branch-free loop the compiler
+/// vectorizes (the division stays a true f32 division: PyTorch's rounding depends on it);
+/// the counts go to four interleaved integer histograms, so runs of equal bins do not wait
+/// on each other's increments.
 fn histc(data: &[f32], bins: usize, min: f32, max: f32) -> Vec<f32> {
+    const BLOCK: usize = 512;
+    const LANES: usize = 4;
+    // u32 counters are flushed into u64 totals before they could overflow.
+    const FLUSH: usize = 1 << 30;
     let (l, r) = histc_edges(min, max);
     let width = r - l;
     let nb = bins as f32;
-    let last = bins - 1;
-    let mut counts = vec![0u64; bins];
-    // Bin indices for a block at a time (a loop the compiler vectorizes), then counts.
-    const BLOCK: usize = 256;
-    let mut idx = [0usize; BLOCK];
-    for chunk in data.chunks(BLOCK) {
-        for (slot, &v) in idx.iter_mut().zip(chunk) {
-            let inside = v >= l && v <= r;
-            let pos = (((v - l) * nb) / width) as usize;
-            // Out-of-range values (only possible with extreme ranges) go to a dummy slot.
-            *slot = if inside { pos.min(last) } else { usize::MAX };
-        }
-        for &i in &idx[..chunk.len()] {
-            if let Some(c) = counts.get_mut(i) {
-                *c += 1;
+    // bins <= 2^24, so indices fit u32 / i32; slot `bins` takes values outside [l, r].
+    let last = bins as i32 - 1;
+    let dummy = bins as u32;
+    let mut totals = vec![0u64; bins + 1];
+    let mut lanes = vec![[0u32; LANES]; bins + 1];
+    let mut idx = [0u32; BLOCK];
+    for part in data.chunks(FLUSH) {
+        for chunk in part.chunks(BLOCK) {
+            for (slot, &v) in idx.iter_mut().zip(chunk) {
+                let pos = ((((v - l) * nb) / width) as i32).clamp(0, last) as u32;
+                *slot = if v >= l && v <= r { pos } else { dummy };
             }
+            let mut quads = idx[..chunk.len()].chunks_exact(LANES);
+            for q in &mut quads {
+                for (k, &i) in q.iter().enumerate() {
+                    if let Some(c) = lanes.get_mut(i as usize) {
+                        c[k] += 1;
+                    }
+                }
+            }
+            for &i in quads.remainder() {
+                if let Some(c) = lanes.get_mut(i as usize) {
+                    c[0] += 1;
+                }
+            }
+        }
+        for (t, c) in totals.iter_mut().zip(lanes.iter_mut()) {
+            *t += c.iter().map(|&x| x as u64).sum::<u64>();
+            *c = [0; LANES];
         }
     }
     // PyTorch adds 1.0f per element: exact up to 2^24, then stuck there.
-    counts.into_iter().map(|c| c.min(1 << 24) as f32).collect()
+    totals[..bins]
+        .iter()
+        .map(|&c| c.min(1 << 24) as f32)
+        .collect()
 }
 
 /// The per-candidate L2 error of PyTorch's `_compute_quantization_error`, with what does
@@ -827,6 +867,41 @@ fn multi_row_sum<const W: usize>(load: &impl Fn(usize) -> [f32; W], size: usize)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upscale_walk_equals_pytorchs_binary_search() {
+        let reference = |hist: &[f32], old: (f32, f32), new: (f32, f32)| {
+            let bins = hist.len();
+            let fine = bins * UPSAMPLE;
+            let half = 0.5f32 * ((old.1 - old.0) / fine as f32);
+            let bounds: Vec<f32> = (0..=bins)
+                .map(|k| linspace_at(new.0, new.1, bins + 1, k))
+                .collect();
+            let mut out = vec![0.0f32; bins];
+            for j in 0..fine {
+                let mid = linspace_at(old.0, old.1, fine + 1, j) + half;
+                let b = (upper_bound(&bounds, mid) as i64 - 1).clamp(0, bins as i64 - 1);
+                out[b as usize] += hist[j / UPSAMPLE] / UPSAMPLE as f32;
+            }
+            out
+        };
+        let hist: Vec<f32> = (0..300).map(|i| ((i * 37) % 11) as f32).collect();
+        for (old, new) in [
+            ((-1.0f32, 2.0f32), (-1.5f32, 2.0f32)),
+            ((1.0, 1.000_001), (0.999_999, 1.000_002)),
+            ((0.1, 0.7), (0.1, 0.700_000_1)),
+            ((-3e30, 1e30), (-3e30, 5e30)),
+            ((5.0, 6.0), (-100.0, 6.0)),
+        ] {
+            let got = upscale(&hist, old, new);
+            let want = reference(&hist, old, new);
+            assert_eq!(bits(&got), bits(&want), "{old:?} -> {new:?}");
+        }
+    }
+
+    fn bits(xs: &[f32]) -> Vec<u32> {
+        xs.iter().map(|x| x.to_bits()).collect()
+    }
 
     #[test]
     fn linspace_ends_are_exact() {
