@@ -90,6 +90,7 @@ fn parse(fx: &Fixture, name: &str) -> Case {
     let dtype = match kv["dtype"] {
         "quint8" => DType::QUInt8,
         "qint8" => DType::QInt8,
+        "qint32" => DType::QInt32,
         d => panic!("{name}: dtype {d}"),
     };
     let scheme = match kv["qscheme"] {

@@ -217,7 +217,8 @@ impl HistogramObserver {
     /// Where PyTorch's `_non_linear_param_search` puts the clipping range.
     fn search(&self, lo: f32, hi: f32) -> (f32, f32) {
         let bins = self.bins;
-        let dst_bins = 1usize << self.cfg.dtype().bits().min(16);
+        // PyTorch's `dst_nbins = 2 ** bits` (2^32 for qint32).
+        let dst_bins = 1u64 << self.cfg.dtype().bits();
         let total = torch_sum(&self.hist) as f64;
         let mut acc = 0.0f64;
         let csum: Vec<f32> = self
@@ -590,12 +591,12 @@ struct ErrorModel<'a> {
     bin_width: f64,
     /// `histogram / bin_width` in f32.
     density: Vec<f32>,
-    dst_bins: usize,
+    dst_bins: u64,
     norm: Vec<f32>,
 }
 
 impl<'a> ErrorModel<'a> {
-    fn new(hist: &'a [f32], lo: f32, hi: f32, dst_bins: usize) -> Self {
+    fn new(hist: &'a [f32], lo: f32, hi: f32, dst_bins: u64) -> Self {
         let bins = hist.len();
         let bin_width = (hi as f64 - lo as f64) / bins as f64;
         let bw = bin_width as f32;
