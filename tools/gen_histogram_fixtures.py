@@ -23,8 +23,13 @@ Layout, for each case cNNN:
   cNNN.q0, cNNN.q1, ...  i32         int_repr of torch.quantize_per_tensor(x_i, scale, zp,
                                      dtype) (clamped to the dtype's full range, as torch's
                                      quantize function does, whatever quant_min/max are)
+  cNNN.errors            f32 [8, 3]  rows (start_bin, end_bin, _compute_quantization_error)
+                                     on the final histogram
   sNNN.x, sNNN.sum       f32 vectors and their torch.sum (the cascade order the parameter
                          search's error sums rely on)
+  lNNN.range, lNNN.x     torch.linspace(range[0], range[1], len(x))
+  hNNN.range/.x/.counts  torch.histc(x, len(counts), *range) for x on and beside the edges
+  uNNN.ranges, uNNN.out  _upscale_histogram((i * 37 % 11 for i in range(bins)), *ranges)
 Metadata: "cNNN" -> "observer=HistogramObserver;dtype=...;qscheme=...;reduce_range=0|1;
 quant_min=;quant_max=;bins=N;batches=N;input=<distribution>/<stream>", and "rejected" ->
 the configurations PyTorch refuses (each verified to raise here), one per line.
@@ -119,23 +124,23 @@ CFGS = {
 CASES = [
     # the default configuration (fbgemm's activation observer is u8rr), 2048 bins
     ("u8rr", 2048, "normal", "single", 1, 300),
-    ("u8rr", 2048, "relu", "grow", 3, 150),
+    ("u8rr", 2048, "relu", "grow", 3, 120),
     ("u8", 2048, "outliers", "grow", 2, 250),
-    ("u8", 512, "normal", "shrink", 3, 150),
-    ("u8rr", 1024, "uniform", "equal", 3, 150),
-    ("u8", 512, "normal", "left", 3, 150),
-    ("s8sym", 2048, "normal", "grow", 4, 150),
+    ("u8", 512, "normal", "shrink", 3, 120),
+    ("u8rr", 1024, "uniform", "equal", 3, 120),
+    ("u8", 512, "normal", "left", 3, 120),
+    ("s8sym", 2048, "normal", "grow", 4, 120),
     ("u8rr", 2048, "exp", "single", 1, 400),
     ("u8", 256, "zeros", "single", 2, 50),
     ("u8rr", 2048, "const", "then_normal", 2, 100),
     ("u8", 1024, "ties", "grow", 2, 200),
-    ("u8rr", 512, "huge", "single", 1, 150),
+    ("u8rr", 512, "huge", "single", 1, 120),
     # smaller histograms keep the file small while covering configs and streams
-    ("u8", 256, "normal", "single", 1, 150),
-    ("u8rr", 256, "relu", "single", 1, 150),
-    ("u8sym", 256, "normal", "single", 1, 150),
+    ("u8", 256, "normal", "single", 1, 120),
+    ("u8rr", 256, "relu", "single", 1, 120),
+    ("u8sym", 256, "normal", "single", 1, 120),
     ("s8", 256, "normal", "grow", 3, 120),
-    ("s8rr", 256, "outliers", "grow", 2, 150),
+    ("s8rr", 256, "outliers", "grow", 2, 120),
     ("s8sym", 256, "negative", "single", 1, 120),
     ("s8symrr", 256, "uniform", "shrink", 3, 120),
     ("u8custom", 256, "relu", "grow", 3, 120),
@@ -153,20 +158,20 @@ CASES = [
     ("s8sym", 256, "huge", "single", 1, 100),
     ("u8rr", 256, "negative", "grow", 2, 120),
     ("u8", 256, "negative", "shrink", 3, 120),
-    ("s8", 256, "uniform", "single", 1, 150),
+    ("s8", 256, "uniform", "single", 1, 120),
     ("u8sym", 256, "uniform", "grow", 4, 90),
     ("u8", 256, "ties", "equal", 3, 120),
-    ("s8sym", 256, "ties", "single", 1, 150),
+    ("s8sym", 256, "ties", "single", 1, 120),
     ("u8rr", 256, "exp", "grow", 4, 120),
     ("s8rr", 256, "exp", "left", 2, 120),
-    ("u8", 256, "outliers", "shrink", 3, 150),
+    ("u8", 256, "outliers", "shrink", 3, 120),
     ("u8rr", 256, "normal", "left", 4, 100),
     # other bin counts: not a power of two (the interpolation's operation order matters)
-    ("u8rr", 1000, "normal", "grow", 3, 150),
+    ("u8rr", 1000, "normal", "grow", 3, 120),
     ("s8sym", 100, "relu", "grow", 3, 120),
     ("u8", 7, "normal", "grow", 3, 100),
     ("u8", 512, "uniform", "grow", 2, 120),
-    ("u8rr", 333, "outliers", "single", 1, 150),
+    ("u8rr", 333, "outliers", "single", 1, 120),
     ("u8", 1200, "normal", "grow", 2, 90),
     # qint32: 2^32 destination bins in the error model
     ("s32sym", 64, "outliers", "grow", 2, 60),
@@ -209,12 +214,40 @@ def main():
         tensors[key + ".histogram"] = obs.histogram.clone()
         tensors[key + ".min_val"] = obs.min_val.reshape(1).clone()
         tensors[key + ".max_val"] = obs.max_val.reshape(1).clone()
+        # PyTorch's per-candidate error on the final histogram, for a few (start, end) bins
+        errs = []
+        pairs = [(0, bins - 1), (bins // 4, (3 * bins) // 4)]
+        pairs += [tuple(sorted(torch.randint(0, bins, (2,)).tolist())) for _ in range(6)]
+        for a, b in pairs:
+            errs.append([float(a), float(b), float(obs._compute_quantization_error(a, b))])
+        tensors[key + ".errors"] = torch.tensor(errs, dtype=torch.float32)
         meta[key] = (
             f"observer=HistogramObserver;dtype={dtype};qscheme={qscheme};reduce_range={int(rr)};"
             f"quant_min={'' if qmin is None else qmin};quant_max={'' if qmax is None else qmax};"
             f"bins={bins};batches={batches};input={kind}/{how}"
         )
-    # torch.sum's cascade order, which the parameter search's error sums depend on: vectors
+    # Primitives, checked directly: torch.linspace (the edges and sub-bin midpoints) ...
+    for j, (a, b, n) in enumerate([(-1.5, 2.25, 257), (0.1, 0.7, 129), (1.0, 1.0000001, 33), (-7.0, 3e3, 5)]):
+        tensors[f"l{j:03d}.range"] = torch.tensor([a, b], dtype=torch.float32)
+        lo, hi = torch.tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.float32)
+        tensors[f"l{j:03d}.x"] = torch.linspace(lo, hi, n)
+    # ... torch.histc on values sitting on and next to its bin edges (non-power-of-two bins,
+    # where the order of the interpolation's operations shows) ...
+    for j, (a, b, bins) in enumerate([(-1.3, 2.9, 100), (0.01, 7.3, 333), (-5.0, -1.0, 7)]):
+        lo, hi = torch.tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.float32)
+        e = torch.linspace(lo, hi, bins + 1)
+        x = torch.cat([e, torch.nextafter(e, torch.tensor(float("inf"))), torch.nextafter(e, torch.tensor(float("-inf")))])
+        tensors[f"h{j:03d}.range"] = torch.tensor([a, b], dtype=torch.float32)
+        tensors[f"h{j:03d}.x"] = x
+        tensors[f"h{j:03d}.counts"] = torch.histc(x, bins, min=lo, max=hi)
+    # ... and _upscale_histogram of a dense histogram ((i * 37) % 11 in bin i) onto a wider range.
+    for j, (bins, r) in enumerate([(256, (-1.0, 2.0, -1.7, 2.0)), (100, (0.25, 0.5, 0.0, 3.0)), (256, (3.0, 3.001, 2.999, 3.001))]):
+        obs = HistogramObserver(bins=bins)
+        h = (torch.arange(bins) * 37 % 11).float()
+        t = [torch.tensor(v, dtype=torch.float32) for v in r]
+        tensors[f"u{j:03d}.ranges"] = torch.stack(t)
+        tensors[f"u{j:03d}.out"] = obs._upscale_histogram(h, *t)
+    # ... torch.sum's cascade order, which the parameter search's error sums depend on: vectors
     # of mixed magnitudes (like the per-bin errors) and their f32 torch.sum.
     for j, n in enumerate((2048, 1000, 100, 7)):
         v = torch.exp(torch.randn(n) * 4.0) * (torch.rand(n) < 0.8).float()

@@ -916,34 +916,132 @@ mod tests {
         }
     }
 
+    /// The primitives, checked bit for bit against PyTorch's own outputs stored in the
+    /// histogram fixture (`tools/gen_histogram_fixtures.py`).
+    struct Prims {
+        bytes: Vec<u8>,
+    }
+
+    impl Prims {
+        fn load() -> Prims {
+            let path = concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/histogram_observer.safetensors"
+            );
+            Prims {
+                bytes: std::fs::read(path).expect("fixture file"),
+            }
+        }
+
+        fn get(&self, name: &str) -> Option<Vec<f32>> {
+            let st = safetensors::SafeTensors::deserialize(&self.bytes).expect("valid file");
+            let t = st.tensor(name).ok()?;
+            Some(
+                t.data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+            )
+        }
+
+        fn meta(&self, key: &str) -> Option<String> {
+            let (_, md) = safetensors::SafeTensors::read_metadata(&self.bytes).expect("header");
+            md.metadata().as_ref()?.get(key).cloned()
+        }
+
+        /// The `prefixNNN` keys that have a tensor `field`.
+        fn keys(&self, prefix: char, field: &str) -> Vec<String> {
+            (0..)
+                .map(|j| format!("{prefix}{j:03}"))
+                .take_while(|k| self.get(&format!("{k}.{field}")).is_some())
+                .collect()
+        }
+    }
+
+    #[test]
+    fn linspace_matches_pytorch_bit_for_bit() {
+        let fx = Prims::load();
+        let keys = fx.keys('l', "x");
+        assert!(keys.len() >= 4);
+        for k in keys {
+            let r = fx.get(&format!("{k}.range")).unwrap();
+            let want = fx.get(&format!("{k}.x")).unwrap();
+            let got: Vec<f32> = (0..want.len())
+                .map(|i| linspace_at(r[0], r[1], want.len(), i))
+                .collect();
+            assert_eq!(bits(&got), bits(&want), "{k}");
+        }
+    }
+
+    #[test]
+    fn histc_matches_pytorch_on_its_edges() {
+        let fx = Prims::load();
+        let keys = fx.keys('h', "x");
+        assert!(keys.len() >= 3);
+        for k in keys {
+            let r = fx.get(&format!("{k}.range")).unwrap();
+            let x = fx.get(&format!("{k}.x")).unwrap();
+            let want = fx.get(&format!("{k}.counts")).unwrap();
+            let got = histc(&x, want.len(), r[0], r[1]);
+            assert_eq!(bits(&got), bits(&want), "{k}");
+        }
+    }
+
+    #[test]
+    fn upscale_matches_pytorch_bit_for_bit() {
+        let fx = Prims::load();
+        let keys = fx.keys('u', "out");
+        assert!(keys.len() >= 3);
+        for k in keys {
+            let r = fx.get(&format!("{k}.ranges")).unwrap();
+            let want = fx.get(&format!("{k}.out")).unwrap();
+            let hist: Vec<f32> = (0..want.len()).map(|i| ((i * 37) % 11) as f32).collect();
+            let got = upscale(&hist, (r[0], r[1]), (r[2], r[3]));
+            assert_eq!(bits(&got), bits(&want), "{k}");
+        }
+    }
+
+    #[test]
+    fn quantization_error_matches_pytorch_bit_for_bit() {
+        let fx = Prims::load();
+        let keys = fx.keys('c', "errors");
+        assert!(keys.len() >= 40);
+        let mut checked = 0;
+        for k in keys {
+            let hist = fx.get(&format!("{k}.histogram")).unwrap();
+            let lo = fx.get(&format!("{k}.min_val")).unwrap()[0];
+            let hi = fx.get(&format!("{k}.max_val")).unwrap()[0];
+            let desc = fx.meta(&k).unwrap();
+            let bits_of_dtype = match desc.split(';').find(|p| p.starts_with("dtype=")) {
+                Some("dtype=qint32") => 32,
+                _ => 8,
+            };
+            let mut model = ErrorModel::new(&hist, lo, hi, 1u64 << bits_of_dtype);
+            let errors = fx.get(&format!("{k}.errors")).unwrap();
+            for row in errors.chunks_exact(3) {
+                let (s, e) = (row[0] as usize, row[1] as usize);
+                let got = model.error(s, e);
+                assert_eq!(
+                    got.to_bits(),
+                    row[2].to_bits(),
+                    "{k} ({desc}) bins {s}..={e}"
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked >= 300);
+    }
+
     /// The cascade is checked against PyTorch's own `torch.sum` (the `sNNN` tensors of the
     /// histogram fixture), and a plain left-to-right sum must disagree with it somewhere,
     /// so the check has teeth.
     #[test]
     fn torch_sum_matches_pytorch_bit_for_bit() {
-        use safetensors::SafeTensors;
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/histogram_observer.safetensors"
-        );
-        let bytes = std::fs::read(path).expect("fixture file");
-        let st = SafeTensors::deserialize(&bytes).expect("valid safetensors");
-        let read = |name: &str| -> Vec<f32> {
-            st.tensor(name)
-                .expect(name)
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect()
-        };
+        let fx = Prims::load();
         let (mut checked, mut naive_differs) = (0, 0);
-        for j in 0.. {
-            let key = format!("s{j:03}");
-            if st.tensor(&format!("{key}.x")).is_err() {
-                break;
-            }
-            let x = read(&format!("{key}.x"));
-            let want = read(&format!("{key}.sum"))[0];
+        for key in fx.keys('s', "x") {
+            let x = fx.get(&format!("{key}.x")).unwrap();
+            let want = fx.get(&format!("{key}.sum")).unwrap()[0];
             assert_eq!(
                 torch_sum(&x).to_bits(),
                 want.to_bits(),
