@@ -323,6 +323,70 @@ fn merging_shards_equals_sequential_observation_where_the_ranges_allow() {
 }
 
 #[test]
+fn merging_into_a_single_batch_shard_that_contains_the_other_equals_observing_it_last() {
+    let fx = Fixture::load();
+    let mut exact = 0;
+    for name in fx.cases() {
+        let c = parse(&fx, &name);
+        if c.batches.len() < 2 {
+            continue;
+        }
+        // Shard A: the first batch alone (single-range); shard B: the others.
+        let (mut a, b) = shards(&c, 1);
+        let (ra, rb) = (a.observed_range().unwrap(), b.observed_range().unwrap());
+        if !(ra.0 <= rb.0 && rb.1 <= ra.1) {
+            continue;
+        }
+        let mut seq = HistogramObserver::new(c.cfg, c.bins).unwrap();
+        for x in c.batches[1..].iter().chain(&c.batches[..1]) {
+            seq.observe(x.view()).unwrap();
+        }
+        a.merge(&b).unwrap();
+        assert_eq!(
+            bits(a.histogram()),
+            bits(seq.histogram()),
+            "{} ({})",
+            c.name,
+            c.desc
+        );
+        assert_eq!(a.observed_range(), seq.observed_range(), "{}", c.name);
+        exact += 1;
+    }
+    assert!(exact >= 5, "only {exact} exact merges");
+}
+
+#[test]
+fn extreme_inputs_never_panic() {
+    let cfg = *HistogramObserver::default().config();
+    for bins in [1usize, 2, 3, 2048] {
+        let mut obs = HistogramObserver::new(cfg, bins).unwrap();
+        for x in [
+            array![f32::MAX, -f32::MAX, 0.0],
+            array![1e-45f32, -1e-45, 0.0],
+            array![1e30f32, 1e30, 1e30],
+            array![f32::MIN_POSITIVE, 0.0, 0.0],
+        ] {
+            obs.observe(x.into_dyn().view()).unwrap();
+            // Either parameters or an error (an overflowing bin width), never a panic.
+            let _ = obs.qparams();
+            let mut other = obs.fresh();
+            other
+                .observe(array![3.0f32, -2.0].into_dyn().view())
+                .unwrap();
+            obs.merge(other.as_ref()).unwrap();
+            let _ = obs.qparams();
+        }
+    }
+    // A constant batch: a point mass, parameters for [c, c] widened to contain 0.
+    let mut obs = HistogramObserver::default();
+    obs.observe(Array1::from_elem(5, 0.37f32).into_dyn().view())
+        .unwrap();
+    assert_eq!(obs.observed_range(), Some((0.37, 0.37)));
+    let qp = obs.qparams().unwrap();
+    assert_eq!(qp.zero_point(), 0);
+}
+
+#[test]
 fn merge_is_symmetric_in_its_bookkeeping_and_refuses_strangers() {
     let cfg = *HistogramObserver::default().config();
     let mut a = HistogramObserver::new(cfg, 64).unwrap();

@@ -118,6 +118,16 @@ pub struct HistogramObserver {
 impl Default for HistogramObserver {
     /// PyTorch's defaults: 2048 bins, `quint8`, `per_tensor_affine`, no `reduce_range`,
     /// `eps = f32::EPSILON`.
+    ///
+    /// # Examples
+    /// ```
+    /// use ptq::observer::HistogramObserver;
+    /// use ptq::{DType, QScheme};
+    /// let obs = HistogramObserver::default();
+    /// assert_eq!(obs.bins(), 2048);
+    /// assert_eq!(obs.config().scheme(), QScheme::PerTensorAffine);
+    /// assert_eq!(obs.config().quant_range(), (0, 255));
+    /// ```
     fn default() -> Self {
         let cfg = RangeConfig::new(
             DType::QUInt8,
@@ -288,6 +298,21 @@ impl Observer for HistogramObserver {
     /// [`QuantError::NonFinite`] with the NaN and infinity counts if `x` holds any; nothing
     /// is recorded then. (PyTorch drops infinities with a warning and keeps the rest;
     /// `ptq` refuses the batch so poisoned calibration data cannot go unnoticed.)
+    ///
+    /// # Examples
+    /// ```
+    /// use ndarray::array;
+    /// use ptq::observer::{HistogramObserver, Observer};
+    /// use ptq::QuantError;
+    /// let mut obs = HistogramObserver::default();
+    /// obs.observe(array![0.0f32, 1.0].into_dyn().view())?;
+    /// obs.observe(array![-1.0f32, 1.0].into_dyn().view())?; // the range grows
+    /// assert_eq!(obs.observed_range(), Some((-1.0, 1.0)));
+    /// assert_eq!(obs.histogram().iter().sum::<f32>(), 4.0);
+    /// let bad = obs.observe(array![f32::NAN, 2.0].into_dyn().view());
+    /// assert!(matches!(bad, Err(QuantError::NonFinite { nan: 1, inf: 0, total: 2, .. })));
+    /// # Ok::<(), QuantError>(())
+    /// ```
     fn observe(&mut self, x: ArrayViewD<'_, f32>) -> Result<()> {
         let Some((xmin, xmax)) = tensor_min_max(&x, KIND)? else {
             return Ok(());
@@ -325,6 +350,20 @@ impl Observer for HistogramObserver {
     /// # Errors
     /// [`QuantError::Uncalibrated`] before any data; [`QuantError::NonFinite`] when the
     /// range is so wide (near `f32::MAX`) that its bin width overflows.
+    ///
+    /// # Examples
+    /// ```
+    /// use ndarray::Array;
+    /// use ptq::observer::{HistogramObserver, Observer};
+    /// use ptq::QuantError;
+    /// let mut obs = HistogramObserver::default();
+    /// assert!(matches!(obs.qparams(), Err(QuantError::Uncalibrated { .. })));
+    /// obs.observe(Array::linspace(-1.0f32, 1.0, 10_000).into_dyn().view())?;
+    /// let qp = obs.qparams()?;
+    /// assert_eq!((qp.quant_min(), qp.quant_max()), (0, 255));
+    /// assert!((qp.scale() - 2.0 / 255.0).abs() < 1e-3);
+    /// # Ok::<(), QuantError>(())
+    /// ```
     fn qparams(&self) -> Result<QParams> {
         let (lo, hi) = self.range.ok_or_else(|| uncalibrated(KIND))?;
         let (new_min, new_max) = self.search(lo, hi);
@@ -345,25 +384,40 @@ impl Observer for HistogramObserver {
     }
 
     /// Folds another histogram observer's histogram into this one, with the rule PyTorch
-    /// applies between batches (equal ranges add; otherwise the narrower histogram is
-    /// re-binned onto the wider range and added).
+    /// applies between batches (equal ranges add; otherwise the histogram over the
+    /// narrower range is re-binned onto the wider one and added).
     ///
-    /// What the result equals, exactly (bit for bit):
-    /// * both observers saw data over the same `[min, max]`: the histograms add, which is
-    ///   what one observer would hold after seeing both shards' batches if every batch of
-    ///   the second shard lay inside that range;
-    /// * `other`'s range contains ours: what one observer holds after seeing our batches,
-    ///   then `other`'s batches as one batch, provided `other` saw a single batch or all
-    ///   its batches spanned its final range;
-    /// * our range contains `other`'s: the same with the roles swapped (`other`'s batches
-    ///   first, then ours);
-    /// * neither contains the other: both histograms are re-binned onto the union of the
-    ///   ranges and added. No single observation order gives this; it is an approximation
-    ///   of the same kind PyTorch makes whenever the range grows.
+    /// Call our data A and `other`'s B. Say an observer is *single-range* when every batch
+    /// it saw had the observer's final minimum and maximum (one batch always does). The
+    /// merged histogram and range are then, bit for bit, what one observer holds after:
+    /// * A's batches, then B's, when the ranges are equal and `other` is single-range;
+    /// * A's batches, then B's, when B's range contains A's and `other` is single-range;
+    /// * B's batches, then A's, when A's range contains B's and `self` is single-range.
+    ///
+    /// When neither range contains the other, both histograms are re-binned onto the union
+    /// of the ranges and added: an approximation of the kind PyTorch makes whenever the
+    /// range grows, which no single observation order reproduces. The total count is
+    /// always kept (up to f32 rounding of fractional counts).
     ///
     /// # Errors
     /// [`QuantError::ObserverMismatch`] if `other` is not a `HistogramObserver` or has
     /// another configuration or number of bins.
+    ///
+    /// # Examples
+    /// ```
+    /// use ndarray::array;
+    /// use ptq::observer::{HistogramObserver, Observer};
+    /// let (a, b) = (array![0.0f32, 1.0, 2.0], array![-1.0f32, 0.5, 4.0]);
+    /// let mut sequential = HistogramObserver::default();
+    /// sequential.observe(a.view().into_dyn())?;
+    /// sequential.observe(b.view().into_dyn())?;
+    /// let (mut shard_a, mut shard_b) = (HistogramObserver::default(), HistogramObserver::default());
+    /// shard_a.observe(a.view().into_dyn())?;
+    /// shard_b.observe(b.view().into_dyn())?; // B's range contains A's
+    /// shard_a.merge(&shard_b)?;
+    /// assert_eq!(shard_a, sequential);
+    /// # Ok::<(), ptq::QuantError>(())
+    /// ```
     fn merge(&mut self, other: &dyn Observer) -> Result<()> {
         let other = peer(self, other)?;
         if other.cfg != self.cfg {
