@@ -231,6 +231,15 @@ fn uncalibrated_is_an_error_and_empty_batches_are_ignored() {
     obs.observe(Array1::<f32>::zeros(0).into_dyn().view())
         .unwrap();
     assert_eq!(obs, before);
+    // A strided (non-contiguous) view counts the same as its contiguous copy.
+    let m = ndarray::Array2::from_shape_fn((7, 5), |(i, j)| (i * 5 + j) as f32 * 0.3 - 4.0);
+    let mut t = HistogramObserver::default();
+    t.observe(m.slice(ndarray::s![.., ..;2]).into_dyn())
+        .unwrap();
+    let mut c = HistogramObserver::default();
+    c.observe(m.slice(ndarray::s![.., ..;2]).to_owned().into_dyn().view())
+        .unwrap();
+    assert_eq!(t, c);
     obs.reset();
     assert!(!obs.is_calibrated());
     assert!(matches!(
