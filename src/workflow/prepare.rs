@@ -296,9 +296,15 @@ mod tests {
             .push("conv1", conv())
             .push("relu1", Layer::ReLU)
             .push("bn", Layer::BatchNorm2d(BatchNorm2d::identity(4)))
-            .push("res", Layer::Residual(Sequential::new().push("conv", conv())))
+            .push(
+                "res",
+                Layer::Residual(Sequential::new().push("conv", conv())),
+            )
             .push("flatten", Layer::Flatten { start_dim: 1 })
-            .push("fc", Layer::Linear(Linear::new(Array2::zeros((2, 4)), None).unwrap()))
+            .push(
+                "fc",
+                Layer::Linear(Linear::new(Array2::zeros((2, 4)), None).unwrap()),
+            )
     }
 
     fn observed(p: &Prepared) -> Vec<&str> {
@@ -310,7 +316,10 @@ mod tests {
         let p = prepare(model(), &QConfigMap::new(QConfig::minmax_per_channel())).unwrap();
         // conv1 reads the float model input: observed at <input>. The unfused batch norm
         // runs in float, so its output is observed for the residual that follows.
-        assert_eq!(observed(&p), vec![INPUT, "bn", "conv1", "fc", "res", "res.conv"]);
+        assert_eq!(
+            observed(&p),
+            vec![INPUT, "bn", "conv1", "fc", "res", "res.conv"]
+        );
         let leaf = |path: &str| {
             fn find<'a>(nodes: &'a [PlanNode], path: &str) -> Option<&'a PlanNode> {
                 nodes.iter().find_map(|n| match n {
@@ -321,9 +330,13 @@ mod tests {
             }
             find(p.plan(), path).cloned().unwrap()
         };
-        assert!(matches!(leaf("relu1"), PlanNode::Leaf { int8: true, output: Domain::Quant(ref s), .. } if s == "conv1"));
+        assert!(
+            matches!(leaf("relu1"), PlanNode::Leaf { int8: true, output: Domain::Quant(ref s), .. } if s == "conv1")
+        );
         assert!(matches!(leaf("bn"), PlanNode::Leaf { int8: false, .. }));
-        assert!(matches!(leaf("flatten"), PlanNode::Leaf { int8: true, output: Domain::Quant(ref s), .. } if s == "res"));
+        assert!(
+            matches!(leaf("flatten"), PlanNode::Leaf { int8: true, output: Domain::Quant(ref s), .. } if s == "res")
+        );
     }
 
     #[test]
@@ -334,13 +347,26 @@ mod tests {
         // shape op follows its input's domain); fc needs that float output quantized, so
         // the flatten's output is observed with fc's config.
         assert_eq!(observed(&p), vec![INPUT, "conv1", "fc", "flatten"]);
-        assert!(p.plan().iter().any(|n| matches!(n, PlanNode::Residual { qconfig: None, output: Domain::Float(_), .. })));
+        assert!(p.plan().iter().any(|n| matches!(
+            n,
+            PlanNode::Residual {
+                qconfig: None,
+                output: Domain::Float(_),
+                ..
+            }
+        )));
     }
 
     #[test]
     fn nothing_to_quantize_is_an_error() {
-        assert!(matches!(prepare(model(), &QConfigMap::empty()), Err(QuantError::NothingToQuantize { .. })));
+        assert!(matches!(
+            prepare(model(), &QConfigMap::empty()),
+            Err(QuantError::NothingToQuantize { .. })
+        ));
         let only_relu = QConfigMap::empty().set_type("ReLU", Some(QConfig::minmax_per_tensor()));
-        assert!(matches!(prepare(model(), &only_relu), Err(QuantError::NothingToQuantize { .. })));
+        assert!(matches!(
+            prepare(model(), &only_relu),
+            Err(QuantError::NothingToQuantize { .. })
+        ));
     }
 }
