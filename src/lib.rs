@@ -49,6 +49,8 @@
 #![warn(missing_docs)]
 
 pub mod error;
+pub mod kernels;
+pub mod nn;
 pub mod observer;
 pub mod qconfig;
 pub mod qparams;

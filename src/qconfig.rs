@@ -163,9 +163,12 @@ impl ObserverSpec {
                 Box::new(PerChannelMinMaxObserver::new(self.range_config()?)?)
             }
             ObserverKind::MinMax => Box::new(MinMaxObserver::new(self.range_config()?)?),
-            ObserverKind::MovingAverageMinMax { averaging_constant } if per_channel => Box::new(
-                MovingAveragePerChannelMinMaxObserver::new(self.range_config()?, averaging_constant)?,
-            ),
+            ObserverKind::MovingAverageMinMax { averaging_constant } if per_channel => {
+                Box::new(MovingAveragePerChannelMinMaxObserver::new(
+                    self.range_config()?,
+                    averaging_constant,
+                )?)
+            }
             ObserverKind::MovingAverageMinMax { averaging_constant } => Box::new(
                 MovingAverageMinMaxObserver::new(self.range_config()?, averaging_constant)?,
             ),
@@ -174,7 +177,13 @@ impl ObserverSpec {
             }
             ObserverKind::FixedQParams { scale, zero_point } => {
                 let range = self.range_config()?.quant_range();
-                let qp = QParams::new(self.qscheme, self.dtype, range, vec![scale], vec![zero_point])?;
+                let qp = QParams::new(
+                    self.qscheme,
+                    self.dtype,
+                    range,
+                    vec![scale],
+                    vec![zero_point],
+                )?;
                 Box::new(FixedQParamsObserver::new(qp)?)
             }
         })
@@ -316,7 +325,10 @@ mod tests {
             (QConfig::minmax_per_channel(), (0, 127), (-128, 127)),
         ] {
             q.validate().unwrap();
-            assert_eq!(q.activation.range_config().unwrap().quant_range(), act_range);
+            assert_eq!(
+                q.activation.range_config().unwrap().quant_range(),
+                act_range
+            );
             assert_eq!(q.weight.range_config().unwrap().quant_range(), w_range);
         }
         assert!(QConfig::for_backend("tensorrt").is_err());
@@ -330,7 +342,8 @@ mod tests {
         assert!(sym_u8.build().is_err());
         let hist_pc = ObserverSpec::histogram(DType::QUInt8, QScheme::PerChannelAffine { axis: 0 });
         assert!(hist_pc.build().is_err());
-        let no_zero = ObserverSpec::min_max(DType::QUInt8, QScheme::PerTensorAffine).with_range(1, 10);
+        let no_zero =
+            ObserverSpec::min_max(DType::QUInt8, QScheme::PerTensorAffine).with_range(1, 10);
         assert!(no_zero.build().is_err());
         let ma = ObserverSpec {
             kind: ObserverKind::MovingAverageMinMax {

@@ -773,7 +773,10 @@ mod tests {
         }
         assert!(matches!(
             QParams::per_tensor(1.0, 200, DType::QInt8),
-            Err(QuantError::InvalidZeroPoint { zero_point: 200, .. })
+            Err(QuantError::InvalidZeroPoint {
+                zero_point: 200,
+                ..
+            })
         ));
     }
 }

@@ -39,8 +39,8 @@ mod per_channel;
 pub use fixed::FixedQParamsObserver;
 pub use histogram::HistogramObserver;
 pub use minmax::MinMaxObserver;
-pub use moving_average::{MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver};
 pub use moving_average::DEFAULT_AVERAGING_CONSTANT;
+pub use moving_average::{MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver};
 pub use per_channel::PerChannelMinMaxObserver;
 
 /// Something that records statistics of float tensors and derives quantization

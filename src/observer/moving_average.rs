@@ -142,7 +142,10 @@ impl Observer for MovingAverageMinMaxObserver {
     fn merge(&mut self, other: &dyn Observer) -> Result<()> {
         let other = peer(self, other)?;
         if other.cfg != self.cfg || other.averaging_constant != self.averaging_constant {
-            return Err(config_mismatch(KIND, "dtype, scheme, range, eps or averaging constant"));
+            return Err(config_mismatch(
+                KIND,
+                "dtype, scheme, range, eps or averaging constant",
+            ));
         }
         self.range = match (self.range, other.range) {
             (Some((a, b)), Some((c, d))) => {
@@ -218,7 +221,9 @@ impl MovingAveragePerChannelMinMaxObserver {
 
     /// Per-channel `(mins, maxs)` recorded so far.
     pub fn channel_ranges(&self) -> Option<(&[f32], &[f32])> {
-        self.ranges.as_ref().map(|(a, b)| (a.as_slice(), b.as_slice()))
+        self.ranges
+            .as_ref()
+            .map(|(a, b)| (a.as_slice(), b.as_slice()))
     }
 }
 

@@ -54,7 +54,9 @@ impl PerChannelMinMaxObserver {
 
     /// Per-channel `(mins, maxs)` recorded so far.
     pub fn channel_ranges(&self) -> Option<(&[f32], &[f32])> {
-        self.ranges.as_ref().map(|(a, b)| (a.as_slice(), b.as_slice()))
+        self.ranges
+            .as_ref()
+            .map(|(a, b)| (a.as_slice(), b.as_slice()))
     }
 }
 
@@ -70,7 +72,12 @@ pub(crate) fn per_channel_axis(cfg: &RangeConfig, kind: &'static str) -> Result<
 }
 
 /// Checks that a new batch has as many channels as the recorded state.
-pub(crate) fn check_channels(kind: &'static str, axis: usize, have: usize, got: usize) -> Result<()> {
+pub(crate) fn check_channels(
+    kind: &'static str,
+    axis: usize,
+    have: usize,
+    got: usize,
+) -> Result<()> {
     if have != got {
         return Err(QuantError::ShapeMismatch {
             context: kind.into(),
@@ -82,7 +89,11 @@ pub(crate) fn check_channels(kind: &'static str, axis: usize, have: usize, got: 
 }
 
 /// Per-channel parameters from per-channel ranges.
-pub(crate) fn per_channel_qparams(cfg: &RangeConfig, mins: &[f32], maxs: &[f32]) -> Result<QParams> {
+pub(crate) fn per_channel_qparams(
+    cfg: &RangeConfig,
+    mins: &[f32],
+    maxs: &[f32],
+) -> Result<QParams> {
     let mut scales = Vec::with_capacity(mins.len());
     let mut zps = Vec::with_capacity(mins.len());
     for (&lo, &hi) in mins.iter().zip(maxs) {

@@ -1,0 +1,3 @@
+//! Neural-network layers.
+
+pub mod quantized;
