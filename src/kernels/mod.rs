@@ -82,11 +82,11 @@ pub enum KernelPath {
 }
 
 #[cfg(target_arch = "x86_64")]
-type Simd = Option<x86::Avx2>;
+pub(crate) type Simd = Option<x86::Avx2>;
 #[cfg(not(target_arch = "x86_64"))]
-type Simd = Option<()>;
+pub(crate) type Simd = Option<()>;
 
-fn simd() -> Simd {
+pub(crate) fn simd() -> Simd {
     static SIMD: OnceLock<Simd> = OnceLock::new();
     *SIMD.get_or_init(|| {
         if std::env::var("PTQ_FORCE_PORTABLE").is_ok_and(|v| v == "1") {
@@ -228,33 +228,24 @@ pub fn qgemm_on(
     qgemm_impl(simd, a, w, rq, out, ldc)
 }
 
-/// Activations packed for the kernels: rows padded to `MR`, `k` to `kp`, with row sums.
-struct PackedA {
-    /// One buffer (fast and portable paths) or two (`a & 127`, `a >> 7`).
-    bufs: Vec<Vec<u8>>,
-    rowsum: Vec<i32>,
+/// A source of activation rows for the GEMM driver: a plain matrix or an on-the-fly
+/// im2col of a convolution input.
+pub(crate) trait RowSource: Sync {
+    /// Writes rows `r0..r0 + rows` (the first `k` bytes of each) at stride `kp` into `dst`
+    /// (already zeroed).
+    fn fill(&self, r0: usize, rows: usize, kp: usize, dst: &mut [u8]);
 }
 
-fn pack_a(a: &[u8], m: usize, k: usize, kp: usize, split: bool) -> PackedA {
-    let mp = round_up(m, MR);
-    let mut lo = vec![0u8; mp * kp];
-    let mut rowsum = vec![0i32; mp];
-    for i in 0..m {
-        let src = &a[i * k..(i + 1) * k];
-        lo[i * kp..i * kp + k].copy_from_slice(src);
-        rowsum[i] = src.iter().map(|&v| v as i32).sum();
-    }
-    if split {
-        let hi: Vec<u8> = lo.iter().map(|&v| v >> 7).collect();
-        lo.iter_mut().for_each(|v| *v &= 127);
-        PackedA {
-            bufs: vec![lo, hi],
-            rowsum,
-        }
-    } else {
-        PackedA {
-            bufs: vec![lo],
-            rowsum,
+struct MatrixRows<'a> {
+    data: &'a [u8],
+    k: usize,
+}
+
+impl RowSource for MatrixRows<'_> {
+    fn fill(&self, r0: usize, rows: usize, kp: usize, dst: &mut [u8]) {
+        for i in 0..rows {
+            let src = &self.data[(r0 + i) * self.k..(r0 + i + 1) * self.k];
+            dst[i * kp..i * kp + self.k].copy_from_slice(src);
         }
     }
 }
@@ -315,34 +306,52 @@ fn qgemm_impl(
     ldc: usize,
 ) -> Result<KernelPath> {
     check_args(&a, w, rq, out, ldc)?;
-    let (m, n, k, kp) = (a.rows, w.n, w.k, w.kp);
-    let path = match simd {
-        None => KernelPath::Portable,
-        Some(_) => {
-            if w.narrow || a.data.iter().all(|&v| v <= 127) {
-                KernelPath::Avx2Fast
-            } else {
-                KernelPath::Avx2Split
-            }
-        }
+    let src = MatrixRows {
+        data: a.data,
+        k: w.k,
     };
-    debug_report(path);
-    if m == 0 || n == 0 {
-        return Ok(path);
-    }
-    let pa = pack_a(a.data, m, k, kp, path == KernelPath::Avx2Split);
-    let panels = round_up(n, NR) / NR;
+    Ok(drive(simd, &src, a.rows, a.zero_point, w, rq, out, ldc))
+}
+
+/// Runs the GEMM over row blocks (in parallel when large). Arguments are checked.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn drive(
+    simd: Simd,
+    src: &dyn RowSource,
+    m: usize,
+    a_zp: i32,
+    w: &PackedWeights,
+    rq: &RequantParams,
+    out: &mut [u8],
+    ldc: usize,
+) -> KernelPath {
+    let (n, k, kp) = (w.n, w.k, w.kp);
+    let split_seen = AtomicBool::new(false);
+    let panels = round_up(n.max(1), NR) / NR;
     let threads = rayon::current_num_threads().max(1);
     let macs = m.saturating_mul(n).saturating_mul(k.max(1));
-    // Rows per block: all rows when small, else split into at least `threads` blocks.
     let mc = if threads == 1 || macs < PAR_MIN_MACS {
-        round_up(m, MR)
+        round_up(m.max(1), MR).min(256)
     } else {
-        round_up(m.div_ceil(threads * 2), MR).clamp(MR, 256)
+        round_up(m.div_ceil(threads), MR).min(256)
     };
     let block = |bi: usize, out_blk: &mut [u8]| {
         let r0 = bi * mc;
         let rows_blk = mc.min(m - r0);
+        let mut lo = vec![0u8; round_up(rows_blk, MR) * kp];
+        src.fill(r0, rows_blk, kp, &mut lo);
+        let rowsum: Vec<i32> = (0..round_up(rows_blk, MR))
+            .map(|i| lo[i * kp..(i + 1) * kp].iter().map(|&v| v as i32).sum())
+            .collect();
+        let split = simd.is_some() && !w.narrow && lo.iter().any(|&v| v > 127);
+        let hi: Vec<u8> = if split {
+            split_seen.store(true, Ordering::Relaxed);
+            let hi = lo.iter().map(|&v| v >> 7).collect();
+            lo.iter_mut().for_each(|v| *v &= 127);
+            hi
+        } else {
+            Vec::new()
+        };
         let mut acc = [0i32; MR * NR];
         let mut acc2 = [0i32; MR * NR];
         for p in 0..panels {
@@ -351,22 +360,22 @@ fn qgemm_impl(
             let cols = NR.min(n - j0);
             let mut t = 0;
             while t < rows_blk {
-                let r = r0 + t;
                 let rows = MR.min(rows_blk - t);
-                let a_off = r * kp;
+                let a_off = t * kp;
+                let o = &mut out_blk[t * ldc + j0..];
                 match simd {
                     None => {
-                        tile_portable(&pa.bufs[0][a_off..a_off + MR * kp], kp, b, &mut acc);
+                        tile_portable(&lo[a_off..a_off + MR * kp], kp, b, &mut acc);
                         requant_tile_portable(
                             &acc,
                             rows,
                             cols,
-                            &pa.rowsum[r..r + rows],
-                            a.zero_point,
+                            &rowsum[t..t + rows],
+                            a_zp,
                             w,
                             rq,
                             j0,
-                            &mut out_blk[t * ldc + j0..],
+                            o,
                             ldc,
                         );
                     }
@@ -374,9 +383,9 @@ fn qgemm_impl(
                     Some(s) => {
                         #[cfg(target_arch = "x86_64")]
                         {
-                            s.tile(&pa.bufs[0][a_off..a_off + MR * kp], kp, b, &mut acc);
-                            if pa.bufs.len() == 2 {
-                                s.tile(&pa.bufs[1][a_off..a_off + MR * kp], kp, b, &mut acc2);
+                            s.tile(&lo[a_off..a_off + MR * kp], kp, b, &mut acc);
+                            if split {
+                                s.tile(&hi[a_off..a_off + MR * kp], kp, b, &mut acc2);
                                 for (x, y) in acc.iter_mut().zip(acc2.iter()) {
                                     *x = x.wrapping_add(y.wrapping_shl(7));
                                 }
@@ -385,12 +394,12 @@ fn qgemm_impl(
                                 &acc,
                                 rows,
                                 cols,
-                                &pa.rowsum[r..r + rows],
-                                a.zero_point,
+                                &rowsum[t..t + rows],
+                                a_zp,
                                 w,
                                 rq,
                                 j0,
-                                &mut out_blk[t * ldc + j0..],
+                                o,
                                 ldc,
                             );
                         }
@@ -400,16 +409,24 @@ fn qgemm_impl(
             }
         }
     };
-    let blocks = m.div_ceil(mc);
-    if blocks == 1 {
-        block(0, out);
-    } else {
-        out.par_chunks_mut(mc * ldc)
-            .take(blocks)
-            .enumerate()
-            .for_each(|(bi, o)| block(bi, o));
+    if m > 0 && n > 0 {
+        let blocks = m.div_ceil(mc);
+        if blocks == 1 {
+            block(0, out);
+        } else {
+            out.par_chunks_mut(mc * ldc)
+                .take(blocks)
+                .enumerate()
+                .for_each(|(bi, o)| block(bi, o));
+        }
     }
-    Ok(path)
+    let path = match simd {
+        None => KernelPath::Portable,
+        Some(_) if split_seen.load(Ordering::Relaxed) => KernelPath::Avx2Split,
+        Some(_) => KernelPath::Avx2Fast,
+    };
+    debug_report(path);
+    path
 }
 
 /// Portable tile: the same packed layouts as the AVX2 kernel, exact `i32` (wrapping).

@@ -1,0 +1,154 @@
+//! The quantized activation tensor.
+
+use ndarray::ArrayD;
+
+use crate::error::{QuantError, Result};
+use crate::qparams::quantize_val;
+
+/// The memory format PyTorch would hold a tensor in, for the few ops whose rounding depends
+/// on it (average pooling and elementwise add run different kernels on NCHW-contiguous and
+/// channels-last tensors).
+///
+/// fbgemm's quantized convolutions return channels-last tensors, so activations after a
+/// convolution are [`TorchLayout::ChannelsLast`]; a tensor straight from `quantize_per_tensor`
+/// of an NCHW float tensor is [`TorchLayout::Contiguous`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TorchLayout {
+    /// NHWC in memory (PyTorch's `channels_last`), the layout fbgemm convolutions return.
+    #[default]
+    ChannelsLast,
+    /// NCHW in memory (PyTorch's default `contiguous`).
+    Contiguous,
+}
+
+/// A per-tensor affine `quint8` tensor: `u8` values in PyTorch's logical layout (NCHW for
+/// images), a scale and a zero point.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QTensor {
+    data: ArrayD<u8>,
+    scale: f32,
+    zero_point: i32,
+}
+
+impl QTensor {
+    /// Wraps quantized values with their parameters.
+    ///
+    /// # Errors
+    /// [`QuantError::InvalidScale`] for a scale that is not finite, positive and normal;
+    /// [`QuantError::InvalidZeroPoint`] for a zero point outside `0..=255`.
+    ///
+    /// # Examples
+    /// ```
+    /// use ndarray::ArrayD;
+    /// use ptq::nn::quantized::QTensor;
+    /// let t = QTensor::new(ArrayD::from_elem(vec![2, 3], 7u8), 0.1, 7)?;
+    /// assert_eq!(t.dequantize()[[0, 0]], 0.0);
+    /// assert!(QTensor::new(ArrayD::from_elem(vec![1], 0u8), 0.0, 0).is_err());
+    /// # Ok::<(), ptq::QuantError>(())
+    /// ```
+    pub fn new(data: ArrayD<u8>, scale: f32, zero_point: i32) -> Result<Self> {
+        check_qparams(scale, zero_point, "QTensor")?;
+        Ok(QTensor {
+            data,
+            scale,
+            zero_point,
+        })
+    }
+
+    /// Quantizes a float tensor with PyTorch's `quantize_per_tensor` arithmetic
+    /// (`quint8`, range `0..=255`).
+    ///
+    /// # Errors
+    /// As [`QTensor::new`], and [`QuantError::NonFinite`] for NaN or infinite input.
+    ///
+    /// # Examples
+    /// ```
+    /// use ndarray::array;
+    /// use ptq::nn::quantized::QTensor;
+    /// let t = QTensor::from_f32(&array![0.0f32, 0.25, 1e9].into_dyn(), 0.1, 10)?;
+    /// assert_eq!(t.data().as_slice().unwrap(), &[10, 12, 255]);
+    /// # Ok::<(), ptq::QuantError>(())
+    /// ```
+    pub fn from_f32(x: &ArrayD<f32>, scale: f32, zero_point: i32) -> Result<Self> {
+        check_qparams(scale, zero_point, "QTensor")?;
+        let nan = x.iter().filter(|v| v.is_nan()).count();
+        let inf = x.iter().filter(|v| v.is_infinite()).count();
+        if nan + inf > 0 {
+            return Err(QuantError::NonFinite {
+                context: "QTensor".into(),
+                nan,
+                inf,
+                total: x.len(),
+            });
+        }
+        Ok(QTensor {
+            data: x.mapv(|v| quantize_val(v, scale, zero_point, 0, 255) as u8),
+            scale,
+            zero_point,
+        })
+    }
+
+    /// The quantized values.
+    pub fn data(&self) -> &ArrayD<u8> {
+        &self.data
+    }
+
+    /// Consumes the tensor and returns its values.
+    pub fn into_data(self) -> ArrayD<u8> {
+        self.data
+    }
+
+    /// The scale.
+    pub fn scale(&self) -> f32 {
+        self.scale
+    }
+
+    /// The zero point.
+    pub fn zero_point(&self) -> i32 {
+        self.zero_point
+    }
+
+    /// `(q - zero_point) * scale`, as PyTorch's `dequantize`.
+    pub fn dequantize(&self) -> ArrayD<f32> {
+        self.data
+            .mapv(|q| crate::qparams::dequantize_val(q as i32, self.scale, self.zero_point))
+    }
+
+    /// The values as a contiguous row-major vector.
+    pub(crate) fn to_vec(&self) -> Vec<u8> {
+        self.data.as_standard_layout().iter().copied().collect()
+    }
+}
+
+/// Checks an output (or activation) scale and zero point.
+pub(crate) fn check_qparams(scale: f32, zero_point: i32, layer: &str) -> Result<()> {
+    if !(scale.is_normal() && scale > 0.0) {
+        return Err(QuantError::InvalidScale {
+            context: layer.into(),
+            channel: 0,
+            value: scale,
+        });
+    }
+    if !(0..=255).contains(&zero_point) {
+        return Err(QuantError::InvalidZeroPoint {
+            context: layer.into(),
+            channel: 0,
+            zero_point: zero_point as i64,
+            quant_min: 0,
+            quant_max: 255,
+        });
+    }
+    Ok(())
+}
+
+/// Checks that `t` has rank 4 and returns its dimensions.
+pub(crate) fn dims4(t: &QTensor, layer: &str) -> Result<(usize, usize, usize, usize)> {
+    match *t.data.shape() {
+        [b, c, h, w] => Ok((b, c, h, w)),
+        ref s => Err(QuantError::ShapeMismatch {
+            context: layer.into(),
+            expected: "a rank-4 NCHW tensor".into(),
+            actual: format!("shape {s:?}"),
+        }),
+    }
+}
