@@ -6,7 +6,7 @@
 //!   [`requant`]).
 //! * [`qgemm`]: the quantized GEMM with zero-point corrections, requantization and fused
 //!   ReLU, on the fastest [`Backend`] the CPU offers.
-//! * [`reference`]: the scalar oracle every kernel is tested against.
+//! * [`reference`](mod@reference): the scalar oracle every kernel is tested against.
 //!
 //! The backend is chosen once per process: AVX2 + FMA when the CPU has them, unless the
 //! environment variable `PTQ_FORCE_PORTABLE=1` forces the portable Rust kernel. Setting

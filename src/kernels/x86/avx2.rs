@@ -109,6 +109,7 @@ unsafe fn store_n(dst: *mut u8, v: __m128i, n: usize) {
 /// `rows` `i32`; the column parameters readable for columns `j0..j0 + NR`; `out` writable
 /// at `r * ldc + c` for `r < rows`, `c < cols`; `rows <= MR`, `cols <= NR`.
 #[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn requant_tile(
     acc: *const i32,
     rows: usize,

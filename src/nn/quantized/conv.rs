@@ -82,7 +82,7 @@ impl QConv2d {
     /// let p = Conv2dParams { padding: (1, 1), ..Default::default() };
     /// let conv = QConv2d::new(w.view(), None, &QParams::per_tensor(0.01, 0, DType::QInt8)?, p, 0.1, 0)?;
     /// assert_eq!(conv.out_channels(), 8);
-    /// let bad = Conv2dParams { groups: 2, ..Default::default() };
+    /// let bad = Conv2dParams { groups: 3, ..Default::default() }; // 8 outputs, 3 groups
     /// assert!(QConv2d::new(w.view(), None, &QParams::per_tensor(0.01, 0, DType::QInt8)?, bad, 0.1, 0).is_err());
     /// # Ok::<(), ptq::QuantError>(())
     /// ```

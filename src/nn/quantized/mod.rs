@@ -3,7 +3,7 @@
 //!
 //! Activations travel as [`QTensor`]s: `u8` values in PyTorch's logical layout (NCHW for
 //! images, `[batch, features]` for vectors) with a per-tensor scale and zero point. Each
-//! layer is built from float weights (`ndarray`) plus the weight [`QParams`](crate::QParams)
+//! layer is built from float weights (`ndarray`) plus the weight [`QParams`]
 //! and the output scale and zero point, quantizes and packs its weights once, and reports
 //! its weight bytes.
 //!

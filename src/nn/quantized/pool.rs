@@ -132,13 +132,7 @@ impl QMaxPool2d {
         let ow = out_len(w, kw, self.stride.1, self.padding.1, self.dilation.1, L)?;
         let xv = x.to_vec();
         let mut y = vec![0u8; b * c * oh * ow];
-        for (plane, (yp, xp)) in y
-            .chunks_mut(oh * ow)
-            .zip(xv.chunks(h * w))
-            .enumerate()
-            .map(|(i, p)| (i, p))
-        {
-            let _ = plane;
+        for (yp, xp) in y.chunks_mut(oh * ow).zip(xv.chunks(h * w)) {
             for oy in 0..oh {
                 for ox in 0..ow {
                     let mut m = 0u8;
