@@ -340,10 +340,16 @@ pub(crate) fn drive(
         let rows_blk = mc.min(m - r0);
         let mut lo = vec![0u8; round_up(rows_blk, MR) * kp];
         src.fill(r0, rows_blk, kp, &mut lo);
+        // Row sums and the OR of all bytes in one vectorizable pass.
+        let mut any_hi = 0u8;
         let rowsum: Vec<i32> = (0..round_up(rows_blk, MR))
-            .map(|i| lo[i * kp..(i + 1) * kp].iter().map(|&v| v as i32).sum())
+            .map(|i| {
+                let row = &lo[i * kp..(i + 1) * kp];
+                any_hi |= row.iter().fold(0u8, |a, &v| a | v);
+                row.iter().map(|&v| v as u32).sum::<u32>() as i32
+            })
             .collect();
-        let split = simd.is_some() && !w.narrow && lo.iter().any(|&v| v > 127);
+        let split = simd.is_some() && !w.narrow && any_hi > 127;
         let hi: Vec<u8> = if split {
             split_seen.store(true, Ordering::Relaxed);
             let hi = lo.iter().map(|&v| v >> 7).collect();
@@ -473,6 +479,24 @@ fn requant_tile_portable(
                 rq.lo,
             );
         }
+    }
+}
+
+/// `acc[c] += (x[c] - a_zp) * w[c]` over one depthwise tap (the body shared by the
+/// portable and AVX2 builds).
+#[inline(always)]
+pub(crate) fn dw_accumulate_body(acc: &mut [i32], x: &[u8], w: &[i16], a_zp: i32) {
+    for ((a, &xv), &wq) in acc.iter_mut().zip(x).zip(w) {
+        *a += (xv as i32 - a_zp) * wq as i32;
+    }
+}
+
+/// [`dw_accumulate_body`] on the fastest backend.
+pub(crate) fn dw_accumulate(acc: &mut [i32], x: &[u8], w: &[i16], a_zp: i32) {
+    match simd() {
+        #[cfg(target_arch = "x86_64")]
+        Some(s) => s.dw_accumulate(acc, x, w, a_zp),
+        _ => dw_accumulate_body(acc, x, w, a_zp),
     }
 }
 

@@ -156,3 +156,12 @@ pub(super) unsafe fn requant_row(raw: *const i32, n: usize, p: &ColParams, out: 
         store_n(out.add(j), rq8(x, p, j), n - j);
     }
 }
+
+/// [`crate::kernels::dw_accumulate_body`] compiled with AVX2 enabled.
+///
+/// # Safety
+/// AVX2 must be available.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn dw_accumulate(acc: &mut [i32], x: &[u8], w: &[i16], a_zp: i32) {
+    crate::kernels::dw_accumulate_body(acc, x, w, a_zp)
+}

@@ -2,7 +2,7 @@
 
 use ndarray::{ArrayD, IxDyn};
 
-use super::tensor::check_qparams;
+use super::tensor::{check_qparams, nhwc_to_nchw};
 use super::{QTensor, TorchLayout};
 use crate::error::{QuantError, Result};
 use crate::kernels::requant::cvt_round;
@@ -82,13 +82,7 @@ impl QAdd {
         let nhwc = self.layout == TorchLayout::ChannelsLast && a.data().ndim() == 4;
         let order = |t: &QTensor| -> Vec<u8> {
             if nhwc {
-                t.data()
-                    .view()
-                    .permuted_axes(IxDyn(&[0, 2, 3, 1]))
-                    .as_standard_layout()
-                    .iter()
-                    .copied()
-                    .collect()
+                t.to_nhwc()
             } else {
                 t.to_vec()
             }
@@ -124,11 +118,7 @@ impl QAdd {
         let shape = a.data().shape().to_vec();
         let data = if nhwc {
             let (bn, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
-            ArrayD::from_shape_vec(IxDyn(&[bn, h, w, c]), y).map(|t| {
-                t.permuted_axes(IxDyn(&[0, 3, 1, 2]))
-                    .as_standard_layout()
-                    .into_owned()
-            })
+            ArrayD::from_shape_vec(IxDyn(&shape), nhwc_to_nchw(&y, bn, c, h * w))
         } else {
             ArrayD::from_shape_vec(IxDyn(&shape), y)
         }

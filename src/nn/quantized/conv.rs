@@ -1,9 +1,9 @@
 //! Quantized 2-D convolutions (NCHW in and out, NHWC inside, as fbgemm).
 
-use ndarray::{Array4, ArrayView1, ArrayView4};
+use ndarray::{ArrayD, ArrayView1, ArrayView4, IxDyn};
 use rayon::prelude::*;
 
-use super::tensor::{check_qparams, dims4};
+use super::tensor::{check_qparams, dims4, nhwc_to_nchw};
 use super::{check_bias, quantize_weights, quantized_weights, QTensor, QWeights};
 use crate::error::{QuantError, Result};
 use crate::kernels::reference::ConvGeom;
@@ -289,14 +289,7 @@ impl QConv2d {
             ),
             actual: format!("shape {:?}", x.data().shape()),
         })?;
-        let x_nhwc: Vec<u8> = x
-            .data()
-            .view()
-            .permuted_axes(ndarray::IxDyn(&[0, 2, 3, 1]))
-            .as_standard_layout()
-            .iter()
-            .copied()
-            .collect();
+        let x_nhwc = x.to_nhwc();
         let m = b * oh * ow;
         let oc = self.c_out;
         let mut out = vec![0u8; m * oc];
@@ -352,14 +345,12 @@ impl QConv2d {
                 depthwise(&x_nhwc, &geom, (oh, ow), a_zp, wv, &rq, &mut out);
             }
         }
-        let y = Array4::from_shape_vec((b, oh, ow, oc), out)
+        let y = ArrayD::from_shape_vec(IxDyn(&[b, oc, oh, ow]), nhwc_to_nchw(&out, b, oc, oh * ow))
             .map_err(|e| QuantError::ShapeMismatch {
                 context: NAME.into(),
-                expected: format!("output [{b}, {oh}, {ow}, {oc}]"),
+                expected: format!("output [{b}, {oc}, {oh}, {ow}]"),
                 actual: e.to_string(),
-            })?
-            .permuted_axes([0, 3, 1, 2]);
-        let y = y.as_standard_layout().into_owned().into_dyn();
+            })?;
         QTensor::new(y, self.out_scale, self.out_zp)
     }
 }
@@ -427,7 +418,7 @@ fn depthwise(
         let b = r / oh;
         let oy = r % oh;
         let mut acc = vec![0i32; oc];
-        let mut xs = vec![0i32; oc];
+        let mut xs = vec![0u8; oc];
         for ox in 0..ow {
             acc.fill(0);
             for ky in 0..kh {
@@ -444,16 +435,12 @@ fn depthwise(
                     let px = &x[p..p + c];
                     let wt = &wv[(ky * kw + kx) * oc..(ky * kw + kx + 1) * oc];
                     if mult == 1 {
-                        for ((a, &xv), &wq) in acc.iter_mut().zip(px).zip(wt) {
-                            *a += (xv as i32 - a_zp) * wq as i32;
-                        }
+                        kernels::dw_accumulate(&mut acc, px, wt, a_zp);
                     } else {
                         for (o, xo) in xs.iter_mut().enumerate() {
-                            *xo = px[o / mult] as i32 - a_zp;
+                            *xo = px[o / mult];
                         }
-                        for ((a, &xv), &wq) in acc.iter_mut().zip(&xs).zip(wt) {
-                            *a += xv * wq as i32;
-                        }
+                        kernels::dw_accumulate(&mut acc, &xs, wt, a_zp);
                     }
                 }
             }

@@ -116,7 +116,20 @@ impl QTensor {
 
     /// The values as a contiguous row-major vector.
     pub(crate) fn to_vec(&self) -> Vec<u8> {
-        self.data.as_standard_layout().iter().copied().collect()
+        match self.data.as_slice() {
+            Some(s) => s.to_vec(),
+            None => self.data.as_standard_layout().iter().copied().collect(),
+        }
+    }
+
+    /// The values of a rank-4 NCHW tensor in NHWC order.
+    pub(crate) fn to_nhwc(&self) -> Vec<u8> {
+        let s = self.data.shape();
+        let (b, c, hw) = (s[0], s[1], s[2] * s[3]);
+        match self.data.as_slice() {
+            Some(src) => nchw_to_nhwc(src, b, c, hw),
+            None => nchw_to_nhwc(&self.to_vec(), b, c, hw),
+        }
     }
 }
 
@@ -150,5 +163,107 @@ pub(crate) fn dims4(t: &QTensor, layer: &str) -> Result<(usize, usize, usize, us
             expected: "a rank-4 NCHW tensor".into(),
             actual: format!("shape {s:?}"),
         }),
+    }
+}
+
+/// Transposes an 8x8 byte matrix held as 8 little-endian rows.
+#[inline(always)]
+fn tr8x8(mut r: [u64; 8]) -> [u64; 8] {
+    const LO32: u64 = 0x0000_0000_FFFF_FFFF;
+    for i in 0..4 {
+        let (a, b) = (r[i], r[i + 4]);
+        r[i] = (a & LO32) | (b << 32);
+        r[i + 4] = (a >> 32) | (b & !LO32);
+    }
+    const M16: u64 = 0x0000_FFFF_0000_FFFF;
+    for i in [0, 1, 4, 5] {
+        let (a, b) = (r[i], r[i + 2]);
+        r[i] = (a & M16) | ((b & M16) << 16);
+        r[i + 2] = ((a >> 16) & M16) | (b & !M16);
+    }
+    const M8: u64 = 0x00FF_00FF_00FF_00FF;
+    for i in [0, 2, 4, 6] {
+        let (a, b) = (r[i], r[i + 1]);
+        r[i] = (a & M8) | ((b & M8) << 8);
+        r[i + 1] = ((a >> 8) & M8) | (b & !M8);
+    }
+    r
+}
+
+/// Transposes a `rows x cols` byte matrix (row stride `cols`) into `dst` (row stride
+/// `rows`), in 8x8 blocks.
+fn transpose_u8(src: &[u8], rows: usize, cols: usize, dst: &mut [u8]) {
+    let (r8, c8) = (rows / 8 * 8, cols / 8 * 8);
+    for r0 in (0..r8).step_by(8) {
+        for c0 in (0..c8).step_by(8) {
+            let mut m = [0u64; 8];
+            for (i, v) in m.iter_mut().enumerate() {
+                let o = (r0 + i) * cols + c0;
+                *v = u64::from_le_bytes(src[o..o + 8].try_into().unwrap_or([0; 8]));
+            }
+            let t = tr8x8(m);
+            for (j, v) in t.iter().enumerate() {
+                let o = (c0 + j) * rows + r0;
+                dst[o..o + 8].copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        for c in c8..cols {
+            for i in r0..r0 + 8 {
+                dst[c * rows + i] = src[i * cols + c];
+            }
+        }
+    }
+    for r in r8..rows {
+        for c in 0..cols {
+            dst[c * rows + r] = src[r * cols + c];
+        }
+    }
+}
+
+/// `[b][c][hw]` to `[b][hw][c]`.
+pub(crate) fn nchw_to_nhwc(src: &[u8], b: usize, c: usize, hw: usize) -> Vec<u8> {
+    let mut dst = vec![0u8; src.len()];
+    for bi in 0..b {
+        let r = bi * c * hw..(bi + 1) * c * hw;
+        transpose_u8(&src[r.clone()], c, hw, &mut dst[r]);
+    }
+    dst
+}
+
+/// `[b][hw][c]` to `[b][c][hw]`.
+pub(crate) fn nhwc_to_nchw(src: &[u8], b: usize, c: usize, hw: usize) -> Vec<u8> {
+    let mut dst = vec![0u8; src.len()];
+    for bi in 0..b {
+        let r = bi * c * hw..(bi + 1) * c * hw;
+        transpose_u8(&src[r.clone()], hw, c, &mut dst[r]);
+    }
+    dst
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transposes_round_trip_and_match_naive() {
+        for &(b, c, hw) in &[
+            (1, 1, 1),
+            (2, 3, 5),
+            (1, 8, 8),
+            (2, 16, 24),
+            (1, 13, 70),
+            (3, 64, 9),
+        ] {
+            let src: Vec<u8> = (0..b * c * hw).map(|i| (i * 37 % 251) as u8).collect();
+            let t = nchw_to_nhwc(&src, b, c, hw);
+            for bi in 0..b {
+                for ci in 0..c {
+                    for p in 0..hw {
+                        assert_eq!(t[(bi * hw + p) * c + ci], src[(bi * c + ci) * hw + p]);
+                    }
+                }
+            }
+            assert_eq!(nhwc_to_nchw(&t, b, c, hw), src);
+        }
     }
 }
