@@ -53,6 +53,7 @@
 
 pub mod error;
 pub mod io;
+pub mod kernels;
 pub mod nn;
 pub mod observer;
 pub mod qconfig;

@@ -1,11 +1,12 @@
 //! Float models: layers with PyTorch's semantics in a [`Sequential`] of named children,
-//! quantization stubs, and fusion.
+//! quantization stubs, and fusion; and in [`quantized`], their int8 twins.
 //!
 //! Names follow PyTorch's dotted paths: a child `"0"` of a child `"layer1"` is
 //! `"layer1.0"`, and its parameters are `"layer1.0.weight"`, as in a `state_dict`.
 
 mod fuse;
 mod layers;
+pub mod quantized;
 
 use std::fmt::Debug;
 

@@ -1,0 +1,516 @@
+//! Int8 kernels: `u8` activations x `i8` weights -> `i32` -> requantized `u8`, bit-exact
+//! with PyTorch's fbgemm engine.
+//!
+//! * [`PackedWeights`]: weights packed once (panels of [`NR`] columns, `k` in groups of 4).
+//! * [`RequantParams`]: per-column requantization (fbgemm's `f32` arithmetic, see
+//!   [`requant`]).
+//! * [`qgemm`]: the quantized GEMM with zero-point corrections, requantization and fused
+//!   ReLU, on the fastest [`Backend`] the CPU offers.
+//! * [`reference`](mod@reference): the scalar oracle every kernel is tested against.
+//!
+//! The backend is chosen once per process: AVX2 + FMA when the CPU has them, unless the
+//! environment variable `PTQ_FORCE_PORTABLE=1` forces the portable Rust kernel. Setting
+//! `PTQ_DEBUG=1` prints to stderr which [`KernelPath`] ran, the first time each runs.
+//!
+//! # Saturation
+//! AVX2's `vpmaddubsw` adds two `u8 x i8` products into a saturating `i16`. The sum is exact
+//! when the activations are at most 127 (`reduce_range`, fbgemm's default) or every weight
+//! lies in `[-64, 63]`; then [`KernelPath::Avx2Fast`] runs. Otherwise the activations are
+//! split into `a & 127` and `a >> 7` and the two exact products are combined
+//! ([`KernelPath::Avx2Split`], about half the speed). The library never saturates: every
+//! path returns the exact integer result, identical to the portable kernel and to
+//! [`reference::qgemm_naive`].
+//!
+//! # Example
+//! ```
+//! use ptq::kernels::{qgemm, Activations, OutputQuant, PackedWeights, RequantParams};
+//! // 2 x 3 activations (zero point 10) times a 3 -> 2 weight matrix.
+//! let a: Vec<u8> = vec![10, 11, 12, 13, 14, 15];
+//! let w: Vec<i8> = vec![1, 0, -1, 2, 2, 2];
+//! let packed = PackedWeights::new(&w, 2, 3, &[0])?;
+//! let out_q = OutputQuant { scale: 1.0, zero_point: 100, relu: false };
+//! let rq = RequantParams::new(2, 1.0, &[1.0], false, None, out_q)?;
+//! let mut out = vec![0u8; 4];
+//! qgemm(Activations { data: &a, rows: 2, zero_point: 10 }, &packed, &rq, &mut out, 2)?;
+//! assert_eq!(out, vec![98, 106, 98, 124]);
+//! # Ok::<(), ptq::QuantError>(())
+//! ```
+
+pub mod pack;
+pub mod reference;
+pub mod requant;
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod x86;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+pub use pack::{PackedWeights, NR};
+pub use requant::{OutputQuant, RequantParams};
+
+use crate::error::{QuantError, Result};
+use requant::round_up;
+
+/// Rows per microkernel tile.
+pub const MR: usize = 4;
+
+/// Below this many multiply-accumulates a GEMM runs on the calling thread only.
+const PAR_MIN_MACS: usize = 1 << 21;
+
+/// Which implementation family runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Backend {
+    /// Plain Rust, any CPU.
+    Portable,
+    /// AVX2 + FMA (x86-64).
+    Avx2,
+}
+
+/// Which kernel actually computed a GEMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KernelPath {
+    /// The portable Rust kernel (exact).
+    Portable,
+    /// AVX2 `vpmaddubsw` kernel, exact because activations are at most 127 or weights lie
+    /// in `[-64, 63]`.
+    Avx2Fast,
+    /// AVX2 with activations split into `a & 127` and `a >> 7`: exact for any operands.
+    Avx2Split,
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) type Simd = Option<x86::Avx2>;
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) type Simd = Option<()>;
+
+pub(crate) fn simd() -> Simd {
+    static SIMD: OnceLock<Simd> = OnceLock::new();
+    *SIMD.get_or_init(|| {
+        if std::env::var("PTQ_FORCE_PORTABLE").is_ok_and(|v| v == "1") {
+            return None;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            x86::Avx2::detect()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            None
+        }
+    })
+}
+
+/// The backend [`qgemm`] uses: detected once, overridden by `PTQ_FORCE_PORTABLE=1`.
+pub fn backend() -> Backend {
+    if simd().is_some() {
+        Backend::Avx2
+    } else {
+        Backend::Portable
+    }
+}
+
+/// Whether the CPU supports the AVX2 backend (ignoring `PTQ_FORCE_PORTABLE`).
+pub fn avx2_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        x86::Avx2::detect().is_some()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+fn debug_report(path: KernelPath) {
+    static DEBUG: OnceLock<bool> = OnceLock::new();
+    static SEEN: [AtomicBool; 3] = [
+        AtomicBool::new(false),
+        AtomicBool::new(false),
+        AtomicBool::new(false),
+    ];
+    if *DEBUG.get_or_init(|| std::env::var("PTQ_DEBUG").is_ok_and(|v| v == "1")) {
+        let i = path as usize;
+        if !SEEN[i].swap(true, Ordering::Relaxed) {
+            eprintln!("ptq::kernels: qgemm ran {path:?}");
+        }
+    }
+}
+
+/// A row-major `rows x k` matrix of `u8` activations with its zero point (`k` is the
+/// packed weights' `k`).
+#[derive(Debug, Clone, Copy)]
+pub struct Activations<'a> {
+    /// `rows * k` values, row-major.
+    pub data: &'a [u8],
+    /// Number of rows.
+    pub rows: usize,
+    /// Activation zero point, `0..=255`.
+    pub zero_point: i32,
+}
+
+/// Quantized GEMM: `out[i * ldc + j] = requant(sum_k (a[i][k] - a_zp) * (w[j][k] - w_zp[j]), j)`
+/// on the process-wide [`backend`]. Returns the [`KernelPath`] that ran.
+///
+/// Large products run on rayon's thread pool (row blocks); call it inside
+/// `ThreadPool::install` to pick the number of threads.
+///
+/// # Errors
+/// [`QuantError::ShapeMismatch`] when `a.data.len() != rows * k`, `rq.n() != w.n()`,
+/// `ldc < n` or `out` is too short; [`QuantError::InvalidZeroPoint`] for an activation zero
+/// point outside `0..=255`.
+///
+/// # Examples
+/// ```
+/// use ptq::kernels::{qgemm, Activations, OutputQuant, PackedWeights, RequantParams};
+/// let packed = PackedWeights::new(&[1, 1], 1, 2, &[0])?;
+/// let rq = RequantParams::new(1, 0.5, &[1.0], false, None,
+///     OutputQuant { scale: 1.0, zero_point: 0, relu: false })?;
+/// let mut out = [0u8; 1];
+/// qgemm(Activations { data: &[4, 6], rows: 1, zero_point: 0 }, &packed, &rq, &mut out, 1)?;
+/// assert_eq!(out[0], 5);
+/// # Ok::<(), ptq::QuantError>(())
+/// ```
+pub fn qgemm(
+    a: Activations<'_>,
+    w: &PackedWeights,
+    rq: &RequantParams,
+    out: &mut [u8],
+    ldc: usize,
+) -> Result<KernelPath> {
+    qgemm_impl(simd(), a, w, rq, out, ldc)
+}
+
+/// [`qgemm`] on a chosen backend, for tests and benchmarks.
+///
+/// # Errors
+/// As [`qgemm`], and [`QuantError::UnsupportedConfig`] when `Backend::Avx2` is asked for
+/// on a CPU without AVX2 and FMA.
+///
+/// # Examples
+/// ```
+/// use ptq::kernels::{qgemm_on, Activations, Backend, OutputQuant, PackedWeights, RequantParams};
+/// let packed = PackedWeights::new(&[1, 1], 1, 2, &[0])?;
+/// let rq = RequantParams::new(1, 0.5, &[1.0], false, None,
+///     OutputQuant { scale: 1.0, zero_point: 0, relu: false })?;
+/// let mut out = [0u8; 1];
+/// let a = Activations { data: &[4, 6], rows: 1, zero_point: 0 };
+/// qgemm_on(Backend::Portable, a, &packed, &rq, &mut out, 1)?;
+/// assert_eq!(out[0], 5);
+/// # Ok::<(), ptq::QuantError>(())
+/// ```
+pub fn qgemm_on(
+    backend: Backend,
+    a: Activations<'_>,
+    w: &PackedWeights,
+    rq: &RequantParams,
+    out: &mut [u8],
+    ldc: usize,
+) -> Result<KernelPath> {
+    let simd: Simd = match backend {
+        Backend::Portable => None,
+        Backend::Avx2 => {
+            #[cfg(target_arch = "x86_64")]
+            let s = x86::Avx2::detect();
+            #[cfg(not(target_arch = "x86_64"))]
+            let s: Simd = None;
+            if s.is_none() {
+                return Err(QuantError::UnsupportedConfig {
+                    context: "qgemm".into(),
+                    reason: "the AVX2 backend needs a CPU with AVX2 and FMA".into(),
+                });
+            }
+            s
+        }
+    };
+    qgemm_impl(simd, a, w, rq, out, ldc)
+}
+
+/// A source of activation rows for the GEMM driver: a plain matrix or an on-the-fly
+/// im2col of a convolution input.
+pub(crate) trait RowSource: Sync {
+    /// Writes rows `r0..r0 + rows` (the first `k` bytes of each) at stride `kp` into `dst`
+    /// (already zeroed).
+    fn fill(&self, r0: usize, rows: usize, kp: usize, dst: &mut [u8]);
+}
+
+struct MatrixRows<'a> {
+    data: &'a [u8],
+    k: usize,
+}
+
+impl RowSource for MatrixRows<'_> {
+    fn fill(&self, r0: usize, rows: usize, kp: usize, dst: &mut [u8]) {
+        for i in 0..rows {
+            let src = &self.data[(r0 + i) * self.k..(r0 + i + 1) * self.k];
+            dst[i * kp..i * kp + self.k].copy_from_slice(src);
+        }
+    }
+}
+
+fn check_args(
+    a: &Activations<'_>,
+    w: &PackedWeights,
+    rq: &RequantParams,
+    out: &[u8],
+    ldc: usize,
+) -> Result<()> {
+    const CTX: &str = "qgemm";
+    let (m, n, k) = (a.rows, w.n, w.k);
+    let mismatch = |expected: String, actual: String| QuantError::ShapeMismatch {
+        context: CTX.into(),
+        expected,
+        actual,
+    };
+    if m.checked_mul(k) != Some(a.data.len()) {
+        return Err(mismatch(
+            format!("{m} x {k} activations"),
+            format!("{} values", a.data.len()),
+        ));
+    }
+    if rq.n != n {
+        return Err(mismatch(
+            format!("requantization for {n} columns"),
+            format!("{} columns", rq.n),
+        ));
+    }
+    if ldc < n {
+        return Err(mismatch(format!("ldc >= {n}"), format!("ldc = {ldc}")));
+    }
+    if m > 0 && n > 0 && out.len() < (m - 1) * ldc + n {
+        return Err(mismatch(
+            format!("output of at least {} bytes", (m - 1) * ldc + n),
+            format!("{} bytes", out.len()),
+        ));
+    }
+    if !(0..=255).contains(&a.zero_point) {
+        return Err(QuantError::InvalidZeroPoint {
+            context: CTX.into(),
+            channel: 0,
+            zero_point: a.zero_point as i64,
+            quant_min: 0,
+            quant_max: 255,
+        });
+    }
+    Ok(())
+}
+
+fn qgemm_impl(
+    simd: Simd,
+    a: Activations<'_>,
+    w: &PackedWeights,
+    rq: &RequantParams,
+    out: &mut [u8],
+    ldc: usize,
+) -> Result<KernelPath> {
+    check_args(&a, w, rq, out, ldc)?;
+    let src = MatrixRows {
+        data: a.data,
+        k: w.k,
+    };
+    Ok(drive(simd, &src, a.rows, a.zero_point, w, rq, out, ldc))
+}
+
+/// Runs the GEMM over row blocks (in parallel when large). Arguments are checked.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn drive(
+    simd: Simd,
+    src: &dyn RowSource,
+    m: usize,
+    a_zp: i32,
+    w: &PackedWeights,
+    rq: &RequantParams,
+    out: &mut [u8],
+    ldc: usize,
+) -> KernelPath {
+    let (n, k, kp) = (w.n, w.k, w.kp);
+    let split_seen = AtomicBool::new(false);
+    let panels = round_up(n.max(1), NR) / NR;
+    let threads = rayon::current_num_threads().max(1);
+    let macs = m.saturating_mul(n).saturating_mul(k.max(1));
+    let mc = if threads == 1 || macs < PAR_MIN_MACS {
+        round_up(m.max(1), MR).min(256)
+    } else {
+        round_up(m.div_ceil(threads), MR).min(256)
+    };
+    let block = |bi: usize, out_blk: &mut [u8]| {
+        let r0 = bi * mc;
+        let rows_blk = mc.min(m - r0);
+        let mut lo = vec![0u8; round_up(rows_blk, MR) * kp];
+        src.fill(r0, rows_blk, kp, &mut lo);
+        // Row sums and the OR of all bytes in one vectorizable pass.
+        let mut any_hi = 0u8;
+        let rowsum: Vec<i32> = (0..round_up(rows_blk, MR))
+            .map(|i| {
+                let row = &lo[i * kp..(i + 1) * kp];
+                any_hi |= row.iter().fold(0u8, |a, &v| a | v);
+                row.iter().map(|&v| v as u32).sum::<u32>() as i32
+            })
+            .collect();
+        let split = simd.is_some() && !w.narrow && any_hi > 127;
+        let hi: Vec<u8> = if split {
+            split_seen.store(true, Ordering::Relaxed);
+            let hi = lo.iter().map(|&v| v >> 7).collect();
+            lo.iter_mut().for_each(|v| *v &= 127);
+            hi
+        } else {
+            Vec::new()
+        };
+        let mut acc = [0i32; MR * NR];
+        let mut acc2 = [0i32; MR * NR];
+        for p in 0..panels {
+            let b = w.panel(p);
+            let j0 = p * NR;
+            let cols = NR.min(n - j0);
+            let mut t = 0;
+            while t < rows_blk {
+                let rows = MR.min(rows_blk - t);
+                let a_off = t * kp;
+                let o = &mut out_blk[t * ldc + j0..];
+                match simd {
+                    None => {
+                        tile_portable(&lo[a_off..a_off + MR * kp], kp, b, &mut acc);
+                        requant_tile_portable(
+                            &acc,
+                            rows,
+                            cols,
+                            &rowsum[t..t + rows],
+                            a_zp,
+                            w,
+                            rq,
+                            j0,
+                            o,
+                            ldc,
+                        );
+                    }
+                    #[allow(unused_variables)]
+                    Some(s) => {
+                        #[cfg(target_arch = "x86_64")]
+                        {
+                            s.tile(&lo[a_off..a_off + MR * kp], kp, b, &mut acc);
+                            if split {
+                                s.tile(&hi[a_off..a_off + MR * kp], kp, b, &mut acc2);
+                                for (x, y) in acc.iter_mut().zip(acc2.iter()) {
+                                    *x = x.wrapping_add(y.wrapping_shl(7));
+                                }
+                            }
+                            s.requant_tile(
+                                &acc,
+                                rows,
+                                cols,
+                                &rowsum[t..t + rows],
+                                a_zp,
+                                w,
+                                rq,
+                                j0,
+                                o,
+                                ldc,
+                            );
+                        }
+                    }
+                }
+                t += MR;
+            }
+        }
+    };
+    if m > 0 && n > 0 {
+        let blocks = m.div_ceil(mc);
+        if blocks == 1 {
+            block(0, out);
+        } else {
+            out.par_chunks_mut(mc * ldc)
+                .take(blocks)
+                .enumerate()
+                .for_each(|(bi, o)| block(bi, o));
+        }
+    }
+    let path = match simd {
+        None => KernelPath::Portable,
+        Some(_) if split_seen.load(Ordering::Relaxed) => KernelPath::Avx2Split,
+        Some(_) => KernelPath::Avx2Fast,
+    };
+    debug_report(path);
+    path
+}
+
+/// Portable tile: the same packed layouts as the AVX2 kernel, exact `i32` (wrapping).
+fn tile_portable(a: &[u8], kp: usize, b: &[i8], acc: &mut [i32; MR * NR]) {
+    acc.fill(0);
+    for q in (0..kp).step_by(4) {
+        let bq = &b[q * NR..q * NR + 4 * NR];
+        for r in 0..MR {
+            let ar = &a[r * kp + q..r * kp + q + 4];
+            for c in 0..NR {
+                let bc = &bq[4 * c..4 * c + 4];
+                let s: i32 = (0..4).map(|t| ar[t] as i32 * bc[t] as i32).sum();
+                acc[r * NR + c] = acc[r * NR + c].wrapping_add(s);
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn requant_tile_portable(
+    acc: &[i32; MR * NR],
+    rows: usize,
+    cols: usize,
+    rowsum: &[i32],
+    a_zp: i32,
+    w: &PackedWeights,
+    rq: &RequantParams,
+    j0: usize,
+    out: &mut [u8],
+    ldc: usize,
+) {
+    for r in 0..rows {
+        for c in 0..cols {
+            let j = j0 + c;
+            let raw = acc[r * NR + c]
+                .wrapping_sub(a_zp.wrapping_mul(w.col_offsets[j]))
+                .wrapping_sub(w.w_zp[j].wrapping_mul(rowsum[r]));
+            out[r * ldc + c] = requant::requant_one(
+                raw,
+                rq.bias_b[j],
+                rq.bias_s[j],
+                rq.mult[j],
+                rq.out_zp,
+                rq.lo,
+            );
+        }
+    }
+}
+
+/// `acc[c] += (x[c] - a_zp) * w[c]` over one depthwise tap (the body shared by the
+/// portable and AVX2 builds).
+#[inline(always)]
+pub(crate) fn dw_accumulate_body(acc: &mut [i32], x: &[u8], w: &[i16], a_zp: i32) {
+    for ((a, &xv), &wq) in acc.iter_mut().zip(x).zip(w) {
+        *a += (xv as i32 - a_zp) * wq as i32;
+    }
+}
+
+/// [`dw_accumulate_body`] on the fastest backend.
+pub(crate) fn dw_accumulate(acc: &mut [i32], x: &[u8], w: &[i16], a_zp: i32) {
+    match simd() {
+        #[cfg(target_arch = "x86_64")]
+        Some(s) => s.dw_accumulate(acc, x, w, a_zp),
+        _ => dw_accumulate_body(acc, x, w, a_zp),
+    }
+}
+
+/// Requantizes a row of already zero-point-corrected accumulators (columns `0..raw.len()`)
+/// on the process-wide backend; used by kernels that are not GEMMs (depthwise
+/// convolution).
+pub(crate) fn requant_row(raw: &[i32], rq: &RequantParams, out: &mut [u8]) {
+    match simd() {
+        #[cfg(target_arch = "x86_64")]
+        Some(s) => s.requant_row(raw, rq, out),
+        _ => {
+            for (j, (&x, o)) in raw.iter().zip(out.iter_mut()).enumerate() {
+                *o = rq.requantize(x, j);
+            }
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! AVX2 + FMA bodies. Every function here is `unsafe`: the caller (the safe wrappers in
+//! [`super`]) guarantees that the CPU supports AVX2 and FMA and that the pointers cover
+//! the documented ranges.
+
+use std::arch::x86_64::*;
+
+use crate::kernels::pack::NR;
+use crate::kernels::MR;
+
+/// `MR x NR` tile of `i32` dot products of packed activations and one packed panel.
+///
+/// # Safety
+/// AVX2 must be available; `a` must be readable for `MR * kp` bytes (rows at stride `kp`),
+/// `b` for `kp * NR` bytes, `acc` writable for `MR * NR` `i32`; `kp % 4 == 0`.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn tile(a: *const u8, kp: usize, b: *const i8, acc: *mut i32) {
+    let ones = _mm256_set1_epi16(1);
+    let mut c00 = _mm256_setzero_si256();
+    let mut c01 = _mm256_setzero_si256();
+    let mut c10 = _mm256_setzero_si256();
+    let mut c11 = _mm256_setzero_si256();
+    let mut c20 = _mm256_setzero_si256();
+    let mut c21 = _mm256_setzero_si256();
+    let mut c30 = _mm256_setzero_si256();
+    let mut c31 = _mm256_setzero_si256();
+    let a0 = a;
+    let a1 = a.add(kp);
+    let a2 = a.add(2 * kp);
+    let a3 = a.add(3 * kp);
+    let mut bp = b;
+    let mut q = 0;
+    while q < kp {
+        let b0 = _mm256_loadu_si256(bp as *const __m256i);
+        let b1 = _mm256_loadu_si256(bp.add(32) as *const __m256i);
+        macro_rules! row {
+            ($ap:expr, $c0:ident, $c1:ident) => {{
+                let av = _mm256_set1_epi32(($ap.add(q) as *const i32).read_unaligned());
+                let t0 = _mm256_madd_epi16(_mm256_maddubs_epi16(av, b0), ones);
+                let t1 = _mm256_madd_epi16(_mm256_maddubs_epi16(av, b1), ones);
+                $c0 = _mm256_add_epi32($c0, t0);
+                $c1 = _mm256_add_epi32($c1, t1);
+            }};
+        }
+        row!(a0, c00, c01);
+        row!(a1, c10, c11);
+        row!(a2, c20, c21);
+        row!(a3, c30, c31);
+        bp = bp.add(4 * NR);
+        q += 4;
+    }
+    let o = acc as *mut __m256i;
+    _mm256_storeu_si256(o, c00);
+    _mm256_storeu_si256(o.add(1), c01);
+    _mm256_storeu_si256(o.add(2), c10);
+    _mm256_storeu_si256(o.add(3), c11);
+    _mm256_storeu_si256(o.add(4), c20);
+    _mm256_storeu_si256(o.add(5), c21);
+    _mm256_storeu_si256(o.add(6), c30);
+    _mm256_storeu_si256(o.add(7), c31);
+    debug_assert_eq!(MR, 4);
+}
+
+/// Per-column requantization parameters, as raw pointers (each readable for the columns
+/// the call touches, rounded up to 8).
+pub(super) struct ColParams {
+    pub col_off: *const i32,
+    pub w_zp: *const i32,
+    pub bias_b: *const f32,
+    pub bias_s: *const f32,
+    pub mult: *const f32,
+    pub a_zp: i32,
+    pub out_zp: i32,
+    pub lo: i32,
+}
+
+/// Requantizes 8 zero-point-corrected accumulators of columns `j..j + 8` to 8 bytes.
+#[inline(always)]
+unsafe fn rq8(x: __m256i, p: &ColParams, j: usize) -> __m128i {
+    let xf = _mm256_fmadd_ps(
+        _mm256_loadu_ps(p.bias_b.add(j)),
+        _mm256_loadu_ps(p.bias_s.add(j)),
+        _mm256_cvtepi32_ps(x),
+    );
+    let v = _mm256_mul_ps(xf, _mm256_loadu_ps(p.mult.add(j)));
+    let r = _mm256_cvtps_epi32(v);
+    let w16 = _mm_packs_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256::<1>(r));
+    let w16 = _mm_adds_epi16(w16, _mm_set1_epi16(p.out_zp as i16));
+    let b8 = _mm_packus_epi16(w16, w16);
+    _mm_max_epu8(b8, _mm_set1_epi8(p.lo as u8 as i8))
+}
+
+/// Stores the low `n` (at most 8) bytes of `v` at `dst`.
+#[inline(always)]
+unsafe fn store_n(dst: *mut u8, v: __m128i, n: usize) {
+    if n >= 8 {
+        _mm_storel_epi64(dst as *mut __m128i, v);
+    } else {
+        let mut buf = [0u8; 16];
+        _mm_storeu_si128(buf.as_mut_ptr() as *mut __m128i, v);
+        std::ptr::copy_nonoverlapping(buf.as_ptr(), dst, n);
+    }
+}
+
+/// Requantizes the first `rows x cols` of an `MR x NR` accumulator tile whose first
+/// column is global column `j0`, writing `out[r * ldc + c]`.
+///
+/// # Safety
+/// AVX2 and FMA must be available; `acc` readable for `MR * NR` `i32`; `rowsum` for
+/// `rows` `i32`; the column parameters readable for columns `j0..j0 + NR`; `out` writable
+/// at `r * ldc + c` for `r < rows`, `c < cols`; `rows <= MR`, `cols <= NR`.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn requant_tile(
+    acc: *const i32,
+    rows: usize,
+    cols: usize,
+    rowsum: *const i32,
+    p: &ColParams,
+    j0: usize,
+    out: *mut u8,
+    ldc: usize,
+) {
+    let azp = _mm256_set1_epi32(p.a_zp);
+    let mut h = 0;
+    while h < NR && h < cols {
+        let j = j0 + h;
+        let coff = _mm256_mullo_epi32(azp, _mm256_loadu_si256(p.col_off.add(j) as *const __m256i));
+        let wzp = _mm256_loadu_si256(p.w_zp.add(j) as *const __m256i);
+        for r in 0..rows {
+            let x = _mm256_loadu_si256(acc.add(r * NR + h) as *const __m256i);
+            let roff = _mm256_mullo_epi32(wzp, _mm256_set1_epi32(*rowsum.add(r)));
+            let x = _mm256_sub_epi32(_mm256_sub_epi32(x, coff), roff);
+            store_n(out.add(r * ldc + h), rq8(x, p, j), cols - h);
+        }
+        h += 8;
+    }
+}
+
+/// Requantizes a row of `n` already corrected accumulators (columns `0..n`) into `out`.
+///
+/// # Safety
+/// AVX2 and FMA must be available; `raw` readable and `out` writable for `n` elements;
+/// the float column parameters readable for `n` rounded up to 8.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn requant_row(raw: *const i32, n: usize, p: &ColParams, out: *mut u8) {
+    let mut j = 0;
+    while j + 8 <= n {
+        let x = _mm256_loadu_si256(raw.add(j) as *const __m256i);
+        store_n(out.add(j), rq8(x, p, j), 8);
+        j += 8;
+    }
+    if j < n {
+        let mut buf = [0i32; 8];
+        std::ptr::copy_nonoverlapping(raw.add(j), buf.as_mut_ptr(), n - j);
+        let x = _mm256_loadu_si256(buf.as_ptr() as *const __m256i);
+        store_n(out.add(j), rq8(x, p, j), n - j);
+    }
+}
+
+/// [`crate::kernels::dw_accumulate_body`] compiled with AVX2 enabled.
+///
+/// # Safety
+/// AVX2 must be available.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn dw_accumulate(acc: &mut [i32], x: &[u8], w: &[i16], a_zp: i32) {
+    crate::kernels::dw_accumulate_body(acc, x, w, a_zp)
+}

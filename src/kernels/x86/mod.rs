@@ -1,0 +1,112 @@
+//! x86-64 kernels: the only `unsafe` code in the crate.
+//!
+//! [`Avx2`] is a token that exists only once AVX2 and FMA were detected at run time; its
+//! methods check every slice length and then call the `#[target_feature]` bodies in
+//! [`avx2`].
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+mod avx2;
+
+use crate::kernels::pack::{PackedWeights, NR};
+use crate::kernels::requant::RequantParams;
+use crate::kernels::MR;
+
+/// Proof that the running CPU has AVX2 and FMA.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Avx2(());
+
+impl Avx2 {
+    /// Detects AVX2 and FMA.
+    pub(crate) fn detect() -> Option<Self> {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            Some(Avx2(()))
+        } else {
+            None
+        }
+    }
+
+    /// `acc = A_tile * B_panel` for an `MR x kp` activation tile (row stride `kp`) and a
+    /// packed panel.
+    pub(crate) fn tile(self, a: &[u8], kp: usize, b: &[i8], acc: &mut [i32; MR * NR]) {
+        assert!(kp % 4 == 0 && a.len() >= MR * kp && b.len() >= kp * NR);
+        // SAFETY: the token proves AVX2; the assert covers the ranges `tile` reads
+        // (MR rows of kp bytes, kp * NR panel bytes) and `acc` holds MR * NR i32.
+        unsafe { avx2::tile(a.as_ptr(), kp, b.as_ptr(), acc.as_mut_ptr()) }
+    }
+
+    /// Requantizes `rows x cols` of a tile starting at global column `j0` into
+    /// `out[r * ldc + c]`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn requant_tile(
+        self,
+        acc: &[i32; MR * NR],
+        rows: usize,
+        cols: usize,
+        rowsum: &[i32],
+        a_zp: i32,
+        w: &PackedWeights,
+        rq: &RequantParams,
+        j0: usize,
+        out: &mut [u8],
+        ldc: usize,
+    ) {
+        assert!(rows <= MR && cols <= NR && rowsum.len() >= rows);
+        assert!(j0 % NR == 0 && j0 + NR <= w.col_offsets.len() && j0 + NR <= rq.mult.len());
+        assert!(w.w_zp.len() >= j0 + NR && rq.bias_b.len() >= j0 + NR);
+        assert!(rq.bias_s.len() >= j0 + NR);
+        assert!(rows == 0 || out.len() >= (rows - 1) * ldc + cols);
+        let p = avx2::ColParams {
+            col_off: w.col_offsets.as_ptr(),
+            w_zp: w.w_zp.as_ptr(),
+            bias_b: rq.bias_b.as_ptr(),
+            bias_s: rq.bias_s.as_ptr(),
+            mult: rq.mult.as_ptr(),
+            a_zp,
+            out_zp: rq.out_zp,
+            lo: rq.lo,
+        };
+        // SAFETY: the token proves AVX2 + FMA; the asserts cover every read (columns
+        // j0..j0 + NR of the padded parameter vectors, `rows` row sums, the MR * NR tile)
+        // and every write (`out[r * ldc + c]`, r < rows, c < cols).
+        unsafe {
+            avx2::requant_tile(
+                acc.as_ptr(),
+                rows,
+                cols,
+                rowsum.as_ptr(),
+                &p,
+                j0,
+                out.as_mut_ptr(),
+                ldc,
+            )
+        }
+    }
+
+    /// `acc[c] += (x[c] - a_zp) * w[c]`, compiled for AVX2.
+    pub(crate) fn dw_accumulate(self, acc: &mut [i32], x: &[u8], w: &[i16], a_zp: i32) {
+        // SAFETY: the token proves AVX2; the body is safe code (slices, no raw pointers).
+        unsafe { avx2::dw_accumulate(acc, x, w, a_zp) }
+    }
+
+    /// Requantizes `raw.len()` corrected accumulators of columns `0..raw.len()`.
+    pub(crate) fn requant_row(self, raw: &[i32], rq: &RequantParams, out: &mut [u8]) {
+        let n = raw.len();
+        let n8 = n.div_ceil(8) * 8;
+        assert!(out.len() >= n && rq.mult.len() >= n8 && rq.bias_b.len() >= n8);
+        assert!(rq.bias_s.len() >= n8);
+        let p = avx2::ColParams {
+            col_off: std::ptr::null(),
+            w_zp: std::ptr::null(),
+            bias_b: rq.bias_b.as_ptr(),
+            bias_s: rq.bias_s.as_ptr(),
+            mult: rq.mult.as_ptr(),
+            a_zp: 0,
+            out_zp: rq.out_zp,
+            lo: rq.lo,
+        };
+        // SAFETY: the token proves AVX2 + FMA; `raw` and `out` hold `n` elements and the
+        // float parameters at least `n` rounded up to 8 (asserted); `requant_row` does not
+        // touch the null offset pointers.
+        unsafe { avx2::requant_row(raw.as_ptr(), n, &p, out.as_mut_ptr()) }
+    }
+}

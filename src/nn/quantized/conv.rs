@@ -1,0 +1,544 @@
+//! Quantized 2-D convolutions (NCHW in and out, NHWC inside, as fbgemm).
+
+use ndarray::{ArrayD, ArrayView1, ArrayView4, IxDyn};
+use rayon::prelude::*;
+
+use super::tensor::{check_qparams, dims4, nhwc_to_nchw};
+use super::{check_bias, quantize_weights, quantized_weights, QTensor, QWeights};
+use crate::error::{QuantError, Result};
+use crate::kernels::reference::ConvGeom;
+use crate::kernels::{self, OutputQuant, PackedWeights, RequantParams, RowSource};
+use crate::qparams::QParams;
+
+/// Stride, padding, dilation and groups of a 2-D convolution (PyTorch's defaults: 1, 0,
+/// 1, 1). Padding is filled with the input zero point (a quantized zero).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conv2dParams {
+    /// Stride (height, width), at least 1.
+    pub stride: (usize, usize),
+    /// Padding (height, width).
+    pub padding: (usize, usize),
+    /// Dilation (height, width), at least 1.
+    pub dilation: (usize, usize),
+    /// Groups; divides both channel counts. `groups == in_channels` is depthwise.
+    pub groups: usize,
+}
+
+impl Default for Conv2dParams {
+    fn default() -> Self {
+        Conv2dParams {
+            stride: (1, 1),
+            padding: (0, 0),
+            dilation: (1, 1),
+            groups: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum ConvKind {
+    /// im2col (on the fly, per row block) + packed GEMM, one packed matrix per group; `k`
+    /// ordered (ky, kx, c).
+    Gemm(Vec<PackedWeights>),
+    /// One input channel per group: direct loops; `w - w_zp` as `[tap][out_channel]`.
+    Depthwise(Vec<i16>),
+}
+
+/// `torch.ao.nn.quantized.Conv2d` on fbgemm.
+#[derive(Debug, Clone)]
+pub struct QConv2d {
+    c_in: usize,
+    c_out: usize,
+    kernel: (usize, usize),
+    params: Conv2dParams,
+    kind: ConvKind,
+    w_scales: Vec<f32>,
+    per_channel: bool,
+    bias: Option<Vec<f32>>,
+    out_scale: f32,
+    out_zp: i32,
+    relu: bool,
+}
+
+const NAME: &str = "QConv2d";
+
+impl QConv2d {
+    /// Quantizes the float `[out, in / groups, kh, kw]` weight with `w_qparams` (`qint8`,
+    /// per-tensor or per-channel on axis 0) and packs it.
+    ///
+    /// # Errors
+    /// [`QuantError::UnsupportedConfig`] for zero strides, dilations, groups or kernel
+    /// sizes, channel counts not divisible by `groups`, non-`qint8` weights;
+    /// [`QuantError::ShapeMismatch`] for a bias or per-channel qparams of the wrong length;
+    /// [`QuantError::NonFinite`], [`QuantError::InvalidScale`],
+    /// [`QuantError::InvalidZeroPoint`] as [`QLinear::new`](super::QLinear::new).
+    ///
+    /// # Examples
+    /// ```
+    /// use ndarray::Array4;
+    /// use ptq::nn::quantized::{Conv2dParams, QConv2d};
+    /// use ptq::{DType, QParams};
+    /// let w = Array4::<f32>::zeros((8, 3, 3, 3));
+    /// let p = Conv2dParams { padding: (1, 1), ..Default::default() };
+    /// let conv = QConv2d::new(w.view(), None, &QParams::per_tensor(0.01, 0, DType::QInt8)?, p, 0.1, 0)?;
+    /// assert_eq!(conv.out_channels(), 8);
+    /// let bad = Conv2dParams { groups: 3, ..Default::default() }; // 8 outputs, 3 groups
+    /// assert!(QConv2d::new(w.view(), None, &QParams::per_tensor(0.01, 0, DType::QInt8)?, bad, 0.1, 0).is_err());
+    /// # Ok::<(), ptq::QuantError>(())
+    /// ```
+    pub fn new(
+        weight: ArrayView4<'_, f32>,
+        bias: Option<ArrayView1<'_, f32>>,
+        w_qparams: &QParams,
+        params: Conv2dParams,
+        out_scale: f32,
+        out_zp: i32,
+    ) -> Result<Self> {
+        let qw = quantize_weights(weight.into_dyn(), w_qparams, NAME)?;
+        Self::build(qw, weight.dim(), bias, params, out_scale, out_zp)
+    }
+
+    /// Like [`QConv2d::new`] from weights already quantized with `w_qparams`.
+    ///
+    /// # Errors
+    /// As [`QConv2d::new`], and [`QuantError::QuantizedOutOfRange`] for values outside
+    /// the qparams' range.
+    ///
+    /// # Examples
+    /// ```
+    /// use ndarray::Array4;
+    /// use ptq::nn::quantized::{Conv2dParams, QConv2d};
+    /// use ptq::{DType, QParams};
+    /// let w = Array4::<i8>::ones((4, 1, 3, 3));
+    /// let dw = Conv2dParams { groups: 4, padding: (1, 1), ..Default::default() };
+    /// let conv = QConv2d::from_quantized(w.view(), &QParams::per_tensor(0.1, 0, DType::QInt8)?, None, dw, 0.1, 0)?;
+    /// assert_eq!(conv.in_channels(), 4);
+    /// # Ok::<(), ptq::QuantError>(())
+    /// ```
+    pub fn from_quantized(
+        weight: ArrayView4<'_, i8>,
+        w_qparams: &QParams,
+        bias: Option<ArrayView1<'_, f32>>,
+        params: Conv2dParams,
+        out_scale: f32,
+        out_zp: i32,
+    ) -> Result<Self> {
+        let qw = quantized_weights(weight.into_dyn(), w_qparams, NAME)?;
+        Self::build(qw, weight.dim(), bias, params, out_scale, out_zp)
+    }
+
+    fn build(
+        qw: QWeights,
+        (c_out, cig, kh, kw): (usize, usize, usize, usize),
+        bias: Option<ArrayView1<'_, f32>>,
+        params: Conv2dParams,
+        out_scale: f32,
+        out_zp: i32,
+    ) -> Result<Self> {
+        let unsupported = |reason: String| QuantError::UnsupportedConfig {
+            context: NAME.into(),
+            reason,
+        };
+        let g = params.groups;
+        if g == 0 || kh == 0 || kw == 0 || cig == 0 || c_out == 0 {
+            return Err(unsupported(format!(
+                "groups, kernel size and channel counts must be positive (groups {g}, weight [{c_out}, {cig}, {kh}, {kw}])"
+            )));
+        }
+        if params.stride.0 == 0 || params.stride.1 == 0 {
+            return Err(unsupported(format!(
+                "stride {:?} must be positive",
+                params.stride
+            )));
+        }
+        if params.dilation.0 == 0 || params.dilation.1 == 0 {
+            return Err(unsupported(format!(
+                "dilation {:?} must be positive",
+                params.dilation
+            )));
+        }
+        if c_out % g != 0 {
+            return Err(unsupported(format!(
+                "{c_out} output channels are not divisible by {g} groups"
+            )));
+        }
+        check_qparams(out_scale, out_zp, NAME)?;
+        let bias = check_bias(bias, c_out, NAME)?;
+        let cog = c_out / g;
+        let taps = kh * kw;
+        let zp = |oc: usize| {
+            if qw.zero_points.len() == 1 {
+                qw.zero_points[0]
+            } else {
+                qw.zero_points[oc]
+            }
+        };
+        let kind = if cig == 1 {
+            let mut wv = vec![0i16; taps * c_out];
+            for oc in 0..c_out {
+                for t in 0..taps {
+                    wv[t * c_out + oc] = (qw.values[oc * taps + t] as i32 - zp(oc)) as i16;
+                }
+            }
+            ConvKind::Depthwise(wv)
+        } else {
+            let k = taps * cig;
+            let mut packs = Vec::with_capacity(g);
+            for grp in 0..g {
+                let mut wg = vec![0i8; cog * k];
+                for o in 0..cog {
+                    let oc = grp * cog + o;
+                    for ci in 0..cig {
+                        for t in 0..taps {
+                            wg[o * k + t * cig + ci] = qw.values[(oc * cig + ci) * taps + t];
+                        }
+                    }
+                }
+                let zps: Vec<i32> = if qw.zero_points.len() == 1 {
+                    qw.zero_points.clone()
+                } else {
+                    qw.zero_points[grp * cog..(grp + 1) * cog].to_vec()
+                };
+                packs.push(PackedWeights::new(&wg, cog, k, &zps).map_err(|e| e.in_context(NAME))?);
+            }
+            ConvKind::Gemm(packs)
+        };
+        Ok(QConv2d {
+            c_in: cig * g,
+            c_out,
+            kernel: (kh, kw),
+            params,
+            kind,
+            w_scales: qw.scales,
+            per_channel: qw.per_channel,
+            bias,
+            out_scale,
+            out_zp,
+            relu: false,
+        })
+    }
+
+    /// Input channels.
+    pub fn in_channels(&self) -> usize {
+        self.c_in
+    }
+
+    /// Output channels.
+    pub fn out_channels(&self) -> usize {
+        self.c_out
+    }
+
+    /// Bytes of packed weights, offsets, scales and bias held by the layer.
+    pub fn weight_bytes(&self) -> usize {
+        let w = match &self.kind {
+            ConvKind::Gemm(p) => p.iter().map(|p| p.bytes()).sum(),
+            ConvKind::Depthwise(w) => 2 * w.len(),
+        };
+        w + 4 * self.w_scales.len() + 4 * self.bias.as_ref().map_or(0, |b| b.len())
+    }
+
+    fn geom(&self, b: usize, h: usize, w: usize) -> ConvGeom {
+        ConvGeom {
+            batch: b,
+            c_in: self.c_in,
+            in_hw: (h, w),
+            c_out: self.c_out,
+            kernel: self.kernel,
+            stride: self.params.stride,
+            padding: self.params.padding,
+            dilation: self.params.dilation,
+            groups: self.params.groups,
+        }
+    }
+
+    /// Runs the convolution on an NCHW `quint8` tensor; returns NCHW.
+    ///
+    /// # Errors
+    /// [`QuantError::ShapeMismatch`] for an input that is not rank 4, has the wrong channel
+    /// count or is smaller than the (dilated) kernel.
+    ///
+    /// # Examples
+    /// ```
+    /// use ndarray::{Array4, ArrayD};
+    /// use ptq::nn::quantized::{Conv2dParams, QConv2d, QTensor};
+    /// use ptq::{DType, QParams};
+    /// let w = Array4::<i8>::ones((2, 1, 2, 2));
+    /// let conv = QConv2d::from_quantized(w.view(), &QParams::per_tensor(1.0, 0, DType::QInt8)?, None,
+    ///     Conv2dParams::default(), 1.0, 0)?;
+    /// let x = QTensor::new(ArrayD::from_elem(vec![1, 1, 3, 3], 2u8), 1.0, 0)?;
+    /// let y = conv.forward(&x)?;
+    /// assert_eq!(y.data().shape(), &[1, 2, 2, 2]);
+    /// assert_eq!(y.data()[[0, 1, 1, 1]], 8);
+    /// # Ok::<(), ptq::QuantError>(())
+    /// ```
+    pub fn forward(&self, x: &QTensor) -> Result<QTensor> {
+        let (b, c, h, w) = dims4(x, NAME)?;
+        if c != self.c_in {
+            return Err(QuantError::ShapeMismatch {
+                context: NAME.into(),
+                expected: format!("{} input channels", self.c_in),
+                actual: format!("shape {:?}", x.data().shape()),
+            });
+        }
+        let geom = self.geom(b, h, w);
+        let (oh, ow) = geom.out_hw().ok_or_else(|| QuantError::ShapeMismatch {
+            context: NAME.into(),
+            expected: format!(
+                "input at least as large as the dilated kernel {:?} (dilation {:?}) after padding {:?}",
+                self.kernel, self.params.dilation, self.params.padding
+            ),
+            actual: format!("shape {:?}", x.data().shape()),
+        })?;
+        let x_nhwc = x.to_nhwc();
+        let m = b * oh * ow;
+        let oc = self.c_out;
+        let mut out = vec![0u8; m * oc];
+        let oq = OutputQuant {
+            scale: self.out_scale,
+            zero_point: self.out_zp,
+            relu: self.relu,
+        };
+        let a_zp = x.zero_point();
+        match &self.kind {
+            ConvKind::Gemm(packs) => {
+                let g = self.params.groups;
+                let cog = oc / g;
+                for (grp, packed) in packs.iter().enumerate() {
+                    let scales = if self.per_channel {
+                        &self.w_scales[grp * cog..(grp + 1) * cog]
+                    } else {
+                        &self.w_scales[..1]
+                    };
+                    let bias = self.bias.as_ref().map(|b| &b[grp * cog..(grp + 1) * cog]);
+                    let rq = RequantParams::new(cog, x.scale(), scales, self.per_channel, bias, oq)
+                        .map_err(|e| e.in_context(NAME))?;
+                    let src = Im2col {
+                        x: &x_nhwc,
+                        geom: &geom,
+                        out_hw: (oh, ow),
+                        c0: grp * (self.c_in / g),
+                        cig: self.c_in / g,
+                        a_zp: a_zp as u8,
+                    };
+                    kernels::drive(
+                        kernels::simd(),
+                        &src,
+                        m,
+                        a_zp,
+                        packed,
+                        &rq,
+                        &mut out[grp * cog..],
+                        oc,
+                    );
+                }
+            }
+            ConvKind::Depthwise(wv) => {
+                let rq = RequantParams::new(
+                    oc,
+                    x.scale(),
+                    &self.w_scales,
+                    self.per_channel,
+                    self.bias.as_deref(),
+                    oq,
+                )
+                .map_err(|e| e.in_context(NAME))?;
+                depthwise(&x_nhwc, &geom, (oh, ow), a_zp, wv, &rq, &mut out);
+            }
+        }
+        let y = ArrayD::from_shape_vec(IxDyn(&[b, oc, oh, ow]), nhwc_to_nchw(&out, b, oc, oh * ow))
+            .map_err(|e| QuantError::ShapeMismatch {
+                context: NAME.into(),
+                expected: format!("output [{b}, {oc}, {oh}, {ow}]"),
+                actual: e.to_string(),
+            })?;
+        QTensor::new(y, self.out_scale, self.out_zp)
+    }
+}
+
+/// Rows of the im2col matrix of one group, built on the fly: row `(b, oy, ox)`, columns
+/// `(ky, kx, c)`, padding filled with the input zero point.
+struct Im2col<'a> {
+    x: &'a [u8],
+    geom: &'a ConvGeom,
+    out_hw: (usize, usize),
+    c0: usize,
+    cig: usize,
+    a_zp: u8,
+}
+
+impl RowSource for Im2col<'_> {
+    fn fill(&self, r0: usize, rows: usize, kp: usize, dst: &mut [u8]) {
+        let g = self.geom;
+        let (h, w) = g.in_hw;
+        let (oh, ow) = self.out_hw;
+        let c = g.c_in;
+        let cig = self.cig;
+        for i in 0..rows {
+            let r = r0 + i;
+            let b = r / (oh * ow);
+            let oy = (r / ow) % oh;
+            let ox = r % ow;
+            let d = &mut dst[i * kp..];
+            let mut idx = 0;
+            for ky in 0..g.kernel.0 {
+                let iy = (oy * g.stride.0 + ky * g.dilation.0) as isize - g.padding.0 as isize;
+                for kx in 0..g.kernel.1 {
+                    let ix = (ox * g.stride.1 + kx * g.dilation.1) as isize - g.padding.1 as isize;
+                    let dd = &mut d[idx..idx + cig];
+                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                        dd.fill(self.a_zp);
+                    } else {
+                        let p = ((b * h + iy as usize) * w + ix as usize) * c + self.c0;
+                        dd.copy_from_slice(&self.x[p..p + cig]);
+                    }
+                    idx += cig;
+                }
+            }
+        }
+    }
+}
+
+/// Direct convolution with one input channel per group (depthwise, with any channel
+/// multiplier), NHWC, exact `i32` sums, then the shared requantization.
+fn depthwise(
+    x: &[u8],
+    g: &ConvGeom,
+    (oh, ow): (usize, usize),
+    a_zp: i32,
+    wv: &[i16],
+    rq: &RequantParams,
+    out: &mut [u8],
+) {
+    let (h, w) = g.in_hw;
+    let c = g.c_in;
+    let oc = g.c_out;
+    let mult = oc / c;
+    let (kh, kw) = g.kernel;
+    let row = |(r, orow): (usize, &mut [u8])| {
+        let b = r / oh;
+        let oy = r % oh;
+        let mut acc = vec![0i32; oc];
+        let mut xs = vec![0u8; oc];
+        for ox in 0..ow {
+            acc.fill(0);
+            for ky in 0..kh {
+                let iy = (oy * g.stride.0 + ky * g.dilation.0) as isize - g.padding.0 as isize;
+                if iy < 0 || iy >= h as isize {
+                    continue;
+                }
+                for kx in 0..kw {
+                    let ix = (ox * g.stride.1 + kx * g.dilation.1) as isize - g.padding.1 as isize;
+                    if ix < 0 || ix >= w as isize {
+                        continue;
+                    }
+                    let p = ((b * h + iy as usize) * w + ix as usize) * c;
+                    let px = &x[p..p + c];
+                    let wt = &wv[(ky * kw + kx) * oc..(ky * kw + kx + 1) * oc];
+                    if mult == 1 {
+                        kernels::dw_accumulate(&mut acc, px, wt, a_zp);
+                    } else {
+                        for (o, xo) in xs.iter_mut().enumerate() {
+                            *xo = px[o / mult];
+                        }
+                        kernels::dw_accumulate(&mut acc, &xs, wt, a_zp);
+                    }
+                }
+            }
+            kernels::requant_row(&acc, rq, &mut orow[ox * oc..(ox + 1) * oc]);
+        }
+    };
+    let rows = g.batch * oh;
+    if rows * ow * oc * kh * kw >= 1 << 20 {
+        out.par_chunks_mut(ow * oc).enumerate().for_each(row);
+    } else {
+        out.chunks_mut(ow * oc).enumerate().for_each(row);
+    }
+}
+
+/// `torch.ao.nn.intrinsic.quantized.ConvReLU2d`: [`QConv2d`] with the ReLU fused into the
+/// requantization.
+#[derive(Debug, Clone)]
+pub struct QConvReLU2d(QConv2d);
+
+impl QConvReLU2d {
+    /// As [`QConv2d::new`], with a fused ReLU.
+    ///
+    /// # Errors
+    /// As [`QConv2d::new`].
+    ///
+    /// # Examples
+    /// ```
+    /// use ndarray::Array4;
+    /// use ptq::nn::quantized::{Conv2dParams, QConvReLU2d};
+    /// use ptq::{DType, QParams};
+    /// let w = Array4::<f32>::zeros((8, 3, 1, 1));
+    /// let c = QConvReLU2d::new(w.view(), None, &QParams::per_tensor(0.01, 0, DType::QInt8)?,
+    ///     Conv2dParams::default(), 0.1, 0)?;
+    /// assert_eq!(c.inner().out_channels(), 8);
+    /// # Ok::<(), ptq::QuantError>(())
+    /// ```
+    pub fn new(
+        weight: ArrayView4<'_, f32>,
+        bias: Option<ArrayView1<'_, f32>>,
+        w_qparams: &QParams,
+        params: Conv2dParams,
+        out_scale: f32,
+        out_zp: i32,
+    ) -> Result<Self> {
+        let mut c = QConv2d::new(weight, bias, w_qparams, params, out_scale, out_zp)
+            .map_err(|e| e.in_context("QConvReLU2d"))?;
+        c.relu = true;
+        Ok(QConvReLU2d(c))
+    }
+
+    /// As [`QConv2d::from_quantized`], with a fused ReLU.
+    ///
+    /// # Errors
+    /// As [`QConv2d::from_quantized`].
+    ///
+    /// # Examples
+    /// ```
+    /// use ndarray::Array4;
+    /// use ptq::nn::quantized::{Conv2dParams, QConvReLU2d};
+    /// use ptq::{DType, QParams};
+    /// let w = Array4::<i8>::ones((2, 2, 1, 1));
+    /// let c = QConvReLU2d::from_quantized(w.view(), &QParams::per_tensor(0.1, 0, DType::QInt8)?, None,
+    ///     Conv2dParams::default(), 0.1, 5)?;
+    /// assert_eq!(c.weight_bytes(), c.inner().weight_bytes());
+    /// # Ok::<(), ptq::QuantError>(())
+    /// ```
+    pub fn from_quantized(
+        weight: ArrayView4<'_, i8>,
+        w_qparams: &QParams,
+        bias: Option<ArrayView1<'_, f32>>,
+        params: Conv2dParams,
+        out_scale: f32,
+        out_zp: i32,
+    ) -> Result<Self> {
+        let mut c = QConv2d::from_quantized(weight, w_qparams, bias, params, out_scale, out_zp)
+            .map_err(|e| e.in_context("QConvReLU2d"))?;
+        c.relu = true;
+        Ok(QConvReLU2d(c))
+    }
+
+    /// The underlying convolution (with `relu` set).
+    pub fn inner(&self) -> &QConv2d {
+        &self.0
+    }
+
+    /// Bytes of weights held by the layer.
+    pub fn weight_bytes(&self) -> usize {
+        self.0.weight_bytes()
+    }
+
+    /// Runs the convolution.
+    ///
+    /// # Errors
+    /// As [`QConv2d::forward`].
+    ///
+    /// # Examples
+    /// See [`QConv2d::forward`].
+    pub fn forward(&self, x: &QTensor) -> Result<QTensor> {
+        self.0.forward(x).map_err(|e| e.in_context("QConvReLU2d"))
+    }
+}

@@ -1,0 +1,412 @@
+//! Quantized ReLU, pooling and flatten. Output qparams are the input's.
+
+use ndarray::{ArrayD, IxDyn};
+
+use super::tensor::dims4;
+use super::{QTensor, TorchLayout};
+use crate::error::{QuantError, Result};
+use crate::kernels::requant::cvt_round;
+
+/// `torch.ao.nn.quantized.ReLU`: `max(q, zero_point)`, same qparams.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QReLU;
+
+impl QReLU {
+    /// Applies the ReLU. Never fails; returns `Result` like every layer.
+    ///
+    /// # Errors
+    /// None.
+    ///
+    /// # Examples
+    /// ```
+    /// use ndarray::ArrayD;
+    /// use ptq::nn::quantized::{QReLU, QTensor};
+    /// let x = QTensor::new(ArrayD::from_shape_vec(vec![3], vec![1u8, 5, 9])?, 0.1, 5)?;
+    /// assert_eq!(QReLU.forward(&x)?.data().as_slice().unwrap(), &[5, 5, 9]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn forward(&self, x: &QTensor) -> Result<QTensor> {
+        let zp = x.zero_point() as u8;
+        QTensor::new(x.data().mapv(|q| q.max(zp)), x.scale(), x.zero_point())
+    }
+}
+
+fn out_len(i: usize, k: usize, s: usize, p: usize, d: usize, layer: &str) -> Result<usize> {
+    let span = d * (k - 1) + 1;
+    if i + 2 * p < span {
+        return Err(QuantError::ShapeMismatch {
+            context: layer.into(),
+            expected: format!("spatial size + 2 * padding >= {span}"),
+            actual: format!("size {i}, padding {p}"),
+        });
+    }
+    Ok((i + 2 * p - span) / s + 1)
+}
+
+fn check_pool(
+    kernel: (usize, usize),
+    stride: (usize, usize),
+    padding: (usize, usize),
+    layer: &str,
+) -> Result<()> {
+    if kernel.0 == 0 || kernel.1 == 0 || stride.0 == 0 || stride.1 == 0 {
+        return Err(QuantError::UnsupportedConfig {
+            context: layer.into(),
+            reason: format!("kernel {kernel:?} and stride {stride:?} must be positive"),
+        });
+    }
+    if 2 * padding.0 > kernel.0 || 2 * padding.1 > kernel.1 {
+        return Err(QuantError::UnsupportedConfig {
+            context: layer.into(),
+            reason: format!("padding {padding:?} must be at most half the kernel {kernel:?}"),
+        });
+    }
+    Ok(())
+}
+
+fn to4(v: Vec<u8>, shape: [usize; 4], layer: &str) -> Result<ArrayD<u8>> {
+    ArrayD::from_shape_vec(IxDyn(&shape), v).map_err(|e| QuantError::ShapeMismatch {
+        context: layer.into(),
+        expected: format!("{shape:?}"),
+        actual: e.to_string(),
+    })
+}
+
+/// `torch.ao.nn.quantized.MaxPool2d` (`ceil_mode = false`): exact, padding never wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QMaxPool2d {
+    kernel: (usize, usize),
+    stride: (usize, usize),
+    padding: (usize, usize),
+    dilation: (usize, usize),
+}
+
+impl QMaxPool2d {
+    /// A max pool; PyTorch's default stride is the kernel size.
+    ///
+    /// # Errors
+    /// [`QuantError::UnsupportedConfig`] for zero sizes or padding over half the kernel.
+    ///
+    /// # Examples
+    /// ```
+    /// use ndarray::ArrayD;
+    /// use ptq::nn::quantized::{QMaxPool2d, QTensor};
+    /// let p = QMaxPool2d::new((2, 2), (2, 2), (0, 0), (1, 1))?;
+    /// let x = QTensor::new(ArrayD::from_shape_vec(vec![1, 1, 2, 2], vec![1u8, 7, 3, 2])?, 0.1, 0)?;
+    /// assert_eq!(p.forward(&x)?.data()[[0, 0, 0, 0]], 7);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn new(
+        kernel: (usize, usize),
+        stride: (usize, usize),
+        padding: (usize, usize),
+        dilation: (usize, usize),
+    ) -> Result<Self> {
+        check_pool(kernel, stride, padding, "QMaxPool2d")?;
+        if dilation.0 == 0 || dilation.1 == 0 {
+            return Err(QuantError::UnsupportedConfig {
+                context: "QMaxPool2d".into(),
+                reason: format!("dilation {dilation:?} must be positive"),
+            });
+        }
+        Ok(QMaxPool2d {
+            kernel,
+            stride,
+            padding,
+            dilation,
+        })
+    }
+
+    /// Pools an NCHW tensor.
+    ///
+    /// # Errors
+    /// [`QuantError::ShapeMismatch`] for a tensor that is not rank 4 or is too small.
+    ///
+    /// # Examples
+    /// See [`QMaxPool2d::new`].
+    pub fn forward(&self, x: &QTensor) -> Result<QTensor> {
+        const L: &str = "QMaxPool2d";
+        let (b, c, h, w) = dims4(x, L)?;
+        let (kh, kw) = self.kernel;
+        let oh = out_len(h, kh, self.stride.0, self.padding.0, self.dilation.0, L)?;
+        let ow = out_len(w, kw, self.stride.1, self.padding.1, self.dilation.1, L)?;
+        let xv = x.to_vec();
+        let mut y = vec![0u8; b * c * oh * ow];
+        for (yp, xp) in y.chunks_mut(oh * ow).zip(xv.chunks(h * w)) {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut m = 0u8;
+                    for ky in 0..kh {
+                        let iy = (oy * self.stride.0 + ky * self.dilation.0) as isize
+                            - self.padding.0 as isize;
+                        if iy < 0 || iy >= h as isize {
+                            continue;
+                        }
+                        for kx in 0..kw {
+                            let ix = (ox * self.stride.1 + kx * self.dilation.1) as isize
+                                - self.padding.1 as isize;
+                            if ix >= 0 && ix < w as isize {
+                                m = m.max(xp[iy as usize * w + ix as usize]);
+                            }
+                        }
+                    }
+                    yp[oy * ow + ox] = m;
+                }
+            }
+        }
+        QTensor::new(to4(y, [b, c, oh, ow], L)?, x.scale(), x.zero_point())
+    }
+}
+
+/// Whether PyTorch runs its channels-last kernel: the layout says so, or an NCHW tensor
+/// that is channels-last contiguous too (one channel, or 1x1 spatial).
+fn channels_last_kernel(layout: TorchLayout, c: usize, h: usize, w: usize) -> bool {
+    layout == TorchLayout::ChannelsLast || c == 1 || h * w == 1
+}
+
+/// `torch.ao.nn.quantized.AvgPool2d` / `F.avg_pool2d` on a quantized tensor
+/// (`ceil_mode = false`, no `divisor_override`).
+///
+/// PyTorch's two kernels round differently: channels-last
+/// `clamp(cvtps2dq((sum - size * zp) * (1 / div)) + zp)`, NCHW-contiguous
+/// `clamp(nearbyint((sum - size * zp) * (1 / div) + zp))` (the zero point added before
+/// rounding changes ties), both in `f32`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QAvgPool2d {
+    kernel: (usize, usize),
+    stride: (usize, usize),
+    padding: (usize, usize),
+    count_include_pad: bool,
+    layout: TorchLayout,
+}
+
+impl QAvgPool2d {
+    /// An average pool over channels-last input (what fbgemm convolutions return);
+    /// PyTorch's defaults are `stride = kernel`, `count_include_pad = true`.
+    ///
+    /// # Errors
+    /// [`QuantError::UnsupportedConfig`] for zero sizes or padding over half the kernel.
+    ///
+    /// # Examples
+    /// ```
+    /// use ndarray::ArrayD;
+    /// use ptq::nn::quantized::{QAvgPool2d, QTensor};
+    /// let p = QAvgPool2d::new((2, 2), (2, 2), (0, 0), true)?;
+    /// let x = QTensor::new(ArrayD::from_shape_vec(vec![1, 1, 2, 2], vec![1u8, 2, 3, 4])?, 0.1, 0)?;
+    /// assert_eq!(p.forward(&x)?.data()[[0, 0, 0, 0]], 2); // 2.5 rounds to even
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn new(
+        kernel: (usize, usize),
+        stride: (usize, usize),
+        padding: (usize, usize),
+        count_include_pad: bool,
+    ) -> Result<Self> {
+        check_pool(kernel, stride, padding, "QAvgPool2d")?;
+        Ok(QAvgPool2d {
+            kernel,
+            stride,
+            padding,
+            count_include_pad,
+            layout: TorchLayout::ChannelsLast,
+        })
+    }
+
+    /// Sets the memory layout PyTorch holds the input in.
+    pub fn with_layout(mut self, layout: TorchLayout) -> Self {
+        self.layout = layout;
+        self
+    }
+
+    /// Pools an NCHW tensor.
+    ///
+    /// # Errors
+    /// [`QuantError::ShapeMismatch`] for a tensor that is not rank 4 or is too small.
+    ///
+    /// # Examples
+    /// See [`QAvgPool2d::new`].
+    pub fn forward(&self, x: &QTensor) -> Result<QTensor> {
+        const L: &str = "QAvgPool2d";
+        let (b, c, h, w) = dims4(x, L)?;
+        let (kh, kw) = self.kernel;
+        let (sh, sw) = self.stride;
+        let (ph, pw) = self.padding;
+        let oh = out_len(h, kh, sh, ph, 1, L)?;
+        let ow = out_len(w, kw, sw, pw, 1, L)?;
+        let nhwc = channels_last_kernel(self.layout, c, h, w);
+        let zp = x.zero_point();
+        let xv = x.to_vec();
+        let mut y = vec![0u8; b * c * oh * ow];
+        for (yp, xp) in y.chunks_mut(oh * ow).zip(xv.chunks(h * w)) {
+            for oy in 0..oh {
+                let hs = (oy * sh) as isize - ph as isize;
+                let he = (hs + kh as isize).min((h + ph) as isize);
+                for ox in 0..ow {
+                    let ws = (ox * sw) as isize - pw as isize;
+                    let we = (ws + kw as isize).min((w + pw) as isize);
+                    let pool = (he - hs) * (we - ws);
+                    let (h0, h1) = (hs.max(0) as usize, he.min(h as isize) as usize);
+                    let (w0, w1) = (ws.max(0) as usize, we.min(w as isize) as usize);
+                    let size = (h1.saturating_sub(h0) * w1.saturating_sub(w0)) as i32;
+                    let div = if self.count_include_pad {
+                        pool as i32
+                    } else {
+                        size
+                    };
+                    let mut sum = 0i32;
+                    for iy in h0..h1 {
+                        for ix in w0..w1 {
+                            sum += xp[iy * w + ix] as i32;
+                        }
+                    }
+                    let acc = (sum - size * zp) as f32;
+                    let mult = (1.0f64 / div.max(1) as f64) as f32;
+                    let v = if nhwc {
+                        cvt_round(acc * mult) as i64 + zp as i64
+                    } else {
+                        cvt_round(acc * mult + zp as f32) as i64
+                    };
+                    yp[oy * ow + ox] = v.clamp(0, 255) as u8;
+                }
+            }
+        }
+        QTensor::new(to4(y, [b, c, oh, ow], L)?, x.scale(), zp)
+    }
+}
+
+/// `torch.ao.nn.quantized` adaptive average pooling (`F.adaptive_avg_pool2d`).
+///
+/// Window `i` of `O` over `I` spans `floor(i * I / O)..ceil((i + 1) * I / O)`. With
+/// `m = (1 / kh) / kw` in `f32`: channels-last `clamp(cvtps2dq((sum - kh * kw * zp) * m) + zp)`,
+/// NCHW-contiguous `clamp(nearbyint(sum * m))`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QAdaptiveAvgPool2d {
+    output: (usize, usize),
+    layout: TorchLayout,
+}
+
+impl QAdaptiveAvgPool2d {
+    /// Pools to `output` = (height, width), for channels-last input.
+    ///
+    /// # Errors
+    /// [`QuantError::UnsupportedConfig`] for a zero output size.
+    ///
+    /// # Examples
+    /// ```
+    /// use ndarray::ArrayD;
+    /// use ptq::nn::quantized::{QAdaptiveAvgPool2d, QTensor};
+    /// let p = QAdaptiveAvgPool2d::new((1, 1))?;
+    /// let x = QTensor::new(ArrayD::from_shape_vec(vec![1, 1, 2, 2], vec![1u8, 2, 3, 5])?, 0.1, 0)?;
+    /// assert_eq!(p.forward(&x)?.data()[[0, 0, 0, 0]], 3); // 2.75
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn new(output: (usize, usize)) -> Result<Self> {
+        if output.0 == 0 || output.1 == 0 {
+            return Err(QuantError::UnsupportedConfig {
+                context: "QAdaptiveAvgPool2d".into(),
+                reason: format!("output size {output:?} must be positive"),
+            });
+        }
+        Ok(QAdaptiveAvgPool2d {
+            output,
+            layout: TorchLayout::ChannelsLast,
+        })
+    }
+
+    /// Sets the memory layout PyTorch holds the input in.
+    pub fn with_layout(mut self, layout: TorchLayout) -> Self {
+        self.layout = layout;
+        self
+    }
+
+    /// Pools an NCHW tensor.
+    ///
+    /// # Errors
+    /// [`QuantError::ShapeMismatch`] for a tensor that is not rank 4 or has an empty
+    /// spatial size.
+    ///
+    /// # Examples
+    /// See [`QAdaptiveAvgPool2d::new`].
+    pub fn forward(&self, x: &QTensor) -> Result<QTensor> {
+        const L: &str = "QAdaptiveAvgPool2d";
+        let (b, c, h, w) = dims4(x, L)?;
+        if h == 0 || w == 0 {
+            return Err(QuantError::ShapeMismatch {
+                context: L.into(),
+                expected: "a non-empty spatial size".into(),
+                actual: format!("shape {:?}", x.data().shape()),
+            });
+        }
+        let (oh, ow) = self.output;
+        let nhwc = channels_last_kernel(self.layout, c, h, w);
+        let zp = x.zero_point();
+        let xv = x.to_vec();
+        let mut y = vec![0u8; b * c * oh * ow];
+        let start = |i: usize, o: usize, n: usize| i * n / o;
+        let end = |i: usize, o: usize, n: usize| ((i + 1) * n).div_ceil(o);
+        for (yp, xp) in y.chunks_mut(oh * ow).zip(xv.chunks(h * w)) {
+            for oy in 0..oh {
+                let (h0, h1) = (start(oy, oh, h), end(oy, oh, h));
+                for ox in 0..ow {
+                    let (w0, w1) = (start(ox, ow, w), end(ox, ow, w));
+                    let (kh, kw) = (h1 - h0, w1 - w0);
+                    let mut sum = 0i32;
+                    for iy in h0..h1 {
+                        for ix in w0..w1 {
+                            sum += xp[iy * w + ix] as i32;
+                        }
+                    }
+                    let m = 1.0f32 / kh as f32 / kw as f32;
+                    let v = if nhwc {
+                        let acc = sum - (kh * kw) as i32 * zp;
+                        cvt_round(acc as f32 * m) as i64 + zp as i64
+                    } else {
+                        cvt_round(sum as f32 * m) as i64
+                    };
+                    yp[oy * ow + ox] = v.clamp(0, 255) as u8;
+                }
+            }
+        }
+        QTensor::new(to4(y, [b, c, oh, ow], L)?, x.scale(), zp)
+    }
+}
+
+/// `torch.nn.Flatten` on a quantized tensor: dimensions `1..` merged (logical order).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QFlatten;
+
+impl QFlatten {
+    /// Flattens `[n, ...]` to `[n, rest]`.
+    ///
+    /// # Errors
+    /// [`QuantError::ShapeMismatch`] for a rank-0 tensor.
+    ///
+    /// # Examples
+    /// ```
+    /// use ndarray::ArrayD;
+    /// use ptq::nn::quantized::{QFlatten, QTensor};
+    /// let x = QTensor::new(ArrayD::zeros(vec![2, 3, 4, 5]), 0.1, 0)?;
+    /// assert_eq!(QFlatten.forward(&x)?.data().shape(), &[2, 60]);
+    /// # Ok::<(), ptq::QuantError>(())
+    /// ```
+    pub fn forward(&self, x: &QTensor) -> Result<QTensor> {
+        let shape = x.data().shape();
+        if shape.is_empty() {
+            return Err(QuantError::ShapeMismatch {
+                context: "QFlatten".into(),
+                expected: "a tensor of rank at least 1".into(),
+                actual: "a scalar".into(),
+            });
+        }
+        let n = shape[0];
+        let rest: usize = shape[1..].iter().product();
+        let data = ArrayD::from_shape_vec(IxDyn(&[n, rest]), x.to_vec()).map_err(|e| {
+            QuantError::ShapeMismatch {
+                context: "QFlatten".into(),
+                expected: format!("[{n}, {rest}]"),
+                actual: e.to_string(),
+            }
+        })?;
+        QTensor::new(data, x.scale(), x.zero_point())
+    }
+}

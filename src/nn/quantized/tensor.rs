@@ -1,0 +1,269 @@
+//! The quantized activation tensor.
+
+use ndarray::ArrayD;
+
+use crate::error::{QuantError, Result};
+use crate::qparams::quantize_val;
+
+/// The memory format PyTorch would hold a tensor in, for the few ops whose rounding depends
+/// on it (average pooling and elementwise add run different kernels on NCHW-contiguous and
+/// channels-last tensors).
+///
+/// fbgemm's quantized convolutions return channels-last tensors, so activations after a
+/// convolution are [`TorchLayout::ChannelsLast`]; a tensor straight from `quantize_per_tensor`
+/// of an NCHW float tensor is [`TorchLayout::Contiguous`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TorchLayout {
+    /// NHWC in memory (PyTorch's `channels_last`), the layout fbgemm convolutions return.
+    #[default]
+    ChannelsLast,
+    /// NCHW in memory (PyTorch's default `contiguous`).
+    Contiguous,
+}
+
+/// A per-tensor affine `quint8` tensor: `u8` values in PyTorch's logical layout (NCHW for
+/// images), a scale and a zero point.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QTensor {
+    data: ArrayD<u8>,
+    scale: f32,
+    zero_point: i32,
+}
+
+impl QTensor {
+    /// Wraps quantized values with their parameters.
+    ///
+    /// # Errors
+    /// [`QuantError::InvalidScale`] for a scale that is not finite, positive and normal;
+    /// [`QuantError::InvalidZeroPoint`] for a zero point outside `0..=255`.
+    ///
+    /// # Examples
+    /// ```
+    /// use ndarray::ArrayD;
+    /// use ptq::nn::quantized::QTensor;
+    /// let t = QTensor::new(ArrayD::from_elem(vec![2, 3], 7u8), 0.1, 7)?;
+    /// assert_eq!(t.dequantize()[[0, 0]], 0.0);
+    /// assert!(QTensor::new(ArrayD::from_elem(vec![1], 0u8), 0.0, 0).is_err());
+    /// # Ok::<(), ptq::QuantError>(())
+    /// ```
+    pub fn new(data: ArrayD<u8>, scale: f32, zero_point: i32) -> Result<Self> {
+        check_qparams(scale, zero_point, "QTensor")?;
+        Ok(QTensor {
+            data,
+            scale,
+            zero_point,
+        })
+    }
+
+    /// Quantizes a float tensor with PyTorch's `quantize_per_tensor` arithmetic
+    /// (`quint8`, range `0..=255`).
+    ///
+    /// # Errors
+    /// As [`QTensor::new`], and [`QuantError::NonFinite`] for NaN or infinite input.
+    ///
+    /// # Examples
+    /// ```
+    /// use ndarray::array;
+    /// use ptq::nn::quantized::QTensor;
+    /// let t = QTensor::from_f32(&array![0.0f32, 0.25, 1e9].into_dyn(), 0.1, 10)?;
+    /// assert_eq!(t.data().as_slice().unwrap(), &[10, 12, 255]);
+    /// # Ok::<(), ptq::QuantError>(())
+    /// ```
+    pub fn from_f32(x: &ArrayD<f32>, scale: f32, zero_point: i32) -> Result<Self> {
+        check_qparams(scale, zero_point, "QTensor")?;
+        let nan = x.iter().filter(|v| v.is_nan()).count();
+        let inf = x.iter().filter(|v| v.is_infinite()).count();
+        if nan + inf > 0 {
+            return Err(QuantError::NonFinite {
+                context: "QTensor".into(),
+                nan,
+                inf,
+                total: x.len(),
+            });
+        }
+        Ok(QTensor {
+            data: x.mapv(|v| quantize_val(v, scale, zero_point, 0, 255) as u8),
+            scale,
+            zero_point,
+        })
+    }
+
+    /// The quantized values.
+    pub fn data(&self) -> &ArrayD<u8> {
+        &self.data
+    }
+
+    /// Consumes the tensor and returns its values.
+    pub fn into_data(self) -> ArrayD<u8> {
+        self.data
+    }
+
+    /// The scale.
+    pub fn scale(&self) -> f32 {
+        self.scale
+    }
+
+    /// The zero point.
+    pub fn zero_point(&self) -> i32 {
+        self.zero_point
+    }
+
+    /// `(q - zero_point) * scale`, as PyTorch's `dequantize`.
+    pub fn dequantize(&self) -> ArrayD<f32> {
+        self.data
+            .mapv(|q| crate::qparams::dequantize_val(q as i32, self.scale, self.zero_point))
+    }
+
+    /// The values as a contiguous row-major vector.
+    pub(crate) fn to_vec(&self) -> Vec<u8> {
+        match self.data.as_slice() {
+            Some(s) => s.to_vec(),
+            None => self.data.as_standard_layout().iter().copied().collect(),
+        }
+    }
+
+    /// The values of a rank-4 NCHW tensor in NHWC order.
+    pub(crate) fn to_nhwc(&self) -> Vec<u8> {
+        let s = self.data.shape();
+        let (b, c, hw) = (s[0], s[1], s[2] * s[3]);
+        match self.data.as_slice() {
+            Some(src) => nchw_to_nhwc(src, b, c, hw),
+            None => nchw_to_nhwc(&self.to_vec(), b, c, hw),
+        }
+    }
+}
+
+/// Checks an output (or activation) scale and zero point.
+pub(crate) fn check_qparams(scale: f32, zero_point: i32, layer: &str) -> Result<()> {
+    if !(scale.is_normal() && scale > 0.0) {
+        return Err(QuantError::InvalidScale {
+            context: layer.into(),
+            channel: 0,
+            value: scale,
+        });
+    }
+    if !(0..=255).contains(&zero_point) {
+        return Err(QuantError::InvalidZeroPoint {
+            context: layer.into(),
+            channel: 0,
+            zero_point: zero_point as i64,
+            quant_min: 0,
+            quant_max: 255,
+        });
+    }
+    Ok(())
+}
+
+/// Checks that `t` has rank 4 and returns its dimensions.
+pub(crate) fn dims4(t: &QTensor, layer: &str) -> Result<(usize, usize, usize, usize)> {
+    match *t.data.shape() {
+        [b, c, h, w] => Ok((b, c, h, w)),
+        ref s => Err(QuantError::ShapeMismatch {
+            context: layer.into(),
+            expected: "a rank-4 NCHW tensor".into(),
+            actual: format!("shape {s:?}"),
+        }),
+    }
+}
+
+/// Transposes an 8x8 byte matrix held as 8 little-endian rows.
+#[inline(always)]
+fn tr8x8(mut r: [u64; 8]) -> [u64; 8] {
+    const LO32: u64 = 0x0000_0000_FFFF_FFFF;
+    for i in 0..4 {
+        let (a, b) = (r[i], r[i + 4]);
+        r[i] = (a & LO32) | (b << 32);
+        r[i + 4] = (a >> 32) | (b & !LO32);
+    }
+    const M16: u64 = 0x0000_FFFF_0000_FFFF;
+    for i in [0, 1, 4, 5] {
+        let (a, b) = (r[i], r[i + 2]);
+        r[i] = (a & M16) | ((b & M16) << 16);
+        r[i + 2] = ((a >> 16) & M16) | (b & !M16);
+    }
+    const M8: u64 = 0x00FF_00FF_00FF_00FF;
+    for i in [0, 2, 4, 6] {
+        let (a, b) = (r[i], r[i + 1]);
+        r[i] = (a & M8) | ((b & M8) << 8);
+        r[i + 1] = ((a >> 8) & M8) | (b & !M8);
+    }
+    r
+}
+
+/// Transposes a `rows x cols` byte matrix (row stride `cols`) into `dst` (row stride
+/// `rows`), in 8x8 blocks.
+fn transpose_u8(src: &[u8], rows: usize, cols: usize, dst: &mut [u8]) {
+    let (r8, c8) = (rows / 8 * 8, cols / 8 * 8);
+    for r0 in (0..r8).step_by(8) {
+        for c0 in (0..c8).step_by(8) {
+            let mut m = [0u64; 8];
+            for (i, v) in m.iter_mut().enumerate() {
+                let o = (r0 + i) * cols + c0;
+                *v = u64::from_le_bytes(src[o..o + 8].try_into().unwrap_or([0; 8]));
+            }
+            let t = tr8x8(m);
+            for (j, v) in t.iter().enumerate() {
+                let o = (c0 + j) * rows + r0;
+                dst[o..o + 8].copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        for c in c8..cols {
+            for i in r0..r0 + 8 {
+                dst[c * rows + i] = src[i * cols + c];
+            }
+        }
+    }
+    for r in r8..rows {
+        for c in 0..cols {
+            dst[c * rows + r] = src[r * cols + c];
+        }
+    }
+}
+
+/// `[b][c][hw]` to `[b][hw][c]`.
+pub(crate) fn nchw_to_nhwc(src: &[u8], b: usize, c: usize, hw: usize) -> Vec<u8> {
+    let mut dst = vec![0u8; src.len()];
+    for bi in 0..b {
+        let r = bi * c * hw..(bi + 1) * c * hw;
+        transpose_u8(&src[r.clone()], c, hw, &mut dst[r]);
+    }
+    dst
+}
+
+/// `[b][hw][c]` to `[b][c][hw]`.
+pub(crate) fn nhwc_to_nchw(src: &[u8], b: usize, c: usize, hw: usize) -> Vec<u8> {
+    let mut dst = vec![0u8; src.len()];
+    for bi in 0..b {
+        let r = bi * c * hw..(bi + 1) * c * hw;
+        transpose_u8(&src[r.clone()], hw, c, &mut dst[r]);
+    }
+    dst
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transposes_round_trip_and_match_naive() {
+        for &(b, c, hw) in &[
+            (1, 1, 1),
+            (2, 3, 5),
+            (1, 8, 8),
+            (2, 16, 24),
+            (1, 13, 70),
+            (3, 64, 9),
+        ] {
+            let src: Vec<u8> = (0..b * c * hw).map(|i| (i * 37 % 251) as u8).collect();
+            let t = nchw_to_nhwc(&src, b, c, hw);
+            for bi in 0..b {
+                for ci in 0..c {
+                    for p in 0..hw {
+                        assert_eq!(t[(bi * hw + p) * c + ci], src[(bi * c + ci) * hw + p]);
+                    }
+                }
+            }
+            assert_eq!(nhwc_to_nchw(&t, b, c, hw), src);
+        }
+    }
+}
