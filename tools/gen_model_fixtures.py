@@ -4,7 +4,8 @@ engine fbgemm, under three qconfigs, for tests/model_parity.rs.
 
 For each config: fuse (conv+bn+relu x3, fc1+relu4), prepare, calibrate on the first 8
 batches of 64 training images (in order), convert; then record every quantized module's
-output scale / zero point, its weight's scales, zero points and int8 values, the int8
+output scale / zero point, its weight's scales, zero points and int8 values, its float
+bias (after batch-norm folding), the observed activation ranges (min/max configs), the int8
 logits (fc2's quantized output) for the 500 test images, and the top-1 accuracy.
 
     ~/torchenv/bin/python tools/gen_model_fixtures.py   # torch==2.15.0, scikit-learn, safetensors
@@ -62,6 +63,11 @@ for name, qc in CONFIGS.items():
     with torch.no_grad():
         for i in range(8):
             model(train_x[i * 64:(i + 1) * 64])
+    if name.startswith("minmax"):
+        # The ranges PyTorch's activation observers recorded (float forward included).
+        for layer in ["quant"] + LAYERS:
+            obs = getattr(model, layer).activation_post_process
+            tensors[f"{name}.{layer}.act_range"] = torch.stack([obs.min_val, obs.max_val]).float()
     convert(model, inplace=True)
     logits = {}
     model.fc2.register_forward_hook(lambda m, i, o: logits.setdefault("q", o.int_repr()))
@@ -77,6 +83,7 @@ for name, qc in CONFIGS.items():
         tensors[f"{name}.{layer}.scale"] = torch.tensor([float(m.scale)], dtype=torch.float32)
         tensors[f"{name}.{layer}.zero_point"] = torch.tensor([int(m.zero_point)])
         tensors[f"{name}.{layer}.wq"] = w.int_repr().contiguous()
+        tensors[f"{name}.{layer}.bias"] = m.bias().detach().float().contiguous()
         if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
             tensors[f"{name}.{layer}.w_scale"] = w.q_per_channel_scales().float()
             tensors[f"{name}.{layer}.w_zp"] = w.q_per_channel_zero_points().long()

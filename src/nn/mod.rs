@@ -156,6 +156,24 @@ impl Layer {
     }
 }
 
+/// Number of float parameters of a layer (and everything inside it), as in its
+/// `state_dict` (batch-norm running statistics included).
+pub fn param_count(layer: &Layer) -> usize {
+    match layer {
+        Layer::Conv2d(c) | Layer::ConvReLU2d(c) => {
+            c.weight.len() + c.bias.as_ref().map_or(0, |b| b.len())
+        }
+        Layer::Linear(l) | Layer::LinearReLU(l) => {
+            l.weight.len() + l.bias.as_ref().map_or(0, |b| b.len())
+        }
+        Layer::BatchNorm2d(b) => 4 * b.channels(),
+        Layer::Sequential(s) | Layer::Residual(s) => {
+            s.children().iter().map(|(_, l)| param_count(l)).sum()
+        }
+        _ => 0,
+    }
+}
+
 /// `x + body(x)`, with the body's errors labelled under `path`.
 fn residual(
     body: &Sequential,

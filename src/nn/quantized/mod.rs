@@ -145,3 +145,6 @@ pub(crate) fn check_bias(
         }
     }
 }
+
+mod model;
+pub use model::{QOp, QStep, QuantizedModel};
