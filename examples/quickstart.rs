@@ -1,136 +1,87 @@
-//! Quickstart: calibrate observers the way PyTorch does, see why calibration matters, and
-//! compare observers and weight schemes by the error they leave (SQNR, in dB: higher is
-//! better).
+//! Quickstart: quantize a small CNN trained on handwritten digits to int8 with the
+//! PyTorch flow, prepare -> calibrate -> convert, and compare it with the float model.
 //!
-//! Run with `cargo run --release --example quickstart`. No arguments, no network.
+//! Run with `cargo run --release --example quickstart`. No arguments, no network: the
+//! data (UCI digits, CC BY 4.0) and the trained weights are in `examples/data/`.
 
-use ndarray::{Array1, Array2, ArrayD, Axis};
-use ptq::qconfig::{ObserverSpec, QConfig};
-use ptq::{fake_quantize, DType, QScheme, QuantError};
+#[path = "common/digits.rs"]
+mod digits;
 
-/// A small deterministic generator (xorshift64* and Box-Muller), so the demo needs no
-/// extra dependency and prints the same figures every run.
-struct Rng(u64);
-impl Rng {
-    fn uniform(&mut self) -> f32 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        ((self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 + 0.5) / (1u64 << 24) as f32
-    }
-    fn normal(&mut self) -> f32 {
-        let (u, v) = (self.uniform(), self.uniform());
-        (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
-    }
-}
+use std::time::Instant;
 
-/// Post-ReLU activations with rare large outliers, as real conv outputs look.
-fn activations(rng: &mut Rng, n: usize) -> ArrayD<f32> {
-    Array1::from_iter((0..n).map(|_| {
-        let x = rng.normal().max(0.0);
-        if rng.uniform() < 0.001 {
-            x * 20.0
-        } else {
-            x
-        }
-    }))
-    .into_dyn()
-}
-
-/// Signal-to-quantization-noise ratio in dB.
-fn sqnr(x: &ArrayD<f32>, xq: &ArrayD<f32>) -> f64 {
-    let signal: f64 = x.iter().map(|&v| (v as f64).powi(2)).sum();
-    let noise: f64 = x
-        .iter()
-        .zip(xq)
-        .map(|(&a, &b)| ((a - b) as f64).powi(2))
-        .sum();
-    10.0 * (signal / noise.max(f64::MIN_POSITIVE)).log10()
-}
+use ptq::qconfig::{QConfig, QConfigMap};
+use ptq::workflow::{calibrate, convert, prepare};
+use ptq::QuantError;
 
 fn main() -> Result<(), QuantError> {
-    let mut rng = Rng(0x5EED_1234_ABCD_0001);
-    let calibration: Vec<ArrayD<f32>> = (0..8).map(|_| activations(&mut rng, 4096)).collect();
-    let held_out = activations(&mut rng, 16384);
+    let (train, test) = digits::load_data()?;
+    let float_model = digits::trained_fused()?;
+    let n = test.labels.len();
+    let float_acc = digits::accuracy(&float_model.forward(&test.images)?, &test.labels);
+    println!("digits CNN (PyTorch state_dict, conv+bn+relu fused), {n} test images");
+    println!("float32 accuracy: {:.2}%\n", 100.0 * float_acc);
 
-    println!("ptq quickstart: observers, calibration and weight schemes\n");
-
-    // 1. The classic mistake: computing parameters before any calibration.
-    let fbgemm = QConfig::fbgemm();
-    let act = fbgemm.activation.build()?;
-    match act.qparams() {
-        Err(e) => println!("without calibration -> error: {e}\n"),
-        Ok(_) => unreachable!("an uncalibrated observer never answers"),
+    // The classic mistake: convert right after prepare. PyTorch warns and uses scale 1.0;
+    // ptq refuses and names every layer that saw no data.
+    let prepared = prepare(float_model.clone(), &QConfigMap::new(QConfig::fbgemm()))?;
+    match convert(prepared) {
+        Err(e) => println!("convert without calibration -> error:\n  {e}\n"),
+        Ok(_) => unreachable!("an uncalibrated model never converts"),
     }
 
-    // 2. Activation observers, calibrated on the same batches, judged on held-out data.
+    // The right way: calibrate on 8 batches of 64 training images, then convert.
+    let batches = digits::calibration_batches(&train, 8, 64);
     println!(
-        "{:<44} {:>10} {:>6} {:>10}",
-        "activation observer", "scale", "zp", "SQNR dB"
+        "{:<36} {:>9} {:>12} {:>12}",
+        "model", "accuracy", "weights", "time/batch"
     );
-    let candidates = [
+    let t = Instant::now();
+    let reps = 20;
+    for _ in 0..reps {
+        float_model.forward(&test.images)?;
+    }
+    let float_time = t.elapsed().as_secs_f64() / reps as f64;
+    let float_bytes = float_model
+        .children()
+        .iter()
+        .map(|(_, l)| ptq::nn::param_count(l) * 4)
+        .sum::<usize>();
+    println!(
+        "{:<36} {:>8.2}% {:>10} B {:>9.3} ms",
+        "float32",
+        100.0 * float_acc,
+        float_bytes,
+        1e3 * float_time
+    );
+    for (name, qconfig) in [
         (
-            "MinMax, quint8 0..255",
-            ObserverSpec::min_max(DType::QUInt8, QScheme::PerTensorAffine),
+            "int8, per-tensor weights (MinMax)",
+            QConfig::minmax_per_tensor(),
         ),
         (
-            "MinMax, quint8 0..127 (reduce_range)",
-            ObserverSpec::min_max(DType::QUInt8, QScheme::PerTensorAffine).with_reduce_range(true),
+            "int8, per-channel weights (MinMax)",
+            QConfig::minmax_per_channel(),
         ),
-        (
-            "MovingAverageMinMax, quint8 0..255",
-            ObserverSpec::moving_average(DType::QUInt8, QScheme::PerTensorAffine),
-        ),
-        (
-            "Histogram, quint8 0..255 (qnnpack)",
-            QConfig::qnnpack().activation,
-        ),
-        ("Histogram, quint8 0..127 (fbgemm / x86)", fbgemm.activation),
-    ];
-    for (name, spec) in candidates {
-        let mut obs = spec.build()?;
-        for batch in &calibration {
-            obs.observe(batch.view())?;
+        ("int8, fbgemm default (Histogram)", QConfig::fbgemm()),
+    ] {
+        let mut prepared = prepare(float_model.clone(), &QConfigMap::new(qconfig))?;
+        calibrate(&mut prepared, &batches, |_| {})?;
+        let int8 = convert(prepared)?;
+        let acc = digits::accuracy(&int8.forward(&test.images)?, &test.labels);
+        let t = Instant::now();
+        for _ in 0..reps {
+            int8.forward(&test.images)?;
         }
-        let qp = obs.qparams()?;
-        let err = sqnr(&held_out, &fake_quantize(&held_out, &qp)?);
+        let time = t.elapsed().as_secs_f64() / reps as f64;
         println!(
-            "{name:<44} {:>10.6} {:>6} {err:>10.2}",
-            qp.scale(),
-            qp.zero_point()
+            "{name:<36} {:>8.2}% {:>10} B {:>9.3} ms  ({:.2}x faster, {:.0}% less weight memory)",
+            100.0 * acc,
+            int8.weight_bytes(),
+            1e3 * time,
+            float_time / time,
+            100.0 * (1.0 - int8.weight_bytes() as f64 / float_bytes as f64)
         );
     }
-
-    // 3. Weights whose output channels have very different ranges (common after
-    //    BatchNorm folding): per-tensor scales waste most levels on the small channels.
-    let (out_ch, in_ch) = (64, 256);
-    let w = Array2::from_shape_fn((out_ch, in_ch), |(o, _)| {
-        rng.normal() * 10f32.powf(-2.0 + 3.0 * o as f32 / out_ch as f32)
-    })
-    .into_dyn();
-    println!(
-        "\n{:<44} {:>10}",
-        "weight observer (64 x 256, unequal channels)", "SQNR dB"
-    );
-    for (name, spec) in [
-        (
-            "per-tensor symmetric qint8 (qnnpack)",
-            QConfig::qnnpack().weight,
-        ),
-        ("per-channel symmetric qint8 (fbgemm / x86)", fbgemm.weight),
-    ] {
-        let mut obs = spec.build()?;
-        obs.observe(w.view())?;
-        let qp = obs.qparams()?;
-        let wq = fake_quantize(&w, &qp)?;
-        // Mean of per-channel SQNR: every output channel matters to the next layer.
-        let per_channel: f64 = w
-            .axis_iter(Axis(0))
-            .zip(wq.axis_iter(Axis(0)))
-            .map(|(a, b)| sqnr(&a.to_owned(), &b.to_owned()))
-            .sum::<f64>()
-            / out_ch as f64;
-        println!("{name:<44} {per_channel:>10.2}");
-    }
+    println!("\n(times: one forward pass over the {n} test images, mean of {reps}; see `cargo bench` for careful figures)");
     Ok(())
 }

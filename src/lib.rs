@@ -46,11 +46,13 @@
 //! * [`qconfig`]: observer specs and the fbgemm / x86 / qnnpack presets.
 //! * [`nn`]: float layers, [`Sequential`](nn::Sequential) models of named children, fusion.
 //! * [`workflow`]: `prepare` -> `calibrate` -> `convert`.
+//! * [`analysis`]: per-layer error (SQNR) of an int8 model against its float twin.
 //! * [`io`]: PyTorch `state_dict` loading from safetensors.
 //! * [`error`]: [`QuantError`], the one error type.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod analysis;
 pub mod error;
 pub mod io;
 pub mod kernels;

@@ -147,4 +147,4 @@ pub(crate) fn check_bias(
 }
 
 mod model;
-pub use model::{QOp, QStep, QuantizedModel};
+pub use model::{QOp, QStep, QuantizedModel, StepHook};

@@ -138,14 +138,23 @@ fn flatten_q(x: QTensor, start_dim: usize, path: &str) -> Result<QTensor> {
     QTensor::new(data, s, z)
 }
 
-fn run_steps(steps: &[QStep], mut act: Act) -> Result<Act> {
+/// Called after every step with its path and output (dequantized when int8).
+pub type StepHook<'a> = dyn FnMut(&str, &ArrayD<f32>) + 'a;
+
+fn run_steps(steps: &[QStep], mut act: Act, hook: &mut Option<&mut StepHook<'_>>) -> Result<Act> {
     for step in steps {
-        act = run_step(step, act)?;
+        act = run_step(step, act, hook)?;
+        if let Some(h) = hook.as_mut() {
+            match &act {
+                Act::F(x) => h(&step.path, x),
+                Act::Q(q) => h(&step.path, &q.dequantize()),
+            }
+        }
     }
     Ok(act)
 }
 
-fn run_step(step: &QStep, act: Act) -> Result<Act> {
+fn run_step(step: &QStep, act: Act, hook: &mut Option<&mut StepHook<'_>>) -> Result<Act> {
     let path = step.path.as_str();
     let ctx = |e: QuantError| e.in_context(path);
     Ok(match &step.op {
@@ -177,7 +186,7 @@ fn run_step(step: &QStep, act: Act) -> Result<Act> {
             body_quant,
             add,
         } => {
-            let y = run_steps(body, act.clone())?;
+            let y = run_steps(body, act.clone(), hook)?;
             match add {
                 Some(add) => {
                     let a = act.into_q(*skip_quant, path)?;
@@ -251,7 +260,23 @@ impl QuantizedModel {
     /// layer and both shapes.
     pub fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         crate::qparams::check_finite(x, "QuantizedModel input")?;
-        Ok(run_steps(&self.steps, Act::F(x.clone()))?.into_f32())
+        Ok(run_steps(&self.steps, Act::F(x.clone()), &mut None)?.into_f32())
+    }
+
+    /// As [`QuantizedModel::forward`], calling `hook(path, output)` after every step with
+    /// the step's output as floats (int8 outputs dequantized). Border steps carry the path
+    /// of the layer they serve and come first, so the last call for a path is that
+    /// layer's own output; residual bodies report their inner steps, then the add.
+    ///
+    /// # Errors
+    /// As [`QuantizedModel::forward`].
+    pub fn forward_with_hook(
+        &self,
+        x: &ArrayD<f32>,
+        hook: &mut StepHook<'_>,
+    ) -> Result<ArrayD<f32>> {
+        crate::qparams::check_finite(x, "QuantizedModel input")?;
+        Ok(run_steps(&self.steps, Act::F(x.clone()), &mut Some(hook))?.into_f32())
     }
 
     /// Bytes of the weights as stored in this model: packed int8 weights, their scales,
