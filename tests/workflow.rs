@@ -136,3 +136,45 @@ fn residual_blocks_add_in_int8() {
     let y = int8.forward(&data[5]).unwrap();
     assert!(sqnr(&model.forward(&data[5]).unwrap(), &y).unwrap() > 25.0);
 }
+
+#[test]
+fn parallel_calibration_equals_sequential_for_min_max_observers() {
+    let (train, test) = digits::load_data().unwrap();
+    let batches = digits::calibration_batches(&train, 12, 64);
+    for qc in [
+        QConfig::minmax_per_tensor(),
+        QConfig::minmax_per_channel(),
+        QConfig::default_qconfig(),
+    ] {
+        let map = QConfigMap::new(qc);
+        let mut seq = prepare(digits::trained_fused().unwrap(), &map).unwrap();
+        let mut par = prepare(digits::trained_fused().unwrap(), &map).unwrap();
+        let a = calibrate(&mut seq, &batches, |_| {}).unwrap();
+        let b = ptq::workflow::calibrate_parallel(&mut par, &batches, 3).unwrap();
+        assert_eq!(
+            a, b,
+            "the reports (batches, samples, every range) must be equal"
+        );
+        let (x, y) = (convert(seq).unwrap(), convert(par).unwrap());
+        assert_eq!(
+            x.forward(&test.images).unwrap(),
+            y.forward(&test.images).unwrap()
+        );
+    }
+    // Histogram observers: identical when every later shard's range fits in the first's.
+    let map = QConfigMap::new(QConfig::fbgemm());
+    let mut seq = prepare(digits::trained_fused().unwrap(), &map).unwrap();
+    let mut par = prepare(digits::trained_fused().unwrap(), &map).unwrap();
+    calibrate(&mut seq, &batches, |_| {}).unwrap();
+    let report = ptq::workflow::calibrate_parallel(&mut par, &batches, 2).unwrap();
+    assert_eq!((report.batches, report.samples), (12, 768));
+    let (x, y) = (convert(seq).unwrap(), convert(par).unwrap());
+    let acc =
+        |m: &QuantizedModel| digits::accuracy(&m.forward(&test.images).unwrap(), &test.labels);
+    assert!(
+        (acc(&x) - acc(&y)).abs() <= 0.004,
+        "{} vs {}",
+        acc(&x),
+        acc(&y)
+    );
+}

@@ -1,12 +1,15 @@
 //! `calibrate`: float forward passes that let the observers record ranges.
 
 use std::borrow::Borrow;
+use std::collections::BTreeMap;
 use std::fmt;
 
 use ndarray::ArrayD;
 
 use super::prepare::{Prepared, INPUT};
 use crate::error::{QuantError, Result};
+use crate::nn::Sequential;
+use crate::observer::Observer;
 
 /// Progress passed to the callback after each batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,11 +114,25 @@ where
     let Prepared {
         model, observers, ..
     } = prepared;
+    let seen = run_batches(model, observers, batches.into_iter(), &mut progress)?;
+    report(seen, observers)
+}
+
+/// Activation observers by path.
+type Observers = BTreeMap<String, Box<dyn Observer>>;
+
+/// Runs batches through `model`, feeding `observers`; counts what it ran.
+fn run_batches<B: Borrow<ArrayD<f32>>>(
+    model: &Sequential,
+    observers: &mut Observers,
+    batches: impl Iterator<Item = B>,
+    progress: &mut dyn FnMut(&CalibrationProgress),
+) -> Result<CalibrationProgress> {
     let mut seen = CalibrationProgress {
         batches: 0,
         samples: 0,
     };
-    for (i, batch) in batches.into_iter().enumerate() {
+    for (i, batch) in batches.enumerate() {
         let x = batch.borrow();
         if x.is_empty() {
             continue;
@@ -132,6 +149,13 @@ where
         seen.samples += x.shape().first().copied().unwrap_or(1);
         progress(&seen);
     }
+    Ok(seen)
+}
+
+fn report(
+    seen: CalibrationProgress,
+    observers: &BTreeMap<String, Box<dyn Observer>>,
+) -> Result<CalibrationReport> {
     if seen.batches == 0 {
         return Err(QuantError::EmptyCalibration {
             reason: "the batch iterator yielded no non-empty batch".into(),
@@ -149,4 +173,93 @@ where
             })
             .collect(),
     })
+}
+
+/// [`calibrate`] on several threads: the batches are cut into `threads` contiguous shards,
+/// each shard is run through the float model with fresh observers of its own, and the
+/// shards' observers are merged into the model's in shard order.
+///
+/// What the merge equals: exactly the sequential result for the min/max observers (per
+/// tensor and per channel); for the histogram observer, exactly the sequential result when
+/// the first shard's range already contains every later shard's, else PyTorch's combine
+/// rule applied to the shards (see [`crate::observer::HistogramObserver`]); for the
+/// moving-average observers, the batch-weighted mean of the shards' averages. Use
+/// `threads = 1` for bit-identical sequential semantics with every observer.
+///
+/// # Errors
+/// As [`calibrate`]; the first error of any shard (in shard order) is returned and
+/// nothing is merged.
+///
+/// # Examples
+/// ```
+/// use ndarray::{Array1, Array2, ArrayD, IxDyn};
+/// use ptq::nn::{Layer, Linear, Sequential};
+/// use ptq::qconfig::{QConfig, QConfigMap};
+/// use ptq::workflow::{calibrate, calibrate_parallel, prepare};
+/// let model = || Sequential::new()
+///     .push("fc", Layer::Linear(Linear::new(Array2::eye(4), Some(Array1::zeros(4))).unwrap()));
+/// let batches: Vec<ArrayD<f32>> = (0..8).map(|i| ArrayD::from_elem(IxDyn(&[2, 4]), i as f32 - 3.0)).collect();
+/// let map = QConfigMap::new(QConfig::minmax_per_channel());
+/// let (mut a, mut b) = (prepare(model(), &map)?, prepare(model(), &map)?);
+/// calibrate(&mut a, &batches, |_| {})?;
+/// calibrate_parallel(&mut b, &batches, 2)?;
+/// let qa: Vec<_> = a.observers().map(|(_, o)| o.qparams().unwrap()).collect();
+/// let qb: Vec<_> = b.observers().map(|(_, o)| o.qparams().unwrap()).collect();
+/// assert_eq!(qa, qb);
+/// # Ok::<(), ptq::QuantError>(())
+/// ```
+pub fn calibrate_parallel<B>(
+    prepared: &mut Prepared,
+    batches: &[B],
+    threads: usize,
+) -> Result<CalibrationReport>
+where
+    B: Borrow<ArrayD<f32>> + Sync,
+{
+    let threads = threads.clamp(1, batches.len().max(1));
+    let per = batches.len().div_ceil(threads).max(1);
+    let model = &prepared.model;
+    let template = &prepared.observers;
+    let shards: Vec<Result<(CalibrationProgress, Observers)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = batches
+            .chunks(per)
+            .map(|chunk| {
+                s.spawn(move || {
+                    let mut observers: Observers = template
+                        .iter()
+                        .map(|(k, o)| (k.clone(), o.fresh()))
+                        .collect();
+                    let seen = run_batches(
+                        model,
+                        &mut observers,
+                        chunk.iter().map(|b| b.borrow()),
+                        &mut |_| {},
+                    )?;
+                    Ok((seen, observers))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    let mut seen = CalibrationProgress {
+        batches: 0,
+        samples: 0,
+    };
+    let mut merged = Vec::with_capacity(shards.len());
+    for shard in shards {
+        merged.push(shard?);
+    }
+    for (progress, observers) in merged {
+        seen.batches += progress.batches;
+        seen.samples += progress.samples;
+        for (path, obs) in observers {
+            if let Some(mine) = prepared.observers.get_mut(&path) {
+                mine.merge(obs.as_ref()).map_err(|e| e.in_context(&path))?;
+            }
+        }
+    }
+    report(seen, &prepared.observers)
 }

@@ -21,7 +21,9 @@ use std::borrow::Borrow;
 
 use ndarray::ArrayD;
 
-pub use calibrate::{calibrate, CalibrationProgress, CalibrationReport, ObservedRange};
+pub use calibrate::{
+    calibrate, calibrate_parallel, CalibrationProgress, CalibrationReport, ObservedRange,
+};
 pub use convert::convert;
 pub use prepare::{prepare, Domain, PlanNode, Prepared, INPUT};
 
