@@ -18,8 +18,9 @@
 
 use crate::error::Result;
 use crate::observer::{
-    EntropyObserver, FixedQParamsObserver, HistogramObserver, MseObserver, PercentileObserver, MinMaxObserver, MovingAverageMinMaxObserver,
-    MovingAveragePerChannelMinMaxObserver, Observer, PerChannelMinMaxObserver,
+    EntropyObserver, FixedQParamsObserver, HistogramObserver, MinMaxObserver,
+    MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver, MseObserver, Observer,
+    PerChannelMinMaxObserver, PercentileObserver,
 };
 use crate::qparams::{DType, QParams, QScheme, RangeConfig};
 

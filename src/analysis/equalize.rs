@@ -149,11 +149,14 @@ fn find_pairs(model: &Sequential, skipped: &mut Vec<(String, String, String)>) -
         if b >= ch.len() {
             continue;
         }
-        let (na, nb) = (ch[a].0.clone(), ch[b].0.clone());
         if let Some(why) = blocked {
-            skipped.push((na, nb, why));
+            // Report it only when a weighted layer follows at all.
+            if let Some((nb, _)) = ch[b..].iter().find(|(_, l)| is_weighted(l)) {
+                skipped.push((ch[a].0.clone(), nb.clone(), why));
+            }
             continue;
         }
+        let (na, nb) = (ch[a].0.clone(), ch[b].0.clone());
         let c = out_channels(&ch[a].1);
         let block = match (&ch[a].1, &ch[b].1) {
             (_, Layer::Conv2d(conv) | Layer::ConvReLU2d(conv)) => {
@@ -237,8 +240,12 @@ fn in_ranges(l: &Layer, c: usize, block: usize) -> Vec<f32> {
 /// Divides output channel `i` (weights and bias) by `s[i]`.
 fn scale_out(l: &mut Layer, s: &[f32]) {
     let (w, b): (ndarray::ArrayViewMutD<'_, f32>, Option<&mut Array1<f32>>) = match l {
-        Layer::Conv2d(c) | Layer::ConvReLU2d(c) => (c.weight.view_mut().into_dyn(), c.bias.as_mut()),
-        Layer::Linear(x) | Layer::LinearReLU(x) => (x.weight.view_mut().into_dyn(), x.bias.as_mut()),
+        Layer::Conv2d(c) | Layer::ConvReLU2d(c) => {
+            (c.weight.view_mut().into_dyn(), c.bias.as_mut())
+        }
+        Layer::Linear(x) | Layer::LinearReLU(x) => {
+            (x.weight.view_mut().into_dyn(), x.bias.as_mut())
+        }
         _ => return,
     };
     let mut w = w;
@@ -454,11 +461,13 @@ where
         let d = match layer {
             Layer::Conv2d(c) | Layer::ConvReLU2d(c) => {
                 let dw = fq(c.weight.view().into_dyn()).map_err(|e| e.in_context(name))?;
-                let weight = dw.into_dimensionality().map_err(|_| QuantError::ShapeMismatch {
-                    context: name.clone(),
-                    expected: "a 4-d weight".into(),
-                    actual: format!("{:?}", c.weight.shape()),
-                })?;
+                let weight = dw
+                    .into_dimensionality()
+                    .map_err(|_| QuantError::ShapeMismatch {
+                        context: name.clone(),
+                        expected: "a 4-d weight".into(),
+                        actual: format!("{:?}", c.weight.shape()),
+                    })?;
                 Some(Layer::Conv2d(Conv2d {
                     weight,
                     bias: None,
@@ -467,11 +476,13 @@ where
             }
             Layer::Linear(l) | Layer::LinearReLU(l) => {
                 let dw = fq(l.weight.view().into_dyn()).map_err(|e| e.in_context(name))?;
-                let weight = dw.into_dimensionality().map_err(|_| QuantError::ShapeMismatch {
-                    context: name.clone(),
-                    expected: "a 2-d weight".into(),
-                    actual: format!("{:?}", l.weight.shape()),
-                })?;
+                let weight = dw
+                    .into_dimensionality()
+                    .map_err(|_| QuantError::ShapeMismatch {
+                        context: name.clone(),
+                        expected: "a 2-d weight".into(),
+                        actual: format!("{:?}", l.weight.shape()),
+                    })?;
                 Some(Layer::Linear(Linear::new(weight, None)?))
             }
             _ => None,
@@ -489,7 +500,11 @@ where
             if let Some((dl, sums, count)) = d {
                 let y = dl.forward(&cur).map_err(|e| e.in_context(name))?;
                 // Channel axis: 1 for conv outputs [N, C, H, W], last for Linear.
-                let axis = if matches!(dl, Layer::Conv2d(_)) { 1 } else { y.ndim() - 1 };
+                let axis = if matches!(dl, Layer::Conv2d(_)) {
+                    1
+                } else {
+                    y.ndim() - 1
+                };
                 let per = y.len() / y.shape()[axis].max(1);
                 for (c, lane) in y.axis_iter(Axis(axis)).enumerate() {
                     sums[c] += lane.iter().map(|&v| v as f64).sum::<f64>();

@@ -218,22 +218,23 @@ where
     let mut steps = Vec::new();
     let mut best: Option<Candidate> = None;
     for (variant, base, bias) in &variants {
-        let mut measure = |float: &[String], phase: &'static str, steps: &mut Vec<SearchStep>| -> Result<f64> {
-            let map = map_for(qconfig, float);
-            let m = build(base, &map, calibration, *bias)?;
-            let value = match m {
-                Some(m) => eval_int8(&m, eval, &mut metric)?,
-                None => float_metric,
+        let mut measure =
+            |float: &[String], phase: &'static str, steps: &mut Vec<SearchStep>| -> Result<f64> {
+                let map = map_for(qconfig, float);
+                let m = build(base, &map, calibration, *bias)?;
+                let value = match m {
+                    Some(m) => eval_int8(&m, eval, &mut metric)?,
+                    None => float_metric,
+                };
+                steps.push(SearchStep {
+                    variant,
+                    phase,
+                    float_layers: float.to_vec(),
+                    metric: value,
+                    meets_target: value >= target,
+                });
+                Ok(value)
             };
-            steps.push(SearchStep {
-                variant,
-                phase,
-                float_layers: float.to_vec(),
-                metric: value,
-                meets_target: value >= target,
-            });
-            Ok(value)
-        };
         let all = measure(&[], "all int8", &mut steps)?;
         let cand = if all >= target {
             Candidate {
@@ -301,7 +302,10 @@ where
         if better {
             best = Some(cand);
         }
-        if best.as_ref().is_some_and(|b| b.met && b.float_layers.is_empty()) {
+        if best
+            .as_ref()
+            .is_some_and(|b| b.met && b.float_layers.is_empty())
+        {
             break;
         }
     }
@@ -316,11 +320,12 @@ where
         })?;
     let mut float_layers = best.float_layers.clone();
     float_layers.sort_by_key(|p| layers.iter().position(|l| l == p));
-    let model = build(base, &map_for(qconfig, &float_layers), calibration, *bias)?.ok_or_else(|| {
-        QuantError::NothingToQuantize {
-            reason: "every layer had to stay in float and the model has no QuantStub".into(),
-        }
-    })?;
+    let model =
+        build(base, &map_for(qconfig, &float_layers), calibration, *bias)?.ok_or_else(|| {
+            QuantError::NothingToQuantize {
+                reason: "every layer had to stay in float and the model has no QuantStub".into(),
+            }
+        })?;
     Ok(MixedPrecisionResult {
         model,
         float_layers,

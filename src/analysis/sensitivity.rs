@@ -12,7 +12,11 @@ use crate::qconfig::{QConfig, QConfigMap};
 use crate::workflow::{calibrate, convert, prepare};
 
 /// Runs `model` on every evaluation batch and hands the outputs to `metric`.
-pub(crate) fn eval_int8<M>(model: &QuantizedModel, eval: &[ArrayD<f32>], metric: &mut M) -> Result<f64>
+pub(crate) fn eval_int8<M>(
+    model: &QuantizedModel,
+    eval: &[ArrayD<f32>],
+    metric: &mut M,
+) -> Result<f64>
 where
     M: FnMut(&[ArrayD<f32>]) -> f64,
 {

@@ -257,7 +257,10 @@ macro_rules! impl_clip_observer {
                 self.hist.seen
             }
 
-            fn merge(&mut self, other: &dyn $crate::observer::Observer) -> $crate::error::Result<()> {
+            fn merge(
+                &mut self,
+                other: &dyn $crate::observer::Observer,
+            ) -> $crate::error::Result<()> {
                 let o = $crate::observer::peer(self, other)?;
                 let same: fn(&$ty, &$ty) -> bool = $same;
                 if o.cfg != self.cfg || o.hist.bins() != self.hist.bins() || !same(self, o) {

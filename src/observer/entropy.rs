@@ -24,10 +24,13 @@ const KIND: &str = "EntropyObserver";
 /// * `Q` merges the bins of `[l, r)` (without the outliers) into as many groups as there
 ///   are quantized levels and spreads each group's mass evenly over its bins where `P` is
 ///   not zero;
+/// * the bin that holds 0 counts as much as its neighbour (the spike of values a ReLU
+///   zeroed would otherwise dominate the divergence; NVIDIA's pytorch-quantization does
+///   the same);
 /// * the divergence is `KL(P || Q)` after normalizing both (empty `Q` bins get a tiny
 ///   floor, so a range that drops mass is penalized, never infinite).
 ///
-/// The candidate with the least divergence wins; its edges become the range, mapped to
+/// The candidate with the least divergence wins (the widest on ties within `1e-9`); its edges become the range, mapped to
 /// scale and zero point like [`super::MinMaxObserver`]. The search costs
 /// `O(bins^2)` (about 4 million steps for 2048 bins), paid once per `qparams` call.
 ///
@@ -89,7 +92,17 @@ impl EntropyObserver {
         self.hist.seen?;
         let (qmin, qmax) = self.cfg.quant_range();
         let levels = (qmax as i64 - qmin as i64 + 1).max(2) as usize;
-        let h = &self.hist.counts;
+        // The bin of 0 holds every value a ReLU zeroed: a spike that would make the
+        // divergence favour ranges narrow enough to give it a level of its own. As in
+        // NVIDIA's pytorch-quantization, its count is replaced by its neighbour's.
+        let mut h = self.hist.counts.clone();
+        let z = self.hist.zero_bin();
+        let neighbour = if z + 1 < h.len() {
+            z + 1
+        } else {
+            z.saturating_sub(1)
+        };
+        h[z] = h[neighbour];
         let mut best = (f64::INFINITY, 0, h.len());
         let mut p = Vec::with_capacity(h.len());
         let mut q = Vec::with_capacity(h.len());
@@ -130,11 +143,18 @@ impl EntropyObserver {
                 .filter(|(pk, _)| **pk > 0.0)
                 .map(|(pk, qk)| {
                     let pn = pk / ps;
-                    let qn = if qs > 0.0 { (qk / qs).max(floor) } else { floor };
+                    let qn = if qs > 0.0 {
+                        (qk / qs).max(floor)
+                    } else {
+                        floor
+                    };
                     pn * (pn / qn).ln()
                 })
                 .sum();
-            if kl < best.0 {
+            // Candidates come narrowest first: on (near) ties the wider range wins, so
+            // data of a few discrete values (pixels), which every range shows without
+            // loss, is not clipped.
+            if kl <= best.0 + 1e-9 {
                 best = (kl, l, r);
             }
         }

@@ -117,4 +117,5 @@ impl Default for PercentileObserver {
     }
 }
 
-impl_clip_observer!(PercentileObserver, KIND, |a, b| a.percentile == b.percentile);
+impl_clip_observer!(PercentileObserver, KIND, |a, b| a.percentile
+    == b.percentile);
