@@ -197,33 +197,6 @@ impl ClipHistogram {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use ndarray::Array;
-
-    #[test]
-    fn growing_conserves_mass_and_merge_equals_one_stream_on_a_shared_range() {
-        let a = Array::linspace(-1.0f32, 1.0, 1000).into_dyn();
-        let b = Array::linspace(-3.0f32, 5.0, 777).into_dyn();
-        let mut one = ClipHistogram::new(64);
-        one.observe(&a.view(), "t").unwrap();
-        one.observe(&b.view(), "t").unwrap();
-        assert!((one.total() - 1777.0).abs() < 1e-9);
-        assert_eq!((one.lo, one.hi), (-3.0, 5.0));
-        let mut x = ClipHistogram::new(64);
-        x.observe(&b.view(), "t").unwrap();
-        let mut y = ClipHistogram::new(64);
-        y.observe(&b.view(), "t").unwrap();
-        x.merge(&y);
-        let mut both = ClipHistogram::new(64);
-        both.observe(&b.view(), "t").unwrap();
-        both.observe(&b.view(), "t").unwrap();
-        assert_eq!(x, both);
-        assert!((one.quantile(0.5) - 0.6).abs() < 0.5);
-    }
-}
-
 /// Implements [`super::Observer`] for a clipping observer with fields `cfg`, `hist` and a
 /// method `clip_range(&self) -> Option<(f32, f32)>`; `$same` compares the observers'
 /// own parameters for `merge`.
@@ -286,3 +259,30 @@ macro_rules! impl_clip_observer {
     };
 }
 pub(crate) use impl_clip_observer;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::Array;
+
+    #[test]
+    fn growing_conserves_mass_and_merge_equals_one_stream_on_a_shared_range() {
+        let a = Array::linspace(-1.0f32, 1.0, 1000).into_dyn();
+        let b = Array::linspace(-3.0f32, 5.0, 777).into_dyn();
+        let mut one = ClipHistogram::new(64);
+        one.observe(&a.view(), "t").unwrap();
+        one.observe(&b.view(), "t").unwrap();
+        assert!((one.total() - 1777.0).abs() < 1e-9);
+        assert_eq!((one.lo, one.hi), (-3.0, 5.0));
+        let mut x = ClipHistogram::new(64);
+        x.observe(&b.view(), "t").unwrap();
+        let mut y = ClipHistogram::new(64);
+        y.observe(&b.view(), "t").unwrap();
+        x.merge(&y);
+        let mut both = ClipHistogram::new(64);
+        both.observe(&b.view(), "t").unwrap();
+        both.observe(&b.view(), "t").unwrap();
+        assert_eq!(x, both);
+        assert!((one.quantile(0.5) - 0.6).abs() < 0.5);
+    }
+}
