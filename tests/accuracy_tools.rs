@@ -565,3 +565,71 @@ fn bias_correction_removes_the_mean_output_shift_of_quantized_weights() {
         Err(QuantError::EmptyCalibration { .. })
     ));
 }
+
+#[test]
+fn high_bias_absorption_keeps_the_function_on_the_data_and_shrinks_ranges() {
+    let (train, test) = digits::load_data().unwrap();
+    let calib = digits::calibration_batches(&train, 8, 64);
+    let model = digits::unequal_ranges(&digits::trained_fused().unwrap());
+    let (eq, _) = equalize(&model, 20).unwrap();
+    let (abs, report) = ptq::analysis::absorb_high_bias(&eq, &calib).unwrap();
+    assert!(!report.is_empty());
+    let y = eq.forward(&calib[0]).unwrap();
+    let scale = y.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    assert!(max_abs_diff(&y, &abs.forward(&calib[0]).unwrap()) < 1e-4 * scale);
+    // The first layer's outputs lose their floor: every channel's minimum on the data is 0.
+    let mut mins_before = f32::INFINITY;
+    let mut mins_after = f32::INFINITY;
+    for (m, target) in [(&eq, &mut mins_before), (&abs, &mut mins_after)] {
+        m.forward_with_hook(&calib[0], &mut |p, y| {
+            if p == "fc1" {
+                *target = y.iter().copied().fold(f32::INFINITY, f32::min);
+            }
+            Ok(())
+        })
+        .unwrap();
+    }
+    assert!(mins_after <= mins_before);
+    // On the digits CNN every channel reaches 0 somewhere (blank image borders), so
+    // nothing moves there; the synthetic test below has channels that never do.
+    // Accuracy on the test set stays that of the float model, within a point.
+    let float_acc = digits::accuracy(&model.forward(&test.images).unwrap(), &test.labels);
+    let int8 = quantize_model(abs, &QConfigMap::new(QConfig::qnnpack()), &calib).unwrap();
+    let acc = digits::accuracy(&int8.forward(&test.images).unwrap(), &test.labels);
+    assert!(acc >= float_acc - 0.01, "{acc} vs {float_acc}");
+    let none: Vec<ArrayD<f32>> = Vec::new();
+    assert!(ptq::analysis::absorb_high_bias(&eq, &none).is_err());
+}
+
+#[test]
+fn high_bias_absorption_moves_a_channel_floor_into_the_next_layer() {
+    let mut seed = 5;
+    let mut b1 = Array1::from_shape_fn(4, |_| lcg(&mut seed) * 0.1);
+    b1[2] = 50.0; // channel 2 never drops below about 48
+    let fc1 = Linear::new(Array2::from_shape_fn((4, 3), |_| lcg(&mut seed)), Some(b1)).unwrap();
+    let fc2 = Linear::new(Array2::from_shape_fn((2, 4), |_| lcg(&mut seed)), None).unwrap();
+    let model = Sequential::new()
+        .push("fc1", Layer::Linear(fc1))
+        .push("relu", Layer::ReLU)
+        .push("fc2", Layer::Linear(fc2));
+    let data = vec![ArrayD::from_shape_fn(IxDyn(&[64, 3]), |_| lcg(&mut seed))];
+    let (abs, report) = ptq::analysis::absorb_high_bias(&model, &data).unwrap();
+    assert_eq!(report.len(), 1);
+    let c = &report[0].absorbed;
+    assert!(c[2] > 45.0 && c[2] < 50.0, "{c:?}");
+    let y = model.forward(&data[0]).unwrap();
+    assert!(max_abs_diff(&y, &abs.forward(&data[0]).unwrap()) < 1e-3);
+    // fc1's output range shrinks by the floor.
+    let out = |m: &Sequential| {
+        let mut hi = 0.0f32;
+        m.forward_with_hook(&data[0], &mut |p, y| {
+            if p == "relu" {
+                hi = y.iter().copied().fold(0.0, f32::max);
+            }
+            Ok(())
+        })
+        .unwrap();
+        hi
+    };
+    assert!(out(&abs) < out(&model) - 40.0);
+}

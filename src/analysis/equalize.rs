@@ -325,7 +325,12 @@ fn scale_in(l: &mut Layer, s: &[f32], block: usize) {
 /// let x = ArrayD::from_shape_fn(IxDyn(&[4, 2]), |i| i[0] as f32 - i[1] as f32 * 0.5);
 /// let (a, b) = (model.forward(&x)?, eq.forward(&x)?);
 /// assert!(a.iter().zip(b.iter()).all(|(u, v)| (u - v).abs() < 1e-5));
-/// assert!(ptq::analysis::range_spread(&report.pairs[0].first_ranges_after) < 1.01);
+/// // Each channel now has the same range on both sides: sqrt(r1_i * r2_i).
+/// let p = &report.pairs[0];
+/// for (a, b) in p.first_ranges_after.iter().zip(&p.second_ranges_after) {
+///     assert!((a / b - 1.0).abs() < 1e-4);
+/// }
+/// assert!(ptq::analysis::range_spread(&p.first_ranges_before) > 50.0);
 /// # Ok::<(), ptq::QuantError>(())
 /// ```
 pub fn equalize(model: &Sequential, max_sweeps: usize) -> Result<(Sequential, EqualizationReport)> {
@@ -543,6 +548,179 @@ where
         report.push(BiasCorrection {
             path: name.clone(),
             shift,
+        });
+    }
+    Ok((out, report))
+}
+
+/// One pair's high-bias absorption.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AbsorbedBias {
+    /// Dotted path of the layer whose bias was lowered.
+    pub first: String,
+    /// Dotted path of the layer whose bias took the difference.
+    pub second: String,
+    /// Per channel of `first`, the amount `c_i` moved (0 where nothing could move).
+    pub absorbed: Vec<f32>,
+}
+
+/// Whether a constant per-channel shift passes through a layer between the pair.
+fn shift_commutes(l: &Layer) -> bool {
+    match l {
+        Layer::ReLU
+        | Layer::Identity
+        | Layer::Dropout
+        | Layer::AdaptiveAvgPool2d(_)
+        | Layer::Flatten { start_dim: 1 } => true,
+        Layer::Pool2d(p) => matches!(p.kind, crate::nn::PoolKind::Max) || p.padding == (0, 0),
+        _ => false,
+    }
+}
+
+/// High-bias absorption (Nagel et al. 2019, section 4.1), with the bound taken from data.
+///
+/// After [`equalize`], a channel scaled down keeps a large bias, which widens its
+/// activation range. For every equalizable pair `W1 -> ReLU -> W2` (as in [`equalize`],
+/// with a ReLU fused into `W1` or right after it, average pooling only without padding,
+/// and a Linear or unpadded convolution as `W2`), let `c_i >= 0` be the smallest value of
+/// `W1`'s output channel `i` over the calibration batches. Where the pre-activation never
+/// drops below `c_i`, `ReLU(h - c_i) + c_i = ReLU(h)`, so `c_i` is subtracted from `W1`'s
+/// bias and `W2 c` added to `W2`'s: the function is unchanged on every input whose
+/// pre-activations stay above `c` (all of the calibration data), and the activation range
+/// between the layers shrinks by `c`. (Nagel et al. bound `c` with batch-norm statistics,
+/// `beta - 3 gamma`, which batch-norm folding has removed; the data give the bound here.)
+///
+/// # Errors
+/// [`QuantError::EmptyCalibration`] for no batches, and the model's forward errors.
+///
+/// # Examples
+/// ```
+/// use ndarray::{array, ArrayD, IxDyn};
+/// use ptq::analysis::absorb_high_bias;
+/// use ptq::nn::{Layer, Linear, Sequential};
+/// let fc1 = Linear::new(array![[1.0f32, 0.0], [0.0, 1.0]], Some(array![10.0f32, 0.0]))?;
+/// let fc2 = Linear::new(array![[1.0f32, 1.0]], Some(array![0.0f32]))?;
+/// let model = Sequential::new()
+///     .push("fc1", Layer::LinearReLU(fc1))
+///     .push("fc2", Layer::Linear(fc2));
+/// let data = vec![ArrayD::from_shape_fn(IxDyn(&[8, 2]), |i| i[0] as f32 * 0.1)];
+/// let (absorbed, report) = absorb_high_bias(&model, &data)?;
+/// assert_eq!(report[0].absorbed[0], 10.0); // channel 0 never drops below 10
+/// let (a, b) = (model.forward(&data[0])?, absorbed.forward(&data[0])?);
+/// assert!(a.iter().zip(b.iter()).all(|(u, v)| (u - v).abs() < 1e-5));
+/// # Ok::<(), ptq::QuantError>(())
+/// ```
+pub fn absorb_high_bias<I, B>(
+    model: &Sequential,
+    batches: I,
+) -> Result<(Sequential, Vec<AbsorbedBias>)>
+where
+    I: IntoIterator<Item = B>,
+    B: Borrow<ArrayD<f32>>,
+{
+    let mut out = model.clone();
+    let mut skipped = Vec::new();
+    let pairs: Vec<Pair> = find_pairs(&out, &mut skipped)
+        .into_iter()
+        .filter(|p| {
+            let ch = out.children();
+            let relu = matches!(ch[p.a].1, Layer::ConvReLU2d(_) | Layer::LinearReLU(_))
+                || matches!(ch.get(p.a + 1), Some((_, Layer::ReLU)));
+            let between = ch[p.a + 1..p.b].iter().all(|(_, l)| shift_commutes(l));
+            let second = match &ch[p.b].1 {
+                Layer::Conv2d(c) | Layer::ConvReLU2d(c) => c.padding == (0, 0),
+                _ => true,
+            };
+            relu && between && second
+        })
+        .collect();
+    // Per pair, the running per-channel minimum of the first layer's output.
+    let mut mins: Vec<Vec<f32>> = pairs
+        .iter()
+        .map(|p| vec![f32::INFINITY; out_channels(&out.children()[p.a].1)])
+        .collect();
+    let mut any = false;
+    for batch in batches {
+        any = true;
+        let mut cur = batch.borrow().clone();
+        for (idx, (name, layer)) in out.children().iter().enumerate() {
+            cur = layer.forward(&cur).map_err(|e| e.in_context(name))?;
+            for (k, p) in pairs.iter().enumerate() {
+                if p.a == idx {
+                    let axis = if cur.ndim() == 4 { 1 } else { cur.ndim() - 1 };
+                    for (c, lane) in cur.axis_iter(Axis(axis)).enumerate() {
+                        let m = lane.iter().copied().fold(f32::INFINITY, f32::min);
+                        mins[k][c] = mins[k][c].min(m);
+                    }
+                }
+            }
+        }
+    }
+    if !any {
+        return Err(QuantError::EmptyCalibration {
+            reason: "absorb_high_bias needs at least one batch".into(),
+        });
+    }
+    let mut report = Vec::new();
+    for (p, m) in pairs.iter().zip(mins) {
+        let c: Vec<f32> = m
+            .iter()
+            .map(|&v| if v.is_finite() { v.max(0.0) } else { 0.0 })
+            .collect();
+        let ch = out.children_mut();
+        let (head, tail) = ch.split_at_mut(p.b);
+        let first = &mut head[p.a].1;
+        let second = &mut tail[0].1;
+        match first {
+            Layer::Conv2d(conv) | Layer::ConvReLU2d(conv) => {
+                if let Some(b) = conv.bias.as_mut() {
+                    b.iter_mut().zip(&c).for_each(|(v, ci)| *v -= ci);
+                } else {
+                    continue;
+                }
+            }
+            Layer::Linear(l) | Layer::LinearReLU(l) => {
+                if let Some(b) = l.bias.as_mut() {
+                    b.iter_mut().zip(&c).for_each(|(v, ci)| *v -= ci);
+                } else {
+                    continue;
+                }
+            }
+            _ => continue,
+        }
+        // The second layer's bias takes W2 c.
+        match second {
+            Layer::Conv2d(conv) | Layer::ConvReLU2d(conv) => {
+                let (o, cpg, _, _) = conv.weight.dim();
+                let opg = (o / conv.groups.max(1)).max(1);
+                let mut add = vec![0.0f32; o];
+                for (oc, a) in add.iter_mut().enumerate() {
+                    let g = oc / opg;
+                    for j in 0..cpg {
+                        let s: f32 = conv.weight.slice(ndarray::s![oc, j, .., ..]).sum();
+                        *a += s * c[g * cpg + j];
+                    }
+                }
+                let b = conv.bias.get_or_insert_with(|| Array1::zeros(o));
+                b.iter_mut().zip(&add).for_each(|(v, a)| *v += a);
+            }
+            Layer::Linear(l) | Layer::LinearReLU(l) => {
+                let o = l.weight.nrows();
+                let mut add = vec![0.0f32; o];
+                for (oc, a) in add.iter_mut().enumerate() {
+                    for (col, w) in l.weight.row(oc).iter().enumerate() {
+                        *a += w * c[col / p.block];
+                    }
+                }
+                let b = l.bias.get_or_insert_with(|| Array1::zeros(o));
+                b.iter_mut().zip(&add).for_each(|(v, a)| *v += a);
+            }
+            _ => continue,
+        }
+        report.push(AbsorbedBias {
+            first: head[p.a].0.clone(),
+            second: tail[0].0.clone(),
+            absorbed: c,
         });
     }
     Ok((out, report))

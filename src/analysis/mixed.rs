@@ -5,7 +5,7 @@ use std::fmt;
 
 use ndarray::ArrayD;
 
-use super::equalize::{correct_bias, equalize};
+use super::equalize::{absorb_high_bias, correct_bias, equalize};
 use super::sensitivity::{check_data, eval_float, eval_int8, quantizable_layers, quantize_with};
 use crate::error::{QuantError, Result};
 use crate::nn::quantized::QuantizedModel;
@@ -18,7 +18,8 @@ pub struct MixedPrecisionOptions {
     /// The largest acceptable drop of the metric below the float model's (e.g. `0.01`
     /// for one point of accuracy expressed as a fraction).
     pub allowed_drop: f64,
-    /// Also search on the cross-layer-equalized model ([`equalize`]).
+    /// Also search on the cross-layer-equalized model ([`equalize`], then
+    /// [`absorb_high_bias`] on the calibration data).
     pub try_equalization: bool,
     /// Also search with empirical bias correction ([`correct_bias`]) applied.
     pub try_bias_correction: bool,
@@ -124,7 +125,8 @@ struct Candidate {
 ///
 /// `metric` is as in [`super::sensitivity`]: it sees the outputs on the `eval` batches and
 /// returns a number where higher is better. For each pre-processing variant (the model
-/// as given; then, if enabled, [`equalize`]d; bias-corrected; both), the search:
+/// as given; then, if enabled, [`equalize`]d with [`absorb_high_bias`]; bias-corrected
+/// with [`correct_bias`]; both), the search:
 ///
 /// 1. quantizes everything (`all int8`); if that meets the target, no layer is kept in
 ///    float;
@@ -203,6 +205,7 @@ where
     let mut variants: Vec<(&'static str, Sequential, bool)> = vec![("plain", model.clone(), false)];
     let equalized = if options.try_equalization {
         let (eq, _) = equalize(model, options.equalization_sweeps.max(1))?;
+        let (eq, _) = absorb_high_bias(&eq, calibration)?;
         variants.push(("equalized", eq.clone(), false));
         Some(eq)
     } else {

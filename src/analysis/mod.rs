@@ -1,8 +1,8 @@
 //! Finding accuracy loss and repairing it: per-layer error between a float model and its
 //! int8 twin ([`activation_sqnr`], [`weight_sqnr`]), per-layer [`sensitivity`], automatic
 //! mixed precision ([`auto_mixed_precision`]), and two steps before `prepare` that make a
-//! float model easier to quantize: cross-layer equalization ([`equalize`]) and bias
-//! correction ([`correct_bias`]).
+//! float model easier to quantize: cross-layer equalization ([`equalize`]) with high-bias
+//! absorption ([`absorb_high_bias`]), and bias correction ([`correct_bias`]).
 //!
 //! The measuring tools run beside the flow and never change it. Errors are reported as SQNR
 //! (signal-to-quantization-noise ratio, `10 log10(sum x^2 / sum (x - x')^2)` in dB: higher
@@ -13,7 +13,8 @@ mod mixed;
 mod sensitivity;
 
 pub use equalize::{
-    correct_bias, equalize, range_spread, BiasCorrection, EqualizationReport, EqualizedPair,
+    absorb_high_bias, correct_bias, equalize, range_spread, AbsorbedBias, BiasCorrection,
+    EqualizationReport, EqualizedPair,
 };
 pub use mixed::{auto_mixed_precision, MixedPrecisionOptions, MixedPrecisionResult, SearchStep};
 pub use sensitivity::{quantizable_layers, sensitivity, LayerSensitivity, SensitivityReport};

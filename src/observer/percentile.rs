@@ -29,8 +29,8 @@ const KIND: &str = "PercentileObserver";
 /// use ndarray::Array;
 /// use ptq::observer::{Observer, PercentileObserver};
 /// let mut obs = PercentileObserver::default();
-/// let mut x = Array::linspace(0.0f32, 1.0, 10_000);
-/// x[9_999] = 1000.0; // one outlier in ten thousand
+/// let mut x = Array::linspace(0.0f32, 1.0, 100_000);
+/// x[99_999] = 1000.0; // one outlier in 100 000; 99.99% keeps all but 5 in each tail
 /// obs.observe(x.view().into_dyn())?;
 /// let (_, hi) = obs.clip_range().unwrap();
 /// assert!(hi < 2.0, "the outlier is clipped: {hi}");
