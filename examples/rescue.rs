@@ -16,7 +16,8 @@ use std::fmt::Write as _;
 
 use ndarray::ArrayD;
 use ptq::analysis::{
-    auto_mixed_precision, equalize, sensitivity, weight_sqnr, LayerReport, MixedPrecisionOptions,
+    absorb_high_bias, activation_sqnr, auto_mixed_precision, correct_bias, equalize, sensitivity,
+    weight_sqnr, LayerReport, MixedPrecisionOptions,
 };
 use ptq::nn::Sequential;
 use ptq::observer::{
@@ -82,7 +83,21 @@ fn main() -> Result<(), QuantError> {
         .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
     println!("float function unchanged: max |logit difference| = {max_diff:.2e}");
     let w_after = weight_sqnr(&equalized, &map)?;
-    let eq_acc = acc(&quantize_model(equalized.clone(), &map, &calib)?)?;
+    let eq_int8 = quantize_model(equalized.clone(), &map, &calib)?;
+    let eq_acc = acc(&eq_int8)?;
+    println!("\nPer-layer activation SQNR on the test set, default flow:");
+    println!("{}", activation_sqnr(&model, &default, &eval)?);
+    println!("... and after equalization:");
+    println!("{}", activation_sqnr(&equalized, &eq_int8, &eval)?);
+    let (absorbed, moved) = absorb_high_bias(&equalized, &calib)?;
+    let moved_total: usize = moved
+        .iter()
+        .map(|a| a.absorbed.iter().filter(|&&c| c > 0.0).count())
+        .sum();
+    println!("high-bias absorption: {moved_total} channel(s) had a floor above 0 to move");
+    let abs_acc = acc(&quantize_model(absorbed.clone(), &map, &calib)?)?;
+    let (corrected, _) = correct_bias(&absorbed, &map, &calib)?;
+    let bc_acc = acc(&quantize_model(corrected, &map, &calib)?)?;
 
     // 3. Automatic mixed precision, without and with equalization allowed.
     let plain_opts = MixedPrecisionOptions {
@@ -105,25 +120,31 @@ fn main() -> Result<(), QuantError> {
     println!("Automatic mixed precision, equalization and bias correction allowed:");
     println!("{amp}");
 
-    println!("{:<58} {:>9}", "model", "accuracy");
-    println!("{:<58} {:>8.2}%", "float", 100.0 * float_acc);
+    println!("{:<62} {:>9}", "model", "accuracy");
+    println!("{:<62} {:>8.2}%", "float", 100.0 * float_acc);
     println!(
-        "{:<58} {:>8.2}%",
+        "{:<62} {:>8.2}%",
         "int8, default per-tensor flow (qnnpack qconfig)",
         100.0 * default_acc
     );
     println!(
-        "{:<58} {:>8.2}%",
+        "{:<62} {:>8.2}%",
         "int8, fbgemm qconfig (per-channel weights)",
         100.0 * fbgemm_acc
     );
     println!(
-        "{:<58} {:>8.2}%",
+        "{:<62} {:>8.2}%",
         "int8 after cross-layer equalization",
         100.0 * eq_acc
     );
     println!(
-        "{:<58} {:>8.2}%",
+        "{:<62} {:>8.2}%",
+        "  + high-bias absorption",
+        100.0 * abs_acc
+    );
+    println!("{:<62} {:>8.2}%", "  + bias correction", 100.0 * bc_acc);
+    println!(
+        "{:<62} {:>8.2}%",
         format!(
             "int8 mixed precision, float: [{}]",
             amp_plain.float_layers.join(", ")
@@ -131,7 +152,7 @@ fn main() -> Result<(), QuantError> {
         100.0 * amp_plain.metric
     );
     println!(
-        "{:<58} {:>8.2}%",
+        "{:<62} {:>8.2}%",
         format!(
             "int8 mixed precision ({}), float: [{}]",
             amp.variant,

@@ -160,6 +160,14 @@ fn find_pairs(model: &Sequential, skipped: &mut Vec<(String, String, String)>) -
         let c = out_channels(&ch[a].1);
         let block = match (&ch[a].1, &ch[b].1) {
             (_, Layer::Conv2d(conv) | Layer::ConvReLU2d(conv)) => {
+                if conv.groups == 0 || conv.out_channels() % conv.groups != 0 {
+                    skipped.push((
+                        na,
+                        nb,
+                        "the second convolution's groups do not divide its channels".into(),
+                    ));
+                    continue;
+                }
                 if flatten || conv.in_channels() != c {
                     skipped.push((na, nb, "channel counts do not match".into()));
                     continue;
