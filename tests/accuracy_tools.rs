@@ -633,3 +633,73 @@ fn high_bias_absorption_moves_a_channel_floor_into_the_next_layer() {
     };
     assert!(out(&abs) < out(&model) - 40.0);
 }
+
+/// Two bad layers (`fc_b`, `fc_c`) between good ones: each has a huge weight on an input
+/// that is always 0, so per-tensor weights round everything else away.
+fn two_bad_layers() -> (Sequential, Vec<ArrayD<f32>>) {
+    let mut seed = 23;
+    let mut wa = Array2::from_shape_fn((8, 8), |_| lcg(&mut seed));
+    wa.row_mut(0).fill(0.0);
+    let mut ba = Array1::from_shape_fn(8, |_| lcg(&mut seed).abs());
+    ba[0] = 0.0;
+    let bad = |seed: &mut u64| {
+        let mut w = Array2::from_shape_fn((8, 8), |_| lcg(seed));
+        w.column_mut(0).fill(1000.0);
+        w.row_mut(0).fill(0.0); // output 0 stays 0 for the next bad layer
+        let mut b = Array1::from_shape_fn(8, |_| lcg(seed).abs());
+        b[0] = 0.0;
+        Linear::new(w, Some(b)).unwrap()
+    };
+    let fc_b = bad(&mut seed);
+    let fc_c = bad(&mut seed);
+    let wd = Array2::from_shape_fn((6, 8), |_| lcg(&mut seed));
+    let model = Sequential::new()
+        .push("quant", Layer::QuantStub)
+        .push(
+            "fc_a",
+            Layer::LinearReLU(Linear::new(wa, Some(ba)).unwrap()),
+        )
+        .push("fc_b", Layer::LinearReLU(fc_b))
+        .push("fc_c", Layer::LinearReLU(fc_c))
+        .push("fc_d", Layer::Linear(Linear::new(wd, None).unwrap()))
+        .push("dequant", Layer::DeQuantStub);
+    let data = (0..4)
+        .map(|_| ArrayD::from_shape_fn(IxDyn(&[64, 8]), |_| lcg(&mut seed)))
+        .collect();
+    (model, data)
+}
+
+#[test]
+fn the_search_prunes_back_to_exactly_the_two_bad_layers() {
+    let (model, data) = two_bad_layers();
+    let reference: Vec<ArrayD<f32>> = data.iter().map(|x| model.forward(x).unwrap()).collect();
+    let options = MixedPrecisionOptions {
+        allowed_drop: 0.05,
+        try_equalization: false,
+        try_bias_correction: false,
+        ..Default::default()
+    };
+    let found = auto_mixed_precision(
+        &model,
+        QConfig::minmax_per_tensor(),
+        &data,
+        &data,
+        agreement(&reference),
+        &options,
+    )
+    .unwrap();
+    println!("{found}");
+    assert!(found.target_met);
+    assert_eq!(found.float_layers, ["fc_b", "fc_c"]);
+    // No single layer kept in float (nor none) meets the target, so two is the fewest;
+    // greedy overshoots to four layers and the pruning pass removes fc_a and fc_d.
+    for single in ["fc_a", "fc_b", "fc_c", "fc_d"] {
+        let step = found
+            .steps
+            .iter()
+            .find(|s| s.phase == "sensitivity" && s.float_layers == [single])
+            .unwrap();
+        assert!(!step.meets_target, "{single}");
+    }
+    assert!(found.steps.len() <= 1 + 3 * 4);
+}
