@@ -703,3 +703,45 @@ fn the_search_prunes_back_to_exactly_the_two_bad_layers() {
     }
     assert!(found.steps.len() <= 1 + 3 * 4);
 }
+
+#[test]
+fn activation_sqnr_matches_a_hand_computed_requantization() {
+    // quant -> fc (weight [[1.0]]) -> dequant with min/max observers: quint8 0..=127
+    // (reduce_range), per-tensor symmetric qint8 weights. Inputs 0.01 k + 0.003 for
+    // k = 0..=126, and 1.27: input and output ranges are [0, 1.27], so both scales are
+    // 0.01 with zero point 0. Input k + 0.003 quantizes to k; the weight quantizes to 127
+    // with scale 1 / 127.5, so the int8 output is round(k * 127 / 127.5) = k (the factor
+    // is 1 - 1/255 and k <= 127). Every output but the last is off by exactly 0.003.
+    let model = Sequential::new()
+        .push("quant", Layer::QuantStub)
+        .push(
+            "fc",
+            Layer::Linear(Linear::new(array![[1.0f32]], None).unwrap()),
+        )
+        .push("dequant", Layer::DeQuantStub);
+    let x = ArrayD::from_shape_fn(IxDyn(&[128, 1]), |i| {
+        if i[0] == 127 {
+            1.27f32
+        } else {
+            i[0] as f32 * 0.01 + 0.003
+        }
+    });
+    let data = vec![x];
+    let int8 = quantize_model(
+        model.clone(),
+        &QConfigMap::new(QConfig::minmax_per_tensor()),
+        &data,
+    )
+    .unwrap();
+    let report = ptq::analysis::activation_sqnr(&model, &int8, &data).unwrap();
+    let fc = report.get("fc").unwrap();
+    let signal: f64 = (0..127)
+        .map(|k| (0.01 * k as f64 + 0.003).powi(2))
+        .sum::<f64>()
+        + 1.27f64.powi(2);
+    let noise = 127.0 * 0.003f64.powi(2);
+    let want = 10.0 * (signal / noise).log10();
+    assert!((fc.sqnr_db - want).abs() < 0.01, "{} vs {want}", fc.sqnr_db);
+    assert!((fc.max_abs_error - 0.003).abs() < 1e-5);
+    assert_eq!(fc.elements, 128);
+}
