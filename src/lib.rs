@@ -42,11 +42,14 @@
 //! ## Modules
 //! * [`qparams`]: dtypes, schemes, [`QParams`], `quantize` / `dequantize` /
 //!   `fake_quantize` and the min/max to scale/zero-point arithmetic.
-//! * [`observer`]: the [`Observer`](observer::Observer) trait and PyTorch's observers.
+//! * [`observer`]: the [`Observer`](observer::Observer) trait, PyTorch's observers, and
+//!   percentile, entropy (KL) and MSE clipping observers.
 //! * [`qconfig`]: observer specs and the fbgemm / x86 / qnnpack presets.
 //! * [`nn`]: float layers, [`Sequential`](nn::Sequential) models of named children, fusion.
 //! * [`workflow`]: `prepare` -> `calibrate` -> `convert`.
-//! * [`analysis`]: per-layer error (SQNR) of an int8 model against its float twin.
+//! * [`analysis`]: per-layer error (SQNR) of an int8 model against its float twin,
+//!   sensitivity analysis, automatic mixed precision, cross-layer equalization, high-bias
+//!   absorption and bias correction.
 //! * [`io`]: PyTorch `state_dict` loading from safetensors.
 //! * [`error`]: [`QuantError`], the one error type.
 #![deny(unsafe_code)]

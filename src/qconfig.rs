@@ -18,8 +18,9 @@
 
 use crate::error::Result;
 use crate::observer::{
-    FixedQParamsObserver, HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver,
-    MovingAveragePerChannelMinMaxObserver, Observer, PerChannelMinMaxObserver,
+    EntropyObserver, FixedQParamsObserver, HistogramObserver, MinMaxObserver,
+    MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver, MseObserver, Observer,
+    PerChannelMinMaxObserver, PercentileObserver,
 };
 use crate::qparams::{DType, QParams, QScheme, RangeConfig};
 
@@ -37,6 +38,24 @@ pub enum ObserverKind {
     /// [`HistogramObserver`].
     Histogram {
         /// Number of histogram bins, PyTorch's default 2048.
+        bins: usize,
+    },
+    /// [`PercentileObserver`]: clip to the range holding `percentile` percent of values.
+    Percentile {
+        /// Percent of the values kept inside the range, in `(50, 100]`, e.g. 99.99.
+        percentile: f64,
+        /// Number of histogram bins (2048 is usual).
+        bins: usize,
+    },
+    /// [`EntropyObserver`]: the range of least KL divergence (TensorRT's entropy
+    /// calibration).
+    Entropy {
+        /// Number of histogram bins (2048 is usual).
+        bins: usize,
+    },
+    /// [`MseObserver`]: the range of least expected squared error.
+    Mse {
+        /// Number of histogram bins (2048 is usual).
         bins: usize,
     },
     /// [`FixedQParamsObserver`] with this scale and zero point.
@@ -109,6 +128,30 @@ impl ObserverSpec {
         Self::with_kind(ObserverKind::Histogram { bins: 2048 }, dtype, qscheme)
     }
 
+    /// A [`PercentileObserver`] spec with 2048 bins keeping `percentile` percent of the
+    /// values (per-tensor schemes only).
+    pub fn percentile(dtype: DType, qscheme: QScheme, percentile: f64) -> Self {
+        Self::with_kind(
+            ObserverKind::Percentile {
+                percentile,
+                bins: 2048,
+            },
+            dtype,
+            qscheme,
+        )
+    }
+
+    /// An [`EntropyObserver`] (KL-divergence) spec with 2048 bins (per-tensor schemes
+    /// only).
+    pub fn entropy(dtype: DType, qscheme: QScheme) -> Self {
+        Self::with_kind(ObserverKind::Entropy { bins: 2048 }, dtype, qscheme)
+    }
+
+    /// An [`MseObserver`] spec with 2048 bins (per-tensor schemes only).
+    pub fn mse(dtype: DType, qscheme: QScheme) -> Self {
+        Self::with_kind(ObserverKind::Mse { bins: 2048 }, dtype, qscheme)
+    }
+
     /// A fixed-parameters spec (per-tensor affine, full range of `dtype`).
     pub fn fixed(scale: f32, zero_point: i32, dtype: DType) -> Self {
         Self::with_kind(
@@ -175,6 +218,15 @@ impl ObserverSpec {
             ObserverKind::Histogram { bins } => {
                 Box::new(HistogramObserver::new(self.range_config()?, bins)?)
             }
+            ObserverKind::Percentile { percentile, bins } => Box::new(PercentileObserver::new(
+                self.range_config()?,
+                percentile,
+                bins,
+            )?),
+            ObserverKind::Entropy { bins } => {
+                Box::new(EntropyObserver::new(self.range_config()?, bins)?)
+            }
+            ObserverKind::Mse { bins } => Box::new(MseObserver::new(self.range_config()?, bins)?),
             ObserverKind::FixedQParams { scale, zero_point } => {
                 let range = self.range_config()?.quant_range();
                 let qp = QParams::new(

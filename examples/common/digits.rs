@@ -126,3 +126,66 @@ pub fn accuracy(logits: &ArrayD<f32>, labels: &[usize]) -> f64 {
 pub fn empty_batch() -> ArrayD<f32> {
     ArrayD::zeros(IxDyn(&[0, 1, 8, 8]))
 }
+
+/// Factor of channel `i` of `n`: `10^(-2 + 4 t)` with `t` a fixed shuffle of `0..n` over
+/// `[0, 1]`, so the factors span 1e-2..1e2 in no particular order.
+pub fn channel_factor(i: usize, n: usize) -> f32 {
+    let t = ((i * 7 + 3) % n) as f32 / (n - 1).max(1) as f32;
+    10f32.powf(-2.0 + 4.0 * t)
+}
+
+/// The fused digits CNN with very unequal per-channel ranges and the same float function:
+/// output channel `i` of conv1, conv2, conv3 and fc1 is multiplied by
+/// [`channel_factor`] (weights and bias; ReLU commutes with positive scales) and the next
+/// layer's matching inputs are divided by it (fc1's block of 4 inputs per conv3 channel,
+/// through the flatten). Models like this come out of batch-norm folding.
+pub fn unequal_ranges(model: &Sequential) -> Sequential {
+    let mut m = model.clone();
+    let names = ["conv1", "conv2", "conv3", "fc1", "fc2"];
+    for k in 0..4 {
+        let (a, b) = (names[k], names[k + 1]);
+        let ch = m.children_mut();
+        let ia = ch.iter().position(|(n, _)| n == a).expect("layer present");
+        let ib = ch.iter().position(|(n, _)| n == b).expect("layer present");
+        let n = match &ch[ia].1 {
+            Layer::ConvReLU2d(c) | Layer::Conv2d(c) => c.out_channels(),
+            Layer::LinearReLU(l) | Layer::Linear(l) => l.weight.nrows(),
+            _ => unreachable!("conv or linear"),
+        };
+        let f: Vec<f32> = (0..n).map(|i| channel_factor(i + k, n)).collect();
+        match &mut ch[ia].1 {
+            Layer::ConvReLU2d(c) | Layer::Conv2d(c) => {
+                for (i, mut w) in c.weight.outer_iter_mut().enumerate() {
+                    w.mapv_inplace(|v| v * f[i]);
+                }
+                if let Some(bias) = c.bias.as_mut() {
+                    bias.iter_mut().zip(&f).for_each(|(v, s)| *v *= s);
+                }
+            }
+            Layer::LinearReLU(l) | Layer::Linear(l) => {
+                for (i, mut w) in l.weight.outer_iter_mut().enumerate() {
+                    w.mapv_inplace(|v| v * f[i]);
+                }
+                if let Some(bias) = l.bias.as_mut() {
+                    bias.iter_mut().zip(&f).for_each(|(v, s)| *v *= s);
+                }
+            }
+            _ => unreachable!("conv or linear"),
+        }
+        match &mut ch[ib].1 {
+            Layer::ConvReLU2d(c) | Layer::Conv2d(c) => {
+                for (j, mut w) in c.weight.axis_iter_mut(Axis(1)).enumerate() {
+                    w.mapv_inplace(|v| v / f[j]);
+                }
+            }
+            Layer::LinearReLU(l) | Layer::Linear(l) => {
+                let block = l.weight.ncols() / n;
+                for (j, mut w) in l.weight.axis_iter_mut(Axis(1)).enumerate() {
+                    w.mapv_inplace(|v| v / f[j / block]);
+                }
+            }
+            _ => unreachable!("conv or linear"),
+        }
+    }
+    m
+}

@@ -1,8 +1,23 @@
-//! Finding accuracy loss: per-layer error between a float model and its int8 twin.
+//! Finding accuracy loss and repairing it: per-layer error between a float model and its
+//! int8 twin ([`activation_sqnr`], [`weight_sqnr`]), per-layer [`sensitivity`], automatic
+//! mixed precision ([`auto_mixed_precision`]), and two steps before `prepare` that make a
+//! float model easier to quantize: cross-layer equalization ([`equalize`]) with high-bias
+//! absorption ([`absorb_high_bias`]), and bias correction ([`correct_bias`]).
 //!
-//! The tools run beside the flow and never change it. Errors are reported as SQNR
+//! The measuring tools run beside the flow and never change it. Errors are reported as SQNR
 //! (signal-to-quantization-noise ratio, `10 log10(sum x^2 / sum (x - x')^2)` in dB: higher
 //! is better; every 6 dB is about one bit) and as the largest absolute error.
+
+mod equalize;
+mod mixed;
+mod sensitivity;
+
+pub use equalize::{
+    absorb_high_bias, correct_bias, equalize, range_spread, AbsorbedBias, BiasCorrection,
+    EqualizationReport, EqualizedPair,
+};
+pub use mixed::{auto_mixed_precision, MixedPrecisionOptions, MixedPrecisionResult, SearchStep};
+pub use sensitivity::{quantizable_layers, sensitivity, LayerSensitivity, SensitivityReport};
 
 use std::borrow::Borrow;
 use std::collections::BTreeMap;

@@ -9,6 +9,9 @@
 //! | [`MovingAveragePerChannelMinMaxObserver`] | `MovingAveragePerChannelMinMaxObserver` | moving averages per channel |
 //! | [`HistogramObserver`] | `HistogramObserver` | 2048-bin histogram; L2-optimal clipping range |
 //! | [`FixedQParamsObserver`] | `FixedQParamsObserver` | nothing: the parameters are given |
+//! | [`PercentileObserver`] | (ONNX Runtime / TensorRT percentile calibration) | histogram; range holding a percentile of the values |
+//! | [`EntropyObserver`] | (TensorRT / ONNX Runtime entropy calibration) | histogram; range of least KL divergence |
+//! | [`MseObserver`] | (MSE-optimal clipping) | histogram; range of least expected squared error |
 //!
 //! Where `ptq` differs from PyTorch, it is louder: an observer that saw nothing returns
 //! [`QuantError::Uncalibrated`] instead of scale 1.0, and NaN or infinite input is a
@@ -30,18 +33,25 @@ use ndarray::ArrayViewD;
 use crate::error::{QuantError, Result};
 use crate::qparams::QParams;
 
+mod clip_hist;
+mod entropy;
 mod fixed;
 mod histogram;
 mod minmax;
 mod moving_average;
+mod mse;
 mod per_channel;
+mod percentile;
 
+pub use entropy::EntropyObserver;
 pub use fixed::FixedQParamsObserver;
 pub use histogram::HistogramObserver;
 pub use minmax::MinMaxObserver;
 pub use moving_average::DEFAULT_AVERAGING_CONSTANT;
 pub use moving_average::{MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver};
+pub use mse::MseObserver;
 pub use per_channel::PerChannelMinMaxObserver;
+pub use percentile::PercentileObserver;
 
 /// Something that records statistics of float tensors and derives quantization
 /// parameters from them.

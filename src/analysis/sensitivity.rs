@@ -1,0 +1,246 @@
+//! Per-layer sensitivity: the metric with only one layer quantized, and with only one
+//! layer left in float.
+
+use std::fmt;
+
+use ndarray::ArrayD;
+
+use crate::error::{QuantError, Result};
+use crate::nn::quantized::QuantizedModel;
+use crate::nn::{Layer, Sequential};
+use crate::qconfig::{QConfig, QConfigMap};
+use crate::workflow::{calibrate, convert, prepare};
+
+/// Runs `model` on every evaluation batch and hands the outputs to `metric`.
+pub(crate) fn eval_int8<M>(
+    model: &QuantizedModel,
+    eval: &[ArrayD<f32>],
+    metric: &mut M,
+) -> Result<f64>
+where
+    M: FnMut(&[ArrayD<f32>]) -> f64,
+{
+    let outs = eval
+        .iter()
+        .map(|x| model.forward(x))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(metric(&outs))
+}
+
+/// The float model's metric.
+pub(crate) fn eval_float<M>(model: &Sequential, eval: &[ArrayD<f32>], metric: &mut M) -> Result<f64>
+where
+    M: FnMut(&[ArrayD<f32>]) -> f64,
+{
+    let outs = eval
+        .iter()
+        .map(|x| model.forward(x))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(metric(&outs))
+}
+
+/// `prepare` -> `calibrate` -> `convert` with `map`; `None` when `map` quantizes nothing.
+pub(crate) fn quantize_with(
+    model: &Sequential,
+    map: &QConfigMap,
+    calibration: &[ArrayD<f32>],
+) -> Result<Option<QuantizedModel>> {
+    let mut prepared = match prepare(model.clone(), map) {
+        Ok(p) => p,
+        Err(QuantError::NothingToQuantize { .. }) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    calibrate(&mut prepared, calibration, |_| {})?;
+    convert(prepared).map(Some)
+}
+
+/// The dotted paths of the layers whose weights are quantized (Conv2d, Linear and their
+/// ReLU fusions), in model order.
+pub fn quantizable_layers(model: &Sequential) -> Vec<String> {
+    model
+        .named_layers()
+        .into_iter()
+        .filter(|(_, l)| {
+            matches!(
+                l,
+                Layer::Conv2d(_) | Layer::ConvReLU2d(_) | Layer::Linear(_) | Layer::LinearReLU(_)
+            )
+        })
+        .map(|(p, _)| p)
+        .collect()
+}
+
+/// One layer's row of a [`SensitivityReport`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerSensitivity {
+    /// Dotted path.
+    pub path: String,
+    /// Layer type, e.g. `"ConvReLU2d"`.
+    pub layer: &'static str,
+    /// The metric when only this layer runs in int8 (everything else float).
+    pub only_int8: f64,
+    /// The metric when every layer but this one runs in int8.
+    pub only_float: f64,
+}
+
+/// The metric per layer, ranked: the layer whose return to float recovers the most comes
+/// first. Prints as a table; every field can be read directly.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SensitivityReport {
+    /// The float model's metric.
+    pub float_metric: f64,
+    /// The metric with every layer in int8.
+    pub int8_metric: f64,
+    /// One row per quantizable layer, ranked by `only_float` (highest first), ties by
+    /// `only_int8` (lowest first).
+    pub layers: Vec<LayerSensitivity>,
+    /// Number of `convert` + evaluation runs made (`1 + 2 * layers`).
+    pub evaluations: usize,
+}
+
+impl SensitivityReport {
+    /// The row of a layer.
+    pub fn get(&self, path: &str) -> Option<&LayerSensitivity> {
+        self.layers.iter().find(|l| l.path == path)
+    }
+
+    /// The layers in rank order (most sensitive first).
+    pub fn ranking(&self) -> Vec<&str> {
+        self.layers.iter().map(|l| l.path.as_str()).collect()
+    }
+}
+
+impl fmt::Display for SensitivityReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "float metric {:.4}, all int8 {:.4}",
+            self.float_metric, self.int8_metric
+        )?;
+        writeln!(
+            f,
+            "{:<5} {:<20} {:<12} {:>12} {:>12} {:>12} {:>12}",
+            "rank", "layer", "type", "only int8", "drop", "only float", "recovers"
+        )?;
+        for (i, l) in self.layers.iter().enumerate() {
+            writeln!(
+                f,
+                "{:<5} {:<20} {:<12} {:>12.4} {:>12.4} {:>12.4} {:>12.4}",
+                i + 1,
+                l.path,
+                l.layer,
+                l.only_int8,
+                self.float_metric - l.only_int8,
+                l.only_float,
+                l.only_float - self.int8_metric
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Sensitivity analysis: for every quantizable layer (see [`quantizable_layers`]), the
+/// metric when only that layer is quantized with `qconfig` and when only that layer is
+/// kept in float, ranked.
+///
+/// `metric` receives the model's outputs on the `eval` batches (one array per batch, in
+/// order) and returns a number where **higher is better** (top-1 accuracy, SQNR against
+/// the float outputs, a negated loss, ...). Every measurement quantizes the model afresh
+/// from `calibration` through the public flow (`prepare` with a [`QConfigMap`] that keeps
+/// layers in float, `calibrate`, `convert`). A layer quantized alone gets automatic
+/// quantize / dequantize borders around it. Cost: `1 + 2 * layers` convert + eval runs
+/// plus one float evaluation.
+///
+/// # Errors
+/// [`QuantError::EmptyCalibration`] for no calibration or no evaluation batch,
+/// [`QuantError::NothingToQuantize`] if the model has no quantizable layer, and the
+/// flow's own errors.
+///
+/// # Examples
+/// ```
+/// use ndarray::{Array1, Array2, ArrayD, IxDyn};
+/// use ptq::analysis::sensitivity;
+/// use ptq::nn::{Layer, Linear, Sequential};
+/// use ptq::qconfig::QConfig;
+/// let fc = |s: f32| Linear::new(Array2::from_shape_fn((4, 4), |(o, i)| s * (o as f32 - i as f32)), Some(Array1::zeros(4)));
+/// let model = Sequential::new()
+///     .push("fc1", Layer::LinearReLU(fc(0.5)?))
+///     .push("fc2", Layer::Linear(fc(1.0)?));
+/// let data = vec![ArrayD::from_shape_fn(IxDyn(&[16, 4]), |i| (i[0] as f32 * 0.3 + i[1] as f32).sin())];
+/// let reference = model.forward(&data[0])?;
+/// // Metric: SQNR (dB) of the outputs against the float outputs.
+/// let metric = |outs: &[ArrayD<f32>]| ptq::analysis::sqnr(&reference, &outs[0]).unwrap_or(f64::NAN).min(100.0);
+/// let report = sensitivity(&model, QConfig::minmax_per_tensor(), &data, &data, metric)?;
+/// assert_eq!(report.layers.len(), 2);
+/// println!("{report}");
+/// # Ok::<(), ptq::QuantError>(())
+/// ```
+pub fn sensitivity<M>(
+    model: &Sequential,
+    qconfig: QConfig,
+    calibration: &[ArrayD<f32>],
+    eval: &[ArrayD<f32>],
+    mut metric: M,
+) -> Result<SensitivityReport>
+where
+    M: FnMut(&[ArrayD<f32>]) -> f64,
+{
+    check_data(calibration, eval)?;
+    let layers = quantizable_layers(model);
+    if layers.is_empty() {
+        return Err(QuantError::NothingToQuantize {
+            reason: "the model has no Conv2d or Linear layer".into(),
+        });
+    }
+    let float_metric = eval_float(model, eval, &mut metric)?;
+    let all = quantize_with(model, &QConfigMap::new(qconfig), calibration)?;
+    let int8_metric = match &all {
+        Some(m) => eval_int8(m, eval, &mut metric)?,
+        None => float_metric,
+    };
+    let mut rows = Vec::new();
+    for path in &layers {
+        let layer = model.get(path).map_or("?", |l| l.type_name());
+        let only = QConfigMap::empty().set_name(path, Some(qconfig));
+        let only_int8 = match quantize_with(model, &only, calibration)? {
+            Some(m) => eval_int8(&m, eval, &mut metric)?,
+            None => float_metric,
+        };
+        let but = QConfigMap::new(qconfig).set_name(path, None);
+        let only_float = match quantize_with(model, &but, calibration)? {
+            Some(m) => eval_int8(&m, eval, &mut metric)?,
+            None => float_metric,
+        };
+        rows.push(LayerSensitivity {
+            path: path.clone(),
+            layer,
+            only_int8,
+            only_float,
+        });
+    }
+    rows.sort_by(|a, b| {
+        b.only_float
+            .total_cmp(&a.only_float)
+            .then(a.only_int8.total_cmp(&b.only_int8))
+    });
+    Ok(SensitivityReport {
+        float_metric,
+        int8_metric,
+        evaluations: 1 + 2 * rows.len(),
+        layers: rows,
+    })
+}
+
+pub(crate) fn check_data(calibration: &[ArrayD<f32>], eval: &[ArrayD<f32>]) -> Result<()> {
+    if calibration.is_empty() {
+        return Err(QuantError::EmptyCalibration {
+            reason: "no calibration batch".into(),
+        });
+    }
+    if eval.is_empty() {
+        return Err(QuantError::EmptyCalibration {
+            reason: "no evaluation batch for the metric".into(),
+        });
+    }
+    Ok(())
+}
