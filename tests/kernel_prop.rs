@@ -3,8 +3,8 @@
 use proptest::prelude::*;
 use ptq::kernels::reference::qgemm_naive;
 use ptq::kernels::{
-    avx2_available, qgemm_on, Activations, Backend, KernelPath, OutputQuant, PackedWeights,
-    RequantParams,
+    avx2_available, avx512_vnni_available, qgemm_on, Activations, Backend, KernelPath, OutputQuant,
+    PackedWeights, RequantParams,
 };
 
 #[derive(Debug, Clone)]

@@ -67,6 +67,8 @@ pub enum Backend {
     Portable,
     /// AVX2 + FMA (x86-64).
     Avx2,
+    /// AVX2 + FMA for requantization, AVX-512 VNNI (`vpdpbusd`) for the products.
+    Avx512Vnni,
 }
 
 /// Which kernel actually computed a GEMM.
@@ -79,6 +81,8 @@ pub enum KernelPath {
     Avx2Fast,
     /// AVX2 with activations split into `a & 127` and `a >> 7`: exact for any operands.
     Avx2Split,
+    /// AVX-512 VNNI (`vpdpbusd` accumulates in `i32`): exact for any operands.
+    Avx512Vnni,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -94,7 +98,8 @@ pub(crate) fn simd() -> Simd {
         }
         #[cfg(target_arch = "x86_64")]
         {
-            x86::Avx2::detect()
+            let no_avx512 = std::env::var("PTQ_NO_AVX512").is_ok_and(|v| v == "1");
+            x86::Avx2::detect(!no_avx512)
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -103,12 +108,26 @@ pub(crate) fn simd() -> Simd {
     })
 }
 
-/// The backend [`qgemm`] uses: detected once, overridden by `PTQ_FORCE_PORTABLE=1`.
+/// The backend [`qgemm`] uses: detected once, overridden by `PTQ_FORCE_PORTABLE=1`
+/// (portable) and `PTQ_NO_AVX512=1` (AVX2 even where AVX-512 VNNI exists).
 pub fn backend() -> Backend {
-    if simd().is_some() {
-        Backend::Avx2
-    } else {
-        Backend::Portable
+    match simd() {
+        #[cfg(target_arch = "x86_64")]
+        Some(s) if s.vnni() => Backend::Avx512Vnni,
+        Some(_) => Backend::Avx2,
+        None => Backend::Portable,
+    }
+}
+
+/// Whether the CPU supports the AVX-512 VNNI backend (ignoring the environment).
+pub fn avx512_vnni_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        x86::Avx2::detect(true).is_some_and(|s| s.vnni())
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
@@ -116,7 +135,7 @@ pub fn backend() -> Backend {
 pub fn avx2_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        x86::Avx2::detect().is_some()
+        x86::Avx2::detect(false).is_some()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -126,7 +145,8 @@ pub fn avx2_available() -> bool {
 
 fn debug_report(path: KernelPath) {
     static DEBUG: OnceLock<bool> = OnceLock::new();
-    static SEEN: [AtomicBool; 3] = [
+    static SEEN: [AtomicBool; 4] = [
+        AtomicBool::new(false),
         AtomicBool::new(false),
         AtomicBool::new(false),
         AtomicBool::new(false),
@@ -186,8 +206,8 @@ pub fn qgemm(
 /// [`qgemm`] on a chosen backend, for tests and benchmarks.
 ///
 /// # Errors
-/// As [`qgemm`], and [`QuantError::UnsupportedConfig`] when `Backend::Avx2` is asked for
-/// on a CPU without AVX2 and FMA.
+/// As [`qgemm`], and [`QuantError::UnsupportedConfig`] when the CPU lacks the backend's
+/// features (AVX2 + FMA; AVX-512F/BW/VNNI for [`Backend::Avx512Vnni`]).
 ///
 /// # Examples
 /// ```
@@ -211,15 +231,16 @@ pub fn qgemm_on(
 ) -> Result<KernelPath> {
     let simd: Simd = match backend {
         Backend::Portable => None,
-        Backend::Avx2 => {
+        Backend::Avx2 | Backend::Avx512Vnni => {
+            let vnni = backend == Backend::Avx512Vnni;
             #[cfg(target_arch = "x86_64")]
-            let s = x86::Avx2::detect();
+            let s = x86::Avx2::detect(vnni).filter(|s| s.vnni() == vnni);
             #[cfg(not(target_arch = "x86_64"))]
             let s: Simd = None;
             if s.is_none() {
                 return Err(QuantError::UnsupportedConfig {
                     context: "qgemm".into(),
-                    reason: "the AVX2 backend needs a CPU with AVX2 and FMA".into(),
+                    reason: format!("the CPU lacks the features of the {backend:?} backend"),
                 });
             }
             s
@@ -349,7 +370,7 @@ pub(crate) fn drive(
                 row.iter().map(|&v| v as u32).sum::<u32>() as i32
             })
             .collect();
-        let split = simd.is_some() && !w.narrow && any_hi > 127;
+        let split = simd.is_some_and(|s| !vnni_of(s)) && !w.narrow && any_hi > 127;
         let hi: Vec<u8> = if split {
             split_seen.store(true, Ordering::Relaxed);
             let hi = lo.iter().map(|&v| v >> 7).collect();
@@ -360,6 +381,8 @@ pub(crate) fn drive(
         };
         let mut acc = [0i32; MR * NR];
         let mut acc2 = [0i32; MR * NR];
+        #[allow(unused_mut, unused_variables)]
+        let mut acc8 = [0i32; 2 * MR * NR];
         for p in 0..panels {
             let b = w.panel(p);
             let j0 = p * NR;
@@ -387,6 +410,35 @@ pub(crate) fn drive(
                     }
                     #[allow(unused_variables)]
                     Some(s) => {
+                        #[cfg(target_arch = "x86_64")]
+                        if s.vnni() && t + 2 * MR <= lo.len() / kp.max(1) && kp > 0 {
+                            // Two tiles at once; the second may hold padding rows only.
+                            s.tile8(&lo[a_off..a_off + 2 * MR * kp], kp, b, &mut acc8);
+                            let (t0, t1) = acc8.split_at(MR * NR);
+                            for (h, part) in [t0, t1].into_iter().enumerate() {
+                                let tt = t + h * MR;
+                                if tt >= rows_blk {
+                                    break;
+                                }
+                                let rows = MR.min(rows_blk - tt);
+                                let mut tile = [0i32; MR * NR];
+                                tile.copy_from_slice(part);
+                                s.requant_tile(
+                                    &tile,
+                                    rows,
+                                    cols,
+                                    &rowsum[tt..tt + rows],
+                                    a_zp,
+                                    w,
+                                    rq,
+                                    j0,
+                                    &mut out_blk[tt * ldc + j0..],
+                                    ldc,
+                                );
+                            }
+                            t += 2 * MR;
+                            continue;
+                        }
                         #[cfg(target_arch = "x86_64")]
                         {
                             s.tile(&lo[a_off..a_off + MR * kp], kp, b, &mut acc);
@@ -428,11 +480,22 @@ pub(crate) fn drive(
     }
     let path = match simd {
         None => KernelPath::Portable,
+        Some(s) if vnni_of(s) => KernelPath::Avx512Vnni,
         Some(_) if split_seen.load(Ordering::Relaxed) => KernelPath::Avx2Split,
         Some(_) => KernelPath::Avx2Fast,
     };
     debug_report(path);
     path
+}
+
+#[cfg(target_arch = "x86_64")]
+fn vnni_of(s: x86::Avx2) -> bool {
+    s.vnni()
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn vnni_of(_: ()) -> bool {
+    false
 }
 
 /// Portable tile: the same packed layouts as the AVX2 kernel, exact `i32` (wrapping).

@@ -60,6 +60,80 @@ pub(super) unsafe fn tile(a: *const u8, kp: usize, b: *const i8, acc: *mut i32) 
     debug_assert_eq!(MR, 4);
 }
 
+/// The same tile with AVX-512 VNNI: one `vpdpbusd` per row and `k` group adds
+/// `u8 x i8` products straight into `i32` lanes (no `i16` intermediate, so it cannot
+/// saturate). A 512-bit register holds exactly one `k` group of a 16-column panel.
+///
+/// # Safety
+/// AVX-512F/BW and AVX-512 VNNI must be available; ranges as [`tile`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(super) unsafe fn tile_vnni(a: *const u8, kp: usize, b: *const i8, acc: *mut i32) {
+    let mut c0 = _mm512_setzero_si512();
+    let mut c1 = _mm512_setzero_si512();
+    let mut c2 = _mm512_setzero_si512();
+    let mut c3 = _mm512_setzero_si512();
+    let a1 = a.add(kp);
+    let a2 = a.add(2 * kp);
+    let a3 = a.add(3 * kp);
+    let mut bp = b;
+    let mut q = 0;
+    while q < kp {
+        let bv = _mm512_loadu_si512(bp as *const _);
+        let b0 = _mm512_set1_epi32((a.add(q) as *const i32).read_unaligned());
+        let b1 = _mm512_set1_epi32((a1.add(q) as *const i32).read_unaligned());
+        let b2 = _mm512_set1_epi32((a2.add(q) as *const i32).read_unaligned());
+        let b3 = _mm512_set1_epi32((a3.add(q) as *const i32).read_unaligned());
+        c0 = _mm512_dpbusd_epi32(c0, b0, bv);
+        c1 = _mm512_dpbusd_epi32(c1, b1, bv);
+        c2 = _mm512_dpbusd_epi32(c2, b2, bv);
+        c3 = _mm512_dpbusd_epi32(c3, b3, bv);
+        bp = bp.add(4 * NR);
+        q += 4;
+    }
+    _mm512_storeu_si512(acc as *mut _, c0);
+    _mm512_storeu_si512(acc.add(NR) as *mut _, c1);
+    _mm512_storeu_si512(acc.add(2 * NR) as *mut _, c2);
+    _mm512_storeu_si512(acc.add(3 * NR) as *mut _, c3);
+}
+
+/// Eight rows (two `MR` tiles) of [`tile_vnni`]: eight independent accumulator chains
+/// hide `vpdpbusd`'s latency, and each panel load serves eight rows.
+///
+/// # Safety
+/// AVX-512F/BW and AVX-512 VNNI must be available; `a` readable for `2 * MR * kp` bytes,
+/// `b` for `kp * NR`, `acc` writable for `2 * MR * NR` `i32`; `kp % 4 == 0`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(super) unsafe fn tile8_vnni(a: *const u8, kp: usize, b: *const i8, acc: *mut i32) {
+    let mut c = [_mm512_setzero_si512(); 8];
+    let mut bp = b;
+    let mut q = 0;
+    while q < kp {
+        let bv = _mm512_loadu_si512(bp as *const _);
+        macro_rules! row {
+            ($r:literal) => {
+                c[$r] = _mm512_dpbusd_epi32(
+                    c[$r],
+                    _mm512_set1_epi32((a.add($r * kp + q) as *const i32).read_unaligned()),
+                    bv,
+                );
+            };
+        }
+        row!(0);
+        row!(1);
+        row!(2);
+        row!(3);
+        row!(4);
+        row!(5);
+        row!(6);
+        row!(7);
+        bp = bp.add(4 * NR);
+        q += 4;
+    }
+    for (r, v) in c.iter().enumerate() {
+        _mm512_storeu_si512(acc.add(r * NR) as *mut _, *v);
+    }
+}
+
 /// Per-column requantization parameters, as raw pointers (each readable for the columns
 /// the call touches, rounded up to 8).
 pub(super) struct ColParams {

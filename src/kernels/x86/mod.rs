@@ -11,27 +11,60 @@ use crate::kernels::pack::{PackedWeights, NR};
 use crate::kernels::requant::RequantParams;
 use crate::kernels::MR;
 
-/// Proof that the running CPU has AVX2 and FMA.
+/// Proof that the running CPU has AVX2 and FMA; `vnni` is set only when it also has
+/// AVX-512F/BW and AVX-512 VNNI and the caller asked for them.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Avx2(());
+pub(crate) struct Avx2 {
+    vnni: bool,
+}
 
 impl Avx2 {
-    /// Detects AVX2 and FMA.
-    pub(crate) fn detect() -> Option<Self> {
+    /// Detects AVX2 and FMA; with `want_vnni`, also AVX-512 VNNI.
+    pub(crate) fn detect(want_vnni: bool) -> Option<Self> {
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            Some(Avx2(()))
+            Some(Avx2 {
+                vnni: want_vnni && Self::vnni_available(),
+            })
         } else {
             None
         }
+    }
+
+    /// Whether the CPU has AVX-512F/BW and AVX-512 VNNI.
+    pub(crate) fn vnni_available() -> bool {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni")
+    }
+
+    /// Whether tiles use the AVX-512 VNNI kernel.
+    pub(crate) fn vnni(self) -> bool {
+        self.vnni
     }
 
     /// `acc = A_tile * B_panel` for an `MR x kp` activation tile (row stride `kp`) and a
     /// packed panel.
     pub(crate) fn tile(self, a: &[u8], kp: usize, b: &[i8], acc: &mut [i32; MR * NR]) {
         assert!(kp % 4 == 0 && a.len() >= MR * kp && b.len() >= kp * NR);
-        // SAFETY: the token proves AVX2; the assert covers the ranges `tile` reads
-        // (MR rows of kp bytes, kp * NR panel bytes) and `acc` holds MR * NR i32.
-        unsafe { avx2::tile(a.as_ptr(), kp, b.as_ptr(), acc.as_mut_ptr()) }
+        if self.vnni {
+            // SAFETY: `vnni` is only set after detecting AVX-512F/BW/VNNI; the assert covers
+            // the ranges read (MR rows of kp bytes, kp * NR panel bytes); `acc` holds
+            // MR * NR i32.
+            unsafe { avx2::tile_vnni(a.as_ptr(), kp, b.as_ptr(), acc.as_mut_ptr()) }
+        } else {
+            // SAFETY: the token proves AVX2; the assert covers the ranges `tile` reads
+            // (MR rows of kp bytes, kp * NR panel bytes) and `acc` holds MR * NR i32.
+            unsafe { avx2::tile(a.as_ptr(), kp, b.as_ptr(), acc.as_mut_ptr()) }
+        }
+    }
+
+    /// Two `MR` tiles at once (AVX-512 VNNI only; call only when [`vnni`](Self::vnni)).
+    pub(crate) fn tile8(self, a: &[u8], kp: usize, b: &[i8], acc: &mut [i32; 2 * MR * NR]) {
+        assert!(self.vnni && kp % 4 == 0 && a.len() >= 2 * MR * kp && b.len() >= kp * NR);
+        // SAFETY: `vnni` is only set after detecting AVX-512F/BW/VNNI; the assert covers
+        // the ranges read (2 * MR rows of kp bytes, kp * NR panel bytes); `acc` holds
+        // 2 * MR * NR i32.
+        unsafe { avx2::tile8_vnni(a.as_ptr(), kp, b.as_ptr(), acc.as_mut_ptr()) }
     }
 
     /// Requantizes `rows x cols` of a tile starting at global column `j0` into
