@@ -130,6 +130,19 @@ fn check(c: &Case) -> Vec<KernelPath> {
             c.n
         );
     }
+    if avx512_vnni_available() {
+        let mut got = vec![7u8; len];
+        let p = qgemm_on(Backend::Avx512Vnni, act, &packed, &rq, &mut got, ldc).unwrap();
+        assert_eq!(p, KernelPath::Avx512Vnni);
+        assert_eq!(
+            first_diff(&got, &want),
+            None,
+            "avx512 vnni != naive for m={} k={} n={}",
+            c.m,
+            c.k,
+            c.n
+        );
+    }
     paths
 }
 

@@ -45,7 +45,7 @@ impl Avx2 {
     /// `acc = A_tile * B_panel` for an `MR x kp` activation tile (row stride `kp`) and a
     /// packed panel.
     pub(crate) fn tile(self, a: &[u8], kp: usize, b: &[i8], acc: &mut [i32; MR * NR]) {
-        assert!(kp % 4 == 0 && a.len() >= MR * kp && b.len() >= kp * NR);
+        assert!(kp.is_multiple_of(4) && a.len() >= MR * kp && b.len() >= kp * NR);
         if self.vnni {
             // SAFETY: `vnni` is only set after detecting AVX-512F/BW/VNNI; the assert covers
             // the ranges read (MR rows of kp bytes, kp * NR panel bytes); `acc` holds
@@ -60,7 +60,7 @@ impl Avx2 {
 
     /// Two `MR` tiles at once (AVX-512 VNNI only; call only when [`vnni`](Self::vnni)).
     pub(crate) fn tile8(self, a: &[u8], kp: usize, b: &[i8], acc: &mut [i32; 2 * MR * NR]) {
-        assert!(self.vnni && kp % 4 == 0 && a.len() >= 2 * MR * kp && b.len() >= kp * NR);
+        assert!(self.vnni && kp.is_multiple_of(4) && a.len() >= 2 * MR * kp && b.len() >= kp * NR);
         // SAFETY: `vnni` is only set after detecting AVX-512F/BW/VNNI; the assert covers
         // the ranges read (2 * MR rows of kp bytes, kp * NR panel bytes); `acc` holds
         // 2 * MR * NR i32.
@@ -84,7 +84,9 @@ impl Avx2 {
         ldc: usize,
     ) {
         assert!(rows <= MR && cols <= NR && rowsum.len() >= rows);
-        assert!(j0 % NR == 0 && j0 + NR <= w.col_offsets.len() && j0 + NR <= rq.mult.len());
+        assert!(
+            j0.is_multiple_of(NR) && j0 + NR <= w.col_offsets.len() && j0 + NR <= rq.mult.len()
+        );
         assert!(w.w_zp.len() >= j0 + NR && rq.bias_b.len() >= j0 + NR);
         assert!(rq.bias_s.len() >= j0 + NR);
         assert!(rows == 0 || out.len() >= (rows - 1) * ldc + cols);
