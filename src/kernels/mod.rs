@@ -554,6 +554,73 @@ pub(crate) fn dw_accumulate_body(acc: &mut [i32], x: &[u8], w: &[i16], a_zp: i32
     }
 }
 
+/// One depthwise output pixel (channel multiplier 1): `acc[c] = sum over taps of
+/// (x[off + c] - a_zp) * w[t * oc + c]` for the valid `(off, t)` taps; channels in blocks
+/// of 32 so the partial sums stay in registers across taps.
+#[inline(always)]
+pub(crate) fn dw_pixel_body(
+    x: &[u8],
+    taps: &[(usize, usize)],
+    w: &[i16],
+    a_zp: i32,
+    acc: &mut [i32],
+) {
+    const CH: usize = 32;
+    let oc = acc.len();
+    let mut c0 = 0;
+    while c0 + CH <= oc {
+        let mut a = [0i32; CH];
+        for &(xo, t) in taps {
+            let xs = &x[xo + c0..xo + c0 + CH];
+            let ws = &w[t * oc + c0..t * oc + c0 + CH];
+            for i in 0..CH {
+                a[i] += (xs[i] as i32 - a_zp) * ws[i] as i32;
+            }
+        }
+        acc[c0..c0 + CH].copy_from_slice(&a);
+        c0 += CH;
+    }
+    for (c, o) in acc.iter_mut().enumerate().skip(c0) {
+        *o = taps
+            .iter()
+            .map(|&(xo, t)| (x[xo + c] as i32 - a_zp) * w[t * oc + c] as i32)
+            .sum();
+    }
+}
+
+/// [`dw_pixel_body`] on the fastest backend.
+pub(crate) fn dw_pixel(x: &[u8], taps: &[(usize, usize)], w: &[i16], a_zp: i32, acc: &mut [i32]) {
+    match simd() {
+        #[cfg(target_arch = "x86_64")]
+        Some(s) => s.dw_pixel(x, taps, w, a_zp, acc),
+        _ => dw_pixel_body(x, taps, w, a_zp, acc),
+    }
+}
+
+/// Transposes a `rows x cols` byte matrix (row stride `cols`) into `dst` (row stride
+/// `rows`).
+pub(crate) fn transpose_u8(src: &[u8], rows: usize, cols: usize, dst: &mut [u8]) {
+    let (r8, c8) = (rows / 8 * 8, cols / 8 * 8);
+    #[cfg(target_arch = "x86_64")]
+    x86::transpose_blocks_u8(src, rows, cols, dst);
+    #[cfg(not(target_arch = "x86_64"))]
+    for r in 0..r8 {
+        for c in 0..c8 {
+            dst[c * rows + r] = src[r * cols + c];
+        }
+    }
+    for r in 0..r8 {
+        for c in c8..cols {
+            dst[c * rows + r] = src[r * cols + c];
+        }
+    }
+    for r in r8..rows {
+        for c in 0..cols {
+            dst[c * rows + r] = src[r * cols + c];
+        }
+    }
+}
+
 /// [`dw_accumulate_body`] on the fastest backend.
 pub(crate) fn dw_accumulate(acc: &mut [i32], x: &[u8], w: &[i16], a_zp: i32) {
     match simd() {

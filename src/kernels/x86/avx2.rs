@@ -239,3 +239,49 @@ pub(super) unsafe fn requant_row(raw: *const i32, n: usize, p: &ColParams, out: 
 pub(super) unsafe fn dw_accumulate(acc: &mut [i32], x: &[u8], w: &[i16], a_zp: i32) {
     crate::kernels::dw_accumulate_body(acc, x, w, a_zp)
 }
+
+/// [`crate::kernels::dw_pixel_body`] compiled with AVX2 enabled.
+///
+/// # Safety
+/// AVX2 must be available.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn dw_pixel(
+    x: &[u8],
+    taps: &[(usize, usize)],
+    w: &[i16],
+    a_zp: i32,
+    acc: &mut [i32],
+) {
+    crate::kernels::dw_pixel_body(x, taps, w, a_zp, acc)
+}
+
+/// Transposes one 8x8 byte block (SSE2, part of x86-64's baseline).
+///
+/// # Safety
+/// `src + r * sstride + 0..8` readable and `dst + c * dstride + 0..8` writable for
+/// `r, c < 8`.
+#[inline(always)]
+pub(super) unsafe fn transpose8x8(src: *const u8, sstride: usize, dst: *mut u8, dstride: usize) {
+    let ld = |r: usize| _mm_loadl_epi64(src.add(r * sstride) as *const __m128i);
+    let t0 = _mm_unpacklo_epi8(ld(0), ld(1));
+    let t1 = _mm_unpacklo_epi8(ld(2), ld(3));
+    let t2 = _mm_unpacklo_epi8(ld(4), ld(5));
+    let t3 = _mm_unpacklo_epi8(ld(6), ld(7));
+    let u0 = _mm_unpacklo_epi16(t0, t1);
+    let u1 = _mm_unpackhi_epi16(t0, t1);
+    let u2 = _mm_unpacklo_epi16(t2, t3);
+    let u3 = _mm_unpackhi_epi16(t2, t3);
+    let v = [
+        _mm_unpacklo_epi32(u0, u2),
+        _mm_unpackhi_epi32(u0, u2),
+        _mm_unpacklo_epi32(u1, u3),
+        _mm_unpackhi_epi32(u1, u3),
+    ];
+    for (i, x) in v.iter().enumerate() {
+        _mm_storel_epi64(dst.add(2 * i * dstride) as *mut __m128i, *x);
+        _mm_storel_epi64(
+            dst.add((2 * i + 1) * dstride) as *mut __m128i,
+            _mm_srli_si128::<8>(*x),
+        );
+    }
+}

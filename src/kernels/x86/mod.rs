@@ -123,6 +123,19 @@ impl Avx2 {
         unsafe { avx2::dw_accumulate(acc, x, w, a_zp) }
     }
 
+    /// One depthwise output pixel, compiled for AVX2.
+    pub(crate) fn dw_pixel(
+        self,
+        x: &[u8],
+        taps: &[(usize, usize)],
+        w: &[i16],
+        a_zp: i32,
+        acc: &mut [i32],
+    ) {
+        // SAFETY: the token proves AVX2; the body is safe code (slices, no raw pointers).
+        unsafe { avx2::dw_pixel(x, taps, w, a_zp, acc) }
+    }
+
     /// Requantizes `raw.len()` corrected accumulators of columns `0..raw.len()`.
     pub(crate) fn requant_row(self, raw: &[i32], rq: &RequantParams, out: &mut [u8]) {
         let n = raw.len();
@@ -143,5 +156,27 @@ impl Avx2 {
         // float parameters at least `n` rounded up to 8 (asserted); `requant_row` does not
         // touch the null offset pointers.
         unsafe { avx2::requant_row(raw.as_ptr(), n, &p, out.as_mut_ptr()) }
+    }
+}
+
+/// Transposes the `r8 x c8` top-left part (multiples of 8) of a `rows x cols` byte matrix
+/// (row stride `cols`) into `dst` (row stride `rows`), in 8x8 SSE2 blocks.
+pub(crate) fn transpose_blocks_u8(src: &[u8], rows: usize, cols: usize, dst: &mut [u8]) {
+    assert!(src.len() >= rows * cols && dst.len() >= rows * cols);
+    let (r8, c8) = (rows / 8 * 8, cols / 8 * 8);
+    for r0 in (0..r8).step_by(8) {
+        for c0 in (0..c8).step_by(8) {
+            // SAFETY: SSE2 is part of x86-64; the block reads rows r0..r0 + 8 at columns
+            // c0..c0 + 8 (< rows * cols, asserted) and writes rows c0..c0 + 8 of `dst` at
+            // columns r0..r0 + 8 (< cols * rows).
+            unsafe {
+                avx2::transpose8x8(
+                    src.as_ptr().add(r0 * cols + c0),
+                    cols,
+                    dst.as_mut_ptr().add(c0 * rows + r0),
+                    rows,
+                )
+            }
+        }
     }
 }

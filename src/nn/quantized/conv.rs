@@ -419,8 +419,9 @@ fn depthwise(
         let oy = r % oh;
         let mut acc = vec![0i32; oc];
         let mut xs = vec![0u8; oc];
+        let mut taps: Vec<(usize, usize)> = Vec::with_capacity(kh * kw);
         for ox in 0..ow {
-            acc.fill(0);
+            taps.clear();
             for ky in 0..kh {
                 let iy = (oy * g.stride.0 + ky * g.dilation.0) as isize - g.padding.0 as isize;
                 if iy < 0 || iy >= h as isize {
@@ -428,20 +429,20 @@ fn depthwise(
                 }
                 for kx in 0..kw {
                     let ix = (ox * g.stride.1 + kx * g.dilation.1) as isize - g.padding.1 as isize;
-                    if ix < 0 || ix >= w as isize {
-                        continue;
+                    if ix >= 0 && ix < w as isize {
+                        taps.push((((b * h + iy as usize) * w + ix as usize) * c, ky * kw + kx));
                     }
-                    let p = ((b * h + iy as usize) * w + ix as usize) * c;
-                    let px = &x[p..p + c];
-                    let wt = &wv[(ky * kw + kx) * oc..(ky * kw + kx + 1) * oc];
-                    if mult == 1 {
-                        kernels::dw_accumulate(&mut acc, px, wt, a_zp);
-                    } else {
-                        for (o, xo) in xs.iter_mut().enumerate() {
-                            *xo = px[o / mult];
-                        }
-                        kernels::dw_accumulate(&mut acc, &xs, wt, a_zp);
+                }
+            }
+            if mult == 1 {
+                kernels::dw_pixel(x, &taps, wv, a_zp, &mut acc);
+            } else {
+                acc.fill(0);
+                for &(p, t) in &taps {
+                    for (o, xo) in xs.iter_mut().enumerate() {
+                        *xo = x[p + o / mult];
                     }
+                    kernels::dw_accumulate(&mut acc, &xs, &wv[t * oc..(t + 1) * oc], a_zp);
                 }
             }
             kernels::requant_row(&acc, rq, &mut orow[ox * oc..(ox + 1) * oc]);

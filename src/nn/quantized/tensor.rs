@@ -166,59 +166,7 @@ pub(crate) fn dims4(t: &QTensor, layer: &str) -> Result<(usize, usize, usize, us
     }
 }
 
-/// Transposes an 8x8 byte matrix held as 8 little-endian rows.
-#[inline(always)]
-fn tr8x8(mut r: [u64; 8]) -> [u64; 8] {
-    const LO32: u64 = 0x0000_0000_FFFF_FFFF;
-    for i in 0..4 {
-        let (a, b) = (r[i], r[i + 4]);
-        r[i] = (a & LO32) | (b << 32);
-        r[i + 4] = (a >> 32) | (b & !LO32);
-    }
-    const M16: u64 = 0x0000_FFFF_0000_FFFF;
-    for i in [0, 1, 4, 5] {
-        let (a, b) = (r[i], r[i + 2]);
-        r[i] = (a & M16) | ((b & M16) << 16);
-        r[i + 2] = ((a >> 16) & M16) | (b & !M16);
-    }
-    const M8: u64 = 0x00FF_00FF_00FF_00FF;
-    for i in [0, 2, 4, 6] {
-        let (a, b) = (r[i], r[i + 1]);
-        r[i] = (a & M8) | ((b & M8) << 8);
-        r[i + 1] = ((a >> 8) & M8) | (b & !M8);
-    }
-    r
-}
-
-/// Transposes a `rows x cols` byte matrix (row stride `cols`) into `dst` (row stride
-/// `rows`), in 8x8 blocks.
-fn transpose_u8(src: &[u8], rows: usize, cols: usize, dst: &mut [u8]) {
-    let (r8, c8) = (rows / 8 * 8, cols / 8 * 8);
-    for r0 in (0..r8).step_by(8) {
-        for c0 in (0..c8).step_by(8) {
-            let mut m = [0u64; 8];
-            for (i, v) in m.iter_mut().enumerate() {
-                let o = (r0 + i) * cols + c0;
-                *v = u64::from_le_bytes(src[o..o + 8].try_into().unwrap_or([0; 8]));
-            }
-            let t = tr8x8(m);
-            for (j, v) in t.iter().enumerate() {
-                let o = (c0 + j) * rows + r0;
-                dst[o..o + 8].copy_from_slice(&v.to_le_bytes());
-            }
-        }
-        for c in c8..cols {
-            for i in r0..r0 + 8 {
-                dst[c * rows + i] = src[i * cols + c];
-            }
-        }
-    }
-    for r in r8..rows {
-        for c in 0..cols {
-            dst[c * rows + r] = src[r * cols + c];
-        }
-    }
-}
+use crate::kernels::transpose_u8;
 
 /// `[b][c][hw]` to `[b][hw][c]`.
 pub(crate) fn nchw_to_nhwc(src: &[u8], b: usize, c: usize, hw: usize) -> Vec<u8> {
