@@ -554,9 +554,10 @@ pub(crate) fn dw_accumulate_body(acc: &mut [i32], x: &[u8], w: &[i16], a_zp: i32
     }
 }
 
-/// One depthwise output pixel (channel multiplier 1): `acc[c] = sum over taps of
-/// (x[off + c] - a_zp) * w[t * oc + c]` for the valid `(off, t)` taps; channels in blocks
-/// of 32 so the partial sums stay in registers across taps.
+/// One depthwise output pixel (channel multiplier 1), channels `c_start..`:
+/// `acc[c] = sum over taps of (x[off + c] - a_zp) * w[t * oc + c]` for the valid
+/// `(off, t)` taps, `oc = acc.len()`; channels in blocks of 32 so the partial sums stay in
+/// registers across taps.
 #[inline(always)]
 pub(crate) fn dw_pixel_body(
     x: &[u8],
@@ -564,10 +565,11 @@ pub(crate) fn dw_pixel_body(
     w: &[i16],
     a_zp: i32,
     acc: &mut [i32],
+    c_start: usize,
 ) {
     const CH: usize = 32;
     let oc = acc.len();
-    let mut c0 = 0;
+    let mut c0 = c_start;
     while c0 + CH <= oc {
         let mut a = [0i32; CH];
         for &(xo, t) in taps {
@@ -593,7 +595,7 @@ pub(crate) fn dw_pixel(x: &[u8], taps: &[(usize, usize)], w: &[i16], a_zp: i32, 
     match simd() {
         #[cfg(target_arch = "x86_64")]
         Some(s) => s.dw_pixel(x, taps, w, a_zp, acc),
-        _ => dw_pixel_body(x, taps, w, a_zp, acc),
+        _ => dw_pixel_body(x, taps, w, a_zp, acc, 0),
     }
 }
 

@@ -240,10 +240,13 @@ pub(super) unsafe fn dw_accumulate(acc: &mut [i32], x: &[u8], w: &[i16], a_zp: i
     crate::kernels::dw_accumulate_body(acc, x, w, a_zp)
 }
 
-/// [`crate::kernels::dw_pixel_body`] compiled with AVX2 enabled.
+/// One depthwise output pixel: 16 channels at a time, taps in pairs through `vpmaddwd`
+/// (`(x - a_zp)` and `w` both fit `i16`, a pair of products fits `i32`: exact); the last
+/// `oc % 16` channels through the shared body.
 ///
 /// # Safety
-/// AVX2 must be available.
+/// AVX2 must be available; for every tap `(off, t)`: `off + acc.len() <= x.len()` and
+/// `(t + 1) * acc.len() <= w.len()`.
 #[target_feature(enable = "avx2")]
 pub(super) unsafe fn dw_pixel(
     x: &[u8],
@@ -252,7 +255,53 @@ pub(super) unsafe fn dw_pixel(
     a_zp: i32,
     acc: &mut [i32],
 ) {
-    crate::kernels::dw_pixel_body(x, taps, w, a_zp, acc)
+    let oc = acc.len();
+    let zp = _mm256_set1_epi16(a_zp as i16);
+    let xp = x.as_ptr();
+    let wp = w.as_ptr();
+    let ld_x = |off: usize, c: usize| {
+        _mm256_sub_epi16(
+            _mm256_cvtepu8_epi16(_mm_loadu_si128(xp.add(off + c) as *const __m128i)),
+            zp,
+        )
+    };
+    let ld_w = |t: usize, c: usize| _mm256_loadu_si256(wp.add(t * oc + c) as *const __m256i);
+    let mut c = 0;
+    while c + 16 <= oc {
+        let mut lo = _mm256_setzero_si256();
+        let mut hi = _mm256_setzero_si256();
+        let mut pairs = taps.chunks_exact(2);
+        for p in &mut pairs {
+            let (x0, x1) = (ld_x(p[0].0, c), ld_x(p[1].0, c));
+            let (w0, w1) = (ld_w(p[0].1, c), ld_w(p[1].1, c));
+            lo = _mm256_add_epi32(
+                lo,
+                _mm256_madd_epi16(_mm256_unpacklo_epi16(x0, x1), _mm256_unpacklo_epi16(w0, w1)),
+            );
+            hi = _mm256_add_epi32(
+                hi,
+                _mm256_madd_epi16(_mm256_unpackhi_epi16(x0, x1), _mm256_unpackhi_epi16(w0, w1)),
+            );
+        }
+        if let [(off, t)] = pairs.remainder() {
+            let (x0, w0) = (ld_x(*off, c), ld_w(*t, c));
+            let z = _mm256_setzero_si256();
+            lo = _mm256_add_epi32(
+                lo,
+                _mm256_madd_epi16(_mm256_unpacklo_epi16(x0, z), _mm256_unpacklo_epi16(w0, z)),
+            );
+            hi = _mm256_add_epi32(
+                hi,
+                _mm256_madd_epi16(_mm256_unpackhi_epi16(x0, z), _mm256_unpackhi_epi16(w0, z)),
+            );
+        }
+        // lo holds channels 0-3 | 8-11, hi 4-7 | 12-15.
+        let o = acc.as_mut_ptr().add(c) as *mut __m256i;
+        _mm256_storeu_si256(o, _mm256_permute2x128_si256::<0x20>(lo, hi));
+        _mm256_storeu_si256(o.add(1), _mm256_permute2x128_si256::<0x31>(lo, hi));
+        c += 16;
+    }
+    crate::kernels::dw_pixel_body(x, taps, w, a_zp, acc, c)
 }
 
 /// Transposes one 8x8 byte block (SSE2, part of x86-64's baseline).

@@ -132,7 +132,13 @@ impl Avx2 {
         a_zp: i32,
         acc: &mut [i32],
     ) {
-        // SAFETY: the token proves AVX2; the body is safe code (slices, no raw pointers).
+        let oc = acc.len();
+        assert!(taps
+            .iter()
+            .all(|&(off, t)| off + oc <= x.len() && (t + 1) * oc <= w.len()));
+        // SAFETY: the token proves AVX2; the assert covers every load: 16 channels at
+        // c + 16 <= oc from x[off..off + oc] and w[t * oc..(t + 1) * oc]; stores stay in
+        // `acc` (c + 16 <= oc).
         unsafe { avx2::dw_pixel(x, taps, w, a_zp, acc) }
     }
 
