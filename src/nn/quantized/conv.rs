@@ -538,7 +538,17 @@ impl QConvReLU2d {
     /// As [`QConv2d::forward`].
     ///
     /// # Examples
-    /// See [`QConv2d::forward`].
+    /// ```
+    /// use ndarray::{Array4, ArrayD};
+    /// use ptq::nn::quantized::{Conv2dParams, QConvReLU2d, QTensor};
+    /// use ptq::{DType, QParams};
+    /// let w = Array4::<i8>::from_elem((1, 1, 1, 1), -1);
+    /// let c = QConvReLU2d::from_quantized(w.view(), &QParams::per_tensor(1.0, 0, DType::QInt8)?, None,
+    ///     Conv2dParams::default(), 1.0, 4)?;
+    /// let x = QTensor::new(ArrayD::from_shape_vec(vec![1, 1, 1, 2], vec![2u8, 0])?, 1.0, 1)?;
+    /// assert_eq!(c.forward(&x)?.data().as_slice().unwrap(), &[4, 5]); // relu(-1) = 0, relu(1) = 1
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn forward(&self, x: &QTensor) -> Result<QTensor> {
         self.0.forward(x).map_err(|e| e.in_context("QConvReLU2d"))
     }
