@@ -590,6 +590,30 @@ pub(crate) fn dw_pixel_body(
     }
 }
 
+/// Four adjacent depthwise output pixels sharing one tap list: pixel `p` reads
+/// `x[off + p * pstride + c]`; `acc` holds `4 * oc` sums, pixel-major.
+pub(crate) fn dw_pixels4(
+    x: &[u8],
+    taps: &[(usize, usize)],
+    pstride: usize,
+    w: &[i16],
+    a_zp: i32,
+    acc: &mut [i32],
+) {
+    match simd() {
+        #[cfg(target_arch = "x86_64")]
+        Some(s) => s.dw_pixels4(x, taps, pstride, w, a_zp, acc),
+        _ => {
+            let oc = acc.len() / 4;
+            for (p, a) in acc.chunks_mut(oc).enumerate() {
+                let t: Vec<(usize, usize)> =
+                    taps.iter().map(|&(o, t)| (o + p * pstride, t)).collect();
+                dw_pixel_body(x, &t, w, a_zp, a, 0);
+            }
+        }
+    }
+}
+
 /// [`dw_pixel_body`] on the fastest backend.
 pub(crate) fn dw_pixel(x: &[u8], taps: &[(usize, usize)], w: &[i16], a_zp: i32, acc: &mut [i32]) {
     match simd() {

@@ -304,6 +304,77 @@ pub(super) unsafe fn dw_pixel(
     crate::kernels::dw_pixel_body(x, taps, w, a_zp, acc, c)
 }
 
+/// Four adjacent depthwise pixels: the weights of a tap pair are loaded and interleaved
+/// once for the four pixels (eight accumulators per 16 channels). The last `oc % 16`
+/// channels go through the shared body.
+///
+/// # Safety
+/// AVX2 must be available; `acc.len() == 4 * oc`; for every tap `(off, t)`:
+/// `off + 3 * pstride + oc <= x.len()` and `(t + 1) * oc <= w.len()`.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn dw_pixels4(
+    x: &[u8],
+    taps: &[(usize, usize)],
+    pstride: usize,
+    w: &[i16],
+    a_zp: i32,
+    acc: &mut [i32],
+) {
+    let oc = acc.len() / 4;
+    let zp = _mm256_set1_epi16(a_zp as i16);
+    let xp = x.as_ptr();
+    let wp = w.as_ptr();
+    let ld_x = |off: usize, c: usize| {
+        _mm256_sub_epi16(
+            _mm256_cvtepu8_epi16(_mm_loadu_si128(xp.add(off + c) as *const __m128i)),
+            zp,
+        )
+    };
+    let ld_w = |t: usize, c: usize| _mm256_loadu_si256(wp.add(t * oc + c) as *const __m256i);
+    let z = _mm256_setzero_si256();
+    let mut c = 0;
+    while c + 16 <= oc {
+        let mut lo = [z; 4];
+        let mut hi = [z; 4];
+        let mut k = 0;
+        while k < taps.len() {
+            let (o0, t0) = taps[k];
+            let (w0, w1, o1) = if k + 1 < taps.len() {
+                let (o1, t1) = taps[k + 1];
+                (ld_w(t0, c), ld_w(t1, c), Some(o1))
+            } else {
+                (ld_w(t0, c), z, None)
+            };
+            let wl = _mm256_unpacklo_epi16(w0, w1);
+            let wh = _mm256_unpackhi_epi16(w0, w1);
+            for p in 0..4 {
+                let x0 = ld_x(o0 + p * pstride, c);
+                let x1 = match o1 {
+                    Some(o1) => ld_x(o1 + p * pstride, c),
+                    None => z,
+                };
+                lo[p] =
+                    _mm256_add_epi32(lo[p], _mm256_madd_epi16(_mm256_unpacklo_epi16(x0, x1), wl));
+                hi[p] =
+                    _mm256_add_epi32(hi[p], _mm256_madd_epi16(_mm256_unpackhi_epi16(x0, x1), wh));
+            }
+            k += 2;
+        }
+        for p in 0..4 {
+            let o = acc.as_mut_ptr().add(p * oc + c) as *mut __m256i;
+            _mm256_storeu_si256(o, _mm256_permute2x128_si256::<0x20>(lo[p], hi[p]));
+            _mm256_storeu_si256(o.add(1), _mm256_permute2x128_si256::<0x31>(lo[p], hi[p]));
+        }
+        c += 16;
+    }
+    if c < oc {
+        for p in 0..4 {
+            let t: Vec<(usize, usize)> = taps.iter().map(|&(o, t)| (o + p * pstride, t)).collect();
+            crate::kernels::dw_pixel_body(x, &t, w, a_zp, &mut acc[p * oc..(p + 1) * oc], c);
+        }
+    }
+}
+
 /// Transposes one 8x8 byte block (SSE2, part of x86-64's baseline).
 ///
 /// # Safety

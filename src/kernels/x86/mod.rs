@@ -142,6 +142,27 @@ impl Avx2 {
         unsafe { avx2::dw_pixel(x, taps, w, a_zp, acc) }
     }
 
+    /// Four adjacent depthwise pixels (see `kernels::dw_pixels4`), AVX2.
+    pub(crate) fn dw_pixels4(
+        self,
+        x: &[u8],
+        taps: &[(usize, usize)],
+        pstride: usize,
+        w: &[i16],
+        a_zp: i32,
+        acc: &mut [i32],
+    ) {
+        let oc = acc.len() / 4;
+        assert!(acc.len() == 4 * oc);
+        assert!(taps
+            .iter()
+            .all(|&(off, t)| off + 3 * pstride + oc <= x.len() && (t + 1) * oc <= w.len()));
+        // SAFETY: the token proves AVX2; the assert covers every load (pixel p < 4 reads
+        // x[off + p * pstride..][..oc], weights w[t * oc..][..oc]); stores stay in `acc`
+        // (4 * oc values).
+        unsafe { avx2::dw_pixels4(x, taps, pstride, w, a_zp, acc) }
+    }
+
     /// Requantizes `raw.len()` corrected accumulators of columns `0..raw.len()`.
     pub(crate) fn requant_row(self, raw: &[i32], rq: &RequantParams, out: &mut [u8]) {
         let n = raw.len();

@@ -420,7 +420,20 @@ fn depthwise(
         let mut acc = vec![0i32; oc];
         let mut xs = vec![0u8; oc];
         let mut taps: Vec<(usize, usize)> = Vec::with_capacity(kh * kw);
-        for ox in 0..ow {
+        // The valid kx of output column ox form a range; four columns with the same range
+        // share one tap list (shifted by the stride).
+        let kx_range = |ox: usize| {
+            let valid = |kx: usize| {
+                let ix = (ox * g.stride.1 + kx * g.dilation.1) as isize - g.padding.1 as isize;
+                ix >= 0 && ix < w as isize
+            };
+            let lo = (0..kw).find(|&kx| valid(kx)).unwrap_or(kw);
+            let hi = (0..kw).rev().find(|&kx| valid(kx)).map_or(lo, |k| k + 1);
+            (lo, hi)
+        };
+        let mut acc4 = vec![0i32; 4 * oc];
+        let mut ox = 0;
+        while ox < ow {
             taps.clear();
             for ky in 0..kh {
                 let iy = (oy * g.stride.0 + ky * g.dilation.0) as isize - g.padding.0 as isize;
@@ -434,6 +447,18 @@ fn depthwise(
                     }
                 }
             }
+            if mult == 1 && ox + 4 <= ow && kx_range(ox) == kx_range(ox + 3) {
+                kernels::dw_pixels4(x, &taps, g.stride.1 * c, wv, a_zp, &mut acc4);
+                for p in 0..4 {
+                    kernels::requant_row(
+                        &acc4[p * oc..(p + 1) * oc],
+                        rq,
+                        &mut orow[(ox + p) * oc..(ox + p + 1) * oc],
+                    );
+                }
+                ox += 4;
+                continue;
+            }
             if mult == 1 {
                 kernels::dw_pixel(x, &taps, wv, a_zp, &mut acc);
             } else {
@@ -446,6 +471,7 @@ fn depthwise(
                 }
             }
             kernels::requant_row(&acc, rq, &mut orow[ox * oc..(ox + 1) * oc]);
+            ox += 1;
         }
     };
     let rows = g.batch * oh;
