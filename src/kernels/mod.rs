@@ -383,7 +383,67 @@ pub(crate) fn drive(
         let mut acc2 = [0i32; MR * NR];
         #[allow(unused_mut, unused_variables)]
         let mut acc8 = [0i32; 2 * MR * NR];
-        for p in 0..panels {
+        #[allow(unused_mut)]
+        let mut first_panel = 0;
+        #[cfg(target_arch = "x86_64")]
+        if let Some(s) = simd.filter(|s| s.vnni() && kp > 0) {
+            // Pairs of panels, eight rows at a time: 16 accumulator chains per call.
+            let lo_rows = lo.len() / kp;
+            let pairs = panels / 2;
+            let mut acc16 = [0i32; 4 * MR * NR];
+            for pp in 0..pairs {
+                let p = 2 * pp;
+                let (b0, b1) = (w.panel(p), w.panel(p + 1));
+                let mut t = 0;
+                while t < rows_blk {
+                    let eight = t + 2 * MR <= lo_rows;
+                    let a = &lo[t * kp..(t + if eight { 2 } else { 1 } * MR) * kp];
+                    if eight {
+                        s.tile8x2(a, kp, b0, b1, &mut acc16);
+                    } else {
+                        let (h0, h1) = acc16.split_at_mut(2 * MR * NR);
+                        let t0: &mut [i32; MR * NR] = (&mut h0[..MR * NR])
+                            .try_into()
+                            .unwrap_or_else(|_| unreachable!());
+                        s.tile(a, kp, b0, t0);
+                        let t1: &mut [i32; MR * NR] = (&mut h1[..MR * NR])
+                            .try_into()
+                            .unwrap_or_else(|_| unreachable!());
+                        s.tile(a, kp, b1, t1);
+                    }
+                    // acc16 = [panel][tile][MR][NR]
+                    for half in 0..2 {
+                        let j0 = (p + half) * NR;
+                        let cols = NR.min(n - j0);
+                        for h in 0..if eight { 2 } else { 1 } {
+                            let tt = t + h * MR;
+                            if tt >= rows_blk {
+                                break;
+                            }
+                            let rows = MR.min(rows_blk - tt);
+                            let base = (half * 2 + h) * MR * NR;
+                            let mut tile = [0i32; MR * NR];
+                            tile.copy_from_slice(&acc16[base..base + MR * NR]);
+                            s.requant_tile(
+                                &tile,
+                                rows,
+                                cols,
+                                &rowsum[tt..tt + rows],
+                                a_zp,
+                                w,
+                                rq,
+                                j0,
+                                &mut out_blk[tt * ldc + j0..],
+                                ldc,
+                            );
+                        }
+                    }
+                    t += if eight { 2 * MR } else { MR };
+                }
+            }
+            first_panel = 2 * pairs;
+        }
+        for p in first_panel..panels {
             let b = w.panel(p);
             let j0 = p * NR;
             let cols = NR.min(n - j0);

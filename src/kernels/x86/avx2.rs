@@ -134,6 +134,49 @@ pub(super) unsafe fn tile8_vnni(a: *const u8, kp: usize, b: *const i8, acc: *mut
     }
 }
 
+/// Eight rows times two panels with AVX-512 VNNI: sixteen accumulator chains, each row's
+/// broadcast serving both panels. `acc` is `[panel][row][NR]`.
+///
+/// # Safety
+/// AVX-512F/BW and AVX-512 VNNI must be available; `a` readable for `2 * MR * kp` bytes,
+/// `b0` and `b1` for `kp * NR`, `acc` writable for `4 * MR * NR` `i32`; `kp % 4 == 0`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(super) unsafe fn tile8x2_vnni(
+    a: *const u8,
+    kp: usize,
+    b0: *const i8,
+    b1: *const i8,
+    acc: *mut i32,
+) {
+    let mut c = [_mm512_setzero_si512(); 8];
+    let mut d = [_mm512_setzero_si512(); 8];
+    let mut q = 0;
+    while q < kp {
+        let v0 = _mm512_loadu_si512(b0.add(q * NR) as *const _);
+        let v1 = _mm512_loadu_si512(b1.add(q * NR) as *const _);
+        macro_rules! row {
+            ($r:literal) => {
+                let av = _mm512_set1_epi32((a.add($r * kp + q) as *const i32).read_unaligned());
+                c[$r] = _mm512_dpbusd_epi32(c[$r], av, v0);
+                d[$r] = _mm512_dpbusd_epi32(d[$r], av, v1);
+            };
+        }
+        row!(0);
+        row!(1);
+        row!(2);
+        row!(3);
+        row!(4);
+        row!(5);
+        row!(6);
+        row!(7);
+        q += 4;
+    }
+    for r in 0..8 {
+        _mm512_storeu_si512(acc.add(r * NR) as *mut _, c[r]);
+        _mm512_storeu_si512(acc.add((8 + r) * NR) as *mut _, d[r]);
+    }
+}
+
 /// Per-column requantization parameters, as raw pointers (each readable for the columns
 /// the call touches, rounded up to 8).
 pub(super) struct ColParams {

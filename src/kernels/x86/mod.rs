@@ -67,6 +67,23 @@ impl Avx2 {
         unsafe { avx2::tile8_vnni(a.as_ptr(), kp, b.as_ptr(), acc.as_mut_ptr()) }
     }
 
+    /// Eight rows times two panels (AVX-512 VNNI only): `acc` is `[panel][row][NR]`.
+    pub(crate) fn tile8x2(
+        self,
+        a: &[u8],
+        kp: usize,
+        b0: &[i8],
+        b1: &[i8],
+        acc: &mut [i32; 4 * MR * NR],
+    ) {
+        assert!(self.vnni && kp.is_multiple_of(4) && a.len() >= 2 * MR * kp);
+        assert!(b0.len() >= kp * NR && b1.len() >= kp * NR);
+        // SAFETY: `vnni` is only set after detecting AVX-512F/BW/VNNI; the asserts cover
+        // the reads (8 rows of kp bytes, two panels of kp * NR bytes); `acc` holds
+        // 4 * MR * NR i32.
+        unsafe { avx2::tile8x2_vnni(a.as_ptr(), kp, b0.as_ptr(), b1.as_ptr(), acc.as_mut_ptr()) }
+    }
+
     /// Requantizes `rows x cols` of a tile starting at global column `j0` into
     /// `out[r * ldc + c]`.
     #[allow(clippy::too_many_arguments)]
