@@ -401,15 +401,7 @@ pub(crate) fn drive(
                     if eight {
                         s.tile8x2(a, kp, b0, b1, &mut acc16);
                     } else {
-                        let (h0, h1) = acc16.split_at_mut(2 * MR * NR);
-                        let t0: &mut [i32; MR * NR] = (&mut h0[..MR * NR])
-                            .try_into()
-                            .unwrap_or_else(|_| unreachable!());
-                        s.tile(a, kp, b0, t0);
-                        let t1: &mut [i32; MR * NR] = (&mut h1[..MR * NR])
-                            .try_into()
-                            .unwrap_or_else(|_| unreachable!());
-                        s.tile(a, kp, b1, t1);
+                        s.tile4x2(a, kp, b0, b1, &mut acc16);
                     }
                     // acc16 = [panel][tile][MR][NR]
                     for half in 0..2 {

@@ -177,6 +177,44 @@ pub(super) unsafe fn tile8x2_vnni(
     }
 }
 
+/// Four rows times two panels with AVX-512 VNNI (eight chains), for row blocks of four.
+/// `acc` is `[panel][8 rows][NR]`; rows 4..8 of each panel are left untouched.
+///
+/// # Safety
+/// As [`tile8x2_vnni`], with `a` readable for `MR * kp` bytes.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(super) unsafe fn tile4x2_vnni(
+    a: *const u8,
+    kp: usize,
+    b0: *const i8,
+    b1: *const i8,
+    acc: *mut i32,
+) {
+    let mut c = [_mm512_setzero_si512(); 4];
+    let mut d = [_mm512_setzero_si512(); 4];
+    let mut q = 0;
+    while q < kp {
+        let v0 = _mm512_loadu_si512(b0.add(q * NR) as *const _);
+        let v1 = _mm512_loadu_si512(b1.add(q * NR) as *const _);
+        macro_rules! row {
+            ($r:literal) => {
+                let av = _mm512_set1_epi32((a.add($r * kp + q) as *const i32).read_unaligned());
+                c[$r] = _mm512_dpbusd_epi32(c[$r], av, v0);
+                d[$r] = _mm512_dpbusd_epi32(d[$r], av, v1);
+            };
+        }
+        row!(0);
+        row!(1);
+        row!(2);
+        row!(3);
+        q += 4;
+    }
+    for r in 0..4 {
+        _mm512_storeu_si512(acc.add(r * NR) as *mut _, c[r]);
+        _mm512_storeu_si512(acc.add((8 + r) * NR) as *mut _, d[r]);
+    }
+}
+
 /// Per-column requantization parameters, as raw pointers (each readable for the columns
 /// the call touches, rounded up to 8).
 pub(super) struct ColParams {

@@ -84,6 +84,24 @@ impl Avx2 {
         unsafe { avx2::tile8x2_vnni(a.as_ptr(), kp, b0.as_ptr(), b1.as_ptr(), acc.as_mut_ptr()) }
     }
 
+    /// Four rows times two panels (AVX-512 VNNI only): `acc` is `[panel][8 rows][NR]`, rows
+    /// 4..8 untouched.
+    pub(crate) fn tile4x2(
+        self,
+        a: &[u8],
+        kp: usize,
+        b0: &[i8],
+        b1: &[i8],
+        acc: &mut [i32; 4 * MR * NR],
+    ) {
+        assert!(self.vnni && kp.is_multiple_of(4) && a.len() >= MR * kp);
+        assert!(b0.len() >= kp * NR && b1.len() >= kp * NR);
+        // SAFETY: `vnni` is only set after detecting AVX-512F/BW/VNNI; the asserts cover
+        // the reads (4 rows of kp bytes, two panels of kp * NR bytes); the writes go to
+        // rows 0..4 of each panel half of `acc` (4 * MR * NR i32).
+        unsafe { avx2::tile4x2_vnni(a.as_ptr(), kp, b0.as_ptr(), b1.as_ptr(), acc.as_mut_ptr()) }
+    }
+
     /// Requantizes `rows x cols` of a tile starting at global column `j0` into
     /// `out[r * ldc + c]`.
     #[allow(clippy::too_many_arguments)]
