@@ -166,26 +166,37 @@ pub(crate) fn dims4(t: &QTensor, layer: &str) -> Result<(usize, usize, usize, us
     }
 }
 
+use rayon::prelude::*;
+
 use crate::kernels::transpose_u8;
 
-/// `[b][c][hw]` to `[b][hw][c]`.
-pub(crate) fn nchw_to_nhwc(src: &[u8], b: usize, c: usize, hw: usize) -> Vec<u8> {
+/// Transposes each of the `b` planes of `rows x cols` bytes; planes in parallel when
+/// the tensor is large.
+fn transpose_planes(src: &[u8], b: usize, rows: usize, cols: usize) -> Vec<u8> {
     let mut dst = vec![0u8; src.len()];
-    for bi in 0..b {
-        let r = bi * c * hw..(bi + 1) * c * hw;
-        transpose_u8(&src[r.clone()], c, hw, &mut dst[r]);
+    let plane = rows * cols;
+    if b == 0 || plane == 0 {
+        return dst;
+    }
+    let one = |(d, s): (&mut [u8], &[u8])| transpose_u8(s, rows, cols, d);
+    if b > 1 && src.len() >= 1 << 18 {
+        dst.par_chunks_mut(plane)
+            .zip(src.par_chunks(plane))
+            .for_each(one);
+    } else {
+        dst.chunks_mut(plane).zip(src.chunks(plane)).for_each(one);
     }
     dst
 }
 
+/// `[b][c][hw]` to `[b][hw][c]`.
+pub(crate) fn nchw_to_nhwc(src: &[u8], b: usize, c: usize, hw: usize) -> Vec<u8> {
+    transpose_planes(src, b, c, hw)
+}
+
 /// `[b][hw][c]` to `[b][c][hw]`.
 pub(crate) fn nhwc_to_nchw(src: &[u8], b: usize, c: usize, hw: usize) -> Vec<u8> {
-    let mut dst = vec![0u8; src.len()];
-    for bi in 0..b {
-        let r = bi * c * hw..(bi + 1) * c * hw;
-        transpose_u8(&src[r.clone()], hw, c, &mut dst[r]);
-    }
-    dst
+    transpose_planes(src, b, hw, c)
 }
 
 #[cfg(test)]
