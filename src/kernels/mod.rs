@@ -8,9 +8,19 @@
 //!   ReLU, on the fastest [`Backend`] the CPU offers.
 //! * [`reference`](mod@reference): the scalar oracle every kernel is tested against.
 //!
-//! The backend is chosen once per process: AVX2 + FMA when the CPU has them, unless the
-//! environment variable `PTQ_FORCE_PORTABLE=1` forces the portable Rust kernel. Setting
-//! `PTQ_DEBUG=1` prints to stderr which [`KernelPath`] ran, the first time each runs.
+//! The backend is chosen once per process (`is_x86_feature_detected!`, cached in a
+//! `OnceLock`): AVX2 + FMA when the CPU has them, unless the environment variable
+//! `PTQ_FORCE_PORTABLE=1` forces the portable Rust kernel. Setting `PTQ_DEBUG=1` prints to
+//! stderr which [`KernelPath`] ran, the first time each runs. Where the CPU also has
+//! AVX-512 VNNI (Intel since Cascade Lake, AMD since Zen 4) the products use `vpdpbusd`
+//! ([`Backend::Avx512Vnni`]: `i32` accumulation, exact, about twice the AVX2 speed);
+//! `PTQ_NO_AVX512=1` keeps the AVX2 kernel.
+//!
+//! # Structure
+//! Activations are packed per block of at most 256 rows (copied, or built on the fly by a
+//! convolution's im2col), padded to [`MR`] rows and `k` to a multiple of 4, with their row
+//! sums. Each `MR x NR` tile is computed by a microkernel over one packed panel and then
+//! requantized straight to `u8`. Large products are split into row blocks on rayon's pool.
 //!
 //! # Saturation
 //! AVX2's `vpmaddubsw` adds two `u8 x i8` products into a saturating `i16`. The sum is exact
@@ -20,6 +30,10 @@
 //! ([`KernelPath::Avx2Split`], about half the speed). The library never saturates: every
 //! path returns the exact integer result, identical to the portable kernel and to
 //! [`reference::qgemm_naive`].
+//!
+//! PyTorch itself differs by CPU here: fbgemm's AVX2 kernel saturates in that case, its
+//! AVX-512 VNNI kernel does not. `ptq` always gives the exact result, which is what fbgemm
+//! gives whenever it does not saturate (always with `reduce_range` activations).
 //!
 //! # Example
 //! ```
