@@ -166,6 +166,28 @@ fn check_conv(c: &ConvCase) {
     };
     let got: Vec<u8> = y.data().iter().copied().collect();
     assert_eq!(got, want, "{g:?}");
+    // The channels-last entry point gives the same integers, transposed.
+    let x_nhwc = QTensor::new(
+        x.data()
+            .view()
+            .permuted_axes(IxDyn(&[0, 2, 3, 1]))
+            .to_owned(),
+        act_scale,
+        c.a_zp,
+    )
+    .unwrap();
+    let conv = QConv2d::from_quantized(w4.view(), &qp, bias, params, ys, yz).unwrap();
+    if !c.relu {
+        let yn = conv.forward_nhwc(&x_nhwc).unwrap();
+        let back: Vec<u8> = yn
+            .data()
+            .view()
+            .permuted_axes(IxDyn(&[0, 3, 1, 2]))
+            .iter()
+            .copied()
+            .collect();
+        assert_eq!(back, want, "nhwc {g:?}");
+    }
 }
 
 proptest! {
