@@ -188,6 +188,20 @@ fn conv(
     g.bench_function(BenchmarkId::new("int8", &id), |bch| {
         pool.install(|| bch.iter(|| layer.forward(&xq).unwrap()))
     });
+    // Channels-last in and out, as activations stay between layers in fbgemm.
+    let xq_nhwc = QTensor::new(
+        xq.data()
+            .view()
+            .permuted_axes(IxDyn(&[0, 2, 3, 1]))
+            .as_standard_layout()
+            .into_owned(),
+        0.02,
+        10,
+    )
+    .unwrap();
+    g.bench_function(BenchmarkId::new("int8_nhwc", &id), |bch| {
+        pool.install(|| bch.iter(|| layer.forward_nhwc(&xq_nhwc).unwrap()))
+    });
     let xf = Array4::from_shape_fn((b, cin, hw, hw), |(i, j, y, z)| {
         x[((i * cin + j) * hw + y) * hw + z] as f32
     });

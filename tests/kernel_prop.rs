@@ -3,8 +3,8 @@
 use proptest::prelude::*;
 use ptq::kernels::reference::qgemm_naive;
 use ptq::kernels::{
-    avx2_available, qgemm_on, Activations, Backend, KernelPath, OutputQuant, PackedWeights,
-    RequantParams,
+    avx2_available, avx512_vnni_available, qgemm_on, Activations, Backend, KernelPath, OutputQuant,
+    PackedWeights, RequantParams,
 };
 
 #[derive(Debug, Clone)]
@@ -125,6 +125,19 @@ fn check(c: &Case) -> Vec<KernelPath> {
             first_diff(&got, &want),
             None,
             "avx2 != naive for m={} k={} n={}",
+            c.m,
+            c.k,
+            c.n
+        );
+    }
+    if avx512_vnni_available() {
+        let mut got = vec![7u8; len];
+        let p = qgemm_on(Backend::Avx512Vnni, act, &packed, &rq, &mut got, ldc).unwrap();
+        assert_eq!(p, KernelPath::Avx512Vnni);
+        assert_eq!(
+            first_diff(&got, &want),
+            None,
+            "avx512 vnni != naive for m={} k={} n={}",
             c.m,
             c.k,
             c.n

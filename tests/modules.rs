@@ -166,6 +166,28 @@ fn check_conv(c: &ConvCase) {
     };
     let got: Vec<u8> = y.data().iter().copied().collect();
     assert_eq!(got, want, "{g:?}");
+    // The channels-last entry point gives the same integers, transposed.
+    let x_nhwc = QTensor::new(
+        x.data()
+            .view()
+            .permuted_axes(IxDyn(&[0, 2, 3, 1]))
+            .to_owned(),
+        act_scale,
+        c.a_zp,
+    )
+    .unwrap();
+    let conv = QConv2d::from_quantized(w4.view(), &qp, bias, params, ys, yz).unwrap();
+    if !c.relu {
+        let yn = conv.forward_nhwc(&x_nhwc).unwrap();
+        let back: Vec<u8> = yn
+            .data()
+            .view()
+            .permuted_axes(IxDyn(&[0, 3, 1, 2]))
+            .iter()
+            .copied()
+            .collect();
+        assert_eq!(back, want, "nhwc {g:?}");
+    }
 }
 
 proptest! {
@@ -282,4 +304,46 @@ fn errors_name_the_layer_and_shapes() {
     assert!(QFlatten
         .forward(&QTensor::new(ArrayD::zeros(IxDyn(&[])), 0.1, 0).unwrap())
         .is_err());
+}
+
+/// Depthwise convolutions wide enough for the 16-channel SIMD blocks plus a tail, odd
+/// tap counts (borders), strides 1 and 2, and a channel multiplier of 2.
+#[test]
+fn wide_depthwise_matches_naive() {
+    for &(c, mult, stride, pad, k) in &[
+        (40usize, 1usize, 1usize, 1usize, 3usize),
+        (40, 1, 2, 1, 3),
+        (33, 1, 1, 2, 5),
+        (20, 2, 1, 1, 3),
+    ] {
+        let geom = ConvGeom {
+            batch: 2,
+            c_in: c,
+            in_hw: (7, 9),
+            c_out: c * mult,
+            kernel: (k, k),
+            stride: (stride, stride),
+            padding: (pad, pad),
+            dilation: (1, 1),
+            groups: c,
+        };
+        let n = 2 * c * 63;
+        let x: Vec<u8> = (0..n).map(|i| (i * 131 % 256) as u8).collect();
+        let w: Vec<i8> = (0..c * mult * k * k)
+            .map(|i| (i * 77 % 256) as u8 as i8)
+            .collect();
+        let w_zp: Vec<i32> = (0..c * mult).map(|j| j as i32 % 5 - 2).collect();
+        let w_scales: Vec<f32> = (0..c * mult).map(|j| 0.002 + j as f32 * 1e-4).collect();
+        check_conv(&ConvCase {
+            geom,
+            x,
+            a_zp: 201,
+            w,
+            w_zp,
+            w_scales,
+            per_channel: true,
+            bias: Some((0..c * mult).map(|j| j as f32 * 0.05 - 1.0).collect()),
+            relu: mult == 1,
+        });
+    }
 }

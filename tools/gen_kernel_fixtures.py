@@ -2,7 +2,8 @@
 int8 kernels and modules of `ptq`, checked bit for bit by tests/kernel_parity.rs.
 
 Pinned: torch 2.15.0 (CPU), quantized engine "fbgemm", torch.set_num_threads(1),
-numpy seed 20261125. Run with:  /root/torchenv/bin/python tools/gen_kernel_fixtures.py
+numpy seed 20261125. The committed file was generated on a CPU with AVX-512 VNNI, where
+fbgemm's products are exact (see `saturation_case`). Run with:  /root/torchenv/bin/python tools/gen_kernel_fixtures.py
 
 Per case `kNNN` the file holds (only what the op needs):
   kNNN.x, kNNN.x2      u8   input int_repr (NCHW or [M, K])
@@ -251,6 +252,33 @@ for cl in (True, False):
                lambda x: F.avg_pool2d(x, 2, 2, 0, count_include_pad=False))
     unary_case("adaptive_avgpool2d", (2, 6, 7, 9), cl, "output=3,4", lambda x: F.adaptive_avg_pool2d(x, (3, 4)))
     unary_case("adaptive_avgpool2d", (1, 8, 5, 5), cl, "output=1,1", lambda x: F.adaptive_avg_pool2d(x, (1, 1)))
+
+
+
+def saturation_case():
+    """Full-range activations (128..255) against weights of magnitude 100..127 with equal
+    signs in each adjacent pair: every vpmaddubsw pair sum exceeds the i16 range. fbgemm's
+    AVX2 kernel would saturate here; its AVX-512 VNNI kernel (vpdpbusd) and ptq are exact.
+    Generated on a VNNI machine, so the expected integers are the exact ones."""
+    k = new_key()
+    m, kdim, n = 8, 64, 24
+    mag = rng.integers(100, 128, size=(n, kdim // 2))
+    sign = np.where(rng.random((n, kdim // 2)) < 0.5, -1, 1)
+    wi = np.repeat(mag * sign, 2, axis=1).astype(np.int8)
+    xi = rng.integers(128, 256, size=(m, kdim)).astype(np.uint8)
+    wsc = np.full(1, f32(0.0005), dtype=f32)
+    wq = torch._make_per_tensor_quantized_tensor(torch.tensor(wi), float(wsc[0]), 0)
+    xq = torch._make_per_tensor_quantized_tensor(torch.tensor(xi), 0.01, 0)
+    bias = (rng.normal(size=n)).astype(f32)
+    mod = nnq.Linear(kdim, n)
+    mod.set_weight_bias(wq, torch.tensor(bias))
+    mod.scale, mod.zero_point = 0.5, 128
+    y = mod(xq)
+    store_common(k, xq, wq, wsc, np.zeros(1, dtype=np.int64), wq.dequantize().numpy(), bias, y)
+    meta[k] = "op=linear;relu=0;per_channel=0;bias=1;saturating_for_avx2=1"
+
+
+saturation_case()
 
 meta["torch_version"] = torch.__version__
 meta["engine"] = torch.backends.quantized.engine

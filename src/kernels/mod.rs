@@ -8,9 +8,19 @@
 //!   ReLU, on the fastest [`Backend`] the CPU offers.
 //! * [`reference`](mod@reference): the scalar oracle every kernel is tested against.
 //!
-//! The backend is chosen once per process: AVX2 + FMA when the CPU has them, unless the
-//! environment variable `PTQ_FORCE_PORTABLE=1` forces the portable Rust kernel. Setting
-//! `PTQ_DEBUG=1` prints to stderr which [`KernelPath`] ran, the first time each runs.
+//! The backend is chosen once per process (`is_x86_feature_detected!`, cached in a
+//! `OnceLock`): AVX2 + FMA when the CPU has them, unless the environment variable
+//! `PTQ_FORCE_PORTABLE=1` forces the portable Rust kernel. Setting `PTQ_DEBUG=1` prints to
+//! stderr which [`KernelPath`] ran, the first time each runs. Where the CPU also has
+//! AVX-512 VNNI (Intel since Cascade Lake, AMD since Zen 4) the products use `vpdpbusd`
+//! ([`Backend::Avx512Vnni`]: `i32` accumulation, exact, about twice the AVX2 speed);
+//! `PTQ_NO_AVX512=1` keeps the AVX2 kernel.
+//!
+//! # Structure
+//! Activations are packed per block of at most 256 rows (copied, or built on the fly by a
+//! convolution's im2col), padded to [`MR`] rows and `k` to a multiple of 4, with their row
+//! sums. Each `MR x NR` tile is computed by a microkernel over one packed panel and then
+//! requantized straight to `u8`. Large products are split into row blocks on rayon's pool.
 //!
 //! # Saturation
 //! AVX2's `vpmaddubsw` adds two `u8 x i8` products into a saturating `i16`. The sum is exact
@@ -20,6 +30,10 @@
 //! ([`KernelPath::Avx2Split`], about half the speed). The library never saturates: every
 //! path returns the exact integer result, identical to the portable kernel and to
 //! [`reference::qgemm_naive`].
+//!
+//! PyTorch itself differs by CPU here: fbgemm's AVX2 kernel saturates in that case, its
+//! AVX-512 VNNI kernel does not. `ptq` always gives the exact result, which is what fbgemm
+//! gives whenever it does not saturate (always with `reduce_range` activations).
 //!
 //! # Example
 //! ```
@@ -67,6 +81,8 @@ pub enum Backend {
     Portable,
     /// AVX2 + FMA (x86-64).
     Avx2,
+    /// AVX2 + FMA for requantization, AVX-512 VNNI (`vpdpbusd`) for the products.
+    Avx512Vnni,
 }
 
 /// Which kernel actually computed a GEMM.
@@ -79,6 +95,8 @@ pub enum KernelPath {
     Avx2Fast,
     /// AVX2 with activations split into `a & 127` and `a >> 7`: exact for any operands.
     Avx2Split,
+    /// AVX-512 VNNI (`vpdpbusd` accumulates in `i32`): exact for any operands.
+    Avx512Vnni,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -94,7 +112,8 @@ pub(crate) fn simd() -> Simd {
         }
         #[cfg(target_arch = "x86_64")]
         {
-            x86::Avx2::detect()
+            let no_avx512 = std::env::var("PTQ_NO_AVX512").is_ok_and(|v| v == "1");
+            x86::Avx2::detect(!no_avx512)
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -103,12 +122,26 @@ pub(crate) fn simd() -> Simd {
     })
 }
 
-/// The backend [`qgemm`] uses: detected once, overridden by `PTQ_FORCE_PORTABLE=1`.
+/// The backend [`qgemm`] uses: detected once, overridden by `PTQ_FORCE_PORTABLE=1`
+/// (portable) and `PTQ_NO_AVX512=1` (AVX2 even where AVX-512 VNNI exists).
 pub fn backend() -> Backend {
-    if simd().is_some() {
-        Backend::Avx2
-    } else {
-        Backend::Portable
+    match simd() {
+        #[cfg(target_arch = "x86_64")]
+        Some(s) if s.vnni() => Backend::Avx512Vnni,
+        Some(_) => Backend::Avx2,
+        None => Backend::Portable,
+    }
+}
+
+/// Whether the CPU supports the AVX-512 VNNI backend (ignoring the environment).
+pub fn avx512_vnni_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        x86::Avx2::detect(true).is_some_and(|s| s.vnni())
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
@@ -116,7 +149,7 @@ pub fn backend() -> Backend {
 pub fn avx2_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        x86::Avx2::detect().is_some()
+        x86::Avx2::detect(false).is_some()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -126,7 +159,8 @@ pub fn avx2_available() -> bool {
 
 fn debug_report(path: KernelPath) {
     static DEBUG: OnceLock<bool> = OnceLock::new();
-    static SEEN: [AtomicBool; 3] = [
+    static SEEN: [AtomicBool; 4] = [
+        AtomicBool::new(false),
         AtomicBool::new(false),
         AtomicBool::new(false),
         AtomicBool::new(false),
@@ -186,8 +220,8 @@ pub fn qgemm(
 /// [`qgemm`] on a chosen backend, for tests and benchmarks.
 ///
 /// # Errors
-/// As [`qgemm`], and [`QuantError::UnsupportedConfig`] when `Backend::Avx2` is asked for
-/// on a CPU without AVX2 and FMA.
+/// As [`qgemm`], and [`QuantError::UnsupportedConfig`] when the CPU lacks the backend's
+/// features (AVX2 + FMA; AVX-512F/BW/VNNI for [`Backend::Avx512Vnni`]).
 ///
 /// # Examples
 /// ```
@@ -211,15 +245,16 @@ pub fn qgemm_on(
 ) -> Result<KernelPath> {
     let simd: Simd = match backend {
         Backend::Portable => None,
-        Backend::Avx2 => {
+        Backend::Avx2 | Backend::Avx512Vnni => {
+            let vnni = backend == Backend::Avx512Vnni;
             #[cfg(target_arch = "x86_64")]
-            let s = x86::Avx2::detect();
+            let s = x86::Avx2::detect(vnni).filter(|s| s.vnni() == vnni);
             #[cfg(not(target_arch = "x86_64"))]
             let s: Simd = None;
             if s.is_none() {
                 return Err(QuantError::UnsupportedConfig {
                     context: "qgemm".into(),
-                    reason: "the AVX2 backend needs a CPU with AVX2 and FMA".into(),
+                    reason: format!("the CPU lacks the features of the {backend:?} backend"),
                 });
             }
             s
@@ -349,7 +384,7 @@ pub(crate) fn drive(
                 row.iter().map(|&v| v as u32).sum::<u32>() as i32
             })
             .collect();
-        let split = simd.is_some() && !w.narrow && any_hi > 127;
+        let split = simd.is_some_and(|s| !vnni_of(s)) && !w.narrow && any_hi > 127;
         let hi: Vec<u8> = if split {
             split_seen.store(true, Ordering::Relaxed);
             let hi = lo.iter().map(|&v| v >> 7).collect();
@@ -360,7 +395,61 @@ pub(crate) fn drive(
         };
         let mut acc = [0i32; MR * NR];
         let mut acc2 = [0i32; MR * NR];
-        for p in 0..panels {
+        #[allow(unused_mut, unused_variables)]
+        let mut acc8 = [0i32; 2 * MR * NR];
+        #[allow(unused_mut)]
+        let mut first_panel = 0;
+        #[cfg(target_arch = "x86_64")]
+        if let Some(s) = simd.filter(|s| s.vnni() && kp > 0) {
+            // Pairs of panels, eight rows at a time: 16 accumulator chains per call.
+            let lo_rows = lo.len() / kp;
+            let pairs = panels / 2;
+            let mut acc16 = [0i32; 4 * MR * NR];
+            for pp in 0..pairs {
+                let p = 2 * pp;
+                let (b0, b1) = (w.panel(p), w.panel(p + 1));
+                let mut t = 0;
+                while t < rows_blk {
+                    let eight = t + 2 * MR <= lo_rows;
+                    let a = &lo[t * kp..(t + if eight { 2 } else { 1 } * MR) * kp];
+                    if eight {
+                        s.tile8x2(a, kp, b0, b1, &mut acc16);
+                    } else {
+                        s.tile4x2(a, kp, b0, b1, &mut acc16);
+                    }
+                    // acc16 = [panel][tile][MR][NR]
+                    for half in 0..2 {
+                        let j0 = (p + half) * NR;
+                        let cols = NR.min(n - j0);
+                        for h in 0..if eight { 2 } else { 1 } {
+                            let tt = t + h * MR;
+                            if tt >= rows_blk {
+                                break;
+                            }
+                            let rows = MR.min(rows_blk - tt);
+                            let base = (half * 2 + h) * MR * NR;
+                            let mut tile = [0i32; MR * NR];
+                            tile.copy_from_slice(&acc16[base..base + MR * NR]);
+                            s.requant_tile(
+                                &tile,
+                                rows,
+                                cols,
+                                &rowsum[tt..tt + rows],
+                                a_zp,
+                                w,
+                                rq,
+                                j0,
+                                &mut out_blk[tt * ldc + j0..],
+                                ldc,
+                            );
+                        }
+                    }
+                    t += if eight { 2 * MR } else { MR };
+                }
+            }
+            first_panel = 2 * pairs;
+        }
+        for p in first_panel..panels {
             let b = w.panel(p);
             let j0 = p * NR;
             let cols = NR.min(n - j0);
@@ -387,6 +476,35 @@ pub(crate) fn drive(
                     }
                     #[allow(unused_variables)]
                     Some(s) => {
+                        #[cfg(target_arch = "x86_64")]
+                        if s.vnni() && t + 2 * MR <= lo.len() / kp.max(1) && kp > 0 {
+                            // Two tiles at once; the second may hold padding rows only.
+                            s.tile8(&lo[a_off..a_off + 2 * MR * kp], kp, b, &mut acc8);
+                            let (t0, t1) = acc8.split_at(MR * NR);
+                            for (h, part) in [t0, t1].into_iter().enumerate() {
+                                let tt = t + h * MR;
+                                if tt >= rows_blk {
+                                    break;
+                                }
+                                let rows = MR.min(rows_blk - tt);
+                                let mut tile = [0i32; MR * NR];
+                                tile.copy_from_slice(part);
+                                s.requant_tile(
+                                    &tile,
+                                    rows,
+                                    cols,
+                                    &rowsum[tt..tt + rows],
+                                    a_zp,
+                                    w,
+                                    rq,
+                                    j0,
+                                    &mut out_blk[tt * ldc + j0..],
+                                    ldc,
+                                );
+                            }
+                            t += 2 * MR;
+                            continue;
+                        }
                         #[cfg(target_arch = "x86_64")]
                         {
                             s.tile(&lo[a_off..a_off + MR * kp], kp, b, &mut acc);
@@ -428,11 +546,22 @@ pub(crate) fn drive(
     }
     let path = match simd {
         None => KernelPath::Portable,
+        Some(s) if vnni_of(s) => KernelPath::Avx512Vnni,
         Some(_) if split_seen.load(Ordering::Relaxed) => KernelPath::Avx2Split,
         Some(_) => KernelPath::Avx2Fast,
     };
     debug_report(path);
     path
+}
+
+#[cfg(target_arch = "x86_64")]
+fn vnni_of(s: x86::Avx2) -> bool {
+    s.vnni()
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn vnni_of(_: ()) -> bool {
+    false
 }
 
 /// Portable tile: the same packed layouts as the AVX2 kernel, exact `i32` (wrapping).
@@ -488,6 +617,99 @@ fn requant_tile_portable(
 pub(crate) fn dw_accumulate_body(acc: &mut [i32], x: &[u8], w: &[i16], a_zp: i32) {
     for ((a, &xv), &wq) in acc.iter_mut().zip(x).zip(w) {
         *a += (xv as i32 - a_zp) * wq as i32;
+    }
+}
+
+/// One depthwise output pixel (channel multiplier 1), channels `c_start..`:
+/// `acc[c] = sum over taps of (x[off + c] - a_zp) * w[t * oc + c]` for the valid
+/// `(off, t)` taps, `oc = acc.len()`; channels in blocks of 32 so the partial sums stay in
+/// registers across taps.
+#[inline(always)]
+pub(crate) fn dw_pixel_body(
+    x: &[u8],
+    taps: &[(usize, usize)],
+    w: &[i16],
+    a_zp: i32,
+    acc: &mut [i32],
+    c_start: usize,
+) {
+    const CH: usize = 32;
+    let oc = acc.len();
+    let mut c0 = c_start;
+    while c0 + CH <= oc {
+        let mut a = [0i32; CH];
+        for &(xo, t) in taps {
+            let xs = &x[xo + c0..xo + c0 + CH];
+            let ws = &w[t * oc + c0..t * oc + c0 + CH];
+            for i in 0..CH {
+                a[i] += (xs[i] as i32 - a_zp) * ws[i] as i32;
+            }
+        }
+        acc[c0..c0 + CH].copy_from_slice(&a);
+        c0 += CH;
+    }
+    for (c, o) in acc.iter_mut().enumerate().skip(c0) {
+        *o = taps
+            .iter()
+            .map(|&(xo, t)| (x[xo + c] as i32 - a_zp) * w[t * oc + c] as i32)
+            .sum();
+    }
+}
+
+/// Four adjacent depthwise output pixels sharing one tap list: pixel `p` reads
+/// `x[off + p * pstride + c]`; `acc` holds `4 * oc` sums, pixel-major.
+pub(crate) fn dw_pixels4(
+    x: &[u8],
+    taps: &[(usize, usize)],
+    pstride: usize,
+    w: &[i16],
+    a_zp: i32,
+    acc: &mut [i32],
+) {
+    match simd() {
+        #[cfg(target_arch = "x86_64")]
+        Some(s) => s.dw_pixels4(x, taps, pstride, w, a_zp, acc),
+        _ => {
+            let oc = acc.len() / 4;
+            for (p, a) in acc.chunks_mut(oc).enumerate() {
+                let t: Vec<(usize, usize)> =
+                    taps.iter().map(|&(o, t)| (o + p * pstride, t)).collect();
+                dw_pixel_body(x, &t, w, a_zp, a, 0);
+            }
+        }
+    }
+}
+
+/// [`dw_pixel_body`] on the fastest backend.
+pub(crate) fn dw_pixel(x: &[u8], taps: &[(usize, usize)], w: &[i16], a_zp: i32, acc: &mut [i32]) {
+    match simd() {
+        #[cfg(target_arch = "x86_64")]
+        Some(s) => s.dw_pixel(x, taps, w, a_zp, acc),
+        _ => dw_pixel_body(x, taps, w, a_zp, acc, 0),
+    }
+}
+
+/// Transposes a `rows x cols` byte matrix (row stride `cols`) into `dst` (row stride
+/// `rows`).
+pub(crate) fn transpose_u8(src: &[u8], rows: usize, cols: usize, dst: &mut [u8]) {
+    let (r8, c8) = (rows / 8 * 8, cols / 8 * 8);
+    #[cfg(target_arch = "x86_64")]
+    x86::transpose_blocks_u8(src, rows, cols, dst);
+    #[cfg(not(target_arch = "x86_64"))]
+    for r in 0..r8 {
+        for c in 0..c8 {
+            dst[c * rows + r] = src[r * cols + c];
+        }
+    }
+    for r in 0..r8 {
+        for c in c8..cols {
+            dst[c * rows + r] = src[r * cols + c];
+        }
+    }
+    for r in r8..rows {
+        for c in 0..cols {
+            dst[c * rows + r] = src[r * cols + c];
+        }
     }
 }
 

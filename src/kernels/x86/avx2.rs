@@ -60,6 +60,161 @@ pub(super) unsafe fn tile(a: *const u8, kp: usize, b: *const i8, acc: *mut i32) 
     debug_assert_eq!(MR, 4);
 }
 
+/// The same tile with AVX-512 VNNI: one `vpdpbusd` per row and `k` group adds
+/// `u8 x i8` products straight into `i32` lanes (no `i16` intermediate, so it cannot
+/// saturate). A 512-bit register holds exactly one `k` group of a 16-column panel.
+///
+/// # Safety
+/// AVX-512F/BW and AVX-512 VNNI must be available; ranges as [`tile`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(super) unsafe fn tile_vnni(a: *const u8, kp: usize, b: *const i8, acc: *mut i32) {
+    let mut c0 = _mm512_setzero_si512();
+    let mut c1 = _mm512_setzero_si512();
+    let mut c2 = _mm512_setzero_si512();
+    let mut c3 = _mm512_setzero_si512();
+    let a1 = a.add(kp);
+    let a2 = a.add(2 * kp);
+    let a3 = a.add(3 * kp);
+    let mut bp = b;
+    let mut q = 0;
+    while q < kp {
+        let bv = _mm512_loadu_si512(bp as *const _);
+        let b0 = _mm512_set1_epi32((a.add(q) as *const i32).read_unaligned());
+        let b1 = _mm512_set1_epi32((a1.add(q) as *const i32).read_unaligned());
+        let b2 = _mm512_set1_epi32((a2.add(q) as *const i32).read_unaligned());
+        let b3 = _mm512_set1_epi32((a3.add(q) as *const i32).read_unaligned());
+        c0 = _mm512_dpbusd_epi32(c0, b0, bv);
+        c1 = _mm512_dpbusd_epi32(c1, b1, bv);
+        c2 = _mm512_dpbusd_epi32(c2, b2, bv);
+        c3 = _mm512_dpbusd_epi32(c3, b3, bv);
+        bp = bp.add(4 * NR);
+        q += 4;
+    }
+    _mm512_storeu_si512(acc as *mut _, c0);
+    _mm512_storeu_si512(acc.add(NR) as *mut _, c1);
+    _mm512_storeu_si512(acc.add(2 * NR) as *mut _, c2);
+    _mm512_storeu_si512(acc.add(3 * NR) as *mut _, c3);
+}
+
+/// Eight rows (two `MR` tiles) of [`tile_vnni`]: eight independent accumulator chains
+/// hide `vpdpbusd`'s latency, and each panel load serves eight rows.
+///
+/// # Safety
+/// AVX-512F/BW and AVX-512 VNNI must be available; `a` readable for `2 * MR * kp` bytes,
+/// `b` for `kp * NR`, `acc` writable for `2 * MR * NR` `i32`; `kp % 4 == 0`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(super) unsafe fn tile8_vnni(a: *const u8, kp: usize, b: *const i8, acc: *mut i32) {
+    let mut c = [_mm512_setzero_si512(); 8];
+    let mut bp = b;
+    let mut q = 0;
+    while q < kp {
+        let bv = _mm512_loadu_si512(bp as *const _);
+        macro_rules! row {
+            ($r:literal) => {
+                c[$r] = _mm512_dpbusd_epi32(
+                    c[$r],
+                    _mm512_set1_epi32((a.add($r * kp + q) as *const i32).read_unaligned()),
+                    bv,
+                );
+            };
+        }
+        row!(0);
+        row!(1);
+        row!(2);
+        row!(3);
+        row!(4);
+        row!(5);
+        row!(6);
+        row!(7);
+        bp = bp.add(4 * NR);
+        q += 4;
+    }
+    for (r, v) in c.iter().enumerate() {
+        _mm512_storeu_si512(acc.add(r * NR) as *mut _, *v);
+    }
+}
+
+/// Eight rows times two panels with AVX-512 VNNI: sixteen accumulator chains, each row's
+/// broadcast serving both panels. `acc` is `[panel][row][NR]`.
+///
+/// # Safety
+/// AVX-512F/BW and AVX-512 VNNI must be available; `a` readable for `2 * MR * kp` bytes,
+/// `b0` and `b1` for `kp * NR`, `acc` writable for `4 * MR * NR` `i32`; `kp % 4 == 0`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(super) unsafe fn tile8x2_vnni(
+    a: *const u8,
+    kp: usize,
+    b0: *const i8,
+    b1: *const i8,
+    acc: *mut i32,
+) {
+    let mut c = [_mm512_setzero_si512(); 8];
+    let mut d = [_mm512_setzero_si512(); 8];
+    let mut q = 0;
+    while q < kp {
+        let v0 = _mm512_loadu_si512(b0.add(q * NR) as *const _);
+        let v1 = _mm512_loadu_si512(b1.add(q * NR) as *const _);
+        macro_rules! row {
+            ($r:literal) => {
+                let av = _mm512_set1_epi32((a.add($r * kp + q) as *const i32).read_unaligned());
+                c[$r] = _mm512_dpbusd_epi32(c[$r], av, v0);
+                d[$r] = _mm512_dpbusd_epi32(d[$r], av, v1);
+            };
+        }
+        row!(0);
+        row!(1);
+        row!(2);
+        row!(3);
+        row!(4);
+        row!(5);
+        row!(6);
+        row!(7);
+        q += 4;
+    }
+    for r in 0..8 {
+        _mm512_storeu_si512(acc.add(r * NR) as *mut _, c[r]);
+        _mm512_storeu_si512(acc.add((8 + r) * NR) as *mut _, d[r]);
+    }
+}
+
+/// Four rows times two panels with AVX-512 VNNI (eight chains), for row blocks of four.
+/// `acc` is `[panel][8 rows][NR]`; rows 4..8 of each panel are left untouched.
+///
+/// # Safety
+/// As [`tile8x2_vnni`], with `a` readable for `MR * kp` bytes.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(super) unsafe fn tile4x2_vnni(
+    a: *const u8,
+    kp: usize,
+    b0: *const i8,
+    b1: *const i8,
+    acc: *mut i32,
+) {
+    let mut c = [_mm512_setzero_si512(); 4];
+    let mut d = [_mm512_setzero_si512(); 4];
+    let mut q = 0;
+    while q < kp {
+        let v0 = _mm512_loadu_si512(b0.add(q * NR) as *const _);
+        let v1 = _mm512_loadu_si512(b1.add(q * NR) as *const _);
+        macro_rules! row {
+            ($r:literal) => {
+                let av = _mm512_set1_epi32((a.add($r * kp + q) as *const i32).read_unaligned());
+                c[$r] = _mm512_dpbusd_epi32(c[$r], av, v0);
+                d[$r] = _mm512_dpbusd_epi32(d[$r], av, v1);
+            };
+        }
+        row!(0);
+        row!(1);
+        row!(2);
+        row!(3);
+        q += 4;
+    }
+    for r in 0..4 {
+        _mm512_storeu_si512(acc.add(r * NR) as *mut _, c[r]);
+        _mm512_storeu_si512(acc.add((8 + r) * NR) as *mut _, d[r]);
+    }
+}
+
 /// Per-column requantization parameters, as raw pointers (each readable for the columns
 /// the call touches, rounded up to 8).
 pub(super) struct ColParams {
@@ -164,4 +319,170 @@ pub(super) unsafe fn requant_row(raw: *const i32, n: usize, p: &ColParams, out: 
 #[target_feature(enable = "avx2")]
 pub(super) unsafe fn dw_accumulate(acc: &mut [i32], x: &[u8], w: &[i16], a_zp: i32) {
     crate::kernels::dw_accumulate_body(acc, x, w, a_zp)
+}
+
+/// One depthwise output pixel: 16 channels at a time, taps in pairs through `vpmaddwd`
+/// (`(x - a_zp)` and `w` both fit `i16`, a pair of products fits `i32`: exact); the last
+/// `oc % 16` channels through the shared body.
+///
+/// # Safety
+/// AVX2 must be available; for every tap `(off, t)`: `off + acc.len() <= x.len()` and
+/// `(t + 1) * acc.len() <= w.len()`.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn dw_pixel(
+    x: &[u8],
+    taps: &[(usize, usize)],
+    w: &[i16],
+    a_zp: i32,
+    acc: &mut [i32],
+) {
+    let oc = acc.len();
+    let zp = _mm256_set1_epi16(a_zp as i16);
+    let xp = x.as_ptr();
+    let wp = w.as_ptr();
+    let ld_x = |off: usize, c: usize| {
+        _mm256_sub_epi16(
+            _mm256_cvtepu8_epi16(_mm_loadu_si128(xp.add(off + c) as *const __m128i)),
+            zp,
+        )
+    };
+    let ld_w = |t: usize, c: usize| _mm256_loadu_si256(wp.add(t * oc + c) as *const __m256i);
+    let mut c = 0;
+    while c + 16 <= oc {
+        let mut lo = _mm256_setzero_si256();
+        let mut hi = _mm256_setzero_si256();
+        let mut pairs = taps.chunks_exact(2);
+        for p in &mut pairs {
+            let (x0, x1) = (ld_x(p[0].0, c), ld_x(p[1].0, c));
+            let (w0, w1) = (ld_w(p[0].1, c), ld_w(p[1].1, c));
+            lo = _mm256_add_epi32(
+                lo,
+                _mm256_madd_epi16(_mm256_unpacklo_epi16(x0, x1), _mm256_unpacklo_epi16(w0, w1)),
+            );
+            hi = _mm256_add_epi32(
+                hi,
+                _mm256_madd_epi16(_mm256_unpackhi_epi16(x0, x1), _mm256_unpackhi_epi16(w0, w1)),
+            );
+        }
+        if let [(off, t)] = pairs.remainder() {
+            let (x0, w0) = (ld_x(*off, c), ld_w(*t, c));
+            let z = _mm256_setzero_si256();
+            lo = _mm256_add_epi32(
+                lo,
+                _mm256_madd_epi16(_mm256_unpacklo_epi16(x0, z), _mm256_unpacklo_epi16(w0, z)),
+            );
+            hi = _mm256_add_epi32(
+                hi,
+                _mm256_madd_epi16(_mm256_unpackhi_epi16(x0, z), _mm256_unpackhi_epi16(w0, z)),
+            );
+        }
+        // lo holds channels 0-3 | 8-11, hi 4-7 | 12-15.
+        let o = acc.as_mut_ptr().add(c) as *mut __m256i;
+        _mm256_storeu_si256(o, _mm256_permute2x128_si256::<0x20>(lo, hi));
+        _mm256_storeu_si256(o.add(1), _mm256_permute2x128_si256::<0x31>(lo, hi));
+        c += 16;
+    }
+    crate::kernels::dw_pixel_body(x, taps, w, a_zp, acc, c)
+}
+
+/// Four adjacent depthwise pixels: the weights of a tap pair are loaded and interleaved
+/// once for the four pixels (eight accumulators per 16 channels). The last `oc % 16`
+/// channels go through the shared body.
+///
+/// # Safety
+/// AVX2 must be available; `acc.len() == 4 * oc`; for every tap `(off, t)`:
+/// `off + 3 * pstride + oc <= x.len()` and `(t + 1) * oc <= w.len()`.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn dw_pixels4(
+    x: &[u8],
+    taps: &[(usize, usize)],
+    pstride: usize,
+    w: &[i16],
+    a_zp: i32,
+    acc: &mut [i32],
+) {
+    let oc = acc.len() / 4;
+    let zp = _mm256_set1_epi16(a_zp as i16);
+    let xp = x.as_ptr();
+    let wp = w.as_ptr();
+    let ld_x = |off: usize, c: usize| {
+        _mm256_sub_epi16(
+            _mm256_cvtepu8_epi16(_mm_loadu_si128(xp.add(off + c) as *const __m128i)),
+            zp,
+        )
+    };
+    let ld_w = |t: usize, c: usize| _mm256_loadu_si256(wp.add(t * oc + c) as *const __m256i);
+    let z = _mm256_setzero_si256();
+    let mut c = 0;
+    while c + 16 <= oc {
+        let mut lo = [z; 4];
+        let mut hi = [z; 4];
+        let mut k = 0;
+        while k < taps.len() {
+            let (o0, t0) = taps[k];
+            let (w0, w1, o1) = if k + 1 < taps.len() {
+                let (o1, t1) = taps[k + 1];
+                (ld_w(t0, c), ld_w(t1, c), Some(o1))
+            } else {
+                (ld_w(t0, c), z, None)
+            };
+            let wl = _mm256_unpacklo_epi16(w0, w1);
+            let wh = _mm256_unpackhi_epi16(w0, w1);
+            for p in 0..4 {
+                let x0 = ld_x(o0 + p * pstride, c);
+                let x1 = match o1 {
+                    Some(o1) => ld_x(o1 + p * pstride, c),
+                    None => z,
+                };
+                lo[p] =
+                    _mm256_add_epi32(lo[p], _mm256_madd_epi16(_mm256_unpacklo_epi16(x0, x1), wl));
+                hi[p] =
+                    _mm256_add_epi32(hi[p], _mm256_madd_epi16(_mm256_unpackhi_epi16(x0, x1), wh));
+            }
+            k += 2;
+        }
+        for p in 0..4 {
+            let o = acc.as_mut_ptr().add(p * oc + c) as *mut __m256i;
+            _mm256_storeu_si256(o, _mm256_permute2x128_si256::<0x20>(lo[p], hi[p]));
+            _mm256_storeu_si256(o.add(1), _mm256_permute2x128_si256::<0x31>(lo[p], hi[p]));
+        }
+        c += 16;
+    }
+    if c < oc {
+        for p in 0..4 {
+            let t: Vec<(usize, usize)> = taps.iter().map(|&(o, t)| (o + p * pstride, t)).collect();
+            crate::kernels::dw_pixel_body(x, &t, w, a_zp, &mut acc[p * oc..(p + 1) * oc], c);
+        }
+    }
+}
+
+/// Transposes one 8x8 byte block (SSE2, part of x86-64's baseline).
+///
+/// # Safety
+/// `src + r * sstride + 0..8` readable and `dst + c * dstride + 0..8` writable for
+/// `r, c < 8`.
+#[inline(always)]
+pub(super) unsafe fn transpose8x8(src: *const u8, sstride: usize, dst: *mut u8, dstride: usize) {
+    let ld = |r: usize| _mm_loadl_epi64(src.add(r * sstride) as *const __m128i);
+    let t0 = _mm_unpacklo_epi8(ld(0), ld(1));
+    let t1 = _mm_unpacklo_epi8(ld(2), ld(3));
+    let t2 = _mm_unpacklo_epi8(ld(4), ld(5));
+    let t3 = _mm_unpacklo_epi8(ld(6), ld(7));
+    let u0 = _mm_unpacklo_epi16(t0, t1);
+    let u1 = _mm_unpackhi_epi16(t0, t1);
+    let u2 = _mm_unpacklo_epi16(t2, t3);
+    let u3 = _mm_unpackhi_epi16(t2, t3);
+    let v = [
+        _mm_unpacklo_epi32(u0, u2),
+        _mm_unpackhi_epi32(u0, u2),
+        _mm_unpacklo_epi32(u1, u3),
+        _mm_unpackhi_epi32(u1, u3),
+    ];
+    for (i, x) in v.iter().enumerate() {
+        _mm_storel_epi64(dst.add(2 * i * dstride) as *mut __m128i, *x);
+        _mm_storel_epi64(
+            dst.add((2 * i + 1) * dstride) as *mut __m128i,
+            _mm_srli_si128::<8>(*x),
+        );
+    }
 }

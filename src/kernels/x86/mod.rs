@@ -11,27 +11,95 @@ use crate::kernels::pack::{PackedWeights, NR};
 use crate::kernels::requant::RequantParams;
 use crate::kernels::MR;
 
-/// Proof that the running CPU has AVX2 and FMA.
+/// Proof that the running CPU has AVX2 and FMA; `vnni` is set only when it also has
+/// AVX-512F/BW and AVX-512 VNNI and the caller asked for them.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Avx2(());
+pub(crate) struct Avx2 {
+    vnni: bool,
+}
 
 impl Avx2 {
-    /// Detects AVX2 and FMA.
-    pub(crate) fn detect() -> Option<Self> {
+    /// Detects AVX2 and FMA; with `want_vnni`, also AVX-512 VNNI.
+    pub(crate) fn detect(want_vnni: bool) -> Option<Self> {
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            Some(Avx2(()))
+            Some(Avx2 {
+                vnni: want_vnni && Self::vnni_available(),
+            })
         } else {
             None
         }
     }
 
+    /// Whether the CPU has AVX-512F/BW and AVX-512 VNNI.
+    pub(crate) fn vnni_available() -> bool {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni")
+    }
+
+    /// Whether tiles use the AVX-512 VNNI kernel.
+    pub(crate) fn vnni(self) -> bool {
+        self.vnni
+    }
+
     /// `acc = A_tile * B_panel` for an `MR x kp` activation tile (row stride `kp`) and a
     /// packed panel.
     pub(crate) fn tile(self, a: &[u8], kp: usize, b: &[i8], acc: &mut [i32; MR * NR]) {
-        assert!(kp % 4 == 0 && a.len() >= MR * kp && b.len() >= kp * NR);
-        // SAFETY: the token proves AVX2; the assert covers the ranges `tile` reads
-        // (MR rows of kp bytes, kp * NR panel bytes) and `acc` holds MR * NR i32.
-        unsafe { avx2::tile(a.as_ptr(), kp, b.as_ptr(), acc.as_mut_ptr()) }
+        assert!(kp.is_multiple_of(4) && a.len() >= MR * kp && b.len() >= kp * NR);
+        if self.vnni {
+            // SAFETY: `vnni` is only set after detecting AVX-512F/BW/VNNI; the assert covers
+            // the ranges read (MR rows of kp bytes, kp * NR panel bytes); `acc` holds
+            // MR * NR i32.
+            unsafe { avx2::tile_vnni(a.as_ptr(), kp, b.as_ptr(), acc.as_mut_ptr()) }
+        } else {
+            // SAFETY: the token proves AVX2; the assert covers the ranges `tile` reads
+            // (MR rows of kp bytes, kp * NR panel bytes) and `acc` holds MR * NR i32.
+            unsafe { avx2::tile(a.as_ptr(), kp, b.as_ptr(), acc.as_mut_ptr()) }
+        }
+    }
+
+    /// Two `MR` tiles at once (AVX-512 VNNI only; call only when [`vnni`](Self::vnni)).
+    pub(crate) fn tile8(self, a: &[u8], kp: usize, b: &[i8], acc: &mut [i32; 2 * MR * NR]) {
+        assert!(self.vnni && kp.is_multiple_of(4) && a.len() >= 2 * MR * kp && b.len() >= kp * NR);
+        // SAFETY: `vnni` is only set after detecting AVX-512F/BW/VNNI; the assert covers
+        // the ranges read (2 * MR rows of kp bytes, kp * NR panel bytes); `acc` holds
+        // 2 * MR * NR i32.
+        unsafe { avx2::tile8_vnni(a.as_ptr(), kp, b.as_ptr(), acc.as_mut_ptr()) }
+    }
+
+    /// Eight rows times two panels (AVX-512 VNNI only): `acc` is `[panel][row][NR]`.
+    pub(crate) fn tile8x2(
+        self,
+        a: &[u8],
+        kp: usize,
+        b0: &[i8],
+        b1: &[i8],
+        acc: &mut [i32; 4 * MR * NR],
+    ) {
+        assert!(self.vnni && kp.is_multiple_of(4) && a.len() >= 2 * MR * kp);
+        assert!(b0.len() >= kp * NR && b1.len() >= kp * NR);
+        // SAFETY: `vnni` is only set after detecting AVX-512F/BW/VNNI; the asserts cover
+        // the reads (8 rows of kp bytes, two panels of kp * NR bytes); `acc` holds
+        // 4 * MR * NR i32.
+        unsafe { avx2::tile8x2_vnni(a.as_ptr(), kp, b0.as_ptr(), b1.as_ptr(), acc.as_mut_ptr()) }
+    }
+
+    /// Four rows times two panels (AVX-512 VNNI only): `acc` is `[panel][8 rows][NR]`, rows
+    /// 4..8 untouched.
+    pub(crate) fn tile4x2(
+        self,
+        a: &[u8],
+        kp: usize,
+        b0: &[i8],
+        b1: &[i8],
+        acc: &mut [i32; 4 * MR * NR],
+    ) {
+        assert!(self.vnni && kp.is_multiple_of(4) && a.len() >= MR * kp);
+        assert!(b0.len() >= kp * NR && b1.len() >= kp * NR);
+        // SAFETY: `vnni` is only set after detecting AVX-512F/BW/VNNI; the asserts cover
+        // the reads (4 rows of kp bytes, two panels of kp * NR bytes); the writes go to
+        // rows 0..4 of each panel half of `acc` (4 * MR * NR i32).
+        unsafe { avx2::tile4x2_vnni(a.as_ptr(), kp, b0.as_ptr(), b1.as_ptr(), acc.as_mut_ptr()) }
     }
 
     /// Requantizes `rows x cols` of a tile starting at global column `j0` into
@@ -51,7 +119,9 @@ impl Avx2 {
         ldc: usize,
     ) {
         assert!(rows <= MR && cols <= NR && rowsum.len() >= rows);
-        assert!(j0 % NR == 0 && j0 + NR <= w.col_offsets.len() && j0 + NR <= rq.mult.len());
+        assert!(
+            j0.is_multiple_of(NR) && j0 + NR <= w.col_offsets.len() && j0 + NR <= rq.mult.len()
+        );
         assert!(w.w_zp.len() >= j0 + NR && rq.bias_b.len() >= j0 + NR);
         assert!(rq.bias_s.len() >= j0 + NR);
         assert!(rows == 0 || out.len() >= (rows - 1) * ldc + cols);
@@ -88,6 +158,46 @@ impl Avx2 {
         unsafe { avx2::dw_accumulate(acc, x, w, a_zp) }
     }
 
+    /// One depthwise output pixel, compiled for AVX2.
+    pub(crate) fn dw_pixel(
+        self,
+        x: &[u8],
+        taps: &[(usize, usize)],
+        w: &[i16],
+        a_zp: i32,
+        acc: &mut [i32],
+    ) {
+        let oc = acc.len();
+        assert!(taps
+            .iter()
+            .all(|&(off, t)| off + oc <= x.len() && (t + 1) * oc <= w.len()));
+        // SAFETY: the token proves AVX2; the assert covers every load: 16 channels at
+        // c + 16 <= oc from x[off..off + oc] and w[t * oc..(t + 1) * oc]; stores stay in
+        // `acc` (c + 16 <= oc).
+        unsafe { avx2::dw_pixel(x, taps, w, a_zp, acc) }
+    }
+
+    /// Four adjacent depthwise pixels (see `kernels::dw_pixels4`), AVX2.
+    pub(crate) fn dw_pixels4(
+        self,
+        x: &[u8],
+        taps: &[(usize, usize)],
+        pstride: usize,
+        w: &[i16],
+        a_zp: i32,
+        acc: &mut [i32],
+    ) {
+        let oc = acc.len() / 4;
+        assert!(acc.len() == 4 * oc);
+        assert!(taps
+            .iter()
+            .all(|&(off, t)| off + 3 * pstride + oc <= x.len() && (t + 1) * oc <= w.len()));
+        // SAFETY: the token proves AVX2; the assert covers every load (pixel p < 4 reads
+        // x[off + p * pstride..][..oc], weights w[t * oc..][..oc]); stores stay in `acc`
+        // (4 * oc values).
+        unsafe { avx2::dw_pixels4(x, taps, pstride, w, a_zp, acc) }
+    }
+
     /// Requantizes `raw.len()` corrected accumulators of columns `0..raw.len()`.
     pub(crate) fn requant_row(self, raw: &[i32], rq: &RequantParams, out: &mut [u8]) {
         let n = raw.len();
@@ -108,5 +218,27 @@ impl Avx2 {
         // float parameters at least `n` rounded up to 8 (asserted); `requant_row` does not
         // touch the null offset pointers.
         unsafe { avx2::requant_row(raw.as_ptr(), n, &p, out.as_mut_ptr()) }
+    }
+}
+
+/// Transposes the `r8 x c8` top-left part (multiples of 8) of a `rows x cols` byte matrix
+/// (row stride `cols`) into `dst` (row stride `rows`), in 8x8 SSE2 blocks.
+pub(crate) fn transpose_blocks_u8(src: &[u8], rows: usize, cols: usize, dst: &mut [u8]) {
+    assert!(src.len() >= rows * cols && dst.len() >= rows * cols);
+    let (r8, c8) = (rows / 8 * 8, cols / 8 * 8);
+    for r0 in (0..r8).step_by(8) {
+        for c0 in (0..c8).step_by(8) {
+            // SAFETY: SSE2 is part of x86-64; the block reads rows r0..r0 + 8 at columns
+            // c0..c0 + 8 (< rows * cols, asserted) and writes rows c0..c0 + 8 of `dst` at
+            // columns r0..r0 + 8 (< cols * rows).
+            unsafe {
+                avx2::transpose8x8(
+                    src.as_ptr().add(r0 * cols + c0),
+                    cols,
+                    dst.as_mut_ptr().add(c0 * rows + r0),
+                    rows,
+                )
+            }
+        }
     }
 }

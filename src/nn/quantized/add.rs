@@ -70,7 +70,16 @@ impl QAdd {
     /// [`QuantError::ShapeMismatch`] when the shapes differ.
     ///
     /// # Examples
-    /// See [`QAdd::new`].
+    /// ```
+    /// use ndarray::ArrayD;
+    /// use ptq::nn::quantized::{QAdd, QTensor, TorchLayout};
+    /// let add = QAdd::new(0.1, 10)?.with_relu().with_layout(TorchLayout::Contiguous);
+    /// let a = QTensor::new(ArrayD::from_elem(vec![2, 3], 0u8), 0.1, 5)?; // -0.5
+    /// let b = QTensor::new(ArrayD::from_elem(vec![2, 3], 7u8), 0.1, 5)?; // 0.2
+    /// assert_eq!(add.forward(&a, &b)?.data()[[1, 2]], 10); // relu(-0.3) = 0
+    /// assert!(add.forward(&a, &QTensor::new(ArrayD::zeros(vec![3, 2]), 0.1, 0)?).is_err());
+    /// # Ok::<(), ptq::QuantError>(())
+    /// ```
     pub fn forward(&self, a: &QTensor, b: &QTensor) -> Result<QTensor> {
         if a.data().shape() != b.data().shape() {
             return Err(QuantError::ShapeMismatch {

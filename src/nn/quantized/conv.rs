@@ -273,23 +273,91 @@ impl QConv2d {
     /// ```
     pub fn forward(&self, x: &QTensor) -> Result<QTensor> {
         let (b, c, h, w) = dims4(x, NAME)?;
+        let (geom, (oh, ow)) = self.check_input(b, c, h, w, x.data().shape())?;
+        let out = self.run_nhwc(&x.to_nhwc(), &geom, (oh, ow), x.scale(), x.zero_point())?;
+        let oc = self.c_out;
+        let y = ArrayD::from_shape_vec(IxDyn(&[b, oc, oh, ow]), nhwc_to_nchw(&out, b, oc, oh * ow))
+            .map_err(|e| QuantError::ShapeMismatch {
+                context: NAME.into(),
+                expected: format!("output [{b}, {oc}, {oh}, {ow}]"),
+                actual: e.to_string(),
+            })?;
+        QTensor::new(y, self.out_scale, self.out_zp)
+    }
+
+    /// Runs the convolution on a channels-last tensor: `x.data()` is `[n, h, w, c]` (what
+    /// fbgemm keeps between layers) and so is the result. Bit-identical to
+    /// [`forward`](Self::forward) up to the layout, without its two transposes.
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward), for the NHWC shape.
+    ///
+    /// # Examples
+    /// ```
+    /// use ndarray::{Array4, ArrayD};
+    /// use ptq::nn::quantized::{Conv2dParams, QConv2d, QTensor};
+    /// use ptq::{DType, QParams};
+    /// let w = Array4::<i8>::ones((3, 2, 1, 1));
+    /// let conv = QConv2d::from_quantized(w.view(), &QParams::per_tensor(1.0, 0, DType::QInt8)?, None,
+    ///     Conv2dParams::default(), 1.0, 0)?;
+    /// let x = QTensor::new(ArrayD::from_elem(vec![1, 2, 2, 2], 3u8), 1.0, 0)?; // NHWC
+    /// let y = conv.forward_nhwc(&x)?;
+    /// assert_eq!(y.data().shape(), &[1, 2, 2, 3]);
+    /// assert_eq!(y.data()[[0, 1, 1, 2]], 6);
+    /// # Ok::<(), ptq::QuantError>(())
+    /// ```
+    pub fn forward_nhwc(&self, x: &QTensor) -> Result<QTensor> {
+        let (b, h, w, c) = dims4(x, NAME)?;
+        let (geom, (oh, ow)) = self.check_input(b, c, h, w, x.data().shape())?;
+        let out = self.run_nhwc(&x.to_vec(), &geom, (oh, ow), x.scale(), x.zero_point())?;
+        let y = ArrayD::from_shape_vec(IxDyn(&[b, oh, ow, self.c_out]), out).map_err(|e| {
+            QuantError::ShapeMismatch {
+                context: NAME.into(),
+                expected: format!("output [{b}, {oh}, {ow}, {}]", self.c_out),
+                actual: e.to_string(),
+            }
+        })?;
+        QTensor::new(y, self.out_scale, self.out_zp)
+    }
+
+    /// Checks the channel count and the spatial size; returns the geometry and output size.
+    fn check_input(
+        &self,
+        b: usize,
+        c: usize,
+        h: usize,
+        w: usize,
+        shape: &[usize],
+    ) -> Result<(ConvGeom, (usize, usize))> {
         if c != self.c_in {
             return Err(QuantError::ShapeMismatch {
                 context: NAME.into(),
                 expected: format!("{} input channels", self.c_in),
-                actual: format!("shape {:?}", x.data().shape()),
+                actual: format!("shape {shape:?}"),
             });
         }
         let geom = self.geom(b, h, w);
-        let (oh, ow) = geom.out_hw().ok_or_else(|| QuantError::ShapeMismatch {
+        let out = geom.out_hw().ok_or_else(|| QuantError::ShapeMismatch {
             context: NAME.into(),
             expected: format!(
                 "input at least as large as the dilated kernel {:?} (dilation {:?}) after padding {:?}",
                 self.kernel, self.params.dilation, self.params.padding
             ),
-            actual: format!("shape {:?}", x.data().shape()),
+            actual: format!("shape {shape:?}"),
         })?;
-        let x_nhwc = x.to_nhwc();
+        Ok((geom, out))
+    }
+
+    /// The convolution on NHWC bytes; returns NHWC bytes.
+    fn run_nhwc(
+        &self,
+        x_nhwc: &[u8],
+        geom: &ConvGeom,
+        (oh, ow): (usize, usize),
+        act_scale: f32,
+        a_zp_in: i32,
+    ) -> Result<Vec<u8>> {
+        let b = geom.batch;
         let m = b * oh * ow;
         let oc = self.c_out;
         let mut out = vec![0u8; m * oc];
@@ -298,7 +366,7 @@ impl QConv2d {
             zero_point: self.out_zp,
             relu: self.relu,
         };
-        let a_zp = x.zero_point();
+        let a_zp = a_zp_in;
         match &self.kind {
             ConvKind::Gemm(packs) => {
                 let g = self.params.groups;
@@ -310,11 +378,11 @@ impl QConv2d {
                         &self.w_scales[..1]
                     };
                     let bias = self.bias.as_ref().map(|b| &b[grp * cog..(grp + 1) * cog]);
-                    let rq = RequantParams::new(cog, x.scale(), scales, self.per_channel, bias, oq)
+                    let rq = RequantParams::new(cog, act_scale, scales, self.per_channel, bias, oq)
                         .map_err(|e| e.in_context(NAME))?;
                     let src = Im2col {
-                        x: &x_nhwc,
-                        geom: &geom,
+                        x: x_nhwc,
+                        geom,
                         out_hw: (oh, ow),
                         c0: grp * (self.c_in / g),
                         cig: self.c_in / g,
@@ -335,23 +403,17 @@ impl QConv2d {
             ConvKind::Depthwise(wv) => {
                 let rq = RequantParams::new(
                     oc,
-                    x.scale(),
+                    act_scale,
                     &self.w_scales,
                     self.per_channel,
                     self.bias.as_deref(),
                     oq,
                 )
                 .map_err(|e| e.in_context(NAME))?;
-                depthwise(&x_nhwc, &geom, (oh, ow), a_zp, wv, &rq, &mut out);
+                depthwise(x_nhwc, geom, (oh, ow), a_zp, wv, &rq, &mut out);
             }
         }
-        let y = ArrayD::from_shape_vec(IxDyn(&[b, oc, oh, ow]), nhwc_to_nchw(&out, b, oc, oh * ow))
-            .map_err(|e| QuantError::ShapeMismatch {
-                context: NAME.into(),
-                expected: format!("output [{b}, {oc}, {oh}, {ow}]"),
-                actual: e.to_string(),
-            })?;
-        QTensor::new(y, self.out_scale, self.out_zp)
+        Ok(out)
     }
 }
 
@@ -419,8 +481,22 @@ fn depthwise(
         let oy = r % oh;
         let mut acc = vec![0i32; oc];
         let mut xs = vec![0u8; oc];
-        for ox in 0..ow {
-            acc.fill(0);
+        let mut taps: Vec<(usize, usize)> = Vec::with_capacity(kh * kw);
+        // The valid kx of output column ox form a range; four columns with the same range
+        // share one tap list (shifted by the stride).
+        let kx_range = |ox: usize| {
+            let valid = |kx: usize| {
+                let ix = (ox * g.stride.1 + kx * g.dilation.1) as isize - g.padding.1 as isize;
+                ix >= 0 && ix < w as isize
+            };
+            let lo = (0..kw).find(|&kx| valid(kx)).unwrap_or(kw);
+            let hi = (0..kw).rev().find(|&kx| valid(kx)).map_or(lo, |k| k + 1);
+            (lo, hi)
+        };
+        let mut acc4 = vec![0i32; 4 * oc];
+        let mut ox = 0;
+        while ox < ow {
+            taps.clear();
             for ky in 0..kh {
                 let iy = (oy * g.stride.0 + ky * g.dilation.0) as isize - g.padding.0 as isize;
                 if iy < 0 || iy >= h as isize {
@@ -428,23 +504,36 @@ fn depthwise(
                 }
                 for kx in 0..kw {
                     let ix = (ox * g.stride.1 + kx * g.dilation.1) as isize - g.padding.1 as isize;
-                    if ix < 0 || ix >= w as isize {
-                        continue;
-                    }
-                    let p = ((b * h + iy as usize) * w + ix as usize) * c;
-                    let px = &x[p..p + c];
-                    let wt = &wv[(ky * kw + kx) * oc..(ky * kw + kx + 1) * oc];
-                    if mult == 1 {
-                        kernels::dw_accumulate(&mut acc, px, wt, a_zp);
-                    } else {
-                        for (o, xo) in xs.iter_mut().enumerate() {
-                            *xo = px[o / mult];
-                        }
-                        kernels::dw_accumulate(&mut acc, &xs, wt, a_zp);
+                    if ix >= 0 && ix < w as isize {
+                        taps.push((((b * h + iy as usize) * w + ix as usize) * c, ky * kw + kx));
                     }
                 }
             }
+            if mult == 1 && ox + 4 <= ow && kx_range(ox) == kx_range(ox + 3) {
+                kernels::dw_pixels4(x, &taps, g.stride.1 * c, wv, a_zp, &mut acc4);
+                for p in 0..4 {
+                    kernels::requant_row(
+                        &acc4[p * oc..(p + 1) * oc],
+                        rq,
+                        &mut orow[(ox + p) * oc..(ox + p + 1) * oc],
+                    );
+                }
+                ox += 4;
+                continue;
+            }
+            if mult == 1 {
+                kernels::dw_pixel(x, &taps, wv, a_zp, &mut acc);
+            } else {
+                acc.fill(0);
+                for &(p, t) in &taps {
+                    for (o, xo) in xs.iter_mut().enumerate() {
+                        *xo = x[p + o / mult];
+                    }
+                    kernels::dw_accumulate(&mut acc, &xs, &wv[t * oc..(t + 1) * oc], a_zp);
+                }
+            }
             kernels::requant_row(&acc, rq, &mut orow[ox * oc..(ox + 1) * oc]);
+            ox += 1;
         }
     };
     let rows = g.batch * oh;
@@ -537,7 +626,17 @@ impl QConvReLU2d {
     /// As [`QConv2d::forward`].
     ///
     /// # Examples
-    /// See [`QConv2d::forward`].
+    /// ```
+    /// use ndarray::{Array4, ArrayD};
+    /// use ptq::nn::quantized::{Conv2dParams, QConvReLU2d, QTensor};
+    /// use ptq::{DType, QParams};
+    /// let w = Array4::<i8>::from_elem((1, 1, 1, 1), -1);
+    /// let c = QConvReLU2d::from_quantized(w.view(), &QParams::per_tensor(1.0, 0, DType::QInt8)?, None,
+    ///     Conv2dParams::default(), 1.0, 4)?;
+    /// let x = QTensor::new(ArrayD::from_shape_vec(vec![1, 1, 1, 2], vec![2u8, 0])?, 1.0, 1)?;
+    /// assert_eq!(c.forward(&x)?.data().as_slice().unwrap(), &[4, 5]); // relu(-1) = 0, relu(1) = 1
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn forward(&self, x: &QTensor) -> Result<QTensor> {
         self.0.forward(x).map_err(|e| e.in_context("QConvReLU2d"))
     }

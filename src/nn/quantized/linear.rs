@@ -295,7 +295,15 @@ impl QLinearReLU {
     /// As [`QLinear::forward`].
     ///
     /// # Examples
-    /// See [`QLinearReLU::new`].
+    /// ```
+    /// use ndarray::{array, ArrayD};
+    /// use ptq::nn::quantized::{QLinearReLU, QTensor};
+    /// use ptq::{DType, QParams};
+    /// let l = QLinearReLU::from_quantized(array![[2i8, -1]].view(), &QParams::per_tensor(1.0, 0, DType::QInt8)?, None, 1.0, 3)?;
+    /// let x = QTensor::new(ArrayD::from_shape_vec(vec![2, 2], vec![1u8, 0, 0, 4])?, 1.0, 0)?;
+    /// assert_eq!(l.forward(&x)?.data().as_slice().unwrap(), &[5, 3]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn forward(&self, x: &QTensor) -> Result<QTensor> {
         self.0.forward(x).map_err(|e| e.in_context("QLinearReLU"))
     }

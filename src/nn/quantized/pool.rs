@@ -123,7 +123,17 @@ impl QMaxPool2d {
     /// [`QuantError::ShapeMismatch`] for a tensor that is not rank 4 or is too small.
     ///
     /// # Examples
-    /// See [`QMaxPool2d::new`].
+    /// ```
+    /// use ndarray::ArrayD;
+    /// use ptq::nn::quantized::{QMaxPool2d, QTensor};
+    /// let p = QMaxPool2d::new((3, 3), (1, 1), (1, 1), (1, 1))?;
+    /// let x = QTensor::new(ArrayD::from_shape_fn(vec![1, 2, 4, 4], |d| d[3] as u8), 0.1, 0)?;
+    /// let y = p.forward(&x)?;
+    /// assert_eq!(y.data().shape(), &[1, 2, 4, 4]);
+    /// assert_eq!(y.data()[[0, 1, 0, 0]], 1);
+    /// assert!(p.forward(&QTensor::new(ArrayD::zeros(vec![4, 4]), 0.1, 0)?).is_err());
+    /// # Ok::<(), ptq::QuantError>(())
+    /// ```
     pub fn forward(&self, x: &QTensor) -> Result<QTensor> {
         const L: &str = "QMaxPool2d";
         let (b, c, h, w) = dims4(x, L)?;
@@ -224,7 +234,17 @@ impl QAvgPool2d {
     /// [`QuantError::ShapeMismatch`] for a tensor that is not rank 4 or is too small.
     ///
     /// # Examples
-    /// See [`QAvgPool2d::new`].
+    /// ```
+    /// use ndarray::ArrayD;
+    /// use ptq::nn::quantized::{QAvgPool2d, QTensor, TorchLayout};
+    /// // (1 + 2) / 2 = 1.5: channels-last rounds 1.5 to 2; NCHW adds the zero point (5)
+    /// // first and rounds 6.5 to 6.
+    /// let x = QTensor::new(ArrayD::from_shape_vec(vec![1, 2, 1, 2], vec![6u8, 7, 6, 7])?, 0.1, 5)?;
+    /// let p = QAvgPool2d::new((1, 2), (1, 2), (0, 0), true)?;
+    /// assert_eq!(p.forward(&x)?.data()[[0, 0, 0, 0]], 7);
+    /// assert_eq!(p.with_layout(TorchLayout::Contiguous).forward(&x)?.data()[[0, 0, 0, 0]], 6);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn forward(&self, x: &QTensor) -> Result<QTensor> {
         const L: &str = "QAvgPool2d";
         let (b, c, h, w) = dims4(x, L)?;
@@ -326,7 +346,15 @@ impl QAdaptiveAvgPool2d {
     /// spatial size.
     ///
     /// # Examples
-    /// See [`QAdaptiveAvgPool2d::new`].
+    /// ```
+    /// use ndarray::ArrayD;
+    /// use ptq::nn::quantized::{QAdaptiveAvgPool2d, QTensor};
+    /// let p = QAdaptiveAvgPool2d::new((2, 1))?;
+    /// let x = QTensor::new(ArrayD::from_shape_vec(vec![1, 1, 3, 1], vec![0u8, 3, 9])?, 0.1, 0)?;
+    /// // windows rows 0..2 and 1..3: 1.5 -> 2, 6
+    /// assert_eq!(p.forward(&x)?.data().as_slice().unwrap(), &[2, 6]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn forward(&self, x: &QTensor) -> Result<QTensor> {
         const L: &str = "QAdaptiveAvgPool2d";
         let (b, c, h, w) = dims4(x, L)?;

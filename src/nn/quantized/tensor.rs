@@ -166,78 +166,37 @@ pub(crate) fn dims4(t: &QTensor, layer: &str) -> Result<(usize, usize, usize, us
     }
 }
 
-/// Transposes an 8x8 byte matrix held as 8 little-endian rows.
-#[inline(always)]
-fn tr8x8(mut r: [u64; 8]) -> [u64; 8] {
-    const LO32: u64 = 0x0000_0000_FFFF_FFFF;
-    for i in 0..4 {
-        let (a, b) = (r[i], r[i + 4]);
-        r[i] = (a & LO32) | (b << 32);
-        r[i + 4] = (a >> 32) | (b & !LO32);
-    }
-    const M16: u64 = 0x0000_FFFF_0000_FFFF;
-    for i in [0, 1, 4, 5] {
-        let (a, b) = (r[i], r[i + 2]);
-        r[i] = (a & M16) | ((b & M16) << 16);
-        r[i + 2] = ((a >> 16) & M16) | (b & !M16);
-    }
-    const M8: u64 = 0x00FF_00FF_00FF_00FF;
-    for i in [0, 2, 4, 6] {
-        let (a, b) = (r[i], r[i + 1]);
-        r[i] = (a & M8) | ((b & M8) << 8);
-        r[i + 1] = ((a >> 8) & M8) | (b & !M8);
-    }
-    r
-}
+use rayon::prelude::*;
 
-/// Transposes a `rows x cols` byte matrix (row stride `cols`) into `dst` (row stride
-/// `rows`), in 8x8 blocks.
-fn transpose_u8(src: &[u8], rows: usize, cols: usize, dst: &mut [u8]) {
-    let (r8, c8) = (rows / 8 * 8, cols / 8 * 8);
-    for r0 in (0..r8).step_by(8) {
-        for c0 in (0..c8).step_by(8) {
-            let mut m = [0u64; 8];
-            for (i, v) in m.iter_mut().enumerate() {
-                let o = (r0 + i) * cols + c0;
-                *v = u64::from_le_bytes(src[o..o + 8].try_into().unwrap_or([0; 8]));
-            }
-            let t = tr8x8(m);
-            for (j, v) in t.iter().enumerate() {
-                let o = (c0 + j) * rows + r0;
-                dst[o..o + 8].copy_from_slice(&v.to_le_bytes());
-            }
-        }
-        for c in c8..cols {
-            for i in r0..r0 + 8 {
-                dst[c * rows + i] = src[i * cols + c];
-            }
-        }
+use crate::kernels::transpose_u8;
+
+/// Transposes each of the `b` planes of `rows x cols` bytes; planes in parallel when
+/// the tensor is large.
+fn transpose_planes(src: &[u8], b: usize, rows: usize, cols: usize) -> Vec<u8> {
+    let mut dst = vec![0u8; src.len()];
+    let plane = rows * cols;
+    if b == 0 || plane == 0 {
+        return dst;
     }
-    for r in r8..rows {
-        for c in 0..cols {
-            dst[c * rows + r] = src[r * cols + c];
-        }
+    let one = |(d, s): (&mut [u8], &[u8])| transpose_u8(s, rows, cols, d);
+    if b > 1 && src.len() >= 1 << 18 {
+        dst.par_chunks_mut(plane)
+            .zip(src.par_chunks(plane))
+            .for_each(one);
+    } else {
+        dst.chunks_mut(plane).zip(src.chunks(plane)).for_each(one);
     }
+    dst
 }
 
 /// `[b][c][hw]` to `[b][hw][c]`.
 pub(crate) fn nchw_to_nhwc(src: &[u8], b: usize, c: usize, hw: usize) -> Vec<u8> {
-    let mut dst = vec![0u8; src.len()];
-    for bi in 0..b {
-        let r = bi * c * hw..(bi + 1) * c * hw;
-        transpose_u8(&src[r.clone()], c, hw, &mut dst[r]);
-    }
-    dst
+    transpose_planes(src, b, c, hw)
 }
 
 /// `[b][hw][c]` to `[b][c][hw]`.
 pub(crate) fn nhwc_to_nchw(src: &[u8], b: usize, c: usize, hw: usize) -> Vec<u8> {
-    let mut dst = vec![0u8; src.len()];
-    for bi in 0..b {
-        let r = bi * c * hw..(bi + 1) * c * hw;
-        transpose_u8(&src[r.clone()], hw, c, &mut dst[r]);
-    }
-    dst
+    transpose_planes(src, b, hw, c)
 }
 
 #[cfg(test)]
