@@ -5,74 +5,19 @@
 
 use std::collections::HashMap;
 
+mod common;
+use common::Fixture;
+
 use ndarray::{array, Array1, ArrayD, IxDyn};
 use ptq::observer::{HistogramObserver, MinMaxObserver, Observer};
 use ptq::{quantize, DType, QParams, QScheme, QuantError, RangeConfig};
-use safetensors::{Dtype, SafeTensors};
 
-struct Fixture {
-    bytes: Vec<u8>,
-    meta: HashMap<String, String>,
-}
-
-impl Fixture {
-    fn load() -> Fixture {
-        // PTQ_HISTOGRAM_FIXTURE points the replay at another file in the same format (for
-        // larger one-off stress runs that are too big to commit).
-        let path = std::env::var("PTQ_HISTOGRAM_FIXTURE").unwrap_or_else(|_| {
-            concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/fixtures/histogram_observer.safetensors"
-            )
-            .to_string()
-        });
-        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        let (_, md) = SafeTensors::read_metadata(&bytes).expect("valid safetensors header");
-        let meta = md.metadata().clone().unwrap_or_default();
-        Fixture { bytes, meta }
-    }
-
-    fn raw(&self, name: &str) -> Option<(Dtype, Vec<usize>, Vec<u8>)> {
-        let st = SafeTensors::deserialize(&self.bytes).expect("valid safetensors file");
-        let t = st.tensor(name).ok()?;
-        Some((t.dtype(), t.shape().to_vec(), t.data().to_vec()))
-    }
-
-    fn f32(&self, name: &str) -> Option<ArrayD<f32>> {
-        let (dt, shape, d) = self.raw(name)?;
-        assert_eq!(dt, Dtype::F32, "{name}");
-        let v = d
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        Some(ArrayD::from_shape_vec(IxDyn(&shape), v).unwrap())
-    }
-
-    fn int(&self, name: &str) -> Option<ArrayD<i64>> {
-        let (dt, shape, d) = self.raw(name)?;
-        let v: Vec<i64> = match dt {
-            Dtype::I32 => d
-                .chunks_exact(4)
-                .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64)
-                .collect(),
-            Dtype::I64 => d
-                .chunks_exact(8)
-                .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
-                .collect(),
-            other => panic!("{name}: unexpected dtype {other:?}"),
-        };
-        Some(ArrayD::from_shape_vec(IxDyn(&shape), v).unwrap())
-    }
-
-    fn cases(&self) -> Vec<String> {
-        let mut v: Vec<String> = self
-            .meta
-            .keys()
-            .filter(|k| k.starts_with('c') && k[1..].chars().all(|c| c.is_ascii_digit()))
-            .cloned()
-            .collect();
-        v.sort();
-        v
+/// The committed fixture, or the file `PTQ_HISTOGRAM_FIXTURE` names (same format, for
+/// larger one-off stress runs that are too big to commit).
+fn load() -> Fixture {
+    match std::env::var("PTQ_HISTOGRAM_FIXTURE") {
+        Ok(path) => Fixture::load_path(std::path::Path::new(&path)),
+        Err(_) => Fixture::load("histogram_observer.safetensors"),
     }
 }
 
@@ -113,7 +58,7 @@ fn parse(fx: &Fixture, name: &str) -> Case {
     let bins = kv["bins"].parse().unwrap();
     let n: usize = kv["batches"].parse().unwrap();
     let batches = (0..n)
-        .map(|b| fx.f32(&format!("{name}.x{b}")).expect("batch"))
+        .map(|b| fx.get_f32(&format!("{name}.x{b}")).expect("batch"))
         .collect();
     Case {
         name: name.into(),
@@ -130,8 +75,8 @@ fn bits(xs: &[f32]) -> Vec<u32> {
 
 #[test]
 fn every_fixture_case_is_bit_identical_to_pytorch() {
-    let fx = Fixture::load();
-    let cases = fx.cases();
+    let fx = load();
+    let cases = fx.cases("c");
     let mut checked = 0;
     let mut quantized = 0;
     for name in &cases {
@@ -140,7 +85,7 @@ fn every_fixture_case_is_bit_identical_to_pytorch() {
         for x in &c.batches {
             obs.observe(x.view()).unwrap();
         }
-        let want_hist = fx.f32(&format!("{name}.histogram")).unwrap();
+        let want_hist = fx.get_f32(&format!("{name}.histogram")).unwrap();
         let want_hist = want_hist.as_slice().unwrap();
         if bits(obs.histogram()) != bits(want_hist) {
             let first = obs
@@ -156,14 +101,14 @@ fn every_fixture_case_is_bit_identical_to_pytorch() {
                 want_hist[first]
             );
         }
-        let lo = fx.f32(&format!("{name}.min_val")).unwrap()[[0]];
-        let hi = fx.f32(&format!("{name}.max_val")).unwrap()[[0]];
+        let lo = fx.get_f32(&format!("{name}.min_val")).unwrap()[[0]];
+        let hi = fx.get_f32(&format!("{name}.max_val")).unwrap()[[0]];
         // Numeric equality: PyTorch's torch.min may keep -0.0 where we keep 0.0.
         assert_eq!(obs.observed_range(), Some((lo, hi)), "{name} ({})", c.desc);
 
         let qp = obs.qparams().unwrap_or_else(|e| panic!("{name}: {e}"));
-        let scale = fx.f32(&format!("{name}.scale")).unwrap()[[0]];
-        let zp = fx.int(&format!("{name}.zero_point")).unwrap()[[0]];
+        let scale = fx.get_f32(&format!("{name}.scale")).unwrap()[[0]];
+        let zp = fx.get_int(&format!("{name}.zero_point")).unwrap()[[0]];
         assert_eq!(
             (qp.scale().to_bits(), qp.zero_point() as i64),
             (scale.to_bits(), zp),
@@ -179,7 +124,7 @@ fn every_fixture_case_is_bit_identical_to_pytorch() {
         // torch.quantize_per_tensor clamps to the dtype's full range.
         let full = QParams::per_tensor(qp.scale(), qp.zero_point(), c.cfg.dtype()).unwrap();
         for (b, x) in c.batches.iter().enumerate() {
-            let want = fx.int(&format!("{name}.q{b}")).unwrap();
+            let want = fx.get_int(&format!("{name}.q{b}")).unwrap();
             let got = quantize(x, &full).unwrap().mapv(|v| v as i64);
             assert_eq!(got, want, "{name} batch {b}");
             quantized += x.len();
@@ -291,9 +236,9 @@ fn shards(c: &Case, split: usize) -> (HistogramObserver, HistogramObserver) {
 
 #[test]
 fn merging_shards_equals_sequential_observation_where_the_ranges_allow() {
-    let fx = Fixture::load();
+    let fx = load();
     let mut exact = 0;
-    for name in fx.cases() {
+    for name in fx.cases("c") {
         let c = parse(&fx, &name);
         if c.batches.len() < 2 {
             continue;
@@ -333,9 +278,9 @@ fn merging_shards_equals_sequential_observation_where_the_ranges_allow() {
 
 #[test]
 fn merging_into_a_single_batch_shard_that_contains_the_other_equals_observing_it_last() {
-    let fx = Fixture::load();
+    let fx = load();
     let mut exact = 0;
-    for name in fx.cases() {
+    for name in fx.cases("c") {
         let c = parse(&fx, &name);
         if c.batches.len() < 2 {
             continue;

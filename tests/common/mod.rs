@@ -18,7 +18,11 @@ impl Fixture {
         let path: PathBuf = [env!("CARGO_MANIFEST_DIR"), "tests", "fixtures", name]
             .iter()
             .collect();
-        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        Self::load_path(&path)
+    }
+
+    pub fn load_path(path: &std::path::Path) -> Fixture {
+        let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let (_, md) = SafeTensors::read_metadata(&bytes).expect("valid safetensors header");
         let meta = md.metadata().clone().unwrap_or_default();
         Fixture { bytes, meta }
@@ -44,6 +48,14 @@ impl Fixture {
             .collect();
         v.sort();
         v
+    }
+
+    pub fn get_f32(&self, name: &str) -> Option<ArrayD<f32>> {
+        self.has(name).then(|| self.f32(name))
+    }
+
+    pub fn get_int(&self, name: &str) -> Option<ArrayD<i64>> {
+        self.has(name).then(|| self.int(name))
     }
 
     pub fn f32(&self, name: &str) -> ArrayD<f32> {
