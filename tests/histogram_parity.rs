@@ -8,7 +8,7 @@ use std::collections::HashMap;
 mod common;
 use common::Fixture;
 
-use ndarray::{array, Array1, ArrayD, IxDyn};
+use ndarray::{array, Array1, ArrayD};
 use ptq::observer::{HistogramObserver, MinMaxObserver, Observer};
 use ptq::{quantize, DType, QParams, QScheme, QuantError, RangeConfig};
 
