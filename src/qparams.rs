@@ -520,6 +520,27 @@ where
     }))
 }
 
+/// Quantizes to `u8` over the full `0..=255` range (what PyTorch's `quantize_per_tensor`
+/// to `quint8` clamps to) with the vectorizable 8-bit path. The caller has checked that
+/// `x` holds no NaN and that `zero_point` is in `0..=255`.
+pub(crate) fn quantize_to_u8<D: Dimension>(
+    x: &Array<f32, D>,
+    scale: f32,
+    zero_point: i32,
+) -> Array<u8, D> {
+    let (inv, zpf) = (1.0f32 / scale, zero_point as f32);
+    match x.as_slice() {
+        Some(src) => {
+            let flat: Vec<u8> = src
+                .iter()
+                .map(|&v| quantize_val_8bit(v, inv, zpf, 0.0, 255.0) as u8)
+                .collect();
+            Array::from_shape_vec(x.raw_dim(), flat).expect("same element count")
+        }
+        None => x.mapv(|v| quantize_val_8bit(v, inv, zpf, 0.0, 255.0) as u8),
+    }
+}
+
 /// [`quantize_val`] for 8-bit ranges, branch-free so the compiler can vectorize it:
 /// `x * inv` is first clamped to +-2^22 (anything that large saturates an 8-bit range
 /// anyway), rounded half to even by adding and subtracting 1.5 * 2^23 (exact in that

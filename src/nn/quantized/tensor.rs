@@ -3,7 +3,6 @@
 use ndarray::ArrayD;
 
 use crate::error::{QuantError, Result};
-use crate::qparams::quantize_val;
 
 /// The memory format PyTorch would hold a tensor in, for the few ops whose rounding depends
 /// on it (average pooling and elementwise add run different kernels on NCHW-contiguous and
@@ -71,18 +70,9 @@ impl QTensor {
     /// ```
     pub fn from_f32(x: &ArrayD<f32>, scale: f32, zero_point: i32) -> Result<Self> {
         check_qparams(scale, zero_point, "QTensor")?;
-        let nan = x.iter().filter(|v| v.is_nan()).count();
-        let inf = x.iter().filter(|v| v.is_infinite()).count();
-        if nan + inf > 0 {
-            return Err(QuantError::NonFinite {
-                context: "QTensor".into(),
-                nan,
-                inf,
-                total: x.len(),
-            });
-        }
+        crate::qparams::check_finite(x, "QTensor")?;
         Ok(QTensor {
-            data: x.mapv(|v| quantize_val(v, scale, zero_point, 0, 255) as u8),
+            data: crate::qparams::quantize_to_u8(x, scale, zero_point),
             scale,
             zero_point,
         })
