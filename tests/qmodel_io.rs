@@ -735,3 +735,76 @@ fn damaged_files_give_errors_never_panics() {
     // parameter's text or the order of a hex digit; it is rare.
     assert!(ok_in_header < errors, "{ok_in_header} header flips loaded");
 }
+
+/// Writes the fuzzers' seed files (`fuzz/corpus/*`). Run by hand after a format change:
+/// `cargo test --release --test qmodel_io -- --ignored write_fuzz_seeds`.
+#[test]
+#[ignore]
+fn write_fuzz_seeds() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+    let q = root.join("qmodel");
+    std::fs::create_dir_all(&q).unwrap();
+    std::fs::write(
+        q.join("every_op.qmodel"),
+        every_op_model().to_bytes().unwrap(),
+    )
+    .unwrap();
+    std::fs::write(q.join("second.qmodel"), second_model().to_bytes().unwrap()).unwrap();
+    let (train, _) = digits::load_data().unwrap();
+    let int8 = quantize_model(
+        digits::trained_fused().unwrap(),
+        &QConfigMap::new(QConfig::fbgemm()),
+        digits::calibration_batches(&train, 2, 64),
+    )
+    .unwrap();
+    std::fs::write(q.join("digits.qmodel"), int8.to_bytes().unwrap()).unwrap();
+    // The state_dict of fuzz/src/lib.rs's small model, in f32 and f16.
+    let s = root.join("state_dict");
+    std::fs::create_dir_all(&s).unwrap();
+    use safetensors::tensor::TensorView;
+    use safetensors::Dtype;
+    let params: Vec<(&str, Vec<usize>)> = vec![
+        ("conv.weight", vec![4, 3, 3, 3]),
+        ("conv.bias", vec![4]),
+        ("bn.weight", vec![4]),
+        ("bn.bias", vec![4]),
+        ("bn.running_mean", vec![4]),
+        ("bn.running_var", vec![4]),
+        ("fc.weight", vec![5, 64]),
+        ("fc.bias", vec![5]),
+    ];
+    for (file, dtype) in [
+        ("small_f32.safetensors", Dtype::F32),
+        ("small_f16.safetensors", Dtype::F16),
+    ] {
+        let data: Vec<Vec<u8>> = params
+            .iter()
+            .map(|(_, shape)| {
+                let n: usize = shape.iter().product();
+                let f = wave(n, 1);
+                (0..n)
+                    .flat_map(|i| match dtype {
+                        Dtype::F32 => f(i).to_le_bytes().to_vec(),
+                        _ => half::f16::from_f32(f(i)).to_le_bytes().to_vec(),
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut views: Vec<(String, TensorView<'_>)> = params
+            .iter()
+            .zip(&data)
+            .map(|((name, shape), d)| {
+                (
+                    name.to_string(),
+                    TensorView::new(dtype, shape.clone(), d).unwrap(),
+                )
+            })
+            .collect();
+        let nbt = 7i64.to_le_bytes();
+        views.push((
+            "bn.num_batches_tracked".into(),
+            TensorView::new(Dtype::I64, vec![], &nbt).unwrap(),
+        ));
+        std::fs::write(s.join(file), safetensors::serialize(views, None).unwrap()).unwrap();
+    }
+}
