@@ -1,7 +1,7 @@
 //! A stable-Rust fuzzer for ptq's loaders, for machines without nightly/libFuzzer.
 //!
 //! ```text
-//! cargo run --release --manifest-path fuzz/Cargo.toml --bin mutate -- <state_dict|qmodel> <seconds> [seed]
+//! cargo run --release --manifest-path fuzz/Cargo.toml --example mutate -- <state_dict|qmodel> <seconds> [seed]
 //! ```
 //!
 //! Mutates the seed files of `fuzz/corpus/<target>/` with a deterministic PRNG (byte and
