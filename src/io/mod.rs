@@ -12,6 +12,14 @@
 //! `bf16` and `f64` tensors are accepted (converted to `f32`); `num_batches_tracked`
 //! buffers are ignored. A truncated or corrupt file is an error, never a panic: sizes and
 //! offsets in the header are validated against the file before any tensor is read.
+//!
+//! Quantized models are saved and loaded with [`QuantizedModel::save`] /
+//! [`QuantizedModel::load`] in the [`qmodel`] format.
+//!
+//! [`QuantizedModel::save`]: crate::nn::quantized::QuantizedModel::save
+//! [`QuantizedModel::load`]: crate::nn::quantized::QuantizedModel::load
+
+pub mod qmodel;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;

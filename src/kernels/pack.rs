@@ -118,3 +118,32 @@ impl PackedWeights {
         &self.data[p * self.kp * NR..(p + 1) * self.kp * NR]
     }
 }
+
+impl PackedWeights {
+    /// The row-major `n x k` `i8` weights, unpacked from the panels (the inverse of
+    /// [`PackedWeights::new`]).
+    ///
+    /// # Examples
+    /// ```
+    /// use ptq::kernels::PackedWeights;
+    /// let w: Vec<i8> = vec![1, -2, 3, 4, 5, -6];
+    /// assert_eq!(PackedWeights::new(&w, 2, 3, &[0])?.unpack(), w);
+    /// # Ok::<(), ptq::QuantError>(())
+    /// ```
+    pub fn unpack(&self) -> Vec<i8> {
+        let mut w = vec![0i8; self.n * self.k];
+        for j in 0..self.n {
+            let (panel, c) = (j / NR, j % NR);
+            for kk in 0..self.k {
+                w[j * self.k + kk] =
+                    self.data[panel * self.kp * NR + (kk / 4) * NR * 4 + c * 4 + kk % 4];
+            }
+        }
+        w
+    }
+
+    /// The `n` per-column weight zero points (all equal for per-tensor weights).
+    pub fn zero_points(&self) -> &[i32] {
+        &self.w_zp[..self.n]
+    }
+}

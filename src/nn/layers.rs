@@ -126,7 +126,13 @@ impl Conv2d {
     pub fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         let g = self.groups;
         let (o, cg, kh, kw) = self.weight.dim();
-        if g == 0 || o % g != 0 || self.dilation.0 == 0 || self.dilation.1 == 0 {
+        if g == 0
+            || o % g != 0
+            || self.dilation.0 == 0
+            || self.dilation.1 == 0
+            || self.stride.0 == 0
+            || self.stride.1 == 0
+        {
             return Err(QuantError::UnsupportedConfig {
                 context: "Conv2d".into(),
                 reason: format!(

@@ -139,3 +139,18 @@ impl QAdd {
         QTensor::new(data, so, zo)
     }
 }
+
+impl QAdd {
+    /// The output scale and zero point.
+    pub fn output_qparams(&self) -> (f32, i32) {
+        (self.out_scale, self.out_zp)
+    }
+    /// Whether a ReLU is fused into the add.
+    pub fn is_relu(&self) -> bool {
+        self.relu
+    }
+    /// PyTorch's memory layout of the first input, which decides the rounding.
+    pub fn layout(&self) -> TorchLayout {
+        self.layout
+    }
+}

@@ -641,3 +641,121 @@ impl QConvReLU2d {
         self.0.forward(x).map_err(|e| e.in_context("QConvReLU2d"))
     }
 }
+
+impl QConv2d {
+    /// The `[out, in / groups, kh, kw]` int8 weights and the weight parameters they were
+    /// quantized with (`qint8`, affine, per-tensor or per-channel on axis 0).
+    /// `QConv2d::from_quantized` of these (with [`QConv2d::params`], the bias and the
+    /// output parameters) rebuilds a layer with bit-identical outputs.
+    ///
+    /// Depthwise layers (one input channel per group) keep only `w - zero_point`; their
+    /// zero point is recovered as the value closest to 0 that keeps every weight in
+    /// `[-128, 127]`. That is the original one for symmetric weights (zero point 0, the
+    /// presets); for affine weights it may differ while giving the same `w - zero_point`,
+    /// hence the same outputs.
+    ///
+    /// # Examples
+    /// ```
+    /// use ndarray::Array4;
+    /// use ptq::nn::quantized::{Conv2dParams, QConv2d};
+    /// use ptq::{DType, QParams};
+    /// let w = Array4::from_shape_fn((4, 2, 3, 3), |(o, i, y, x)| (o * 7 + i * 5 + y * 3 + x) as i8 - 20);
+    /// let conv = QConv2d::from_quantized(w.view(), &QParams::per_tensor(0.1, 0, DType::QInt8)?, None,
+    ///     Conv2dParams::default(), 0.1, 0)?;
+    /// assert_eq!(conv.quantized_weight().0, w);
+    /// # Ok::<(), ptq::QuantError>(())
+    /// ```
+    pub fn quantized_weight(&self) -> (ndarray::Array4<i8>, QParams) {
+        let (kh, kw) = self.kernel;
+        let taps = kh * kw;
+        let c_out = self.c_out;
+        let cig = self.c_in / self.params.groups;
+        let mut values = vec![0i8; c_out * cig * taps];
+        let zps: Vec<i32> = match &self.kind {
+            ConvKind::Gemm(packs) => {
+                let cog = c_out / self.params.groups;
+                let k = taps * cig;
+                let mut zps = Vec::with_capacity(c_out);
+                for (grp, packed) in packs.iter().enumerate() {
+                    let wg = packed.unpack();
+                    for o in 0..cog {
+                        let oc = grp * cog + o;
+                        for ci in 0..cig {
+                            for t in 0..taps {
+                                values[(oc * cig + ci) * taps + t] = wg[o * k + t * cig + ci];
+                            }
+                        }
+                    }
+                    zps.extend_from_slice(packed.zero_points());
+                }
+                zps
+            }
+            ConvKind::Depthwise(wv) => {
+                // The zero point closest to 0 with every `d + zp` in [-128, 127].
+                let fit = |lo: i32, hi: i32| 0i32.clamp(-128 - lo, 127 - hi);
+                let range = |oc: usize| {
+                    (0..taps).fold((i32::MAX, i32::MIN), |(lo, hi), t| {
+                        let d = wv[t * c_out + oc] as i32;
+                        (lo.min(d), hi.max(d))
+                    })
+                };
+                let zps: Vec<i32> = if self.per_channel {
+                    (0..c_out)
+                        .map(|oc| {
+                            let (lo, hi) = range(oc);
+                            fit(lo, hi)
+                        })
+                        .collect()
+                } else {
+                    let (lo, hi) = (0..c_out)
+                        .map(range)
+                        .fold((i32::MAX, i32::MIN), |(a, b), (lo, hi)| {
+                            (a.min(lo), b.max(hi))
+                        });
+                    vec![fit(lo, hi); c_out]
+                };
+                for oc in 0..c_out {
+                    for t in 0..taps {
+                        let v = wv[t * c_out + oc] as i32 + zps[oc];
+                        values[oc * taps + t] = v.clamp(-128, 127) as i8;
+                    }
+                }
+                zps
+            }
+        };
+        let w = ndarray::Array4::from_shape_vec((c_out, cig, kh, kw), values)
+            .expect("out * in/groups * kh * kw values");
+        let qp = super::linear::weight_qparams_of(&self.w_scales, &zps, self.per_channel);
+        (w, qp)
+    }
+
+    /// Stride, padding, dilation and groups.
+    pub fn params(&self) -> Conv2dParams {
+        self.params
+    }
+
+    /// Kernel size `(kh, kw)`.
+    pub fn kernel_size(&self) -> (usize, usize) {
+        self.kernel
+    }
+
+    /// Whether the weights are quantized per output channel.
+    pub fn is_per_channel(&self) -> bool {
+        self.per_channel
+    }
+
+    /// The float bias, if any.
+    pub fn bias(&self) -> Option<&[f32]> {
+        self.bias.as_deref()
+    }
+
+    /// The output scale and zero point.
+    pub fn output_qparams(&self) -> (f32, i32) {
+        (self.out_scale, self.out_zp)
+    }
+
+    /// Whether a ReLU is fused into the output.
+    pub fn is_relu(&self) -> bool {
+        self.relu
+    }
+}

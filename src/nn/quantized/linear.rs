@@ -308,3 +308,73 @@ impl QLinearReLU {
         self.0.forward(x).map_err(|e| e.in_context("QLinearReLU"))
     }
 }
+
+impl QLinear {
+    /// The `[out_features, in_features]` int8 weights and the weight parameters they were
+    /// quantized with (`qint8`, affine, per-tensor or per-channel on axis 0), unpacked from
+    /// the packed form. `QLinear::from_quantized` of these rebuilds an identical layer.
+    ///
+    /// # Examples
+    /// ```
+    /// use ndarray::array;
+    /// use ptq::nn::quantized::QLinear;
+    /// use ptq::{DType, QParams};
+    /// let wq = array![[1i8, -1], [2, 3]];
+    /// let l = QLinear::from_quantized(wq.view(), &QParams::per_tensor(0.1, 4, DType::QInt8)?, None, 0.1, 0)?;
+    /// let (w, qp) = l.quantized_weight();
+    /// assert_eq!(w, wq);
+    /// assert_eq!((qp.scale(), qp.zero_point()), (0.1, 4));
+    /// # Ok::<(), ptq::QuantError>(())
+    /// ```
+    pub fn quantized_weight(&self) -> (ndarray::Array2<i8>, QParams) {
+        let w = ndarray::Array2::from_shape_vec(
+            (self.out_features, self.in_features),
+            self.packed.unpack(),
+        )
+        .expect("unpack returns out * in values");
+        let qp = weight_qparams_of(&self.w_scales, self.packed.zero_points(), self.per_channel);
+        (w, qp)
+    }
+
+    /// Whether the weights are quantized per output channel.
+    pub fn is_per_channel(&self) -> bool {
+        self.per_channel
+    }
+
+    /// The float bias, if any.
+    pub fn bias(&self) -> Option<&[f32]> {
+        self.bias.as_deref()
+    }
+
+    /// The output scale and zero point.
+    pub fn output_qparams(&self) -> (f32, i32) {
+        (self.out_scale, self.out_zp)
+    }
+
+    /// Whether a ReLU is fused into the output.
+    pub fn is_relu(&self) -> bool {
+        self.relu
+    }
+}
+
+/// Weight parameters from a layer's stored scales and (per-column) zero points.
+pub(crate) fn weight_qparams_of(scales: &[f32], zps: &[i32], per_channel: bool) -> QParams {
+    use crate::qparams::{DType, QScheme};
+    let (scheme, zps) = if per_channel {
+        (QScheme::PerChannelAffine { axis: 0 }, zps.to_vec())
+    } else {
+        // A layer with no outputs keeps no zero point; any value describes it.
+        (
+            QScheme::PerTensorAffine,
+            vec![zps.first().copied().unwrap_or(0)],
+        )
+    };
+    QParams::new(
+        scheme,
+        DType::QInt8,
+        DType::QInt8.default_range(false),
+        scales.to_vec(),
+        zps,
+    )
+    .expect("a layer's weight parameters were validated when it was built")
+}

@@ -438,3 +438,56 @@ impl QFlatten {
         QTensor::new(data, x.scale(), x.zero_point())
     }
 }
+
+impl QMaxPool2d {
+    /// Window `(h, w)`.
+    pub fn kernel(&self) -> (usize, usize) {
+        self.kernel
+    }
+    /// Stride `(h, w)`.
+    pub fn stride(&self) -> (usize, usize) {
+        self.stride
+    }
+    /// Padding `(h, w)`.
+    pub fn padding(&self) -> (usize, usize) {
+        self.padding
+    }
+    /// Dilation `(h, w)`.
+    pub fn dilation(&self) -> (usize, usize) {
+        self.dilation
+    }
+}
+
+impl QAvgPool2d {
+    /// Window `(h, w)`.
+    pub fn kernel(&self) -> (usize, usize) {
+        self.kernel
+    }
+    /// Stride `(h, w)`.
+    pub fn stride(&self) -> (usize, usize) {
+        self.stride
+    }
+    /// Padding `(h, w)`.
+    pub fn padding(&self) -> (usize, usize) {
+        self.padding
+    }
+    /// Whether padding counts in the divisor.
+    pub fn count_include_pad(&self) -> bool {
+        self.count_include_pad
+    }
+    /// PyTorch's memory layout of the input, which decides the rounding.
+    pub fn layout(&self) -> TorchLayout {
+        self.layout
+    }
+}
+
+impl QAdaptiveAvgPool2d {
+    /// Output size `(h, w)`.
+    pub fn output_size(&self) -> (usize, usize) {
+        self.output
+    }
+    /// PyTorch's memory layout of the input, which decides the rounding.
+    pub fn layout(&self) -> TorchLayout {
+        self.layout
+    }
+}
