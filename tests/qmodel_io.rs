@@ -736,20 +736,46 @@ fn damaged_files_give_errors_never_panics() {
     assert!(ok_in_header < errors, "{ok_in_header} header flips loaded");
 }
 
-/// Writes the fuzzers' seed files (`fuzz/corpus/*`). Run by hand after a format change:
-/// `cargo test --release --test qmodel_io -- --ignored write_fuzz_seeds`.
+/// Writes `bytes` to a fuzz seed file when `PTQ_WRITE_FUZZ_SEEDS` is set; otherwise asserts
+/// that the committed seed still describes what the current code writes (so the format
+/// cannot change unnoticed and the fuzzers' seeds stay valid). Saved models are compared
+/// by their loaded steps, since the safetensors header's metadata order is not fixed;
+/// state_dict seeds byte for byte.
+fn seed(path: &std::path::Path, bytes: Vec<u8>) {
+    if std::env::var_os("PTQ_WRITE_FUZZ_SEEDS").is_some() {
+        std::fs::write(path, bytes).unwrap();
+        return;
+    }
+    let committed = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let stale = format!(
+        "{} is stale: rerun with PTQ_WRITE_FUZZ_SEEDS=1",
+        path.display()
+    );
+    if path.extension().is_some_and(|e| e == "qmodel") {
+        let old = QuantizedModel::from_bytes(&committed).unwrap_or_else(|e| panic!("{stale}: {e}"));
+        let new = QuantizedModel::from_bytes(&bytes).unwrap();
+        assert_eq!(
+            format!("{:?}", old.steps()),
+            format!("{:?}", new.steps()),
+            "{stale}"
+        );
+    } else {
+        assert!(committed == bytes, "{stale}");
+    }
+}
+
+/// The fuzzers' seed files (`fuzz/corpus/*`) are current. After a format change,
+/// regenerate them: `PTQ_WRITE_FUZZ_SEEDS=1 cargo test --release --test qmodel_io fuzz_seeds`.
 #[test]
-#[ignore]
-fn write_fuzz_seeds() {
+fn fuzz_seeds_are_current() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
     let q = root.join("qmodel");
     std::fs::create_dir_all(&q).unwrap();
-    std::fs::write(
-        q.join("every_op.qmodel"),
+    seed(
+        &q.join("every_op.qmodel"),
         every_op_model().to_bytes().unwrap(),
-    )
-    .unwrap();
-    std::fs::write(q.join("second.qmodel"), second_model().to_bytes().unwrap()).unwrap();
+    );
+    seed(&q.join("second.qmodel"), second_model().to_bytes().unwrap());
     let (train, _) = digits::load_data().unwrap();
     let int8 = quantize_model(
         digits::trained_fused().unwrap(),
@@ -757,7 +783,7 @@ fn write_fuzz_seeds() {
         digits::calibration_batches(&train, 2, 64),
     )
     .unwrap();
-    std::fs::write(q.join("digits.qmodel"), int8.to_bytes().unwrap()).unwrap();
+    seed(&q.join("digits.qmodel"), int8.to_bytes().unwrap());
     // The state_dict of fuzz/src/lib.rs's small model, in f32 and f16.
     let s = root.join("state_dict");
     std::fs::create_dir_all(&s).unwrap();
@@ -805,6 +831,6 @@ fn write_fuzz_seeds() {
             "bn.num_batches_tracked".into(),
             TensorView::new(Dtype::I64, vec![], &nbt).unwrap(),
         ));
-        std::fs::write(s.join(file), safetensors::serialize(views, None).unwrap()).unwrap();
+        seed(&s.join(file), safetensors::serialize(views, None).unwrap());
     }
 }
