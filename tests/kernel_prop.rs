@@ -1,5 +1,7 @@
 //! AVX2 == portable == naive reference, bit for bit, over random shapes and parameters.
 
+mod common;
+
 use proptest::prelude::*;
 use ptq::kernels::reference::qgemm_naive;
 use ptq::kernels::{
@@ -147,7 +149,7 @@ fn check(c: &Case) -> Vec<KernelPath> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(400))]
+    #![proptest_config(common::proptest_config(400))]
     #[test]
     fn avx2_eq_portable_eq_naive(c in case()) {
         check(&c);

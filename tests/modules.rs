@@ -1,6 +1,8 @@
 //! Quantized modules against the scalar oracle (`kernels::reference`), over random
 //! geometries, plus error handling. (PyTorch parity is in `kernel_parity.rs`.)
 
+mod common;
+
 use ndarray::{Array2, Array4, ArrayD, IxDyn};
 use proptest::prelude::*;
 use ptq::kernels::reference::{qconv2d_naive, qgemm_naive, ConvGeom};
@@ -191,7 +193,7 @@ fn check_conv(c: &ConvCase) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(150))]
+    #![proptest_config(common::proptest_config(150))]
     #[test]
     fn conv_matches_naive(c in conv_case()) {
         check_conv(&c);

@@ -1,5 +1,7 @@
 //! Properties of the quantization arithmetic and the observers, over random data.
 
+mod common;
+
 use ndarray::{Array1, Array3, ArrayD, Axis};
 use proptest::prelude::*;
 use ptq::qconfig::ObserverSpec;
@@ -49,7 +51,7 @@ fn observed(spec: &ObserverSpec, xs: &[f32]) -> (QParams, f32, f32) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    #![proptest_config(common::proptest_config(256))]
 
     /// Round-trip error inside the observed range is at most scale/2, plus float slack.
     ///

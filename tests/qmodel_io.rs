@@ -743,6 +743,7 @@ fn damaged_files_give_errors_never_panics() {
 /// state_dict seeds byte for byte.
 fn seed(path: &std::path::Path, bytes: Vec<u8>) {
     if std::env::var_os("PTQ_WRITE_FUZZ_SEEDS").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(path, bytes).unwrap();
         return;
     }
@@ -770,7 +771,6 @@ fn seed(path: &std::path::Path, bytes: Vec<u8>) {
 fn fuzz_seeds_are_current() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
     let q = root.join("qmodel");
-    std::fs::create_dir_all(&q).unwrap();
     seed(
         &q.join("every_op.qmodel"),
         every_op_model().to_bytes().unwrap(),
@@ -786,7 +786,6 @@ fn fuzz_seeds_are_current() {
     seed(&q.join("digits.qmodel"), int8.to_bytes().unwrap());
     // The state_dict of fuzz/src/lib.rs's small model, in f32 and f16.
     let s = root.join("state_dict");
-    std::fs::create_dir_all(&s).unwrap();
     use safetensors::tensor::TensorView;
     use safetensors::Dtype;
     let params: Vec<(&str, Vec<usize>)> = vec![

@@ -118,3 +118,86 @@ pub fn assert_bits_eq(ours: &ArrayD<f32>, theirs: &ArrayD<f32>, what: &str) {
         );
     }
 }
+
+/// The seed every property test starts from, so `cargo test` runs the same cases each time.
+pub const PROPTEST_SEED: u64 = 20_261_129;
+
+/// A deterministic proptest configuration: `cases` cases from a fixed seed, the committed
+/// `tests/<name>.proptest-regressions` seeds replayed first, and nothing ever written into
+/// the source tree (a new failure is printed, to be pasted into that file by hand).
+///
+/// `PROPTEST_RNG_SEED=<u64>` explores another seed on purpose; without it the seed is
+/// [`PROPTEST_SEED`], whatever proptest's other environment variables say.
+pub fn proptest_config(cases: u32) -> proptest::test_runner::Config {
+    use proptest::test_runner::{Config, RngAlgorithm, RngSeed};
+    let seed = std::env::var("PROPTEST_RNG_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(PROPTEST_SEED);
+    Config {
+        cases,
+        failure_persistence: Some(Box::new(ReplayCommitted)),
+        rng_algorithm: RngAlgorithm::ChaCha,
+        rng_seed: RngSeed::Fixed(seed),
+        ..Config::default()
+    }
+}
+
+/// Failure persistence that reads the committed regression file next to the test source and
+/// never writes: proptest's own file persistence would create or append to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayCommitted;
+
+impl ReplayCommitted {
+    fn path(source_file: Option<&'static str>) -> Option<PathBuf> {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(source_file?);
+        Some(src.with_extension("proptest-regressions"))
+    }
+}
+
+impl proptest::test_runner::FailurePersistence for ReplayCommitted {
+    fn load_persisted_failures2(
+        &self,
+        source_file: Option<&'static str>,
+    ) -> Vec<proptest::test_runner::PersistedSeed> {
+        let Some(path) = Self::path(source_file) else {
+            return vec![];
+        };
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return vec![];
+        };
+        text.lines()
+            .map(|line| line.split('#').next().unwrap_or("").trim())
+            .filter(|line| !line.is_empty())
+            .map(|line| {
+                line.parse()
+                    .unwrap_or_else(|_| panic!("{}: bad seed line `{line}`", path.display()))
+            })
+            .collect()
+    }
+
+    fn save_persisted_failure2(
+        &mut self,
+        source_file: Option<&'static str>,
+        seed: proptest::test_runner::PersistedSeed,
+        shrunken_value: &dyn std::fmt::Debug,
+    ) {
+        eprintln!(
+            "proptest: not saved (tests never write into the source tree); to replay this case \
+             first, add to {}:\n{seed} # shrinks to {shrunken_value:?}",
+            Self::path(source_file).map_or("??".into(), |p| p.display().to_string())
+        );
+    }
+
+    fn box_clone(&self) -> Box<dyn proptest::test_runner::FailurePersistence> {
+        Box::new(*self)
+    }
+
+    fn eq(&self, other: &dyn proptest::test_runner::FailurePersistence) -> bool {
+        other.as_any().downcast_ref::<Self>().is_some()
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
