@@ -3,6 +3,8 @@
 //!
 //! Run with `cargo bench --bench histogram`.
 
+mod common;
+
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
@@ -24,6 +26,7 @@ fn batch(seed: u64, scale: f32) -> ArrayD<f32> {
 }
 
 fn observe(c: &mut Criterion) {
+    common::pin_threads("histogram");
     let mut g = c.benchmark_group("histogram_observe");
     g.throughput(Throughput::Elements(N as u64));
     let a = batch(1, 1.0);

@@ -1,5 +1,8 @@
 //! The digits CNN end to end: float32 forward vs int8 forward (same run, same data), and
-//! sequential vs 2-thread calibration.
+//! sequential vs 2-thread calibration. Forwards run on `PTQ_BENCH_THREADS` threads (default
+//! 1, printed); `calibrate_parallel` starts its own 2 threads, as its name says.
+
+mod common;
 
 #[path = "../examples/common/digits.rs"]
 mod digits;
@@ -10,6 +13,7 @@ use ptq::workflow::{calibrate, calibrate_parallel, prepare, quantize_model};
 use std::hint::black_box;
 
 fn model(c: &mut Criterion) {
+    common::pin_threads("model");
     let (train, test) = digits::load_data().unwrap();
     let float = digits::trained_fused().unwrap();
     let batches = digits::calibration_batches(&train, 8, 64);

@@ -1,5 +1,7 @@
 //! Observer and quantize throughput on 1M-element batches (elements per second).
 
+mod common;
+
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ndarray::{Array1, Array4};
 use ptq::qconfig::ObserverSpec;
@@ -13,6 +15,7 @@ fn data() -> Array1<f32> {
 }
 
 fn observers(c: &mut Criterion) {
+    common::pin_threads("observers");
     let x = data().into_dyn();
     let w = Array4::from_shape_fn((256, 64, 8, 8), |(o, i, h, k)| {
         ((o * 31 + i * 7 + h * 3 + k) as f32 * 0.37).sin() * (1.0 + o as f32)
