@@ -150,8 +150,16 @@ fn build(spec: &str, params: &mut Params) -> Res<(Sequential, usize)> {
             }
             other => return Err(err(format!("spec.txt line {line}: unknown `{other}`"))),
         };
-        let (_, top) = stack.last_mut().expect("the root block is never popped");
-        *top = std::mem::take(top).push(&name, layer);
+        let (block, top) = stack.last_mut().expect("the root block is never popped");
+        // Inside `res B`, a layer `B.conv1` is the block's child `conv1`; other dots in a
+        // child's name become `_` (ptq's paths use `.` between levels).
+        let local = name
+            .strip_prefix(block.as_str())
+            .and_then(|n| n.strip_prefix('.'))
+            .filter(|_| !block.is_empty())
+            .unwrap_or(&name)
+            .replace('.', "_");
+        *top = std::mem::take(top).push(&local, layer);
     }
     if stack.len() != 1 {
         return Err(err("spec.txt: a `res` block is not closed".into()));
