@@ -531,6 +531,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer rounds, shorter blocks (~3 min)")
     ap.add_argument("--only", default=None, help="regex: run the cases whose name matches")
     ap.add_argument("--rounds", type=int, default=None, help="rounds per case (default 15, quick 5)")
+    ap.add_argument("--ptq-exe", default=None,
+                    help="a built examples/bench_peers binary (default: cargo build it)")
     args = ap.parse_args()
     rounds = args.rounds or (5 if args.quick else 15)
     block_s = 0.03 if args.quick else 0.1
@@ -541,12 +543,15 @@ def main():
         pass
     torch.backends.quantized.engine = "fbgemm"
 
-    print("building examples/bench_peers (cargo build --release --example bench_peers) ...",
-          file=sys.stderr)
-    subprocess.run(["cargo", "build", "--release", "--quiet", "--example", "bench_peers"],
-                   cwd=ROOT, check=True)
-    target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
-    exe = os.path.join(target, "release", "examples", "bench_peers")
+    if args.ptq_exe:
+        exe = os.path.abspath(args.ptq_exe)
+    else:
+        print("building examples/bench_peers (cargo build --release --example bench_peers) ...",
+              file=sys.stderr)
+        subprocess.run(["cargo", "build", "--release", "--quiet", "--example", "bench_peers"],
+                       cwd=ROOT, check=True)
+        target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+        exe = os.path.join(target, "release", "examples", "bench_peers")
 
     tmp_root = tempfile.mkdtemp(prefix="ptq-bench-peers-")
     pk = peaks(tmp_root)
