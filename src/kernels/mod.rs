@@ -51,6 +51,7 @@
 //! ```
 
 pub mod conv;
+pub mod elementwise;
 pub mod pack;
 pub mod reference;
 pub mod requant;
