@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 
 use ndarray::{Array1, Array2, Array4, ArrayD, IxDyn};
+use ptq::kernels::KernelSet;
 use ptq::nn::quantized::{
     Conv2dParams, QAdaptiveAvgPool2d, QAdd, QAvgPool2d, QConv2d, QConvReLU2d, QLinear, QLinearReLU,
     QMaxPool2d, QReLU, QTensor, TorchLayout,
@@ -128,8 +129,16 @@ fn compare(t: &mut Tally, k: &str, op: &str, got: &QTensor, want: &ArrayD<u8>, y
     e.1 += want.len();
 }
 
+/// Every kernel set this CPU can run (portable, AVX2, AVX-512 VNNI) gives PyTorch's bits.
 #[test]
 fn kernels_match_pytorch_fbgemm_bit_for_bit() {
+    for ks in KernelSet::all_available() {
+        eprintln!("kernel set {:?}", ks.backend());
+        ks.install(parity_on_current_set);
+    }
+}
+
+fn parity_on_current_set() {
     let st = SafeTensors::deserialize(FIXTURE).unwrap();
     let (_, md) = SafeTensors::read_metadata(FIXTURE).unwrap();
     let meta = md.metadata().clone().unwrap();

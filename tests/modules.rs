@@ -6,7 +6,7 @@ mod common;
 use ndarray::{Array2, Array4, ArrayD, IxDyn};
 use proptest::prelude::*;
 use ptq::kernels::reference::{qconv2d_naive, qgemm_naive, ConvGeom};
-use ptq::kernels::{OutputQuant, RequantParams};
+use ptq::kernels::{KernelSet, OutputQuant, RequantParams};
 use ptq::nn::quantized::{
     Conv2dParams, QAdd, QConv2d, QConvReLU2d, QFlatten, QLinear, QLinearReLU, QMaxPool2d, QTensor,
 };
@@ -102,7 +102,14 @@ fn conv_case() -> impl Strategy<Value = ConvCase> {
         )
 }
 
+/// [`check_conv_on_current_set`] on every kernel set this CPU can run.
 fn check_conv(c: &ConvCase) {
+    for ks in KernelSet::all_available() {
+        ks.install(|| check_conv_on_current_set(c));
+    }
+}
+
+fn check_conv_on_current_set(c: &ConvCase) {
     let g = &c.geom;
     let scheme = if c.per_channel {
         QScheme::PerChannelAffine { axis: 0 }
@@ -167,7 +174,7 @@ fn check_conv(c: &ConvCase) {
             .unwrap()
     };
     let got: Vec<u8> = y.data().iter().copied().collect();
-    assert_eq!(got, want, "{g:?}");
+    assert_eq!(got, want, "{g:?} on {:?}", KernelSet::current().backend());
     // The channels-last entry point gives the same integers, transposed.
     let x_nhwc = QTensor::new(
         x.data()

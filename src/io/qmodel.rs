@@ -197,6 +197,9 @@ impl Writer {
                 self.set(format!("{id}:stride"), pair(p.stride()));
                 self.set(format!("{id}:padding"), pair(p.padding()));
                 self.set(format!("{id}:dilation"), pair(p.dilation()));
+                if p.ceil_mode() {
+                    self.set(format!("{id}:ceil_mode"), 1u8);
+                }
             }
             QOp::AvgPool2d(p) => {
                 op(self, "AvgPool2d");
@@ -208,6 +211,9 @@ impl Writer {
                     p.count_include_pad() as u8,
                 );
                 self.set(format!("{id}:layout"), layout_name(p.layout()));
+                if p.ceil_mode() {
+                    self.set(format!("{id}:ceil_mode"), 1u8);
+                }
             }
             QOp::AdaptiveAvgPool2d(p) => {
                 op(self, "AdaptiveAvgPool2d");
@@ -500,6 +506,15 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// A flag that older files do not have (absent = false).
+    fn opt_flag(&self, key: &str) -> Result<bool> {
+        if self.meta.contains_key(key) {
+            self.flag(key)
+        } else {
+            Ok(false)
+        }
+    }
+
     fn hyper(&self, key: &str, v: usize, min: usize) -> Result<usize> {
         if v < min || v > MAX_HYPERPARAMETER {
             return Err(self.bad(format!(
@@ -764,12 +779,15 @@ impl<'a> Reader<'a> {
             "ReLU6" => QOp::ReLU6 {
                 q6: self.parse(&format!("{id}:q6"))?,
             },
-            "MaxPool2d" => QOp::MaxPool2d(QMaxPool2d::new(
-                self.pair(&format!("{id}:kernel"), 1)?,
-                self.pair(&format!("{id}:stride"), 1)?,
-                self.pair(&format!("{id}:padding"), 0)?,
-                self.pair(&format!("{id}:dilation"), 1)?,
-            )?),
+            "MaxPool2d" => QOp::MaxPool2d(
+                QMaxPool2d::new(
+                    self.pair(&format!("{id}:kernel"), 1)?,
+                    self.pair(&format!("{id}:stride"), 1)?,
+                    self.pair(&format!("{id}:padding"), 0)?,
+                    self.pair(&format!("{id}:dilation"), 1)?,
+                )?
+                .with_ceil_mode(self.opt_flag(&format!("{id}:ceil_mode"))?),
+            ),
             "AvgPool2d" => QOp::AvgPool2d(
                 QAvgPool2d::new(
                     self.pair(&format!("{id}:kernel"), 1)?,
@@ -777,7 +795,8 @@ impl<'a> Reader<'a> {
                     self.pair(&format!("{id}:padding"), 0)?,
                     self.flag(&format!("{id}:count_include_pad"))?,
                 )?
-                .with_layout(self.layout(&format!("{id}:layout"))?),
+                .with_layout(self.layout(&format!("{id}:layout"))?)
+                .with_ceil_mode(self.opt_flag(&format!("{id}:ceil_mode"))?),
             ),
             "AdaptiveAvgPool2d" => QOp::AdaptiveAvgPool2d(
                 QAdaptiveAvgPool2d::new(self.pair(&format!("{id}:output"), 1)?)?

@@ -50,6 +50,8 @@
 //! # Ok::<(), ptq::QuantError>(())
 //! ```
 
+pub mod conv;
+pub mod elementwise;
 pub mod pack;
 pub mod reference;
 pub mod requant;
@@ -122,15 +124,117 @@ pub(crate) fn simd() -> Simd {
     })
 }
 
+/// A set of kernels as a value: the portable Rust kernels, or the SIMD kernels of one
+/// instruction set. Layers take the set to run from [`KernelSet::current`] (the best the
+/// CPU offers unless [`KernelSet::install`] chose another on this thread), so tests can run
+/// every path in one process on any machine.
+///
+/// # Examples
+/// ```
+/// use ptq::kernels::{Backend, KernelSet};
+/// let portable = KernelSet::portable();
+/// assert_eq!(portable.backend(), Backend::Portable);
+/// assert_eq!(portable.install(|| KernelSet::current().backend()), Backend::Portable);
+/// assert!(KernelSet::all_available().contains(&portable));
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct KernelSet {
+    pub(crate) simd: Simd,
+}
+
+impl PartialEq for KernelSet {
+    fn eq(&self, other: &Self) -> bool {
+        self.backend() == other.backend()
+    }
+}
+
+impl Eq for KernelSet {}
+
+thread_local! {
+    static INSTALLED: std::cell::Cell<Option<KernelSet>> = const { std::cell::Cell::new(None) };
+}
+
+impl KernelSet {
+    /// The portable Rust kernels (any CPU).
+    pub fn portable() -> Self {
+        KernelSet { simd: None }
+    }
+
+    /// The AVX2 + FMA kernels, if the CPU has them.
+    pub fn avx2() -> Option<Self> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            x86::Avx2::detect(false).map(|s| KernelSet { simd: Some(s) })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            None
+        }
+    }
+
+    /// The AVX-512 VNNI kernels (AVX2 + FMA for the rest), if the CPU has them.
+    pub fn avx512_vnni() -> Option<Self> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            x86::Avx2::detect(true)
+                .filter(|s| s.vnni())
+                .map(|s| KernelSet { simd: Some(s) })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            None
+        }
+    }
+
+    /// The fastest set the CPU offers, overridden by `PTQ_FORCE_PORTABLE=1` and
+    /// `PTQ_NO_AVX512=1` (detected once per process).
+    pub fn best() -> Self {
+        KernelSet { simd: simd() }
+    }
+
+    /// Every set this CPU can run: portable first, then AVX2 and AVX-512 VNNI where
+    /// present (ignoring the environment variables).
+    pub fn all_available() -> Vec<Self> {
+        [Some(Self::portable()), Self::avx2(), Self::avx512_vnni()]
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    /// The set installed on this thread by [`install`](Self::install), else
+    /// [`best`](Self::best).
+    pub fn current() -> Self {
+        INSTALLED.with(|c| c.get()).unwrap_or_else(Self::best)
+    }
+
+    /// Runs `f` with this set as [`current`](Self::current) on the calling thread (layers
+    /// read it once per call and pass it to their worker threads).
+    pub fn install<R>(self, f: impl FnOnce() -> R) -> R {
+        struct Restore(Option<KernelSet>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                INSTALLED.with(|c| c.set(self.0));
+            }
+        }
+        let _restore = Restore(INSTALLED.with(|c| c.replace(Some(self))));
+        f()
+    }
+
+    /// Which implementation family this set is.
+    pub fn backend(&self) -> Backend {
+        match self.simd {
+            #[cfg(target_arch = "x86_64")]
+            Some(s) if s.vnni() => Backend::Avx512Vnni,
+            Some(_) => Backend::Avx2,
+            None => Backend::Portable,
+        }
+    }
+}
+
 /// The backend [`qgemm`] uses: detected once, overridden by `PTQ_FORCE_PORTABLE=1`
 /// (portable) and `PTQ_NO_AVX512=1` (AVX2 even where AVX-512 VNNI exists).
 pub fn backend() -> Backend {
-    match simd() {
-        #[cfg(target_arch = "x86_64")]
-        Some(s) if s.vnni() => Backend::Avx512Vnni,
-        Some(_) => Backend::Avx2,
-        None => Backend::Portable,
-    }
+    KernelSet::best().backend()
 }
 
 /// Whether the CPU supports the AVX-512 VNNI backend (ignoring the environment).
@@ -214,7 +318,7 @@ pub fn qgemm(
     out: &mut [u8],
     ldc: usize,
 ) -> Result<KernelPath> {
-    qgemm_impl(simd(), a, w, rq, out, ldc)
+    qgemm_impl(KernelSet::current().simd, a, w, rq, out, ldc)
 }
 
 /// [`qgemm`] on a chosen backend, for tests and benchmarks.
@@ -659,6 +763,7 @@ pub(crate) fn dw_pixel_body(
 /// Four adjacent depthwise output pixels sharing one tap list: pixel `p` reads
 /// `x[off + p * pstride + c]`; `acc` holds `4 * oc` sums, pixel-major.
 pub(crate) fn dw_pixels4(
+    simd: Simd,
     x: &[u8],
     taps: &[(usize, usize)],
     pstride: usize,
@@ -666,7 +771,7 @@ pub(crate) fn dw_pixels4(
     a_zp: i32,
     acc: &mut [i32],
 ) {
-    match simd() {
+    match simd {
         #[cfg(target_arch = "x86_64")]
         Some(s) => s.dw_pixels4(x, taps, pstride, w, a_zp, acc),
         _ => {
@@ -681,8 +786,15 @@ pub(crate) fn dw_pixels4(
 }
 
 /// [`dw_pixel_body`] on the fastest backend.
-pub(crate) fn dw_pixel(x: &[u8], taps: &[(usize, usize)], w: &[i16], a_zp: i32, acc: &mut [i32]) {
-    match simd() {
+pub(crate) fn dw_pixel(
+    simd: Simd,
+    x: &[u8],
+    taps: &[(usize, usize)],
+    w: &[i16],
+    a_zp: i32,
+    acc: &mut [i32],
+) {
+    match simd {
         #[cfg(target_arch = "x86_64")]
         Some(s) => s.dw_pixel(x, taps, w, a_zp, acc),
         _ => dw_pixel_body(x, taps, w, a_zp, acc, 0),
@@ -714,8 +826,8 @@ pub(crate) fn transpose_u8(src: &[u8], rows: usize, cols: usize, dst: &mut [u8])
 }
 
 /// [`dw_accumulate_body`] on the fastest backend.
-pub(crate) fn dw_accumulate(acc: &mut [i32], x: &[u8], w: &[i16], a_zp: i32) {
-    match simd() {
+pub(crate) fn dw_accumulate(simd: Simd, acc: &mut [i32], x: &[u8], w: &[i16], a_zp: i32) {
+    match simd {
         #[cfg(target_arch = "x86_64")]
         Some(s) => s.dw_accumulate(acc, x, w, a_zp),
         _ => dw_accumulate_body(acc, x, w, a_zp),
@@ -725,8 +837,8 @@ pub(crate) fn dw_accumulate(acc: &mut [i32], x: &[u8], w: &[i16], a_zp: i32) {
 /// Requantizes a row of already zero-point-corrected accumulators (columns `0..raw.len()`)
 /// on the process-wide backend; used by kernels that are not GEMMs (depthwise
 /// convolution).
-pub(crate) fn requant_row(raw: &[i32], rq: &RequantParams, out: &mut [u8]) {
-    match simd() {
+pub(crate) fn requant_row(simd: Simd, raw: &[i32], rq: &RequantParams, out: &mut [u8]) {
+    match simd {
         #[cfg(target_arch = "x86_64")]
         Some(s) => s.requant_row(raw, rq, out),
         _ => {

@@ -54,58 +54,7 @@ pub fn gemm_i32_naive(a: &[u8], m: usize, k: usize, w: &[i8], n: usize) -> Vec<i
     c
 }
 
-/// Geometry of a 2-D convolution (NCHW input, `[out, in / groups, kh, kw]` weights).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConvGeom {
-    /// Batch size.
-    pub batch: usize,
-    /// Input channels.
-    pub c_in: usize,
-    /// Input height and width.
-    pub in_hw: (usize, usize),
-    /// Output channels.
-    pub c_out: usize,
-    /// Kernel height and width.
-    pub kernel: (usize, usize),
-    /// Stride (height, width).
-    pub stride: (usize, usize),
-    /// Zero padding (height, width), filled with the input zero point.
-    pub padding: (usize, usize),
-    /// Dilation (height, width).
-    pub dilation: (usize, usize),
-    /// Groups.
-    pub groups: usize,
-}
-
-impl ConvGeom {
-    /// Output height and width, or `None` when the kernel does not fit.
-    pub fn out_hw(&self) -> Option<(usize, usize)> {
-        let f = |i: usize, k: usize, s: usize, p: usize, d: usize| -> Option<usize> {
-            let span = d.checked_mul(k.checked_sub(1)?)?.checked_add(1)?;
-            let padded = i.checked_add(2 * p)?;
-            if s == 0 || padded < span {
-                return None;
-            }
-            Some((padded - span) / s + 1)
-        };
-        Some((
-            f(
-                self.in_hw.0,
-                self.kernel.0,
-                self.stride.0,
-                self.padding.0,
-                self.dilation.0,
-            )?,
-            f(
-                self.in_hw.1,
-                self.kernel.1,
-                self.stride.1,
-                self.padding.1,
-                self.dilation.1,
-            )?,
-        ))
-    }
-}
+pub use crate::kernels::conv::ConvGeom;
 
 /// Direct quantized convolution, NCHW in and out: the oracle for `QConv2d`.
 ///

@@ -456,6 +456,52 @@ pub(super) unsafe fn dw_pixels4(
     }
 }
 
+/// The vectorized quantized add on `n` (a multiple of 8) elements: exactly
+/// `AddParams::one` per element (the same FMA, sum, ReLU and `cvtps2dq` rounding, and a
+/// saturating pack that equals the clamp to `0..=255`).
+///
+/// # Safety
+/// AVX2 and FMA must be available; `a`, `b` readable and `out` writable for `n` bytes;
+/// `n % 8 == 0`.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn add_u8(
+    a: *const u8,
+    b: *const u8,
+    n: usize,
+    p: &crate::kernels::elementwise::AddParams,
+    out: *mut u8,
+) {
+    let (sa, pa) = (_mm256_set1_ps(p.sa), _mm256_set1_ps(p.pa));
+    let (sb, pb) = (_mm256_set1_ps(p.sb), _mm256_set1_ps(p.pb));
+    let inv = _mm256_set1_ps(p.inv);
+    // Clamping to [-512, 512] before rounding gives the same bytes as PyTorch's
+    // `min(x, 2147483520.0)` (beyond +-512 the final clamp decides either way) and keeps
+    // `cvt(x) + zo` inside i32.
+    let (lo, hi) = (_mm256_set1_ps(-512.0), _mm256_set1_ps(512.0));
+    let zo = _mm256_set1_epi32(p.zo);
+    let zero = _mm256_setzero_ps();
+    let ld = |q: *const u8, i: usize| {
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+            q.add(i) as *const __m128i
+        )))
+    };
+    let mut i = 0;
+    while i < n {
+        let da = _mm256_fmadd_ps(sa, ld(a, i), pa);
+        let db = _mm256_fmadd_ps(sb, ld(b, i), pb);
+        let mut c = _mm256_add_ps(da, db);
+        if p.relu {
+            c = _mm256_max_ps(c, zero);
+        }
+        let x = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(c, inv), lo), hi);
+        // The saturating packs clamp to 0..=255 like the scalar clamp.
+        let r = _mm256_add_epi32(_mm256_cvtps_epi32(x), zo);
+        let w = _mm_packs_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256::<1>(r));
+        _mm_storel_epi64(out.add(i) as *mut __m128i, _mm_packus_epi16(w, w));
+        i += 8;
+    }
+}
+
 /// Transposes one 8x8 byte block (SSE2, part of x86-64's baseline).
 ///
 /// # Safety

@@ -221,6 +221,28 @@ impl Avx2 {
     }
 }
 
+impl Avx2 {
+    /// The vectorized quantized add (see `kernels::elementwise`), eight lanes at a time
+    /// with FMA; the last `len % 8` elements through the scalar definition.
+    pub(crate) fn add_u8(
+        self,
+        a: &[u8],
+        b: &[u8],
+        p: &crate::kernels::elementwise::AddParams,
+        out: &mut [u8],
+    ) {
+        let n = out.len();
+        assert!(a.len() == n && b.len() == n);
+        let n8 = n / 8 * 8;
+        // SAFETY: the token proves AVX2 + FMA; `a`, `b` and `out` hold `n >= n8` bytes
+        // (asserted) and the body reads and writes bytes `0..n8` only.
+        unsafe { avx2::add_u8(a.as_ptr(), b.as_ptr(), n8, p, out.as_mut_ptr()) }
+        for i in n8..n {
+            out[i] = p.one(a[i], b[i]);
+        }
+    }
+}
+
 /// Transposes the `r8 x c8` top-left part (multiples of 8) of a `rows x cols` byte matrix
 /// (row stride `cols`) into `dst` (row stride `rows`), in 8x8 SSE2 blocks.
 pub(crate) fn transpose_blocks_u8(src: &[u8], rows: usize, cols: usize, dst: &mut [u8]) {

@@ -2,10 +2,13 @@
 
 use ndarray::{ArrayD, IxDyn};
 
-use super::tensor::{check_qparams, nhwc_to_nchw};
+use rayon::prelude::*;
+
+use super::tensor::check_qparams;
 use super::{QTensor, TorchLayout};
 use crate::error::{QuantError, Result};
-use crate::kernels::requant::cvt_round;
+use crate::kernels::elementwise::{self, AddParams};
+use crate::kernels::KernelSet;
 use crate::qparams::quantize_val;
 
 /// `torch.ops.quantized.add` (and `add_relu`, as used by `FloatFunctional.add` after
@@ -88,54 +91,62 @@ impl QAdd {
                 actual: format!("shape {:?}", b.data().shape()),
             });
         }
-        let nhwc = self.layout == TorchLayout::ChannelsLast && a.data().ndim() == 4;
-        let order = |t: &QTensor| -> Vec<u8> {
-            if nhwc {
-                t.to_nhwc()
-            } else {
-                t.to_vec()
+        let shape = a.data().shape().to_vec();
+        let nhwc = self.layout == TorchLayout::ChannelsLast && shape.len() == 4;
+        let (xa, xb) = (a.data().as_slice(), b.data().as_slice());
+        let (ca, cb);
+        let (xa, xb) = match (xa, xb) {
+            (Some(x), Some(y)) => (x, y),
+            _ => {
+                ca = a.to_vec();
+                cb = b.to_vec();
+                (&ca[..], &cb[..])
             }
         };
-        let (xa, xb) = (order(a), order(b));
         let n = xa.len();
-        let nv = n / 64 * 64;
         let (sa, za, sb, zb) = (a.scale(), a.zero_point(), b.scale(), b.zero_point());
         let (so, zo) = (self.out_scale, self.out_zp);
-        let inv = 1.0f32 / so;
-        let pa = sa * -(za as f32);
-        let pb = sb * -(zb as f32);
-        let relu = self.relu;
+        let p = AddParams::new(sa, za, sb, zb, so, zo, self.relu);
+        // Both inputs share the logical layout, so the vectorized formula runs straight on
+        // the logical order: no transposes.
         let mut y = vec![0u8; n];
-        for i in 0..n {
-            let (qa, qb) = (xa[i] as f32, xb[i] as f32);
-            y[i] = if i < nv {
-                let mut c = sa.mul_add(qa, pa) + sb.mul_add(qb, pb);
-                if relu {
-                    c = c.max(0.0);
-                }
-                // The vectorized quantizer clips at the largest f32 below 2^31 first.
-                let r = cvt_round((c * inv).min(2147483520.0)) as i64 + zo as i64;
-                r.clamp(0, 255) as u8
-            } else {
-                let mut c = (qa - za as f32) * sa + (qb - zb as f32) * sb;
-                if relu {
-                    c = c.max(0.0);
-                }
-                quantize_val(c, so, zo, 0, 255) as u8
-            };
-        }
-        let shape = a.data().shape().to_vec();
-        let data = if nhwc {
-            let (bn, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
-            ArrayD::from_shape_vec(IxDyn(&shape), nhwc_to_nchw(&y, bn, c, h * w))
+        let ks = KernelSet::current();
+        const PAR_CHUNK: usize = 1 << 16;
+        if n >= 4 * PAR_CHUNK {
+            y.par_chunks_mut(PAR_CHUNK)
+                .zip(xa.par_chunks(PAR_CHUNK).zip(xb.par_chunks(PAR_CHUNK)))
+                .for_each(|(o, (x1, x2))| elementwise::add_u8(ks, x1, x2, &p, o));
         } else {
-            ArrayD::from_shape_vec(IxDyn(&shape), y)
+            elementwise::add_u8(ks, xa, xb, &p, &mut y);
         }
-        .map_err(|e| QuantError::ShapeMismatch {
-            context: NAME.into(),
-            expected: format!("{shape:?}"),
-            actual: e.to_string(),
-        })?;
+        // PyTorch's scalar tail: the last `n % 64` elements in *memory* order (NHWC for
+        // channels-last tensors), rounded as `quantize_val`.
+        let (relu, nv) = (self.relu, n / 64 * 64);
+        let (c, hw) = if nhwc {
+            (shape[1], shape[2] * shape[3])
+        } else {
+            (1, 1)
+        };
+        for i in nv..n {
+            let li = if nhwc {
+                let (bi, pix, ch) = (i / (hw * c), (i / c) % hw, i % c);
+                (bi * c + ch) * hw + pix
+            } else {
+                i
+            };
+            let (qa, qb) = (xa[li] as f32, xb[li] as f32);
+            let mut v = (qa - za as f32) * sa + (qb - zb as f32) * sb;
+            if relu {
+                v = v.max(0.0);
+            }
+            y[li] = quantize_val(v, so, zo, 0, 255) as u8;
+        }
+        let data =
+            ArrayD::from_shape_vec(IxDyn(&shape), y).map_err(|e| QuantError::ShapeMismatch {
+                context: NAME.into(),
+                expected: format!("{shape:?}"),
+                actual: e.to_string(),
+            })?;
         QTensor::new(data, so, zo)
     }
 }

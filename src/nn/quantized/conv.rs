@@ -1,13 +1,14 @@
 //! Quantized 2-D convolutions (NCHW in and out, NHWC inside, as fbgemm).
 
 use ndarray::{ArrayD, ArrayView1, ArrayView4, IxDyn};
-use rayon::prelude::*;
 
 use super::tensor::{check_qparams, dims4, nhwc_to_nchw};
-use super::{check_bias, quantize_weights, quantized_weights, QTensor, QWeights};
+use super::{
+    check_accumulator, check_bias, quantize_weights, quantized_weights, QTensor, QWeights,
+};
 use crate::error::{QuantError, Result};
-use crate::kernels::reference::ConvGeom;
-use crate::kernels::{self, OutputQuant, PackedWeights, RequantParams, RowSource};
+use crate::kernels::conv::{self as kconv, ConvGeom};
+use crate::kernels::{KernelSet, OutputQuant, PackedWeights, RequantParams};
 use crate::qparams::QParams;
 
 /// Stride, padding, dilation and groups of a 2-D convolution (PyTorch's defaults: 1, 0,
@@ -165,7 +166,16 @@ impl QConv2d {
         check_qparams(out_scale, out_zp, NAME)?;
         let bias = check_bias(bias, c_out, NAME)?;
         let cog = c_out / g;
-        let taps = kh * kw;
+        let taps = kh
+            .checked_mul(kw)
+            .ok_or_else(|| unsupported(format!("kernel {kh} x {kw} is too large")))?;
+        check_accumulator(
+            &qw.values,
+            &qw.zero_points,
+            cig * taps,
+            NAME,
+            &format!("weight [{c_out}, {cig}, {kh}, {kw}]"),
+        )?;
         let zp = |oc: usize| {
             if qw.zero_points.len() == 1 {
                 qw.zero_points[0]
@@ -345,6 +355,21 @@ impl QConv2d {
             ),
             actual: format!("shape {shape:?}"),
         })?;
+        let total = b
+            .checked_mul(out.0)
+            .and_then(|v| v.checked_mul(out.1))
+            .and_then(|v| v.checked_mul(self.c_out))
+            .filter(|&v| v <= isize::MAX as usize);
+        if total.is_none() {
+            return Err(QuantError::ShapeMismatch {
+                context: NAME.into(),
+                expected: "an output whose size fits in memory".into(),
+                actual: format!(
+                    "input shape {shape:?} gives output [{b}, {}, {}, {}]",
+                    self.c_out, out.0, out.1
+                ),
+            });
+        }
         Ok((geom, out))
     }
 
@@ -367,38 +392,33 @@ impl QConv2d {
             relu: self.relu,
         };
         let a_zp = a_zp_in;
+        let ks = KernelSet::current();
         match &self.kind {
             ConvKind::Gemm(packs) => {
                 let g = self.params.groups;
                 let cog = oc / g;
-                for (grp, packed) in packs.iter().enumerate() {
-                    let scales = if self.per_channel {
-                        &self.w_scales[grp * cog..(grp + 1) * cog]
-                    } else {
-                        &self.w_scales[..1]
-                    };
-                    let bias = self.bias.as_ref().map(|b| &b[grp * cog..(grp + 1) * cog]);
-                    let rq = RequantParams::new(cog, act_scale, scales, self.per_channel, bias, oq)
-                        .map_err(|e| e.in_context(NAME))?;
-                    let src = Im2col {
-                        x: x_nhwc,
-                        geom,
-                        out_hw: (oh, ow),
-                        c0: grp * (self.c_in / g),
-                        cig: self.c_in / g,
-                        a_zp: a_zp as u8,
-                    };
-                    kernels::drive(
-                        kernels::simd(),
-                        &src,
-                        m,
-                        a_zp,
-                        packed,
-                        &rq,
-                        &mut out[grp * cog..],
-                        oc,
-                    );
-                }
+                let rqs = (0..g)
+                    .map(|grp| {
+                        let scales = if self.per_channel {
+                            &self.w_scales[grp * cog..(grp + 1) * cog]
+                        } else {
+                            &self.w_scales[..1]
+                        };
+                        let bias = self.bias.as_ref().map(|b| &b[grp * cog..(grp + 1) * cog]);
+                        RequantParams::new(cog, act_scale, scales, self.per_channel, bias, oq)
+                            .map_err(|e| e.in_context(NAME))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                kconv::conv_gemm(
+                    ks,
+                    x_nhwc,
+                    geom,
+                    (oh, ow),
+                    a_zp as u8,
+                    packs,
+                    &rqs,
+                    &mut out,
+                );
             }
             ConvKind::Depthwise(wv) => {
                 let rq = RequantParams::new(
@@ -410,137 +430,10 @@ impl QConv2d {
                     oq,
                 )
                 .map_err(|e| e.in_context(NAME))?;
-                depthwise(x_nhwc, geom, (oh, ow), a_zp, wv, &rq, &mut out);
+                kconv::depthwise(ks, x_nhwc, geom, (oh, ow), a_zp, wv, &rq, &mut out);
             }
         }
         Ok(out)
-    }
-}
-
-/// Rows of the im2col matrix of one group, built on the fly: row `(b, oy, ox)`, columns
-/// `(ky, kx, c)`, padding filled with the input zero point.
-struct Im2col<'a> {
-    x: &'a [u8],
-    geom: &'a ConvGeom,
-    out_hw: (usize, usize),
-    c0: usize,
-    cig: usize,
-    a_zp: u8,
-}
-
-impl RowSource for Im2col<'_> {
-    fn fill(&self, r0: usize, rows: usize, kp: usize, dst: &mut [u8]) {
-        let g = self.geom;
-        let (h, w) = g.in_hw;
-        let (oh, ow) = self.out_hw;
-        let c = g.c_in;
-        let cig = self.cig;
-        for i in 0..rows {
-            let r = r0 + i;
-            let b = r / (oh * ow);
-            let oy = (r / ow) % oh;
-            let ox = r % ow;
-            let d = &mut dst[i * kp..];
-            let mut idx = 0;
-            for ky in 0..g.kernel.0 {
-                let iy = (oy * g.stride.0 + ky * g.dilation.0) as isize - g.padding.0 as isize;
-                for kx in 0..g.kernel.1 {
-                    let ix = (ox * g.stride.1 + kx * g.dilation.1) as isize - g.padding.1 as isize;
-                    let dd = &mut d[idx..idx + cig];
-                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
-                        dd.fill(self.a_zp);
-                    } else {
-                        let p = ((b * h + iy as usize) * w + ix as usize) * c + self.c0;
-                        dd.copy_from_slice(&self.x[p..p + cig]);
-                    }
-                    idx += cig;
-                }
-            }
-        }
-    }
-}
-
-/// Direct convolution with one input channel per group (depthwise, with any channel
-/// multiplier), NHWC, exact `i32` sums, then the shared requantization.
-fn depthwise(
-    x: &[u8],
-    g: &ConvGeom,
-    (oh, ow): (usize, usize),
-    a_zp: i32,
-    wv: &[i16],
-    rq: &RequantParams,
-    out: &mut [u8],
-) {
-    let (h, w) = g.in_hw;
-    let c = g.c_in;
-    let oc = g.c_out;
-    let mult = oc / c;
-    let (kh, kw) = g.kernel;
-    let row = |(r, orow): (usize, &mut [u8])| {
-        let b = r / oh;
-        let oy = r % oh;
-        let mut acc = vec![0i32; oc];
-        let mut xs = vec![0u8; oc];
-        let mut taps: Vec<(usize, usize)> = Vec::with_capacity(kh * kw);
-        // The valid kx of output column ox form a range; four columns with the same range
-        // share one tap list (shifted by the stride).
-        let kx_range = |ox: usize| {
-            let valid = |kx: usize| {
-                let ix = (ox * g.stride.1 + kx * g.dilation.1) as isize - g.padding.1 as isize;
-                ix >= 0 && ix < w as isize
-            };
-            let lo = (0..kw).find(|&kx| valid(kx)).unwrap_or(kw);
-            let hi = (0..kw).rev().find(|&kx| valid(kx)).map_or(lo, |k| k + 1);
-            (lo, hi)
-        };
-        let mut acc4 = vec![0i32; 4 * oc];
-        let mut ox = 0;
-        while ox < ow {
-            taps.clear();
-            for ky in 0..kh {
-                let iy = (oy * g.stride.0 + ky * g.dilation.0) as isize - g.padding.0 as isize;
-                if iy < 0 || iy >= h as isize {
-                    continue;
-                }
-                for kx in 0..kw {
-                    let ix = (ox * g.stride.1 + kx * g.dilation.1) as isize - g.padding.1 as isize;
-                    if ix >= 0 && ix < w as isize {
-                        taps.push((((b * h + iy as usize) * w + ix as usize) * c, ky * kw + kx));
-                    }
-                }
-            }
-            if mult == 1 && ox + 4 <= ow && kx_range(ox) == kx_range(ox + 3) {
-                kernels::dw_pixels4(x, &taps, g.stride.1 * c, wv, a_zp, &mut acc4);
-                for p in 0..4 {
-                    kernels::requant_row(
-                        &acc4[p * oc..(p + 1) * oc],
-                        rq,
-                        &mut orow[(ox + p) * oc..(ox + p + 1) * oc],
-                    );
-                }
-                ox += 4;
-                continue;
-            }
-            if mult == 1 {
-                kernels::dw_pixel(x, &taps, wv, a_zp, &mut acc);
-            } else {
-                acc.fill(0);
-                for &(p, t) in &taps {
-                    for (o, xo) in xs.iter_mut().enumerate() {
-                        *xo = x[p + o / mult];
-                    }
-                    kernels::dw_accumulate(&mut acc, &xs, &wv[t * oc..(t + 1) * oc], a_zp);
-                }
-            }
-            kernels::requant_row(&acc, rq, &mut orow[ox * oc..(ox + 1) * oc]);
-            ox += 1;
-        }
-    };
-    let rows = g.batch * oh;
-    if rows * ow * oc * kh * kw >= 1 << 20 {
-        out.par_chunks_mut(ow * oc).enumerate().for_each(row);
-    } else {
-        out.chunks_mut(ow * oc).enumerate().for_each(row);
     }
 }
 

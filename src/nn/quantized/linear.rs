@@ -3,7 +3,9 @@
 use ndarray::{ArrayD, ArrayView1, ArrayView2, IxDyn};
 
 use super::tensor::check_qparams;
-use super::{check_bias, quantize_weights, quantized_weights, QTensor, QWeights};
+use super::{
+    check_accumulator, check_bias, quantize_weights, quantized_weights, QTensor, QWeights,
+};
 use crate::error::{QuantError, Result};
 use crate::kernels::{self, Activations, KernelPath, OutputQuant, PackedWeights, RequantParams};
 use crate::qparams::QParams;
@@ -99,6 +101,13 @@ impl QLinear {
     ) -> Result<Self> {
         check_qparams(out_scale, out_zp, NAME)?;
         let bias = check_bias(bias, out_features, NAME)?;
+        check_accumulator(
+            &qw.values,
+            &qw.zero_points,
+            in_features,
+            NAME,
+            &format!("weight [{out_features}, {in_features}]"),
+        )?;
         let packed = PackedWeights::new(&qw.values, out_features, in_features, &qw.zero_points)
             .map_err(|e| e.in_context(NAME))?;
         Ok(QLinear {

@@ -116,6 +116,45 @@ pub(crate) fn quantized_weights(
 }
 
 /// Checks a float bias of `n` elements.
+/// Refuses weights whose `i32` accumulator could overflow: with `values` row-major
+/// `[out][k]` (`k = per_out` values per output) and `zero_points` (one or one per output),
+/// the worst case `255 * sum_k |w - zp|` over any input must fit in `i32` (the kernels and
+/// fbgemm accumulate in `i32`; beyond that the result would silently wrap).
+///
+/// # Errors
+/// [`QuantError::UnsupportedConfig`] naming the layer, the weight shape and the output
+/// channel.
+pub(crate) fn check_accumulator(
+    values: &[i8],
+    zero_points: &[i32],
+    per_out: usize,
+    layer: &str,
+    shape: &str,
+) -> Result<()> {
+    if per_out == 0 {
+        return Ok(());
+    }
+    for (o, row) in values.chunks(per_out).enumerate() {
+        let zp = if zero_points.len() == 1 {
+            zero_points[0]
+        } else {
+            zero_points.get(o).copied().unwrap_or(0)
+        } as i64;
+        let l1: i64 = row.iter().map(|&w| (w as i64 - zp).abs()).sum();
+        if l1.saturating_mul(255) > i32::MAX as i64 {
+            return Err(QuantError::UnsupportedConfig {
+                context: layer.into(),
+                reason: format!(
+                    "{shape}: output channel {o} sums {per_out} products whose worst case \
+                     255 * {l1} overflows the i32 accumulator (use a smaller kernel or \
+                     fewer input channels)"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn check_bias(
     bias: Option<ndarray::ArrayView1<'_, f32>>,
     n: usize,

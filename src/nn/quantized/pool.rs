@@ -5,6 +5,7 @@ use ndarray::{ArrayD, IxDyn};
 use super::tensor::dims4;
 use super::{QTensor, TorchLayout};
 use crate::error::{QuantError, Result};
+use crate::kernels::conv::out_len as out_len_k;
 use crate::kernels::requant::cvt_round;
 
 /// `torch.ao.nn.quantized.ReLU`: `max(q, zero_point)`, same qparams.
@@ -31,16 +32,47 @@ impl QReLU {
     }
 }
 
-fn out_len(i: usize, k: usize, s: usize, p: usize, d: usize, layer: &str) -> Result<usize> {
-    let span = d * (k - 1) + 1;
-    if i + 2 * p < span {
+/// PyTorch's pooling output length (checked arithmetic, `ceil_mode` as PyTorch).
+fn out_len(
+    i: usize,
+    k: usize,
+    s: usize,
+    p: usize,
+    d: usize,
+    ceil_mode: bool,
+    layer: &str,
+) -> Result<usize> {
+    out_len_k(i, k, s, p, d, ceil_mode).ok_or_else(|| QuantError::ShapeMismatch {
+        context: layer.into(),
+        expected: format!(
+            "spatial size + 2 * padding >= dilation * (kernel - 1) + 1 (kernel {k}, dilation {d})"
+        ),
+        actual: format!("size {i}, padding {p}"),
+    })
+}
+
+/// `b * c * oh * ow`, checked.
+fn out_numel(dims: [usize; 4], shape: &[usize], layer: &str) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .filter(|&n| n <= isize::MAX as usize)
+        .ok_or_else(|| QuantError::ShapeMismatch {
+            context: layer.into(),
+            expected: "an output whose size fits in memory".into(),
+            actual: format!("input shape {shape:?} gives output {dims:?}"),
+        })
+}
+
+/// Refuses an empty spatial size (PyTorch: "input dimensions must be non-zero").
+fn check_nonempty(h: usize, w: usize, shape: &[usize], layer: &str) -> Result<()> {
+    if h == 0 || w == 0 {
         return Err(QuantError::ShapeMismatch {
             context: layer.into(),
-            expected: format!("spatial size + 2 * padding >= {span}"),
-            actual: format!("size {i}, padding {p}"),
+            expected: "a non-empty spatial size".into(),
+            actual: format!("shape {shape:?}"),
         });
     }
-    Ok((i + 2 * p - span) / s + 1)
+    Ok(())
 }
 
 fn check_pool(
@@ -55,7 +87,7 @@ fn check_pool(
             reason: format!("kernel {kernel:?} and stride {stride:?} must be positive"),
         });
     }
-    if 2 * padding.0 > kernel.0 || 2 * padding.1 > kernel.1 {
+    if padding.0.saturating_mul(2) > kernel.0 || padding.1.saturating_mul(2) > kernel.1 {
         return Err(QuantError::UnsupportedConfig {
             context: layer.into(),
             reason: format!("padding {padding:?} must be at most half the kernel {kernel:?}"),
@@ -72,13 +104,15 @@ fn to4(v: Vec<u8>, shape: [usize; 4], layer: &str) -> Result<ArrayD<u8>> {
     })
 }
 
-/// `torch.ao.nn.quantized.MaxPool2d` (`ceil_mode = false`): exact, padding never wins.
+/// `torch.ao.nn.quantized.MaxPool2d`: exact, padding never wins; `ceil_mode` through
+/// [`with_ceil_mode`](Self::with_ceil_mode).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QMaxPool2d {
     kernel: (usize, usize),
     stride: (usize, usize),
     padding: (usize, usize),
     dilation: (usize, usize),
+    ceil_mode: bool,
 }
 
 impl QMaxPool2d {
@@ -114,13 +148,34 @@ impl QMaxPool2d {
             stride,
             padding,
             dilation,
+            ceil_mode: false,
         })
+    }
+
+    /// PyTorch's `ceil_mode`: output sizes rounded up, the last window starting inside
+    /// the input or the left padding.
+    ///
+    /// # Examples
+    /// ```
+    /// use ndarray::ArrayD;
+    /// use ptq::nn::quantized::{QMaxPool2d, QTensor};
+    /// let p = QMaxPool2d::new((2, 2), (2, 2), (0, 0), (1, 1))?.with_ceil_mode(true);
+    /// let x = QTensor::new(ArrayD::from_shape_fn(vec![1, 1, 3, 3], |d| (d[2] * 3 + d[3]) as u8), 0.1, 0)?;
+    /// let y = p.forward(&x)?;
+    /// assert_eq!(y.data().shape(), &[1, 1, 2, 2]);
+    /// assert_eq!(y.data()[[0, 0, 1, 1]], 8);
+    /// # Ok::<(), ptq::QuantError>(())
+    /// ```
+    pub fn with_ceil_mode(mut self, ceil_mode: bool) -> Self {
+        self.ceil_mode = ceil_mode;
+        self
     }
 
     /// Pools an NCHW tensor.
     ///
     /// # Errors
-    /// [`QuantError::ShapeMismatch`] for a tensor that is not rank 4 or is too small.
+    /// [`QuantError::ShapeMismatch`] for a tensor that is not rank 4, has an empty
+    /// spatial size or is too small.
     ///
     /// # Examples
     /// ```
@@ -137,11 +192,14 @@ impl QMaxPool2d {
     pub fn forward(&self, x: &QTensor) -> Result<QTensor> {
         const L: &str = "QMaxPool2d";
         let (b, c, h, w) = dims4(x, L)?;
+        check_nonempty(h, w, x.data().shape(), L)?;
         let (kh, kw) = self.kernel;
-        let oh = out_len(h, kh, self.stride.0, self.padding.0, self.dilation.0, L)?;
-        let ow = out_len(w, kw, self.stride.1, self.padding.1, self.dilation.1, L)?;
+        let cm = self.ceil_mode;
+        let oh = out_len(h, kh, self.stride.0, self.padding.0, self.dilation.0, cm, L)?;
+        let ow = out_len(w, kw, self.stride.1, self.padding.1, self.dilation.1, cm, L)?;
+        let n = out_numel([b, c, oh, ow], x.data().shape(), L)?;
         let xv = x.to_vec();
-        let mut y = vec![0u8; b * c * oh * ow];
+        let mut y = vec![0u8; n];
         for (yp, xp) in y.chunks_mut(oh * ow).zip(xv.chunks(h * w)) {
             for oy in 0..oh {
                 for ox in 0..ow {
@@ -174,8 +232,8 @@ fn channels_last_kernel(layout: TorchLayout, c: usize, h: usize, w: usize) -> bo
     layout == TorchLayout::ChannelsLast || c == 1 || h * w == 1
 }
 
-/// `torch.ao.nn.quantized.AvgPool2d` / `F.avg_pool2d` on a quantized tensor
-/// (`ceil_mode = false`, no `divisor_override`).
+/// `torch.ao.nn.quantized.AvgPool2d` / `F.avg_pool2d` on a quantized tensor (no
+/// `divisor_override`; `ceil_mode` through [`with_ceil_mode`](Self::with_ceil_mode)).
 ///
 /// PyTorch's two kernels round differently: channels-last
 /// `clamp(cvtps2dq((sum - size * zp) * (1 / div)) + zp)`, NCHW-contiguous
@@ -188,6 +246,7 @@ pub struct QAvgPool2d {
     padding: (usize, usize),
     count_include_pad: bool,
     layout: TorchLayout,
+    ceil_mode: bool,
 }
 
 impl QAvgPool2d {
@@ -219,7 +278,28 @@ impl QAvgPool2d {
             padding,
             count_include_pad,
             layout: TorchLayout::ChannelsLast,
+            ceil_mode: false,
         })
+    }
+
+    /// PyTorch's `ceil_mode`: output sizes rounded up, the last window starting inside
+    /// the input or the left padding; windows are clipped at the padded input's end and,
+    /// with `count_include_pad`, divide by the clipped window's size (as PyTorch).
+    ///
+    /// # Examples
+    /// ```
+    /// use ndarray::ArrayD;
+    /// use ptq::nn::quantized::{QAvgPool2d, QTensor};
+    /// let p = QAvgPool2d::new((2, 2), (2, 2), (0, 0), true)?.with_ceil_mode(true);
+    /// let x = QTensor::new(ArrayD::from_shape_fn(vec![1, 1, 3, 3], |d| (d[2] * 3 + d[3]) as u8), 0.1, 0)?;
+    /// let y = p.forward(&x)?;
+    /// assert_eq!(y.data().shape(), &[1, 1, 2, 2]);
+    /// assert_eq!(y.data()[[0, 0, 1, 1]], 8); // the 1x1 window at the corner
+    /// # Ok::<(), ptq::QuantError>(())
+    /// ```
+    pub fn with_ceil_mode(mut self, ceil_mode: bool) -> Self {
+        self.ceil_mode = ceil_mode;
+        self
     }
 
     /// Sets the memory layout PyTorch holds the input in.
@@ -251,35 +331,35 @@ impl QAvgPool2d {
         let (kh, kw) = self.kernel;
         let (sh, sw) = self.stride;
         let (ph, pw) = self.padding;
-        let oh = out_len(h, kh, sh, ph, 1, L)?;
-        let ow = out_len(w, kw, sw, pw, 1, L)?;
+        let oh = out_len(h, kh, sh, ph, 1, self.ceil_mode, L)?;
+        let ow = out_len(w, kw, sw, pw, 1, self.ceil_mode, L)?;
+        let n = out_numel([b, c, oh, ow], x.data().shape(), L)?;
         let nhwc = channels_last_kernel(self.layout, c, h, w);
         let zp = x.zero_point();
         let xv = x.to_vec();
-        let mut y = vec![0u8; b * c * oh * ow];
-        for (yp, xp) in y.chunks_mut(oh * ow).zip(xv.chunks(h * w)) {
+        let mut y = vec![0u8; n];
+        // An empty spatial input (PyTorch accepts it with padding) pools nothing: every
+        // window is padding.
+        for (pi, yp) in y.chunks_mut(oh * ow).enumerate() {
+            let xp = &xv[pi * h * w..(pi + 1) * h * w];
             for oy in 0..oh {
                 let hs = (oy * sh) as isize - ph as isize;
                 let he = (hs + kh as isize).min((h + ph) as isize);
                 for ox in 0..ow {
                     let ws = (ox * sw) as isize - pw as isize;
                     let we = (ws + kw as isize).min((w + pw) as isize);
-                    let pool = (he - hs) * (we - ws);
+                    let pool = (he - hs) as i64 * (we - ws) as i64;
                     let (h0, h1) = (hs.max(0) as usize, he.min(h as isize) as usize);
                     let (w0, w1) = (ws.max(0) as usize, we.min(w as isize) as usize);
-                    let size = (h1.saturating_sub(h0) * w1.saturating_sub(w0)) as i32;
-                    let div = if self.count_include_pad {
-                        pool as i32
-                    } else {
-                        size
-                    };
-                    let mut sum = 0i32;
+                    let size = h1.saturating_sub(h0) as i64 * w1.saturating_sub(w0) as i64;
+                    let div = if self.count_include_pad { pool } else { size };
+                    let mut sum = 0i64;
                     for iy in h0..h1 {
                         for ix in w0..w1 {
-                            sum += xp[iy * w + ix] as i32;
+                            sum += xp[iy * w + ix] as i64;
                         }
                     }
-                    let acc = (sum - size * zp) as f32;
+                    let acc = (sum - size * zp as i64) as f32;
                     let mult = (1.0f64 / div.max(1) as f64) as f32;
                     let v = if nhwc {
                         cvt_round(acc * mult) as i64 + zp as i64
@@ -366,10 +446,11 @@ impl QAdaptiveAvgPool2d {
             });
         }
         let (oh, ow) = self.output;
+        let n = out_numel([b, c, oh, ow], x.data().shape(), L)?;
         let nhwc = channels_last_kernel(self.layout, c, h, w);
         let zp = x.zero_point();
         let xv = x.to_vec();
-        let mut y = vec![0u8; b * c * oh * ow];
+        let mut y = vec![0u8; n];
         let start = |i: usize, o: usize, n: usize| i * n / o;
         let end = |i: usize, o: usize, n: usize| ((i + 1) * n).div_ceil(o);
         for (yp, xp) in y.chunks_mut(oh * ow).zip(xv.chunks(h * w)) {
@@ -378,15 +459,16 @@ impl QAdaptiveAvgPool2d {
                 for ox in 0..ow {
                     let (w0, w1) = (start(ox, ow, w), end(ox, ow, w));
                     let (kh, kw) = (h1 - h0, w1 - w0);
-                    let mut sum = 0i32;
+                    // i64: a window of 255s wraps i32 beyond 8.4 million elements.
+                    let mut sum = 0i64;
                     for iy in h0..h1 {
                         for ix in w0..w1 {
-                            sum += xp[iy * w + ix] as i32;
+                            sum += xp[iy * w + ix] as i64;
                         }
                     }
                     let m = 1.0f32 / kh as f32 / kw as f32;
                     let v = if nhwc {
-                        let acc = sum - (kh * kw) as i32 * zp;
+                        let acc = sum - (kh * kw) as i64 * zp as i64;
                         cvt_round(acc as f32 * m) as i64 + zp as i64
                     } else {
                         cvt_round(sum as f32 * m) as i64
@@ -456,6 +538,10 @@ impl QMaxPool2d {
     pub fn dilation(&self) -> (usize, usize) {
         self.dilation
     }
+    /// Whether output sizes round up (PyTorch's `ceil_mode`).
+    pub fn ceil_mode(&self) -> bool {
+        self.ceil_mode
+    }
 }
 
 impl QAvgPool2d {
@@ -474,6 +560,10 @@ impl QAvgPool2d {
     /// Whether padding counts in the divisor.
     pub fn count_include_pad(&self) -> bool {
         self.count_include_pad
+    }
+    /// Whether output sizes round up (PyTorch's `ceil_mode`).
+    pub fn ceil_mode(&self) -> bool {
+        self.ceil_mode
     }
     /// PyTorch's memory layout of the input, which decides the rounding.
     pub fn layout(&self) -> TorchLayout {

@@ -1,0 +1,298 @@
+//! Convolution drivers on channels-last (`NHWC`) bytes: im2col + packed GEMM, and the
+//! direct depthwise loop. The layer types (`nn::quantized::QConv2d`) hold the parameters
+//! and call these.
+
+use rayon::prelude::*;
+
+use super::{drive, KernelSet, PackedWeights, RequantParams, RowSource};
+
+/// Geometry of a 2-D convolution (NCHW input, `[out, in / groups, kh, kw]` weights).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvGeom {
+    /// Batch size.
+    pub batch: usize,
+    /// Input channels.
+    pub c_in: usize,
+    /// Input height and width.
+    pub in_hw: (usize, usize),
+    /// Output channels.
+    pub c_out: usize,
+    /// Kernel height and width.
+    pub kernel: (usize, usize),
+    /// Stride (height, width).
+    pub stride: (usize, usize),
+    /// Zero padding (height, width), filled with the input zero point.
+    pub padding: (usize, usize),
+    /// Dilation (height, width).
+    pub dilation: (usize, usize),
+    /// Groups.
+    pub groups: usize,
+}
+
+/// PyTorch's output length of a convolution or pooling window along one axis
+/// (`ceil_mode` as `torch.nn.MaxPool2d`: the last window must start inside the input or
+/// the left padding), or `None` when the window does not fit or a size overflows.
+///
+/// # Examples
+/// ```
+/// use ptq::kernels::conv::out_len;
+/// assert_eq!(out_len(7, 3, 2, 1, 1, false), Some(4));
+/// assert_eq!(out_len(8, 3, 2, 1, 1, true), Some(5)); // floor mode gives 4
+/// assert_eq!(out_len(1, 3, 1, 0, 1, false), None);
+/// assert_eq!(out_len(usize::MAX, 1, 1, 1, 1, false), None);
+/// ```
+pub fn out_len(i: usize, k: usize, s: usize, p: usize, d: usize, ceil_mode: bool) -> Option<usize> {
+    let span = d.checked_mul(k.checked_sub(1)?)?.checked_add(1)?;
+    let padded = i.checked_add(p.checked_mul(2)?)?;
+    if s == 0 || padded < span {
+        return None;
+    }
+    let room = padded - span;
+    let mut out = if ceil_mode {
+        room.checked_add(s - 1)? / s + 1
+    } else {
+        room / s + 1
+    };
+    if ceil_mode && (out - 1).checked_mul(s)? >= i.checked_add(p)? {
+        out -= 1;
+    }
+    Some(out)
+}
+
+impl ConvGeom {
+    /// Output height and width, or `None` when the kernel does not fit or a size
+    /// overflows.
+    pub fn out_hw(&self) -> Option<(usize, usize)> {
+        Some((
+            out_len(
+                self.in_hw.0,
+                self.kernel.0,
+                self.stride.0,
+                self.padding.0,
+                self.dilation.0,
+                false,
+            )?,
+            out_len(
+                self.in_hw.1,
+                self.kernel.1,
+                self.stride.1,
+                self.padding.1,
+                self.dilation.1,
+                false,
+            )?,
+        ))
+    }
+
+    /// Input column of output column `ox` at kernel column `kx`, or `None` in the padding.
+    #[inline(always)]
+    fn ix(&self, ox: usize, kx: usize) -> Option<usize> {
+        let ix = (ox * self.stride.1 + kx * self.dilation.1).checked_sub(self.padding.1)?;
+        (ix < self.in_hw.1).then_some(ix)
+    }
+
+    /// Input row of output row `oy` at kernel row `ky`, or `None` in the padding.
+    #[inline(always)]
+    fn iy(&self, oy: usize, ky: usize) -> Option<usize> {
+        let iy = (oy * self.stride.0 + ky * self.dilation.0).checked_sub(self.padding.0)?;
+        (iy < self.in_hw.0).then_some(iy)
+    }
+
+    /// The kernel columns `lo..hi` whose input column lies inside the input for output
+    /// column `ox` (they form one range); an empty set is `(0, 0)` so that two empty sets
+    /// compare equal and never equal a non-empty one.
+    fn kx_range(&self, ox: usize) -> (usize, usize) {
+        let kw = self.kernel.1;
+        match (0..kw).find(|&kx| self.ix(ox, kx).is_some()) {
+            None => (0, 0),
+            Some(lo) => {
+                let hi = (lo..kw)
+                    .rev()
+                    .find(|&kx| self.ix(ox, kx).is_some())
+                    .map_or(lo + 1, |k| k + 1);
+                (lo, hi)
+            }
+        }
+    }
+}
+
+/// Rows of the im2col matrix of one group, built on the fly: row `(b, oy, ox)`, columns
+/// `(ky, kx, c)`, padding filled with the input zero point.
+struct Im2col<'a> {
+    x: &'a [u8],
+    geom: &'a ConvGeom,
+    out_hw: (usize, usize),
+    c0: usize,
+    cig: usize,
+    a_zp: u8,
+}
+
+impl RowSource for Im2col<'_> {
+    fn fill(&self, r0: usize, rows: usize, kp: usize, dst: &mut [u8]) {
+        let g = self.geom;
+        let (h, w) = g.in_hw;
+        let (oh, ow) = self.out_hw;
+        let c = g.c_in;
+        let cig = self.cig;
+        for i in 0..rows {
+            let r = r0 + i;
+            let b = r / (oh * ow);
+            let oy = (r / ow) % oh;
+            let ox = r % ow;
+            let d = &mut dst[i * kp..];
+            let mut idx = 0;
+            for ky in 0..g.kernel.0 {
+                let iy = g.iy(oy, ky);
+                for kx in 0..g.kernel.1 {
+                    let dd = &mut d[idx..idx + cig];
+                    match (iy, g.ix(ox, kx)) {
+                        (Some(iy), Some(ix)) => {
+                            let p = ((b * h + iy) * w + ix) * c + self.c0;
+                            if cig == 1 {
+                                dd[0] = self.x[p];
+                            } else {
+                                dd.copy_from_slice(&self.x[p..p + cig]);
+                            }
+                        }
+                        _ => dd.fill(self.a_zp),
+                    }
+                    idx += cig;
+                }
+            }
+        }
+    }
+}
+
+/// Grouped convolution through im2col + packed GEMM: `packs[g]` and `rqs[g]` are group
+/// `g`'s weights (`k` ordered `(ky, kx, c)`) and requantization; `x` is NHWC, `out` is
+/// NHWC with `c_out` channels.
+///
+/// # Panics
+/// On slices inconsistent with `geom` (the caller checked the shapes).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv_gemm(
+    ks: KernelSet,
+    x: &[u8],
+    geom: &ConvGeom,
+    (oh, ow): (usize, usize),
+    a_zp: u8,
+    packs: &[PackedWeights],
+    rqs: &[RequantParams],
+    out: &mut [u8],
+) {
+    let m = geom.batch * oh * ow;
+    let oc = geom.c_out;
+    if m == 0 || oc == 0 {
+        return;
+    }
+    let g = geom.groups;
+    let cog = oc / g;
+    let cig = geom.c_in / g;
+    for (grp, (packed, rq)) in packs.iter().zip(rqs).enumerate() {
+        let src = Im2col {
+            x,
+            geom,
+            out_hw: (oh, ow),
+            c0: grp * cig,
+            cig,
+            a_zp,
+        };
+        drive(
+            ks.simd,
+            &src,
+            m,
+            a_zp as i32,
+            packed,
+            rq,
+            &mut out[grp * cog..],
+            oc,
+        );
+    }
+}
+
+/// Direct depthwise convolution (one input channel per group, any channel multiplier),
+/// NHWC, exact `i32` sums (the caller guarantees they cannot overflow), then the shared
+/// requantization. `wv` holds `w - w_zp` as `[tap][out_channel]`.
+///
+/// # Panics
+/// On slices inconsistent with `g` (the caller checked the shapes).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn depthwise(
+    ks: KernelSet,
+    x: &[u8],
+    g: &ConvGeom,
+    (oh, ow): (usize, usize),
+    a_zp: i32,
+    wv: &[i16],
+    rq: &RequantParams,
+    out: &mut [u8],
+) {
+    let (h, w) = g.in_hw;
+    let c = g.c_in;
+    let oc = g.c_out;
+    if oc == 0 || ow == 0 || oh == 0 || g.batch == 0 {
+        return;
+    }
+    let mult = oc / c;
+    let (kh, kw) = g.kernel;
+    let simd = ks.simd;
+    // Four columns share one tap list (shifted by the stride) only when all four have the
+    // same set of valid kernel columns.
+    let ranges: Vec<(usize, usize)> = (0..ow).map(|ox| g.kx_range(ox)).collect();
+    let row = |(r, orow): (usize, &mut [u8])| {
+        let b = r / oh;
+        let oy = r % oh;
+        let mut acc = vec![0i32; oc];
+        let mut xs = vec![0u8; oc];
+        let mut taps: Vec<(usize, usize)> = Vec::with_capacity(kh * kw);
+        let mut acc4 = vec![0i32; 4 * oc];
+        let mut ox = 0;
+        while ox < ow {
+            taps.clear();
+            for ky in 0..kh {
+                let Some(iy) = g.iy(oy, ky) else { continue };
+                for kx in 0..kw {
+                    if let Some(ix) = g.ix(ox, kx) {
+                        taps.push((((b * h + iy) * w + ix) * c, ky * kw + kx));
+                    }
+                }
+            }
+            if mult == 1 && ox + 4 <= ow && ranges[ox + 1..ox + 4].iter().all(|r| *r == ranges[ox])
+            {
+                super::dw_pixels4(simd, x, &taps, g.stride.1 * c, wv, a_zp, &mut acc4);
+                for p in 0..4 {
+                    super::requant_row(
+                        simd,
+                        &acc4[p * oc..(p + 1) * oc],
+                        rq,
+                        &mut orow[(ox + p) * oc..(ox + p + 1) * oc],
+                    );
+                }
+                ox += 4;
+                continue;
+            }
+            if mult == 1 {
+                super::dw_pixel(simd, x, &taps, wv, a_zp, &mut acc);
+            } else {
+                acc.fill(0);
+                for &(p, t) in &taps {
+                    for (o, xo) in xs.iter_mut().enumerate() {
+                        *xo = x[p + o / mult];
+                    }
+                    super::dw_accumulate(simd, &mut acc, &xs, &wv[t * oc..(t + 1) * oc], a_zp);
+                }
+            }
+            super::requant_row(simd, &acc, rq, &mut orow[ox * oc..(ox + 1) * oc]);
+            ox += 1;
+        }
+    };
+    let rows = g.batch * oh;
+    let work = rows
+        .saturating_mul(ow)
+        .saturating_mul(oc)
+        .saturating_mul(kh * kw);
+    if work >= 1 << 20 {
+        out.par_chunks_mut(ow * oc).enumerate().for_each(row);
+    } else {
+        out.chunks_mut(ow * oc).enumerate().for_each(row);
+    }
+}
