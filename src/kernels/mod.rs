@@ -452,6 +452,11 @@ fn qgemm_impl(
     Ok(drive(simd, &src, a.rows, a.zero_point, w, rq, out, ldc))
 }
 
+thread_local! {
+    /// Each thread's buffer for packed activation blocks.
+    static PACK_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Runs the GEMM over row blocks (in parallel when large). Arguments are checked.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn drive(
@@ -477,7 +482,10 @@ pub(crate) fn drive(
     let block = |bi: usize, out_blk: &mut [u8]| {
         let r0 = bi * mc;
         let rows_blk = mc.min(m - r0);
-        let mut lo = vec![0u8; round_up(rows_blk, MR) * kp];
+        // The packed block reuses this thread's buffer (no allocation per call).
+        let mut lo = PACK_BUF.with(|b| b.take());
+        lo.clear();
+        lo.resize(round_up(rows_blk, MR) * kp, 0);
         src.fill(r0, rows_blk, kp, &mut lo);
         // Row sums and the OR of all bytes in one vectorizable pass.
         let mut any_hi = 0u8;
@@ -636,6 +644,7 @@ pub(crate) fn drive(
                 t += MR;
             }
         }
+        PACK_BUF.with(|b| b.replace(lo));
     };
     if m > 0 && n > 0 {
         let blocks = m.div_ceil(mc);
