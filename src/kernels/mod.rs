@@ -52,6 +52,7 @@
 
 pub mod conv;
 pub mod elementwise;
+pub(crate) mod f32;
 pub mod pack;
 pub mod reference;
 pub mod requant;
