@@ -50,6 +50,8 @@
 //! # Ok::<(), ptq::QuantError>(())
 //! ```
 
+#![deny(unsafe_op_in_unsafe_fn)]
+
 pub mod conv;
 pub mod elementwise;
 pub(crate) mod f32;
