@@ -150,7 +150,7 @@ fn random_conv(g: ConvGeom, seed: u64) -> Conv {
 /// share column 0's taps with columns 1 and 2, whose windows are inside the input.
 #[test]
 fn depthwise_bug_1_padded_columns_do_not_share_taps() {
-    for c in [1usize, 4, 16, 17, 40] {
+    for c in [1usize, 4, 16, 17, 40, 64, 97] {
         let g = geom(c, 1, (5, 5), (3, 1), (1, 2), (0, 1), (1, 1));
         random_conv(g, 11).check();
     }
@@ -218,7 +218,7 @@ fn depthwise_small_geometries_exhaustive() {
                     for sw in 1usize..=3 {
                         for pw in 0usize..=3 {
                             for (ph, dw) in [(0usize, 1usize), (1, 2), (2, 1)] {
-                                for (c, mult) in [(3usize, 1usize), (17, 1), (2, 2)] {
+                                for (c, mult) in [(3usize, 1usize), (17, 1), (2, 2), (37, 1)] {
                                     let g =
                                         geom(c, mult, (h, w), (kh, kw), (1, sw), (ph, pw), (1, dw));
                                     if g.out_hw().is_none() {

@@ -432,9 +432,9 @@ pub(super) unsafe fn dw_pixel(
     }
 }
 
-/// Four adjacent depthwise pixels: the weights of a tap pair are loaded and interleaved
-/// once for the four pixels (eight accumulators per 16 channels). The last `oc % 16`
-/// channels go through the shared body.
+/// Four adjacent depthwise pixels, channels `c_start..`: the weights of a tap pair are
+/// loaded and interleaved once for the four pixels (eight accumulators per 16 channels).
+/// The last channels (fewer than 16) go through the shared body.
 ///
 /// # Safety
 /// AVX2 must be available; `acc.len() == 4 * oc`; for every tap `(off, t)`:
@@ -447,6 +447,7 @@ pub(super) unsafe fn dw_pixels4(
     w: &[i16],
     a_zp: i32,
     acc: &mut [i32],
+    c_start: usize,
 ) {
     // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
     // and the pointer ranges), which is all the operations below rely on.
@@ -463,7 +464,7 @@ pub(super) unsafe fn dw_pixels4(
         };
         let ld_w = |t: usize, c: usize| _mm256_loadu_si256(wp.add(t * oc + c) as *const __m256i);
         let z = _mm256_setzero_si256();
-        let mut c = 0;
+        let mut c = c_start;
         while c + 16 <= oc {
             let mut lo = [z; 4];
             let mut hi = [z; 4];
