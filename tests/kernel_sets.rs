@@ -150,7 +150,7 @@ fn random_conv(g: ConvGeom, seed: u64) -> Conv {
 /// share column 0's taps with columns 1 and 2, whose windows are inside the input.
 #[test]
 fn depthwise_bug_1_padded_columns_do_not_share_taps() {
-    for c in [1usize, 4, 16, 17, 40] {
+    for c in [1usize, 4, 16, 17, 40, 64, 97] {
         let g = geom(c, 1, (5, 5), (3, 1), (1, 2), (0, 1), (1, 1));
         random_conv(g, 11).check();
     }
@@ -218,7 +218,7 @@ fn depthwise_small_geometries_exhaustive() {
                     for sw in 1usize..=3 {
                         for pw in 0usize..=3 {
                             for (ph, dw) in [(0usize, 1usize), (1, 2), (2, 1)] {
-                                for (c, mult) in [(3usize, 1usize), (17, 1), (2, 2)] {
+                                for (c, mult) in [(3usize, 1usize), (17, 1), (2, 2), (37, 1)] {
                                     let g =
                                         geom(c, mult, (h, w), (kh, kw), (1, sw), (ph, pw), (1, dw));
                                     if g.out_hw().is_none() {
@@ -616,6 +616,31 @@ fn add_matches_oracle_on_every_path() {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Requantization is cached per activation scale: calls alternating between two input
+/// scales each give the oracle's result for their own scale.
+#[test]
+fn changing_the_input_scale_rebuilds_the_requantization() {
+    let g = geom(8, 1, (6, 6), (3, 3), (1, 1), (1, 1), (1, 1));
+    let dense = ConvGeom { groups: 1, ..g };
+    for geom in [g, dense] {
+        let conv = random_conv(geom, 9);
+        let layer = conv.layer();
+        let x1 = conv.input();
+        let x2 = QTensor::new(x1.data().clone(), ACT_SCALE * 3.0, conv.a_zp).unwrap();
+        let rq2 = RequantParams::new(geom.c_out, ACT_SCALE * 3.0, &conv.w_scales, true, None, OUT)
+            .unwrap();
+        let want2 = qconv2d_naive(&conv.x, &geom, conv.a_zp, &conv.w, &conv.w_zp, &rq2);
+        let want1 = conv.expected();
+        assert_ne!(want1, want2);
+        for _ in 0..2 {
+            let y1: Vec<u8> = layer.forward(&x1).unwrap().data().iter().copied().collect();
+            let y2: Vec<u8> = layer.forward(&x2).unwrap().data().iter().copied().collect();
+            assert_eq!(y1, want1);
+            assert_eq!(y2, want2);
         }
     }
 }

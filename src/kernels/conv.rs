@@ -126,36 +126,77 @@ struct Im2col<'a> {
     a_zp: u8,
 }
 
+/// `dst.copy_from_slice(src)` for the short runs of im2col (a few bytes to a few dozen)
+/// without a `memcpy` call: two overlapping fixed-size moves.
+#[inline(always)]
+fn copy_small(dst: &mut [u8], src: &[u8]) {
+    let n = dst.len();
+    debug_assert_eq!(n, src.len());
+    match n {
+        0 => {}
+        1..=3 => {
+            dst[0] = src[0];
+            dst[n / 2] = src[n / 2];
+            dst[n - 1] = src[n - 1];
+        }
+        4..=7 => {
+            dst[..4].copy_from_slice(&src[..4]);
+            dst[n - 4..].copy_from_slice(&src[n - 4..]);
+        }
+        8..=15 => {
+            dst[..8].copy_from_slice(&src[..8]);
+            dst[n - 8..].copy_from_slice(&src[n - 8..]);
+        }
+        16..=32 => {
+            dst[..16].copy_from_slice(&src[..16]);
+            dst[n - 16..].copy_from_slice(&src[n - 16..]);
+        }
+        _ => dst.copy_from_slice(src),
+    }
+}
+
 impl RowSource for Im2col<'_> {
     fn fill(&self, r0: usize, rows: usize, kp: usize, dst: &mut [u8]) {
         let g = self.geom;
         let (h, w) = g.in_hw;
         let (oh, ow) = self.out_hw;
+        let (kh, kw) = g.kernel;
         let c = g.c_in;
         let cig = self.cig;
+        let zp = self.a_zp;
+        // With one group and no horizontal dilation, the valid taps of one kernel row are
+        // one contiguous run of NHWC bytes.
+        let runs = cig == c && g.dilation.1 == 1;
         for i in 0..rows {
             let r = r0 + i;
             let b = r / (oh * ow);
             let oy = (r / ow) % oh;
             let ox = r % ow;
-            let d = &mut dst[i * kp..];
-            let mut idx = 0;
-            for ky in 0..g.kernel.0 {
-                let iy = g.iy(oy, ky);
-                for kx in 0..g.kernel.1 {
-                    let dd = &mut d[idx..idx + cig];
-                    match (iy, g.ix(ox, kx)) {
-                        (Some(iy), Some(ix)) => {
-                            let p = ((b * h + iy) * w + ix) * c + self.c0;
-                            if cig == 1 {
-                                dd[0] = self.x[p];
-                            } else {
-                                dd.copy_from_slice(&self.x[p..p + cig]);
-                            }
-                        }
-                        _ => dd.fill(self.a_zp),
+            let d = &mut dst[i * kp..i * kp + kh * kw * cig];
+            let (lo, hi) = g.kx_range(ox);
+            for (ky, seg) in d.chunks_exact_mut(kw * cig).enumerate() {
+                let Some(iy) = g.iy(oy, ky) else {
+                    seg.fill(zp);
+                    continue;
+                };
+                let row = (b * h + iy) * w;
+                if runs {
+                    seg[..lo * cig].fill(zp);
+                    seg[hi * cig..].fill(zp);
+                    if hi > lo {
+                        let p = (row + (ox * g.stride.1 + lo) - g.padding.1) * c;
+                        copy_small(&mut seg[lo * cig..hi * cig], &self.x[p..p + (hi - lo) * c]);
                     }
-                    idx += cig;
+                } else {
+                    for (kx, dd) in seg.chunks_exact_mut(cig).enumerate() {
+                        match g.ix(ox, kx) {
+                            Some(ix) => {
+                                let p = (row + ix) * c + self.c0;
+                                copy_small(dd, &self.x[p..p + cig]);
+                            }
+                            None => dd.fill(zp),
+                        }
+                    }
                 }
             }
         }

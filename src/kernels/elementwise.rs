@@ -9,7 +9,7 @@
 //! q  = clamp(cvtps2dq(min(c * (1 / so), 2147483520.0)) + zo, 0, 255)
 //! ```
 //!
-//! [`add_u8`] applies that formula to every element; the caller handles PyTorch's scalar
+//! `add_u8` applies that formula to every element; the caller handles PyTorch's scalar
 //! tail (the last `numel % 64` elements in memory order), which rounds differently.
 
 use super::requant::cvt_round;

@@ -50,8 +50,11 @@
 //! # Ok::<(), ptq::QuantError>(())
 //! ```
 
+#![deny(unsafe_op_in_unsafe_fn)]
+
 pub mod conv;
 pub mod elementwise;
+pub(crate) mod f32;
 pub mod pack;
 pub mod reference;
 pub mod requant;
@@ -452,6 +455,11 @@ fn qgemm_impl(
     Ok(drive(simd, &src, a.rows, a.zero_point, w, rq, out, ldc))
 }
 
+thread_local! {
+    /// Each thread's buffer for packed activation blocks.
+    static PACK_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Runs the GEMM over row blocks (in parallel when large). Arguments are checked.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn drive(
@@ -477,18 +485,24 @@ pub(crate) fn drive(
     let block = |bi: usize, out_blk: &mut [u8]| {
         let r0 = bi * mc;
         let rows_blk = mc.min(m - r0);
-        let mut lo = vec![0u8; round_up(rows_blk, MR) * kp];
+        // The packed block reuses this thread's buffer (no allocation per call).
+        let mut lo = PACK_BUF.with(|b| b.take());
+        lo.clear();
+        lo.resize(round_up(rows_blk, MR) * kp, 0);
         src.fill(r0, rows_blk, kp, &mut lo);
         // Row sums and the OR of all bytes in one vectorizable pass.
-        let mut any_hi = 0u8;
-        let rowsum: Vec<i32> = (0..round_up(rows_blk, MR))
-            .map(|i| {
-                let row = &lo[i * kp..(i + 1) * kp];
-                any_hi |= row.iter().fold(0u8, |a, &v| a | v);
-                row.iter().map(|&v| v as u32).sum::<u32>() as i32
-            })
-            .collect();
-        let split = simd.is_some_and(|s| !vnni_of(s)) && !w.narrow && any_hi > 127;
+        let rowsum: Vec<i32> = if kp == 0 {
+            vec![0; round_up(rows_blk, MR)]
+        } else {
+            lo[..round_up(rows_blk, MR) * kp]
+                .chunks_exact(kp)
+                .map(row_sum)
+                .collect()
+        };
+        // Only AVX2 without VNNI needs to know whether any activation exceeds 127.
+        let split = simd.is_some_and(|s| !vnni_of(s))
+            && !w.narrow
+            && lo.iter().fold(0u8, |a, &v| a | v) > 127;
         let hi: Vec<u8> = if split {
             split_seen.store(true, Ordering::Relaxed);
             let hi = lo.iter().map(|&v| v >> 7).collect();
@@ -636,6 +650,7 @@ pub(crate) fn drive(
                 t += MR;
             }
         }
+        PACK_BUF.with(|b| b.replace(lo));
     };
     if m > 0 && n > 0 {
         let blocks = m.div_ceil(mc);
@@ -656,6 +671,20 @@ pub(crate) fn drive(
     };
     debug_report(path);
     path
+}
+
+/// Sum of a packed row's bytes (16 partial sums: vectorizes).
+#[inline]
+fn row_sum(row: &[u8]) -> i32 {
+    let mut acc = [0u32; 16];
+    let chunks = row.chunks_exact(16);
+    let rest: u32 = chunks.remainder().iter().map(|&v| v as u32).sum();
+    for c in chunks {
+        for i in 0..16 {
+            acc[i] += c[i] as u32;
+        }
+    }
+    (acc.iter().sum::<u32>() + rest) as i32
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -802,17 +831,23 @@ pub(crate) fn dw_pixel(
 }
 
 /// Transposes a `rows x cols` byte matrix (row stride `cols`) into `dst` (row stride
-/// `rows`).
-pub(crate) fn transpose_u8(src: &[u8], rows: usize, cols: usize, dst: &mut [u8]) {
-    let (r8, c8) = (rows / 8 * 8, cols / 8 * 8);
+/// `rows`) with the set's kernel: 8x8 SSE2 blocks on x86-64 SIMD sets, plain loops on the
+/// portable set.
+///
+/// # Panics
+/// When `src` or `dst` is shorter than `rows * cols`.
+pub(crate) fn transpose_u8(ks: KernelSet, src: &[u8], rows: usize, cols: usize, dst: &mut [u8]) {
+    assert!(src.len() >= rows * cols && dst.len() >= rows * cols);
+    #[allow(unused_mut)]
+    let (mut r8, mut c8) = (0, 0);
     #[cfg(target_arch = "x86_64")]
-    x86::transpose_blocks_u8(src, rows, cols, dst);
-    #[cfg(not(target_arch = "x86_64"))]
-    for r in 0..r8 {
-        for c in 0..c8 {
-            dst[c * rows + r] = src[r * cols + c];
-        }
+    if ks.simd.is_some() {
+        x86::transpose_blocks_u8(src, rows, cols, dst);
+        (r8, c8) = (rows / 8 * 8, cols / 8 * 8);
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = ks;
+    // What the blocks did not cover: columns c8.. of rows ..r8, and rows r8...
     for r in 0..r8 {
         for c in c8..cols {
             dst[c * rows + r] = src[r * cols + c];

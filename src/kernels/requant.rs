@@ -195,3 +195,48 @@ pub(crate) fn requant_one(raw: i32, bb: f32, bs: f32, mult: f32, out_zp: i32, lo
     let r = cvt_round(xf * mult) as i64 + out_zp as i64;
     r.clamp(lo as i64, 255) as u8
 }
+
+/// Requantization parameters of a layer, built for the activation scale of the last call
+/// and reused while the scale stays the same (a converted model always feeds a layer the
+/// same scale): no per-call rebuild or allocation on the hot path.
+#[derive(Default)]
+pub(crate) struct RequantCache(std::sync::Mutex<Option<(u32, std::sync::Arc<Vec<RequantParams>>)>>);
+
+impl RequantCache {
+    /// The parameters for `act_scale`, built by `build` on a miss.
+    pub(crate) fn get(
+        &self,
+        act_scale: f32,
+        build: impl FnOnce() -> Result<Vec<RequantParams>>,
+    ) -> Result<std::sync::Arc<Vec<RequantParams>>> {
+        let key = act_scale.to_bits();
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((k, rq)) = slot.as_ref() {
+            if *k == key {
+                return Ok(rq.clone());
+            }
+        }
+        let rq = std::sync::Arc::new(build()?);
+        *slot = Some((key, rq.clone()));
+        Ok(rq)
+    }
+
+    fn snapshot(&self) -> Option<(u32, std::sync::Arc<Vec<RequantParams>>)> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl Clone for RequantCache {
+    fn clone(&self) -> Self {
+        RequantCache(std::sync::Mutex::new(self.snapshot()))
+    }
+}
+
+impl std::fmt::Debug for RequantCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scale = self.snapshot().map(|(k, _)| f32::from_bits(k));
+        f.debug_struct("RequantCache")
+            .field("act_scale", &scale)
+            .finish()
+    }
+}

@@ -157,31 +157,59 @@ impl Conv2d {
         })?;
         let og = o / g;
         let kdim = cg * kh * kw;
-        let wmat = self
-            .weight
-            .view()
-            .into_shape_with_order((o, kdim))
-            .expect("a standard-layout weight reshapes");
+        let geom = crate::kernels::f32::Geom {
+            in_hw: (h, w),
+            out_hw: (ho, wo),
+            kernel: (kh, kw),
+            stride: self.stride,
+            padding: self.padding,
+            dilation: self.dilation,
+        };
+        let xs = x4.as_standard_layout();
+        let xv = xs.as_slice().expect("standard layout");
+        let wstd = self.weight.as_standard_layout();
+        let wv = wstd.as_slice().expect("standard layout");
         let mut out = Array4::<f32>::zeros((n, o, ho, wo));
-        let mut cols = Array2::<f32>::zeros((kdim, ho * wo));
+        if cg == 1 && g > 1 {
+            // Depthwise (any channel multiplier): direct, bias included.
+            let bias = self.bias.as_ref().map(|b| b.to_vec());
+            crate::kernels::f32::depthwise_nchw(
+                xv,
+                (n, c),
+                wv,
+                og,
+                bias.as_deref(),
+                &geom,
+                out.as_slice_mut().expect("fresh array"),
+            );
+            return Ok(out.into_dyn());
+        }
+        let wmat = ArrayView2::from_shape((o, kdim), wv).expect("[out, in / groups * kh * kw]");
+        let pointwise = (kh, kw) == (1, 1)
+            && self.stride == (1, 1)
+            && self.padding == (0, 0)
+            && (ho, wo) == (h, w);
+        let mut cols = if pointwise {
+            Vec::new()
+        } else {
+            vec![0f32; kdim * ho * wo]
+        };
         for b in 0..n {
             for gi in 0..g {
-                im2col(
-                    &x4.slice(s![b, gi * cg..(gi + 1) * cg, .., ..]),
-                    (kh, kw),
-                    self.stride,
-                    self.padding,
-                    self.dilation,
-                    (ho, wo),
-                    &mut cols,
-                );
+                let xg = &xv[(b * c + gi * cg) * h * w..(b * c + (gi + 1) * cg) * h * w];
+                let cols_view = if pointwise {
+                    ArrayView2::from_shape((kdim, ho * wo), xg).expect("[cg, h * w]")
+                } else {
+                    crate::kernels::f32::im2col_nchw(xg, cg, &geom, &mut cols);
+                    ArrayView2::from_shape((kdim, ho * wo), &cols[..]).expect("cols")
+                };
                 let wg = wmat.slice(s![gi * og..(gi + 1) * og, ..]);
                 let mut dst = out.slice_mut(s![b, gi * og..(gi + 1) * og, .., ..]);
                 let mut dst2 = dst
                     .view_mut()
                     .into_shape_with_order((og, ho * wo))
                     .expect("a contiguous output block reshapes");
-                general_mat_mul(1.0, &wg, &cols, 0.0, &mut dst2);
+                general_mat_mul(1.0, &wg, &cols_view, 0.0, &mut dst2);
             }
         }
         if let Some(bias) = &self.bias {
@@ -190,40 +218,6 @@ impl Conv2d {
             }
         }
         Ok(out.into_dyn())
-    }
-}
-
-/// Unfolds `x` (`[C, H, W]`) into columns `[C * kh * kw, ho * wo]`; taps in the padding
-/// read 0.
-fn im2col(
-    x: &ndarray::ArrayView3<f32>,
-    (kh, kw): (usize, usize),
-    (sh, sw): (usize, usize),
-    (ph, pw): (usize, usize),
-    (dh, dw): (usize, usize),
-    (ho, wo): (usize, usize),
-    cols: &mut Array2<f32>,
-) {
-    let (c, h, w) = x.dim();
-    for ci in 0..c {
-        for ki in 0..kh {
-            for kj in 0..kw {
-                let row = (ci * kh + ki) * kw + kj;
-                let mut dst = cols.row_mut(row);
-                for oy in 0..ho {
-                    let iy = (oy * sh + ki * dh) as isize - ph as isize;
-                    for ox in 0..wo {
-                        let ix = (ox * sw + kj * dw) as isize - pw as isize;
-                        dst[oy * wo + ox] =
-                            if iy >= 0 && (iy as usize) < h && ix >= 0 && (ix as usize) < w {
-                                x[[ci, iy as usize, ix as usize]]
-                            } else {
-                                0.0
-                            };
-                    }
-                }
-            }
-        }
     }
 }
 
@@ -282,7 +276,22 @@ impl Linear {
             .view()
             .into_shape_with_order((rows, in_f))
             .expect("a standard-layout input reshapes");
-        let mut y = x2.dot(&self.weight.t());
+        let mut y = if rows == 1 {
+            // One row: a matrix-vector product over the weight's rows (no packing).
+            let wstd = self.weight.as_standard_layout();
+            let xv = x2.as_slice().expect("standard layout");
+            let mut y = Array2::<f32>::zeros((rows, out_f));
+            crate::kernels::f32::gemv_rows(
+                xv,
+                rows,
+                in_f,
+                wstd.as_slice().expect("standard layout"),
+                y.as_slice_mut().expect("fresh array"),
+            );
+            y
+        } else {
+            x2.dot(&self.weight.t())
+        };
         if let Some(b) = &self.bias {
             y += b;
         }

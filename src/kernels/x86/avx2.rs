@@ -14,50 +14,54 @@ use crate::kernels::MR;
 /// `b` for `kp * NR` bytes, `acc` writable for `MR * NR` `i32`; `kp % 4 == 0`.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn tile(a: *const u8, kp: usize, b: *const i8, acc: *mut i32) {
-    let ones = _mm256_set1_epi16(1);
-    let mut c00 = _mm256_setzero_si256();
-    let mut c01 = _mm256_setzero_si256();
-    let mut c10 = _mm256_setzero_si256();
-    let mut c11 = _mm256_setzero_si256();
-    let mut c20 = _mm256_setzero_si256();
-    let mut c21 = _mm256_setzero_si256();
-    let mut c30 = _mm256_setzero_si256();
-    let mut c31 = _mm256_setzero_si256();
-    let a0 = a;
-    let a1 = a.add(kp);
-    let a2 = a.add(2 * kp);
-    let a3 = a.add(3 * kp);
-    let mut bp = b;
-    let mut q = 0;
-    while q < kp {
-        let b0 = _mm256_loadu_si256(bp as *const __m256i);
-        let b1 = _mm256_loadu_si256(bp.add(32) as *const __m256i);
-        macro_rules! row {
-            ($ap:expr, $c0:ident, $c1:ident) => {{
-                let av = _mm256_set1_epi32(($ap.add(q) as *const i32).read_unaligned());
-                let t0 = _mm256_madd_epi16(_mm256_maddubs_epi16(av, b0), ones);
-                let t1 = _mm256_madd_epi16(_mm256_maddubs_epi16(av, b1), ones);
-                $c0 = _mm256_add_epi32($c0, t0);
-                $c1 = _mm256_add_epi32($c1, t1);
-            }};
+    // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
+    // and the pointer ranges), which is all the operations below rely on.
+    unsafe {
+        let ones = _mm256_set1_epi16(1);
+        let mut c00 = _mm256_setzero_si256();
+        let mut c01 = _mm256_setzero_si256();
+        let mut c10 = _mm256_setzero_si256();
+        let mut c11 = _mm256_setzero_si256();
+        let mut c20 = _mm256_setzero_si256();
+        let mut c21 = _mm256_setzero_si256();
+        let mut c30 = _mm256_setzero_si256();
+        let mut c31 = _mm256_setzero_si256();
+        let a0 = a;
+        let a1 = a.add(kp);
+        let a2 = a.add(2 * kp);
+        let a3 = a.add(3 * kp);
+        let mut bp = b;
+        let mut q = 0;
+        while q < kp {
+            let b0 = _mm256_loadu_si256(bp as *const __m256i);
+            let b1 = _mm256_loadu_si256(bp.add(32) as *const __m256i);
+            macro_rules! row {
+                ($ap:expr, $c0:ident, $c1:ident) => {{
+                    let av = _mm256_set1_epi32(($ap.add(q) as *const i32).read_unaligned());
+                    let t0 = _mm256_madd_epi16(_mm256_maddubs_epi16(av, b0), ones);
+                    let t1 = _mm256_madd_epi16(_mm256_maddubs_epi16(av, b1), ones);
+                    $c0 = _mm256_add_epi32($c0, t0);
+                    $c1 = _mm256_add_epi32($c1, t1);
+                }};
+            }
+            row!(a0, c00, c01);
+            row!(a1, c10, c11);
+            row!(a2, c20, c21);
+            row!(a3, c30, c31);
+            bp = bp.add(4 * NR);
+            q += 4;
         }
-        row!(a0, c00, c01);
-        row!(a1, c10, c11);
-        row!(a2, c20, c21);
-        row!(a3, c30, c31);
-        bp = bp.add(4 * NR);
-        q += 4;
+        let o = acc as *mut __m256i;
+        _mm256_storeu_si256(o, c00);
+        _mm256_storeu_si256(o.add(1), c01);
+        _mm256_storeu_si256(o.add(2), c10);
+        _mm256_storeu_si256(o.add(3), c11);
+        _mm256_storeu_si256(o.add(4), c20);
+        _mm256_storeu_si256(o.add(5), c21);
+        _mm256_storeu_si256(o.add(6), c30);
+        _mm256_storeu_si256(o.add(7), c31);
+        debug_assert_eq!(MR, 4);
     }
-    let o = acc as *mut __m256i;
-    _mm256_storeu_si256(o, c00);
-    _mm256_storeu_si256(o.add(1), c01);
-    _mm256_storeu_si256(o.add(2), c10);
-    _mm256_storeu_si256(o.add(3), c11);
-    _mm256_storeu_si256(o.add(4), c20);
-    _mm256_storeu_si256(o.add(5), c21);
-    _mm256_storeu_si256(o.add(6), c30);
-    _mm256_storeu_si256(o.add(7), c31);
-    debug_assert_eq!(MR, 4);
 }
 
 /// The same tile with AVX-512 VNNI: one `vpdpbusd` per row and `k` group adds
@@ -68,32 +72,36 @@ pub(super) unsafe fn tile(a: *const u8, kp: usize, b: *const i8, acc: *mut i32) 
 /// AVX-512F/BW and AVX-512 VNNI must be available; ranges as [`tile`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 pub(super) unsafe fn tile_vnni(a: *const u8, kp: usize, b: *const i8, acc: *mut i32) {
-    let mut c0 = _mm512_setzero_si512();
-    let mut c1 = _mm512_setzero_si512();
-    let mut c2 = _mm512_setzero_si512();
-    let mut c3 = _mm512_setzero_si512();
-    let a1 = a.add(kp);
-    let a2 = a.add(2 * kp);
-    let a3 = a.add(3 * kp);
-    let mut bp = b;
-    let mut q = 0;
-    while q < kp {
-        let bv = _mm512_loadu_si512(bp as *const _);
-        let b0 = _mm512_set1_epi32((a.add(q) as *const i32).read_unaligned());
-        let b1 = _mm512_set1_epi32((a1.add(q) as *const i32).read_unaligned());
-        let b2 = _mm512_set1_epi32((a2.add(q) as *const i32).read_unaligned());
-        let b3 = _mm512_set1_epi32((a3.add(q) as *const i32).read_unaligned());
-        c0 = _mm512_dpbusd_epi32(c0, b0, bv);
-        c1 = _mm512_dpbusd_epi32(c1, b1, bv);
-        c2 = _mm512_dpbusd_epi32(c2, b2, bv);
-        c3 = _mm512_dpbusd_epi32(c3, b3, bv);
-        bp = bp.add(4 * NR);
-        q += 4;
+    // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
+    // and the pointer ranges), which is all the operations below rely on.
+    unsafe {
+        let mut c0 = _mm512_setzero_si512();
+        let mut c1 = _mm512_setzero_si512();
+        let mut c2 = _mm512_setzero_si512();
+        let mut c3 = _mm512_setzero_si512();
+        let a1 = a.add(kp);
+        let a2 = a.add(2 * kp);
+        let a3 = a.add(3 * kp);
+        let mut bp = b;
+        let mut q = 0;
+        while q < kp {
+            let bv = _mm512_loadu_si512(bp as *const _);
+            let b0 = _mm512_set1_epi32((a.add(q) as *const i32).read_unaligned());
+            let b1 = _mm512_set1_epi32((a1.add(q) as *const i32).read_unaligned());
+            let b2 = _mm512_set1_epi32((a2.add(q) as *const i32).read_unaligned());
+            let b3 = _mm512_set1_epi32((a3.add(q) as *const i32).read_unaligned());
+            c0 = _mm512_dpbusd_epi32(c0, b0, bv);
+            c1 = _mm512_dpbusd_epi32(c1, b1, bv);
+            c2 = _mm512_dpbusd_epi32(c2, b2, bv);
+            c3 = _mm512_dpbusd_epi32(c3, b3, bv);
+            bp = bp.add(4 * NR);
+            q += 4;
+        }
+        _mm512_storeu_si512(acc as *mut _, c0);
+        _mm512_storeu_si512(acc.add(NR) as *mut _, c1);
+        _mm512_storeu_si512(acc.add(2 * NR) as *mut _, c2);
+        _mm512_storeu_si512(acc.add(3 * NR) as *mut _, c3);
     }
-    _mm512_storeu_si512(acc as *mut _, c0);
-    _mm512_storeu_si512(acc.add(NR) as *mut _, c1);
-    _mm512_storeu_si512(acc.add(2 * NR) as *mut _, c2);
-    _mm512_storeu_si512(acc.add(3 * NR) as *mut _, c3);
 }
 
 /// Eight rows (two `MR` tiles) of [`tile_vnni`]: eight independent accumulator chains
@@ -104,33 +112,37 @@ pub(super) unsafe fn tile_vnni(a: *const u8, kp: usize, b: *const i8, acc: *mut 
 /// `b` for `kp * NR`, `acc` writable for `2 * MR * NR` `i32`; `kp % 4 == 0`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 pub(super) unsafe fn tile8_vnni(a: *const u8, kp: usize, b: *const i8, acc: *mut i32) {
-    let mut c = [_mm512_setzero_si512(); 8];
-    let mut bp = b;
-    let mut q = 0;
-    while q < kp {
-        let bv = _mm512_loadu_si512(bp as *const _);
-        macro_rules! row {
-            ($r:literal) => {
-                c[$r] = _mm512_dpbusd_epi32(
-                    c[$r],
-                    _mm512_set1_epi32((a.add($r * kp + q) as *const i32).read_unaligned()),
-                    bv,
-                );
-            };
+    // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
+    // and the pointer ranges), which is all the operations below rely on.
+    unsafe {
+        let mut c = [_mm512_setzero_si512(); 8];
+        let mut bp = b;
+        let mut q = 0;
+        while q < kp {
+            let bv = _mm512_loadu_si512(bp as *const _);
+            macro_rules! row {
+                ($r:literal) => {
+                    c[$r] = _mm512_dpbusd_epi32(
+                        c[$r],
+                        _mm512_set1_epi32((a.add($r * kp + q) as *const i32).read_unaligned()),
+                        bv,
+                    );
+                };
+            }
+            row!(0);
+            row!(1);
+            row!(2);
+            row!(3);
+            row!(4);
+            row!(5);
+            row!(6);
+            row!(7);
+            bp = bp.add(4 * NR);
+            q += 4;
         }
-        row!(0);
-        row!(1);
-        row!(2);
-        row!(3);
-        row!(4);
-        row!(5);
-        row!(6);
-        row!(7);
-        bp = bp.add(4 * NR);
-        q += 4;
-    }
-    for (r, v) in c.iter().enumerate() {
-        _mm512_storeu_si512(acc.add(r * NR) as *mut _, *v);
+        for (r, v) in c.iter().enumerate() {
+            _mm512_storeu_si512(acc.add(r * NR) as *mut _, *v);
+        }
     }
 }
 
@@ -148,32 +160,36 @@ pub(super) unsafe fn tile8x2_vnni(
     b1: *const i8,
     acc: *mut i32,
 ) {
-    let mut c = [_mm512_setzero_si512(); 8];
-    let mut d = [_mm512_setzero_si512(); 8];
-    let mut q = 0;
-    while q < kp {
-        let v0 = _mm512_loadu_si512(b0.add(q * NR) as *const _);
-        let v1 = _mm512_loadu_si512(b1.add(q * NR) as *const _);
-        macro_rules! row {
-            ($r:literal) => {
-                let av = _mm512_set1_epi32((a.add($r * kp + q) as *const i32).read_unaligned());
-                c[$r] = _mm512_dpbusd_epi32(c[$r], av, v0);
-                d[$r] = _mm512_dpbusd_epi32(d[$r], av, v1);
-            };
+    // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
+    // and the pointer ranges), which is all the operations below rely on.
+    unsafe {
+        let mut c = [_mm512_setzero_si512(); 8];
+        let mut d = [_mm512_setzero_si512(); 8];
+        let mut q = 0;
+        while q < kp {
+            let v0 = _mm512_loadu_si512(b0.add(q * NR) as *const _);
+            let v1 = _mm512_loadu_si512(b1.add(q * NR) as *const _);
+            macro_rules! row {
+                ($r:literal) => {
+                    let av = _mm512_set1_epi32((a.add($r * kp + q) as *const i32).read_unaligned());
+                    c[$r] = _mm512_dpbusd_epi32(c[$r], av, v0);
+                    d[$r] = _mm512_dpbusd_epi32(d[$r], av, v1);
+                };
+            }
+            row!(0);
+            row!(1);
+            row!(2);
+            row!(3);
+            row!(4);
+            row!(5);
+            row!(6);
+            row!(7);
+            q += 4;
         }
-        row!(0);
-        row!(1);
-        row!(2);
-        row!(3);
-        row!(4);
-        row!(5);
-        row!(6);
-        row!(7);
-        q += 4;
-    }
-    for r in 0..8 {
-        _mm512_storeu_si512(acc.add(r * NR) as *mut _, c[r]);
-        _mm512_storeu_si512(acc.add((8 + r) * NR) as *mut _, d[r]);
+        for r in 0..8 {
+            _mm512_storeu_si512(acc.add(r * NR) as *mut _, c[r]);
+            _mm512_storeu_si512(acc.add((8 + r) * NR) as *mut _, d[r]);
+        }
     }
 }
 
@@ -190,28 +206,32 @@ pub(super) unsafe fn tile4x2_vnni(
     b1: *const i8,
     acc: *mut i32,
 ) {
-    let mut c = [_mm512_setzero_si512(); 4];
-    let mut d = [_mm512_setzero_si512(); 4];
-    let mut q = 0;
-    while q < kp {
-        let v0 = _mm512_loadu_si512(b0.add(q * NR) as *const _);
-        let v1 = _mm512_loadu_si512(b1.add(q * NR) as *const _);
-        macro_rules! row {
-            ($r:literal) => {
-                let av = _mm512_set1_epi32((a.add($r * kp + q) as *const i32).read_unaligned());
-                c[$r] = _mm512_dpbusd_epi32(c[$r], av, v0);
-                d[$r] = _mm512_dpbusd_epi32(d[$r], av, v1);
-            };
+    // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
+    // and the pointer ranges), which is all the operations below rely on.
+    unsafe {
+        let mut c = [_mm512_setzero_si512(); 4];
+        let mut d = [_mm512_setzero_si512(); 4];
+        let mut q = 0;
+        while q < kp {
+            let v0 = _mm512_loadu_si512(b0.add(q * NR) as *const _);
+            let v1 = _mm512_loadu_si512(b1.add(q * NR) as *const _);
+            macro_rules! row {
+                ($r:literal) => {
+                    let av = _mm512_set1_epi32((a.add($r * kp + q) as *const i32).read_unaligned());
+                    c[$r] = _mm512_dpbusd_epi32(c[$r], av, v0);
+                    d[$r] = _mm512_dpbusd_epi32(d[$r], av, v1);
+                };
+            }
+            row!(0);
+            row!(1);
+            row!(2);
+            row!(3);
+            q += 4;
         }
-        row!(0);
-        row!(1);
-        row!(2);
-        row!(3);
-        q += 4;
-    }
-    for r in 0..4 {
-        _mm512_storeu_si512(acc.add(r * NR) as *mut _, c[r]);
-        _mm512_storeu_si512(acc.add((8 + r) * NR) as *mut _, d[r]);
+        for r in 0..4 {
+            _mm512_storeu_si512(acc.add(r * NR) as *mut _, c[r]);
+            _mm512_storeu_si512(acc.add((8 + r) * NR) as *mut _, d[r]);
+        }
     }
 }
 
@@ -229,30 +249,44 @@ pub(super) struct ColParams {
 }
 
 /// Requantizes 8 zero-point-corrected accumulators of columns `j..j + 8` to 8 bytes.
+///
+/// # Safety
+/// AVX2 and FMA must be available; `p`'s float parameters readable at `j..j + 8`.
 #[inline(always)]
 unsafe fn rq8(x: __m256i, p: &ColParams, j: usize) -> __m128i {
-    let xf = _mm256_fmadd_ps(
-        _mm256_loadu_ps(p.bias_b.add(j)),
-        _mm256_loadu_ps(p.bias_s.add(j)),
-        _mm256_cvtepi32_ps(x),
-    );
-    let v = _mm256_mul_ps(xf, _mm256_loadu_ps(p.mult.add(j)));
-    let r = _mm256_cvtps_epi32(v);
-    let w16 = _mm_packs_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256::<1>(r));
-    let w16 = _mm_adds_epi16(w16, _mm_set1_epi16(p.out_zp as i16));
-    let b8 = _mm_packus_epi16(w16, w16);
-    _mm_max_epu8(b8, _mm_set1_epi8(p.lo as u8 as i8))
+    // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
+    // and the pointer ranges), which is all the operations below rely on.
+    unsafe {
+        let xf = _mm256_fmadd_ps(
+            _mm256_loadu_ps(p.bias_b.add(j)),
+            _mm256_loadu_ps(p.bias_s.add(j)),
+            _mm256_cvtepi32_ps(x),
+        );
+        let v = _mm256_mul_ps(xf, _mm256_loadu_ps(p.mult.add(j)));
+        let r = _mm256_cvtps_epi32(v);
+        let w16 = _mm_packs_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256::<1>(r));
+        let w16 = _mm_adds_epi16(w16, _mm_set1_epi16(p.out_zp as i16));
+        let b8 = _mm_packus_epi16(w16, w16);
+        _mm_max_epu8(b8, _mm_set1_epi8(p.lo as u8 as i8))
+    }
 }
 
 /// Stores the low `n` (at most 8) bytes of `v` at `dst`.
+///
+/// # Safety
+/// SSE2 (x86-64 baseline); `dst` writable for `n <= 8` bytes.
 #[inline(always)]
 unsafe fn store_n(dst: *mut u8, v: __m128i, n: usize) {
-    if n >= 8 {
-        _mm_storel_epi64(dst as *mut __m128i, v);
-    } else {
-        let mut buf = [0u8; 16];
-        _mm_storeu_si128(buf.as_mut_ptr() as *mut __m128i, v);
-        std::ptr::copy_nonoverlapping(buf.as_ptr(), dst, n);
+    // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
+    // and the pointer ranges), which is all the operations below rely on.
+    unsafe {
+        if n >= 8 {
+            _mm_storel_epi64(dst as *mut __m128i, v);
+        } else {
+            let mut buf = [0u8; 16];
+            _mm_storeu_si128(buf.as_mut_ptr() as *mut __m128i, v);
+            std::ptr::copy_nonoverlapping(buf.as_ptr(), dst, n);
+        }
     }
 }
 
@@ -275,19 +309,24 @@ pub(super) unsafe fn requant_tile(
     out: *mut u8,
     ldc: usize,
 ) {
-    let azp = _mm256_set1_epi32(p.a_zp);
-    let mut h = 0;
-    while h < NR && h < cols {
-        let j = j0 + h;
-        let coff = _mm256_mullo_epi32(azp, _mm256_loadu_si256(p.col_off.add(j) as *const __m256i));
-        let wzp = _mm256_loadu_si256(p.w_zp.add(j) as *const __m256i);
-        for r in 0..rows {
-            let x = _mm256_loadu_si256(acc.add(r * NR + h) as *const __m256i);
-            let roff = _mm256_mullo_epi32(wzp, _mm256_set1_epi32(*rowsum.add(r)));
-            let x = _mm256_sub_epi32(_mm256_sub_epi32(x, coff), roff);
-            store_n(out.add(r * ldc + h), rq8(x, p, j), cols - h);
+    // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
+    // and the pointer ranges), which is all the operations below rely on.
+    unsafe {
+        let azp = _mm256_set1_epi32(p.a_zp);
+        let mut h = 0;
+        while h < NR && h < cols {
+            let j = j0 + h;
+            let coff =
+                _mm256_mullo_epi32(azp, _mm256_loadu_si256(p.col_off.add(j) as *const __m256i));
+            let wzp = _mm256_loadu_si256(p.w_zp.add(j) as *const __m256i);
+            for r in 0..rows {
+                let x = _mm256_loadu_si256(acc.add(r * NR + h) as *const __m256i);
+                let roff = _mm256_mullo_epi32(wzp, _mm256_set1_epi32(*rowsum.add(r)));
+                let x = _mm256_sub_epi32(_mm256_sub_epi32(x, coff), roff);
+                store_n(out.add(r * ldc + h), rq8(x, p, j), cols - h);
+            }
+            h += 8;
         }
-        h += 8;
     }
 }
 
@@ -298,17 +337,21 @@ pub(super) unsafe fn requant_tile(
 /// the float column parameters readable for `n` rounded up to 8.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn requant_row(raw: *const i32, n: usize, p: &ColParams, out: *mut u8) {
-    let mut j = 0;
-    while j + 8 <= n {
-        let x = _mm256_loadu_si256(raw.add(j) as *const __m256i);
-        store_n(out.add(j), rq8(x, p, j), 8);
-        j += 8;
-    }
-    if j < n {
-        let mut buf = [0i32; 8];
-        std::ptr::copy_nonoverlapping(raw.add(j), buf.as_mut_ptr(), n - j);
-        let x = _mm256_loadu_si256(buf.as_ptr() as *const __m256i);
-        store_n(out.add(j), rq8(x, p, j), n - j);
+    // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
+    // and the pointer ranges), which is all the operations below rely on.
+    unsafe {
+        let mut j = 0;
+        while j + 8 <= n {
+            let x = _mm256_loadu_si256(raw.add(j) as *const __m256i);
+            store_n(out.add(j), rq8(x, p, j), 8);
+            j += 8;
+        }
+        if j < n {
+            let mut buf = [0i32; 8];
+            std::ptr::copy_nonoverlapping(raw.add(j), buf.as_mut_ptr(), n - j);
+            let x = _mm256_loadu_si256(buf.as_ptr() as *const __m256i);
+            store_n(out.add(j), rq8(x, p, j), n - j);
+        }
     }
 }
 
@@ -336,58 +379,62 @@ pub(super) unsafe fn dw_pixel(
     a_zp: i32,
     acc: &mut [i32],
 ) {
-    let oc = acc.len();
-    let zp = _mm256_set1_epi16(a_zp as i16);
-    let xp = x.as_ptr();
-    let wp = w.as_ptr();
-    let ld_x = |off: usize, c: usize| {
-        _mm256_sub_epi16(
-            _mm256_cvtepu8_epi16(_mm_loadu_si128(xp.add(off + c) as *const __m128i)),
-            zp,
-        )
-    };
-    let ld_w = |t: usize, c: usize| _mm256_loadu_si256(wp.add(t * oc + c) as *const __m256i);
-    let mut c = 0;
-    while c + 16 <= oc {
-        let mut lo = _mm256_setzero_si256();
-        let mut hi = _mm256_setzero_si256();
-        let mut pairs = taps.chunks_exact(2);
-        for p in &mut pairs {
-            let (x0, x1) = (ld_x(p[0].0, c), ld_x(p[1].0, c));
-            let (w0, w1) = (ld_w(p[0].1, c), ld_w(p[1].1, c));
-            lo = _mm256_add_epi32(
-                lo,
-                _mm256_madd_epi16(_mm256_unpacklo_epi16(x0, x1), _mm256_unpacklo_epi16(w0, w1)),
-            );
-            hi = _mm256_add_epi32(
-                hi,
-                _mm256_madd_epi16(_mm256_unpackhi_epi16(x0, x1), _mm256_unpackhi_epi16(w0, w1)),
-            );
+    // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
+    // and the pointer ranges), which is all the operations below rely on.
+    unsafe {
+        let oc = acc.len();
+        let zp = _mm256_set1_epi16(a_zp as i16);
+        let xp = x.as_ptr();
+        let wp = w.as_ptr();
+        let ld_x = |off: usize, c: usize| {
+            _mm256_sub_epi16(
+                _mm256_cvtepu8_epi16(_mm_loadu_si128(xp.add(off + c) as *const __m128i)),
+                zp,
+            )
+        };
+        let ld_w = |t: usize, c: usize| _mm256_loadu_si256(wp.add(t * oc + c) as *const __m256i);
+        let mut c = 0;
+        while c + 16 <= oc {
+            let mut lo = _mm256_setzero_si256();
+            let mut hi = _mm256_setzero_si256();
+            let mut pairs = taps.chunks_exact(2);
+            for p in &mut pairs {
+                let (x0, x1) = (ld_x(p[0].0, c), ld_x(p[1].0, c));
+                let (w0, w1) = (ld_w(p[0].1, c), ld_w(p[1].1, c));
+                lo = _mm256_add_epi32(
+                    lo,
+                    _mm256_madd_epi16(_mm256_unpacklo_epi16(x0, x1), _mm256_unpacklo_epi16(w0, w1)),
+                );
+                hi = _mm256_add_epi32(
+                    hi,
+                    _mm256_madd_epi16(_mm256_unpackhi_epi16(x0, x1), _mm256_unpackhi_epi16(w0, w1)),
+                );
+            }
+            if let [(off, t)] = pairs.remainder() {
+                let (x0, w0) = (ld_x(*off, c), ld_w(*t, c));
+                let z = _mm256_setzero_si256();
+                lo = _mm256_add_epi32(
+                    lo,
+                    _mm256_madd_epi16(_mm256_unpacklo_epi16(x0, z), _mm256_unpacklo_epi16(w0, z)),
+                );
+                hi = _mm256_add_epi32(
+                    hi,
+                    _mm256_madd_epi16(_mm256_unpackhi_epi16(x0, z), _mm256_unpackhi_epi16(w0, z)),
+                );
+            }
+            // lo holds channels 0-3 | 8-11, hi 4-7 | 12-15.
+            let o = acc.as_mut_ptr().add(c) as *mut __m256i;
+            _mm256_storeu_si256(o, _mm256_permute2x128_si256::<0x20>(lo, hi));
+            _mm256_storeu_si256(o.add(1), _mm256_permute2x128_si256::<0x31>(lo, hi));
+            c += 16;
         }
-        if let [(off, t)] = pairs.remainder() {
-            let (x0, w0) = (ld_x(*off, c), ld_w(*t, c));
-            let z = _mm256_setzero_si256();
-            lo = _mm256_add_epi32(
-                lo,
-                _mm256_madd_epi16(_mm256_unpacklo_epi16(x0, z), _mm256_unpacklo_epi16(w0, z)),
-            );
-            hi = _mm256_add_epi32(
-                hi,
-                _mm256_madd_epi16(_mm256_unpackhi_epi16(x0, z), _mm256_unpackhi_epi16(w0, z)),
-            );
-        }
-        // lo holds channels 0-3 | 8-11, hi 4-7 | 12-15.
-        let o = acc.as_mut_ptr().add(c) as *mut __m256i;
-        _mm256_storeu_si256(o, _mm256_permute2x128_si256::<0x20>(lo, hi));
-        _mm256_storeu_si256(o.add(1), _mm256_permute2x128_si256::<0x31>(lo, hi));
-        c += 16;
+        crate::kernels::dw_pixel_body(x, taps, w, a_zp, acc, c)
     }
-    crate::kernels::dw_pixel_body(x, taps, w, a_zp, acc, c)
 }
 
-/// Four adjacent depthwise pixels: the weights of a tap pair are loaded and interleaved
-/// once for the four pixels (eight accumulators per 16 channels). The last `oc % 16`
-/// channels go through the shared body.
+/// Four adjacent depthwise pixels, channels `c_start..`: the weights of a tap pair are
+/// loaded and interleaved once for the four pixels (eight accumulators per 16 channels).
+/// The last channels (fewer than 16) go through the shared body.
 ///
 /// # Safety
 /// AVX2 must be available; `acc.len() == 4 * oc`; for every tap `(off, t)`:
@@ -400,58 +447,68 @@ pub(super) unsafe fn dw_pixels4(
     w: &[i16],
     a_zp: i32,
     acc: &mut [i32],
+    c_start: usize,
 ) {
-    let oc = acc.len() / 4;
-    let zp = _mm256_set1_epi16(a_zp as i16);
-    let xp = x.as_ptr();
-    let wp = w.as_ptr();
-    let ld_x = |off: usize, c: usize| {
-        _mm256_sub_epi16(
-            _mm256_cvtepu8_epi16(_mm_loadu_si128(xp.add(off + c) as *const __m128i)),
-            zp,
-        )
-    };
-    let ld_w = |t: usize, c: usize| _mm256_loadu_si256(wp.add(t * oc + c) as *const __m256i);
-    let z = _mm256_setzero_si256();
-    let mut c = 0;
-    while c + 16 <= oc {
-        let mut lo = [z; 4];
-        let mut hi = [z; 4];
-        let mut k = 0;
-        while k < taps.len() {
-            let (o0, t0) = taps[k];
-            let (w0, w1, o1) = if k + 1 < taps.len() {
-                let (o1, t1) = taps[k + 1];
-                (ld_w(t0, c), ld_w(t1, c), Some(o1))
-            } else {
-                (ld_w(t0, c), z, None)
-            };
-            let wl = _mm256_unpacklo_epi16(w0, w1);
-            let wh = _mm256_unpackhi_epi16(w0, w1);
-            for p in 0..4 {
-                let x0 = ld_x(o0 + p * pstride, c);
-                let x1 = match o1 {
-                    Some(o1) => ld_x(o1 + p * pstride, c),
-                    None => z,
+    // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
+    // and the pointer ranges), which is all the operations below rely on.
+    unsafe {
+        let oc = acc.len() / 4;
+        let zp = _mm256_set1_epi16(a_zp as i16);
+        let xp = x.as_ptr();
+        let wp = w.as_ptr();
+        let ld_x = |off: usize, c: usize| {
+            _mm256_sub_epi16(
+                _mm256_cvtepu8_epi16(_mm_loadu_si128(xp.add(off + c) as *const __m128i)),
+                zp,
+            )
+        };
+        let ld_w = |t: usize, c: usize| _mm256_loadu_si256(wp.add(t * oc + c) as *const __m256i);
+        let z = _mm256_setzero_si256();
+        let mut c = c_start;
+        while c + 16 <= oc {
+            let mut lo = [z; 4];
+            let mut hi = [z; 4];
+            let mut k = 0;
+            while k < taps.len() {
+                let (o0, t0) = taps[k];
+                let (w0, w1, o1) = if k + 1 < taps.len() {
+                    let (o1, t1) = taps[k + 1];
+                    (ld_w(t0, c), ld_w(t1, c), Some(o1))
+                } else {
+                    (ld_w(t0, c), z, None)
                 };
-                lo[p] =
-                    _mm256_add_epi32(lo[p], _mm256_madd_epi16(_mm256_unpacklo_epi16(x0, x1), wl));
-                hi[p] =
-                    _mm256_add_epi32(hi[p], _mm256_madd_epi16(_mm256_unpackhi_epi16(x0, x1), wh));
+                let wl = _mm256_unpacklo_epi16(w0, w1);
+                let wh = _mm256_unpackhi_epi16(w0, w1);
+                for p in 0..4 {
+                    let x0 = ld_x(o0 + p * pstride, c);
+                    let x1 = match o1 {
+                        Some(o1) => ld_x(o1 + p * pstride, c),
+                        None => z,
+                    };
+                    lo[p] = _mm256_add_epi32(
+                        lo[p],
+                        _mm256_madd_epi16(_mm256_unpacklo_epi16(x0, x1), wl),
+                    );
+                    hi[p] = _mm256_add_epi32(
+                        hi[p],
+                        _mm256_madd_epi16(_mm256_unpackhi_epi16(x0, x1), wh),
+                    );
+                }
+                k += 2;
             }
-            k += 2;
+            for p in 0..4 {
+                let o = acc.as_mut_ptr().add(p * oc + c) as *mut __m256i;
+                _mm256_storeu_si256(o, _mm256_permute2x128_si256::<0x20>(lo[p], hi[p]));
+                _mm256_storeu_si256(o.add(1), _mm256_permute2x128_si256::<0x31>(lo[p], hi[p]));
+            }
+            c += 16;
         }
-        for p in 0..4 {
-            let o = acc.as_mut_ptr().add(p * oc + c) as *mut __m256i;
-            _mm256_storeu_si256(o, _mm256_permute2x128_si256::<0x20>(lo[p], hi[p]));
-            _mm256_storeu_si256(o.add(1), _mm256_permute2x128_si256::<0x31>(lo[p], hi[p]));
-        }
-        c += 16;
-    }
-    if c < oc {
-        for p in 0..4 {
-            let t: Vec<(usize, usize)> = taps.iter().map(|&(o, t)| (o + p * pstride, t)).collect();
-            crate::kernels::dw_pixel_body(x, &t, w, a_zp, &mut acc[p * oc..(p + 1) * oc], c);
+        if c < oc {
+            for p in 0..4 {
+                let t: Vec<(usize, usize)> =
+                    taps.iter().map(|&(o, t)| (o + p * pstride, t)).collect();
+                crate::kernels::dw_pixel_body(x, &t, w, a_zp, &mut acc[p * oc..(p + 1) * oc], c);
+            }
         }
     }
 }
@@ -471,35 +528,57 @@ pub(super) unsafe fn add_u8(
     p: &crate::kernels::elementwise::AddParams,
     out: *mut u8,
 ) {
-    let (sa, pa) = (_mm256_set1_ps(p.sa), _mm256_set1_ps(p.pa));
-    let (sb, pb) = (_mm256_set1_ps(p.sb), _mm256_set1_ps(p.pb));
-    let inv = _mm256_set1_ps(p.inv);
-    // Clamping to [-512, 512] before rounding gives the same bytes as PyTorch's
-    // `min(x, 2147483520.0)` (beyond +-512 the final clamp decides either way) and keeps
-    // `cvt(x) + zo` inside i32.
-    let (lo, hi) = (_mm256_set1_ps(-512.0), _mm256_set1_ps(512.0));
-    let zo = _mm256_set1_epi32(p.zo);
-    let zero = _mm256_setzero_ps();
-    let ld = |q: *const u8, i: usize| {
-        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
-            q.add(i) as *const __m128i
-        )))
-    };
-    let mut i = 0;
-    while i < n {
-        let da = _mm256_fmadd_ps(sa, ld(a, i), pa);
-        let db = _mm256_fmadd_ps(sb, ld(b, i), pb);
-        let mut c = _mm256_add_ps(da, db);
-        if p.relu {
-            c = _mm256_max_ps(c, zero);
+    // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
+    // and the pointer ranges), which is all the operations below rely on.
+    unsafe {
+        let (sa, pa) = (_mm256_set1_ps(p.sa), _mm256_set1_ps(p.pa));
+        let (sb, pb) = (_mm256_set1_ps(p.sb), _mm256_set1_ps(p.pb));
+        let inv = _mm256_set1_ps(p.inv);
+        // Clamping to [-512, 512] before rounding gives the same bytes as PyTorch's
+        // `min(x, 2147483520.0)` (beyond +-512 the final clamp decides either way) and keeps
+        // `cvt(x) + zo` inside i32.
+        let (lo, hi) = (_mm256_set1_ps(-512.0), _mm256_set1_ps(512.0));
+        let zo = _mm256_set1_epi32(p.zo);
+        let zero = _mm256_setzero_ps();
+        let ld = |q: *const u8, i: usize| {
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                q.add(i) as *const __m128i
+            )))
+        };
+        let mut i = 0;
+        while i < n {
+            let da = _mm256_fmadd_ps(sa, ld(a, i), pa);
+            let db = _mm256_fmadd_ps(sb, ld(b, i), pb);
+            let mut c = _mm256_add_ps(da, db);
+            if p.relu {
+                c = _mm256_max_ps(c, zero);
+            }
+            let x = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(c, inv), lo), hi);
+            // The saturating packs clamp to 0..=255 like the scalar clamp.
+            let r = _mm256_add_epi32(_mm256_cvtps_epi32(x), zo);
+            let w = _mm_packs_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256::<1>(r));
+            _mm_storel_epi64(out.add(i) as *mut __m128i, _mm_packus_epi16(w, w));
+            i += 8;
         }
-        let x = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(c, inv), lo), hi);
-        // The saturating packs clamp to 0..=255 like the scalar clamp.
-        let r = _mm256_add_epi32(_mm256_cvtps_epi32(x), zo);
-        let w = _mm_packs_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256::<1>(r));
-        _mm_storel_epi64(out.add(i) as *mut __m128i, _mm_packus_epi16(w, w));
-        i += 8;
     }
+}
+
+/// [`crate::kernels::f32::dw_plane`] compiled with AVX2 and FMA enabled.
+///
+/// # Safety
+/// AVX2 and FMA must be available.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn dw_plane_f32(p: &crate::kernels::f32::DwPlane<'_>, o: &mut [f32]) {
+    crate::kernels::f32::dw_plane(p, o)
+}
+
+/// [`crate::kernels::f32::gemv_generic`] compiled with AVX2 and FMA enabled.
+///
+/// # Safety
+/// AVX2 and FMA must be available.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn gemv_f32(x: &[f32], rows: usize, k: usize, w: &[f32], out: &mut [f32]) {
+    crate::kernels::f32::gemv_generic(x, rows, k, w, out)
 }
 
 /// Transposes one 8x8 byte block (SSE2, part of x86-64's baseline).
@@ -509,26 +588,30 @@ pub(super) unsafe fn add_u8(
 /// `r, c < 8`.
 #[inline(always)]
 pub(super) unsafe fn transpose8x8(src: *const u8, sstride: usize, dst: *mut u8, dstride: usize) {
-    let ld = |r: usize| _mm_loadl_epi64(src.add(r * sstride) as *const __m128i);
-    let t0 = _mm_unpacklo_epi8(ld(0), ld(1));
-    let t1 = _mm_unpacklo_epi8(ld(2), ld(3));
-    let t2 = _mm_unpacklo_epi8(ld(4), ld(5));
-    let t3 = _mm_unpacklo_epi8(ld(6), ld(7));
-    let u0 = _mm_unpacklo_epi16(t0, t1);
-    let u1 = _mm_unpackhi_epi16(t0, t1);
-    let u2 = _mm_unpacklo_epi16(t2, t3);
-    let u3 = _mm_unpackhi_epi16(t2, t3);
-    let v = [
-        _mm_unpacklo_epi32(u0, u2),
-        _mm_unpackhi_epi32(u0, u2),
-        _mm_unpacklo_epi32(u1, u3),
-        _mm_unpackhi_epi32(u1, u3),
-    ];
-    for (i, x) in v.iter().enumerate() {
-        _mm_storel_epi64(dst.add(2 * i * dstride) as *mut __m128i, *x);
-        _mm_storel_epi64(
-            dst.add((2 * i + 1) * dstride) as *mut __m128i,
-            _mm_srli_si128::<8>(*x),
-        );
+    // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
+    // and the pointer ranges), which is all the operations below rely on.
+    unsafe {
+        let ld = |r: usize| _mm_loadl_epi64(src.add(r * sstride) as *const __m128i);
+        let t0 = _mm_unpacklo_epi8(ld(0), ld(1));
+        let t1 = _mm_unpacklo_epi8(ld(2), ld(3));
+        let t2 = _mm_unpacklo_epi8(ld(4), ld(5));
+        let t3 = _mm_unpacklo_epi8(ld(6), ld(7));
+        let u0 = _mm_unpacklo_epi16(t0, t1);
+        let u1 = _mm_unpackhi_epi16(t0, t1);
+        let u2 = _mm_unpacklo_epi16(t2, t3);
+        let u3 = _mm_unpackhi_epi16(t2, t3);
+        let v = [
+            _mm_unpacklo_epi32(u0, u2),
+            _mm_unpackhi_epi32(u0, u2),
+            _mm_unpacklo_epi32(u1, u3),
+            _mm_unpackhi_epi32(u1, u3),
+        ];
+        for (i, x) in v.iter().enumerate() {
+            _mm_storel_epi64(dst.add(2 * i * dstride) as *mut __m128i, *x);
+            _mm_storel_epi64(
+                dst.add((2 * i + 1) * dstride) as *mut __m128i,
+                _mm_srli_si128::<8>(*x),
+            );
+        }
     }
 }

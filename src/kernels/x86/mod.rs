@@ -6,6 +6,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 mod avx2;
+mod avx512_vnni;
 
 use crate::kernels::pack::{PackedWeights, NR};
 use crate::kernels::requant::RequantParams;
@@ -177,7 +178,8 @@ impl Avx2 {
         unsafe { avx2::dw_pixel(x, taps, w, a_zp, acc) }
     }
 
-    /// Four adjacent depthwise pixels (see `kernels::dw_pixels4`), AVX2.
+    /// Four adjacent depthwise pixels (see `kernels::dw_pixels4`): AVX-512 VNNI for
+    /// whole blocks of 32 channels where enabled, AVX2 for the rest.
     pub(crate) fn dw_pixels4(
         self,
         x: &[u8],
@@ -192,10 +194,18 @@ impl Avx2 {
         assert!(taps
             .iter()
             .all(|&(off, t)| off + 3 * pstride + oc <= x.len() && (t + 1) * oc <= w.len()));
+        let c0 = if self.vnni {
+            // SAFETY: `vnni` is only set after detecting AVX-512F/BW/VNNI; the assert
+            // covers every load (pixel p < 4 reads x[off + p * pstride..][..oc], weights
+            // w[t * oc..][..oc]); stores stay in `acc` (4 * oc values).
+            unsafe { avx512_vnni::dw_pixels4(x, taps, pstride, w, a_zp, acc) }
+        } else {
+            0
+        };
         // SAFETY: the token proves AVX2; the assert covers every load (pixel p < 4 reads
         // x[off + p * pstride..][..oc], weights w[t * oc..][..oc]); stores stay in `acc`
         // (4 * oc values).
-        unsafe { avx2::dw_pixels4(x, taps, pstride, w, a_zp, acc) }
+        unsafe { avx2::dw_pixels4(x, taps, pstride, w, a_zp, acc, c0) }
     }
 
     /// Requantizes `raw.len()` corrected accumulators of columns `0..raw.len()`.
@@ -222,6 +232,18 @@ impl Avx2 {
 }
 
 impl Avx2 {
+    /// One depthwise `f32` output plane, compiled for AVX2 + FMA.
+    pub(crate) fn dw_plane_f32(self, p: &crate::kernels::f32::DwPlane<'_>, o: &mut [f32]) {
+        // SAFETY: the token proves AVX2 + FMA; the body is safe code (slices).
+        unsafe { avx2::dw_plane_f32(p, o) }
+    }
+
+    /// `kernels::f32::gemv_rows`' body compiled for AVX2 + FMA.
+    pub(crate) fn gemv_f32(self, x: &[f32], rows: usize, k: usize, w: &[f32], out: &mut [f32]) {
+        // SAFETY: the token proves AVX2 + FMA; the body is safe code (slices).
+        unsafe { avx2::gemv_f32(x, rows, k, w, out) }
+    }
+
     /// The vectorized quantized add (see `kernels::elementwise`), eight lanes at a time
     /// with FMA; the last `len % 8` elements through the scalar definition.
     pub(crate) fn add_u8(

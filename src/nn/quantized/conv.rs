@@ -8,6 +8,7 @@ use super::{
 };
 use crate::error::{QuantError, Result};
 use crate::kernels::conv::{self as kconv, ConvGeom};
+use crate::kernels::requant::RequantCache;
 use crate::kernels::{KernelSet, OutputQuant, PackedWeights, RequantParams};
 use crate::qparams::QParams;
 
@@ -41,7 +42,8 @@ enum ConvKind {
     /// im2col (on the fly, per row block) + packed GEMM, one packed matrix per group; `k`
     /// ordered (ky, kx, c).
     Gemm(Vec<PackedWeights>),
-    /// One input channel per group: direct loops; `w - w_zp` as `[tap][out_channel]`.
+    /// One input channel per group and several groups (true depthwise, any channel
+    /// multiplier): direct loops; `w - w_zp` as `[tap][out_channel]`.
     Depthwise(Vec<i16>),
 }
 
@@ -59,6 +61,7 @@ pub struct QConv2d {
     out_scale: f32,
     out_zp: i32,
     relu: bool,
+    rq_cache: RequantCache,
 }
 
 const NAME: &str = "QConv2d";
@@ -183,7 +186,9 @@ impl QConv2d {
                 qw.zero_points[oc]
             }
         };
-        let kind = if cig == 1 {
+        // Only true depthwise (one input channel per group, several groups) takes the
+        // direct loop; a stem with one input channel and one group is a GEMM.
+        let kind = if cig == 1 && g > 1 {
             let mut wv = vec![0i16; taps * c_out];
             for oc in 0..c_out {
                 for t in 0..taps {
@@ -225,6 +230,7 @@ impl QConv2d {
             out_scale,
             out_zp,
             relu: false,
+            rq_cache: RequantCache::default(),
         })
     }
 
@@ -393,22 +399,27 @@ impl QConv2d {
         };
         let a_zp = a_zp_in;
         let ks = KernelSet::current();
+        let g = match self.kind {
+            ConvKind::Gemm(_) => self.params.groups,
+            ConvKind::Depthwise(_) => 1,
+        };
+        let cog = oc / g;
+        let rqs = self.rq_cache.get(act_scale, || {
+            (0..g)
+                .map(|grp| {
+                    let scales = if self.per_channel {
+                        &self.w_scales[grp * cog..(grp + 1) * cog]
+                    } else {
+                        &self.w_scales[..1]
+                    };
+                    let bias = self.bias.as_ref().map(|b| &b[grp * cog..(grp + 1) * cog]);
+                    RequantParams::new(cog, act_scale, scales, self.per_channel, bias, oq)
+                        .map_err(|e| e.in_context(NAME))
+                })
+                .collect()
+        })?;
         match &self.kind {
             ConvKind::Gemm(packs) => {
-                let g = self.params.groups;
-                let cog = oc / g;
-                let rqs = (0..g)
-                    .map(|grp| {
-                        let scales = if self.per_channel {
-                            &self.w_scales[grp * cog..(grp + 1) * cog]
-                        } else {
-                            &self.w_scales[..1]
-                        };
-                        let bias = self.bias.as_ref().map(|b| &b[grp * cog..(grp + 1) * cog]);
-                        RequantParams::new(cog, act_scale, scales, self.per_channel, bias, oq)
-                            .map_err(|e| e.in_context(NAME))
-                    })
-                    .collect::<Result<Vec<_>>>()?;
                 kconv::conv_gemm(
                     ks,
                     x_nhwc,
@@ -421,16 +432,7 @@ impl QConv2d {
                 );
             }
             ConvKind::Depthwise(wv) => {
-                let rq = RequantParams::new(
-                    oc,
-                    act_scale,
-                    &self.w_scales,
-                    self.per_channel,
-                    self.bias.as_deref(),
-                    oq,
-                )
-                .map_err(|e| e.in_context(NAME))?;
-                kconv::depthwise(ks, x_nhwc, geom, (oh, ow), a_zp, wv, &rq, &mut out);
+                kconv::depthwise(ks, x_nhwc, geom, (oh, ow), a_zp, wv, &rqs[0], &mut out);
             }
         }
         Ok(out)

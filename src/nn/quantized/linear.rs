@@ -7,6 +7,7 @@ use super::{
     check_accumulator, check_bias, quantize_weights, quantized_weights, QTensor, QWeights,
 };
 use crate::error::{QuantError, Result};
+use crate::kernels::requant::RequantCache;
 use crate::kernels::{self, Activations, KernelPath, OutputQuant, PackedWeights, RequantParams};
 use crate::qparams::QParams;
 
@@ -24,6 +25,7 @@ pub struct QLinear {
     out_scale: f32,
     out_zp: i32,
     relu: bool,
+    rq_cache: RequantCache,
 }
 
 const NAME: &str = "QLinear";
@@ -120,6 +122,7 @@ impl QLinear {
             out_scale,
             out_zp,
             relu,
+            rq_cache: RequantCache::default(),
         })
     }
 
@@ -186,19 +189,23 @@ impl QLinear {
             });
         }
         let rows: usize = shape[..shape.len() - 1].iter().product();
-        let rq = RequantParams::new(
-            self.out_features,
-            x.scale(),
-            &self.w_scales,
-            self.per_channel,
-            self.bias.as_deref(),
-            OutputQuant {
-                scale: self.out_scale,
-                zero_point: self.out_zp,
-                relu: self.relu,
-            },
-        )
-        .map_err(|e| e.in_context(NAME))?;
+        let rqs = self.rq_cache.get(x.scale(), || {
+            RequantParams::new(
+                self.out_features,
+                x.scale(),
+                &self.w_scales,
+                self.per_channel,
+                self.bias.as_deref(),
+                OutputQuant {
+                    scale: self.out_scale,
+                    zero_point: self.out_zp,
+                    relu: self.relu,
+                },
+            )
+            .map(|rq| vec![rq])
+            .map_err(|e| e.in_context(NAME))
+        })?;
+        let rq = &rqs[0];
         let a = x.to_vec();
         let mut out = vec![0u8; rows * self.out_features];
         let path = kernels::qgemm(
@@ -208,7 +215,7 @@ impl QLinear {
                 zero_point: x.zero_point(),
             },
             &self.packed,
-            &rq,
+            rq,
             &mut out,
             self.out_features,
         )

@@ -158,7 +158,7 @@ pub(crate) fn dims4(t: &QTensor, layer: &str) -> Result<(usize, usize, usize, us
 
 use rayon::prelude::*;
 
-use crate::kernels::transpose_u8;
+use crate::kernels::{transpose_u8, KernelSet};
 
 /// Transposes each of the `b` planes of `rows x cols` bytes; planes in parallel when
 /// the tensor is large.
@@ -168,7 +168,8 @@ fn transpose_planes(src: &[u8], b: usize, rows: usize, cols: usize) -> Vec<u8> {
     if b == 0 || plane == 0 {
         return dst;
     }
-    let one = |(d, s): (&mut [u8], &[u8])| transpose_u8(s, rows, cols, d);
+    let ks = KernelSet::current();
+    let one = |(d, s): (&mut [u8], &[u8])| transpose_u8(ks, s, rows, cols, d);
     if b > 1 && src.len() >= 1 << 18 {
         dst.par_chunks_mut(plane)
             .zip(src.par_chunks(plane))
@@ -204,15 +205,17 @@ mod tests {
             (3, 64, 9),
         ] {
             let src: Vec<u8> = (0..b * c * hw).map(|i| (i * 37 % 251) as u8).collect();
-            let t = nchw_to_nhwc(&src, b, c, hw);
-            for bi in 0..b {
-                for ci in 0..c {
-                    for p in 0..hw {
-                        assert_eq!(t[(bi * hw + p) * c + ci], src[(bi * c + ci) * hw + p]);
+            for ks in KernelSet::all_available() {
+                let t = ks.install(|| nchw_to_nhwc(&src, b, c, hw));
+                for bi in 0..b {
+                    for ci in 0..c {
+                        for p in 0..hw {
+                            assert_eq!(t[(bi * hw + p) * c + ci], src[(bi * c + ci) * hw + p]);
+                        }
                     }
                 }
+                assert_eq!(ks.install(|| nhwc_to_nchw(&t, b, c, hw)), src);
             }
-            assert_eq!(nhwc_to_nchw(&t, b, c, hw), src);
         }
     }
 }
