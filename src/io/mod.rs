@@ -19,6 +19,7 @@
 //! [`QuantizedModel::save`]: crate::nn::quantized::QuantizedModel::save
 //! [`QuantizedModel::load`]: crate::nn::quantized::QuantizedModel::load
 
+pub mod onnx;
 pub mod qmodel;
 
 use std::collections::{BTreeMap, BTreeSet};
