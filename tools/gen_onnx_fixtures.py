@@ -183,8 +183,20 @@ def quantize_static_record(model_path, calib, out_dir, name):
                           np.float32(s_), int(z), np.asarray(rmin).dtype.name))
         return zp, scale
 
+    ranges = {}
+    orig_calc = qdq_quantizer.QDQQuantizer.calc_graph_quant_params
+
+    def calc(self):
+        out = orig_calc(self)
+        # the ranges after ORT's adjust_tensor_ranges (Relu/Clip inputs, Softmax outputs)
+        for k, td in (self.tensors_range or {}).items():
+            lo, hi = td.range_value
+            ranges[k] = np.array([np.float32(lo), np.float32(hi)], dtype=np.float32).reshape(-1)
+        return out
+
     qdq_quantizer.compute_scale_zp = logged
     quant_utils.compute_scale_zp = logged
+    qdq_quantizer.QDQQuantizer.calc_graph_quant_params = calc
     try:
         with tempfile.TemporaryDirectory() as td:
             qpath = os.path.join(td, "q.onnx")
@@ -197,7 +209,8 @@ def quantize_static_record(model_path, calib, out_dir, name):
     finally:
         qdq_quantizer.compute_scale_zp = orig
         quant_utils.compute_scale_zp = orig
-    t = {}
+        qdq_quantizer.QDQQuantizer.calc_graph_quant_params = orig_calc
+    t = {"range/" + k: v for k, v in ranges.items()}
     arr = np.array([[c[0], c[1], c[2], c[3], float(c[4]), c[5], c[6]] for c in calls],
                    dtype=np.float64)
     # the float32 columns are exact in f32; scale is f32, rmin/rmax f32, the rest integers

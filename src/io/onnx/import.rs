@@ -24,6 +24,10 @@ pub struct OnnxImport {
     /// that computes it (folded batch norms and aliases such as `Identity` / `Dropout` map to
     /// the node whose output they equal).
     pub tensor_nodes: BTreeMap<String, NodeId>,
+    /// Each constant weight or bias tensor (an initializer, or a folded constant such as an
+    /// `Identity` of one) of a `Conv`, `Gemm` or `MatMul` by name, with the graph node whose
+    /// parameter it became.
+    pub param_nodes: BTreeMap<String, NodeId>,
     /// How many ONNX nodes were folded into constants.
     pub folded_constants: usize,
     /// How many `BatchNormalization` nodes were folded into a preceding `Conv`.
@@ -342,6 +346,7 @@ struct Importer<'a> {
     consumers: HashMap<String, usize>,
     names: Vec<String>,
     tensor_nodes: BTreeMap<String, NodeId>,
+    param_nodes: BTreeMap<String, NodeId>,
     folded: usize,
     folded_bn: usize,
     /// BN / Add nodes already absorbed into their producer, by node index
@@ -367,6 +372,7 @@ impl<'a> Importer<'a> {
             consumers,
             names,
             tensor_nodes: BTreeMap::new(),
+            param_nodes: BTreeMap::new(),
             folded: 0,
             folded_bn: 0,
             absorbed: vec![false; m.nodes.len()],
@@ -500,6 +506,7 @@ impl<'a> Importer<'a> {
         Ok(OnnxImport {
             graph: self.g.build()?,
             tensor_nodes: self.tensor_nodes,
+            param_nodes: self.param_nodes,
             folded_constants: self.folded,
             folded_batch_norms: self.folded_bn,
         })
@@ -572,7 +579,16 @@ impl<'a> Importer<'a> {
 
     fn add(&mut self, i: usize, op: Op, inputs: &[NodeId]) -> Result<NodeId> {
         let name = self.names[i].clone();
-        self.g.node(&name, op, inputs)
+        let has_params = matches!(op, Op::Conv2d(_) | Op::Linear(_));
+        let id = self.g.node(&name, op, inputs)?;
+        if has_params {
+            for t in self.m.nodes[i].inputs.iter().skip(1) {
+                if matches!(self.vals.get(t), Some(Val::Const(_))) {
+                    self.param_nodes.insert(t.clone(), id);
+                }
+            }
+        }
+        Ok(id)
     }
 
     fn import_node(&mut self, i: usize) -> Result<()> {
@@ -1049,11 +1065,7 @@ impl<'a> Importer<'a> {
         Ok(())
     }
 
-    fn slice_args(
-        &self,
-        n: &OnnxNode,
-        rank: usize,
-    ) -> Result<SliceArgs> {
+    fn slice_args(&self, n: &OnnxNode, rank: usize) -> Result<SliceArgs> {
         let get = |k: usize, a: &str| -> Result<Option<Vec<i64>>> {
             match self.konst(n, k, a)? {
                 Some(c) => Ok(Some(c.known_ints("")?)),
