@@ -63,12 +63,13 @@ pub mod nn;
 pub mod observer;
 pub mod qconfig;
 pub mod qparams;
+pub mod quant;
 pub mod workflow;
 
 pub use error::{QuantError, Result};
 pub use qparams::{
     dequantize, dequantize_val, fake_quantize, qparams_from_min_max, quantize, quantize_val,
-    resolve_quant_range, DType, QParams, QScheme, RangeConfig,
+    resolve_quant_range, ActQParams, DType, QParams, QScheme, RangeConfig,
 };
 
 /// The README's Rust examples, compiled and run as doctests.

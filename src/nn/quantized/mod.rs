@@ -33,6 +33,7 @@ pub use add::QAdd;
 pub use conv::{Conv2dParams, QConv2d, QConvReLU2d};
 pub use linear::{QLinear, QLinearReLU};
 pub use pool::{QAdaptiveAvgPool2d, QAvgPool2d, QFlatten, QMaxPool2d, QReLU};
+pub(crate) use tensor::nhwc_to_nchw as nhwc_to_nchw_u8;
 pub use tensor::{QTensor, TorchLayout};
 
 use crate::error::{QuantError, Result};
