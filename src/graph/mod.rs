@@ -45,6 +45,7 @@ mod lower;
 mod op;
 pub mod ops;
 mod shape;
+pub mod zoo;
 
 use std::fmt;
 
