@@ -40,6 +40,7 @@
 
 mod builder;
 mod exec;
+pub(crate) use exec::eval_op;
 mod load;
 mod lower;
 mod op;

@@ -20,11 +20,19 @@
 //! executor walks the whole graph), and `output_qparams` returns `Option<ActQParams>`
 //! (`None` for ops whose output is float).
 
+mod convert;
 mod exec;
+mod float_record;
 pub mod ops;
+mod prepare;
 pub mod record;
 
+pub use convert::{convert, FloatOp, FromObserved, Observed};
 pub use exec::{NodeProfile, QNode, QuantizedGraph};
+pub use prepare::{
+    calibrate, calibrate_inputs, prepare, role, Domain, GraphCalibrationReport, NodePlan,
+    NodeRange, PreparedGraph, Role,
+};
 pub use record::{OpRecordReader, OpRecordWriter};
 
 use std::borrow::Cow;

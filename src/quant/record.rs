@@ -73,11 +73,16 @@ pub struct OpRecordReader<'r, 'a> {
     r: &'r mut Reader<'a>,
     id: String,
     name: String,
+    inputs: usize,
 }
 
 impl OpRecordReader<'_, '_> {
     fn key(&self, k: &str) -> String {
         format!("{}:{k}", self.id)
+    }
+    /// How many inputs the node has in the file.
+    pub fn num_inputs(&self) -> usize {
+        self.inputs
     }
     /// The node's name (for error messages).
     pub fn node_name(&self) -> &str {
@@ -197,6 +202,7 @@ pub static READERS: &[(&str, OpReader)] = &[
     ("Flatten", ops::FlattenOp::read),
     ("Reshape", ops::ReshapeOp::read),
     ("Identity", ops::IdentityOp::read),
+    ("Float", super::convert::FloatOp::read),
 ];
 
 fn join(v: &[usize]) -> String {
@@ -323,6 +329,7 @@ fn load(bytes: &[u8], ctx: &str) -> Result<QuantizedGraph> {
             r: &mut r,
             id: i.to_string(),
             name: name.clone(),
+            inputs: node_inputs.len(),
         };
         let op = reader(&mut rec).map_err(|e| match e {
             QuantError::InvalidFile { .. } => e,
