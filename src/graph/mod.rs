@@ -13,7 +13,7 @@
 //!   uses.
 //!
 //! Fused forms (`ConvReLU2d`, `LinearReLU`, `AddReLU`) are separate [`Op`] variants made by
-//! graph fusion (`fuse`); a batch norm folded into a convolution disappears into its weights.
+//! [`fuse`]; a batch norm folded into a convolution disappears into its weights.
 //!
 //! # Examples
 //! ```
@@ -40,6 +40,7 @@
 
 mod builder;
 mod exec;
+mod fuse;
 mod load;
 mod lower;
 mod op;
@@ -50,6 +51,7 @@ pub mod zoo;
 use std::fmt;
 
 pub use builder::GraphBuilder;
+pub use fuse::{find_fusable, fold_linear_batch_norm, fuse, unfused_batch_norms};
 pub use op::{
     BatchNorm, LayerNorm, NearestRule, Op, OpKind, Pool2dSpec, UpsampleMode, UpsampleSpec,
 };
