@@ -24,6 +24,7 @@
 //! ```
 
 mod add;
+mod cat;
 mod conv;
 mod elementwise;
 mod linear;
@@ -32,6 +33,7 @@ mod pool;
 mod tensor;
 
 pub use add::QAdd;
+pub use cat::QCat;
 pub use conv::{Conv2dParams, QConv2d, QConvReLU2d};
 pub use linear::{QLinear, QLinearReLU};
 pub use mul::QMul;
