@@ -8,7 +8,10 @@ use std::collections::HashMap;
 use ndarray::{ArrayD, IxDyn};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, RngSeed};
-use ptq::nn::quantized::{QCat, QMul, QTensor, TorchLayout};
+use ptq::nn::quantized::{
+    ActTables, QCat, QClamp, QHardsigmoid, QHardswish, QLeakyReLU, QMul, QSigmoid, QTensor,
+    TorchLayout,
+};
 use ptq::QuantError;
 use safetensors::{Dtype, SafeTensors};
 
@@ -301,4 +304,167 @@ fn cat_rejects_bad_inputs() {
     // same qparams, no relu: the fast path copies
     let y = op.forward(&[&a, &a]).unwrap();
     assert_eq!(y.data().shape(), &[1, 8, 3, 3]);
+}
+
+// ---------------------------------------------------------------------------- activations
+
+const ACT: &[u8] = include_bytes!("fixtures/ops_act.safetensors");
+
+enum Act {
+    Hardswish(QHardswish),
+    Hardsigmoid(QHardsigmoid),
+    Sigmoid(QSigmoid),
+    Leaky(QLeakyReLU),
+    Clamp(QClamp),
+}
+
+impl Act {
+    fn from_meta(m: &HashMap<String, String>, out: (f32, i32)) -> Act {
+        let lay = layout(m);
+        let f = |k: &str| m[k].parse::<f32>().unwrap();
+        match m["op"].as_str() {
+            "hardswish" => Act::Hardswish(QHardswish::new(out.0, out.1).unwrap().with_layout(lay)),
+            "hardsigmoid" => Act::Hardsigmoid(QHardsigmoid::new().with_layout(lay)),
+            "sigmoid" => Act::Sigmoid(QSigmoid::new().with_layout(lay)),
+            "leaky_relu" => Act::Leaky(
+                QLeakyReLU::new(f("slope"), out.0, out.1)
+                    .unwrap()
+                    .with_layout(lay),
+            ),
+            "relu6" => Act::Clamp(QClamp::relu6()),
+            "hardtanh" | "clamp" => Act::Clamp(QClamp::new(f("min"), f("max")).unwrap()),
+            other => panic!("unknown op {other}"),
+        }
+    }
+    fn tables(&self, s: f32, z: i32) -> ActTables {
+        match self {
+            Act::Hardswish(a) => a.tables(s, z),
+            Act::Hardsigmoid(a) => a.tables(s, z),
+            Act::Sigmoid(a) => a.tables(s, z),
+            Act::Leaky(a) => a.tables(s, z),
+            Act::Clamp(a) => a.tables(s, z),
+        }
+    }
+    fn forward(&self, x: &QTensor) -> QTensor {
+        match self {
+            Act::Hardswish(a) => a.forward(x),
+            Act::Hardsigmoid(a) => a.forward(x),
+            Act::Sigmoid(a) => a.forward(x),
+            Act::Leaky(a) => a.forward(x),
+            Act::Clamp(a) => a.forward(x),
+        }
+        .unwrap()
+    }
+}
+
+#[test]
+fn activations_match_pytorch_on_all_256_inputs_and_on_real_tensors() {
+    let fx = Fx::load(ACT);
+    let mut per_op: HashMap<String, (usize, usize)> = HashMap::new();
+    let mut paths_differ = 0;
+    for (k, m) in fx.cases() {
+        let out = (
+            fx.f32(&format!("{k}.y_scale")),
+            fx.i64(&format!("{k}.y_zp")) as i32,
+        );
+        let act = Act::from_meta(&m, out);
+        let e = per_op.entry(m["op"].clone()).or_default();
+        if fx.has(&format!("{k}.y_vec")) {
+            let (s, z) = (
+                fx.f32(&format!("{k}.x_scale")),
+                fx.i64(&format!("{k}.x_zp")) as i32,
+            );
+            let t = act.tables(s, z);
+            let yv = fx.u8(&format!("{k}.y_vec"));
+            let ys = fx.u8(&format!("{k}.y_scalar"));
+            for q in 0..256 {
+                assert_eq!(t.vector[q], yv[[q]], "{k} {m:?} vector path, q = {q}");
+                assert_eq!(t.scalar[q], ys[[q]], "{k} {m:?} scalar path, q = {q}");
+            }
+            paths_differ += (0..256).filter(|&q| yv[[q]] != ys[[q]]).count();
+            // and forward on one 256-element tensor (all vector) reproduces y_vec
+            let x = QTensor::new(
+                ArrayD::from_shape_vec(IxDyn(&[256]), (0..=255u8).collect()).unwrap(),
+                s,
+                z,
+            )
+            .unwrap();
+            let y = act.forward(&x);
+            assert_eq!((y.scale(), y.zero_point()), out, "{k}");
+            assert_eq!(y.data(), &yv, "{k}");
+            e.0 += 1;
+            e.1 += 512;
+        } else {
+            let x = fx.qt(&k, "x");
+            e.0 += 1;
+            e.1 += assert_same(&fx, &k, &act.forward(&x), &m["op"]);
+        }
+    }
+    let total: usize = per_op.values().map(|v| v.0).sum();
+    assert_eq!(total, 120);
+    let mut ops: Vec<_> = per_op.into_iter().collect();
+    ops.sort();
+    for (op, (c, v)) in ops {
+        println!("{op}: {c} cases, {v} values identical");
+    }
+    println!("entries where PyTorch's vector and scalar paths differ: {paths_differ}");
+    assert!(paths_differ > 0, "the fixture should exercise both paths");
+}
+
+proptest! {
+    #![proptest_config(prop_config())]
+
+    /// Against the naive reference dequantize -> f64 activation -> quantize: every table
+    /// entry is within one quantization step.
+    #[test]
+    fn activation_tables_are_within_one_step_of_the_real_function(
+        s in 0.002f32..0.2, z in 0i32..256, so in 0.005f32..0.1, zo in 0i32..256,
+        slope in -0.5f32..0.5, lo in -3.0f32..0.0, hi in 0.0f32..3.0,
+    ) {
+        let f_hs = |x: f64| x * (x + 3.0).clamp(0.0, 6.0) / 6.0;
+        let f_hsig = |x: f64| (x + 3.0).clamp(0.0, 6.0) / 6.0;
+        let f_sig = |x: f64| 1.0 / (1.0 + (-x).exp());
+        let f_lr = |x: f64| if x > 0.0 { x } else { x * slope as f64 };
+        let q = |y: f64, sc: f32, zp: i32| ((y / sc as f64).round() + zp as f64).clamp(0.0, 255.0);
+        let checks: Vec<(ActTables, Box<dyn Fn(f64) -> f64>, f32, i32)> = vec![
+            (QHardswish::new(so, zo).unwrap().tables(s, z), Box::new(f_hs), so, zo),
+            (QHardsigmoid::new().tables(s, z), Box::new(f_hsig), 1.0 / 256.0, 0),
+            (QSigmoid::new().tables(s, z), Box::new(f_sig), 1.0 / 256.0, 0),
+            (QLeakyReLU::new(slope, so, zo).unwrap().tables(s, z), Box::new(f_lr), so, zo),
+        ];
+        for (t, f, sc, zp) in checks {
+            for qi in 0..256usize {
+                let x = (qi as f64 - z as f64) * s as f64;
+                let r = q(f(x), sc, zp);
+                prop_assert!((t.vector[qi] as f64 - r).abs() <= 1.0);
+                prop_assert!((t.scalar[qi] as f64 - r).abs() <= 1.0);
+            }
+        }
+        // clamp is exact: the naive reference in float, then quantized with the input's qparams
+        let t = QClamp::new(lo, hi).unwrap().tables(s, z);
+        for qi in 0..256usize {
+            let x = (qi as i32 - z) as f32 * s;
+            let lo_q = ptq::quantize_val(lo, s, z, 0, 255);
+            let hi_q = ptq::quantize_val(hi, s, z, 0, 255);
+            let want = (qi as i32).max(lo_q).min(hi_q);
+            prop_assert_eq!(t.vector[qi] as i32, want, "x = {}", x);
+            prop_assert_eq!(t.scalar[qi], t.vector[qi]);
+        }
+    }
+}
+
+#[test]
+fn activations_reject_bad_parameters() {
+    assert!(QHardswish::new(0.0, 0).is_err());
+    assert!(QHardswish::new(0.1, -1).is_err());
+    assert!(QLeakyReLU::new(f32::INFINITY, 0.1, 0).is_err());
+    assert!(QLeakyReLU::new(0.1, f32::NAN, 0).is_err());
+    assert!(QClamp::new(0.0, f32::NAN).is_err());
+    // an empty tensor passes through with the output qparams
+    let e = QTensor::new(ArrayD::zeros(IxDyn(&[0, 3, 2, 2])), 0.1, 3).unwrap();
+    let y = QSigmoid::new().forward(&e).unwrap();
+    assert_eq!(
+        (y.data().shape(), y.scale()),
+        (&[0usize, 3, 2, 2][..], 1.0 / 256.0)
+    );
 }

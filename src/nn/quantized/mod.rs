@@ -23,6 +23,7 @@
 //! # Ok::<(), ptq::QuantError>(())
 //! ```
 
+mod activation;
 mod add;
 mod cat;
 mod conv;
@@ -32,6 +33,9 @@ mod mul;
 mod pool;
 mod tensor;
 
+pub use activation::{
+    ActTables, QClamp, QHardsigmoid, QHardswish, QLeakyReLU, QSigmoid, SIGMOID_SCALE,
+};
 pub use add::QAdd;
 pub use cat::QCat;
 pub use conv::{Conv2dParams, QConv2d, QConvReLU2d};
