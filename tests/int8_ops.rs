@@ -9,8 +9,8 @@ use ndarray::{ArrayD, IxDyn};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, RngSeed};
 use ptq::nn::quantized::{
-    ActTables, QCat, QClamp, QHardsigmoid, QHardswish, QLeakyReLU, QMul, QSigmoid, QTensor,
-    TorchLayout,
+    ActTables, QBatchNorm2d, QCat, QClamp, QHardsigmoid, QHardswish, QLeakyReLU, QMul, QSigmoid,
+    QTensor, QUpsampleNearest2d, TorchLayout, UpsampleSize,
 };
 use ptq::QuantError;
 use safetensors::{Dtype, SafeTensors};
@@ -401,7 +401,7 @@ fn activations_match_pytorch_on_all_256_inputs_and_on_real_tensors() {
         }
     }
     let total: usize = per_op.values().map(|v| v.0).sum();
-    assert_eq!(total, 120);
+    assert_eq!(total, 124);
     let mut ops: Vec<_> = per_op.into_iter().collect();
     ops.sort();
     for (op, (c, v)) in ops {
@@ -467,4 +467,161 @@ fn activations_reject_bad_parameters() {
         (y.data().shape(), y.scale()),
         (&[0usize, 3, 2, 2][..], 1.0 / 256.0)
     );
+}
+
+// ------------------------------------------------------------------------------- upsample
+
+const UPSAMPLE: &[u8] = include_bytes!("fixtures/ops_upsample.safetensors");
+
+fn pair_f(m: &HashMap<String, String>, k: &str) -> Option<(f64, f64)> {
+    m.get(k).map(|v| {
+        let p: Vec<f64> = v.split(',').map(|x| x.parse().unwrap()).collect();
+        (p[0], p[1])
+    })
+}
+
+#[test]
+fn upsample_nearest_matches_pytorch_bit_for_bit() {
+    let fx = Fx::load(UPSAMPLE);
+    let (mut cases, mut values) = (0, 0);
+    for (k, m) in fx.cases() {
+        let size = match (pair_f(&m, "size"), pair_f(&m, "scale")) {
+            (Some((h, w)), _) => UpsampleSize::Size(h as usize, w as usize),
+            (_, Some((h, w))) => UpsampleSize::Scale(h, w),
+            _ => panic!("{k}: no size"),
+        };
+        let mut op = QUpsampleNearest2d::new(size).unwrap();
+        if m["mode"] == "nearest-exact" {
+            op = op.with_exact();
+        }
+        values += assert_same(&fx, &k, &op.forward(&fx.qt(&k, "x")).unwrap(), "upsample");
+        cases += 1;
+    }
+    assert_eq!(cases, 14);
+    println!("upsample_nearest: {cases} cases, {values} values identical");
+}
+
+proptest! {
+    #![proptest_config(prop_config())]
+
+    /// Integer factors replicate each pixel into a factor x factor block.
+    #[test]
+    fn upsample_by_integer_factors_replicates_pixels(
+        h in 1usize..6, w in 1usize..6, fh in 1usize..4, fw in 1usize..4, seed in any::<u64>(),
+        by_size in any::<bool>(),
+    ) {
+        let x = qtensor(vec![2, 3, h, w], seed, 0.1, 7);
+        let size = if by_size { UpsampleSize::Size(h * fh, w * fw) } else { UpsampleSize::Scale(fh as f64, fw as f64) };
+        let y = QUpsampleNearest2d::new(size).unwrap().forward(&x).unwrap();
+        prop_assert_eq!(y.data().shape(), &[2, 3, h * fh, w * fw]);
+        prop_assert_eq!((y.scale(), y.zero_point()), (0.1, 7));
+        for ((b, c, i, j), &v) in y.data().view().into_dimensionality::<ndarray::Ix4>().unwrap().indexed_iter() {
+            prop_assert_eq!(v, x.data()[[b, c, i / fh, j / fw]]);
+        }
+    }
+}
+
+#[test]
+fn upsample_rejects_bad_input() {
+    assert!(QUpsampleNearest2d::new(UpsampleSize::Scale(f64::NAN, 2.0)).is_err());
+    assert!(QUpsampleNearest2d::new(UpsampleSize::Scale(-1.0, 2.0)).is_err());
+    assert!(QUpsampleNearest2d::new(UpsampleSize::Size(3, 0)).is_err());
+    let op = QUpsampleNearest2d::new(UpsampleSize::Scale(0.1, 0.1)).unwrap();
+    assert!(matches!(
+        op.forward(&qtensor(vec![1, 1, 3, 3], 1, 0.1, 0)),
+        Err(QuantError::ShapeMismatch { .. })
+    ));
+    let op = QUpsampleNearest2d::new(UpsampleSize::Scale(2.0, 2.0)).unwrap();
+    assert!(op.forward(&qtensor(vec![3, 3], 1, 0.1, 0)).is_err());
+    assert!(op.forward(&qtensor(vec![1, 1, 0, 3], 1, 0.1, 0)).is_err());
+}
+
+// ----------------------------------------------------------------------------- batch norm
+
+const BN: &[u8] = include_bytes!("fixtures/ops_bn.safetensors");
+
+#[test]
+fn batch_norm_matches_pytorch_bit_for_bit() {
+    let fx = Fx::load(BN);
+    let (mut cases, mut values) = (0, 0);
+    for (k, m) in fx.cases() {
+        let v = |n: &str| ndarray::Array1::from(fx.f32s(&format!("{k}.{n}")));
+        let (w, b, mean, var) = (v("weight"), v("bias"), v("mean"), v("var"));
+        let y = fx.qt(&k, "y");
+        let mut op = QBatchNorm2d::new(
+            Some(w.view()),
+            Some(b.view()),
+            mean.view(),
+            var.view(),
+            m["eps"].parse().unwrap(),
+            y.scale(),
+            y.zero_point(),
+        )
+        .unwrap();
+        if m["relu"] == "1" {
+            op = op.with_relu();
+        }
+        values += assert_same(&fx, &k, &op.forward(&fx.qt(&k, "x")).unwrap(), "batch_norm");
+        cases += 1;
+    }
+    assert_eq!(cases, 16);
+    println!("batch_norm: {cases} cases, {values} values identical");
+}
+
+proptest! {
+    #![proptest_config(prop_config())]
+
+    /// Against dequantize -> (x - mean) / sqrt(var + eps) * w + b in f64 -> quantize.
+    #[test]
+    fn batch_norm_is_within_one_step_of_the_real_normalization(
+        c in 1usize..50, seed in any::<u64>(), s in 0.005f32..0.1, z in 0i32..256,
+        so in 0.005f32..0.1, zo in 0i32..256, relu in any::<bool>(),
+    ) {
+        let x = qtensor(vec![2, c, 2, 3], seed, s, z);
+        let f = |i: usize, a: f32, b: f32| a + b * ((i as f32 * 0.7 + seed as f32 * 1e-19).sin());
+        let w: ndarray::Array1<f32> = (0..c).map(|i| f(i, 1.0, 0.5)).collect();
+        let b: ndarray::Array1<f32> = (0..c).map(|i| f(i + 3, 0.0, 0.3)).collect();
+        let mean: ndarray::Array1<f32> = (0..c).map(|i| f(i + 5, 0.0, 0.4)).collect();
+        let var: ndarray::Array1<f32> = (0..c).map(|i| f(i + 7, 1.0, 0.8)).collect();
+        let mut op = QBatchNorm2d::new(Some(w.view()), Some(b.view()), mean.view(), var.view(), 1e-5, so, zo).unwrap();
+        if relu { op = op.with_relu(); }
+        let y = op.forward(&x).unwrap();
+        let dx = x.dequantize();
+        for (idx, &q) in y.data().indexed_iter() {
+            let ch = idx[1];
+            let v = (dx[&idx] as f64 - mean[ch] as f64) / (var[ch] as f64 + 1e-5).sqrt() * w[ch] as f64 + b[ch] as f64;
+            let mut r = ((v / so as f64).round() + zo as f64).clamp(0.0, 255.0);
+            if relu { r = r.max(zo as f64); }
+            prop_assert!((q as f64 - r).abs() <= 1.0, "{} vs {}", q, r);
+        }
+    }
+}
+
+#[test]
+fn batch_norm_rejects_bad_parameters() {
+    let ones = ndarray::Array1::from(vec![1.0f32; 4]);
+    let three = ndarray::Array1::from(vec![1.0f32; 3]);
+    let neg = ndarray::Array1::from(vec![1.0f32, -1.0, 1.0, 1.0]);
+    let nan = ndarray::Array1::from(vec![1.0f32, f32::NAN, 1.0, 1.0]);
+    let new = |w: &ndarray::Array1<f32>, var: &ndarray::Array1<f32>, eps: f64| {
+        QBatchNorm2d::new(Some(w.view()), None, ones.view(), var.view(), eps, 0.1, 0)
+    };
+    assert!(matches!(
+        new(&three, &ones, 1e-5),
+        Err(QuantError::ShapeMismatch { .. })
+    ));
+    assert!(matches!(
+        new(&ones, &neg, 1e-5),
+        Err(QuantError::UnsupportedConfig { .. })
+    ));
+    assert!(matches!(
+        new(&nan, &ones, 1e-5),
+        Err(QuantError::NonFinite { .. })
+    ));
+    assert!(new(&ones, &ones, f64::NAN).is_err());
+    let zero = ndarray::Array1::from(vec![0.0f32; 4]);
+    assert!(new(&ones, &zero, 0.0).is_err());
+    let bn = new(&ones, &ones, 1e-5).unwrap();
+    assert!(bn.forward(&qtensor(vec![1, 3, 2, 2], 1, 0.1, 0)).is_err());
+    assert!(bn.forward(&qtensor(vec![4, 4], 1, 0.1, 0)).is_err());
 }

@@ -174,8 +174,10 @@ def gen_act():
               (0.5, 10), (float(f32(6.0 / 255)), 0), (float(f32(0.04187123)), 63)]
     out_qps = [(0.03, 10), (float(f32(6.3 / 255)), 3), (0.0078125, 128), (0.2, 200)]
 
-    def lut_case(name, make, params=""):
-        for i, (s, z) in enumerate(in_qps):
+    extra = [(float(f32(rng.uniform(0.002, 0.2))), int(rng.integers(0, 256))) for _ in range(8)]
+
+    def lut_case(name, make, params="", qps=None):
+        for i, (s, z) in enumerate(qps if qps is not None else in_qps + extra):
             s = float(f32(s))
             os_, oz = out_qps[i % len(out_qps)]
             os_ = float(f32(os_))
@@ -196,12 +198,14 @@ def gen_act():
     for slope in (0.01, 0.2):
         lut_case("leaky_relu", lambda s, z, sl=slope: (
             lambda x: torch.ops.quantized.leaky_relu(x, sl, False, s, z)), f";slope={slope}")
-    lut_case("relu6", lambda s, z: (lambda x: torch.ops.quantized.relu6(x, False)))
-    for lo, hi in ((-1.0, 1.0), (-0.5, 3.25), (0.3, 2.0)):
+    # clamps are exact integer ops: a few qparams suffice
+    few = in_qps[:4]
+    lut_case("relu6", lambda s, z: (lambda x: torch.ops.quantized.relu6(x, False)), qps=few)
+    for lo, hi in ((-1.0, 1.0), (-0.5, 3.25)):
         lut_case("hardtanh", lambda s, z, lo=lo, hi=hi: (
-            lambda x: torch.nn.quantized.functional.hardtanh(x, lo, hi)), f";min={lo};max={hi}")
+            lambda x: torch.nn.quantized.functional.hardtanh(x, lo, hi)), f";min={lo};max={hi}", qps=few)
         lut_case("clamp", lambda s, z, lo=lo, hi=hi: (
-            lambda x: torch.clamp(x, lo, hi)), f";min={lo};max={hi}")
+            lambda x: torch.clamp(x, lo, hi)), f";min={lo};max={hi}", qps=few)
 
     # realistic tensors: memory order decides which elements take the scalar tail
     for layout in ("cl", "nchw"):
@@ -224,12 +228,12 @@ def gen_act():
 def gen_upsample():
     w = Writer("ops_upsample")
 
-    def case(shape, layout, size=None, scale=None):
+    def case(shape, layout, size=None, scale=None, mode="nearest"):
         x = to_layout(rand_q(shape), layout)
-        y = torch.ao.nn.quantized.functional.interpolate(x, size=size, scale_factor=scale, mode="nearest")
+        y = torch.ao.nn.quantized.functional.interpolate(x, size=size, scale_factor=scale, mode=mode)
         sz = "" if size is None else f";size={size[0]},{size[1]}"
         sc = "" if scale is None else f";scale={scale[0]},{scale[1]}"
-        k = w.key(f"op=upsample_nearest;layout={layout}{sz}{sc}")
+        k = w.key(f"op=upsample_nearest;mode={mode};layout={layout}{sz}{sc}")
         w.qt(k, "x", x)
         w.qt(k, "y", y)
 
@@ -239,6 +243,52 @@ def gen_upsample():
         case((1, 4, 5, 3), layout, size=(7, 11))
         case((1, 2, 6, 6), layout, size=(4, 9))
         case((1, 3, 3, 3), layout, scale=(1.5, 2.5))
+        case((1, 3, 5, 7), layout, scale=(1.0 / 3.0, 0.7))
+    case((1, 2, 5, 7), "nchw", size=(9, 4), mode="nearest-exact")
+    case((1, 2, 3, 4), "cl", scale=(2.5, 3.0), mode="nearest-exact")
+    w.save()
+
+
+# ---------------------------------------------------------------------------- batch norm
+def gen_bn():
+    w = Writer("ops_bn")
+
+    def case(shape, layout, relu, eps=1e-5):
+        c = shape[1]
+        x = to_layout(rand_q(shape), layout)
+        weight = rng.normal(size=c).astype(f32) * f32(0.8) + f32(1.0)
+        bias = rng.normal(size=c).astype(f32) * f32(0.3)
+        mean = rng.normal(size=c).astype(f32) * f32(0.5) + f32(x.dequantize().mean().item())
+        var = rng.uniform(0.05, 3.0, size=c).astype(f32)
+        var[0] = 0.0
+        yf = F.batch_norm(x.dequantize(), torch.tensor(mean), torch.tensor(var), torch.tensor(weight),
+                          torch.tensor(bias), False, 0.0, eps)
+        if relu:
+            yf = torch.relu(yf)
+        os_, oz = qparams_for(float(yf.min()), float(yf.max()))
+        if relu:
+            mod = torch.ao.nn.intrinsic.quantized.BNReLU2d(c, eps=eps)
+        else:
+            mod = nnq.BatchNorm2d(c, eps=eps)
+        mod.weight = torch.nn.Parameter(torch.tensor(weight))
+        mod.bias = torch.nn.Parameter(torch.tensor(bias))
+        mod.running_mean = torch.tensor(mean)
+        mod.running_var = torch.tensor(var)
+        mod.scale = torch.tensor(os_)
+        mod.zero_point = torch.tensor(oz)
+        y = mod(x)
+        k = w.key(f"op=batch_norm;relu={int(relu)};layout={layout};eps={eps}")
+        w.qt(k, "x", x)
+        for n, v in (("weight", weight), ("bias", bias), ("mean", mean), ("var", var)):
+            w.put(k, n, v)
+        w.qt(k, "y", y)
+
+    for layout in ("cl", "nchw"):
+        for relu in (False, True):
+            case((2, 3, 4, 5), layout, relu)
+            case((1, 13, 3, 3), layout, relu)
+            case((1, 45, 3, 2), layout, relu, eps=1e-3)
+            case((2, 70, 2, 2), layout, relu)
     w.save()
 
 
@@ -247,3 +297,4 @@ if __name__ == "__main__":
     gen_cat()
     gen_act()
     gen_upsample()
+    gen_bn()

@@ -30,8 +30,10 @@ mod conv;
 mod elementwise;
 mod linear;
 mod mul;
+mod norm;
 mod pool;
 mod tensor;
+mod upsample;
 
 pub use activation::{
     ActTables, QClamp, QHardsigmoid, QHardswish, QLeakyReLU, QSigmoid, SIGMOID_SCALE,
@@ -41,8 +43,10 @@ pub use cat::QCat;
 pub use conv::{Conv2dParams, QConv2d, QConvReLU2d};
 pub use linear::{QLinear, QLinearReLU};
 pub use mul::QMul;
+pub use norm::QBatchNorm2d;
 pub use pool::{QAdaptiveAvgPool2d, QAvgPool2d, QFlatten, QMaxPool2d, QReLU};
 pub use tensor::{QTensor, TorchLayout};
+pub use upsample::{QUpsampleNearest2d, UpsampleSize};
 
 use crate::error::{QuantError, Result};
 use crate::qparams::{DType, QParams};
