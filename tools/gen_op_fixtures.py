@@ -253,19 +253,23 @@ def gen_upsample():
 def gen_bn():
     w = Writer("ops_bn")
 
-    def case(shape, layout, relu, eps=1e-5):
+    def case(shape, layout, relu, eps=1e-5, params=None, x=None, out=None):
         c = shape[1]
-        x = to_layout(rand_q(shape), layout)
-        weight = rng.normal(size=c).astype(f32) * f32(0.8) + f32(1.0)
-        bias = rng.normal(size=c).astype(f32) * f32(0.3)
-        mean = rng.normal(size=c).astype(f32) * f32(0.5) + f32(x.dequantize().mean().item())
-        var = rng.uniform(0.05, 3.0, size=c).astype(f32)
-        var[0] = 0.0
+        if x is None:
+            x = to_layout(rand_q(shape), layout)
+        if params is None:
+            weight = rng.normal(size=c).astype(f32) * f32(0.8) + f32(1.0)
+            bias = rng.normal(size=c).astype(f32) * f32(0.3)
+            mean = rng.normal(size=c).astype(f32) * f32(0.5) + f32(x.dequantize().mean().item())
+            var = rng.uniform(0.05, 3.0, size=c).astype(f32)
+            var[0] = 0.0
+        else:
+            weight, bias, mean, var = params
         yf = F.batch_norm(x.dequantize(), torch.tensor(mean), torch.tensor(var), torch.tensor(weight),
                           torch.tensor(bias), False, 0.0, eps)
         if relu:
             yf = torch.relu(yf)
-        os_, oz = qparams_for(float(yf.min()), float(yf.max()))
+        os_, oz = out if out is not None else qparams_for(float(yf.min()), float(yf.max()))
         if relu:
             mod = torch.ao.nn.intrinsic.quantized.BNReLU2d(c, eps=eps)
         else:
@@ -283,6 +287,29 @@ def gen_bn():
             w.put(k, n, v)
         w.qt(k, "y", y)
 
+    def crafted(c):
+        """Statistics for which the scalar tail's `alpha * (q - zp) + beta` rounds
+        differently with and without FMA contraction, on inputs covering all 256 values."""
+        si, zi, so = float(f32(0.0371)), 117, float(f32(0.0419))
+        q = np.tile(np.arange(256, dtype=np.uint8), c).reshape(1, c, 16, 16)
+        x = torch._make_per_tensor_quantized_tensor(torch.tensor(q), si, zi)
+        d = (np.arange(256) - zi).astype(f32)
+        for _ in range(20000):
+            weight = (rng.normal(size=c) * 0.8 + 1.0).astype(f32)
+            bias = (rng.normal(size=c) * 0.3).astype(f32)
+            mean = (rng.normal(size=c) * 0.5).astype(f32)
+            var = rng.uniform(0.05, 3.0, size=c).astype(f32)
+            inv = (1.0 / np.sqrt(var + f32(1e-5)).astype(np.float64)).astype(f32)
+            alpha = ((inv * weight).astype(np.float64) * (si / so)).astype(f32)
+            beta = ((bias - mean * inv * weight).astype(np.float64) / so).astype(f32)
+            fused = (alpha[:, None].astype(np.float64) * d + beta[:, None]).astype(f32)
+            plain = (alpha[:, None] * d).astype(f32) + beta[:, None]
+            if (np.rint(fused) != np.rint(plain)).any():
+                return x, (weight, bias, mean, var), so
+        raise RuntimeError("no crafted batch-norm case found")
+
+    x, params, so = crafted(7)
+    case((1, 7, 16, 16), "nchw", False, params=params, x=x, out=(so, 128))
     for layout in ("cl", "nchw"):
         for relu in (False, True):
             case((2, 3, 4, 5), layout, relu)
