@@ -493,6 +493,22 @@ impl QConfigMap {
         self
     }
 
+    /// Sets the config of every graph node of an op kind (the typed form of
+    /// [`QConfigMap::set_type`]; `OpKind::Conv2d` and the `"Conv2d"` layer type are the
+    /// same entry).
+    ///
+    /// # Examples
+    /// ```
+    /// use ptq::graph::OpKind;
+    /// use ptq::qconfig::{QConfig, QConfigMap};
+    /// let map = QConfigMap::new(QConfig::fbgemm()).set_kind(OpKind::Linear, None);
+    /// assert_eq!(map.qconfig_for("fc", OpKind::Linear.name()), None);
+    /// assert_eq!(map.qconfig_for("conv", OpKind::Conv2d.name()), Some(QConfig::fbgemm()));
+    /// ```
+    pub fn set_kind(self, kind: crate::graph::OpKind, qconfig: Option<QConfig>) -> Self {
+        self.set_type(kind.name(), qconfig)
+    }
+
     /// Sets the config of a layer and everything under it (`"layer1"` covers
     /// `"layer1.0.conv1"`).
     pub fn set_name(mut self, name: &str, qconfig: Option<QConfig>) -> Self {

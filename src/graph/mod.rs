@@ -13,7 +13,7 @@
 //!   uses.
 //!
 //! Fused forms (`ConvReLU2d`, `LinearReLU`, `AddReLU`) are separate [`Op`] variants made by
-//! graph fusion (`fuse`); a batch norm folded into a convolution disappears into its weights.
+//! [`fuse`]; a batch norm folded into a convolution disappears into its weights.
 //!
 //! # Examples
 //! ```
@@ -40,15 +40,19 @@
 
 mod builder;
 mod exec;
+pub(crate) use exec::eval_op;
+mod fuse;
 mod load;
 mod lower;
 mod op;
 pub mod ops;
 mod shape;
+pub mod zoo;
 
 use std::fmt;
 
 pub use builder::GraphBuilder;
+pub use fuse::{find_fusable, fold_linear_batch_norm, fuse, unfused_batch_norms};
 pub use op::{
     BatchNorm, LayerNorm, NearestRule, Op, OpKind, Pool2dSpec, UpsampleMode, UpsampleSpec,
 };

@@ -180,7 +180,7 @@ impl LayerNorm {
 /// for reports and per-type configuration.
 ///
 /// Fused forms (what `torch.ao.nn.intrinsic` has) are separate variants made by
-/// graph fusion (`fuse`): [`Op::ConvReLU2d`], [`Op::LinearReLU`], [`Op::AddReLU`]; a
+/// [`fuse`](super::fuse): [`Op::ConvReLU2d`], [`Op::LinearReLU`], [`Op::AddReLU`]; a
 /// batch norm fused into a convolution or linear layer disappears into its weights.
 #[derive(Debug)]
 #[non_exhaustive]

@@ -12,7 +12,7 @@ use std::fmt::Debug;
 
 use ndarray::ArrayD;
 
-pub use fuse::{find_fusable, fuse, FusionPattern};
+pub use fuse::{find_fusable, fold_batch_norm, fuse, FusionPattern};
 pub use layers::{adaptive_avg_pool2d, flatten, BatchNorm2d, Conv2d, Linear, Pool2d, PoolKind};
 
 use crate::error::{QuantError, Result};
