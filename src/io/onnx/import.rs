@@ -193,7 +193,7 @@ fn usize_of(x: i64, ctx: &str, what: &str) -> Result<usize> {
 fn norm_axis(axis: i64, rank: usize, ctx: &str) -> Result<usize> {
     let r = rank as i64;
     let a = if axis < 0 { axis + r } else { axis };
-    if a < 0 || a >= r.max(1) {
+    if a < 0 || a >= r {
         return Err(unsupported(
             ctx,
             format!("axis {axis} out of range for rank {rank}"),
@@ -594,6 +594,12 @@ impl<'a> Importer<'a> {
     fn import_node(&mut self, i: usize) -> Result<()> {
         let m = self.m;
         let n = &m.nodes[i];
+        if n.outputs.first().is_none_or(|o| o.is_empty()) {
+            return Err(QuantError::InvalidFile {
+                context: format!("ONNX node {:?}", n.name),
+                reason: format!("{} node without an output", n.op_type),
+            });
+        }
         let op = n.op_type.as_str();
         // constant folding of anything whose inputs are all constants
         let all_const = !n.inputs.is_empty()
@@ -660,7 +666,9 @@ impl<'a> Importer<'a> {
             }
             "Conv" => {
                 let x = x0.ok_or_else(|| unsupported("", "a constant convolution input"))?;
-                let w = self.konst(n, 1, "the weight")?.expect("required");
+                let w = self
+                    .konst(n, 1, "the weight")?
+                    .ok_or_else(|| missing(n, 1))?;
                 let b = self.konst(n, 2, "the bias")?;
                 let mut conv = self.conv(n, x, &w, b.as_ref())?;
                 let mut tensors = vec![n.outputs[0].clone()];
@@ -716,12 +724,14 @@ impl<'a> Importer<'a> {
             }
             "MatMul" => {
                 let x = x0.ok_or_else(|| unsupported("", "a constant MatMul input A"))?;
-                let b = self.konst(n, 1, "the weight B")?.expect("required");
+                let b = self
+                    .konst(n, 1, "the weight B")?
+                    .ok_or_else(|| missing(n, 1))?;
                 let mut bias = None;
                 let mut tensors = vec![n.outputs[0].clone()];
                 if let Some(j) = self.sole_consumer(i, &n.outputs[0]) {
                     let a = &m.nodes[j];
-                    if a.op_type == "Add" {
+                    if a.op_type == "Add" && a.outputs.first().is_some_and(|o| !o.is_empty()) {
                         let other = a.inputs.iter().find(|s| **s != n.outputs[0]);
                         if let Some(Val::Const(k)) = other.and_then(|s| self.vals.get(s)) {
                             let nout = b.dims().last().copied().unwrap_or(0);
@@ -762,7 +772,7 @@ impl<'a> Importer<'a> {
                             ));
                         }
                     }
-                    _ => unreachable!("folded above"),
+                    _ => return Err(unsupported("", format!("{op} of two constants"))),
                 }
             }
             "Concat" => {
@@ -776,7 +786,8 @@ impl<'a> Importer<'a> {
                         None => {}
                     }
                 }
-                let rank = self.rank_of(ids[0])?;
+                let first = *ids.first().ok_or_else(|| missing(n, 0))?;
+                let rank = self.rank_of(first)?;
                 let axis = norm_axis(attr_i(n, "axis", 0), rank, "")?;
                 let id = self.add(i, Op::Concat { axis }, &ids)?;
                 self.set_out(n, Val::Node(id));
@@ -984,12 +995,13 @@ impl<'a> Importer<'a> {
                 // [-1, a, b] on [N, ...] with a * b equal to the non-batch elements: the -1 is
                 // the batch (the dynamo exporter writes this), i.e. "copy dimension 0"
                 if in_batch && out.first() == Some(&-1) && out[1..].iter().all(|&d| d > 0) {
-                    let rest: usize = self.g.shape(x)?.0[1..]
+                    let rest = self.g.shape(x)?.0[1..]
                         .iter()
-                        .map(|d| d.fixed().unwrap_or(0))
-                        .product();
-                    let target: usize = out[1..].iter().map(|&d| d as usize).product();
-                    if rest == target {
+                        .try_fold(1usize, |a, d| a.checked_mul(d.fixed().unwrap_or(0)));
+                    let target = out[1..]
+                        .iter()
+                        .try_fold(1usize, |a, &d| a.checked_mul(d as usize));
+                    if rest.is_some() && rest == target {
                         out[0] = 0;
                     }
                 }
@@ -1231,9 +1243,10 @@ impl<'a> Importer<'a> {
     fn fold(&self, n: &OnnxNode) -> Result<Option<Konst>> {
         let op = n.op_type.as_str();
         let c = |k: usize| -> Result<Option<Konst>> { self.konst(n, k, "input") };
+        let need = |k: usize| -> Result<Konst> { c(k)?.ok_or_else(|| missing(n, k)) };
         Ok(Some(match op {
             "Cast" => {
-                let x = c(0)?.expect("all const");
+                let x = need(0)?;
                 let to = attr_i(n, "to", 1);
                 match to {
                     1 | 10 | 11 | 16 => Konst::F {
@@ -1251,7 +1264,7 @@ impl<'a> Importer<'a> {
                 }
             }
             "Unsqueeze" | "Squeeze" => {
-                let x = c(0)?.expect("all const");
+                let x = need(0)?;
                 let axes = match c(1)? {
                     Some(a) => Some(a.known_ints("")?),
                     None => attr_ints(n, "axes"),
@@ -1293,11 +1306,11 @@ impl<'a> Importer<'a> {
                 x.with_dims(d)
             }
             "Gather" => {
-                let x = c(0)?.expect("all const");
-                let idx = c(1)?.expect("all const");
+                let x = need(0)?;
+                let idx = need(1)?;
                 let rank = x.dims().len();
                 let axis = norm_axis(attr_i(n, "axis", 0), rank, "")?;
-                if axis != 0 || rank > 1 {
+                if axis != 0 || rank != 1 {
                     return Err(unsupported(
                         "",
                         "Gather of constants other than 1-D on axis 0",
@@ -1359,7 +1372,7 @@ impl<'a> Importer<'a> {
                 }
             }
             "Slice" => {
-                let x = c(0)?.expect("all const");
+                let x = need(0)?;
                 if x.dims().len() != 1 {
                     return Err(unsupported("", "Slice of constants other than 1-D"));
                 }
@@ -1385,10 +1398,10 @@ impl<'a> Importer<'a> {
                 }
             }
             "Add" | "Sub" | "Mul" | "Div" => {
-                let a = c(0)?.expect("all const");
-                let b = c(1)?.expect("all const");
+                let a = need(0)?;
+                let b = need(1)?;
                 let (la, lb) = (a.len(), b.len());
-                if !(la == lb || la == 1 || lb == 1) {
+                if la == 0 || lb == 0 || !(la == lb || la == 1 || lb == 1) {
                     return Err(unsupported("", "broadcasting constant arithmetic"));
                 }
                 let dims = if la >= lb {
@@ -1408,7 +1421,7 @@ impl<'a> Importer<'a> {
                                     if q == 0 {
                                         None
                                     } else {
-                                        Some(p.div_euclid(q))
+                                        p.checked_div_euclid(q)
                                     }
                                 }
                             }
@@ -1449,6 +1462,13 @@ impl<'a> Importer<'a> {
             }
             _ => return Ok(None),
         }))
+    }
+}
+
+fn missing(n: &OnnxNode, k: usize) -> QuantError {
+    QuantError::InvalidFile {
+        context: format!("ONNX node {:?}", n.name),
+        reason: format!("{} lacks its input {k}", n.op_type),
     }
 }
 
