@@ -2,8 +2,13 @@
 //!
 //! ```text
 //! cargo run --release --example quantize_onnx -- model.onnx calib.safetensors|calib.npy \
-//!     [--key NAME] [--batch 32] [--qconfig fbgemm|x86|qnnpack|onnxruntime] [--out model.qmodel]
+//!     [--key NAME] [--batch 32] [--qconfig fbgemm|x86|qnnpack|onnxruntime] [--out model.qmodel] \
+//!     [--qdq model.qdq.onnx]
 //! ```
+//!
+//! With `--qdq`, the calibrated model is also written as QDQ ONNX (what ONNX Runtime runs
+//! in int8), with the first calibration batch and ptq's int8 output on it beside it
+//! (`<qdq>.x.npy`, `<qdq>.ptq.npy`) for `tools/check_qdq_ort.py`.
 //!
 //! Loads the model (`ptq::io::onnx::load_onnx`), fuses conv/linear + relu and add + relu,
 //! prepares it with the chosen preset (default `onnxruntime`, which reproduces
@@ -28,7 +33,7 @@ use ptq::{QuantError, Result};
 fn usage() -> ! {
     eprintln!(
         "usage: quantize_onnx MODEL.onnx CALIB.(safetensors|npy) [--key NAME] [--batch N] \
-         [--qconfig fbgemm|x86|qnnpack|onnxruntime] [--out OUT.qmodel]"
+         [--qconfig fbgemm|x86|qnnpack|onnxruntime] [--out OUT.qmodel] [--qdq OUT.onnx]"
     );
     std::process::exit(2)
 }
@@ -96,6 +101,27 @@ fn read_npy(path: &str) -> Result<ArrayD<f32>> {
     ArrayD::from_shape_vec(IxDyn(&shape), v).map_err(|e| bad(path, e.to_string()))
 }
 
+fn write_npy(path: &str, x: &ArrayD<f32>) -> Result<()> {
+    let shape: Vec<String> = x.shape().iter().map(|d| d.to_string()).collect();
+    let shape = if shape.len() == 1 {
+        format!("{},", shape[0])
+    } else {
+        shape.join(", ")
+    };
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({shape}), }}");
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut b = b"\x93NUMPY\x01\x00".to_vec();
+    b.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    b.extend_from_slice(header.as_bytes());
+    for v in x.iter() {
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    std::fs::write(path, b).map_err(|e| bad(path, e.to_string()))
+}
+
 fn read_calib(path: &str, key: Option<&str>) -> Result<ArrayD<f32>> {
     if path.ends_with(".npy") {
         return read_npy(path);
@@ -137,7 +163,7 @@ fn main() -> Result<()> {
     let mut i = 2;
     while i < args.len() {
         match args[i].as_str() {
-            k @ ("--key" | "--batch" | "--qconfig" | "--out") if i + 1 < args.len() => {
+            k @ ("--key" | "--batch" | "--qconfig" | "--out" | "--qdq") if i + 1 < args.len() => {
                 opt.insert(k, &args[i + 1]);
                 i += 2;
             }
@@ -179,6 +205,15 @@ fn main() -> Result<()> {
         calib.axis_chunks_iter(Axis(0), batch).map(|b| b.to_owned()),
     )?;
     println!("{report}");
+    let qdq = match opt.get("--qdq") {
+        Some(path) => {
+            let bytes = prepared.to_qdq_onnx()?;
+            std::fs::write(path, &bytes).map_err(|e| bad(path, e.to_string()))?;
+            println!("wrote QDQ ONNX {path} ({} bytes)", bytes.len());
+            Some(*path)
+        }
+        None => None,
+    };
     let q = convert(prepared)?;
     // per-layer error on the first batch
     let first = calib
@@ -204,6 +239,11 @@ fn main() -> Result<()> {
             }
         }
     })?;
+    if let Some(path) = qdq {
+        let y = q.forward(std::slice::from_ref(&first))?;
+        write_npy(&format!("{path}.x.npy"), &first)?;
+        write_npy(&format!("{path}.ptq.npy"), &y[0])?;
+    }
     if let Some(out) = opt.get("--out") {
         q.save(out)?;
         println!(

@@ -477,7 +477,6 @@ fn convert_tensor(t: &proto::TensorProto, label: &str, ctx: &mut Ctx<'_>) -> Res
             })?;
         dims.push(d as usize);
     }
-    let n = n as usize;
     let dt = t.data_type.unwrap_or(0);
     let (size, dt_name) = elem_size(dt).ok_or_else(|| {
         let name = D::try_from(dt)
@@ -485,6 +484,10 @@ fn convert_tensor(t: &proto::TensorProto, label: &str, ctx: &mut Ctx<'_>) -> Res
             .unwrap_or("unknown");
         err(format!("unsupported data type {dt} ({name})"))
     })?;
+    let n = usize::try_from(n)
+        .ok()
+        .filter(|n| n.checked_mul(size).is_some())
+        .ok_or_else(|| err(format!("dims {:?} are too large for this machine", t.dims)))?;
     let external = t.data_location == Some(proto::tensor_proto::DataLocation::External as i32);
     let raw: Option<Vec<u8>> = if external {
         Some(read_external(t, n * size, label, ctx)?)

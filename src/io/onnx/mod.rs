@@ -30,6 +30,7 @@
 //!   reports work on imported models.
 
 mod decode;
+mod export;
 mod import;
 
 #[allow(missing_docs, clippy::all, clippy::pedantic, rustdoc::all)]
@@ -43,6 +44,7 @@ pub use decode::{
     AttrValue, OnnxDim, OnnxLimits, OnnxModel, OnnxNode, OnnxTensor, TensorData, ValueInfo,
     OPSET_RANGE,
 };
+pub use export::EXPORT_OPSET;
 pub use import::{OnnxImport, SUPPORTED_OPS};
 
 use crate::error::Result;
