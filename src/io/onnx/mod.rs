@@ -12,7 +12,7 @@
 //! * **Decoding** ([`OnnxModel::load`]): the ONNX protobuf schema (`onnx.proto` from ONNX
 //!   1.23.2, Apache-2.0, vendored in `src/io/onnx/proto/`) is compiled to Rust by prost; the
 //!   generated code is committed (`tools/regen_onnx_proto.sh` regenerates it), so building
-//!   needs no `protoc`. Hostile files are refused with [`QuantError::InvalidFile`], never a
+//!   needs no `protoc`. Hostile files are refused with [`QuantError::InvalidFile`](crate::QuantError::InvalidFile), never a
 //!   panic: the file size is limited, prost limits message nesting to 100 levels, each
 //!   tensor's element count is computed with checked arithmetic and compared with the limit
 //!   and with the bytes present before anything of that size is allocated, and external data
