@@ -1,28 +1,27 @@
 #!/usr/bin/env python3
 """PyTorch eager-mode post-training quantization (torch 2.15.0, fbgemm) of torchvision's
-quantizable architectures, reduced in width and input size (same topology, same module
-names), for tests/graph_int8_parity.rs.
+quantizable architectures at reduced width (same topology and module names), for
+tests/graph_int8_parity.rs.
 
-For each architecture (torchvision's own Quantizable* classes: QuantStub / DeQuantStub,
-FloatFunctional adds, downsample branches, `fuse_model`):
-  * random weights (seeded), batch-norm statistics randomized so fusion matters;
-  * `fuse_model()`; the fused float state_dict is saved (`<arch>.fused.<key>`), so the Rust
-    test loads exactly PyTorch's fused weights (the fusion arithmetic itself is checked
-    elsewhere);
-  * for each qconfig (MinMax per-channel with reduce_range, as the digits fixtures; and
-    `get_default_qconfig("fbgemm")`): prepare, calibrate on the saved batches, record every
-    activation observer's (min, max) (MinMax only), convert, then record every quantized
-    module's output scale / zero point and, on the test input, every quantized module's
-    int8 output (`int_repr`, logical NCHW) and the final int8 logits.
+The float models are tools/gen_torchvision_fixtures.py's `build(name)` (torchvision's own
+Quantizable* classes: QuantStub / DeQuantStub, FloatFunctional add / add_relu / mul,
+downsample branches, `fuse_model`; random float16-exact weights stored in
+tests/fixtures/tv_<name>.safetensors). For each architecture and each qconfig (MinMax
+per-channel with reduce_range, as the digits fixtures; and `get_default_qconfig("fbgemm")`):
+`fuse_model()`, prepare, calibrate on 3 batches of 4 deterministic inputs (an LCG the Rust
+test regenerates: no batches stored), record every MinMax observer's (min, max), convert,
+then record every quantized module's output scale / zero point, its int8 weight (MinMax),
+and on the fixture's input `__input__` every quantized module's int8 output (`int_repr`,
+logical NCHW; fbgemm: the classifier's only) and the output logits. ResNet-18 also stores PyTorch's fused
+float weights (`fused.*`), so one test isolates quantization from fusion.
 
-    /work/venv/bin/python tools/gen_torchvision_int8_fixtures.py
+    /work/venv/bin/python tools/gen_torchvision_int8_fixtures.py [arch ...]
 """
 import json
 import os
 import sys
 
 import torch
-import torch.nn as nn
 from safetensors.torch import save_file
 from torch.ao.quantization import (
     MinMaxObserver,
@@ -32,8 +31,6 @@ from torch.ao.quantization import (
     get_default_qconfig,
     prepare,
 )
-from torchvision.models.quantization.resnet import QuantizableBasicBlock, QuantizableResNet
-from torchvision.models.quantization.mobilenetv2 import QuantizableMobileNetV2
 
 assert torch.__version__.startswith("2.15.0"), torch.__version__
 torch.set_num_threads(1)
@@ -49,46 +46,25 @@ CONFIGS = {
 }
 
 
-def resnet18(widths=(4, 8, 16, 32), classes=10):
-    """torchvision's QuantizableResNet(QuantizableBasicBlock, [2, 2, 2, 2]) with the stem and
-    the four stages rebuilt by torchvision's own `_make_layer` at reduced widths."""
-    m = QuantizableResNet(QuantizableBasicBlock, [2, 2, 2, 2], num_classes=classes)
-    m.inplanes = widths[0]
-    m.conv1 = nn.Conv2d(3, widths[0], kernel_size=7, stride=2, padding=3, bias=False)
-    m.bn1 = nn.BatchNorm2d(widths[0])
-    m.layer1 = m._make_layer(QuantizableBasicBlock, widths[0], 2)
-    m.layer2 = m._make_layer(QuantizableBasicBlock, widths[1], 2, stride=2)
-    m.layer3 = m._make_layer(QuantizableBasicBlock, widths[2], 2, stride=2)
-    m.layer4 = m._make_layer(QuantizableBasicBlock, widths[3], 2, stride=2)
-    m.fc = nn.Linear(widths[3], classes)
-    return m
+sys.path.insert(0, os.path.dirname(__file__))
+from gen_torchvision_fixtures import build  # noqa: E402
+
+ARCHS = ["resnet18", "mobilenet_v2", "mobilenet_v3_large"]
+CALIB_SHAPE = (4, 3, 48, 48)
 
 
-def mobilenet_v2(classes=10):
-    """torchvision's QuantizableMobileNetV2 at width 0.25 (ReLU6 replaced by ReLU as
-    torchvision's `mobilenet_v2(quantize=...)` does)."""
-    from torchvision.models.quantization.mobilenetv2 import QuantizableInvertedResidual
-    from torchvision.models.quantization.utils import _replace_relu
-
-    m = QuantizableMobileNetV2(num_classes=classes, width_mult=0.25, block=QuantizableInvertedResidual)
-    _replace_relu(m)
-    return m
-
-
-ARCHS = {
-    "resnet18": (resnet18, (3, 32, 32)),
-    "mobilenet_v2": (mobilenet_v2, (3, 32, 32)),
-}
-
-
-def randomize_bn(model, g):
-    for mod in model.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            c = mod.num_features
-            mod.weight.data = 0.5 + torch.rand(c, generator=g)
-            mod.bias.data = 0.2 * torch.randn(c, generator=g)
-            mod.running_mean.data = 0.2 * torch.randn(c, generator=g)
-            mod.running_var.data = 0.5 + torch.rand(c, generator=g)
+def lcg_batch(seed, shape):
+    """Values in [-1, 1) with 24 random bits each, exactly reproducible in f32 (Rust: the
+    same recurrence, `((s >> 40) as f32 / 2^24) * 2 - 1`)."""
+    s = (seed * 6364136223846793005 + 1442695040888963407) % 2**64
+    n = 1
+    for d in shape:
+        n *= d
+    out = []
+    for _ in range(n):
+        s = (s * 6364136223846793005 + 1442695040888963407) % 2**64
+        out.append(((s >> 40) / 16777216.0) * 2.0 - 1.0)
+    return torch.tensor(out, dtype=torch.float32).reshape(shape)
 
 
 def quantized_names(model):
@@ -96,29 +72,18 @@ def quantized_names(model):
 
 
 def main(only=None):
-    for arch, (ctor, in_shape) in ARCHS.items():
+    for arch in ARCHS:
         if only and arch not in only:
             continue
-        g = torch.Generator().manual_seed(20261129)
-        torch.manual_seed(20261129)
-        base = ctor()
-        randomize_bn(base, g)
-        base.eval()
-        calib = [torch.randn(4, *in_shape, generator=g) for _ in range(3)]
-        test_x = torch.randn(4, *in_shape, generator=g)
+        base, test_x = build(arch)
+        calib = [lcg_batch(100 + i, CALIB_SHAPE) for i in range(3)]
         tensors, meta = {}, {}
         fused = None
-        for i, b in enumerate(calib):
-            tensors[f"calib.{i}"] = b.contiguous()
-        tensors["test_x"] = test_x.contiguous()
-        with torch.no_grad():
-            tensors["float_logits"] = base(test_x).contiguous()
         for cname, qc in CONFIGS.items():
-            model = ctor()
-            model.load_state_dict(base.state_dict())
+            model, _ = build(arch)
             model.eval()
             model.fuse_model()
-            if fused is None:
+            if fused is None and arch == "resnet18":
                 fused = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()
                          if v.dtype == torch.float32}
                 for k, v in fused.items():
@@ -131,23 +96,14 @@ def main(only=None):
             if cname == "minmax":
                 for n, m in model.named_modules():
                     obs = getattr(m, "activation_post_process", None)
-                    if isinstance(obs, MinMaxObserver):
+                    if isinstance(obs, MinMaxObserver) and obs.min_val.numel() == 1 and torch.isfinite(obs.min_val):
                         tensors[f"{cname}.range.{n}"] = torch.stack([obs.min_val, obs.max_val]).float()
             convert(model, inplace=True)
             names = quantized_names(model)
+            used = []
             outs = {}
             for n in names:
                 mod = model.get_submodule(n)
-                tensors[f"{cname}.scale.{n}"] = torch.tensor([float(mod.scale)], dtype=torch.float32)
-                tensors[f"{cname}.zero_point.{n}"] = torch.tensor([int(mod.zero_point)], dtype=torch.int32)
-
-                def hook(m, i, o, n=n):
-                    outs[n] = o.int_repr().contiguous()
-
-                if not isinstance(mod, torch.ao.nn.quantized.FloatFunctional) and not hasattr(mod, "add"):
-                    mod.register_forward_hook(hook)
-            # QFunctional adds: wrap their methods to catch outputs.
-            for n, mod in model.named_modules():
                 if isinstance(mod, torch.ao.nn.quantized.QFunctional):
                     for meth in ("add", "add_relu", "mul", "cat"):
                         f = getattr(mod, meth)
@@ -158,15 +114,27 @@ def main(only=None):
                             return y
 
                         setattr(mod, meth, wrapped)
+                else:
+                    mod.register_forward_hook(lambda m, i, o, n=n: outs.__setitem__(n, o.int_repr().contiguous()))
             with torch.no_grad():
                 logits = model(test_x)
-            for n, t in outs.items():
-                tensors[f"{cname}.int.{n}"] = t
+            ran = [n for n in names if n in outs]  # FloatFunctionals without a residual never run
+            # fbgemm: only the classifier's int8 logits are compared (keeps the file small).
+            classifier = [n for n in ran if tuple(outs[n].shape) == tuple(logits.shape)][-1:]
+            assert classifier, arch
+            for n in ran if cname == "minmax" else classifier:
+                used.append(n)
+                mod = model.get_submodule(n)
+                tensors[f"{cname}.scale.{n}"] = torch.tensor([float(mod.scale)], dtype=torch.float32)
+                tensors[f"{cname}.zero_point.{n}"] = torch.tensor([int(mod.zero_point)], dtype=torch.int32)
+                tensors[f"{cname}.int.{n}"] = outs[n]
+                if hasattr(mod, "weight") and callable(mod.weight) and cname == "minmax":
+                    tensors[f"{cname}.wq.{n}"] = mod.weight().int_repr().contiguous()
             tensors[f"{cname}.logits"] = logits.contiguous()
-            meta[cname] = json.dumps({"quantized_modules": names})
+            meta[cname] = json.dumps({"quantized_modules": used})
         meta["generator"] = json.dumps({
             "torch": torch.__version__, "engine": "fbgemm", "arch": arch,
-            "input": list(in_shape), "calibration": "3 batches of 4, randn", "seed": 20261129,
+            "calibration": "3 LCG batches [4, 3, 48, 48], seeds 100..102",
         })
         path = os.path.join(ROOT, "tests", "fixtures", f"tv_int8_{arch}.safetensors")
         save_file(tensors, path, metadata=meta)

@@ -7,14 +7,15 @@ use ndarray::ArrayD;
 
 use super::exec::{QNode, QuantizedGraph};
 use super::ops::{
-    AdaptiveAvgPoolOp, AddOp, AvgPoolOp, ClampOp, ConvOp, DequantizeOp, FlattenOp, IdentityOp,
-    InputOp, LinearOp, MaxPoolOp, QuantizeOp, ReluOp, ReshapeOp,
+    AdaptiveAvgPoolOp, AddOp, AvgPoolOp, BatchNormOp, CatOp, ClampOp, ConvOp, DequantizeOp,
+    FlattenOp, HardswishOp, IdentityOp, InputOp, LinearOp, MaxPoolOp, MulOp, QuantizeOp, ReluOp,
+    ReshapeOp, SigmoidOp, UpsampleOp,
 };
 use super::prepare::{Domain, PreparedGraph};
 use super::{ExecCtx, OpRecordWriter, QuantOp, Value};
 use crate::error::{QuantError, Result};
-use crate::graph::{Node, NodeId, Op};
-use crate::nn::quantized::Conv2dParams;
+use crate::graph::{NearestRule, Node, NodeId, Op, UpsampleMode};
+use crate::nn::quantized::{Conv2dParams, QBatchNorm2d, QUpsampleNearest2d, UpsampleSize};
 use crate::observer::Observer;
 use crate::qconfig::QConfig;
 use crate::qparams::{ActQParams, QParams};
@@ -201,6 +202,71 @@ impl FromObserved for IdentityOp {
     }
 }
 
+impl FromObserved for MulOp {
+    fn from_observed(o: &Observed<'_>) -> Result<Self> {
+        Ok(MulOp::new(o.out()?, false))
+    }
+}
+
+impl FromObserved for CatOp {
+    fn from_observed(o: &Observed<'_>) -> Result<Self> {
+        match o.node.op {
+            Op::Concat { axis } => CatOp::new(axis, o.node.inputs.len(), o.out()?),
+            _ => Err(internal(o.node, "CatOp from a non-concat")),
+        }
+    }
+}
+
+impl FromObserved for HardswishOp {
+    fn from_observed(o: &Observed<'_>) -> Result<Self> {
+        Ok(HardswishOp::new(o.out()?))
+    }
+}
+
+impl FromObserved for SigmoidOp {
+    fn from_observed(o: &Observed<'_>) -> Result<Self> {
+        Ok(SigmoidOp::new(matches!(o.node.op, Op::Hardsigmoid)))
+    }
+}
+
+impl FromObserved for UpsampleOp {
+    fn from_observed(o: &Observed<'_>) -> Result<Self> {
+        let Op::Upsample(u) = &o.node.op else {
+            return Err(internal(o.node, "UpsampleOp from another op"));
+        };
+        let size = match (u.size, u.scale_factor) {
+            (Some((h, w)), _) => UpsampleSize::Size(h, w),
+            (None, Some((h, w))) => UpsampleSize::Scale(h as f64, w as f64),
+            (None, None) => return Err(internal(o.node, "upsample without size or scale")),
+        };
+        let mut up = QUpsampleNearest2d::new(size)?;
+        match u.mode {
+            UpsampleMode::Nearest(NearestRule::Floor) => {}
+            UpsampleMode::Nearest(NearestRule::Exact) => up = up.with_exact(),
+            _ => return Err(internal(o.node, "int8 upsample of a mode without a kernel")),
+        }
+        Ok(UpsampleOp::new(up, o.input(0)?))
+    }
+}
+
+impl FromObserved for BatchNormOp {
+    fn from_observed(o: &Observed<'_>) -> Result<Self> {
+        let Op::BatchNorm2d(b) = &o.node.op else {
+            return Err(internal(o.node, "BatchNormOp from another op"));
+        };
+        let out = o.out()?;
+        BatchNormOp::new(QBatchNorm2d::new(
+            Some(b.weight.view()),
+            Some(b.bias.view()),
+            b.running_mean.view(),
+            b.running_var.view(),
+            b.eps as f64,
+            out.scale(),
+            out.zero_point(),
+        )?)
+    }
+}
+
 /// The int8 op for a node planned in int8: THE dispatch from the graph's op set to int8
 /// op types (exhaustive: a new [`Op`] must be placed here).
 fn int8_op(o: &Observed<'_>) -> Result<Box<dyn QuantOp>> {
@@ -219,22 +285,21 @@ fn int8_op(o: &Observed<'_>) -> Result<Box<dyn QuantOp>> {
         Op::Flatten { .. } => b::<FlattenOp>(o),
         Op::Reshape { .. } => b::<ReshapeOp>(o),
         Op::Identity | Op::Dropout => b::<IdentityOp>(o),
+        Op::Mul => b::<MulOp>(o),
+        Op::Concat { .. } => b::<CatOp>(o),
+        Op::Hardswish => b::<HardswishOp>(o),
+        Op::Hardsigmoid | Op::Sigmoid => b::<SigmoidOp>(o),
+        Op::Upsample(_) => b::<UpsampleOp>(o),
+        Op::BatchNorm2d(_) => b::<BatchNormOp>(o),
         Op::QuantStub => Ok(Box::new(QuantizeOp::new(o.out()?))),
         Op::Input
         | Op::DeQuantStub
         | Op::BatchNorm1d(_)
-        | Op::BatchNorm2d(_)
-        | Op::Hardswish
-        | Op::Hardsigmoid
-        | Op::Sigmoid
         | Op::SiLU
         | Op::Gelu { .. }
-        | Op::Mul
-        | Op::Concat { .. }
         | Op::Mean { .. }
         | Op::Permute { .. }
         | Op::Slice { .. }
-        | Op::Upsample(_)
         | Op::Softmax { .. }
         | Op::LayerNorm(_)
         | Op::Custom(_) => Err(QuantError::UnsupportedConfig {
@@ -348,6 +413,7 @@ pub fn convert(prepared: PreparedGraph) -> Result<QuantizedGraph> {
         let name = &graph.node(src).name;
         let q = match plan[src.index()].output {
             Domain::Quant(obs) => act_of(&observers, obs, &graph.node(obs).name)?,
+            Domain::Fixed(q) => q,
             Domain::Float => act_of(&observers, src, name)?,
         };
         if let Some(i) = b.q_of[src.index()] {

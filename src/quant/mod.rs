@@ -411,8 +411,43 @@ mod graph_tests {
             node("fc1", &[13], l1),
             node("fc2", &[14], l2),
             node("dequant", &[15], DequantizeOp),
+            // a second output through the ops of squeeze-excite / U-Net style graphs
+            node("hardswish", &[5], HardswishOp::new(a(0.05, 10))),
+            node("hardsigmoid", &[17], SigmoidOp::new(true)),
+            node("mul", &[17, 18], MulOp::new(a(0.04, 12), false)),
+            node("cat", &[19, 17], CatOp::new(1, 2, a(0.05, 8)).unwrap()),
+            node(
+                "up",
+                &[20],
+                UpsampleOp::new(
+                    crate::nn::quantized::QUpsampleNearest2d::new(
+                        crate::nn::quantized::UpsampleSize::Scale(2.0, 2.0),
+                    )
+                    .unwrap(),
+                    a(0.05, 8),
+                ),
+            ),
+            node(
+                "bn",
+                &[21],
+                BatchNormOp::new(
+                    crate::nn::quantized::QBatchNorm2d::new(
+                        Some(Array1::from(vec![1.5f32; 8]).view()),
+                        Some(Array1::from(vec![0.1f32; 8]).view()),
+                        Array1::from(vec![0.2f32; 8]).view(),
+                        Array1::from(vec![0.9f32; 8]).view(),
+                        1e-5,
+                        0.06,
+                        40,
+                    )
+                    .unwrap(),
+                )
+                .unwrap(),
+            ),
+            node("sigmoid", &[22], SigmoidOp::new(false)),
+            node("dequant2", &[23], DequantizeOp),
         ];
-        QuantizedGraph::new(nodes, vec![0], vec![16], 1234).unwrap()
+        QuantizedGraph::new(nodes, vec![0], vec![16, 24], 1234).unwrap()
     }
 
     fn input() -> ArrayD<f32> {
@@ -431,6 +466,11 @@ mod graph_tests {
             })
             .unwrap();
         assert_eq!(y[0].shape(), &[2, 3]);
+        assert_eq!(y[1].shape(), &[2, 8, 12, 12]);
+        // sigmoid's fixed output qparams: every value a multiple of 1/256 in [0, 1)
+        assert!(y[1]
+            .iter()
+            .all(|v| (0.0..1.0).contains(v) && (v * 256.0).fract() == 0.0));
         let layout = |n: &str| seen.iter().find(|(k, _)| k == n).unwrap().1;
         assert_eq!(layout("conv1"), Layout::Nhwc);
         assert_eq!(layout("conv2"), Layout::Nhwc);
@@ -523,7 +563,7 @@ mod graph_tests {
         };
         let err = edit("\"1:inputs\":\"0\"", "\"1:inputs\":\"5\"").unwrap_err();
         assert!(err.to_string().contains("node index below 1"), "{err}");
-        let err = edit("\"nodes\":\"17\"", "\"nodes\":\"99999999\"").unwrap_err();
+        let err = edit("\"nodes\":\"25\"", "\"nodes\":\"99999999\"").unwrap_err();
         assert!(err.to_string().contains("more than"), "{err}");
         let err = edit("ptq-qmodel/2", "ptq-qmodel/1").unwrap_err();
         assert!(err.to_string().contains("QuantizedModel::load"), "{err}");

@@ -15,8 +15,9 @@ use ndarray::{ArrayD, IxDyn};
 use super::{ExecCtx, Layout, OpRecordReader, OpRecordWriter, QAct, QuantOp, Value};
 use crate::error::{QuantError, Result};
 use crate::nn::quantized::{
-    Conv2dParams, QAdaptiveAvgPool2d, QAdd, QAvgPool2d, QConv2d, QConvReLU2d, QLinear, QLinearReLU,
-    QMaxPool2d, QReLU, QTensor, TorchLayout,
+    Conv2dParams, QAdaptiveAvgPool2d, QAdd, QAvgPool2d, QBatchNorm2d, QCat, QConv2d, QConvReLU2d,
+    QHardsigmoid, QHardswish, QLinear, QLinearReLU, QMaxPool2d, QMul, QReLU, QSigmoid, QTensor,
+    QUpsampleNearest2d, TorchLayout, UpsampleSize,
 };
 use crate::qparams::{ActQParams, QParams};
 
@@ -923,5 +924,378 @@ impl QuantOp for IdentityOp {
             rec.act("q", q);
         }
         Ok(())
+    }
+}
+
+fn torch_of_full(xs: &[&QAct], shape: &[usize]) -> TorchLayout {
+    xs.iter()
+        .find(|x| x.shape() == shape)
+        .map_or(TorchLayout::Contiguous, |x| x.torch_layout())
+}
+
+/// `QFunctional.mul` / `mul_relu` (`quantized::mul`): numpy broadcasting (the
+/// squeeze-excite gate `[N, C, H, W] * [N, C, 1, 1]`), its own output qparams.
+#[derive(Debug, Clone)]
+pub struct MulOp {
+    out: ActQParams,
+    relu: bool,
+}
+
+impl MulOp {
+    /// A product quantized with `out` (ReLU fused if `relu`).
+    pub fn new(out: ActQParams, relu: bool) -> Self {
+        MulOp { out, relu }
+    }
+    /// Reader for the file table.
+    ///
+    /// # Errors
+    /// Malformed records.
+    pub fn read(r: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
+        Ok(Box::new(MulOp::new(r.act("out")?, r.flag("relu")?)))
+    }
+}
+
+impl QuantOp for MulOp {
+    fn kind(&self) -> &'static str {
+        "Mul"
+    }
+    fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value> {
+        let [a, b] = inputs else {
+            return Err(QuantError::UnsupportedConfig {
+                context: "Mul".into(),
+                reason: format!("takes two inputs, got {}", inputs.len()),
+            });
+        };
+        let (a, b) = (a.int8("Mul")?, b.int8("Mul")?);
+        let mut m =
+            QMul::new(self.out.scale(), self.out.zero_point())?.with_layout(a.torch_layout());
+        if self.relu {
+            m = m.with_relu();
+        }
+        let y = m.forward(&nchw(a, ctx), &nchw(b, ctx))?;
+        let torch = torch_of_full(&[a, b], y.data().shape());
+        Ok(Value::Int8(QAct::new(y, Layout::Nchw, torch)?))
+    }
+    fn output_qparams(&self) -> Option<ActQParams> {
+        Some(self.out)
+    }
+    fn write(&self, rec: &mut OpRecordWriter<'_>) -> Result<()> {
+        rec.act("out", self.out);
+        rec.set("relu", self.relu as u8);
+        Ok(())
+    }
+    fn arity(&self) -> usize {
+        2
+    }
+}
+
+/// `QFunctional.cat` (`quantized::cat`): every input requantized to the output's qparams.
+#[derive(Debug, Clone)]
+pub struct CatOp {
+    dim: usize,
+    n: usize,
+    out: ActQParams,
+}
+
+impl CatOp {
+    /// A concatenation of `n` inputs along `dim` quantized with `out`.
+    ///
+    /// # Errors
+    /// [`QuantError::UnsupportedConfig`] for no input.
+    pub fn new(dim: usize, n: usize, out: ActQParams) -> Result<Self> {
+        if n == 0 {
+            return Err(QuantError::UnsupportedConfig {
+                context: "Concat".into(),
+                reason: "needs at least one input".into(),
+            });
+        }
+        Ok(CatOp { dim, n, out })
+    }
+    /// Reader for the file table.
+    ///
+    /// # Errors
+    /// Malformed records.
+    pub fn read(r: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
+        let n = r.num_inputs();
+        Ok(Box::new(CatOp::new(r.hyper("dim", 0)?, n, r.act("out")?)?))
+    }
+}
+
+impl QuantOp for CatOp {
+    fn kind(&self) -> &'static str {
+        "Concat"
+    }
+    fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value> {
+        let xs: Vec<&QAct> = inputs
+            .iter()
+            .map(|v| v.int8("Concat"))
+            .collect::<Result<_>>()?;
+        let cl = xs
+            .iter()
+            .all(|x| x.torch_layout() == TorchLayout::ChannelsLast && x.shape().len() == 4);
+        let torch = if cl {
+            TorchLayout::ChannelsLast
+        } else {
+            TorchLayout::Contiguous
+        };
+        let ts: Vec<Cow<'_, QTensor>> = xs.iter().map(|x| nchw(x, ctx)).collect();
+        let refs: Vec<&QTensor> = ts.iter().map(|t| t.as_ref()).collect();
+        let y = QCat::new(self.dim, self.out.scale(), self.out.zero_point())?
+            .with_layout(torch)
+            .forward(&refs)?;
+        Ok(Value::Int8(QAct::new(y, Layout::Nchw, torch)?))
+    }
+    fn output_qparams(&self) -> Option<ActQParams> {
+        Some(self.out)
+    }
+    fn write(&self, rec: &mut OpRecordWriter<'_>) -> Result<()> {
+        rec.set("dim", self.dim);
+        rec.act("out", self.out);
+        Ok(())
+    }
+    fn arity(&self) -> usize {
+        self.n
+    }
+}
+
+/// `quantized.Hardswish`: its own output qparams.
+#[derive(Debug, Clone)]
+pub struct HardswishOp {
+    out: ActQParams,
+}
+
+impl HardswishOp {
+    /// A hardswish quantized with `out`.
+    pub fn new(out: ActQParams) -> Self {
+        HardswishOp { out }
+    }
+    /// Reader for the file table.
+    ///
+    /// # Errors
+    /// Malformed records.
+    pub fn read(r: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
+        Ok(Box::new(HardswishOp::new(r.act("out")?)))
+    }
+}
+
+impl QuantOp for HardswishOp {
+    fn kind(&self) -> &'static str {
+        "Hardswish"
+    }
+    fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value> {
+        let x = one(inputs, "Hardswish")?.int8("Hardswish")?;
+        let y = QHardswish::new(self.out.scale(), self.out.zero_point())?
+            .with_layout(x.torch_layout())
+            .forward(&nchw(x, ctx))?;
+        Ok(Value::Int8(QAct::new(y, Layout::Nchw, x.torch_layout())?))
+    }
+    fn output_qparams(&self) -> Option<ActQParams> {
+        Some(self.out)
+    }
+    fn write(&self, rec: &mut OpRecordWriter<'_>) -> Result<()> {
+        rec.act("out", self.out);
+        Ok(())
+    }
+}
+
+/// The output qparams PyTorch fixes for quint8 sigmoid and hardsigmoid (1/256, 0).
+pub fn sigmoid_qparams() -> ActQParams {
+    ActQParams::new(crate::nn::quantized::SIGMOID_SCALE, 0)
+        .unwrap_or_else(|_| unreachable!("1/256 is a valid scale"))
+}
+
+/// `hardsigmoid` / `sigmoid` on quint8 (fixed output qparams 1/256, 0).
+#[derive(Debug, Clone)]
+pub struct SigmoidOp {
+    hard: bool,
+}
+
+impl SigmoidOp {
+    /// `Hardsigmoid` if `hard`, else `Sigmoid`.
+    pub fn new(hard: bool) -> Self {
+        SigmoidOp { hard }
+    }
+    /// Reader for the file table (`Hardsigmoid`).
+    ///
+    /// # Errors
+    /// None.
+    pub fn read_hard(_: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
+        Ok(Box::new(SigmoidOp::new(true)))
+    }
+    /// Reader for the file table (`Sigmoid`).
+    ///
+    /// # Errors
+    /// None.
+    pub fn read_soft(_: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
+        Ok(Box::new(SigmoidOp::new(false)))
+    }
+}
+
+impl QuantOp for SigmoidOp {
+    fn kind(&self) -> &'static str {
+        if self.hard {
+            "Hardsigmoid"
+        } else {
+            "Sigmoid"
+        }
+    }
+    fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value> {
+        let x = one(inputs, self.kind())?.int8(self.kind())?;
+        let t = nchw(x, ctx);
+        let y = if self.hard {
+            QHardsigmoid::new()
+                .with_layout(x.torch_layout())
+                .forward(&t)?
+        } else {
+            QSigmoid::new().with_layout(x.torch_layout()).forward(&t)?
+        };
+        Ok(Value::Int8(QAct::new(y, Layout::Nchw, x.torch_layout())?))
+    }
+    fn output_qparams(&self) -> Option<ActQParams> {
+        Some(sigmoid_qparams())
+    }
+    fn write(&self, _: &mut OpRecordWriter<'_>) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// `upsample_nearest2d` on quint8 (keeps qparams).
+#[derive(Debug, Clone)]
+pub struct UpsampleOp {
+    up: QUpsampleNearest2d,
+    q: ActQParams,
+}
+
+impl UpsampleOp {
+    /// Wraps the kernel.
+    pub fn new(up: QUpsampleNearest2d, q: ActQParams) -> Self {
+        UpsampleOp { up, q }
+    }
+    /// Reader for the file table.
+    ///
+    /// # Errors
+    /// Malformed records; the kernel's constructor errors.
+    pub fn read(r: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
+        let size = if r.flag("by_size")? {
+            let (h, w) = r.pair("size", 1)?;
+            UpsampleSize::Size(h, w)
+        } else {
+            let h: f64 = r.parse("scale_h")?;
+            let w: f64 = r.parse("scale_w")?;
+            if !(h > 0.0 && h <= 64.0 && w > 0.0 && w <= 64.0) {
+                return Err(r.bad(format!("implausible scale factors ({h}, {w})")));
+            }
+            UpsampleSize::Scale(h, w)
+        };
+        let mut up = QUpsampleNearest2d::new(size)?;
+        if r.flag("exact")? {
+            up = up.with_exact();
+        }
+        Ok(Box::new(UpsampleOp::new(up, r.act("q")?)))
+    }
+}
+
+impl QuantOp for UpsampleOp {
+    fn kind(&self) -> &'static str {
+        "Upsample"
+    }
+    fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value> {
+        let x = one(inputs, "Upsample")?.int8("Upsample")?;
+        let y = self.up.forward(&nchw(x, ctx))?;
+        Ok(Value::Int8(QAct::new(y, Layout::Nchw, x.torch_layout())?))
+    }
+    fn output_qparams(&self) -> Option<ActQParams> {
+        Some(self.q)
+    }
+    fn write(&self, rec: &mut OpRecordWriter<'_>) -> Result<()> {
+        match self.up.size() {
+            UpsampleSize::Size(h, w) => {
+                rec.set("by_size", 1);
+                rec.pair("size", (h, w));
+            }
+            UpsampleSize::Scale(h, w) => {
+                rec.set("by_size", 0);
+                rec.set("scale_h", h);
+                rec.set("scale_w", w);
+            }
+        }
+        rec.set("exact", self.up.is_exact() as u8);
+        rec.act("q", self.q);
+        Ok(())
+    }
+}
+
+/// `quantized.BatchNorm2d` (an unfused batch norm in int8): its own output qparams.
+#[derive(Debug, Clone)]
+pub struct BatchNormOp {
+    bn: QBatchNorm2d,
+    out: ActQParams,
+}
+
+impl BatchNormOp {
+    /// Wraps the kernel.
+    ///
+    /// # Errors
+    /// None in practice (the kernel's qparams are valid).
+    pub fn new(bn: QBatchNorm2d) -> Result<Self> {
+        let (s, z) = bn.output_qparams();
+        Ok(BatchNormOp {
+            bn,
+            out: ActQParams::new(s, z)?,
+        })
+    }
+    /// Reader for the file table.
+    ///
+    /// # Errors
+    /// Malformed records; the kernel's constructor errors.
+    pub fn read(r: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
+        let (_, w) = r.f32s("weight", 1)?;
+        let (_, b) = r.f32s("bias", 1)?;
+        let (_, m) = r.f32s("mean", 1)?;
+        let (_, v) = r.f32s("var", 1)?;
+        let eps: f64 = r.parse("eps")?;
+        let out = r.act("out")?;
+        let mut bn = QBatchNorm2d::new(
+            Some(ndarray::ArrayView1::from(&w[..])),
+            Some(ndarray::ArrayView1::from(&b[..])),
+            ndarray::ArrayView1::from(&m[..]),
+            ndarray::ArrayView1::from(&v[..]),
+            eps,
+            out.scale(),
+            out.zero_point(),
+        )?;
+        if r.flag("relu")? {
+            bn = bn.with_relu();
+        }
+        Ok(Box::new(BatchNormOp::new(bn)?))
+    }
+}
+
+impl QuantOp for BatchNormOp {
+    fn kind(&self) -> &'static str {
+        "BatchNorm2d"
+    }
+    fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value> {
+        let x = one(inputs, "BatchNorm2d")?.int8("BatchNorm2d")?;
+        let y = self.bn.forward(&nchw(x, ctx))?;
+        Ok(Value::Int8(QAct::new(y, Layout::Nchw, x.torch_layout())?))
+    }
+    fn output_qparams(&self) -> Option<ActQParams> {
+        Some(self.out)
+    }
+    fn write(&self, rec: &mut OpRecordWriter<'_>) -> Result<()> {
+        let (w, b, m, v) = self.bn.params();
+        let c = [w.len()];
+        rec.f32s("weight", &c, w);
+        rec.f32s("bias", &c, b);
+        rec.f32s("mean", &c, m);
+        rec.f32s("var", &c, v);
+        rec.set("eps", self.bn.eps());
+        rec.set("relu", self.bn.is_relu() as u8);
+        rec.act("out", self.out);
+        Ok(())
+    }
+    fn weight_bytes(&self) -> usize {
+        self.bn.channels() * 16
     }
 }

@@ -7,10 +7,10 @@ use std::fmt;
 use ndarray::ArrayD;
 
 use crate::error::{QuantError, Result};
-use crate::graph::{Graph, Node, NodeId, Op};
+use crate::graph::{Graph, NearestRule, Node, NodeId, Op, UpsampleMode};
 use crate::observer::Observer;
 use crate::qconfig::{QConfig, QConfigMap};
-use crate::qparams::DType;
+use crate::qparams::{ActQParams, DType};
 
 /// What an op does with quantization parameters when it runs in int8.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +27,9 @@ pub enum Role {
     /// Keeps its input's qparams (ReLU, clamp, pools, flatten, reshape, identity): runs in
     /// int8 when its input is int8.
     Preserves,
+    /// Runs in int8 when its input is int8, with output qparams fixed by the kernel
+    /// (sigmoid, hardsigmoid: scale 1/256, zero point 0), no observer.
+    FixedOutput,
     /// No int8 version (or not for these parameters): runs in float.
     FloatOnly,
 }
@@ -58,6 +61,19 @@ pub fn role(graph: &Graph, node: &Node) -> Role {
                 Role::FloatOnly
             }
         }
+        Op::Mul | Op::Concat { .. } | Op::Hardswish => Role::Requantizes,
+        Op::BatchNorm2d(_) => {
+            if node.shape.rank() == 4 {
+                Role::Requantizes
+            } else {
+                Role::FloatOnly
+            }
+        }
+        Op::Hardsigmoid | Op::Sigmoid => Role::FixedOutput,
+        Op::Upsample(u) => match u.mode {
+            UpsampleMode::Nearest(NearestRule::Floor | NearestRule::Exact) => Role::Preserves,
+            _ => Role::FloatOnly,
+        },
         // quantized::add has no broadcasting.
         Op::Add | Op::AddReLU => {
             if same_shapes() {
@@ -90,17 +106,9 @@ pub fn role(graph: &Graph, node: &Node) -> Role {
             }
         }
         Op::AdaptiveAvgPool2d(_) => Role::Preserves,
-        // No int8 kernel yet (helper "ops" lands QMul, QCat, LUT activations, upsample,
-        // quantized BN): float islands with automatic borders.
-        Op::Mul
-        | Op::Concat { .. }
-        | Op::Hardswish
-        | Op::Hardsigmoid
-        | Op::Sigmoid
-        | Op::Upsample(_)
-        | Op::BatchNorm1d(_)
-        | Op::BatchNorm2d(_) => Role::FloatOnly,
-        Op::SiLU
+        // No int8 kernel: float islands with automatic borders.
+        Op::BatchNorm1d(_)
+        | Op::SiLU
         | Op::Gelu { .. }
         | Op::Mean { .. }
         | Op::Permute { .. }
@@ -112,12 +120,14 @@ pub fn role(graph: &Graph, node: &Node) -> Role {
 }
 
 /// Where a node's output lives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Domain {
     /// Float.
     Float,
     /// int8, with the parameters of the observer on this node's float output.
     Quant(NodeId),
+    /// int8, with parameters the kernel fixes.
+    Fixed(ActQParams),
 }
 
 /// `prepare`'s decision for one node.
@@ -181,6 +191,7 @@ impl fmt::Display for PreparedGraph {
             let out = match p.output {
                 Domain::Float => "float".to_string(),
                 Domain::Quant(src) => format!("int8 ({})", self.graph.node(src).name),
+                Domain::Fixed(q) => format!("int8 ({q})"),
             };
             let obs = if self.observers.contains_key(&n.id) {
                 " [observed]"
@@ -284,8 +295,12 @@ pub fn prepare(graph: Graph, map: &QConfigMap) -> Result<PreparedGraph> {
                 (true, Domain::Quant(node.id))
             }
             (Role::Preserves, Some(_)) => match input_domain(0) {
-                Domain::Quant(src) => (true, Domain::Quant(src)),
                 Domain::Float => (false, Domain::Float),
+                d => (true, d),
+            },
+            (Role::FixedOutput, Some(_)) => match input_domain(0) {
+                Domain::Float => (false, Domain::Float),
+                _ => (true, Domain::Fixed(crate::quant::ops::sigmoid_qparams())),
             },
             _ => (false, Domain::Float),
         };

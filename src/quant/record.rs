@@ -202,6 +202,13 @@ pub static READERS: &[(&str, OpReader)] = &[
     ("Flatten", ops::FlattenOp::read),
     ("Reshape", ops::ReshapeOp::read),
     ("Identity", ops::IdentityOp::read),
+    ("Mul", ops::MulOp::read),
+    ("Concat", ops::CatOp::read),
+    ("Hardswish", ops::HardswishOp::read),
+    ("Hardsigmoid", ops::SigmoidOp::read_hard),
+    ("Sigmoid", ops::SigmoidOp::read_soft),
+    ("Upsample", ops::UpsampleOp::read),
+    ("BatchNorm2d", ops::BatchNormOp::read),
     ("Float", super::convert::FloatOp::read),
 ];
 
