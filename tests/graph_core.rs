@@ -330,3 +330,25 @@ fn strict_state_dict_loading_by_node_name_lists_every_problem() {
         e => panic!("unexpected error {e}"),
     }
 }
+
+#[test]
+fn linear_on_batched_3d_inputs_never_panics() {
+    // Found by tests/graph_prop.rs: `dot` can return a column-major product, which the
+    // old reshape at the end of Linear::forward refused with a panic.
+    for rows in 1..=4 {
+        for inner in 1..=6 {
+            for out in 1..=5 {
+                let x = ramp(&[rows, 2, inner], 0.3);
+                let w = Array2::from_shape_fn((out, inner), |(i, j)| (i * inner + j) as f32 * 0.1);
+                let y = Linear::new(w.clone(), None).unwrap().forward(&x).unwrap();
+                assert_eq!(y.shape(), &[rows, 2, out]);
+                for r in 0..rows {
+                    for o in 0..out {
+                        let want: f32 = (0..inner).map(|k| x[[r, 1, k]] * w[[o, k]]).sum();
+                        assert!((y[[r, 1, o]] - want).abs() < 1e-5);
+                    }
+                }
+            }
+        }
+    }
+}
