@@ -352,3 +352,50 @@ fn linear_on_batched_3d_inputs_never_panics() {
         }
     }
 }
+
+#[test]
+fn hand_made_parameters_that_disagree_are_errors_not_panics() {
+    let mut g = GraphBuilder::new();
+    let x = g
+        .input("x", &[Dim::Batch, 2.into(), 4.into(), 4.into()])
+        .unwrap();
+    let mut bn = BatchNorm2d::identity(2);
+    bn.bias = Array1::zeros(3);
+    let err = g.batch_norm2d("bn", x, bn).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("unsupported configuration for bn: weight, bias"),
+        "{err}"
+    );
+    let mut c = conv(3, 2, 1);
+    c.bias = Some(Array1::zeros(2));
+    assert!(g
+        .conv2d("c", x, c)
+        .unwrap_err()
+        .to_string()
+        .contains("bias of 2 elements for 3 output channels"));
+    let f = g.flatten("f", x, 1, -1).unwrap();
+    let mut l = Linear::new(Array2::zeros((2, 32)), None).unwrap();
+    l.bias = Some(Array1::zeros(5));
+    assert!(g.linear("l", f, l).is_err());
+    let empty = Linear::new(Array2::zeros((2, 0)), None).unwrap();
+    assert!(g.linear("l0", f, empty).is_err());
+    let huge = ptq::graph::UpsampleSpec::scale(
+        1e9,
+        1e9,
+        ptq::graph::UpsampleMode::Bilinear {
+            align_corners: false,
+        },
+    );
+    assert!(g.upsample("up", x, huge).is_err());
+    let mut ln = ptq::graph::LayerNorm::new(&[4]);
+    ln.eps = f32::NAN;
+    assert!(g.layer_norm("ln", x, ln).is_err());
+    // Unknown ids from another builder are errors too.
+    let mut other = GraphBuilder::new();
+    let far = (0..5).fold(other.input("a", &[3.into()]).unwrap(), |id, i| {
+        other.relu(&format!("r{i}"), id).unwrap()
+    });
+    assert!(g.relu("r", far).is_err());
+    assert!(g.output(far).is_err());
+}
