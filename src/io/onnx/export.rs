@@ -198,6 +198,7 @@ impl PreparedGraph {
                 let src = node.inputs[k];
                 match self.plan(src).output {
                     Domain::Quant(s) => Ok(act(s)?.0),
+                    Domain::Fixed(q) => Ok(q.scale()),
                     Domain::Float => Ok(act(src)?.0),
                 }
             };
@@ -219,6 +220,7 @@ impl PreparedGraph {
                     let (s, z) = act(src)?;
                     Some(w.qdq(&out, s, z))
                 }
+                Domain::Fixed(q) if plan.int8 => Some(w.qdq(&out, q.scale(), q.zero_point())),
                 _ if obs.contains_key(&node.id) => {
                     let (s, z) = act(node.id)?;
                     Some(w.qdq(&out, s, z))
