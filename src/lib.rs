@@ -45,6 +45,10 @@
 //! * [`observer`]: the [`Observer`](observer::Observer) trait, PyTorch's observers, and
 //!   percentile, entropy (KL) and MSE clipping observers.
 //! * [`qconfig`]: observer specs and the fbgemm / x86 / qnnpack presets.
+//! * [`graph`]: models as graphs ([`Graph`], [`GraphBuilder`]): ops, shapes, float
+//!   forward, fusion.
+//! * [`quant`]: quantization over the graph: `prepare` -> `calibrate` -> `convert` into a
+//!   [`QuantizedGraph`] of int8 ops ([`quant::QuantOp`]), saved as `ptq-qmodel/2`.
 //! * [`nn`]: float layers, [`Sequential`](nn::Sequential) models of named children, fusion.
 //! * [`workflow`]: `prepare` -> `calibrate` -> `convert`.
 //! * [`analysis`]: per-layer error (SQNR) of an int8 model against its float twin,
@@ -57,19 +61,23 @@
 
 pub mod analysis;
 pub mod error;
+pub mod graph;
 pub mod io;
 pub mod kernels;
 pub mod nn;
 pub mod observer;
 pub mod qconfig;
 pub mod qparams;
+pub mod quant;
 pub mod workflow;
 
 pub use error::{QuantError, Result};
+pub use graph::{Graph, GraphBuilder, NodeId};
 pub use qparams::{
     dequantize, dequantize_val, fake_quantize, qparams_from_min_max, quantize, quantize_val,
-    resolve_quant_range, DType, QParams, QScheme, RangeConfig,
+    resolve_quant_range, ActQParams, DType, QParams, QScheme, RangeConfig,
 };
+pub use quant::{PreparedGraph, QuantizedGraph};
 
 /// The README's Rust examples, compiled and run as doctests.
 #[cfg(doctest)]

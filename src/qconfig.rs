@@ -14,13 +14,15 @@
 //! | [`QConfig::default_per_channel`] (`default_per_channel_qconfig`) | `MinMaxObserver(quant_min=0, quant_max=127)` | `PerChannelMinMaxObserver(qint8, per_channel_symmetric)` |
 //!
 //! plus [`QConfig::minmax_per_tensor`] and [`QConfig::minmax_per_channel`], which use
-//! min/max observers on both sides with fbgemm's ranges.
+//! min/max observers on both sides with fbgemm's ranges, and [`QConfig::onnxruntime`],
+//! which reproduces ONNX Runtime's `quantize_static` MinMax calibration (quint8 `0..=255`
+//! activations, per-channel symmetric qint8 `-127..=127` weights, ORT's float64 arithmetic).
 
 use crate::error::Result;
 use crate::observer::{
     EntropyObserver, FixedQParamsObserver, HistogramObserver, MinMaxObserver,
     MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver, MseObserver, Observer,
-    PerChannelMinMaxObserver, PercentileObserver,
+    OnnxRuntimeMinMaxObserver, PerChannelMinMaxObserver, PercentileObserver,
 };
 use crate::qparams::{DType, QParams, QScheme, RangeConfig};
 
@@ -58,6 +60,9 @@ pub enum ObserverKind {
         /// Number of histogram bins (2048 is usual).
         bins: usize,
     },
+    /// [`OnnxRuntimeMinMaxObserver`]: ONNX Runtime `quantize_static`'s MinMax calibration
+    /// (per tensor, or per channel with a per-channel scheme).
+    OnnxRuntimeMinMax,
     /// [`FixedQParamsObserver`] with this scale and zero point.
     FixedQParams {
         /// The fixed scale.
@@ -152,6 +157,12 @@ impl ObserverSpec {
         Self::with_kind(ObserverKind::Mse { bins: 2048 }, dtype, qscheme)
     }
 
+    /// An [`OnnxRuntimeMinMaxObserver`] spec (per tensor or per channel following
+    /// `qscheme`).
+    pub fn onnxruntime_min_max(dtype: DType, qscheme: QScheme) -> Self {
+        Self::with_kind(ObserverKind::OnnxRuntimeMinMax, dtype, qscheme)
+    }
+
     /// A fixed-parameters spec (per-tensor affine, full range of `dtype`).
     pub fn fixed(scale: f32, zero_point: i32, dtype: DType) -> Self {
         Self::with_kind(
@@ -227,6 +238,9 @@ impl ObserverSpec {
                 Box::new(EntropyObserver::new(self.range_config()?, bins)?)
             }
             ObserverKind::Mse { bins } => Box::new(MseObserver::new(self.range_config()?, bins)?),
+            ObserverKind::OnnxRuntimeMinMax => {
+                Box::new(OnnxRuntimeMinMaxObserver::new(self.range_config()?)?)
+            }
             ObserverKind::FixedQParams { scale, zero_point } => {
                 let range = self.range_config()?.quant_range();
                 let qp = QParams::new(
@@ -325,7 +339,33 @@ impl QConfig {
         }
     }
 
-    /// The preset for a PyTorch backend name: `"fbgemm"`, `"x86"`, `"qnnpack"`, `"onednn"`.
+    /// ONNX Runtime's `quantize_static` defaults with `per_channel=True` (MinMax
+    /// calibration, `QuantFormat.QDQ`): quint8 asymmetric activations over `0..=255`,
+    /// qint8 symmetric per-channel weights over ORT's restricted `-127..=127`, both with ORT's
+    /// float64 scale arithmetic ([`OnnxRuntimeMinMaxObserver`]), so scales and zero points
+    /// equal `quantize_static`'s bit for bit given the same ranges.
+    ///
+    /// # Examples
+    /// ```
+    /// use ptq::qconfig::QConfig;
+    /// let q = QConfig::onnxruntime();
+    /// assert_eq!(q.weight.range_config()?.quant_range(), (-127, 127));
+    /// assert_eq!(q.activation.range_config()?.quant_range(), (0, 255));
+    /// # Ok::<(), ptq::QuantError>(())
+    /// ```
+    pub fn onnxruntime() -> Self {
+        QConfig {
+            activation: ObserverSpec::onnxruntime_min_max(DType::QUInt8, QScheme::PerTensorAffine),
+            weight: ObserverSpec::onnxruntime_min_max(
+                DType::QInt8,
+                QScheme::PerChannelSymmetric { axis: 0 },
+            )
+            .with_range(-127, 127),
+        }
+    }
+
+    /// The preset for a backend name: `"fbgemm"`, `"x86"`, `"qnnpack"`, `"onednn"`,
+    /// `"onnxruntime"`.
     ///
     /// `"onednn"` is histogram activations without `reduce_range` and per-channel weights,
     /// as in PyTorch.
@@ -337,6 +377,7 @@ impl QConfig {
             "fbgemm" => Ok(Self::fbgemm()),
             "x86" => Ok(Self::x86()),
             "qnnpack" => Ok(Self::qnnpack()),
+            "onnxruntime" => Ok(Self::onnxruntime()),
             "onednn" => Ok(QConfig {
                 activation: ObserverSpec::histogram(DType::QUInt8, QScheme::PerTensorAffine),
                 ..Self::fbgemm()
@@ -344,7 +385,7 @@ impl QConfig {
             other => Err(crate::QuantError::UnsupportedConfig {
                 context: "QConfig::for_backend".into(),
                 reason: format!(
-                    "backend {other:?} is not one of \"fbgemm\", \"x86\", \"qnnpack\", \"onednn\""
+                    "backend {other:?} is not one of \"fbgemm\", \"x86\", \"qnnpack\", \"onednn\", \"onnxruntime\""
                 ),
             }),
         }
@@ -375,6 +416,7 @@ mod tests {
             (QConfig::default_per_channel(), (0, 127), (-128, 127)),
             (QConfig::minmax_per_tensor(), (0, 127), (-128, 127)),
             (QConfig::minmax_per_channel(), (0, 127), (-128, 127)),
+            (QConfig::onnxruntime(), (0, 255), (-127, 127)),
         ] {
             q.validate().unwrap();
             assert_eq!(
@@ -449,6 +491,22 @@ impl QConfigMap {
         self.by_type.retain(|(t, _)| t != type_name);
         self.by_type.push((type_name.to_string(), qconfig));
         self
+    }
+
+    /// Sets the config of every graph node of an op kind (the typed form of
+    /// [`QConfigMap::set_type`]; `OpKind::Conv2d` and the `"Conv2d"` layer type are the
+    /// same entry).
+    ///
+    /// # Examples
+    /// ```
+    /// use ptq::graph::OpKind;
+    /// use ptq::qconfig::{QConfig, QConfigMap};
+    /// let map = QConfigMap::new(QConfig::fbgemm()).set_kind(OpKind::Linear, None);
+    /// assert_eq!(map.qconfig_for("fc", OpKind::Linear.name()), None);
+    /// assert_eq!(map.qconfig_for("conv", OpKind::Conv2d.name()), Some(QConfig::fbgemm()));
+    /// ```
+    pub fn set_kind(self, kind: crate::graph::OpKind, qconfig: Option<QConfig>) -> Self {
+        self.set_type(kind.name(), qconfig)
     }
 
     /// Sets the config of a layer and everything under it (`"layer1"` covers

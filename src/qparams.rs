@@ -346,7 +346,128 @@ impl QParams {
     pub fn num_channels(&self) -> usize {
         self.scales.len()
     }
+}
 
+/// The quantization parameters of an int8 activation: `quint8`, per tensor, affine — the
+/// one form the int8 kernels take. One validated type from the observer (via
+/// [`ActQParams::from_qparams`]) to the kernel, the saved file and the accessors.
+///
+/// A value is always valid: the scale is finite, positive and normal, the zero point lies
+/// in `0..=255`.
+///
+/// # Examples
+/// ```
+/// use ptq::{ActQParams, DType, QParams};
+/// let a = ActQParams::new(0.05, 128)?;
+/// assert_eq!((a.scale(), a.zero_point()), (0.05, 128));
+/// assert_eq!(a.quantize(0.1), 130);
+/// assert!(ActQParams::new(0.0, 0).is_err());
+/// assert!(ActQParams::new(0.1, 256).is_err());
+/// // per-channel or qint8 parameters are refused with the place named
+/// let w = QParams::per_tensor(0.1, 0, DType::QInt8)?;
+/// assert!(ActQParams::from_qparams(&w, "conv1").unwrap_err().to_string().contains("conv1"));
+/// # Ok::<(), ptq::QuantError>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ActQParams {
+    scale: f32,
+    zero_point: u8,
+}
+
+impl ActQParams {
+    /// Validates a scale and a zero point.
+    ///
+    /// # Errors
+    /// [`QuantError::InvalidScale`] for a scale that is not finite, positive and normal;
+    /// [`QuantError::InvalidZeroPoint`] for a zero point outside `0..=255`.
+    pub fn new(scale: f32, zero_point: i32) -> Result<Self> {
+        Self::new_in(scale, zero_point, "ActQParams")
+    }
+
+    /// As [`ActQParams::new`], errors naming `context`.
+    pub(crate) fn new_in(scale: f32, zero_point: i32, context: &str) -> Result<Self> {
+        if !(scale.is_normal() && scale > 0.0) {
+            return Err(QuantError::InvalidScale {
+                context: context.into(),
+                channel: 0,
+                value: scale,
+            });
+        }
+        if !(0..=255).contains(&zero_point) {
+            return Err(QuantError::InvalidZeroPoint {
+                context: context.into(),
+                channel: 0,
+                zero_point: zero_point as i64,
+                quant_min: 0,
+                quant_max: 255,
+            });
+        }
+        Ok(ActQParams {
+            scale,
+            zero_point: zero_point as u8,
+        })
+    }
+
+    /// Takes an observer's parameters, which must be `quint8` per-tensor (any quantized
+    /// range inside `0..=255`, e.g. fbgemm's reduced `0..=127`).
+    ///
+    /// # Errors
+    /// [`QuantError::UnsupportedConfig`] naming `context` for another dtype or a
+    /// per-channel scheme.
+    pub fn from_qparams(qp: &QParams, context: &str) -> Result<Self> {
+        if qp.dtype() != DType::QUInt8 || qp.scheme().is_per_channel() {
+            return Err(QuantError::UnsupportedConfig {
+                context: context.into(),
+                reason: format!(
+                    "int8 activations must be quint8 per-tensor; got {} {}",
+                    qp.dtype(),
+                    qp.scheme().name()
+                ),
+            });
+        }
+        Self::new_in(qp.scale(), qp.zero_point(), context)
+    }
+
+    /// The scale.
+    pub fn scale(self) -> f32 {
+        self.scale
+    }
+
+    /// The zero point.
+    pub fn zero_point(self) -> i32 {
+        self.zero_point as i32
+    }
+
+    /// Quantizes one value over `0..=255` with PyTorch's arithmetic.
+    pub fn quantize(self, x: f32) -> u8 {
+        quantize_val(x, self.scale, self.zero_point as i32, 0, 255) as u8
+    }
+
+    /// Dequantizes one value: `(q - zero_point) * scale`.
+    pub fn dequantize(self, q: u8) -> f32 {
+        dequantize_val(q as i32, self.scale, self.zero_point as i32)
+    }
+
+    /// As [`QParams`] (per tensor affine, `quint8`, `0..=255`).
+    pub fn to_qparams(self) -> QParams {
+        QParams {
+            scheme: QScheme::PerTensorAffine,
+            dtype: DType::QUInt8,
+            quant_min: 0,
+            quant_max: 255,
+            scales: vec![self.scale],
+            zero_points: vec![self.zero_point as i32],
+        }
+    }
+}
+
+impl std::fmt::Display for ActQParams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "scale={:e}, zero_point={}", self.scale, self.zero_point)
+    }
+}
+
+impl QParams {
     /// Checks that the parameters fit a tensor of this shape (the channel axis exists and
     /// has one entry per scale).
     fn check_shape(&self, shape: &[usize], context: &str) -> Result<()> {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 #[path = "../fuzz/src/lib.rs"]
 mod ptq_fuzz;
-use ptq_fuzz::{qmodel, state_dict};
+use ptq_fuzz::{onnx, qmodel, state_dict};
 
 fn files(dir: &str) -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
@@ -26,6 +26,11 @@ fn seed_corpus_loads() {
     for f in q {
         assert!(qmodel(&std::fs::read(&f).unwrap()), "{}", f.display());
     }
+    let o = files("fuzz/corpus/onnx");
+    assert!(o.len() >= 2, "{o:?}");
+    for f in o {
+        assert!(onnx(&std::fs::read(&f).unwrap()), "{}", f.display());
+    }
     let s = files("fuzz/corpus/state_dict");
     assert!(s.len() >= 3, "{s:?}");
     for f in s {
@@ -38,6 +43,7 @@ fn fuzzer_crashes_stay_fixed() {
     for (dir, target) in [
         ("tests/fuzz_regressions/qmodel", qmodel as fn(&[u8]) -> bool),
         ("tests/fuzz_regressions/state_dict", state_dict),
+        ("tests/fuzz_regressions/onnx", onnx),
     ] {
         for f in files(dir) {
             let data = std::fs::read(&f).unwrap();

@@ -1,7 +1,7 @@
 //! A stable-Rust fuzzer for ptq's loaders, for machines without nightly/libFuzzer.
 //!
 //! ```text
-//! cargo run --release --manifest-path fuzz/Cargo.toml --example mutate -- <state_dict|qmodel> <seconds> [seed]
+//! cargo run --release --manifest-path fuzz/Cargo.toml --example mutate -- <state_dict|qmodel|onnx> <seconds> [seed]
 //! ```
 //!
 //! Mutates the seed files of `fuzz/corpus/<target>/` with a deterministic PRNG (byte and
@@ -212,8 +212,9 @@ fn main() {
     let run: fn(&[u8]) -> bool = match target {
         "state_dict" => ptq_fuzz::state_dict,
         "qmodel" => ptq_fuzz::qmodel,
+        "onnx" => ptq_fuzz::onnx,
         t => {
-            eprintln!("unknown target {t:?}; use state_dict or qmodel");
+            eprintln!("unknown target {t:?}; use state_dict, qmodel or onnx");
             std::process::exit(2);
         }
     };

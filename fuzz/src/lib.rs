@@ -63,3 +63,39 @@ pub fn qmodel(data: &[u8]) -> bool {
     let _ = model.to_bytes();
     true
 }
+
+/// `OnnxModel::from_bytes` (no directory, so no external data), then the import into a
+/// graph and, when every node's shape is small, a float forward pass at batch 1 and 2.
+/// Returns whether the bytes imported into a graph.
+pub fn onnx(data: &[u8]) -> bool {
+    let Ok(model) = ptq::io::onnx::OnnxModel::from_bytes(data, "fuzz", None) else {
+        return false;
+    };
+    let Ok(imp) = model.to_graph() else {
+        return false;
+    };
+    let g = &imp.graph;
+    let small = g.nodes().iter().all(|n| {
+        n.shape
+            .0
+            .iter()
+            .try_fold(2usize, |a, d| a.checked_mul(d.fixed().unwrap_or(2)))
+            .is_some_and(|e| e <= 1 << 20)
+    });
+    if small {
+        for batch in [1, 2] {
+            let xs: Vec<ArrayD<f32>> = g
+                .inputs()
+                .iter()
+                .map(|&i| {
+                    let shape = g.node(i).shape.to_concrete(batch);
+                    ArrayD::from_shape_fn(IxDyn(&shape), |ix| {
+                        (ix.slice().iter().sum::<usize>() as f32 * 0.37).sin()
+                    })
+                })
+                .collect();
+            let _ = g.forward(&xs);
+        }
+    }
+    true
+}

@@ -19,6 +19,7 @@
 //! [`QuantizedModel::save`]: crate::nn::quantized::QuantizedModel::save
 //! [`QuantizedModel::load`]: crate::nn::quantized::QuantizedModel::load
 
+pub mod onnx;
 pub mod qmodel;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -29,6 +30,7 @@ use ndarray::{Array, ArrayD, Dimension, IxDyn};
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{QuantError, Result};
+use crate::graph::Graph;
 use crate::nn::{Layer, Sequential};
 
 /// What a load did.
@@ -207,6 +209,16 @@ pub fn load_state_dict(
 ) -> Result<LoadReport> {
     let mut targets = Vec::new();
     slots(model, "", &mut targets);
+    load_slots(targets, state_dict, strict)
+}
+
+/// The strict/non-strict copy shared by [`load_state_dict`] and
+/// [`load_state_dict_graph`].
+fn load_slots(
+    targets: Vec<Slot<'_>>,
+    state_dict: &BTreeMap<String, ArrayD<f32>>,
+    strict: bool,
+) -> Result<LoadReport> {
     let known: BTreeSet<String> = targets.iter().map(|s| s.name.clone()).collect();
     let mut report = LoadReport::default();
     let mut unexpected = Vec::new();
@@ -258,4 +270,56 @@ pub fn load_state_dict(
 pub fn load_safetensors(model: &mut Sequential, path: impl AsRef<Path>) -> Result<LoadReport> {
     let sd = read_safetensors(path)?;
     load_state_dict(model, &sd, true)
+}
+
+/// Copies named tensors into a graph's parameters, by node name (`"layer1.0.conv1"` +
+/// `".weight"`), with the same strictness rules as [`load_state_dict`].
+///
+/// # Errors
+/// [`QuantError::StateDictMismatch`] listing every missing, unexpected and mis-shaped key;
+/// nothing is written then.
+///
+/// # Examples
+/// ```
+/// use std::collections::BTreeMap;
+/// use ndarray::{Array2, ArrayD, IxDyn};
+/// use ptq::graph::{Dim, GraphBuilder};
+/// use ptq::nn::Linear;
+/// let mut g = GraphBuilder::new();
+/// let x = g.input("x", &[Dim::Batch, 3.into()])?;
+/// let y = g.linear("fc", x, Linear::new(Array2::zeros((2, 3)), None)?)?;
+/// g.output(y)?;
+/// let mut graph = g.build()?;
+/// let mut sd = BTreeMap::new();
+/// sd.insert("fc.weight".to_string(), ArrayD::from_elem(IxDyn(&[2, 4]), 0.5f32));
+/// let err = ptq::io::load_state_dict_graph(&mut graph, &sd, true).unwrap_err();
+/// assert!(err.to_string().contains("fc.weight: model [2, 3], file [2, 4]"));
+/// # Ok::<(), ptq::QuantError>(())
+/// ```
+pub fn load_state_dict_graph(
+    graph: &mut Graph,
+    state_dict: &BTreeMap<String, ArrayD<f32>>,
+    strict: bool,
+) -> Result<LoadReport> {
+    let mut targets = Vec::new();
+    for node in graph.nodes_mut() {
+        let prefix = node.name.clone();
+        for (suffix, shape, target) in node.op.params_mut() {
+            targets.push(Slot {
+                name: format!("{prefix}.{suffix}"),
+                target,
+                shape,
+            });
+        }
+    }
+    load_slots(targets, state_dict, strict)
+}
+
+/// Reads a safetensors `state_dict` file and loads it strictly into `graph`.
+///
+/// # Errors
+/// As [`read_safetensors`] and [`load_state_dict_graph`].
+pub fn load_safetensors_graph(graph: &mut Graph, path: impl AsRef<Path>) -> Result<LoadReport> {
+    let sd = read_safetensors(path)?;
+    load_state_dict_graph(graph, &sd, true)
 }

@@ -48,8 +48,8 @@ pub const MAX_HYPERPARAMETER: usize = 1024;
 // ---------------------------------------------------------------------------------------
 
 #[derive(Default)]
-struct Writer {
-    meta: HashMap<String, String>,
+pub(crate) struct Writer {
+    pub(crate) meta: HashMap<String, String>,
     tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)>,
 }
 
@@ -65,26 +65,26 @@ fn layout_name(l: TorchLayout) -> &'static str {
 }
 
 impl Writer {
-    fn set(&mut self, key: String, value: impl ToString) {
+    pub(crate) fn set(&mut self, key: String, value: impl ToString) {
         self.meta.insert(key, value.to_string());
     }
 
-    fn f32s(&mut self, name: String, shape: &[usize], v: &[f32]) {
+    pub(crate) fn f32s(&mut self, name: String, shape: &[usize], v: &[f32]) {
         let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
         self.tensors.push((name, Dtype::F32, shape.to_vec(), bytes));
     }
 
-    fn i32s(&mut self, name: String, v: &[i32]) {
+    pub(crate) fn i32s(&mut self, name: String, v: &[i32]) {
         let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
         self.tensors.push((name, Dtype::I32, vec![v.len()], bytes));
     }
 
-    fn i8s(&mut self, name: String, shape: &[usize], v: impl Iterator<Item = i8>) {
+    pub(crate) fn i8s(&mut self, name: String, shape: &[usize], v: impl Iterator<Item = i8>) {
         let bytes = v.map(|x| x as u8).collect();
         self.tensors.push((name, Dtype::I8, shape.to_vec(), bytes));
     }
 
-    fn weight_qparams(&mut self, id: &str, qp: &QParams) {
+    pub(crate) fn weight_qparams(&mut self, id: &str, qp: &QParams) {
         self.set(
             format!("{id}:per_channel"),
             qp.scheme().is_per_channel() as u8,
@@ -97,18 +97,18 @@ impl Writer {
         self.i32s(format!("{id}:weight_zero_points"), qp.zero_points());
     }
 
-    fn bias(&mut self, id: &str, bias: Option<&[f32]>) {
+    pub(crate) fn bias(&mut self, id: &str, bias: Option<&[f32]>) {
         if let Some(b) = bias {
             self.f32s(format!("{id}:bias"), &[b.len()], b);
         }
     }
 
-    fn out_qparams(&mut self, id: &str, (s, z): (f32, i32)) {
+    pub(crate) fn out_qparams(&mut self, id: &str, (s, z): (f32, i32)) {
         self.set(format!("{id}:out_scale"), s);
         self.set(format!("{id}:out_zero_point"), z);
     }
 
-    fn linear(&mut self, id: &str, l: &QLinear) {
+    pub(crate) fn linear(&mut self, id: &str, l: &QLinear) {
         let (w, qp) = l.quantized_weight();
         self.i8s(format!("{id}:weight"), w.shape(), w.iter().copied());
         self.weight_qparams(id, &qp);
@@ -116,7 +116,7 @@ impl Writer {
         self.out_qparams(id, l.output_qparams());
     }
 
-    fn conv(&mut self, id: &str, c: &QConv2d) {
+    pub(crate) fn conv(&mut self, id: &str, c: &QConv2d) {
         let (w, qp) = c.quantized_weight();
         self.i8s(format!("{id}:weight"), w.shape(), w.iter().copied());
         self.weight_qparams(id, &qp);
@@ -125,21 +125,21 @@ impl Writer {
         self.conv_params(id, c.params());
     }
 
-    fn conv_params(&mut self, id: &str, p: Conv2dParams) {
+    pub(crate) fn conv_params(&mut self, id: &str, p: Conv2dParams) {
         self.set(format!("{id}:stride"), pair(p.stride));
         self.set(format!("{id}:padding"), pair(p.padding));
         self.set(format!("{id}:dilation"), pair(p.dilation));
         self.set(format!("{id}:groups"), p.groups);
     }
 
-    fn quant(&mut self, key: String, q: Option<(f32, i32)>) {
+    pub(crate) fn quant(&mut self, key: String, q: Option<(f32, i32)>) {
         match q {
             None => self.set(key, "none"),
             Some((s, z)) => self.set(key, format!("{s},{z}")),
         }
     }
 
-    fn steps(&mut self, prefix: &str, steps: &[QStep]) -> Result<()> {
+    pub(crate) fn steps(&mut self, prefix: &str, steps: &[QStep]) -> Result<()> {
         let count_key = if prefix.is_empty() {
             "steps".to_string()
         } else {
@@ -157,7 +157,7 @@ impl Writer {
         Ok(())
     }
 
-    fn step(&mut self, id: &str, step: &QStep) -> Result<()> {
+    pub(crate) fn step(&mut self, id: &str, step: &QStep) -> Result<()> {
         self.set(format!("{id}:path"), &step.path);
         let op = |w: &mut Self, name: &str| w.set(format!("{id}:op"), name);
         match &step.op {
@@ -249,7 +249,7 @@ impl Writer {
         Ok(())
     }
 
-    fn layer(&mut self, lp: &str, layer: &Layer, path: &str) -> Result<()> {
+    pub(crate) fn layer(&mut self, lp: &str, layer: &Layer, path: &str) -> Result<()> {
         let kind = |w: &mut Self, k: &str| w.set(format!("{lp}:kind"), k);
         match layer {
             Layer::Conv2d(c) | Layer::ConvReLU2d(c) => {
@@ -342,7 +342,7 @@ impl Writer {
         Ok(())
     }
 
-    fn finish(self) -> Result<Vec<u8>> {
+    pub(crate) fn finish(self) -> Result<Vec<u8>> {
         let bad = |e: safetensors::SafeTensorError| QuantError::InvalidFile {
             context: "QuantizedModel::to_bytes".into(),
             reason: e.to_string(),
@@ -449,7 +449,7 @@ impl QuantizedModel {
 // Reading
 // ---------------------------------------------------------------------------------------
 
-struct Reader<'a> {
+pub(crate) struct Reader<'a> {
     ctx: String,
     meta: HashMap<String, String>,
     info: Metadata,
@@ -466,28 +466,28 @@ fn parse_layout(s: &str) -> Option<TorchLayout> {
 }
 
 impl<'a> Reader<'a> {
-    fn bad(&self, reason: String) -> QuantError {
+    pub(crate) fn bad(&self, reason: String) -> QuantError {
         QuantError::InvalidFile {
             context: self.ctx.clone(),
             reason,
         }
     }
 
-    fn get(&self, key: &str) -> Result<&str> {
+    pub(crate) fn get(&self, key: &str) -> Result<&str> {
         self.meta
             .get(key)
             .map(String::as_str)
             .ok_or_else(|| self.bad(format!("missing metadata key `{key}`")))
     }
 
-    fn parse<T: std::str::FromStr>(&self, key: &str) -> Result<T> {
+    pub(crate) fn parse<T: std::str::FromStr>(&self, key: &str) -> Result<T> {
         let v = self.get(key)?;
         v.parse()
             .map_err(|_| self.bad(format!("metadata `{key}` = {v:?} does not parse")))
     }
 
     /// A count of entries, each of which needs at least one metadata key.
-    fn count(&self, key: &str) -> Result<usize> {
+    pub(crate) fn count(&self, key: &str) -> Result<usize> {
         let n: usize = self.parse(key)?;
         if n > self.meta.len() {
             return Err(self.bad(format!(
@@ -498,7 +498,7 @@ impl<'a> Reader<'a> {
         Ok(n)
     }
 
-    fn flag(&self, key: &str) -> Result<bool> {
+    pub(crate) fn flag(&self, key: &str) -> Result<bool> {
         match self.get(key)? {
             "0" => Ok(false),
             "1" => Ok(true),
@@ -515,7 +515,7 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn hyper(&self, key: &str, v: usize, min: usize) -> Result<usize> {
+    pub(crate) fn hyper(&self, key: &str, v: usize, min: usize) -> Result<usize> {
         if v < min || v > MAX_HYPERPARAMETER {
             return Err(self.bad(format!(
                 "`{key}` = {v} is outside [{min}, {MAX_HYPERPARAMETER}]"
@@ -524,7 +524,7 @@ impl<'a> Reader<'a> {
         Ok(v)
     }
 
-    fn pair(&self, key: &str, min: usize) -> Result<(usize, usize)> {
+    pub(crate) fn pair(&self, key: &str, min: usize) -> Result<(usize, usize)> {
         let v = self.get(key)?;
         let (a, b) = v
             .split_once(',')
@@ -533,25 +533,25 @@ impl<'a> Reader<'a> {
         Ok((self.hyper(key, a, min)?, self.hyper(key, b, min)?))
     }
 
-    fn layout(&self, key: &str) -> Result<TorchLayout> {
+    pub(crate) fn layout(&self, key: &str) -> Result<TorchLayout> {
         let v = self.get(key)?;
         parse_layout(v).ok_or_else(|| self.bad(format!("metadata `{key}` = {v:?} is no layout")))
     }
 
     /// A scale and zero point for `quint8` activations.
-    fn act_qparams(&self, key_s: &str, s: f32, z: i64) -> Result<(f32, i32)> {
+    pub(crate) fn act_qparams(&self, key_s: &str, s: f32, z: i64) -> Result<(f32, i32)> {
         let z = i32::try_from(z).unwrap_or(i32::MAX);
         QParams::per_tensor(s, z, DType::QUInt8).map_err(|e| e.in_context(key_s))?;
         Ok((s, z))
     }
 
-    fn out_qparams(&self, id: &str) -> Result<(f32, i32)> {
+    pub(crate) fn out_qparams(&self, id: &str) -> Result<(f32, i32)> {
         let s: f32 = self.parse(&format!("{id}:out_scale"))?;
         let z: i64 = self.parse(&format!("{id}:out_zero_point"))?;
         self.act_qparams(&format!("{id}:out_scale"), s, z)
     }
 
-    fn quant(&self, key: &str) -> Result<Option<(f32, i32)>> {
+    pub(crate) fn quant(&self, key: &str) -> Result<Option<(f32, i32)>> {
         let v = self.get(key)?;
         if v == "none" {
             return Ok(None);
@@ -564,7 +564,12 @@ impl<'a> Reader<'a> {
     }
 
     /// The raw bytes and shape of tensor `name`, which must have `dtype` and `rank`.
-    fn tensor(&mut self, name: &str, dtype: Dtype, rank: usize) -> Result<(Vec<usize>, &'a [u8])> {
+    pub(crate) fn tensor(
+        &mut self,
+        name: &str,
+        dtype: Dtype,
+        rank: usize,
+    ) -> Result<(Vec<usize>, &'a [u8])> {
         let info = self
             .info
             .info(name)
@@ -597,7 +602,7 @@ impl<'a> Reader<'a> {
         Ok((shape, bytes))
     }
 
-    fn f32s(&mut self, name: &str, rank: usize) -> Result<(Vec<usize>, Vec<f32>)> {
+    pub(crate) fn f32s(&mut self, name: &str, rank: usize) -> Result<(Vec<usize>, Vec<f32>)> {
         let (shape, b) = self.tensor(name, Dtype::F32, rank)?;
         let v: Vec<f32> = b
             .chunks_exact(4)
@@ -612,20 +617,20 @@ impl<'a> Reader<'a> {
         Ok((shape, v))
     }
 
-    fn i32s(&mut self, name: &str) -> Result<Vec<i32>> {
+    pub(crate) fn i32s(&mut self, name: &str) -> Result<Vec<i32>> {
         let (_, b) = self.tensor(name, Dtype::I32, 1)?;
         Ok(b.chunks_exact(4)
             .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect())
     }
 
-    fn i8s(&mut self, name: &str, rank: usize) -> Result<(Vec<usize>, Vec<i8>)> {
+    pub(crate) fn i8s(&mut self, name: &str, rank: usize) -> Result<(Vec<usize>, Vec<i8>)> {
         let (shape, b) = self.tensor(name, Dtype::I8, rank)?;
         Ok((shape, b.iter().map(|&x| x as i8).collect()))
     }
 
     /// An optional `[n]` float bias.
-    fn bias(&mut self, id: &str, n: usize) -> Result<Option<Array1<f32>>> {
+    pub(crate) fn bias(&mut self, id: &str, n: usize) -> Result<Option<Array1<f32>>> {
         let name = format!("{id}:bias");
         if self.info.info(&name).is_none() {
             return Ok(None);
@@ -640,7 +645,7 @@ impl<'a> Reader<'a> {
         Ok(Some(Array1::from(v)))
     }
 
-    fn weight_qparams(&mut self, id: &str, out: usize) -> Result<QParams> {
+    pub(crate) fn weight_qparams(&mut self, id: &str, out: usize) -> Result<QParams> {
         let per_channel = self.flag(&format!("{id}:per_channel"))?;
         let scales_name = format!("{id}:weight_scales");
         let (_, scales) = self.f32s(&scales_name, 1)?;
@@ -668,7 +673,7 @@ impl<'a> Reader<'a> {
         .map_err(|e| e.in_context(&scales_name))
     }
 
-    fn conv_params(&self, id: &str, c_out: usize) -> Result<Conv2dParams> {
+    pub(crate) fn conv_params(&self, id: &str, c_out: usize) -> Result<Conv2dParams> {
         let groups: usize = self.parse(&format!("{id}:groups"))?;
         if groups == 0 || !c_out.is_multiple_of(groups) {
             return Err(self.bad(format!(
@@ -684,7 +689,10 @@ impl<'a> Reader<'a> {
     }
 
     #[allow(clippy::type_complexity)]
-    fn linear(&mut self, id: &str) -> Result<(Array2<i8>, QParams, Option<Array1<f32>>, f32, i32)> {
+    pub(crate) fn linear(
+        &mut self,
+        id: &str,
+    ) -> Result<(Array2<i8>, QParams, Option<Array1<f32>>, f32, i32)> {
         let (shape, w) = self.i8s(&format!("{id}:weight"), 2)?;
         let (out, inp) = (shape[0], shape[1]);
         let qp = self.weight_qparams(id, out)?;
@@ -696,7 +704,7 @@ impl<'a> Reader<'a> {
     }
 
     #[allow(clippy::type_complexity)]
-    fn conv(
+    pub(crate) fn conv(
         &mut self,
         id: &str,
     ) -> Result<(
@@ -720,7 +728,7 @@ impl<'a> Reader<'a> {
         Ok((w, qp, bias, params, s, z))
     }
 
-    fn steps(&mut self, prefix: &str, depth: usize) -> Result<Vec<QStep>> {
+    pub(crate) fn steps(&mut self, prefix: &str, depth: usize) -> Result<Vec<QStep>> {
         if depth > MAX_DEPTH {
             return Err(self.bad(format!(
                 "residual bodies nest deeper than {MAX_DEPTH} at step {prefix}"
@@ -748,7 +756,7 @@ impl<'a> Reader<'a> {
         Ok(steps)
     }
 
-    fn op(&mut self, id: &str, path: &str, depth: usize) -> Result<QOp> {
+    pub(crate) fn op(&mut self, id: &str, path: &str, depth: usize) -> Result<QOp> {
         let op = self.get(&format!("{id}:op"))?.to_string();
         Ok(match op.as_str() {
             "Quantize" => {
@@ -837,7 +845,7 @@ impl<'a> Reader<'a> {
         })
     }
 
-    fn layer(&mut self, lp: &str, path: &str, depth: usize) -> Result<Layer> {
+    pub(crate) fn layer(&mut self, lp: &str, path: &str, depth: usize) -> Result<Layer> {
         if depth > MAX_DEPTH {
             return Err(self.bad(format!("layers nest deeper than {MAX_DEPTH} at {lp}")));
         }
@@ -946,8 +954,9 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Parses a `ptq-qmodel/1` file; `ctx` names it in errors.
-fn load_qmodel(bytes: &[u8], ctx: &str) -> Result<QuantizedModel> {
+/// Opens the safetensors container of a `.qmodel` file for reading; `ctx` names it in
+/// errors. The `format` key is not checked here.
+pub(crate) fn open_reader<'a>(bytes: &'a [u8], ctx: &str) -> Result<Reader<'a>> {
     let bad = |reason: String| QuantError::InvalidFile {
         context: ctx.into(),
         reason,
@@ -959,31 +968,49 @@ fn load_qmodel(bytes: &[u8], ctx: &str) -> Result<QuantizedModel> {
         .and_then(|start| bytes.get(start..))
         .ok_or_else(|| bad("the header runs past the end of the file".into()))?;
     let meta = info.metadata().clone().unwrap_or_default();
-    let mut r = Reader {
+    Ok(Reader {
         ctx: ctx.to_string(),
         meta,
         info,
         data,
         used: HashSet::new(),
-    };
+    })
+}
+
+impl Reader<'_> {
+    /// Refuses tensors that nothing read.
+    pub(crate) fn check_all_used(&self) -> Result<()> {
+        let total = self.info.tensors().len();
+        if self.used.len() != total {
+            let mut unused: Vec<String> = self
+                .info
+                .tensors()
+                .into_keys()
+                .filter(|k| !self.used.contains(k))
+                .collect();
+            unused.sort();
+            return Err(self.bad(format!("tensors no step uses: {unused:?}")));
+        }
+        Ok(())
+    }
+
+    /// Whether the file holds a tensor of this name.
+    pub(crate) fn has_tensor(&self, name: &str) -> bool {
+        self.info.info(name).is_some()
+    }
+}
+
+/// Parses a `ptq-qmodel/1` file; `ctx` names it in errors.
+fn load_qmodel(bytes: &[u8], ctx: &str) -> Result<QuantizedModel> {
+    let mut r = open_reader(bytes, ctx)?;
     let format = r.get("format")?;
     if format != FORMAT {
-        return Err(bad(format!(
+        return Err(r.bad(format!(
             "format {format:?} is not {FORMAT:?} (a newer ptq, or not a ptq model)"
         )));
     }
     let float_weight_bytes: usize = r.parse("float_weight_bytes")?;
     let steps = r.steps("", 0)?;
-    let total = r.info.tensors().len();
-    if r.used.len() != total {
-        let mut unused: Vec<String> = r
-            .info
-            .tensors()
-            .into_keys()
-            .filter(|k| !r.used.contains(k))
-            .collect();
-        unused.sort();
-        return Err(bad(format!("tensors no step uses: {unused:?}")));
-    }
+    r.check_all_used()?;
     Ok(QuantizedModel::from_steps(steps, float_weight_bytes))
 }

@@ -25,8 +25,12 @@ pub struct Conv2d {
     pub bias: Option<Array1<f32>>,
     /// Stride `(h, w)`.
     pub stride: (usize, usize),
-    /// Zero padding `(h, w)` on each side.
+    /// Zero padding `(top, left)`; also `(bottom, right)` unless `padding_end` is set.
     pub padding: (usize, usize),
+    /// Zero padding `(bottom, right)` when it differs from `padding` (ONNX's asymmetric
+    /// `pads`, TensorFlow's `SAME`); `None` means symmetric. See
+    /// [`Conv2d::with_padding_tlbr`].
+    pub padding_end: Option<(usize, usize)>,
     /// Dilation `(h, w)`.
     pub dilation: (usize, usize),
     /// Number of groups.
@@ -68,6 +72,7 @@ impl Conv2d {
             bias,
             stride: (1, 1),
             padding: (0, 0),
+            padding_end: None,
             dilation: (1, 1),
             groups: 1,
         })
@@ -81,7 +86,28 @@ impl Conv2d {
     /// Sets the zero padding.
     pub fn with_padding(mut self, h: usize, w: usize) -> Self {
         self.padding = (h, w);
+        self.padding_end = None;
         self
+    }
+
+    /// Sets asymmetric zero padding `(top, left, bottom, right)` (ONNX `pads` order is
+    /// `(top, left, bottom, right)` too).
+    pub fn with_padding_tlbr(
+        mut self,
+        top: usize,
+        left: usize,
+        bottom: usize,
+        right: usize,
+    ) -> Self {
+        self.padding = (top, left);
+        self.padding_end = ((bottom, right) != (top, left)).then_some((bottom, right));
+        self
+    }
+
+    /// Padding as `(top, left, bottom, right)`.
+    pub fn padding_tlbr(&self) -> (usize, usize, usize, usize) {
+        let (b, r) = self.padding_end.unwrap_or(self.padding);
+        (self.padding.0, self.padding.1, b, r)
     }
     /// Sets the dilation.
     pub fn with_dilation(mut self, h: usize, w: usize) -> Self {
@@ -106,14 +132,15 @@ impl Conv2d {
     /// Output spatial size for an input of `h x w`, or `None` if the kernel does not fit.
     pub fn output_size(&self, h: usize, w: usize) -> Option<(usize, usize)> {
         let (kh, kw) = (self.weight.shape()[2], self.weight.shape()[3]);
-        let span = |n: usize, p: usize, d: usize, k: usize, s: usize| {
-            let padded = n + 2 * p;
+        let (pt, pl, pb, pr) = self.padding_tlbr();
+        let span = |n: usize, p: usize, q: usize, d: usize, k: usize, s: usize| {
+            let padded = n + p + q;
             let reach = d * (k.checked_sub(1)?) + 1;
             (padded >= reach && s > 0).then(|| (padded - reach) / s + 1)
         };
         Some((
-            span(h, self.padding.0, self.dilation.0, kh, self.stride.0)?,
-            span(w, self.padding.1, self.dilation.1, kw, self.stride.1)?,
+            span(h, pt, pb, self.dilation.0, kh, self.stride.0)?,
+            span(w, pl, pr, self.dilation.1, kw, self.stride.1)?,
         ))
     }
 
@@ -297,7 +324,11 @@ impl Linear {
         }
         let mut shape = x.shape().to_vec();
         *shape.last_mut().expect("ndim > 0") = out_f;
-        Ok(y.into_shape_with_order(IxDyn(&shape))
+        // `dot` may return a column-major product (e.g. for a single output feature);
+        // reshape in row-major order needs a standard layout.
+        Ok(y.as_standard_layout()
+            .into_owned()
+            .into_shape_with_order(IxDyn(&shape))
             .expect("same element count"))
     }
 }
@@ -452,7 +483,9 @@ impl Pool2d {
                     }
                     let xv = x4[[b, ci, iy as usize, ix as usize]];
                     acc = match self.kind {
-                        PoolKind::Max => acc.max(xv),
+                        // NaN wins, as in ATen's `val > max || isnan(val)`.
+                        PoolKind::Max if xv > acc || xv.is_nan() => xv,
+                        PoolKind::Max => acc,
                         PoolKind::Avg => acc + xv,
                     };
                 }

@@ -12,10 +12,11 @@ use std::fmt::Debug;
 
 use ndarray::ArrayD;
 
-pub use fuse::{find_fusable, fuse, FusionPattern};
+pub use fuse::{find_fusable, fold_batch_norm, fuse, FusionPattern};
 pub use layers::{adaptive_avg_pool2d, flatten, BatchNorm2d, Conv2d, Linear, Pool2d, PoolKind};
 
 use crate::error::{QuantError, Result};
+use crate::graph::ops::{clamp_scalar, relu_scalar};
 
 /// A user's own float layer: runs in float inside any model (quantized models dequantize
 /// before it and quantize after it).
@@ -137,12 +138,12 @@ impl Layer {
     pub fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         match self {
             Layer::Conv2d(c) => c.forward(x),
-            Layer::ConvReLU2d(c) => Ok(c.forward(x)?.mapv_into(|v| v.max(0.0))),
+            Layer::ConvReLU2d(c) => Ok(c.forward(x)?.mapv_into(relu_scalar)),
             Layer::Linear(l) => l.forward(x),
-            Layer::LinearReLU(l) => Ok(l.forward(x)?.mapv_into(|v| v.max(0.0))),
+            Layer::LinearReLU(l) => Ok(l.forward(x)?.mapv_into(relu_scalar)),
             Layer::BatchNorm2d(b) => b.forward(x),
-            Layer::ReLU => Ok(x.mapv(|v| v.max(0.0))),
-            Layer::ReLU6 => Ok(x.mapv(|v| v.clamp(0.0, 6.0))),
+            Layer::ReLU => Ok(x.mapv(relu_scalar)),
+            Layer::ReLU6 => Ok(x.mapv(|v| clamp_scalar(v, 0.0, 6.0))),
             Layer::Pool2d(p) => p.forward(x),
             Layer::AdaptiveAvgPool2d(o) => adaptive_avg_pool2d(x, *o),
             Layer::Flatten { start_dim } => flatten(x, *start_dim),

@@ -12,6 +12,7 @@
 //! | [`PercentileObserver`] | (ONNX Runtime / TensorRT percentile calibration) | histogram; range holding a percentile of the values |
 //! | [`EntropyObserver`] | (TensorRT / ONNX Runtime entropy calibration) | histogram; range of least KL divergence |
 //! | [`MseObserver`] | (MSE-optimal clipping) | histogram; range of least expected squared error |
+//! | [`OnnxRuntimeMinMaxObserver`] | (ONNX Runtime `quantize_static`, MinMax) | running min and max (per tensor or channel); ORT's float64 scale arithmetic |
 //!
 //! Where `ptq` differs from PyTorch, it is louder: an observer that saw nothing returns
 //! [`QuantError::Uncalibrated`] instead of scale 1.0, and NaN or infinite input is a
@@ -40,6 +41,7 @@ mod histogram;
 mod minmax;
 mod moving_average;
 mod mse;
+mod onnxruntime;
 mod per_channel;
 mod percentile;
 
@@ -50,6 +52,7 @@ pub use minmax::MinMaxObserver;
 pub use moving_average::DEFAULT_AVERAGING_CONSTANT;
 pub use moving_average::{MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver};
 pub use mse::MseObserver;
+pub use onnxruntime::{onnxruntime_scale_zp, OnnxRuntimeMinMaxObserver};
 pub use per_channel::PerChannelMinMaxObserver;
 pub use percentile::PercentileObserver;
 

@@ -23,17 +23,31 @@
 //! # Ok::<(), ptq::QuantError>(())
 //! ```
 
+mod activation;
 mod add;
+mod cat;
 mod conv;
+mod elementwise;
 mod linear;
+mod mul;
+mod norm;
 mod pool;
 mod tensor;
+mod upsample;
 
+pub use activation::{
+    ActTables, QClamp, QHardsigmoid, QHardswish, QLeakyReLU, QSigmoid, SIGMOID_SCALE,
+};
 pub use add::QAdd;
+pub use cat::QCat;
 pub use conv::{Conv2dParams, QConv2d, QConvReLU2d};
 pub use linear::{QLinear, QLinearReLU};
+pub use mul::QMul;
+pub use norm::QBatchNorm2d;
 pub use pool::{QAdaptiveAvgPool2d, QAvgPool2d, QFlatten, QMaxPool2d, QReLU};
+pub(crate) use tensor::nhwc_to_nchw as nhwc_to_nchw_u8;
 pub use tensor::{QTensor, TorchLayout};
+pub use upsample::{QUpsampleNearest2d, UpsampleSize};
 
 use crate::error::{QuantError, Result};
 use crate::qparams::{DType, QParams};

@@ -1,0 +1,119 @@
+//! Lowering a [`Sequential`] into a [`Graph`], names preserved.
+
+use ndarray::{ArrayD, IxDyn};
+
+use super::op::{Op, Pool2dSpec};
+use super::{Dim, Graph, GraphBuilder, NodeId, Shape};
+use crate::error::{QuantError, Result};
+use crate::nn::{Layer, PoolKind, Sequential};
+
+impl Graph {
+    /// Lowers a [`Sequential`] model into a graph with one input named `"input"` of shape
+    /// `input` (dimension 0 may be [`Dim::Batch`]) and one output (the last layer's).
+    ///
+    /// Every leaf keeps its dotted path as node name, so `state_dict` keys and name-based
+    /// configuration keep working. A [`Layer::Residual`] becomes its body followed by an
+    /// [`Op::Add`] node named by the residual's path, whose second input is the identity
+    /// skip. `BatchNorm2d` on a 2-D or 3-D input becomes [`Op::BatchNorm1d`]. A
+    /// [`Layer::Custom`] module's output shape is found by running it once on zeros (batch
+    /// 1).
+    ///
+    /// # Errors
+    /// Any layer whose input shape does not fit (named by its path), as
+    /// [`GraphBuilder`] reports it.
+    ///
+    /// # Examples
+    /// ```
+    /// use ndarray::{Array2, ArrayD, IxDyn};
+    /// use ptq::graph::{Dim, Graph};
+    /// use ptq::nn::{Layer, Linear, Sequential};
+    /// let body = Sequential::new().push("fc", Layer::Linear(Linear::new(Array2::eye(3), None)?));
+    /// let model = Sequential::new()
+    ///     .push("block", Layer::Residual(body))
+    ///     .push("relu", Layer::ReLU);
+    /// let graph = Graph::from_sequential(&model, &[Dim::Batch, 3.into()])?;
+    /// let names: Vec<&str> = graph.nodes().iter().map(|n| n.name.as_str()).collect();
+    /// assert_eq!(names, ["input", "block.fc", "block", "relu"]);
+    /// let x = ArrayD::from_elem(IxDyn(&[2, 3]), 1.5f32);
+    /// assert_eq!(graph.forward(&[x.clone()])?[0], model.forward(&x)?);
+    /// # Ok::<(), ptq::QuantError>(())
+    /// ```
+    pub fn from_sequential(seq: &Sequential, input: &[Dim]) -> Result<Graph> {
+        let mut g = GraphBuilder::new();
+        let x = g.input("input", input)?;
+        let y = lower(&mut g, seq, "", x)?;
+        g.output(y)?;
+        g.build()
+    }
+}
+
+fn lower(g: &mut GraphBuilder, seq: &Sequential, prefix: &str, mut x: NodeId) -> Result<NodeId> {
+    for (name, layer) in seq.children() {
+        let path = if prefix.is_empty() {
+            name.clone()
+        } else {
+            format!("{prefix}.{name}")
+        };
+        x = lower_layer(g, layer, &path, x)?;
+    }
+    Ok(x)
+}
+
+fn lower_layer(g: &mut GraphBuilder, layer: &Layer, path: &str, x: NodeId) -> Result<NodeId> {
+    let op = match layer {
+        Layer::Sequential(s) => return lower(g, s, path, x),
+        Layer::Residual(body) => {
+            let y = lower(g, body, path, x)?;
+            return g.add(path, y, x);
+        }
+        Layer::Custom(m) => {
+            let shape = g.shape(x)?.clone();
+            let probe = ArrayD::<f32>::zeros(IxDyn(&shape.to_concrete(1)));
+            let out = m.forward(&probe).map_err(|e| e.in_context(path))?;
+            let mut dims: Vec<Dim> = out.shape().iter().map(|&d| Dim::Fixed(d)).collect();
+            if shape.has_batch() {
+                if dims.is_empty() || dims[0] != Dim::Fixed(1) {
+                    return Err(QuantError::ShapeMismatch {
+                        context: path.into(),
+                        expected: "a custom layer that keeps the batch as dimension 0".into(),
+                        actual: format!("output of shape {:?} for batch 1", out.shape()),
+                    });
+                }
+                dims[0] = Dim::Batch;
+            }
+            return g.custom(path, x, m.box_clone(), Shape(dims));
+        }
+        Layer::Conv2d(c) => Op::Conv2d(c.clone()),
+        Layer::ConvReLU2d(c) => Op::ConvReLU2d(c.clone()),
+        Layer::Linear(l) => Op::Linear(l.clone()),
+        Layer::LinearReLU(l) => Op::LinearReLU(l.clone()),
+        Layer::BatchNorm2d(b) => {
+            if g.shape(x)?.rank() == 4 {
+                Op::BatchNorm2d(b.clone())
+            } else {
+                Op::BatchNorm1d(b.clone())
+            }
+        }
+        Layer::ReLU => Op::ReLU,
+        Layer::ReLU6 => Op::Clamp { min: 0.0, max: 6.0 },
+        Layer::Pool2d(p) => {
+            let spec = Pool2dSpec::new(p.kernel.0, p.kernel.1)
+                .with_stride(p.stride.0, p.stride.1)
+                .with_padding(p.padding.0, p.padding.1);
+            match p.kind {
+                PoolKind::Max => Op::MaxPool2d(spec),
+                PoolKind::Avg => Op::AvgPool2d(spec),
+            }
+        }
+        Layer::AdaptiveAvgPool2d(o) => Op::AdaptiveAvgPool2d(*o),
+        Layer::Flatten { start_dim } => Op::Flatten {
+            start_dim: *start_dim,
+            end_dim: -1,
+        },
+        Layer::Dropout => Op::Dropout,
+        Layer::Identity => Op::Identity,
+        Layer::QuantStub => Op::QuantStub,
+        Layer::DeQuantStub => Op::DeQuantStub,
+    };
+    g.node(path, op, &[x])
+}

@@ -1,0 +1,352 @@
+//! The int8 graph and its executor.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use ndarray::ArrayD;
+
+use super::{ExecCtx, QuantOp, Value};
+use crate::error::{QuantError, Result};
+use crate::nn::quantized::QTensor;
+use crate::qparams::{ActQParams, QParams};
+
+/// One node of a [`QuantizedGraph`].
+#[derive(Debug)]
+pub struct QNode {
+    pub(crate) name: String,
+    pub(crate) inputs: Vec<usize>,
+    pub(crate) op: Box<dyn QuantOp>,
+}
+
+impl QNode {
+    /// The node's name (the float graph's node name; borders get `<consumer>.quant` /
+    /// `<producer>.dequant` style names).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// The indices of the nodes it reads (all earlier).
+    pub fn inputs(&self) -> &[usize] {
+        &self.inputs
+    }
+    /// The op.
+    pub fn op(&self) -> &dyn QuantOp {
+        self.op.as_ref()
+    }
+}
+
+/// Time spent in one node over one [`QuantizedGraph::profile`] run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeProfile {
+    /// Node name.
+    pub name: String,
+    /// Op kind.
+    pub kind: &'static str,
+    /// Wall time of the node's `forward`.
+    pub time: Duration,
+}
+
+/// An int8 model over a graph: float in, float out, int8 inside, with float islands where
+/// the configuration or the op set asked for them. Built by `convert` or loaded from a
+/// `ptq-qmodel/2` file.
+///
+/// `forward` takes `&self` and the graph is `Send + Sync`.
+#[derive(Debug)]
+pub struct QuantizedGraph {
+    pub(crate) nodes: Vec<QNode>,
+    pub(crate) inputs: Vec<usize>,
+    pub(crate) outputs: Vec<usize>,
+    pub(crate) float_weight_bytes: usize,
+}
+
+/// The kind tag of graph input nodes.
+pub(crate) const INPUT_KIND: &str = "Input";
+
+impl QuantizedGraph {
+    /// Assembles a graph from nodes in topological order, checking that every input index
+    /// points to an earlier node, that every op gets as many inputs as it takes, and that
+    /// inputs and outputs name existing nodes.
+    ///
+    /// # Errors
+    /// [`QuantError::UnsupportedConfig`] naming the node for a broken structure.
+    pub(crate) fn new(
+        nodes: Vec<QNode>,
+        inputs: Vec<usize>,
+        outputs: Vec<usize>,
+        float_weight_bytes: usize,
+    ) -> Result<Self> {
+        for (i, n) in nodes.iter().enumerate() {
+            if let Some(&bad) = n.inputs.iter().find(|&&j| j >= i) {
+                return Err(QuantError::UnsupportedConfig {
+                    context: n.name.clone(),
+                    reason: format!("input {bad} is not an earlier node (node {i})"),
+                });
+            }
+            if n.op.kind() != INPUT_KIND && n.inputs.len() != n.op.arity() {
+                return Err(QuantError::UnsupportedConfig {
+                    context: n.name.clone(),
+                    reason: format!(
+                        "{} takes {} inputs, the node has {}",
+                        n.op.kind(),
+                        n.op.arity(),
+                        n.inputs.len()
+                    ),
+                });
+            }
+        }
+        for &i in inputs.iter().chain(&outputs) {
+            if i >= nodes.len() {
+                return Err(QuantError::UnsupportedConfig {
+                    context: "QuantizedGraph".into(),
+                    reason: format!("input/output index {i} is out of {} nodes", nodes.len()),
+                });
+            }
+        }
+        for &i in &inputs {
+            if nodes[i].op.kind() != INPUT_KIND {
+                return Err(QuantError::UnsupportedConfig {
+                    context: nodes[i].name.clone(),
+                    reason: "a graph input must be an Input node".into(),
+                });
+            }
+        }
+        if outputs.is_empty() {
+            return Err(QuantError::UnsupportedConfig {
+                context: "QuantizedGraph".into(),
+                reason: "the graph has no output".into(),
+            });
+        }
+        Ok(QuantizedGraph {
+            nodes,
+            inputs,
+            outputs,
+            float_weight_bytes,
+        })
+    }
+
+    /// The nodes, in topological order.
+    pub fn nodes(&self) -> &[QNode] {
+        &self.nodes
+    }
+
+    /// The index of the node named `name`.
+    pub fn find(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.name == name)
+    }
+
+    fn node_named(&self, name: &str) -> Result<&QNode> {
+        self.find(name)
+            .map(|i| &self.nodes[i])
+            .ok_or_else(|| QuantError::UnsupportedConfig {
+                context: name.into(),
+                reason: "the quantized graph has no node of this name".into(),
+            })
+    }
+
+    /// The int8 weight and its qparams of node `name` (`Ok(None)` for ops without one).
+    ///
+    /// # Errors
+    /// [`QuantError::UnsupportedConfig`] if there is no such node.
+    pub fn weight(&self, name: &str) -> Result<Option<(ArrayD<i8>, QParams)>> {
+        Ok(self.node_named(name)?.op.weight())
+    }
+
+    /// The output qparams of node `name` (`Ok(None)` if its output is float).
+    ///
+    /// # Errors
+    /// [`QuantError::UnsupportedConfig`] if there is no such node.
+    pub fn output_qparams(&self, name: &str) -> Result<Option<ActQParams>> {
+        Ok(self.node_named(name)?.op.output_qparams())
+    }
+
+    /// Node indices of the graph inputs.
+    pub fn input_nodes(&self) -> &[usize] {
+        &self.inputs
+    }
+
+    /// Node indices of the graph outputs.
+    pub fn output_nodes(&self) -> &[usize] {
+        &self.outputs
+    }
+
+    /// Bytes of the parameters held (packed int8 weights, scales, biases, float islands).
+    pub fn weight_bytes(&self) -> usize {
+        self.nodes.iter().map(|n| n.op.weight_bytes()).sum()
+    }
+
+    /// Bytes of the float model's parameters.
+    pub fn float_weight_bytes(&self) -> usize {
+        self.float_weight_bytes
+    }
+
+    /// Runs every node; calls `tap(index, value, time)` after each.
+    fn run(
+        &self,
+        inputs: &[ArrayD<f32>],
+        tap: &mut dyn FnMut(usize, &Value, Duration),
+    ) -> Result<Vec<Value>> {
+        if inputs.len() != self.inputs.len() {
+            return Err(QuantError::ShapeMismatch {
+                context: "QuantizedGraph::forward".into(),
+                expected: format!("{} input tensors", self.inputs.len()),
+                actual: format!("{}", inputs.len()),
+            });
+        }
+        // How many more times each value will be read; freed at zero.
+        let mut uses = vec![0usize; self.nodes.len()];
+        for n in &self.nodes {
+            for &i in &n.inputs {
+                uses[i] += 1;
+            }
+        }
+        for &o in &self.outputs {
+            uses[o] += 1;
+        }
+        let mut values: Vec<Option<Value>> = vec![None; self.nodes.len()];
+        for (k, &i) in self.inputs.iter().enumerate() {
+            crate::qparams::check_finite(&inputs[k], &self.nodes[i].name)?;
+            values[i] = Some(Value::Float(inputs[k].clone()));
+        }
+        let mut ctx = ExecCtx::default();
+        for (i, node) in self.nodes.iter().enumerate() {
+            if node.op.kind() == INPUT_KIND {
+                if let Some(v) = &values[i] {
+                    tap(i, v, Duration::ZERO);
+                    continue;
+                }
+                return Err(QuantError::UnsupportedConfig {
+                    context: node.name.clone(),
+                    reason: "an Input node that is not a graph input".into(),
+                });
+            }
+            let args: Vec<&Value> = node
+                .inputs
+                .iter()
+                .map(|&j| {
+                    values[j]
+                        .as_ref()
+                        .ok_or_else(|| QuantError::UnsupportedConfig {
+                            context: node.name.clone(),
+                            reason: format!("input node {j} has no value"),
+                        })
+                })
+                .collect::<Result<_>>()?;
+            let t = Instant::now();
+            let y = node
+                .op
+                .forward(&args, &mut ctx)
+                .map_err(|e| e.in_context(&node.name))?;
+            let dt = t.elapsed();
+            tap(i, &y, dt);
+            values[i] = Some(y);
+            for &j in &node.inputs {
+                uses[j] -= 1;
+                if uses[j] == 0 {
+                    values[j] = None;
+                }
+            }
+        }
+        self.outputs
+            .iter()
+            .map(|&o| {
+                values[o]
+                    .clone()
+                    .ok_or_else(|| QuantError::UnsupportedConfig {
+                        context: self.nodes[o].name.clone(),
+                        reason: "the output node has no value".into(),
+                    })
+            })
+            .collect()
+    }
+
+    /// Runs the graph: one `f32` tensor per graph input (NCHW images, `[N, features]`
+    /// vectors), one `f32` tensor per output (int8 outputs dequantized).
+    ///
+    /// # Errors
+    /// [`QuantError::NonFinite`] for NaN or infinite input (naming the input), shape
+    /// errors naming the node and both shapes.
+    pub fn forward(&self, inputs: &[ArrayD<f32>]) -> Result<Vec<ArrayD<f32>>> {
+        Ok(self
+            .run(inputs, &mut |_, _, _| {})?
+            .iter()
+            .map(|v| v.to_f32().into_owned())
+            .collect())
+    }
+
+    /// Runs the graph and returns the outputs as they are computed: an int8 output as its
+    /// quantized values (logical NCHW order) with its qparams, a float output (a float
+    /// island or a dequantize at the end) as `Err(float values)`.
+    ///
+    /// # Errors
+    /// As [`QuantizedGraph::forward`].
+    #[allow(clippy::type_complexity)]
+    pub fn forward_quantized(
+        &self,
+        inputs: &[ArrayD<f32>],
+    ) -> Result<Vec<std::result::Result<QTensor, ArrayD<f32>>>> {
+        Ok(self
+            .run(inputs, &mut |_, _, _| {})?
+            .into_iter()
+            .map(|v| match v {
+                Value::Int8(q) => Ok(q.into_nchw()),
+                Value::Float(x) => Err(x),
+            })
+            .collect())
+    }
+
+    /// Runs the graph and calls `tap(node_name, value)` after every node (for SQNR
+    /// reports and debugging).
+    ///
+    /// # Errors
+    /// As [`QuantizedGraph::forward`].
+    pub fn forward_with(
+        &self,
+        inputs: &[ArrayD<f32>],
+        tap: &mut dyn FnMut(&str, &Value),
+    ) -> Result<Vec<ArrayD<f32>>> {
+        Ok(self
+            .run(inputs, &mut |i, v, _| tap(&self.nodes[i].name, v))?
+            .iter()
+            .map(|v| v.to_f32().into_owned())
+            .collect())
+    }
+
+    /// Runs the graph once and returns the wall time of every node, in order.
+    ///
+    /// # Errors
+    /// As [`QuantizedGraph::forward`].
+    pub fn profile(&self, inputs: &[ArrayD<f32>]) -> Result<Vec<NodeProfile>> {
+        let mut out = Vec::with_capacity(self.nodes.len());
+        self.run(inputs, &mut |i, _, t| {
+            out.push(NodeProfile {
+                name: self.nodes[i].name.clone(),
+                kind: self.nodes[i].op.kind(),
+                time: t,
+            })
+        })?;
+        Ok(out)
+    }
+}
+
+impl fmt::Display for QuantizedGraph {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, n) in self.nodes.iter().enumerate() {
+            let q = match n.op.output_qparams() {
+                Some(q) => q.to_string(),
+                None => "float".into(),
+            };
+            writeln!(
+                f,
+                "{i:>4} {:<32} {:<20} {:?} -> {q}",
+                n.name,
+                n.op.kind(),
+                n.inputs
+            )?;
+        }
+        write!(
+            f,
+            "weights: {} bytes int8 model, {} bytes float model",
+            self.weight_bytes(),
+            self.float_weight_bytes
+        )
+    }
+}

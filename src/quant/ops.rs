@@ -1,0 +1,1301 @@
+//! The int8 ops of a [`QuantizedGraph`](super::QuantizedGraph): one type per op, each
+//! with its `QuantOp` impl (run, output qparams, write) and its reader (registered in
+//! [`super::record::READERS`]). Their `from_observed` constructors live in
+//! [`crate::quant::convert`](super) next to the graph's op set.
+//!
+//! Each op wraps the kernels of [`crate::nn::quantized`] (bit-exact with PyTorch's
+//! `torch.ao.nn.quantized` modules on fbgemm) and decides the layout it reads and writes:
+//! convolutions read and write NHWC, adds keep the layout PyTorch's memory format asks
+//! for, elementwise ops keep theirs, pools / flatten / linear read NCHW.
+
+use std::borrow::Cow;
+
+use ndarray::{ArrayD, IxDyn};
+
+use super::{ExecCtx, Layout, OpRecordReader, OpRecordWriter, QAct, QuantOp, Value};
+use crate::error::{QuantError, Result};
+use crate::nn::quantized::{
+    Conv2dParams, QAdaptiveAvgPool2d, QAdd, QAvgPool2d, QBatchNorm2d, QCat, QConv2d, QConvReLU2d,
+    QHardsigmoid, QHardswish, QLinear, QLinearReLU, QMaxPool2d, QMul, QReLU, QSigmoid, QTensor,
+    QUpsampleNearest2d, TorchLayout, UpsampleSize,
+};
+use crate::qparams::{ActQParams, QParams};
+
+fn one<'a>(inputs: &[&'a Value], kind: &str) -> Result<&'a Value> {
+    match inputs {
+        [x] => Ok(x),
+        _ => Err(QuantError::UnsupportedConfig {
+            context: kind.into(),
+            reason: format!("takes one input, got {}", inputs.len()),
+        }),
+    }
+}
+
+fn counted<'a>(c: Cow<'a, QTensor>, ctx: &mut ExecCtx) -> Cow<'a, QTensor> {
+    if let Cow::Owned(_) = c {
+        ctx.transposes += 1;
+    }
+    c
+}
+
+fn nchw<'a>(x: &'a QAct, ctx: &mut ExecCtx) -> Cow<'a, QTensor> {
+    counted(x.nchw(), ctx)
+}
+
+/// A graph input (float); the executor fills it, it never runs.
+#[derive(Debug, Clone, Default)]
+pub struct InputOp;
+
+impl InputOp {
+    /// Reader for the file table.
+    ///
+    /// # Errors
+    /// None.
+    pub fn read(_: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
+        Ok(Box::new(InputOp))
+    }
+}
+
+impl QuantOp for InputOp {
+    fn kind(&self) -> &'static str {
+        super::exec::INPUT_KIND
+    }
+    fn forward(&self, _: &[&Value], _: &mut ExecCtx) -> Result<Value> {
+        Err(QuantError::UnsupportedConfig {
+            context: "Input".into(),
+            reason: "an input node does not run".into(),
+        })
+    }
+    fn output_qparams(&self) -> Option<ActQParams> {
+        None
+    }
+    fn write(&self, _: &mut OpRecordWriter<'_>) -> Result<()> {
+        Ok(())
+    }
+    fn arity(&self) -> usize {
+        0
+    }
+}
+
+/// float -> int8 (`quantize_per_tensor`): a `QuantStub`, or the border after a float
+/// island.
+#[derive(Debug, Clone)]
+pub struct QuantizeOp {
+    q: ActQParams,
+}
+
+impl QuantizeOp {
+    /// Quantizes with `q`.
+    pub fn new(q: ActQParams) -> Self {
+        QuantizeOp { q }
+    }
+    /// Reader for the file table.
+    ///
+    /// # Errors
+    /// Malformed or invalid qparams.
+    pub fn read(r: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
+        Ok(Box::new(QuantizeOp::new(r.act("out")?)))
+    }
+}
+
+impl QuantOp for QuantizeOp {
+    fn kind(&self) -> &'static str {
+        "Quantize"
+    }
+    fn forward(&self, inputs: &[&Value], _: &mut ExecCtx) -> Result<Value> {
+        match one(inputs, "Quantize")? {
+            Value::Float(x) => Ok(Value::Int8(QAct::contiguous(QTensor::from_f32(
+                x,
+                self.q.scale(),
+                self.q.zero_point(),
+            )?))),
+            Value::Int8(_) => Err(QuantError::UnsupportedConfig {
+                context: "Quantize".into(),
+                reason: "the input is already int8".into(),
+            }),
+        }
+    }
+    fn output_qparams(&self) -> Option<ActQParams> {
+        Some(self.q)
+    }
+    fn write(&self, rec: &mut OpRecordWriter<'_>) -> Result<()> {
+        rec.act("out", self.q);
+        Ok(())
+    }
+}
+
+/// int8 -> float: a `DeQuantStub`, or the border before a float island.
+#[derive(Debug, Clone, Default)]
+pub struct DequantizeOp;
+
+impl DequantizeOp {
+    /// Reader for the file table.
+    ///
+    /// # Errors
+    /// None.
+    pub fn read(_: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
+        Ok(Box::new(DequantizeOp))
+    }
+}
+
+impl QuantOp for DequantizeOp {
+    fn kind(&self) -> &'static str {
+        "Dequantize"
+    }
+    fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value> {
+        match one(inputs, "Dequantize")? {
+            Value::Int8(q) => Ok(Value::Float(nchw(q, ctx).dequantize())),
+            Value::Float(x) => Ok(Value::Float(x.clone())),
+        }
+    }
+    fn output_qparams(&self) -> Option<ActQParams> {
+        None
+    }
+    fn write(&self, _: &mut OpRecordWriter<'_>) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// `quantized.Conv2d` / `intrinsic.quantized.ConvReLU2d`: reads and writes NHWC.
+#[derive(Debug, Clone)]
+pub struct ConvOp {
+    conv: QConv2d,
+    out: ActQParams,
+}
+
+impl ConvOp {
+    /// Wraps a convolution (its `is_relu` says which of the two it is).
+    pub fn new(conv: QConv2d) -> Result<Self> {
+        let (s, z) = conv.output_qparams();
+        let out = ActQParams::new(s, z)?;
+        Ok(ConvOp { conv, out })
+    }
+
+    /// Quantizes and packs float weights.
+    ///
+    /// # Errors
+    /// As [`QConv2d::new`].
+    pub fn from_float(
+        weight: ndarray::ArrayView4<'_, f32>,
+        bias: Option<ndarray::ArrayView1<'_, f32>>,
+        w_qparams: &QParams,
+        params: Conv2dParams,
+        out: ActQParams,
+        relu: bool,
+    ) -> Result<Self> {
+        let (s, z) = (out.scale(), out.zero_point());
+        let conv = if relu {
+            QConvReLU2d::new(weight, bias, w_qparams, params, s, z)?
+                .inner()
+                .clone()
+        } else {
+            QConv2d::new(weight, bias, w_qparams, params, s, z)?
+        };
+        Ok(ConvOp { conv, out })
+    }
+
+    /// The kernel.
+    pub fn conv(&self) -> &QConv2d {
+        &self.conv
+    }
+
+    /// Reader for the file table.
+    ///
+    /// # Errors
+    /// Malformed records; the kernel's constructor errors.
+    pub fn read(r: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
+        let relu = r.flag("relu")?;
+        let (w, qp, b, p, out) = r.conv()?;
+        let (s, z) = (out.scale(), out.zero_point());
+        let conv = if relu {
+            QConvReLU2d::from_quantized(w.view(), &qp, b.as_ref().map(|b| b.view()), p, s, z)?
+                .inner()
+                .clone()
+        } else {
+            QConv2d::from_quantized(w.view(), &qp, b.as_ref().map(|b| b.view()), p, s, z)?
+        };
+        Ok(Box::new(ConvOp { conv, out }))
+    }
+}
+
+impl QuantOp for ConvOp {
+    fn kind(&self) -> &'static str {
+        if self.conv.is_relu() {
+            "ConvReLU2d"
+        } else {
+            "Conv2d"
+        }
+    }
+    fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value> {
+        let x = one(inputs, self.kind())?.int8(self.kind())?;
+        let xn = counted(x.nhwc(self.kind())?, ctx);
+        let y = self.conv.forward_nhwc(&xn)?;
+        Ok(Value::Int8(QAct::new(
+            y,
+            Layout::Nhwc,
+            TorchLayout::ChannelsLast,
+        )?))
+    }
+    fn output_qparams(&self) -> Option<ActQParams> {
+        Some(self.out)
+    }
+    fn write(&self, rec: &mut OpRecordWriter<'_>) -> Result<()> {
+        rec.set("relu", self.conv.is_relu() as u8);
+        rec.conv(&self.conv);
+        Ok(())
+    }
+    fn weight(&self) -> Option<(ArrayD<i8>, QParams)> {
+        let (w, qp) = self.conv.quantized_weight();
+        Some((w.into_dyn(), qp))
+    }
+    fn bias(&self) -> Option<&[f32]> {
+        self.conv.bias()
+    }
+    fn weight_bytes(&self) -> usize {
+        self.conv.weight_bytes()
+    }
+}
+
+/// `quantized.Linear` / `intrinsic.quantized.LinearReLU` on `[N, features]`.
+#[derive(Debug, Clone)]
+pub struct LinearOp {
+    lin: QLinear,
+    out: ActQParams,
+}
+
+impl LinearOp {
+    /// Wraps a linear layer.
+    ///
+    /// # Errors
+    /// None in practice (the layer's qparams are valid).
+    pub fn new(lin: QLinear) -> Result<Self> {
+        let (s, z) = lin.output_qparams();
+        let out = ActQParams::new(s, z)?;
+        Ok(LinearOp { lin, out })
+    }
+
+    /// Quantizes and packs float weights.
+    ///
+    /// # Errors
+    /// As [`QLinear::new`].
+    pub fn from_float(
+        weight: ndarray::ArrayView2<'_, f32>,
+        bias: Option<ndarray::ArrayView1<'_, f32>>,
+        w_qparams: &QParams,
+        out: ActQParams,
+        relu: bool,
+    ) -> Result<Self> {
+        let (s, z) = (out.scale(), out.zero_point());
+        let lin = if relu {
+            QLinearReLU::new(weight, bias, w_qparams, s, z)?
+                .inner()
+                .clone()
+        } else {
+            QLinear::new(weight, bias, w_qparams, s, z)?
+        };
+        Ok(LinearOp { lin, out })
+    }
+
+    /// Reader for the file table.
+    ///
+    /// # Errors
+    /// Malformed records; the kernel's constructor errors.
+    pub fn read(r: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
+        let relu = r.flag("relu")?;
+        let (w, qp, b, out) = r.linear()?;
+        let (s, z) = (out.scale(), out.zero_point());
+        let lin = if relu {
+            QLinearReLU::from_quantized(w.view(), &qp, b.as_ref().map(|b| b.view()), s, z)?
+                .inner()
+                .clone()
+        } else {
+            QLinear::from_quantized(w.view(), &qp, b.as_ref().map(|b| b.view()), s, z)?
+        };
+        Ok(Box::new(LinearOp { lin, out }))
+    }
+}
+
+impl QuantOp for LinearOp {
+    fn kind(&self) -> &'static str {
+        if self.lin.is_relu() {
+            "LinearReLU"
+        } else {
+            "Linear"
+        }
+    }
+    fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value> {
+        let x = one(inputs, self.kind())?.int8(self.kind())?;
+        let y = self.lin.forward(&nchw(x, ctx))?;
+        Ok(Value::Int8(QAct::contiguous(y)))
+    }
+    fn output_qparams(&self) -> Option<ActQParams> {
+        Some(self.out)
+    }
+    fn write(&self, rec: &mut OpRecordWriter<'_>) -> Result<()> {
+        rec.set("relu", self.lin.is_relu() as u8);
+        rec.linear(&self.lin);
+        Ok(())
+    }
+    fn weight(&self) -> Option<(ArrayD<i8>, QParams)> {
+        let (w, qp) = self.lin.quantized_weight();
+        Some((w.into_dyn(), qp))
+    }
+    fn bias(&self) -> Option<&[f32]> {
+        self.lin.bias()
+    }
+    fn weight_bytes(&self) -> usize {
+        self.lin.weight_bytes()
+    }
+}
+
+/// `QFunctional.add` / `add_relu` (`quantized::add`, `quantized::add_relu`). PyTorch's
+/// kernel runs over the elements in the first input's memory order (channels-last after
+/// a convolution), which decides its rounding; the op keeps NHWC activations NHWC.
+#[derive(Debug, Clone)]
+pub struct AddOp {
+    out: ActQParams,
+    relu: bool,
+}
+
+impl AddOp {
+    /// An add (with a fused ReLU if `relu`) quantizing its result with `out`.
+    pub fn new(out: ActQParams, relu: bool) -> Self {
+        AddOp { out, relu }
+    }
+    /// Reader for the file table.
+    ///
+    /// # Errors
+    /// Malformed records.
+    pub fn read(r: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
+        Ok(Box::new(AddOp::new(r.act("out")?, r.flag("relu")?)))
+    }
+}
+
+impl QuantOp for AddOp {
+    fn kind(&self) -> &'static str {
+        if self.relu {
+            "AddReLU"
+        } else {
+            "Add"
+        }
+    }
+    fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value> {
+        let [a, b] = inputs else {
+            return Err(QuantError::UnsupportedConfig {
+                context: self.kind().into(),
+                reason: format!("takes two inputs, got {}", inputs.len()),
+            });
+        };
+        let (a, b) = (a.int8(self.kind())?, b.int8(self.kind())?);
+        if a.shape() != b.shape() {
+            return Err(QuantError::ShapeMismatch {
+                context: self.kind().into(),
+                expected: format!("both inputs of shape {:?}", a.shape()),
+                actual: format!("{:?}", b.shape()),
+            });
+        }
+        let mut add = QAdd::new(self.out.scale(), self.out.zero_point())?
+            .with_layout(TorchLayout::Contiguous);
+        if self.relu {
+            add = add.with_relu();
+        }
+        // The arithmetic runs over the given tensors' row-major order, which is PyTorch's
+        // memory order when both are handed over in the first input's memory format.
+        let channels_last = a.torch_layout() == TorchLayout::ChannelsLast && a.shape().len() == 4;
+        if channels_last {
+            let xa = counted(a.nhwc(self.kind())?, ctx);
+            let xb = counted(b.nhwc(self.kind())?, ctx);
+            let y = add.forward(&xa, &xb)?;
+            Ok(Value::Int8(QAct::new(
+                y,
+                Layout::Nhwc,
+                TorchLayout::ChannelsLast,
+            )?))
+        } else {
+            let y = add.forward(&nchw(a, ctx), &nchw(b, ctx))?;
+            Ok(Value::Int8(QAct::new(y, Layout::Nchw, a.torch_layout())?))
+        }
+    }
+    fn output_qparams(&self) -> Option<ActQParams> {
+        Some(self.out)
+    }
+    fn write(&self, rec: &mut OpRecordWriter<'_>) -> Result<()> {
+        rec.act("out", self.out);
+        rec.set("relu", self.relu as u8);
+        Ok(())
+    }
+    fn arity(&self) -> usize {
+        2
+    }
+}
+
+/// `quantized.ReLU`: `max(q, zero_point)`; keeps the input's qparams and layout.
+#[derive(Debug, Clone)]
+pub struct ReluOp {
+    q: ActQParams,
+}
+
+impl ReluOp {
+    /// A ReLU on an input quantized with `q` (its output has the same parameters).
+    pub fn new(q: ActQParams) -> Self {
+        ReluOp { q }
+    }
+    /// Reader for the file table.
+    ///
+    /// # Errors
+    /// Malformed records.
+    pub fn read(r: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
+        Ok(Box::new(ReluOp::new(r.act("q")?)))
+    }
+}
+
+impl QuantOp for ReluOp {
+    fn kind(&self) -> &'static str {
+        "ReLU"
+    }
+    fn forward(&self, inputs: &[&Value], _: &mut ExecCtx) -> Result<Value> {
+        let x = one(inputs, "ReLU")?.int8("ReLU")?;
+        let y = QReLU.forward(x.raw())?;
+        Ok(Value::Int8(QAct::new(y, x.layout(), x.torch_layout())?))
+    }
+    fn output_qparams(&self) -> Option<ActQParams> {
+        Some(self.q)
+    }
+    fn write(&self, rec: &mut OpRecordWriter<'_>) -> Result<()> {
+        rec.act("q", self.q);
+        Ok(())
+    }
+}
+
+/// `quantized.hardtanh` (ReLU6 = `Clamp { 0, 6 }`): `clamp(q, quantize(min),
+/// quantize(max))` with the input's qparams, which the output keeps.
+#[derive(Debug, Clone)]
+pub struct ClampOp {
+    min: f32,
+    max: f32,
+    q: ActQParams,
+}
+
+impl ClampOp {
+    /// A clamp to `[min, max]` on an input quantized with `q`.
+    ///
+    /// # Errors
+    /// [`QuantError::UnsupportedConfig`] unless `min <= max`, both finite.
+    pub fn new(min: f32, max: f32, q: ActQParams) -> Result<Self> {
+        if !(min.is_finite() && max.is_finite() && min <= max) {
+            return Err(QuantError::UnsupportedConfig {
+                context: "Clamp".into(),
+                reason: format!("bounds [{min}, {max}] must be finite with min <= max"),
+            });
+        }
+        Ok(ClampOp { min, max, q })
+    }
+    /// Reader for the file table.
+    ///
+    /// # Errors
+    /// Malformed records; bad bounds.
+    pub fn read(r: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
+        Ok(Box::new(ClampOp::new(
+            r.parse("min")?,
+            r.parse("max")?,
+            r.act("q")?,
+        )?))
+    }
+}
+
+impl QuantOp for ClampOp {
+    fn kind(&self) -> &'static str {
+        "Clamp"
+    }
+    fn forward(&self, inputs: &[&Value], _: &mut ExecCtx) -> Result<Value> {
+        let x = one(inputs, "Clamp")?.int8("Clamp")?;
+        let q = x.qparams();
+        let (lo, hi) = (q.quantize(self.min), q.quantize(self.max));
+        let t = x.raw();
+        let y = QTensor::new(
+            t.data().mapv(|v| v.clamp(lo, hi.max(lo))),
+            t.scale(),
+            t.zero_point(),
+        )?;
+        Ok(Value::Int8(QAct::new(y, x.layout(), x.torch_layout())?))
+    }
+    fn output_qparams(&self) -> Option<ActQParams> {
+        Some(self.q)
+    }
+    fn write(&self, rec: &mut OpRecordWriter<'_>) -> Result<()> {
+        rec.set("min", self.min);
+        rec.set("max", self.max);
+        rec.act("q", self.q);
+        Ok(())
+    }
+}
+
+/// `quantized max_pool2d`: keeps qparams and PyTorch's memory format; runs on NCHW.
+#[derive(Debug, Clone)]
+pub struct MaxPoolOp {
+    pool: QMaxPool2d,
+    q: ActQParams,
+}
+
+impl MaxPoolOp {
+    /// A max pool.
+    ///
+    /// # Errors
+    /// As [`QMaxPool2d::new`].
+    pub fn new(
+        kernel: (usize, usize),
+        stride: (usize, usize),
+        padding: (usize, usize),
+        dilation: (usize, usize),
+        q: ActQParams,
+    ) -> Result<Self> {
+        Ok(MaxPoolOp {
+            pool: QMaxPool2d::new(kernel, stride, padding, dilation)?,
+            q,
+        })
+    }
+    /// Reader for the file table.
+    ///
+    /// # Errors
+    /// Malformed records; the kernel's constructor errors.
+    pub fn read(r: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
+        Ok(Box::new(MaxPoolOp::new(
+            r.pair("kernel", 1)?,
+            r.pair("stride", 1)?,
+            r.pair("padding", 0)?,
+            r.pair("dilation", 1)?,
+            r.act("q")?,
+        )?))
+    }
+}
+
+impl QuantOp for MaxPoolOp {
+    fn kind(&self) -> &'static str {
+        "MaxPool2d"
+    }
+    fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value> {
+        let x = one(inputs, "MaxPool2d")?.int8("MaxPool2d")?;
+        let y = self.pool.forward(&nchw(x, ctx))?;
+        Ok(Value::Int8(QAct::new(y, Layout::Nchw, x.torch_layout())?))
+    }
+    fn output_qparams(&self) -> Option<ActQParams> {
+        Some(self.q)
+    }
+    fn write(&self, rec: &mut OpRecordWriter<'_>) -> Result<()> {
+        rec.pair("kernel", self.pool.kernel());
+        rec.pair("stride", self.pool.stride());
+        rec.pair("padding", self.pool.padding());
+        rec.pair("dilation", self.pool.dilation());
+        rec.act("q", self.q);
+        Ok(())
+    }
+}
+
+/// `quantized avg_pool2d`: keeps qparams; rounds as PyTorch's kernel for the input's
+/// memory format.
+#[derive(Debug, Clone)]
+pub struct AvgPoolOp {
+    pool: QAvgPool2d,
+    q: ActQParams,
+}
+
+impl AvgPoolOp {
+    /// An average pool.
+    ///
+    /// # Errors
+    /// As [`QAvgPool2d::new`].
+    pub fn new(
+        kernel: (usize, usize),
+        stride: (usize, usize),
+        padding: (usize, usize),
+        count_include_pad: bool,
+        q: ActQParams,
+    ) -> Result<Self> {
+        Ok(AvgPoolOp {
+            pool: QAvgPool2d::new(kernel, stride, padding, count_include_pad)?,
+            q,
+        })
+    }
+    /// Reader for the file table.
+    ///
+    /// # Errors
+    /// Malformed records; the kernel's constructor errors.
+    pub fn read(r: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
+        Ok(Box::new(AvgPoolOp::new(
+            r.pair("kernel", 1)?,
+            r.pair("stride", 1)?,
+            r.pair("padding", 0)?,
+            r.flag("count_include_pad")?,
+            r.act("q")?,
+        )?))
+    }
+}
+
+impl QuantOp for AvgPoolOp {
+    fn kind(&self) -> &'static str {
+        "AvgPool2d"
+    }
+    fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value> {
+        let x = one(inputs, "AvgPool2d")?.int8("AvgPool2d")?;
+        let y = self
+            .pool
+            .with_layout(x.torch_layout())
+            .forward(&nchw(x, ctx))?;
+        Ok(Value::Int8(QAct::new(y, Layout::Nchw, x.torch_layout())?))
+    }
+    fn output_qparams(&self) -> Option<ActQParams> {
+        Some(self.q)
+    }
+    fn write(&self, rec: &mut OpRecordWriter<'_>) -> Result<()> {
+        rec.pair("kernel", self.pool.kernel());
+        rec.pair("stride", self.pool.stride());
+        rec.pair("padding", self.pool.padding());
+        rec.set("count_include_pad", self.pool.count_include_pad() as u8);
+        rec.act("q", self.q);
+        Ok(())
+    }
+}
+
+/// `quantized adaptive_avg_pool2d`: keeps qparams; rounds as PyTorch for the input's
+/// memory format.
+#[derive(Debug, Clone)]
+pub struct AdaptiveAvgPoolOp {
+    pool: QAdaptiveAvgPool2d,
+    q: ActQParams,
+}
+
+impl AdaptiveAvgPoolOp {
+    /// An adaptive average pool to `output` (height, width).
+    ///
+    /// # Errors
+    /// As [`QAdaptiveAvgPool2d::new`].
+    pub fn new(output: (usize, usize), q: ActQParams) -> Result<Self> {
+        Ok(AdaptiveAvgPoolOp {
+            pool: QAdaptiveAvgPool2d::new(output)?,
+            q,
+        })
+    }
+    /// Reader for the file table.
+    ///
+    /// # Errors
+    /// Malformed records; the kernel's constructor errors.
+    pub fn read(r: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
+        Ok(Box::new(AdaptiveAvgPoolOp::new(
+            r.pair("output", 1)?,
+            r.act("q")?,
+        )?))
+    }
+}
+
+impl QuantOp for AdaptiveAvgPoolOp {
+    fn kind(&self) -> &'static str {
+        "AdaptiveAvgPool2d"
+    }
+    fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value> {
+        let x = one(inputs, "AdaptiveAvgPool2d")?.int8("AdaptiveAvgPool2d")?;
+        let y = self
+            .pool
+            .with_layout(x.torch_layout())
+            .forward(&nchw(x, ctx))?;
+        Ok(Value::Int8(QAct::new(y, Layout::Nchw, x.torch_layout())?))
+    }
+    fn output_qparams(&self) -> Option<ActQParams> {
+        Some(self.q)
+    }
+    fn write(&self, rec: &mut OpRecordWriter<'_>) -> Result<()> {
+        rec.pair("output", self.pool.output_size());
+        rec.act("q", self.q);
+        Ok(())
+    }
+}
+
+fn reshaped(x: &QTensor, shape: &[usize], kind: &str) -> Result<QAct> {
+    let data = x
+        .data()
+        .as_standard_layout()
+        .into_owned()
+        .into_shape_with_order(IxDyn(shape))
+        .map_err(|_| QuantError::ShapeMismatch {
+            context: kind.into(),
+            expected: format!("{} elements for shape {shape:?}", x.data().len()),
+            actual: format!("shape {:?}", x.data().shape()),
+        })?;
+    Ok(QAct::contiguous(QTensor::new(
+        data,
+        x.scale(),
+        x.zero_point(),
+    )?))
+}
+
+/// `torch.flatten(x, start_dim, end_dim)` on int8 values (logical order).
+#[derive(Debug, Clone)]
+pub struct FlattenOp {
+    start_dim: usize,
+    end_dim: isize,
+    q: ActQParams,
+}
+
+impl FlattenOp {
+    /// A flatten of dimensions `start_dim..=end_dim` (`end_dim` may be negative).
+    pub fn new(start_dim: usize, end_dim: isize, q: ActQParams) -> Self {
+        FlattenOp {
+            start_dim,
+            end_dim,
+            q,
+        }
+    }
+    /// Reader for the file table.
+    ///
+    /// # Errors
+    /// Malformed records.
+    pub fn read(r: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
+        let start = r.hyper("start_dim", 0)?;
+        let end: isize = r.parse("end_dim")?;
+        if end.unsigned_abs() > crate::io::qmodel::MAX_HYPERPARAMETER {
+            return Err(r.bad(format!("end_dim {end} is implausible")));
+        }
+        Ok(Box::new(FlattenOp::new(start, end, r.act("q")?)))
+    }
+}
+
+impl QuantOp for FlattenOp {
+    fn kind(&self) -> &'static str {
+        "Flatten"
+    }
+    fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value> {
+        let x = one(inputs, "Flatten")?.int8("Flatten")?;
+        let t = nchw(x, ctx);
+        let s = t.data().shape();
+        let r = s.len() as isize;
+        let end = if self.end_dim < 0 {
+            r + self.end_dim
+        } else {
+            self.end_dim
+        };
+        if self.start_dim as isize >= r.max(1) || end < self.start_dim as isize || end >= r {
+            return Err(QuantError::ShapeMismatch {
+                context: "Flatten".into(),
+                expected: format!(
+                    "a tensor with dimensions {}..={} to flatten",
+                    self.start_dim, self.end_dim
+                ),
+                actual: format!("shape {s:?}"),
+            });
+        }
+        let end = end as usize;
+        let mut shape = s[..self.start_dim].to_vec();
+        shape.push(s[self.start_dim..=end].iter().product());
+        shape.extend_from_slice(&s[end + 1..]);
+        Ok(Value::Int8(reshaped(&t, &shape, "Flatten")?))
+    }
+    fn output_qparams(&self) -> Option<ActQParams> {
+        Some(self.q)
+    }
+    fn write(&self, rec: &mut OpRecordWriter<'_>) -> Result<()> {
+        rec.set("start_dim", self.start_dim);
+        rec.set("end_dim", self.end_dim);
+        rec.act("q", self.q);
+        Ok(())
+    }
+}
+
+/// `reshape` on int8 values: `-1` infers one dimension, `0` copies the input's.
+#[derive(Debug, Clone)]
+pub struct ReshapeOp {
+    shape: Vec<isize>,
+    q: ActQParams,
+}
+
+/// Resolves a reshape target (`-1` inferred, `0` copied) for an input shape.
+pub(crate) fn resolve_shape(input: &[usize], target: &[isize], ctx: &str) -> Result<Vec<usize>> {
+    let bad = || QuantError::ShapeMismatch {
+        context: ctx.into(),
+        expected: format!("a shape {target:?} compatible with the input"),
+        actual: format!("shape {input:?}"),
+    };
+    let total: usize = input.iter().product();
+    let mut out = Vec::with_capacity(target.len());
+    let mut infer = None;
+    for (i, &d) in target.iter().enumerate() {
+        match d {
+            -1 if infer.is_none() => {
+                infer = Some(i);
+                out.push(1);
+            }
+            0 => out.push(*input.get(i).ok_or_else(bad)?),
+            d if d > 0 => out.push(d as usize),
+            _ => return Err(bad()),
+        }
+    }
+    let known: usize = out.iter().product();
+    if let Some(i) = infer {
+        if known == 0 || !total.is_multiple_of(known) {
+            return Err(bad());
+        }
+        out[i] = total / known;
+    } else if known != total {
+        return Err(bad());
+    }
+    Ok(out)
+}
+
+impl ReshapeOp {
+    /// A reshape to `shape`.
+    pub fn new(shape: Vec<isize>, q: ActQParams) -> Self {
+        ReshapeOp { shape, q }
+    }
+    /// Reader for the file table.
+    ///
+    /// # Errors
+    /// Malformed records.
+    pub fn read(r: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
+        let v: String = r.parse("shape")?;
+        let shape = if v.is_empty() {
+            Vec::new()
+        } else {
+            v.split(',')
+                .map(|s| s.parse::<isize>().ok().filter(|d| *d >= -1))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| r.bad(format!("shape {v:?} is not a list of dims >= -1")))?
+        };
+        Ok(Box::new(ReshapeOp::new(shape, r.act("q")?)))
+    }
+}
+
+impl QuantOp for ReshapeOp {
+    fn kind(&self) -> &'static str {
+        "Reshape"
+    }
+    fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value> {
+        let x = one(inputs, "Reshape")?.int8("Reshape")?;
+        let t = nchw(x, ctx);
+        let shape = resolve_shape(t.data().shape(), &self.shape, "Reshape")?;
+        Ok(Value::Int8(reshaped(&t, &shape, "Reshape")?))
+    }
+    fn output_qparams(&self) -> Option<ActQParams> {
+        Some(self.q)
+    }
+    fn write(&self, rec: &mut OpRecordWriter<'_>) -> Result<()> {
+        let s: Vec<String> = self.shape.iter().map(|d| d.to_string()).collect();
+        rec.set("shape", s.join(","));
+        rec.act("q", self.q);
+        Ok(())
+    }
+}
+
+/// Identity / Dropout: passes its input through (int8 or float).
+#[derive(Debug, Clone)]
+pub struct IdentityOp {
+    q: Option<ActQParams>,
+}
+
+impl IdentityOp {
+    /// An identity whose input has qparams `q` (`None`: float).
+    pub fn new(q: Option<ActQParams>) -> Self {
+        IdentityOp { q }
+    }
+    /// Reader for the file table.
+    ///
+    /// # Errors
+    /// Malformed records.
+    pub fn read(r: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
+        let q = if r.flag("int8")? {
+            Some(r.act("q")?)
+        } else {
+            None
+        };
+        Ok(Box::new(IdentityOp::new(q)))
+    }
+}
+
+impl QuantOp for IdentityOp {
+    fn kind(&self) -> &'static str {
+        "Identity"
+    }
+    fn forward(&self, inputs: &[&Value], _: &mut ExecCtx) -> Result<Value> {
+        Ok(one(inputs, "Identity")?.clone())
+    }
+    fn output_qparams(&self) -> Option<ActQParams> {
+        self.q
+    }
+    fn write(&self, rec: &mut OpRecordWriter<'_>) -> Result<()> {
+        rec.set("int8", self.q.is_some() as u8);
+        if let Some(q) = self.q {
+            rec.act("q", q);
+        }
+        Ok(())
+    }
+}
+
+fn torch_of_full(xs: &[&QAct], shape: &[usize]) -> TorchLayout {
+    xs.iter()
+        .find(|x| x.shape() == shape)
+        .map_or(TorchLayout::Contiguous, |x| x.torch_layout())
+}
+
+/// `QFunctional.mul` / `mul_relu` (`quantized::mul`): numpy broadcasting (the
+/// squeeze-excite gate `[N, C, H, W] * [N, C, 1, 1]`), its own output qparams.
+#[derive(Debug, Clone)]
+pub struct MulOp {
+    out: ActQParams,
+    relu: bool,
+}
+
+impl MulOp {
+    /// A product quantized with `out` (ReLU fused if `relu`).
+    pub fn new(out: ActQParams, relu: bool) -> Self {
+        MulOp { out, relu }
+    }
+    /// Reader for the file table.
+    ///
+    /// # Errors
+    /// Malformed records.
+    pub fn read(r: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
+        Ok(Box::new(MulOp::new(r.act("out")?, r.flag("relu")?)))
+    }
+}
+
+impl QuantOp for MulOp {
+    fn kind(&self) -> &'static str {
+        "Mul"
+    }
+    fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value> {
+        let [a, b] = inputs else {
+            return Err(QuantError::UnsupportedConfig {
+                context: "Mul".into(),
+                reason: format!("takes two inputs, got {}", inputs.len()),
+            });
+        };
+        let (a, b) = (a.int8("Mul")?, b.int8("Mul")?);
+        let mut m =
+            QMul::new(self.out.scale(), self.out.zero_point())?.with_layout(a.torch_layout());
+        if self.relu {
+            m = m.with_relu();
+        }
+        let y = m.forward(&nchw(a, ctx), &nchw(b, ctx))?;
+        let torch = torch_of_full(&[a, b], y.data().shape());
+        Ok(Value::Int8(QAct::new(y, Layout::Nchw, torch)?))
+    }
+    fn output_qparams(&self) -> Option<ActQParams> {
+        Some(self.out)
+    }
+    fn write(&self, rec: &mut OpRecordWriter<'_>) -> Result<()> {
+        rec.act("out", self.out);
+        rec.set("relu", self.relu as u8);
+        Ok(())
+    }
+    fn arity(&self) -> usize {
+        2
+    }
+}
+
+/// `QFunctional.cat` (`quantized::cat`): every input requantized to the output's qparams.
+#[derive(Debug, Clone)]
+pub struct CatOp {
+    dim: usize,
+    n: usize,
+    out: ActQParams,
+}
+
+impl CatOp {
+    /// A concatenation of `n` inputs along `dim` quantized with `out`.
+    ///
+    /// # Errors
+    /// [`QuantError::UnsupportedConfig`] for no input.
+    pub fn new(dim: usize, n: usize, out: ActQParams) -> Result<Self> {
+        if n == 0 {
+            return Err(QuantError::UnsupportedConfig {
+                context: "Concat".into(),
+                reason: "needs at least one input".into(),
+            });
+        }
+        Ok(CatOp { dim, n, out })
+    }
+    /// Reader for the file table.
+    ///
+    /// # Errors
+    /// Malformed records.
+    pub fn read(r: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
+        let n = r.num_inputs();
+        Ok(Box::new(CatOp::new(r.hyper("dim", 0)?, n, r.act("out")?)?))
+    }
+}
+
+impl QuantOp for CatOp {
+    fn kind(&self) -> &'static str {
+        "Concat"
+    }
+    fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value> {
+        let xs: Vec<&QAct> = inputs
+            .iter()
+            .map(|v| v.int8("Concat"))
+            .collect::<Result<_>>()?;
+        let cl = xs
+            .iter()
+            .all(|x| x.torch_layout() == TorchLayout::ChannelsLast && x.shape().len() == 4);
+        let torch = if cl {
+            TorchLayout::ChannelsLast
+        } else {
+            TorchLayout::Contiguous
+        };
+        let ts: Vec<Cow<'_, QTensor>> = xs.iter().map(|x| nchw(x, ctx)).collect();
+        let refs: Vec<&QTensor> = ts.iter().map(|t| t.as_ref()).collect();
+        let y = QCat::new(self.dim, self.out.scale(), self.out.zero_point())?
+            .with_layout(torch)
+            .forward(&refs)?;
+        Ok(Value::Int8(QAct::new(y, Layout::Nchw, torch)?))
+    }
+    fn output_qparams(&self) -> Option<ActQParams> {
+        Some(self.out)
+    }
+    fn write(&self, rec: &mut OpRecordWriter<'_>) -> Result<()> {
+        rec.set("dim", self.dim);
+        rec.act("out", self.out);
+        Ok(())
+    }
+    fn arity(&self) -> usize {
+        self.n
+    }
+}
+
+/// `quantized.Hardswish`: its own output qparams.
+#[derive(Debug, Clone)]
+pub struct HardswishOp {
+    out: ActQParams,
+}
+
+impl HardswishOp {
+    /// A hardswish quantized with `out`.
+    pub fn new(out: ActQParams) -> Self {
+        HardswishOp { out }
+    }
+    /// Reader for the file table.
+    ///
+    /// # Errors
+    /// Malformed records.
+    pub fn read(r: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
+        Ok(Box::new(HardswishOp::new(r.act("out")?)))
+    }
+}
+
+impl QuantOp for HardswishOp {
+    fn kind(&self) -> &'static str {
+        "Hardswish"
+    }
+    fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value> {
+        let x = one(inputs, "Hardswish")?.int8("Hardswish")?;
+        let y = QHardswish::new(self.out.scale(), self.out.zero_point())?
+            .with_layout(x.torch_layout())
+            .forward(&nchw(x, ctx))?;
+        Ok(Value::Int8(QAct::new(y, Layout::Nchw, x.torch_layout())?))
+    }
+    fn output_qparams(&self) -> Option<ActQParams> {
+        Some(self.out)
+    }
+    fn write(&self, rec: &mut OpRecordWriter<'_>) -> Result<()> {
+        rec.act("out", self.out);
+        Ok(())
+    }
+}
+
+/// The output qparams PyTorch fixes for quint8 sigmoid and hardsigmoid (1/256, 0).
+pub fn sigmoid_qparams() -> ActQParams {
+    ActQParams::new(crate::nn::quantized::SIGMOID_SCALE, 0)
+        .unwrap_or_else(|_| unreachable!("1/256 is a valid scale"))
+}
+
+/// `hardsigmoid` / `sigmoid` on quint8 (fixed output qparams 1/256, 0).
+#[derive(Debug, Clone)]
+pub struct SigmoidOp {
+    hard: bool,
+}
+
+impl SigmoidOp {
+    /// `Hardsigmoid` if `hard`, else `Sigmoid`.
+    pub fn new(hard: bool) -> Self {
+        SigmoidOp { hard }
+    }
+    /// Reader for the file table (`Hardsigmoid`).
+    ///
+    /// # Errors
+    /// None.
+    pub fn read_hard(_: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
+        Ok(Box::new(SigmoidOp::new(true)))
+    }
+    /// Reader for the file table (`Sigmoid`).
+    ///
+    /// # Errors
+    /// None.
+    pub fn read_soft(_: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
+        Ok(Box::new(SigmoidOp::new(false)))
+    }
+}
+
+impl QuantOp for SigmoidOp {
+    fn kind(&self) -> &'static str {
+        if self.hard {
+            "Hardsigmoid"
+        } else {
+            "Sigmoid"
+        }
+    }
+    fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value> {
+        let x = one(inputs, self.kind())?.int8(self.kind())?;
+        let t = nchw(x, ctx);
+        let y = if self.hard {
+            QHardsigmoid::new()
+                .with_layout(x.torch_layout())
+                .forward(&t)?
+        } else {
+            QSigmoid::new().with_layout(x.torch_layout()).forward(&t)?
+        };
+        Ok(Value::Int8(QAct::new(y, Layout::Nchw, x.torch_layout())?))
+    }
+    fn output_qparams(&self) -> Option<ActQParams> {
+        Some(sigmoid_qparams())
+    }
+    fn write(&self, _: &mut OpRecordWriter<'_>) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// `upsample_nearest2d` on quint8 (keeps qparams).
+#[derive(Debug, Clone)]
+pub struct UpsampleOp {
+    up: QUpsampleNearest2d,
+    q: ActQParams,
+}
+
+impl UpsampleOp {
+    /// Wraps the kernel.
+    pub fn new(up: QUpsampleNearest2d, q: ActQParams) -> Self {
+        UpsampleOp { up, q }
+    }
+    /// Reader for the file table.
+    ///
+    /// # Errors
+    /// Malformed records; the kernel's constructor errors.
+    pub fn read(r: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
+        let size = if r.flag("by_size")? {
+            let (h, w) = r.pair("size", 1)?;
+            UpsampleSize::Size(h, w)
+        } else {
+            let h: f64 = r.parse("scale_h")?;
+            let w: f64 = r.parse("scale_w")?;
+            if !(h > 0.0 && h <= 64.0 && w > 0.0 && w <= 64.0) {
+                return Err(r.bad(format!("implausible scale factors ({h}, {w})")));
+            }
+            UpsampleSize::Scale(h, w)
+        };
+        let mut up = QUpsampleNearest2d::new(size)?;
+        if r.flag("exact")? {
+            up = up.with_exact();
+        }
+        Ok(Box::new(UpsampleOp::new(up, r.act("q")?)))
+    }
+}
+
+impl QuantOp for UpsampleOp {
+    fn kind(&self) -> &'static str {
+        "Upsample"
+    }
+    fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value> {
+        let x = one(inputs, "Upsample")?.int8("Upsample")?;
+        let y = self.up.forward(&nchw(x, ctx))?;
+        Ok(Value::Int8(QAct::new(y, Layout::Nchw, x.torch_layout())?))
+    }
+    fn output_qparams(&self) -> Option<ActQParams> {
+        Some(self.q)
+    }
+    fn write(&self, rec: &mut OpRecordWriter<'_>) -> Result<()> {
+        match self.up.size() {
+            UpsampleSize::Size(h, w) => {
+                rec.set("by_size", 1);
+                rec.pair("size", (h, w));
+            }
+            UpsampleSize::Scale(h, w) => {
+                rec.set("by_size", 0);
+                rec.set("scale_h", h);
+                rec.set("scale_w", w);
+            }
+        }
+        rec.set("exact", self.up.is_exact() as u8);
+        rec.act("q", self.q);
+        Ok(())
+    }
+}
+
+/// `quantized.BatchNorm2d` (an unfused batch norm in int8): its own output qparams.
+#[derive(Debug, Clone)]
+pub struct BatchNormOp {
+    bn: QBatchNorm2d,
+    out: ActQParams,
+}
+
+impl BatchNormOp {
+    /// Wraps the kernel.
+    ///
+    /// # Errors
+    /// None in practice (the kernel's qparams are valid).
+    pub fn new(bn: QBatchNorm2d) -> Result<Self> {
+        let (s, z) = bn.output_qparams();
+        Ok(BatchNormOp {
+            bn,
+            out: ActQParams::new(s, z)?,
+        })
+    }
+    /// Reader for the file table.
+    ///
+    /// # Errors
+    /// Malformed records; the kernel's constructor errors.
+    pub fn read(r: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
+        let (_, w) = r.f32s("weight", 1)?;
+        let (_, b) = r.f32s("bias", 1)?;
+        let (_, m) = r.f32s("mean", 1)?;
+        let (_, v) = r.f32s("var", 1)?;
+        let eps: f64 = r.parse("eps")?;
+        let out = r.act("out")?;
+        let mut bn = QBatchNorm2d::new(
+            Some(ndarray::ArrayView1::from(&w[..])),
+            Some(ndarray::ArrayView1::from(&b[..])),
+            ndarray::ArrayView1::from(&m[..]),
+            ndarray::ArrayView1::from(&v[..]),
+            eps,
+            out.scale(),
+            out.zero_point(),
+        )?;
+        if r.flag("relu")? {
+            bn = bn.with_relu();
+        }
+        Ok(Box::new(BatchNormOp::new(bn)?))
+    }
+}
+
+impl QuantOp for BatchNormOp {
+    fn kind(&self) -> &'static str {
+        "BatchNorm2d"
+    }
+    fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value> {
+        let x = one(inputs, "BatchNorm2d")?.int8("BatchNorm2d")?;
+        let y = self.bn.forward(&nchw(x, ctx))?;
+        Ok(Value::Int8(QAct::new(y, Layout::Nchw, x.torch_layout())?))
+    }
+    fn output_qparams(&self) -> Option<ActQParams> {
+        Some(self.out)
+    }
+    fn write(&self, rec: &mut OpRecordWriter<'_>) -> Result<()> {
+        let (w, b, m, v) = self.bn.params();
+        let c = [w.len()];
+        rec.f32s("weight", &c, w);
+        rec.f32s("bias", &c, b);
+        rec.f32s("mean", &c, m);
+        rec.f32s("var", &c, v);
+        rec.set("eps", self.bn.eps());
+        rec.set("relu", self.bn.is_relu() as u8);
+        rec.act("out", self.out);
+        Ok(())
+    }
+    fn weight_bytes(&self) -> usize {
+        self.bn.channels() * 16
+    }
+}

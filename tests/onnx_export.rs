@@ -1,0 +1,138 @@
+//! QDQ ONNX export of a calibrated graph: structure checks in Rust (ONNX Runtime's own check
+//! of the same files is `tools/check_qdq_ort.py`, run by hand: see the README/CHANGELOG).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+use ndarray::{ArrayD, Axis};
+use ptq::graph::{find_fusable, fuse};
+use ptq::io::onnx::{load_onnx, OnnxModel, TensorData};
+use ptq::io::read_safetensors;
+use ptq::qconfig::{QConfig, QConfigMap};
+use ptq::quant::{calibrate, prepare};
+
+fn fixture(name: &str) -> PathBuf {
+    [
+        env!("CARGO_MANIFEST_DIR"),
+        "tests",
+        "fixtures",
+        "onnx",
+        name,
+    ]
+    .iter()
+    .collect()
+}
+
+fn exported(model: &str) -> (OnnxModel, ptq::quant::PreparedGraph) {
+    let imp = load_onnx(fixture(model)).unwrap();
+    let groups = find_fusable(&imp.graph);
+    let refs: Vec<Vec<&str>> = groups
+        .iter()
+        .map(|g| g.iter().map(String::as_str).collect())
+        .collect();
+    let slices: Vec<&[&str]> = refs.iter().map(Vec::as_slice).collect();
+    let g = fuse(&imp.graph, &slices).unwrap();
+    let mut p = prepare(g, &QConfigMap::new(QConfig::onnxruntime())).unwrap();
+    let calib = read_safetensors(fixture("inputs.safetensors"))
+        .unwrap()
+        .remove("calib")
+        .unwrap();
+    calibrate(
+        &mut p,
+        calib
+            .axis_chunks_iter(Axis(0), 4)
+            .map(|b| b.to_owned())
+            .collect::<Vec<ArrayD<f32>>>(),
+    )
+    .unwrap();
+    let bytes = p.to_qdq_onnx().unwrap();
+    (OnnxModel::from_bytes(&bytes, "qdq", None).unwrap(), p)
+}
+
+#[test]
+fn resnet18_exports_as_qdq_with_int8_weights_and_int32_biases() {
+    let (m, p) = exported("resnet18_ts13.onnx");
+    assert_eq!(m.opset, 13);
+    let mut ops: BTreeMap<&str, usize> = BTreeMap::new();
+    for n in &m.nodes {
+        *ops.entry(n.op_type.as_str()).or_default() += 1;
+    }
+    let producer: HashMap<&str, &str> = m
+        .nodes
+        .iter()
+        .flat_map(|n| {
+            n.outputs
+                .iter()
+                .map(move |o| (o.as_str(), n.op_type.as_str()))
+        })
+        .collect();
+    assert_eq!(ops["Conv"], 20);
+    assert_eq!(ops["Gemm"], 1);
+    // every conv / gemm reads dequantized activations, weights and biases
+    let mut checked = 0;
+    for n in m
+        .nodes
+        .iter()
+        .filter(|n| n.op_type == "Conv" || n.op_type == "Gemm")
+    {
+        for i in &n.inputs {
+            assert_eq!(
+                producer.get(i.as_str()),
+                Some(&"DequantizeLinear"),
+                "{} input {i}",
+                n.name
+            );
+        }
+        // weight: int8, symmetric, per channel; bias: int32 with scale s_in * s_w, zp 0
+        let w = m
+            .initializer(&format!("{}_quantized", n.inputs[1]))
+            .unwrap();
+        let ws = m.initializer(&format!("{}_scale", n.inputs[1])).unwrap();
+        assert_eq!(ws.dims, vec![w.dims[0]], "{}", n.name);
+        let TensorData::Int(wq) = &w.data else {
+            panic!()
+        };
+        assert!(wq.iter().all(|&v| (-127..=127).contains(&v)));
+        assert!(
+            wq.iter().any(|&v| v.abs() == 127),
+            "{}: absmax channel maps to 127",
+            n.name
+        );
+        let x_scale = m
+            .initializer(&format!(
+                "{}_scale",
+                n.inputs[0].trim_end_matches("_dequantized")
+            ))
+            .unwrap()
+            .to_f32()[0];
+        let bs = m
+            .initializer(&format!("{}_scale", n.inputs[2]))
+            .unwrap()
+            .to_f32();
+        let bz = m
+            .initializer(&format!("{}_zero_point", n.inputs[2]))
+            .unwrap();
+        assert!(bz.ints().unwrap().iter().all(|&z| z == 0));
+        for (c, s) in ws.to_f32().iter().enumerate() {
+            assert_eq!(
+                bs[c].to_bits(),
+                (x_scale * s).to_bits(),
+                "{} channel {c}",
+                n.name
+            );
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 21);
+    // activation Q/DQ pairs carry the calibrated observers' parameters
+    let x_scale = m.initializer("x_scale").unwrap().to_f32()[0];
+    let obs = p
+        .observers()
+        .find(|(id, _)| p.graph().node(*id).name == "x")
+        .unwrap()
+        .1
+        .qparams()
+        .unwrap();
+    assert_eq!(x_scale.to_bits(), obs.scale().to_bits());
+    assert_eq!(ops["QuantizeLinear"], ops["DequantizeLinear"] - 2 * 21);
+}
