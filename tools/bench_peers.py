@@ -567,7 +567,9 @@ def main():
     pk = peaks(tmp_root)
     commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip()
-    cmd = "python tools/bench_peers.py " + " ".join(sys.argv[1:])
+    envs = " ".join(f"{k}={os.environ[k]}" for k in ("PTQ_NO_AVX512", "PTQ_FORCE_PORTABLE")
+                    if k in os.environ)
+    cmd = (envs + " python tools/bench_peers.py " + " ".join(sys.argv[1:])).strip()
     header = [
         f"command: `{cmd.strip()}` (ptq {commit}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)",
         f"CPU: {cpu_name()}, {os.cpu_count()} logical CPUs; one thread per engine "
