@@ -523,6 +523,14 @@ def peaks(tmp):
     return {l.split()[0]: float(l.split()[1]) for l in out.splitlines() if len(l.split()) == 2}
 
 
+def loadavg():
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().split()[0]
+    except OSError:
+        return "unknown"
+
+
 def fmt_ms(t):
     return f"{t * 1e3:.3f}" if t < 0.01 else f"{t * 1e3:.2f}"
 
@@ -555,10 +563,13 @@ def main():
         exe = os.path.join(target, "release", "examples", "bench_peers")
 
     tmp_root = tempfile.mkdtemp(prefix="ptq-bench-peers-")
+    load0 = loadavg()
     pk = peaks(tmp_root)
     commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip()
-    cmd = "python tools/bench_peers.py " + " ".join(sys.argv[1:])
+    envs = " ".join(f"{k}={os.environ[k]}" for k in ("PTQ_NO_AVX512", "PTQ_FORCE_PORTABLE")
+                    if k in os.environ)
+    cmd = (envs + " python tools/bench_peers.py " + " ".join(sys.argv[1:])).strip()
     header = [
         f"command: `{cmd.strip()}` (ptq {commit}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)",
         f"CPU: {cpu_name()}, {os.cpu_count()} logical CPUs; one thread per engine "
@@ -568,6 +579,8 @@ def main():
         f"ONNX Runtime {ort.__version__}, numpy {np.__version__}; "
         f"PTQ_NO_AVX512={os.environ.get('PTQ_NO_AVX512', 'unset')}",
     ]
+    if not torch.__version__.startswith("2.15."):
+        header.append(f"NOTE: the reference is torch 2.15.0; this is {torch.__version__}")
     header.append(f"{rounds} rounds per case, engines interleaved; a round = ~{block_s * 1e3:.0f} ms "
                   "of calls per engine, its median call counted")
 
@@ -678,6 +691,9 @@ def main():
         p.close()
         results.append((name, layers, shape, med, checks, exact, []))
 
+    header.append(f"load average (1 min) at the start {load0}, at the end {loadavg()} "
+                  f"on {os.cpu_count()} CPUs: other processes slow every engine; the "
+                  "interleaved ratios suffer least")
     for k, v in peaks(tmp_root).items():  # again at the end: other load only lowers it
         pk[k] = max(v, pk.get(k, 0.0))
     if pk:
@@ -710,6 +726,10 @@ def main():
                 own = [f / i for f, i in zip(med[("ptq", "f32")], med[("ptq", "int8")])]
                 row += f" {np.median(own):.2f} |"
             print(row)
+    print()
+    print("ptq / peer below 1: ptq is faster. ptq f32 / int8 above 1: ptq's int8 beats its own "
+          "f32. Times are medians over rounds; ms per call, input quantization and output "
+          "dequantization included.")
     print()
     print(f"Checks before timing: float outputs agree within {F32_TOL:g} of the largest float "
           f"output; int8 outputs pairwise within {INT8_TOL:g} of the float output's range; "
