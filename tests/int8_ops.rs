@@ -10,7 +10,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, RngSeed};
 use ptq::nn::quantized::{
     ActTables, QBatchNorm2d, QCat, QClamp, QHardsigmoid, QHardswish, QLeakyReLU, QMul, QSigmoid,
-    QTensor, QUpsampleNearest2d, TorchLayout, UpsampleSize,
+    QTensor, QUpsampleBilinear2d, QUpsampleNearest2d, TorchLayout, UpsampleSize,
 };
 use ptq::QuantError;
 use safetensors::{Dtype, SafeTensors};
@@ -148,7 +148,7 @@ fn mul_matches_pytorch_bit_for_bit() {
         values += assert_same(&fx, &k, &op.forward(&a, &b).unwrap(), "mul");
         cases += 1;
     }
-    assert_eq!(cases, 27);
+    assert_eq!(cases, 28);
     println!("mul: {cases} cases, {values} values identical");
 }
 
@@ -490,15 +490,24 @@ fn upsample_nearest_matches_pytorch_bit_for_bit() {
             (_, Some((h, w))) => UpsampleSize::Scale(h, w),
             _ => panic!("{k}: no size"),
         };
-        let mut op = QUpsampleNearest2d::new(size).unwrap();
-        if m["mode"] == "nearest-exact" {
-            op = op.with_exact();
-        }
-        values += assert_same(&fx, &k, &op.forward(&fx.qt(&k, "x")).unwrap(), "upsample");
+        let x = fx.qt(&k, "x");
+        let y = if m["op"] == "upsample_bilinear" {
+            QUpsampleBilinear2d::new(size, m["align_corners"] == "1")
+                .unwrap()
+                .with_layout(layout(&m))
+                .forward(&x)
+        } else {
+            let mut op = QUpsampleNearest2d::new(size).unwrap();
+            if m["mode"] == "nearest-exact" {
+                op = op.with_exact();
+            }
+            op.forward(&x)
+        };
+        values += assert_same(&fx, &k, &y.unwrap(), &m["op"]);
         cases += 1;
     }
-    assert_eq!(cases, 14);
-    println!("upsample_nearest: {cases} cases, {values} values identical");
+    assert_eq!(cases, 20);
+    println!("upsample (nearest, bilinear): {cases} cases, {values} values identical");
 }
 
 proptest! {

@@ -104,13 +104,14 @@ def gen_mul():
     for layout in ("nchw", "cl"):
         for relu in (False, True):
             case((2, 8, 5, 7), (2, 8, 5, 7), layout, relu)
-            case((1, 16, 9, 9), (1, 16, 9, 9), layout, relu)
+            case((1, 16, 5, 9), (1, 16, 5, 9), layout, relu)
             case((1, 24, 7, 9), (1, 24, 1, 1), layout, relu)   # squeeze-excite
             case((1, 80, 4, 4), (1, 80, 1, 1), layout, relu)   # C > 64: vector rows when NHWC
             case((2, 3, 11, 13), (1, 3, 1, 1), layout, relu)
     case((3, 37), (3, 37), "nchw", False)
     case((4, 70), (1, 70), "nchw", True)
     case((130,), (130,), "nchw", False)
+    case((1, 80, 1, 1), (1, 80, 4, 4), "cl", False)   # MobileNetV3's skip_mul.mul(scale, x)
     # huge multiplier: the vectorized path overflows cvtps2dq (PyTorch gives 0 there, the
     # scalar tail saturates to 255); the paths must be modelled to match
     for layout in ("nchw", "cl"):
@@ -258,6 +259,20 @@ def gen_upsample():
         case((1, 3, 3, 3), layout, scale=(1.5, 2.5))
         case((1, 3, 5, 7), layout, scale=(1.0 / 3.0, 0.7))
     case((1, 2, 5, 7), "nchw", size=(9, 4), mode="nearest-exact")
+    # bilinear: NCHW runs plain f32 arithmetic, channels-last the AVX2 kernel (8 channels
+    # per vector, the rest scalar); output qparams are the input's
+    for layout, shape in (("nchw", (1, 3, 4, 5)), ("cl", (1, 11, 3, 4))):
+        for ac in (False, True):
+            x = to_layout(rand_q(shape), layout)
+            y = torch.ao.nn.quantized.functional.interpolate(x, scale_factor=(2.0, 1.5), mode="bilinear", align_corners=ac)
+            k = w.key(f"op=upsample_bilinear;layout={layout};scale=2.0,1.5;align_corners={int(ac)}")
+            w.qt(k, "x", x)
+            w.qt(k, "y", y)
+        x = to_layout(rand_q(shape), layout)
+        y = torch.ao.nn.quantized.functional.interpolate(x, size=(7, 3), mode="bilinear", align_corners=False)
+        k = w.key(f"op=upsample_bilinear;layout={layout};size=7,3;align_corners=0")
+        w.qt(k, "x", x)
+        w.qt(k, "y", y)
     case((1, 2, 3, 4), "cl", scale=(2.5, 3.0), mode="nearest-exact")
     w.save()
 

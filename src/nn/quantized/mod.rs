@@ -46,7 +46,7 @@ pub use mul::QMul;
 pub use norm::QBatchNorm2d;
 pub use pool::{QAdaptiveAvgPool2d, QAvgPool2d, QFlatten, QMaxPool2d, QReLU};
 pub use tensor::{QTensor, TorchLayout};
-pub use upsample::{QUpsampleNearest2d, UpsampleSize};
+pub use upsample::{QUpsampleBilinear2d, QUpsampleNearest2d, UpsampleSize};
 
 use crate::error::{QuantError, Result};
 use crate::qparams::{DType, QParams};
