@@ -411,6 +411,9 @@ fn activations_match_pytorch_on_all_256_inputs_and_on_real_tensors() {
     assert!(paths_differ > 0, "the fixture should exercise both paths");
 }
 
+/// A float activation, the naive reference.
+type RealFn = Box<dyn Fn(f64) -> f64>;
+
 proptest! {
     #![proptest_config(prop_config())]
 
@@ -424,9 +427,9 @@ proptest! {
         let f_hs = |x: f64| x * (x + 3.0).clamp(0.0, 6.0) / 6.0;
         let f_hsig = |x: f64| (x + 3.0).clamp(0.0, 6.0) / 6.0;
         let f_sig = |x: f64| 1.0 / (1.0 + (-x).exp());
-        let f_lr = |x: f64| if x > 0.0 { x } else { x * slope as f64 };
+        let f_lr = move |x: f64| if x > 0.0 { x } else { x * slope as f64 };
         let q = |y: f64, sc: f32, zp: i32| ((y / sc as f64).round() + zp as f64).clamp(0.0, 255.0);
-        let checks: Vec<(ActTables, Box<dyn Fn(f64) -> f64>, f32, i32)> = vec![
+        let checks: Vec<(ActTables, RealFn, f32, i32)> = vec![
             (QHardswish::new(so, zo).unwrap().tables(s, z), Box::new(f_hs), so, zo),
             (QHardsigmoid::new().tables(s, z), Box::new(f_hsig), 1.0 / 256.0, 0),
             (QSigmoid::new().tables(s, z), Box::new(f_sig), 1.0 / 256.0, 0),
