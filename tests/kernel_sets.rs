@@ -644,3 +644,52 @@ fn changing_the_input_scale_rebuilds_the_requantization() {
         }
     }
 }
+
+/// `ceil_mode` survives a `.qmodel` round trip (written only when set).
+#[test]
+fn ceil_mode_survives_qmodel_round_trip() {
+    use ptq::nn::quantized::{QOp, QStep, QuantizedModel};
+    let steps = vec![
+        QStep {
+            path: "quant".into(),
+            op: QOp::Quantize {
+                scale: 0.1,
+                zero_point: 3,
+            },
+        },
+        QStep {
+            path: "mp".into(),
+            op: QOp::MaxPool2d(
+                QMaxPool2d::new((2, 2), (2, 2), (0, 0), (1, 1))
+                    .unwrap()
+                    .with_ceil_mode(true),
+            ),
+        },
+        QStep {
+            path: "ap".into(),
+            op: QOp::AvgPool2d(
+                QAvgPool2d::new((2, 2), (2, 2), (1, 1), false)
+                    .unwrap()
+                    .with_ceil_mode(true),
+            ),
+        },
+        QStep {
+            path: "dequant".into(),
+            op: QOp::Dequantize,
+        },
+    ];
+    let m = QuantizedModel::from_steps(steps, 0);
+    let back = QuantizedModel::from_bytes(&m.to_bytes().unwrap()).unwrap();
+    match (&back.steps()[1].op, &back.steps()[2].op) {
+        (QOp::MaxPool2d(p), QOp::AvgPool2d(a)) => assert!(p.ceil_mode() && a.ceil_mode()),
+        other => panic!("{other:?}"),
+    }
+    let x = ArrayD::from_shape_fn(IxDyn(&[1, 2, 5, 5]), |d| {
+        (d[1] * 25 + d[2] * 5 + d[3]) as f32 * 0.1
+    });
+    let (y1, y2) = (m.forward(&x).unwrap(), back.forward(&x).unwrap());
+    // PyTorch: max pool 5 -> 3 (ceil); avg pool 3 -> 2 (ceil gives 3, but the third window
+    // would start in the right padding, so it is dropped).
+    assert_eq!(y1.shape(), &[1, 2, 2, 2]);
+    assert_eq!(y1, y2);
+}
