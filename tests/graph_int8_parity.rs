@@ -320,6 +320,11 @@ fn check_with_our_minmax(arch: &str, graph: Graph) -> Diff {
 }
 
 /// With the fbgemm default: fraction of identical int8 logits and top-1 agreement.
+/// The fbgemm default (histogram observers) depends on every float value seen in
+/// calibration, and our float convs sum in another order than PyTorch's (the direct f32
+/// depthwise kernel, FMA): observed ranges move by ulps and a logit may move by one step.
+/// What must hold is top-1 agreement on every row and no logit more than one step away;
+/// the fraction identical is reported.
 fn check_fbgemm(arch: &str, graph: Graph) -> (f64, usize, usize) {
     let fx = Fixture::load(&format!("tv_int8_{arch}.safetensors"));
     let mut p = prepare(graph, &QConfigMap::new(QConfig::fbgemm())).unwrap();
@@ -350,6 +355,8 @@ fn check_fbgemm(arch: &str, graph: Graph) -> (f64, usize, usize) {
         100.0 * frac,
         d.worst
     );
+    assert!(d.worst <= 1, "{arch}: a logit {} steps from PyTorch's", d.worst);
+    assert_eq!(top1, rows, "{arch}: top-1 disagrees with PyTorch");
     (frac, top1, rows)
 }
 
@@ -364,8 +371,8 @@ fn resnet18_pytorch_fused_weights() {
     assert_eq!(d.eq, d.n, "{:?}", d.where_);
     let d = check_with_our_minmax("resnet18", resnet18_pytorch_fused(&fx));
     assert_eq!(d.eq + d.one, d.n);
-    let (frac, top1, rows) = check_fbgemm("resnet18", resnet18_pytorch_fused(&fx));
-    assert!(frac >= 0.9 && top1 == rows);
+    let (frac, _, _) = check_fbgemm("resnet18", resnet18_pytorch_fused(&fx));
+    assert!(frac >= 0.5, "{frac}");
 }
 
 #[test]
@@ -374,7 +381,7 @@ fn resnet18_zoo_and_our_fusion() {
     assert_eq!(d.eq, d.n, "{:?}", d.where_);
     check_with_our_minmax("resnet18", zoo_fused("resnet18"));
     let (frac, _, _) = check_fbgemm("resnet18", zoo_fused("resnet18"));
-    assert!(frac >= 0.9);
+    assert!(frac >= 0.5, "{frac}");
 }
 
 #[test]
@@ -383,7 +390,7 @@ fn mobilenet_v2_zoo_and_our_fusion() {
     assert_eq!(d.eq, d.n, "{:?}", d.where_);
     check_with_our_minmax("mobilenet_v2", zoo_fused("mobilenet_v2"));
     let (frac, _, _) = check_fbgemm("mobilenet_v2", zoo_fused("mobilenet_v2"));
-    assert!(frac >= 0.9);
+    assert!(frac >= 0.5, "{frac}");
 }
 
 #[test]
@@ -392,7 +399,7 @@ fn mobilenet_v3_large_zoo_and_our_fusion() {
     assert_eq!(d.eq, d.n, "{:?}", d.where_);
     check_with_our_minmax("mobilenet_v3_large", zoo_fused("mobilenet_v3_large"));
     let (frac, _, _) = check_fbgemm("mobilenet_v3_large", zoo_fused("mobilenet_v3_large"));
-    assert!(frac >= 0.9);
+    assert!(frac >= 0.5, "{frac}");
 }
 
 #[test]
