@@ -10,7 +10,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, RngSeed};
 use ptq::nn::quantized::{
     ActTables, QBatchNorm2d, QCat, QClamp, QHardsigmoid, QHardswish, QLeakyReLU, QMul, QSigmoid,
-    QTensor, QUpsampleNearest2d, TorchLayout, UpsampleSize,
+    QTensor, QUpsampleBilinear2d, QUpsampleNearest2d, TorchLayout, UpsampleSize,
 };
 use ptq::QuantError;
 use safetensors::{Dtype, SafeTensors};
@@ -148,7 +148,7 @@ fn mul_matches_pytorch_bit_for_bit() {
         values += assert_same(&fx, &k, &op.forward(&a, &b).unwrap(), "mul");
         cases += 1;
     }
-    assert_eq!(cases, 27);
+    assert_eq!(cases, 28);
     println!("mul: {cases} cases, {values} values identical");
 }
 
@@ -256,7 +256,7 @@ fn cat_matches_pytorch_bit_for_bit() {
         values += assert_same(&fx, &k, &op.forward(&refs).unwrap(), "cat");
         cases += 1;
     }
-    assert_eq!(cases, 15);
+    assert_eq!(cases, 18);
     println!("cat: {cases} cases, {values} values identical");
 }
 
@@ -401,7 +401,7 @@ fn activations_match_pytorch_on_all_256_inputs_and_on_real_tensors() {
         }
     }
     let total: usize = per_op.values().map(|v| v.0).sum();
-    assert_eq!(total, 124);
+    assert_eq!(total, 128);
     let mut ops: Vec<_> = per_op.into_iter().collect();
     ops.sort();
     for (op, (c, v)) in ops {
@@ -410,6 +410,9 @@ fn activations_match_pytorch_on_all_256_inputs_and_on_real_tensors() {
     println!("entries where PyTorch's vector and scalar paths differ: {paths_differ}");
     assert!(paths_differ > 0, "the fixture should exercise both paths");
 }
+
+/// A float activation, the naive reference.
+type RealFn = Box<dyn Fn(f64) -> f64>;
 
 proptest! {
     #![proptest_config(prop_config())]
@@ -424,9 +427,9 @@ proptest! {
         let f_hs = |x: f64| x * (x + 3.0).clamp(0.0, 6.0) / 6.0;
         let f_hsig = |x: f64| (x + 3.0).clamp(0.0, 6.0) / 6.0;
         let f_sig = |x: f64| 1.0 / (1.0 + (-x).exp());
-        let f_lr = |x: f64| if x > 0.0 { x } else { x * slope as f64 };
+        let f_lr = move |x: f64| if x > 0.0 { x } else { x * slope as f64 };
         let q = |y: f64, sc: f32, zp: i32| ((y / sc as f64).round() + zp as f64).clamp(0.0, 255.0);
-        let checks: Vec<(ActTables, Box<dyn Fn(f64) -> f64>, f32, i32)> = vec![
+        let checks: Vec<(ActTables, RealFn, f32, i32)> = vec![
             (QHardswish::new(so, zo).unwrap().tables(s, z), Box::new(f_hs), so, zo),
             (QHardsigmoid::new().tables(s, z), Box::new(f_hsig), 1.0 / 256.0, 0),
             (QSigmoid::new().tables(s, z), Box::new(f_sig), 1.0 / 256.0, 0),
@@ -490,15 +493,24 @@ fn upsample_nearest_matches_pytorch_bit_for_bit() {
             (_, Some((h, w))) => UpsampleSize::Scale(h, w),
             _ => panic!("{k}: no size"),
         };
-        let mut op = QUpsampleNearest2d::new(size).unwrap();
-        if m["mode"] == "nearest-exact" {
-            op = op.with_exact();
-        }
-        values += assert_same(&fx, &k, &op.forward(&fx.qt(&k, "x")).unwrap(), "upsample");
+        let x = fx.qt(&k, "x");
+        let y = if m["op"] == "upsample_bilinear" {
+            QUpsampleBilinear2d::new(size, m["align_corners"] == "1")
+                .unwrap()
+                .with_layout(layout(&m))
+                .forward(&x)
+        } else {
+            let mut op = QUpsampleNearest2d::new(size).unwrap();
+            if m["mode"] == "nearest-exact" {
+                op = op.with_exact();
+            }
+            op.forward(&x)
+        };
+        values += assert_same(&fx, &k, &y.unwrap(), &m["op"]);
         cases += 1;
     }
-    assert_eq!(cases, 14);
-    println!("upsample_nearest: {cases} cases, {values} values identical");
+    assert_eq!(cases, 20);
+    println!("upsample (nearest, bilinear): {cases} cases, {values} values identical");
 }
 
 proptest! {

@@ -47,7 +47,7 @@ pub use norm::QBatchNorm2d;
 pub use pool::{QAdaptiveAvgPool2d, QAvgPool2d, QFlatten, QMaxPool2d, QReLU};
 pub(crate) use tensor::nhwc_to_nchw as nhwc_to_nchw_u8;
 pub use tensor::{QTensor, TorchLayout};
-pub use upsample::{QUpsampleNearest2d, UpsampleSize};
+pub use upsample::{QUpsampleBilinear2d, QUpsampleNearest2d, UpsampleSize};
 
 use crate::error::{QuantError, Result};
 use crate::qparams::{DType, QParams};
