@@ -330,3 +330,72 @@ fn strict_state_dict_loading_by_node_name_lists_every_problem() {
         e => panic!("unexpected error {e}"),
     }
 }
+
+#[test]
+fn linear_on_batched_3d_inputs_never_panics() {
+    // Found by tests/graph_prop.rs: `dot` can return a column-major product, which the
+    // old reshape at the end of Linear::forward refused with a panic.
+    for rows in 1..=4 {
+        for inner in 1..=6 {
+            for out in 1..=5 {
+                let x = ramp(&[rows, 2, inner], 0.3);
+                let w = Array2::from_shape_fn((out, inner), |(i, j)| (i * inner + j) as f32 * 0.1);
+                let y = Linear::new(w.clone(), None).unwrap().forward(&x).unwrap();
+                assert_eq!(y.shape(), &[rows, 2, out]);
+                for r in 0..rows {
+                    for o in 0..out {
+                        let want: f32 = (0..inner).map(|k| x[[r, 1, k]] * w[[o, k]]).sum();
+                        assert!((y[[r, 1, o]] - want).abs() < 1e-5);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn hand_made_parameters_that_disagree_are_errors_not_panics() {
+    let mut g = GraphBuilder::new();
+    let x = g
+        .input("x", &[Dim::Batch, 2.into(), 4.into(), 4.into()])
+        .unwrap();
+    let mut bn = BatchNorm2d::identity(2);
+    bn.bias = Array1::zeros(3);
+    let err = g.batch_norm2d("bn", x, bn).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("unsupported configuration for bn: weight, bias"),
+        "{err}"
+    );
+    let mut c = conv(3, 2, 1);
+    c.bias = Some(Array1::zeros(2));
+    assert!(g
+        .conv2d("c", x, c)
+        .unwrap_err()
+        .to_string()
+        .contains("bias of 2 elements for 3 output channels"));
+    let f = g.flatten("f", x, 1, -1).unwrap();
+    let mut l = Linear::new(Array2::zeros((2, 32)), None).unwrap();
+    l.bias = Some(Array1::zeros(5));
+    assert!(g.linear("l", f, l).is_err());
+    let empty = Linear::new(Array2::zeros((2, 0)), None).unwrap();
+    assert!(g.linear("l0", f, empty).is_err());
+    let huge = ptq::graph::UpsampleSpec::scale(
+        1e9,
+        1e9,
+        ptq::graph::UpsampleMode::Bilinear {
+            align_corners: false,
+        },
+    );
+    assert!(g.upsample("up", x, huge).is_err());
+    let mut ln = ptq::graph::LayerNorm::new(&[4]);
+    ln.eps = f32::NAN;
+    assert!(g.layer_norm("ln", x, ln).is_err());
+    // Unknown ids from another builder are errors too.
+    let mut other = GraphBuilder::new();
+    let far = (0..5).fold(other.input("a", &[3.into()]).unwrap(), |id, i| {
+        other.relu(&format!("r{i}"), id).unwrap()
+    });
+    assert!(g.relu("r", far).is_err());
+    assert!(g.output(far).is_err());
+}

@@ -81,3 +81,31 @@ fn zoo_graphs_have_the_torchvision_fusion_groups() {
     let g = zoo::mobilenet_v3_large(0.25, true, 10, (48, 48)).unwrap();
     assert!(g.find("features.4.block.2.skip_mul").is_some());
 }
+
+#[test]
+fn strict_file_load_lists_the_extra_tensors() {
+    let mut g = zoo::shufflenet_v2([4, 8, 4], [8, 16, 32, 64, 128], 10, (48, 48)).unwrap();
+    let path = format!(
+        "{}/tests/fixtures/tv_shufflenet_v2.safetensors",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    match ptq::io::load_safetensors_graph(&mut g, &path).unwrap_err() {
+        ptq::QuantError::StateDictMismatch {
+            missing,
+            unexpected,
+            mismatched,
+        } => {
+            assert!(missing.is_empty() && mismatched.is_empty());
+            assert_eq!(unexpected, ["__input__", "__output__"]);
+        }
+        e => panic!("{e}"),
+    }
+    // A graph of another width: every weight is listed as mis-shaped.
+    let mut g = zoo::shufflenet_v2([4, 8, 4], [8, 16, 32, 64, 64], 10, (48, 48)).unwrap();
+    let err = ptq::io::load_safetensors_graph(&mut g, &path).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("conv5.0.weight: model [64, 64, 1, 1], file [128, 64, 1, 1]"),
+        "{err}"
+    );
+}

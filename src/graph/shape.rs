@@ -119,6 +119,11 @@ pub(crate) fn upsample_out(spec: &UpsampleSpec, h: usize, w: usize) -> Result<(u
         }
         (None, None) => return Err(unsupported("give an output size or a scale factor")),
     };
+    if oh.saturating_mul(ow) > 1 << 28 {
+        return Err(unsupported(format!(
+            "output {oh}x{ow} is larger than 2^28 elements per channel"
+        )));
+    }
     if oh == 0 || ow == 0 || h == 0 || w == 0 {
         return Err(unsupported(format!(
             "input {h}x{w} and output {oh}x{ow} must be non-empty"
@@ -164,6 +169,62 @@ fn axis_check(axis: usize, s: &Shape, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Checks that an op's parameter arrays agree with each other (their fields are public, so
+/// a hand-made value may not), so forward passes never index out of range.
+fn check_params(op: &Op) -> Result<()> {
+    let bad = |what: String| Err(unsupported(what));
+    match op {
+        Op::Conv2d(c) | Op::ConvReLU2d(c) => {
+            if c.weight.is_empty() {
+                return bad(format!("empty convolution weight {:?}", c.weight.shape()));
+            }
+            if let Some(b) = &c.bias {
+                if b.len() != c.out_channels() {
+                    return bad(format!(
+                        "bias of {} elements for {} output channels",
+                        b.len(),
+                        c.out_channels()
+                    ));
+                }
+            }
+        }
+        Op::Linear(l) | Op::LinearReLU(l) => {
+            if l.weight.is_empty() {
+                return bad(format!("empty linear weight {:?}", l.weight.shape()));
+            }
+            if let Some(b) = &l.bias {
+                if b.len() != l.weight.nrows() {
+                    return bad(format!(
+                        "bias of {} elements for {} output features",
+                        b.len(),
+                        l.weight.nrows()
+                    ));
+                }
+            }
+        }
+        Op::BatchNorm1d(b) | Op::BatchNorm2d(b) => {
+            let c = b.channels();
+            if [b.bias.len(), b.running_mean.len(), b.running_var.len()] != [c, c, c] {
+                return bad(format!(
+                    "weight, bias, running_mean, running_var must have one length, got {}, {}, {}, {}",
+                    c,
+                    b.bias.len(),
+                    b.running_mean.len(),
+                    b.running_var.len()
+                ));
+            }
+            if !(b.eps.is_finite() && b.eps >= 0.0) {
+                return bad(format!("eps {} must be finite and non-negative", b.eps));
+            }
+        }
+        Op::LayerNorm(l) if !(l.eps.is_finite() && l.eps >= 0.0) => {
+            return bad(format!("eps {} must be finite and non-negative", l.eps));
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 /// Infers the output shape of `op` applied to `inputs`. Errors carry an empty context; the
 /// builder labels them with the node name.
 pub(crate) fn infer(op: &Op, inputs: &[&Shape]) -> Result<Shape> {
@@ -181,6 +242,7 @@ pub(crate) fn infer(op: &Op, inputs: &[&Shape]) -> Result<Shape> {
             op.type_name()
         )));
     }
+    check_params(op)?;
     let x = inputs.first().copied();
     match op {
         Op::Input => Err(unsupported("inputs are made by GraphBuilder::input")),

@@ -315,7 +315,11 @@ impl Linear {
         }
         let mut shape = x.shape().to_vec();
         *shape.last_mut().expect("ndim > 0") = out_f;
-        Ok(y.into_shape_with_order(IxDyn(&shape))
+        // `dot` may return a column-major product (e.g. for a single output feature);
+        // reshape in row-major order needs a standard layout.
+        Ok(y.as_standard_layout()
+            .into_owned()
+            .into_shape_with_order(IxDyn(&shape))
             .expect("same element count"))
     }
 }
