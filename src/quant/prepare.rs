@@ -83,7 +83,9 @@ pub fn role(graph: &Graph, node: &Node) -> Role {
             }
         }
         Op::ReLU | Op::Clamp { .. } | Op::Dropout | Op::Identity => Role::Preserves,
-        Op::Flatten { .. } | Op::Reshape { .. } => Role::Preserves,
+        Op::Flatten { .. } | Op::Reshape { .. } | Op::Permute { .. } | Op::Slice { .. } => {
+            Role::Preserves
+        }
         Op::MaxPool2d(p) => {
             let (t, l, b, r) = p.padding;
             if !p.ceil_mode && t == b && l == r {
@@ -111,8 +113,6 @@ pub fn role(graph: &Graph, node: &Node) -> Role {
         | Op::SiLU
         | Op::Gelu { .. }
         | Op::Mean { .. }
-        | Op::Permute { .. }
-        | Op::Slice { .. }
         | Op::Softmax { .. }
         | Op::LayerNorm(_)
         | Op::Custom(_) => Role::FloatOnly,
