@@ -247,3 +247,19 @@ fn graphs_with_float_islands_save_and_load_bit_identically() {
         assert!(QuantizedGraph::from_bytes(&bytes[..cut]).is_err());
     }
 }
+
+#[test]
+fn the_int8_graph_is_send_and_sync_and_serves_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<QuantizedGraph>();
+    let mut p = prepare(model(true), &QConfigMap::new(QConfig::fbgemm())).unwrap();
+    calibrate(&mut p, batches()).unwrap();
+    let q = convert(p).unwrap();
+    let x = det(&[2, 3, 8, 8], 3);
+    let want = q.forward(std::slice::from_ref(&x)).unwrap();
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| assert_eq!(q.forward(std::slice::from_ref(&x)).unwrap(), want));
+        }
+    });
+}
