@@ -21,7 +21,11 @@ fn op_for(sel: u8, p: [u8; 6], x: &[Dim]) -> Op {
     match sel % 24 {
         0 => {
             let groups = if p[1].is_multiple_of(3) { d(1) } else { 1 };
-            let cin = if p[5].is_multiple_of(7) { d(1) + 1 } else { d(1) }; // sometimes wrong
+            let cin = if p[5].is_multiple_of(7) {
+                d(1) + 1
+            } else {
+                d(1)
+            }; // sometimes wrong
             let k = 1 + small(p[2], 3);
             let cout = groups * (1 + small(p[0], 3));
             let w = Array4::from_shape_fn((cout, (cin / groups).max(1), k, k), |(a, b, c, e)| {
@@ -41,7 +45,11 @@ fn op_for(sel: u8, p: [u8; 6], x: &[Dim]) -> Op {
             )
         }
         1 => {
-            let inf = if p[5].is_multiple_of(7) { d(last) + 1 } else { d(last) };
+            let inf = if p[5].is_multiple_of(7) {
+                d(last) + 1
+            } else {
+                d(last)
+            };
             let out = 1 + small(p[0], 4);
             Op::Linear(
                 Linear::new(Array2::from_elem((out, inf), 0.1), Some(Array1::zeros(out))).unwrap(),
