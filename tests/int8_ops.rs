@@ -9,8 +9,8 @@ use ndarray::{ArrayD, IxDyn};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, RngSeed};
 use ptq::nn::quantized::{
-    ActTables, QBatchNorm2d, QCat, QClamp, QHardsigmoid, QHardswish, QLeakyReLU, QMul, QSigmoid,
-    QTensor, QUpsampleBilinear2d, QUpsampleNearest2d, TorchLayout, UpsampleSize,
+    ActTables, QBatchNorm2d, QCat, QClamp, QHardsigmoid, QHardswish, QLayerNorm, QLeakyReLU, QMul,
+    QSigmoid, QTensor, QUpsampleBilinear2d, QUpsampleNearest2d, TorchLayout, UpsampleSize,
 };
 use ptq::QuantError;
 use safetensors::{Dtype, SafeTensors};
@@ -558,6 +558,9 @@ fn batch_norm_matches_pytorch_bit_for_bit() {
     let (mut cases, mut values) = (0, 0);
     for (k, m) in fx.cases() {
         let v = |n: &str| ndarray::Array1::from(fx.f32s(&format!("{k}.{n}")));
+        if m["op"] == "layer_norm" {
+            continue;
+        }
         let (w, b, mean, var) = (v("weight"), v("bias"), v("mean"), v("var"));
         let y = fx.qt(&k, "y");
         let mut op = QBatchNorm2d::new(
@@ -636,4 +639,56 @@ fn batch_norm_rejects_bad_parameters() {
     let bn = new(&ones, &ones, 1e-5).unwrap();
     assert!(bn.forward(&qtensor(vec![1, 3, 2, 2], 1, 0.1, 0)).is_err());
     assert!(bn.forward(&qtensor(vec![4, 4], 1, 0.1, 0)).is_err());
+}
+
+#[test]
+fn layer_norm_matches_pytorch_bit_for_bit() {
+    let fx = Fx::load(BN);
+    let (mut cases, mut values) = (0, 0);
+    for (k, m) in fx.cases() {
+        if m["op"] != "layer_norm" {
+            continue;
+        }
+        let nshape: Vec<usize> = m["nshape"].split(',').map(|v| v.parse().unwrap()).collect();
+        let (w, b) = if m["affine"] == "1" {
+            (
+                Some(ndarray::Array1::from(fx.f32s(&format!("{k}.weight")))),
+                Some(ndarray::Array1::from(fx.f32s(&format!("{k}.bias")))),
+            )
+        } else {
+            (None, None)
+        };
+        let y = fx.qt(&k, "y");
+        let op = QLayerNorm::new(
+            &nshape,
+            w.as_ref().map(|a| a.view()),
+            b.as_ref().map(|a| a.view()),
+            m["eps"].parse().unwrap(),
+            y.scale(),
+            y.zero_point(),
+        )
+        .unwrap();
+        values += assert_same(&fx, &k, &op.forward(&fx.qt(&k, "x")).unwrap(), "layer_norm");
+        cases += 1;
+    }
+    assert_eq!(cases, 4);
+    println!("layer_norm: {cases} cases, {values} values identical");
+}
+
+#[test]
+fn layer_norm_rejects_bad_input() {
+    assert!(QLayerNorm::new(&[], None, None, 1e-5, 0.1, 0).is_err());
+    let w = ndarray::Array1::from(vec![1.0f32; 3]);
+    assert!(matches!(
+        QLayerNorm::new(&[4], Some(w.view()), None, 1e-5, 0.1, 0),
+        Err(QuantError::ShapeMismatch { .. })
+    ));
+    assert!(QLayerNorm::new(&[4], None, None, -1.0, 0.1, 0).is_err());
+    let ln = QLayerNorm::new(&[4], None, None, 1e-5, 0.1, 0).unwrap();
+    assert!(ln.forward(&qtensor(vec![2, 5], 1, 0.1, 0)).is_err());
+    // a constant row normalizes to zero (variance 0, eps keeps it finite)
+    let y = ln
+        .forward(&QTensor::new(ArrayD::from_elem(IxDyn(&[2, 4]), 9u8), 0.1, 3).unwrap())
+        .unwrap();
+    assert!(y.data().iter().all(|&q| q == 0));
 }

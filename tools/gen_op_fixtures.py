@@ -372,6 +372,26 @@ def gen_bn():
 
     x, params, so = crafted(7)
     case((1, 7, 16, 16), "nchw", False, params=params, x=x, out=(so, 128))
+    # layer norm over the trailing dims (N % 32 elements take the scalar tail)
+    for shape, nshape, affine in (((3, 40), (40,), True), ((2, 5, 7), (5, 7), True),
+                                  ((4, 19), (19,), False), ((2, 3, 4, 6), (3, 4, 6), True)):
+        x = rand_q(shape)
+        nel = int(np.prod(nshape))
+        weight = (rng.normal(size=nshape) * 0.5 + 1.0).astype(f32) if affine else None
+        bias = (rng.normal(size=nshape) * 0.3).astype(f32) if affine else None
+        yf = F.layer_norm(x.dequantize(), nshape, None if weight is None else torch.tensor(weight),
+                          None if bias is None else torch.tensor(bias), 1e-5)
+        os_, oz = qparams_for(float(yf.min()), float(yf.max()))
+        mod = nnq.LayerNorm(list(nshape), torch.nn.Parameter(torch.tensor(weight)) if affine else None,
+                            torch.nn.Parameter(torch.tensor(bias)) if affine else None, os_, oz, eps=1e-5,
+                            elementwise_affine=affine)
+        y = mod(x)
+        k = w.key(f"op=layer_norm;eps=1e-05;affine={int(affine)};nshape={','.join(map(str, nshape))}")
+        w.qt(k, "x", x)
+        if affine:
+            w.put(k, "weight", weight.reshape(-1))
+            w.put(k, "bias", bias.reshape(-1))
+        w.qt(k, "y", y)
     for layout in ("cl", "nchw"):
         for relu in (False, True):
             case((2, 3, 4, 5), layout, relu)

@@ -43,7 +43,7 @@ pub use cat::QCat;
 pub use conv::{Conv2dParams, QConv2d, QConvReLU2d};
 pub use linear::{QLinear, QLinearReLU};
 pub use mul::QMul;
-pub use norm::QBatchNorm2d;
+pub use norm::{QBatchNorm2d, QLayerNorm};
 pub use pool::{QAdaptiveAvgPool2d, QAvgPool2d, QFlatten, QMaxPool2d, QReLU};
 pub(crate) use tensor::nhwc_to_nchw as nhwc_to_nchw_u8;
 pub use tensor::{QTensor, TorchLayout};
