@@ -399,3 +399,18 @@ fn hand_made_parameters_that_disagree_are_errors_not_panics() {
     assert!(g.relu("r", far).is_err());
     assert!(g.output(far).is_err());
 }
+
+#[test]
+fn gelu_of_zero_and_erf_at_special_points() {
+    // erf(0) once looped forever (a series stopping rule relative to a zero sum).
+    assert_eq!(ptq::graph::ops::erf(0.0), 0.0);
+    assert_eq!(ptq::graph::ops::erf(-0.0), 0.0);
+    assert!((ptq::graph::ops::erf(1.0) - 0.842_700_792_949_714_9).abs() < 1e-13);
+    assert!((ptq::graph::ops::erf(-3.5) + 0.999_999_256_901_627_7).abs() < 1e-13);
+    assert_eq!(ptq::graph::ops::erf(40.0), 1.0);
+    assert!(ptq::graph::ops::erf(f64::NAN).is_nan());
+    let x = ArrayD::from_shape_vec(IxDyn(&[3]), vec![0.0, -0.0, 1.0]).unwrap();
+    let y = ptq::graph::ops::gelu(&x, false);
+    assert_eq!(y[[0]], 0.0);
+    assert!((y[[2]] - 0.841_344_7).abs() < 1e-6);
+}

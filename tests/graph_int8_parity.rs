@@ -8,7 +8,7 @@
 //!   (quantization isolated from fusion);
 //! * the user's flow: `graph::zoo` builder, the torchvision `state_dict`
 //!   (tests/fixtures/tv_<arch>.safetensors), `find_fusable` + `fuse`, then quantization
-//!   (ResNet-18, MobileNetV2, MobileNetV3-Large).
+//!   (ResNet-18, MobileNetV2, MobileNetV3-Large, ShuffleNetV2).
 //!
 //! For each, three checks:
 //! * with PyTorch's activation qparams (fixed observers) every int8 output of every
@@ -70,6 +70,7 @@ fn zoo_fused(arch: &str) -> Graph {
         "resnet18" => zoo::resnet18(4, 10, (48, 48)),
         "mobilenet_v2" => zoo::mobilenet_v2(0.1, 10, (48, 48)),
         "mobilenet_v3_large" => zoo::mobilenet_v3_large(0.25, true, 10, (48, 48)),
+        "shufflenet_v2" => zoo::shufflenet_v2([4, 8, 4], [8, 16, 32, 64, 128], 10, (48, 48)),
         other => panic!("{other}"),
     }
     .unwrap();
@@ -393,6 +394,36 @@ fn mobilenet_v3_large_zoo_and_our_fusion() {
     check_with_our_minmax("mobilenet_v3_large", zoo_fused("mobilenet_v3_large"));
     let (frac, _, _) = check_fbgemm("mobilenet_v3_large", zoo_fused("mobilenet_v3_large"));
     assert!(frac >= 0.9);
+}
+
+/// ShuffleNetV2 (concat, channel shuffle, chunk): every module bit-exact but the
+/// classifier. The difference is explained: PyTorch runs `x.mean([2, 3])` on the quantized
+/// tensor (keeping conv5's qparams), while `Mean` has no int8 op here yet, so it runs as a
+/// float island and `fc` reads it through a quantize border with its own observer.
+#[test]
+fn shufflenet_v2_zoo_and_our_fusion() {
+    let d = check_with_pytorch_qparams("shufflenet_v2", zoo_fused("shufflenet_v2"));
+    assert_eq!(d.modules, 74);
+    assert!(
+        d.where_.iter().all(|(m, _)| m == "fc"),
+        "only the classifier may differ: {:?}",
+        d.where_
+    );
+    assert!(d.eq as f64 >= 0.999 * d.n as f64);
+    let mut p = prepare(
+        zoo_fused("shufflenet_v2"),
+        &QConfigMap::new(QConfig::minmax_per_channel()),
+    )
+    .unwrap();
+    assert!(p.float_nodes().contains(&"mean"), "{:?}", p.float_nodes());
+    calibrate(&mut p, batches()).unwrap();
+    let q = convert(p).unwrap();
+    let border = q.output_qparams("mean.quantize").unwrap().unwrap();
+    assert_ne!(Some(border), q.output_qparams("conv5.0").unwrap());
+    let d = check_with_our_minmax("shufflenet_v2", zoo_fused("shufflenet_v2"));
+    assert!(d.where_.iter().all(|(m, _)| m == "fc"), "{:?}", d.where_);
+    let (frac, _, _) = check_fbgemm("shufflenet_v2", zoo_fused("shufflenet_v2"));
+    eprintln!("shufflenet_v2: fbgemm logits identical {frac:.3} (mean runs in float)");
 }
 
 #[test]

@@ -9,8 +9,8 @@ use ndarray::{ArrayD, IxDyn};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, RngSeed};
 use ptq::nn::quantized::{
-    ActTables, QBatchNorm2d, QCat, QClamp, QHardsigmoid, QHardswish, QLeakyReLU, QMul, QSigmoid,
-    QTensor, QUpsampleNearest2d, TorchLayout, UpsampleSize,
+    ActTables, QBatchNorm2d, QCat, QClamp, QHardsigmoid, QHardswish, QLayerNorm, QLeakyReLU, QMul,
+    QSigmoid, QTensor, QUpsampleBilinear2d, QUpsampleNearest2d, TorchLayout, UpsampleSize,
 };
 use ptq::QuantError;
 use safetensors::{Dtype, SafeTensors};
@@ -148,7 +148,7 @@ fn mul_matches_pytorch_bit_for_bit() {
         values += assert_same(&fx, &k, &op.forward(&a, &b).unwrap(), "mul");
         cases += 1;
     }
-    assert_eq!(cases, 27);
+    assert_eq!(cases, 28);
     println!("mul: {cases} cases, {values} values identical");
 }
 
@@ -256,7 +256,7 @@ fn cat_matches_pytorch_bit_for_bit() {
         values += assert_same(&fx, &k, &op.forward(&refs).unwrap(), "cat");
         cases += 1;
     }
-    assert_eq!(cases, 15);
+    assert_eq!(cases, 18);
     println!("cat: {cases} cases, {values} values identical");
 }
 
@@ -401,7 +401,7 @@ fn activations_match_pytorch_on_all_256_inputs_and_on_real_tensors() {
         }
     }
     let total: usize = per_op.values().map(|v| v.0).sum();
-    assert_eq!(total, 124);
+    assert_eq!(total, 128);
     let mut ops: Vec<_> = per_op.into_iter().collect();
     ops.sort();
     for (op, (c, v)) in ops {
@@ -410,6 +410,9 @@ fn activations_match_pytorch_on_all_256_inputs_and_on_real_tensors() {
     println!("entries where PyTorch's vector and scalar paths differ: {paths_differ}");
     assert!(paths_differ > 0, "the fixture should exercise both paths");
 }
+
+/// A float activation, the naive reference.
+type RealFn = Box<dyn Fn(f64) -> f64>;
 
 proptest! {
     #![proptest_config(prop_config())]
@@ -424,9 +427,9 @@ proptest! {
         let f_hs = |x: f64| x * (x + 3.0).clamp(0.0, 6.0) / 6.0;
         let f_hsig = |x: f64| (x + 3.0).clamp(0.0, 6.0) / 6.0;
         let f_sig = |x: f64| 1.0 / (1.0 + (-x).exp());
-        let f_lr = |x: f64| if x > 0.0 { x } else { x * slope as f64 };
+        let f_lr = move |x: f64| if x > 0.0 { x } else { x * slope as f64 };
         let q = |y: f64, sc: f32, zp: i32| ((y / sc as f64).round() + zp as f64).clamp(0.0, 255.0);
-        let checks: Vec<(ActTables, Box<dyn Fn(f64) -> f64>, f32, i32)> = vec![
+        let checks: Vec<(ActTables, RealFn, f32, i32)> = vec![
             (QHardswish::new(so, zo).unwrap().tables(s, z), Box::new(f_hs), so, zo),
             (QHardsigmoid::new().tables(s, z), Box::new(f_hsig), 1.0 / 256.0, 0),
             (QSigmoid::new().tables(s, z), Box::new(f_sig), 1.0 / 256.0, 0),
@@ -490,15 +493,24 @@ fn upsample_nearest_matches_pytorch_bit_for_bit() {
             (_, Some((h, w))) => UpsampleSize::Scale(h, w),
             _ => panic!("{k}: no size"),
         };
-        let mut op = QUpsampleNearest2d::new(size).unwrap();
-        if m["mode"] == "nearest-exact" {
-            op = op.with_exact();
-        }
-        values += assert_same(&fx, &k, &op.forward(&fx.qt(&k, "x")).unwrap(), "upsample");
+        let x = fx.qt(&k, "x");
+        let y = if m["op"] == "upsample_bilinear" {
+            QUpsampleBilinear2d::new(size, m["align_corners"] == "1")
+                .unwrap()
+                .with_layout(layout(&m))
+                .forward(&x)
+        } else {
+            let mut op = QUpsampleNearest2d::new(size).unwrap();
+            if m["mode"] == "nearest-exact" {
+                op = op.with_exact();
+            }
+            op.forward(&x)
+        };
+        values += assert_same(&fx, &k, &y.unwrap(), &m["op"]);
         cases += 1;
     }
-    assert_eq!(cases, 14);
-    println!("upsample_nearest: {cases} cases, {values} values identical");
+    assert_eq!(cases, 20);
+    println!("upsample (nearest, bilinear): {cases} cases, {values} values identical");
 }
 
 proptest! {
@@ -546,6 +558,9 @@ fn batch_norm_matches_pytorch_bit_for_bit() {
     let (mut cases, mut values) = (0, 0);
     for (k, m) in fx.cases() {
         let v = |n: &str| ndarray::Array1::from(fx.f32s(&format!("{k}.{n}")));
+        if m["op"] == "layer_norm" {
+            continue;
+        }
         let (w, b, mean, var) = (v("weight"), v("bias"), v("mean"), v("var"));
         let y = fx.qt(&k, "y");
         let mut op = QBatchNorm2d::new(
@@ -624,4 +639,56 @@ fn batch_norm_rejects_bad_parameters() {
     let bn = new(&ones, &ones, 1e-5).unwrap();
     assert!(bn.forward(&qtensor(vec![1, 3, 2, 2], 1, 0.1, 0)).is_err());
     assert!(bn.forward(&qtensor(vec![4, 4], 1, 0.1, 0)).is_err());
+}
+
+#[test]
+fn layer_norm_matches_pytorch_bit_for_bit() {
+    let fx = Fx::load(BN);
+    let (mut cases, mut values) = (0, 0);
+    for (k, m) in fx.cases() {
+        if m["op"] != "layer_norm" {
+            continue;
+        }
+        let nshape: Vec<usize> = m["nshape"].split(',').map(|v| v.parse().unwrap()).collect();
+        let (w, b) = if m["affine"] == "1" {
+            (
+                Some(ndarray::Array1::from(fx.f32s(&format!("{k}.weight")))),
+                Some(ndarray::Array1::from(fx.f32s(&format!("{k}.bias")))),
+            )
+        } else {
+            (None, None)
+        };
+        let y = fx.qt(&k, "y");
+        let op = QLayerNorm::new(
+            &nshape,
+            w.as_ref().map(|a| a.view()),
+            b.as_ref().map(|a| a.view()),
+            m["eps"].parse().unwrap(),
+            y.scale(),
+            y.zero_point(),
+        )
+        .unwrap();
+        values += assert_same(&fx, &k, &op.forward(&fx.qt(&k, "x")).unwrap(), "layer_norm");
+        cases += 1;
+    }
+    assert_eq!(cases, 4);
+    println!("layer_norm: {cases} cases, {values} values identical");
+}
+
+#[test]
+fn layer_norm_rejects_bad_input() {
+    assert!(QLayerNorm::new(&[], None, None, 1e-5, 0.1, 0).is_err());
+    let w = ndarray::Array1::from(vec![1.0f32; 3]);
+    assert!(matches!(
+        QLayerNorm::new(&[4], Some(w.view()), None, 1e-5, 0.1, 0),
+        Err(QuantError::ShapeMismatch { .. })
+    ));
+    assert!(QLayerNorm::new(&[4], None, None, -1.0, 0.1, 0).is_err());
+    let ln = QLayerNorm::new(&[4], None, None, 1e-5, 0.1, 0).unwrap();
+    assert!(ln.forward(&qtensor(vec![2, 5], 1, 0.1, 0)).is_err());
+    // a constant row normalizes to zero (variance 0, eps keeps it finite)
+    let y = ln
+        .forward(&QTensor::new(ArrayD::from_elem(IxDyn(&[2, 4]), 9u8), 0.1, 3).unwrap())
+        .unwrap();
+    assert!(y.data().iter().all(|&q| q == 0));
 }

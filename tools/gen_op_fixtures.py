@@ -104,13 +104,14 @@ def gen_mul():
     for layout in ("nchw", "cl"):
         for relu in (False, True):
             case((2, 8, 5, 7), (2, 8, 5, 7), layout, relu)
-            case((1, 16, 9, 9), (1, 16, 9, 9), layout, relu)
-            case((2, 24, 7, 9), (2, 24, 1, 1), layout, relu)   # squeeze-excite
+            case((1, 16, 5, 9), (1, 16, 5, 9), layout, relu)
+            case((1, 24, 7, 9), (1, 24, 1, 1), layout, relu)   # squeeze-excite
             case((1, 80, 4, 4), (1, 80, 1, 1), layout, relu)   # C > 64: vector rows when NHWC
             case((2, 3, 11, 13), (1, 3, 1, 1), layout, relu)
     case((3, 37), (3, 37), "nchw", False)
     case((4, 70), (1, 70), "nchw", True)
     case((130,), (130,), "nchw", False)
+    case((1, 80, 1, 1), (1, 80, 4, 4), "cl", False)   # MobileNetV3's skip_mul.mul(scale, x)
     # huge multiplier: the vectorized path overflows cvtps2dq (PyTorch gives 0 there, the
     # scalar tail saturates to 255); the paths must be modelled to match
     for layout in ("nchw", "cl"):
@@ -146,6 +147,17 @@ def gen_cat():
             case([(2, 3, 4, 5), (2, 8, 4, 5), (2, 37, 4, 5)], 1, layout, relu)
             case([(1, 70, 3, 3), (1, 13, 3, 3)], 1, layout, relu, same_first=True)
             case([(1, 32, 2, 3), (1, 40, 2, 3), (1, 7, 2, 3)], 1, layout, relu)
+    # every u8 value through the vectorized channels with qparams where FMA matters
+    for b, z, o in FMA_TIES["cat"]:
+        x0 = torch._make_per_tensor_quantized_tensor(
+            torch.tensor(rng.permutation(256).astype(np.uint8).reshape(1, 64, 2, 2)), f32_bits(b), z)
+        x1 = rand_q((1, 8, 2, 2))
+        xs = [to_layout(x0, "cl"), to_layout(x1, "cl")]
+        y = torch.ops.quantized.cat(xs, 1, float(f32(CAT_OUTS[o][0])), CAT_OUTS[o][1])
+        k = w.key("op=cat;relu=0;layout=cl;dim=1;n=2")
+        for i, x in enumerate(xs):
+            w.qt(k, f"x{i}", x)
+        w.qt(k, "y", y)
     case([(2, 3, 4, 5), (3, 3, 4, 5)], 0, "nchw", False)
     case([(2, 3, 4, 5), (2, 3, 2, 5)], 2, "cl", False)
     case([(4, 10), (4, 75)], 1, "nchw", True)
@@ -168,18 +180,51 @@ def run_act(fn, scale, zp, n):
     return np.concatenate(outs), qp
 
 
+# Input qparams (f32 bit patterns, zero points) for which some sigmoid entry differs between
+# PyTorch's vectorized lambda (Sleef expf, f32 reciprocal) and its scalar one (libm expf, f64
+# division), or between Sleef's expf and libm's: found by a brute-force search over random
+# qparams with ptq's own tables, so the fixture pins each path's exact arithmetic.
+SIGMOID_TIES = [(0x3d51a1c1, 22), (0x3c12e48f, 124), (0x3cdc8c9b, 249), (0x3c9c6608, 104),
+                (0x3da860e0, 62), (0x3d36e3da, 128), (0x3b3e13a2, 171), (0x3e2860e0, 126),
+                (0x3cb6e3db, 174), (0x3ca92a55, 94)]
+
+
+# (input scale bits, zero point, index into out_qps) for which the vectorized lambda's FMA
+# dequantization `fma(s, q, s * -zp)` and the scalar `(q - zp) * s` give different outputs:
+# found by brute force with ptq's own arithmetic, so the fixture pins the FMA.
+FMA_TIES = {
+    "hardswish": [(0x3e27cf71, 105, 3), (0x3d3e2981, 227, 2), (0x3e03b7ad, 77, 2)],
+    "hardsigmoid": [(0x3c3128cf, 242, 0), (0x3dd8003e, 218, 3), (0x3c368169, 247, 2)],
+    "leaky_relu": [(0x3ddc7616, 161, 1), (0x3dc5a1cb, 90, 0), (0x3d53fffe, 231, 2)],
+    "cat": [(0x3dc4f830, 168, 0), (0x3e07bce8, 49, 1), (0x3d71a9fa, 118, 0)],
+}
+CAT_OUTS = [(0.03, 10), (float(f32(6.3 / 255)), 3)]
+
+
+def f32_bits(b):
+    return float(np.array([b], dtype=np.uint32).view(f32)[0])
+
+
+def fma_ties(entries):
+    return [(f32_bits(b), z, o) for b, z, o in entries]
+
+
+def sigmoid_ties():
+    return [(float(np.array([b], dtype=np.uint32).view(f32)[0]), z) for b, z in SIGMOID_TIES]
+
+
 def gen_act():
     w = Writer("ops_act")
     in_qps = [(0.05, 128), (0.1, 0), (0.0235294122248888, 255), (1.0 / 64, 77), (0.003, 200),
               (0.5, 10), (float(f32(6.0 / 255)), 0), (float(f32(0.04187123)), 63)]
     out_qps = [(0.03, 10), (float(f32(6.3 / 255)), 3), (0.0078125, 128), (0.2, 200)]
 
-    extra = [(float(f32(rng.uniform(0.002, 0.2))), int(rng.integers(0, 256))) for _ in range(8)]
+    extra = [(float(f32(rng.uniform(0.002, 0.2))), int(rng.integers(0, 256))) for _ in range(5)]
 
     def lut_case(name, make, params="", qps=None):
-        for i, (s, z) in enumerate(qps if qps is not None else in_qps + extra):
-            s = float(f32(s))
-            os_, oz = out_qps[i % len(out_qps)]
+        for i, qp in enumerate(qps if qps is not None else in_qps + extra):
+            s, z = float(f32(qp[0])), qp[1]
+            os_, oz = out_qps[qp[2] if len(qp) > 2 else i % len(out_qps)]
             os_ = float(f32(os_))
             fn = make(os_, oz)
             yv, qp = run_act(fn, s, z, 256)
@@ -192,12 +237,15 @@ def gen_act():
             w.put(k, "y_scale", np.array([qp[0]], dtype=f32))
             w.put(k, "y_zp", np.array([qp[1]], dtype=np.int64))
 
-    lut_case("hardswish", lambda s, z: (lambda x: torch.ops.quantized.hardswish(x, s, z)))
-    lut_case("hardsigmoid", lambda s, z: (lambda x: F.hardsigmoid(x)))
-    lut_case("sigmoid", lambda s, z: (lambda x: torch.sigmoid(x)))
+    lut_case("hardswish", lambda s, z: (lambda x: torch.ops.quantized.hardswish(x, s, z)),
+             qps=in_qps + extra + fma_ties(FMA_TIES["hardswish"]))
+    lut_case("hardsigmoid", lambda s, z: (lambda x: F.hardsigmoid(x)),
+             qps=in_qps + extra + fma_ties(FMA_TIES["hardsigmoid"]))
+    lut_case("sigmoid", lambda s, z: (lambda x: torch.sigmoid(x)), qps=in_qps + extra + sigmoid_ties())
     for slope in (0.01, 0.2):
         lut_case("leaky_relu", lambda s, z, sl=slope: (
-            lambda x: torch.ops.quantized.leaky_relu(x, sl, False, s, z)), f";slope={slope}")
+            lambda x: torch.ops.quantized.leaky_relu(x, sl, False, s, z)), f";slope={slope}",
+            qps=in_qps + extra + (fma_ties(FMA_TIES["leaky_relu"]) if slope == 0.01 else []))
     # clamps are exact integer ops: a few qparams suffice
     few = in_qps[:4]
     lut_case("relu6", lambda s, z: (lambda x: torch.ops.quantized.relu6(x, False)), qps=few)
@@ -245,6 +293,20 @@ def gen_upsample():
         case((1, 3, 3, 3), layout, scale=(1.5, 2.5))
         case((1, 3, 5, 7), layout, scale=(1.0 / 3.0, 0.7))
     case((1, 2, 5, 7), "nchw", size=(9, 4), mode="nearest-exact")
+    # bilinear: NCHW runs plain f32 arithmetic, channels-last the AVX2 kernel (8 channels
+    # per vector, the rest scalar); output qparams are the input's
+    for layout, shape in (("nchw", (1, 3, 4, 5)), ("cl", (1, 11, 3, 4))):
+        for ac in (False, True):
+            x = to_layout(rand_q(shape), layout)
+            y = torch.ao.nn.quantized.functional.interpolate(x, scale_factor=(2.0, 1.5), mode="bilinear", align_corners=ac)
+            k = w.key(f"op=upsample_bilinear;layout={layout};scale=2.0,1.5;align_corners={int(ac)}")
+            w.qt(k, "x", x)
+            w.qt(k, "y", y)
+        x = to_layout(rand_q(shape), layout)
+        y = torch.ao.nn.quantized.functional.interpolate(x, size=(7, 3), mode="bilinear", align_corners=False)
+        k = w.key(f"op=upsample_bilinear;layout={layout};size=7,3;align_corners=0")
+        w.qt(k, "x", x)
+        w.qt(k, "y", y)
     case((1, 2, 3, 4), "cl", scale=(2.5, 3.0), mode="nearest-exact")
     w.save()
 
@@ -310,6 +372,26 @@ def gen_bn():
 
     x, params, so = crafted(7)
     case((1, 7, 16, 16), "nchw", False, params=params, x=x, out=(so, 128))
+    # layer norm over the trailing dims (N % 32 elements take the scalar tail)
+    for shape, nshape, affine in (((3, 40), (40,), True), ((2, 5, 7), (5, 7), True),
+                                  ((4, 19), (19,), False), ((2, 3, 4, 6), (3, 4, 6), True)):
+        x = rand_q(shape)
+        nel = int(np.prod(nshape))
+        weight = (rng.normal(size=nshape) * 0.5 + 1.0).astype(f32) if affine else None
+        bias = (rng.normal(size=nshape) * 0.3).astype(f32) if affine else None
+        yf = F.layer_norm(x.dequantize(), nshape, None if weight is None else torch.tensor(weight),
+                          None if bias is None else torch.tensor(bias), 1e-5)
+        os_, oz = qparams_for(float(yf.min()), float(yf.max()))
+        mod = nnq.LayerNorm(list(nshape), torch.nn.Parameter(torch.tensor(weight)) if affine else None,
+                            torch.nn.Parameter(torch.tensor(bias)) if affine else None, os_, oz, eps=1e-5,
+                            elementwise_affine=affine)
+        y = mod(x)
+        k = w.key(f"op=layer_norm;eps=1e-05;affine={int(affine)};nshape={','.join(map(str, nshape))}")
+        w.qt(k, "x", x)
+        if affine:
+            w.put(k, "weight", weight.reshape(-1))
+            w.put(k, "bias", bias.reshape(-1))
+        w.qt(k, "y", y)
     for layout in ("cl", "nchw"):
         for relu in (False, True):
             case((2, 3, 4, 5), layout, relu)

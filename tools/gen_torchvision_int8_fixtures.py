@@ -49,7 +49,7 @@ CONFIGS = {
 sys.path.insert(0, os.path.dirname(__file__))
 from gen_torchvision_fixtures import build  # noqa: E402
 
-ARCHS = ["resnet18", "mobilenet_v2", "mobilenet_v3_large"]
+ARCHS = ["resnet18", "mobilenet_v2", "mobilenet_v3_large", "shufflenet_v2"]
 CALIB_SHAPE = (4, 3, 48, 48)
 
 

@@ -15,6 +15,27 @@
 //! Fused forms (`ConvReLU2d`, `LinearReLU`, `AddReLU`) are separate [`Op`] variants made by
 //! [`fuse`]; a batch norm folded into a convolution disappears into its weights.
 //!
+//! # Notes on the shared interface (issue 10)
+//! Where this module differs from the agreed sketch, on purpose:
+//! * [`Graph::from_sequential`] takes the input shape (shapes are static).
+//! * Fused forms are the variants [`Op::ConvReLU2d`], [`Op::LinearReLU`], [`Op::AddReLU`]
+//!   (mirroring `torch.ao.nn.intrinsic` and `FloatFunctional.add_relu`); conv + bn and
+//!   linear + bn1d fold into plain [`Op::Conv2d`] / [`Op::Linear`]. [`fuse`] returns a new
+//!   graph in which the group's later nodes are gone (ids are renumbered; names are kept).
+//! * Asymmetric convolution padding is `nn::Conv2d::padding_end` (see
+//!   [`Conv2d::with_padding_tlbr`](crate::nn::Conv2d::with_padding_tlbr)); int8
+//!   convolution kernels that only read `padding` must refuse `padding_end.is_some()`.
+//! * Beyond the sketch: [`Op::Mean`], [`Op::Permute`], [`Op::Slice`] (ShuffleNet's
+//!   `chunk` and channel shuffle, ONNX `ReduceMean` / `Transpose` / `Slice`), and
+//!   [`Op::Dropout`] separate from [`Op::Identity`]. [`Op::Upsample`] takes an
+//!   [`UpsampleSpec`] (size or scale factor; nearest with PyTorch's `nearest`,
+//!   `nearest-exact` or ONNX's default index rule; bilinear with `align_corners`).
+//! * [`OpKind`] names each variant without parameters (for `QConfigMap::set_type`).
+//! * Weights load with [`Graph::load_state_dict`] /
+//!   [`io::load_safetensors_graph`](crate::io::load_safetensors_graph), strict by name.
+//! * [`zoo`] builds torchvision's quantizable ResNet-18, MobileNetV2, MobileNetV3-Large
+//!   and ShuffleNetV2 with PyTorch's module names.
+//!
 //! # Examples
 //! ```
 //! use ndarray::{Array1, Array4, ArrayD, IxDyn};

@@ -8,8 +8,8 @@ use ndarray::ArrayD;
 use super::exec::{QNode, QuantizedGraph};
 use super::ops::{
     AdaptiveAvgPoolOp, AddOp, AvgPoolOp, BatchNormOp, CatOp, ClampOp, ConvOp, DequantizeOp,
-    FlattenOp, HardswishOp, IdentityOp, InputOp, LinearOp, MaxPoolOp, MulOp, QuantizeOp, ReluOp,
-    ReshapeOp, SigmoidOp, UpsampleOp,
+    FlattenOp, HardswishOp, IdentityOp, InputOp, LinearOp, MaxPoolOp, MulOp, PermuteOp, QuantizeOp,
+    ReluOp, ReshapeOp, SigmoidOp, SliceOp, UpsampleOp,
 };
 use super::prepare::{Domain, PreparedGraph};
 use super::{ExecCtx, OpRecordWriter, QuantOp, Value};
@@ -267,6 +267,24 @@ impl FromObserved for BatchNormOp {
     }
 }
 
+impl FromObserved for PermuteOp {
+    fn from_observed(o: &Observed<'_>) -> Result<Self> {
+        match &o.node.op {
+            Op::Permute { dims } => Ok(PermuteOp::new(dims.clone(), o.input(0)?)),
+            _ => Err(internal(o.node, "PermuteOp from another op")),
+        }
+    }
+}
+
+impl FromObserved for SliceOp {
+    fn from_observed(o: &Observed<'_>) -> Result<Self> {
+        match o.node.op {
+            Op::Slice { axis, start, end } => Ok(SliceOp::new(axis, start, end, o.input(0)?)),
+            _ => Err(internal(o.node, "SliceOp from another op")),
+        }
+    }
+}
+
 /// The int8 op for a node planned in int8: THE dispatch from the graph's op set to int8
 /// op types (exhaustive: a new [`Op`] must be placed here).
 fn int8_op(o: &Observed<'_>) -> Result<Box<dyn QuantOp>> {
@@ -291,6 +309,8 @@ fn int8_op(o: &Observed<'_>) -> Result<Box<dyn QuantOp>> {
         Op::Hardsigmoid | Op::Sigmoid => b::<SigmoidOp>(o),
         Op::Upsample(_) => b::<UpsampleOp>(o),
         Op::BatchNorm2d(_) => b::<BatchNormOp>(o),
+        Op::Permute { .. } => b::<PermuteOp>(o),
+        Op::Slice { .. } => b::<SliceOp>(o),
         Op::QuantStub => Ok(Box::new(QuantizeOp::new(o.out()?))),
         Op::Input
         | Op::DeQuantStub
@@ -298,8 +318,6 @@ fn int8_op(o: &Observed<'_>) -> Result<Box<dyn QuantOp>> {
         | Op::SiLU
         | Op::Gelu { .. }
         | Op::Mean { .. }
-        | Op::Permute { .. }
-        | Op::Slice { .. }
         | Op::Softmax { .. }
         | Op::LayerNorm(_)
         | Op::Custom(_) => Err(QuantError::UnsupportedConfig {

@@ -15,6 +15,42 @@
 //!   qparams), `profile` (per-node timings), and accessors for any node's int8 weights,
 //!   weight qparams and output qparams.
 //!
+//! # Examples
+//! ```
+//! use ndarray::{Array1, Array4, ArrayD, IxDyn};
+//! use ptq::graph::{Dim, GraphBuilder, Op};
+//! use ptq::nn::Conv2d;
+//! use ptq::qconfig::{QConfig, QConfigMap};
+//! use ptq::quant::{calibrate, convert, prepare, QuantizedGraph};
+//!
+//! let mut g = GraphBuilder::new();
+//! let x = g.input("x", &[Dim::Batch, 3.into(), 8.into(), 8.into()])?;
+//! let q = g.quant_stub("quant", x)?;
+//! let conv = Conv2d::new(Array4::from_elem((4, 3, 3, 3), 0.1), Some(Array1::zeros(4)))?;
+//! let y = g.node("conv", Op::ConvReLU2d(conv.with_padding(1, 1)), &[q])?;
+//! let skip = g.conv2d("skip", q, Conv2d::new(Array4::from_elem((4, 3, 1, 1), 0.2), None)?)?;
+//! let z = g.add_relu("add", y, skip)?;
+//! let out = g.dequant_stub("dequant", z)?;
+//! g.output(out)?;
+//!
+//! let mut prepared = prepare(g.build()?, &QConfigMap::new(QConfig::fbgemm()))?;
+//! let batches = (0..4).map(|i| ArrayD::from_elem(IxDyn(&[2, 3, 8, 8]), i as f32 * 0.25));
+//! let report = calibrate(&mut prepared, batches)?; // any iterator, no callback
+//! assert_eq!(report.batches, 4);
+//! let int8 = convert(prepared)?;
+//! let x = ArrayD::from_elem(IxDyn(&[1, 3, 8, 8]), 0.5f32);
+//! let y = int8.forward(std::slice::from_ref(&x))?;
+//! assert_eq!(y[0].shape(), &[1, 4, 8, 8]);
+//! // int8 weights and qparams of any node; per-node timings; saving
+//! let (w, wq) = int8.weight("conv")?.unwrap();
+//! assert_eq!((w.shape(), wq.num_channels()), (&[4, 3, 3, 3][..], 4));
+//! assert!(int8.output_qparams("add")?.is_some());
+//! assert_eq!(int8.profile(std::slice::from_ref(&x))?.len(), int8.nodes().len());
+//! let loaded = QuantizedGraph::from_bytes(&int8.to_bytes()?)?;
+//! assert_eq!(loaded.forward(std::slice::from_ref(&x))?, y);
+//! # Ok::<(), ptq::QuantError>(())
+//! ```
+//!
 //! Differences from the sketch in the shared interface notes, on purpose: `forward` takes
 //! `&[&Value]` rather than `&[&QTensor]` (borders and float islands are ops too, so one
 //! executor walks the whole graph), and `output_qparams` returns `Option<ActQParams>`
@@ -190,7 +226,7 @@ impl Value {
     /// The int8 activation, or an error naming `context` if the value is float.
     ///
     /// # Errors
-    /// [`QuantError::Internal`]-like [`QuantError::UnsupportedConfig`] when an int8 op
+    /// [`QuantError::UnsupportedConfig`] when an int8 op
     /// receives a float value (convert inserts borders, so this means a hand-built or
     /// corrupted graph).
     pub fn int8(&self, context: &str) -> Result<&QAct> {

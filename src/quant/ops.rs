@@ -1299,3 +1299,151 @@ impl QuantOp for BatchNormOp {
         self.bn.channels() * 16
     }
 }
+
+/// `permute` / `transpose(...).contiguous()` on int8 values (keeps qparams; the result is
+/// a contiguous tensor, as after PyTorch's `.contiguous()`).
+#[derive(Debug, Clone)]
+pub struct PermuteOp {
+    dims: Vec<usize>,
+    q: ActQParams,
+}
+
+impl PermuteOp {
+    /// Output axis `i` is input axis `dims[i]`.
+    pub fn new(dims: Vec<usize>, q: ActQParams) -> Self {
+        PermuteOp { dims, q }
+    }
+    /// Reader for the file table.
+    ///
+    /// # Errors
+    /// Malformed records.
+    pub fn read(r: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
+        let v: String = r.parse("dims")?;
+        let dims = v
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse::<usize>().ok().filter(|&d| d < 16))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| r.bad(format!("permutation {v:?}")))?;
+        Ok(Box::new(PermuteOp::new(dims, r.act("q")?)))
+    }
+}
+
+impl QuantOp for PermuteOp {
+    fn kind(&self) -> &'static str {
+        "Permute"
+    }
+    fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value> {
+        let x = one(inputs, "Permute")?.int8("Permute")?;
+        let t = nchw(x, ctx);
+        let n = t.data().ndim();
+        let mut seen = vec![false; n];
+        if self.dims.len() != n
+            || self
+                .dims
+                .iter()
+                .any(|&d| d >= n || std::mem::replace(&mut seen[d], true))
+        {
+            return Err(QuantError::ShapeMismatch {
+                context: "Permute".into(),
+                expected: format!("a rank-{} tensor for {:?}", self.dims.len(), self.dims),
+                actual: format!("shape {:?}", t.data().shape()),
+            });
+        }
+        let data = t
+            .data()
+            .view()
+            .permuted_axes(IxDyn(&self.dims))
+            .as_standard_layout()
+            .into_owned();
+        Ok(Value::Int8(QAct::contiguous(QTensor::new(
+            data,
+            t.scale(),
+            t.zero_point(),
+        )?)))
+    }
+    fn output_qparams(&self) -> Option<ActQParams> {
+        Some(self.q)
+    }
+    fn write(&self, rec: &mut OpRecordWriter<'_>) -> Result<()> {
+        let s: Vec<String> = self.dims.iter().map(|d| d.to_string()).collect();
+        rec.set("dims", s.join(","));
+        rec.act("q", self.q);
+        Ok(())
+    }
+}
+
+/// `narrow` / one part of `chunk` / `split` on int8 values (keeps qparams and PyTorch's
+/// memory format: a view).
+#[derive(Debug, Clone)]
+pub struct SliceOp {
+    axis: usize,
+    start: usize,
+    end: usize,
+    q: ActQParams,
+}
+
+impl SliceOp {
+    /// Keeps `start..end` of `axis`.
+    pub fn new(axis: usize, start: usize, end: usize, q: ActQParams) -> Self {
+        SliceOp {
+            axis,
+            start,
+            end,
+            q,
+        }
+    }
+    /// Reader for the file table.
+    ///
+    /// # Errors
+    /// Malformed records.
+    pub fn read(r: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
+        Ok(Box::new(SliceOp::new(
+            r.hyper("axis", 0)?,
+            r.parse("start")?,
+            r.parse("end")?,
+            r.act("q")?,
+        )))
+    }
+}
+
+impl QuantOp for SliceOp {
+    fn kind(&self) -> &'static str {
+        "Slice"
+    }
+    fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value> {
+        let x = one(inputs, "Slice")?.int8("Slice")?;
+        let t = nchw(x, ctx);
+        let s = t.data().shape();
+        if self.axis >= s.len() || self.start >= self.end || self.end > s[self.axis] {
+            return Err(QuantError::ShapeMismatch {
+                context: "Slice".into(),
+                expected: format!(
+                    "a dimension {} holding {}..{}",
+                    self.axis, self.start, self.end
+                ),
+                actual: format!("shape {s:?}"),
+            });
+        }
+        let data = t
+            .data()
+            .slice_axis(
+                ndarray::Axis(self.axis),
+                ndarray::Slice::from(self.start..self.end),
+            )
+            .as_standard_layout()
+            .into_owned();
+        let y = QTensor::new(data, t.scale(), t.zero_point())?;
+        Ok(Value::Int8(QAct::new(y, Layout::Nchw, x.torch_layout())?))
+    }
+    fn output_qparams(&self) -> Option<ActQParams> {
+        Some(self.q)
+    }
+    fn write(&self, rec: &mut OpRecordWriter<'_>) -> Result<()> {
+        rec.set("axis", self.axis);
+        rec.set("start", self.start);
+        rec.set("end", self.end);
+        rec.act("q", self.q);
+        Ok(())
+    }
+}

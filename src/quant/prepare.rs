@@ -83,7 +83,9 @@ pub fn role(graph: &Graph, node: &Node) -> Role {
             }
         }
         Op::ReLU | Op::Clamp { .. } | Op::Dropout | Op::Identity => Role::Preserves,
-        Op::Flatten { .. } | Op::Reshape { .. } => Role::Preserves,
+        Op::Flatten { .. } | Op::Reshape { .. } | Op::Permute { .. } | Op::Slice { .. } => {
+            Role::Preserves
+        }
         Op::MaxPool2d(p) => {
             let (t, l, b, r) = p.padding;
             if !p.ceil_mode && t == b && l == r {
@@ -111,8 +113,6 @@ pub fn role(graph: &Graph, node: &Node) -> Role {
         | Op::SiLU
         | Op::Gelu { .. }
         | Op::Mean { .. }
-        | Op::Permute { .. }
-        | Op::Slice { .. }
         | Op::Softmax { .. }
         | Op::LayerNorm(_)
         | Op::Custom(_) => Role::FloatOnly,
@@ -163,8 +163,8 @@ impl PreparedGraph {
     pub fn observers(&self) -> impl Iterator<Item = (NodeId, &dyn Observer)> {
         self.observers.iter().map(|(k, v)| (*k, v.as_ref()))
     }
-    /// Names of the batch norms that stay in float (not fused into a convolution or
-    /// linear layer): each costs a dequantize / quantize pair and accuracy.
+    /// Names of the batch norms not fused into a convolution or linear layer: each runs
+    /// as a separate int8 batch norm (2-D) or in float (1-D), costing time and accuracy.
     pub fn unfused_batch_norms(&self) -> Vec<&str> {
         self.graph
             .nodes()
@@ -211,7 +211,7 @@ impl fmt::Display for PreparedGraph {
         if !bns.is_empty() {
             write!(
                 f,
-                "warning: {} batch norm(s) stay in float (fuse them): {}",
+                "warning: {} batch norm(s) not fused into a convolution (fuse them; unfused they run as a separate int8 batch norm or in float): {}",
                 bns.len(),
                 bns.join(", ")
             )?;
@@ -346,7 +346,7 @@ pub struct GraphCalibrationReport {
     pub samples: usize,
     /// Every observer's range after this call, in node order.
     pub ranges: Vec<NodeRange>,
-    /// Batch norms left unfused (they run in float).
+    /// Batch norms left unfused (a warning: fuse them).
     pub unfused_batch_norms: Vec<String>,
 }
 
@@ -384,7 +384,7 @@ impl fmt::Display for GraphCalibrationReport {
         if !self.unfused_batch_norms.is_empty() {
             writeln!(
                 f,
-                "warning: {} batch norm(s) stay in float (fuse them): {}",
+                "warning: {} batch norm(s) not fused into a convolution (fuse them; unfused they run as a separate int8 batch norm or in float): {}",
                 self.unfused_batch_norms.len(),
                 self.unfused_batch_norms.join(", ")
             )?;

@@ -209,6 +209,8 @@ pub static READERS: &[(&str, OpReader)] = &[
     ("Sigmoid", ops::SigmoidOp::read_soft),
     ("Upsample", ops::UpsampleOp::read),
     ("BatchNorm2d", ops::BatchNormOp::read),
+    ("Permute", ops::PermuteOp::read),
+    ("Slice", ops::SliceOp::read),
     ("Float", super::convert::FloatOp::read),
 ];
 

@@ -66,13 +66,13 @@ pub fn erf(x: f64) -> f64 {
         let x2 = a * a;
         let mut term = a;
         let mut sum = a;
-        let mut n = 0.0;
-        loop {
-            n += 1.0;
+        // At |x| < 3 the terms are below 1e-17 of the sum by n = 60.
+        for n in 1..=80 {
+            let n = n as f64;
             term *= -x2 / n;
             let t = term / (2.0 * n + 1.0);
             sum += t;
-            if t.abs() < 1e-17 * sum.abs() {
+            if t.abs() <= 1e-17 * sum.abs() {
                 break;
             }
         }

@@ -60,17 +60,19 @@ impl ActTables {
 /// and a scaling by 2^q in two steps.
 fn sleef_expf_u10(d: f32) -> f32 {
     const R_LN2: f32 = std::f32::consts::LOG2_E;
-    const L2U: f32 = 0.693_145_751_953_125;
-    const L2L: f32 = 1.428_606_765_330_187_045e-6;
+    // Sleef's constants, as the f32 values its source literals round to.
+    const L2U: f32 = f32::from_bits(0x3f31_7200); // 0.693145751953125
+
+    const L2L: f32 = f32::from_bits(0x35bf_be8e); // 1.428606765330187045e-06
     let q = crate::kernels::requant::cvt_round(d * R_LN2);
     let qf = q as f32;
     let mut s = qf.mul_add(-L2U, d);
     s = qf.mul_add(-L2L, s);
-    let mut u = 0.000_198_527_617_612_853_646_278_381_f32;
-    u = u.mul_add(s, 0.001_393_043_552_525_341_510_772_71);
-    u = u.mul_add(s, 0.008_333_360_776_305_198_669_433_59);
-    u = u.mul_add(s, 0.041_666_485_369_205_474_853_515_6);
-    u = u.mul_add(s, 0.166_666_671_633_720_397_949_219);
+    let mut u = f32::from_bits(0x3950_2bda); // 0.000198527617612853646278381
+    u = u.mul_add(s, f32::from_bits(0x3ab6_96c9)); // 0.00139304355252534151077271
+    u = u.mul_add(s, f32::from_bits(0x3c08_88a6)); // 0.00833336077630519866943359
+    u = u.mul_add(s, f32::from_bits(0x3d2a_aa7a)); // 0.0416664853692054748535156
+    u = u.mul_add(s, f32::from_bits(0x3e2a_aaab)); // 0.166666671633720397949219
     u = u.mul_add(s, 0.5);
     u = 1.0 + (s * s).mul_add(u, s);
     // vldexp2: u * 2^(q >> 1) * 2^(q - (q >> 1)), each power built from its exponent bits
@@ -157,7 +159,7 @@ impl QHardswish {
         ActTables::build(|q, vector| {
             if vector {
                 let x = dequant_fma(q, scale, premul);
-                let y = x * (x + 3.0).max(0.0).min(6.0) / 6.0;
+                let y = x * (x + 3.0).clamp(0.0, 6.0) / 6.0;
                 vec_quantize(y, inv, zo)
             } else {
                 let x = dequant_sub(q, scale, zp);
@@ -219,7 +221,7 @@ impl QHardsigmoid {
         ActTables::build(|q, vector| {
             if vector {
                 let x = dequant_fma(q, scale, premul);
-                vec_quantize((x + 3.0).max(0.0).min(6.0) / 6.0, 256.0, 0)
+                vec_quantize((x + 3.0).clamp(0.0, 6.0) / 6.0, 256.0, 0)
             } else {
                 let x = dequant_sub(q, scale, zp);
                 scalar_quantize((x + 3.0).clamp(0.0, 6.0) / 6.0, SIGMOID_SCALE, 0)

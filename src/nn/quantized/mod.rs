@@ -43,11 +43,11 @@ pub use cat::QCat;
 pub use conv::{Conv2dParams, QConv2d, QConvReLU2d};
 pub use linear::{QLinear, QLinearReLU};
 pub use mul::QMul;
-pub use norm::QBatchNorm2d;
+pub use norm::{QBatchNorm2d, QLayerNorm};
 pub use pool::{QAdaptiveAvgPool2d, QAvgPool2d, QFlatten, QMaxPool2d, QReLU};
 pub(crate) use tensor::nhwc_to_nchw as nhwc_to_nchw_u8;
 pub use tensor::{QTensor, TorchLayout};
-pub use upsample::{QUpsampleNearest2d, UpsampleSize};
+pub use upsample::{QUpsampleBilinear2d, QUpsampleNearest2d, UpsampleSize};
 
 use crate::error::{QuantError, Result};
 use crate::qparams::{DType, QParams};

