@@ -148,7 +148,10 @@ fn resnet18_exports_as_qdq_with_int8_weights_and_int32_biases() {
         let exp = m.initializer(&format!("{name}.weight_quantized")).unwrap();
         let ints: Vec<i64> = wq.iter().map(|&v| v as i64).collect();
         assert_eq!(exp.ints().unwrap(), ints.as_slice(), "{name}");
-        let s = m.initializer(&format!("{name}.weight_scale")).unwrap().to_f32();
+        let s = m
+            .initializer(&format!("{name}.weight_scale"))
+            .unwrap()
+            .to_f32();
         assert_eq!(s, qp.scales(), "{name}");
     }
 }
