@@ -135,4 +135,23 @@ fn resnet18_exports_as_qdq_with_int8_weights_and_int32_biases() {
         .unwrap();
     assert_eq!(x_scale.to_bits(), obs.scale().to_bits());
     assert_eq!(ops["QuantizeLinear"], ops["DequantizeLinear"] - 2 * 21);
+    // the exported int8 weights and scales are the ones the int8 model runs with
+    let names: Vec<String> = m
+        .nodes
+        .iter()
+        .filter(|n| n.op_type == "Conv" || n.op_type == "Gemm")
+        .map(|n| n.name.clone())
+        .collect();
+    let q = ptq::quant::convert(p).unwrap();
+    for name in names {
+        let (wq, qp) = q.weight(&name).unwrap().unwrap_or_else(|| panic!("{name}"));
+        let exp = m.initializer(&format!("{name}.weight_quantized")).unwrap();
+        let ints: Vec<i64> = wq.iter().map(|&v| v as i64).collect();
+        assert_eq!(exp.ints().unwrap(), ints.as_slice(), "{name}");
+        let s = m
+            .initializer(&format!("{name}.weight_scale"))
+            .unwrap()
+            .to_f32();
+        assert_eq!(s, qp.scales(), "{name}");
+    }
 }
