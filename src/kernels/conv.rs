@@ -164,6 +164,19 @@ impl RowSource for Im2col<'_> {
         let c = g.c_in;
         let cig = self.cig;
         let zp = self.a_zp;
+        // A 1x1 kernel with unit stride and no padding over all channels: the im2col rows
+        // are the NHWC rows themselves.
+        if (kh, kw) == (1, 1) && g.stride == (1, 1) && g.padding == (0, 0) && cig == c {
+            let src = &self.x[r0 * c..(r0 + rows) * c];
+            if kp == c {
+                dst[..rows * c].copy_from_slice(src);
+            } else {
+                for (d, s) in dst.chunks_exact_mut(kp).zip(src.chunks_exact(c)) {
+                    d[..c].copy_from_slice(s);
+                }
+            }
+            return;
+        }
         // With one group and no horizontal dilation, the valid taps of one kernel row are
         // one contiguous run of NHWC bytes.
         let runs = cig == c && g.dilation.1 == 1;

@@ -265,6 +265,26 @@ impl Avx2 {
     }
 }
 
+/// Sum of a byte slice, 16 bytes at a time through SSE2 `psadbw` (exact: the partial sums
+/// are `u64`); the result wraps to `i32` as a `u32` sum would.
+pub(crate) fn row_sum_u8(row: &[u8]) -> i32 {
+    use std::arch::x86_64::*;
+    let chunks = row.chunks_exact(16);
+    let rest: u32 = chunks.remainder().iter().map(|&v| v as u32).sum();
+    // SAFETY: SSE2 is part of x86-64; each load reads one 16-byte chunk of `row`.
+    let total = unsafe {
+        let zero = _mm_setzero_si128();
+        let mut acc = _mm_setzero_si128();
+        for c in chunks {
+            let v = _mm_loadu_si128(c.as_ptr() as *const __m128i);
+            acc = _mm_add_epi64(acc, _mm_sad_epu8(v, zero));
+        }
+        let hi = _mm_unpackhi_epi64(acc, acc);
+        _mm_cvtsi128_si64(_mm_add_epi64(acc, hi)) as u64
+    };
+    (total as u32).wrapping_add(rest) as i32
+}
+
 /// Transposes the `r8 x c8` top-left part (multiples of 8) of a `rows x cols` byte matrix
 /// (row stride `cols`) into `dst` (row stride `rows`), in 8x8 SSE2 blocks.
 pub(crate) fn transpose_blocks_u8(src: &[u8], rows: usize, cols: usize, dst: &mut [u8]) {
@@ -283,6 +303,20 @@ pub(crate) fn transpose_blocks_u8(src: &[u8], rows: usize, cols: usize, dst: &mu
                     rows,
                 )
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn row_sum_u8_matches_scalar_sum() {
+        for len in [0, 1, 15, 16, 17, 31, 64, 100, 576, 1153] {
+            let row: Vec<u8> = (0..len).map(|i| (i * 97 % 256) as u8).collect();
+            let want: u32 = row.iter().map(|&v| v as u32).sum();
+            assert_eq!(super::row_sum_u8(&row), want as i32, "len {len}");
+            let full = vec![255u8; len];
+            assert_eq!(super::row_sum_u8(&full), 255 * len as i32, "len {len}");
         }
     }
 }
