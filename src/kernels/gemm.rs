@@ -175,9 +175,10 @@ struct Block<'a> {
     ldc: usize,
 }
 
-/// The GEMM driver, generic over the micro-kernel: `out[i * ldc + j] = requant(sum_k (a[i][k]
-/// - a_zp) * (w[j][k] - w_zp[j]), j)` for the `m` rows of `src`, over row blocks of at most
-/// 256 rows (on rayon's pool when large). Arguments are checked by the caller.
+/// The GEMM driver, generic over the micro-kernel:
+/// `out[i * ldc + j] = requant(sum_k (a[i][k] - a_zp) * (w[j][k] - w_zp[j]), j)` for the
+/// `m` rows of `src`, over row blocks of at most 256 rows (on rayon's pool when large).
+/// Arguments are checked by the caller.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_loop<K: GemmKernel>(
     kern: K,

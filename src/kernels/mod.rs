@@ -19,8 +19,11 @@
 //! # Structure
 //! Activations are packed per block of at most 256 rows (copied, or built on the fly by a
 //! convolution's im2col), padded to [`MR`] rows and `k` to a multiple of 4, with their row
-//! sums. Each `MR x NR` tile is computed by a microkernel over one packed panel and then
-//! requantized straight to `u8`. Large products are split into row blocks on rayon's pool.
+//! sums. One generic driver runs every micro-kernel (one trait, in the style of
+//! `matrixmultiply`'s `GemmKernel`): each kernel computes full tiles only (portable and
+//! AVX2: 4 rows x 16 columns; AVX-512 VNNI: 8 x 32), the driver hands the rows and panels
+//! left over to smaller edge tiles and requantizes the valid part of every tile straight to
+//! `u8`. Large products are split into row blocks on rayon's pool.
 //!
 //! # Saturation
 //! AVX2's `vpmaddubsw` adds two `u8 x i8` products into a saturating `i16`. The sum is exact

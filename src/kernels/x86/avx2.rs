@@ -490,7 +490,7 @@ impl GemmKernel for Avx2Kernel {
     /// # Safety
     /// As [`GemmKernel::kernel`]; the token proves AVX2 + FMA.
     unsafe fn kernel(self, a: &[u8], kp: usize, b: &[i8], acc: &mut [i32]) {
-        debug_assert!(kp % 4 == 0 && a.len() >= MR * kp && b.len() >= NR * kp);
+        debug_assert!(kp.is_multiple_of(4) && a.len() >= MR * kp && b.len() >= NR * kp);
         debug_assert!(acc.len() >= MR * NR);
         // SAFETY: `self` holds a token made only after detecting AVX2 + FMA; the caller
         // guarantees the lengths `tile` reads and writes (MR rows of `kp` bytes, `kp * NR`

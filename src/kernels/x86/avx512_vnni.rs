@@ -51,7 +51,7 @@ macro_rules! vnni_kernel {
             /// # Safety
             /// As [`GemmKernel::kernel`]; the token proves AVX-512F/BW/VNNI.
             unsafe fn kernel(self, $a: &[u8], $kp: usize, $b: &[i8], $acc: &mut [i32]) {
-                debug_assert!($kp % 4 == 0 && $a.len() >= $mr * $kp && $b.len() >= $nr * $kp);
+                debug_assert!($kp.is_multiple_of(4) && $a.len() >= $mr * $kp && $b.len() >= $nr * $kp);
                 debug_assert!($acc.len() >= $mr * $nr);
                 // SAFETY: `self` holds a token made only after detecting AVX-512F/BW/VNNI;
                 // the caller guarantees the slice lengths the body reads and writes
