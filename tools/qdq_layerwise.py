@@ -16,7 +16,15 @@ from ptq's own int8 input (so upstream differences are excluded) and requantized
 ORT/MLAS does it for QLinearConv (MlasRequantizeOutput: acc + int32 bias, converted to
 float, times x_scale*w_scale/y_scale, round half to even, + zero point, clamp): the share
 of that layer's outputs where MLAS's arithmetic alone already differs from ptq's (fbgemm's
-acc + float(bias / (x_scale*w_scale)), times the same multiplier, round half to even).
+acc + float(bias / (x_scale*w_scale)), times the same multiplier, round half to even, which
+is also recomputed and must match ptq everywhere). Needs DIR/bias.tsv for the fbgemm column.
+
+Third table ("alone"): every int8 node is cut out of the QDQ model (onnx.utils.Extractor,
+from its producers' `_quantized` tensors to its own) and run alone in ORT (same optimization
+level, so ORT's real QLinear* kernels) on ptq's int8 inputs: the share of values where
+ORT's kernel alone differs from ptq, with no upstream difference carried in.
+
+Committed figures: tools/qdq_layerwise_results/ (README.md there explains them).
 """
 import argparse
 import os
@@ -90,6 +98,7 @@ def main():
                 k, name = line.rstrip("\n").split("\t")
                 biases[name] = np.load(os.path.join(a.dump, f"bias.{k}.npy")).astype(np.float32)
     local(m, ptq_q, x, biases)
+    local_ort(onnx.load(a.model), ptq_q, x, res, so)
 
 
 def local(m, ptq_q, x, biases):
@@ -175,6 +184,57 @@ def local(m, ptq_q, x, biases):
         print(f"all int8 conv outputs: MLAS arithmetic on ptq's inputs differs from ptq in "
               f"{tot_diff / tot_n * 100:.3f}% of values ({tot_diff} of {tot_n}); fbgemm's arithmetic "
               f"differs from ptq in {tot_fb}")
+
+
+def local_ort(m, ptq_q, x, res, so):
+    """Every int8 node alone in ORT (its own kernels, as optimized), fed ptq's int8 inputs."""
+    from onnx.utils import Extractor
+
+    m = onnx.shape_inference.infer_shapes(m)
+    ex = Extractor(m)
+    prod = {o: n for n in m.graph.node for o in n.output}
+    inits = {i.name for i in m.graph.initializer}
+    gin = {i.name for i in m.graph.input}
+    print()
+    print("each int8 node alone in ORT on ptq's int8 inputs (ORT's own kernels):")
+    print(f"{'node':<44} {'op':<14} {'identical':>10} {'max LSB':>8}")
+    tot_d = tot_n = 0
+    for name, (p, scale, zp) in ptq_q.items():
+        qn = prod.get(name + "_quantized")
+        if qn is None:
+            continue
+        ins, stack, seen, ops = set(), [qn.input[0]], set(), []
+        while stack:
+            t = stack.pop()
+            if t in seen or t in inits:
+                continue
+            seen.add(t)
+            if t.endswith("_quantized") or t in gin:
+                ins.add(t)
+                continue
+            n = prod[t]
+            if n.op_type not in ("DequantizeLinear",):
+                ops.append(n.op_type)
+            stack.extend(n.input)
+        sub = ex.extract_model(sorted(ins), [name + "_quantized"])
+        feeds = {}
+        for t in ins:
+            src = t[: -len("_quantized")]
+            if src in ptq_q:
+                feeds[t] = ptq_q[src][0].astype(np.uint8)
+            elif t in gin:
+                feeds[t] = x
+            else:
+                feeds[t] = res[t]
+        sess = ort.InferenceSession(sub.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        o = sess.run(None, feeds)[0].astype(np.int64)
+        d = np.abs(o - p)
+        tot_d += int((d != 0).sum())
+        tot_n += d.size
+        op = "+".join(sorted(set(ops)))[:14]
+        print(f"{name:<44} {op:<14} {(d == 0).mean() * 100:>9.2f}% {int(d.max()):>8}")
+    print(f"all int8 nodes alone: ORT differs from ptq in {tot_d} of {tot_n} values "
+          f"({tot_d / max(tot_n, 1) * 100:.3f}%)")
 
 
 if __name__ == "__main__":
