@@ -8,7 +8,10 @@
 //!
 //! With `--qdq`, the calibrated model is also written as QDQ ONNX (what ONNX Runtime runs
 //! in int8), with the first calibration batch and ptq's int8 output on it beside it
-//! (`<qdq>.x.npy`, `<qdq>.ptq.npy`) for `tools/check_qdq_ort.py`.
+//! (`<qdq>.x.npy`, `<qdq>.ptq.npy`) for `tools/check_qdq_ort.py`. With `--dump DIR`, every
+//! int8 node's output on that batch is written to `DIR/<k>.npy` (dequantized, float32) and
+//! listed in `DIR/index.tsv` (`k`, node name, scale, zero point) for
+//! `tools/qdq_layerwise.py`, which compares them layer by layer with ONNX Runtime.
 //!
 //! Loads the model (`ptq::io::onnx::load_onnx`), fuses conv/linear + relu and add + relu,
 //! prepares it with the chosen preset (default `onnxruntime`, which reproduces
@@ -23,7 +26,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use ndarray::{ArrayD, Axis, IxDyn};
-use ptq::graph::{find_fusable, fuse};
+use ptq::graph::{find_fusable, fuse, Op};
 use ptq::io::onnx::load_onnx;
 use ptq::io::read_safetensors;
 use ptq::qconfig::{QConfig, QConfigMap};
@@ -33,7 +36,7 @@ use ptq::{QuantError, Result};
 fn usage() -> ! {
     eprintln!(
         "usage: quantize_onnx MODEL.onnx CALIB.(safetensors|npy) [--key NAME] [--batch N] \
-         [--qconfig fbgemm|x86|qnnpack|onnxruntime] [--out OUT.qmodel] [--qdq OUT.onnx]"
+         [--qconfig fbgemm|x86|qnnpack|onnxruntime] [--out OUT.qmodel] [--qdq OUT.onnx] [--dump DIR]"
     );
     std::process::exit(2)
 }
@@ -163,7 +166,9 @@ fn main() -> Result<()> {
     let mut i = 2;
     while i < args.len() {
         match args[i].as_str() {
-            k @ ("--key" | "--batch" | "--qconfig" | "--out" | "--qdq") if i + 1 < args.len() => {
+            k @ ("--key" | "--batch" | "--qconfig" | "--out" | "--qdq" | "--dump")
+                if i + 1 < args.len() =>
+            {
                 opt.insert(k, &args[i + 1]);
                 i += 2;
             }
@@ -226,8 +231,26 @@ fn main() -> Result<()> {
         float_out.insert(n.name.clone(), y.clone());
         Ok(())
     })?;
+    let dump = opt.get("--dump").copied();
+    if let Some(dir) = dump {
+        std::fs::create_dir_all(dir).map_err(|e| bad(dir, e.to_string()))?;
+    }
+    let mut index = String::new();
+    let mut dump_err: Option<QuantError> = None;
     println!("{:<40} {:>14} {:>10}", "node", "int8 output", "SQNR dB");
     q.forward_with(std::slice::from_ref(&first), &mut |name, v| {
+        if let (Some(dir), ptq::quant::Value::Int8(qa)) = (dump, v) {
+            let t = qa.nchw();
+            let k = index.lines().count();
+            index.push_str(&format!(
+                "{k}\t{name}\t{:e}\t{}\n",
+                t.scale(),
+                t.zero_point()
+            ));
+            if let Err(e) = write_npy(&format!("{dir}/{k}.npy"), &v.to_f32()) {
+                dump_err.get_or_insert(e);
+            }
+        }
         if let Some(r) = float_out.get(name) {
             let y = v.to_f32();
             if y.shape() == r.shape() {
@@ -239,6 +262,34 @@ fn main() -> Result<()> {
             }
         }
     })?;
+    if let Some(e) = dump_err {
+        return Err(e);
+    }
+    if let Some(dir) = dump {
+        let p = format!("{dir}/index.tsv");
+        std::fs::write(&p, &index).map_err(|e| bad(&p, e.to_string()))?;
+        // the float biases (after batch-norm folding), which ptq's int8 conv / linear add
+        // in float (fbgemm) and the QDQ file can only hold rounded to int32
+        let mut bias_index = String::new();
+        for n in float.nodes() {
+            let b = match &n.op {
+                Op::Conv2d(c) | Op::ConvReLU2d(c) => c.bias.as_ref(),
+                Op::Linear(l) | Op::LinearReLU(l) => l.bias.as_ref(),
+                _ => None,
+            };
+            if let Some(b) = b {
+                let k = bias_index.lines().count();
+                bias_index.push_str(&format!("{k}\t{}\n", n.name));
+                write_npy(&format!("{dir}/bias.{k}.npy"), &b.clone().into_dyn())?;
+            }
+        }
+        let p = format!("{dir}/bias.tsv");
+        std::fs::write(&p, &bias_index).map_err(|e| bad(&p, e.to_string()))?;
+        println!(
+            "dumped {} int8 node outputs to {dir}",
+            index.lines().count()
+        );
+    }
     if let Some(path) = qdq {
         let y = q.forward(std::slice::from_ref(&first))?;
         write_npy(&format!("{path}.x.npy"), &first)?;

@@ -356,7 +356,11 @@ fn check_fbgemm(arch: &str, graph: Graph) -> (f64, usize, usize) {
         100.0 * frac,
         d.worst
     );
-    assert!(d.worst <= 1, "{arch}: a logit {} steps from PyTorch's", d.worst);
+    assert!(
+        d.worst <= 1,
+        "{arch}: a logit {} steps from PyTorch's",
+        d.worst
+    );
     assert_eq!(top1, rows, "{arch}: top-1 disagrees with PyTorch");
     (frac, top1, rows)
 }

@@ -4,7 +4,8 @@
 
 use rayon::prelude::*;
 
-use super::{drive, KernelSet, PackedWeights, RequantParams, RowSource};
+use super::gemm::gemm;
+use super::{KernelSet, PackedWeights, RequantParams, RowSource};
 
 /// Geometry of a 2-D convolution (NCHW input, `[out, in / groups, kh, kw]` weights).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -250,7 +251,7 @@ pub(crate) fn conv_gemm(
             cig,
             a_zp,
         };
-        drive(
+        gemm(
             ks.simd,
             &src,
             m,

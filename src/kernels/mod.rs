@@ -19,8 +19,11 @@
 //! # Structure
 //! Activations are packed per block of at most 256 rows (copied, or built on the fly by a
 //! convolution's im2col), padded to [`MR`] rows and `k` to a multiple of 4, with their row
-//! sums. Each `MR x NR` tile is computed by a microkernel over one packed panel and then
-//! requantized straight to `u8`. Large products are split into row blocks on rayon's pool.
+//! sums. One generic driver runs every micro-kernel (one trait, in the style of
+//! `matrixmultiply`'s `GemmKernel`): each kernel computes full tiles only (portable and
+//! AVX2: 4 rows x 16 columns; AVX-512 VNNI: 8 x 32), the driver hands the rows and panels
+//! left over to smaller edge tiles and requantizes the valid part of every tile straight to
+//! `u8`. Large products are split into row blocks on rayon's pool.
 //!
 //! # Saturation
 //! AVX2's `vpmaddubsw` adds two `u8 x i8` products into a saturating `i16`. The sum is exact
@@ -55,7 +58,13 @@
 pub mod conv;
 pub mod elementwise;
 pub(crate) mod f32;
+#[allow(unsafe_code)]
+pub(crate) mod gemm;
+#[cfg(test)]
+mod gemm_tests;
 pub mod pack;
+#[allow(unsafe_code)]
+pub(crate) mod portable;
 pub mod reference;
 pub mod requant;
 #[cfg(target_arch = "x86_64")]
@@ -65,19 +74,16 @@ mod x86;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
-use rayon::prelude::*;
-
 pub use pack::{PackedWeights, NR};
 pub use requant::{OutputQuant, RequantParams};
 
 use crate::error::{QuantError, Result};
-use requant::round_up;
+pub(crate) use gemm::RowSource;
+use gemm::{gemm, MatrixRows};
 
-/// Rows per microkernel tile.
+/// Rows of the activation packing and of a requantization sub-tile (every GEMM
+/// micro-kernel's row count is a multiple of it).
 pub const MR: usize = 4;
-
-/// Below this many multiply-accumulates a GEMM runs on the calling thread only.
-const PAR_MIN_MACS: usize = 1 << 21;
 
 /// Which implementation family runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -264,7 +270,7 @@ pub fn avx2_available() -> bool {
     }
 }
 
-fn debug_report(path: KernelPath) {
+pub(crate) fn debug_report(path: KernelPath) {
     static DEBUG: OnceLock<bool> = OnceLock::new();
     static SEEN: [AtomicBool; 4] = [
         AtomicBool::new(false),
@@ -370,28 +376,6 @@ pub fn qgemm_on(
     qgemm_impl(simd, a, w, rq, out, ldc)
 }
 
-/// A source of activation rows for the GEMM driver: a plain matrix or an on-the-fly
-/// im2col of a convolution input.
-pub(crate) trait RowSource: Sync {
-    /// Writes rows `r0..r0 + rows` (the first `k` bytes of each) at stride `kp` into `dst`
-    /// (already zeroed).
-    fn fill(&self, r0: usize, rows: usize, kp: usize, dst: &mut [u8]);
-}
-
-struct MatrixRows<'a> {
-    data: &'a [u8],
-    k: usize,
-}
-
-impl RowSource for MatrixRows<'_> {
-    fn fill(&self, r0: usize, rows: usize, kp: usize, dst: &mut [u8]) {
-        for i in 0..rows {
-            let src = &self.data[(r0 + i) * self.k..(r0 + i + 1) * self.k];
-            dst[i * kp..i * kp + self.k].copy_from_slice(src);
-        }
-    }
-}
-
 fn check_args(
     a: &Activations<'_>,
     w: &PackedWeights,
@@ -452,305 +436,7 @@ fn qgemm_impl(
         data: a.data,
         k: w.k,
     };
-    Ok(drive(simd, &src, a.rows, a.zero_point, w, rq, out, ldc))
-}
-
-thread_local! {
-    /// Each thread's buffer for packed activation blocks.
-    static PACK_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Runs the GEMM over row blocks (in parallel when large). Arguments are checked.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn drive(
-    simd: Simd,
-    src: &dyn RowSource,
-    m: usize,
-    a_zp: i32,
-    w: &PackedWeights,
-    rq: &RequantParams,
-    out: &mut [u8],
-    ldc: usize,
-) -> KernelPath {
-    let (n, k, kp) = (w.n, w.k, w.kp);
-    let split_seen = AtomicBool::new(false);
-    let panels = round_up(n.max(1), NR) / NR;
-    let threads = rayon::current_num_threads().max(1);
-    let macs = m.saturating_mul(n).saturating_mul(k.max(1));
-    let mc = if threads == 1 || macs < PAR_MIN_MACS {
-        round_up(m.max(1), MR).min(256)
-    } else {
-        round_up(m.div_ceil(threads), MR).min(256)
-    };
-    let block = |bi: usize, out_blk: &mut [u8]| {
-        let r0 = bi * mc;
-        let rows_blk = mc.min(m - r0);
-        // The packed block reuses this thread's buffer (no allocation per call).
-        let mut lo = PACK_BUF.with(|b| b.take());
-        lo.clear();
-        lo.resize(round_up(rows_blk, MR) * kp, 0);
-        src.fill(r0, rows_blk, kp, &mut lo);
-        // Row sums and the OR of all bytes in one vectorizable pass.
-        let rowsum: Vec<i32> = if kp == 0 {
-            vec![0; round_up(rows_blk, MR)]
-        } else {
-            lo[..round_up(rows_blk, MR) * kp]
-                .chunks_exact(kp)
-                .map(row_sum)
-                .collect()
-        };
-        // Only AVX2 without VNNI needs to know whether any activation exceeds 127.
-        let split = simd.is_some_and(|s| !vnni_of(s))
-            && !w.narrow
-            && lo.iter().fold(0u8, |a, &v| a | v) > 127;
-        let hi: Vec<u8> = if split {
-            split_seen.store(true, Ordering::Relaxed);
-            let hi = lo.iter().map(|&v| v >> 7).collect();
-            lo.iter_mut().for_each(|v| *v &= 127);
-            hi
-        } else {
-            Vec::new()
-        };
-        let mut acc = [0i32; MR * NR];
-        let mut acc2 = [0i32; MR * NR];
-        #[allow(unused_mut, unused_variables)]
-        let mut acc8 = [0i32; 2 * MR * NR];
-        #[allow(unused_mut)]
-        let mut first_panel = 0;
-        #[cfg(target_arch = "x86_64")]
-        if let Some(s) = simd.filter(|s| s.vnni() && kp > 0) {
-            // Pairs of panels, eight rows at a time: 16 accumulator chains per call.
-            let lo_rows = lo.len() / kp;
-            let pairs = panels / 2;
-            let mut acc16 = [0i32; 4 * MR * NR];
-            for pp in 0..pairs {
-                let p = 2 * pp;
-                let (b0, b1) = (w.panel(p), w.panel(p + 1));
-                let mut t = 0;
-                while t < rows_blk {
-                    let eight = t + 2 * MR <= lo_rows;
-                    let a = &lo[t * kp..(t + if eight { 2 } else { 1 } * MR) * kp];
-                    if eight {
-                        s.tile8x2(a, kp, b0, b1, &mut acc16);
-                    } else {
-                        s.tile4x2(a, kp, b0, b1, &mut acc16);
-                    }
-                    // acc16 = [panel][tile][MR][NR]
-                    for half in 0..2 {
-                        let j0 = (p + half) * NR;
-                        let cols = NR.min(n - j0);
-                        for h in 0..if eight { 2 } else { 1 } {
-                            let tt = t + h * MR;
-                            if tt >= rows_blk {
-                                break;
-                            }
-                            let rows = MR.min(rows_blk - tt);
-                            let base = (half * 2 + h) * MR * NR;
-                            let mut tile = [0i32; MR * NR];
-                            tile.copy_from_slice(&acc16[base..base + MR * NR]);
-                            s.requant_tile(
-                                &tile,
-                                rows,
-                                cols,
-                                &rowsum[tt..tt + rows],
-                                a_zp,
-                                w,
-                                rq,
-                                j0,
-                                &mut out_blk[tt * ldc + j0..],
-                                ldc,
-                            );
-                        }
-                    }
-                    t += if eight { 2 * MR } else { MR };
-                }
-            }
-            first_panel = 2 * pairs;
-        }
-        for p in first_panel..panels {
-            let b = w.panel(p);
-            let j0 = p * NR;
-            let cols = NR.min(n - j0);
-            let mut t = 0;
-            while t < rows_blk {
-                let rows = MR.min(rows_blk - t);
-                let a_off = t * kp;
-                let o = &mut out_blk[t * ldc + j0..];
-                match simd {
-                    None => {
-                        tile_portable(&lo[a_off..a_off + MR * kp], kp, b, &mut acc);
-                        requant_tile_portable(
-                            &acc,
-                            rows,
-                            cols,
-                            &rowsum[t..t + rows],
-                            a_zp,
-                            w,
-                            rq,
-                            j0,
-                            o,
-                            ldc,
-                        );
-                    }
-                    #[allow(unused_variables)]
-                    Some(s) => {
-                        #[cfg(target_arch = "x86_64")]
-                        if s.vnni() && t + 2 * MR <= lo.len() / kp.max(1) && kp > 0 {
-                            // Two tiles at once; the second may hold padding rows only.
-                            s.tile8(&lo[a_off..a_off + 2 * MR * kp], kp, b, &mut acc8);
-                            let (t0, t1) = acc8.split_at(MR * NR);
-                            for (h, part) in [t0, t1].into_iter().enumerate() {
-                                let tt = t + h * MR;
-                                if tt >= rows_blk {
-                                    break;
-                                }
-                                let rows = MR.min(rows_blk - tt);
-                                let mut tile = [0i32; MR * NR];
-                                tile.copy_from_slice(part);
-                                s.requant_tile(
-                                    &tile,
-                                    rows,
-                                    cols,
-                                    &rowsum[tt..tt + rows],
-                                    a_zp,
-                                    w,
-                                    rq,
-                                    j0,
-                                    &mut out_blk[tt * ldc + j0..],
-                                    ldc,
-                                );
-                            }
-                            t += 2 * MR;
-                            continue;
-                        }
-                        #[cfg(target_arch = "x86_64")]
-                        {
-                            s.tile(&lo[a_off..a_off + MR * kp], kp, b, &mut acc);
-                            if split {
-                                s.tile(&hi[a_off..a_off + MR * kp], kp, b, &mut acc2);
-                                for (x, y) in acc.iter_mut().zip(acc2.iter()) {
-                                    *x = x.wrapping_add(y.wrapping_shl(7));
-                                }
-                            }
-                            s.requant_tile(
-                                &acc,
-                                rows,
-                                cols,
-                                &rowsum[t..t + rows],
-                                a_zp,
-                                w,
-                                rq,
-                                j0,
-                                o,
-                                ldc,
-                            );
-                        }
-                    }
-                }
-                t += MR;
-            }
-        }
-        PACK_BUF.with(|b| b.replace(lo));
-    };
-    if m > 0 && n > 0 {
-        let blocks = m.div_ceil(mc);
-        if blocks == 1 {
-            block(0, out);
-        } else {
-            out.par_chunks_mut(mc * ldc)
-                .take(blocks)
-                .enumerate()
-                .for_each(|(bi, o)| block(bi, o));
-        }
-    }
-    let path = match simd {
-        None => KernelPath::Portable,
-        Some(s) if vnni_of(s) => KernelPath::Avx512Vnni,
-        Some(_) if split_seen.load(Ordering::Relaxed) => KernelPath::Avx2Split,
-        Some(_) => KernelPath::Avx2Fast,
-    };
-    debug_report(path);
-    path
-}
-
-/// Sum of a packed row's bytes (SSE2 `psadbw` on x86-64; elsewhere 16 partial sums that
-/// vectorize).
-#[inline]
-fn row_sum(row: &[u8]) -> i32 {
-    #[cfg(target_arch = "x86_64")]
-    return x86::row_sum_u8(row);
-    #[cfg(not(target_arch = "x86_64"))]
-    row_sum_portable(row)
-}
-
-#[cfg_attr(target_arch = "x86_64", allow(dead_code))]
-fn row_sum_portable(row: &[u8]) -> i32 {
-    let mut acc = [0u32; 16];
-    let chunks = row.chunks_exact(16);
-    let rest: u32 = chunks.remainder().iter().map(|&v| v as u32).sum();
-    for c in chunks {
-        for i in 0..16 {
-            acc[i] += c[i] as u32;
-        }
-    }
-    (acc.iter().sum::<u32>() + rest) as i32
-}
-
-#[cfg(target_arch = "x86_64")]
-fn vnni_of(s: x86::Avx2) -> bool {
-    s.vnni()
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn vnni_of(_: ()) -> bool {
-    false
-}
-
-/// Portable tile: the same packed layouts as the AVX2 kernel, exact `i32` (wrapping).
-fn tile_portable(a: &[u8], kp: usize, b: &[i8], acc: &mut [i32; MR * NR]) {
-    acc.fill(0);
-    for q in (0..kp).step_by(4) {
-        let bq = &b[q * NR..q * NR + 4 * NR];
-        for r in 0..MR {
-            let ar = &a[r * kp + q..r * kp + q + 4];
-            for c in 0..NR {
-                let bc = &bq[4 * c..4 * c + 4];
-                let s: i32 = (0..4).map(|t| ar[t] as i32 * bc[t] as i32).sum();
-                acc[r * NR + c] = acc[r * NR + c].wrapping_add(s);
-            }
-        }
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn requant_tile_portable(
-    acc: &[i32; MR * NR],
-    rows: usize,
-    cols: usize,
-    rowsum: &[i32],
-    a_zp: i32,
-    w: &PackedWeights,
-    rq: &RequantParams,
-    j0: usize,
-    out: &mut [u8],
-    ldc: usize,
-) {
-    for r in 0..rows {
-        for c in 0..cols {
-            let j = j0 + c;
-            let raw = acc[r * NR + c]
-                .wrapping_sub(a_zp.wrapping_mul(w.col_offsets[j]))
-                .wrapping_sub(w.w_zp[j].wrapping_mul(rowsum[r]));
-            out[r * ldc + c] = requant::requant_one(
-                raw,
-                rq.bias_b[j],
-                rq.bias_s[j],
-                rq.mult[j],
-                rq.out_zp,
-                rq.lo,
-            );
-        }
-    }
+    Ok(gemm(simd, &src, a.rows, a.zero_point, w, rq, out, ldc))
 }
 
 /// `acc[c] += (x[c] - a_zp) * w[c]` over one depthwise tap (the body shared by the

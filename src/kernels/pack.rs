@@ -113,9 +113,9 @@ impl PackedWeights {
         self.narrow
     }
 
-    /// The packed panel `p` (`kp * NR` bytes).
-    pub(crate) fn panel(&self, p: usize) -> &[i8] {
-        &self.data[p * self.kp * NR..(p + 1) * self.kp * NR]
+    /// The `count` adjacent packed panels from panel `p` (`count * kp * NR` bytes).
+    pub(crate) fn panels(&self, p: usize, count: usize) -> &[i8] {
+        &self.data[p * self.kp * NR..(p + count) * self.kp * NR]
     }
 }
 

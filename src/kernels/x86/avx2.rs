@@ -4,8 +4,10 @@
 
 use std::arch::x86_64::*;
 
-use crate::kernels::pack::NR;
-use crate::kernels::MR;
+use crate::kernels::gemm::{GemmKernel, SubTile};
+use crate::kernels::pack::{PackedWeights, NR};
+use crate::kernels::requant::RequantParams;
+use crate::kernels::{KernelPath, MR};
 
 /// `MR x NR` tile of `i32` dot products of packed activations and one packed panel.
 ///
@@ -13,7 +15,7 @@ use crate::kernels::MR;
 /// AVX2 must be available; `a` must be readable for `MR * kp` bytes (rows at stride `kp`),
 /// `b` for `kp * NR` bytes, `acc` writable for `MR * NR` `i32`; `kp % 4 == 0`.
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn tile(a: *const u8, kp: usize, b: *const i8, acc: *mut i32) {
+unsafe fn tile(a: *const u8, kp: usize, b: *const i8, acc: *mut i32) {
     // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
     // and the pointer ranges), which is all the operations below rely on.
     unsafe {
@@ -61,177 +63,6 @@ pub(super) unsafe fn tile(a: *const u8, kp: usize, b: *const i8, acc: *mut i32) 
         _mm256_storeu_si256(o.add(6), c30);
         _mm256_storeu_si256(o.add(7), c31);
         debug_assert_eq!(MR, 4);
-    }
-}
-
-/// The same tile with AVX-512 VNNI: one `vpdpbusd` per row and `k` group adds
-/// `u8 x i8` products straight into `i32` lanes (no `i16` intermediate, so it cannot
-/// saturate). A 512-bit register holds exactly one `k` group of a 16-column panel.
-///
-/// # Safety
-/// AVX-512F/BW and AVX-512 VNNI must be available; ranges as [`tile`].
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub(super) unsafe fn tile_vnni(a: *const u8, kp: usize, b: *const i8, acc: *mut i32) {
-    // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
-    // and the pointer ranges), which is all the operations below rely on.
-    unsafe {
-        let mut c0 = _mm512_setzero_si512();
-        let mut c1 = _mm512_setzero_si512();
-        let mut c2 = _mm512_setzero_si512();
-        let mut c3 = _mm512_setzero_si512();
-        let a1 = a.add(kp);
-        let a2 = a.add(2 * kp);
-        let a3 = a.add(3 * kp);
-        let mut bp = b;
-        let mut q = 0;
-        while q < kp {
-            let bv = _mm512_loadu_si512(bp as *const _);
-            let b0 = _mm512_set1_epi32((a.add(q) as *const i32).read_unaligned());
-            let b1 = _mm512_set1_epi32((a1.add(q) as *const i32).read_unaligned());
-            let b2 = _mm512_set1_epi32((a2.add(q) as *const i32).read_unaligned());
-            let b3 = _mm512_set1_epi32((a3.add(q) as *const i32).read_unaligned());
-            c0 = _mm512_dpbusd_epi32(c0, b0, bv);
-            c1 = _mm512_dpbusd_epi32(c1, b1, bv);
-            c2 = _mm512_dpbusd_epi32(c2, b2, bv);
-            c3 = _mm512_dpbusd_epi32(c3, b3, bv);
-            bp = bp.add(4 * NR);
-            q += 4;
-        }
-        _mm512_storeu_si512(acc as *mut _, c0);
-        _mm512_storeu_si512(acc.add(NR) as *mut _, c1);
-        _mm512_storeu_si512(acc.add(2 * NR) as *mut _, c2);
-        _mm512_storeu_si512(acc.add(3 * NR) as *mut _, c3);
-    }
-}
-
-/// Eight rows (two `MR` tiles) of [`tile_vnni`]: eight independent accumulator chains
-/// hide `vpdpbusd`'s latency, and each panel load serves eight rows.
-///
-/// # Safety
-/// AVX-512F/BW and AVX-512 VNNI must be available; `a` readable for `2 * MR * kp` bytes,
-/// `b` for `kp * NR`, `acc` writable for `2 * MR * NR` `i32`; `kp % 4 == 0`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub(super) unsafe fn tile8_vnni(a: *const u8, kp: usize, b: *const i8, acc: *mut i32) {
-    // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
-    // and the pointer ranges), which is all the operations below rely on.
-    unsafe {
-        let mut c = [_mm512_setzero_si512(); 8];
-        let mut bp = b;
-        let mut q = 0;
-        while q < kp {
-            let bv = _mm512_loadu_si512(bp as *const _);
-            macro_rules! row {
-                ($r:literal) => {
-                    c[$r] = _mm512_dpbusd_epi32(
-                        c[$r],
-                        _mm512_set1_epi32((a.add($r * kp + q) as *const i32).read_unaligned()),
-                        bv,
-                    );
-                };
-            }
-            row!(0);
-            row!(1);
-            row!(2);
-            row!(3);
-            row!(4);
-            row!(5);
-            row!(6);
-            row!(7);
-            bp = bp.add(4 * NR);
-            q += 4;
-        }
-        for (r, v) in c.iter().enumerate() {
-            _mm512_storeu_si512(acc.add(r * NR) as *mut _, *v);
-        }
-    }
-}
-
-/// Eight rows times two panels with AVX-512 VNNI: sixteen accumulator chains, each row's
-/// broadcast serving both panels. `acc` is `[panel][row][NR]`.
-///
-/// # Safety
-/// AVX-512F/BW and AVX-512 VNNI must be available; `a` readable for `2 * MR * kp` bytes,
-/// `b0` and `b1` for `kp * NR`, `acc` writable for `4 * MR * NR` `i32`; `kp % 4 == 0`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub(super) unsafe fn tile8x2_vnni(
-    a: *const u8,
-    kp: usize,
-    b0: *const i8,
-    b1: *const i8,
-    acc: *mut i32,
-) {
-    // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
-    // and the pointer ranges), which is all the operations below rely on.
-    unsafe {
-        let mut c = [_mm512_setzero_si512(); 8];
-        let mut d = [_mm512_setzero_si512(); 8];
-        let mut q = 0;
-        while q < kp {
-            let v0 = _mm512_loadu_si512(b0.add(q * NR) as *const _);
-            let v1 = _mm512_loadu_si512(b1.add(q * NR) as *const _);
-            macro_rules! row {
-                ($r:literal) => {
-                    let av = _mm512_set1_epi32((a.add($r * kp + q) as *const i32).read_unaligned());
-                    c[$r] = _mm512_dpbusd_epi32(c[$r], av, v0);
-                    d[$r] = _mm512_dpbusd_epi32(d[$r], av, v1);
-                };
-            }
-            row!(0);
-            row!(1);
-            row!(2);
-            row!(3);
-            row!(4);
-            row!(5);
-            row!(6);
-            row!(7);
-            q += 4;
-        }
-        for r in 0..8 {
-            _mm512_storeu_si512(acc.add(r * NR) as *mut _, c[r]);
-            _mm512_storeu_si512(acc.add((8 + r) * NR) as *mut _, d[r]);
-        }
-    }
-}
-
-/// Four rows times two panels with AVX-512 VNNI (eight chains), for row blocks of four.
-/// `acc` is `[panel][8 rows][NR]`; rows 4..8 of each panel are left untouched.
-///
-/// # Safety
-/// As [`tile8x2_vnni`], with `a` readable for `MR * kp` bytes.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub(super) unsafe fn tile4x2_vnni(
-    a: *const u8,
-    kp: usize,
-    b0: *const i8,
-    b1: *const i8,
-    acc: *mut i32,
-) {
-    // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
-    // and the pointer ranges), which is all the operations below rely on.
-    unsafe {
-        let mut c = [_mm512_setzero_si512(); 4];
-        let mut d = [_mm512_setzero_si512(); 4];
-        let mut q = 0;
-        while q < kp {
-            let v0 = _mm512_loadu_si512(b0.add(q * NR) as *const _);
-            let v1 = _mm512_loadu_si512(b1.add(q * NR) as *const _);
-            macro_rules! row {
-                ($r:literal) => {
-                    let av = _mm512_set1_epi32((a.add($r * kp + q) as *const i32).read_unaligned());
-                    c[$r] = _mm512_dpbusd_epi32(c[$r], av, v0);
-                    d[$r] = _mm512_dpbusd_epi32(d[$r], av, v1);
-                };
-            }
-            row!(0);
-            row!(1);
-            row!(2);
-            row!(3);
-            q += 4;
-        }
-        for r in 0..4 {
-            _mm512_storeu_si512(acc.add(r * NR) as *mut _, c[r]);
-            _mm512_storeu_si512(acc.add((8 + r) * NR) as *mut _, d[r]);
-        }
     }
 }
 
@@ -613,5 +444,74 @@ pub(super) unsafe fn transpose8x8(src: *const u8, sstride: usize, dst: *mut u8, 
                 _mm_srli_si128::<8>(*x),
             );
         }
+    }
+}
+
+/// The AVX2 GEMM micro-kernel: [`MR`] rows x one panel ([`NR`] columns) with
+/// `vpmaddubsw`. Exact when the activations are at most 127 or the weights lie in
+/// `[-64, 63]`; otherwise the driver splits the activations
+/// ([`GemmKernel::needs_split`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Avx2Kernel(super::Avx2);
+
+impl Avx2Kernel {
+    /// The kernel for a detected AVX2 + FMA token.
+    pub(crate) fn new(s: super::Avx2) -> Self {
+        Avx2Kernel(s)
+    }
+}
+
+impl GemmKernel for Avx2Kernel {
+    const MR: usize = MR;
+    const NR: usize = NR;
+    type RowEdge = Self;
+    type ColEdge = Self;
+
+    fn row_edge(self) -> Self {
+        self
+    }
+
+    fn col_edge(self) -> Self {
+        self
+    }
+
+    fn needs_split(self, w: &PackedWeights) -> bool {
+        !w.narrow
+    }
+
+    fn path(self, split: bool) -> KernelPath {
+        if split {
+            KernelPath::Avx2Split
+        } else {
+            KernelPath::Avx2Fast
+        }
+    }
+
+    /// # Safety
+    /// As [`GemmKernel::kernel`]; the token proves AVX2 + FMA.
+    unsafe fn kernel(self, a: &[u8], kp: usize, b: &[i8], acc: &mut [i32]) {
+        debug_assert!(kp.is_multiple_of(4) && a.len() >= MR * kp && b.len() >= NR * kp);
+        debug_assert!(acc.len() >= MR * NR);
+        // SAFETY: `self` holds a token made only after detecting AVX2 + FMA; the caller
+        // guarantees the lengths `tile` reads and writes (MR rows of `kp` bytes, `kp * NR`
+        // panel bytes, MR * NR i32).
+        unsafe { tile(a.as_ptr(), kp, b.as_ptr(), acc.as_mut_ptr()) }
+    }
+
+    fn requant_tile(
+        self,
+        acc: &SubTile,
+        rows: usize,
+        cols: usize,
+        rowsum: &[i32],
+        a_zp: i32,
+        w: &PackedWeights,
+        rq: &RequantParams,
+        j0: usize,
+        out: &mut [u8],
+        ldc: usize,
+    ) {
+        self.0
+            .requant_tile(acc, rows, cols, rowsum, a_zp, w, rq, j0, out, ldc)
     }
 }

@@ -1,8 +1,265 @@
-//! AVX-512 VNNI bodies beyond the GEMM tiles (which live beside the AVX2 ones in
-//! `avx2.rs`): the depthwise convolution with `vpdpwssd` (pairs of `i16` products
-//! accumulated in `i32`, exact here).
+//! AVX-512 VNNI kernels: the int8 GEMM micro-kernels (`vpdpbusd` adds four `u8 x i8`
+//! products straight into `i32` lanes: exact, no `i16` intermediate) and the depthwise
+//! convolution with `vpdpwssd` (pairs of `i16` products accumulated in `i32`, exact here).
+//!
+//! The GEMM kernel is [`Vnni8x32`]: eight rows times two packed panels, sixteen
+//! accumulator chains. Its edges (four rows left: [`Vnni4x32`]; one panel left:
+//! [`Vnni8x16`], then [`Vnni4x16`]) are smaller tiles over the same packed data, chosen by
+//! the generic driver (`kernels::gemm::gemm_loop`).
 
 use std::arch::x86_64::*;
+
+use super::Avx2;
+use crate::kernels::gemm::{GemmKernel, SubTile};
+use crate::kernels::pack::{PackedWeights, NR};
+use crate::kernels::requant::RequantParams;
+use crate::kernels::{KernelPath, MR};
+
+macro_rules! vnni_kernel {
+    ($(#[$doc:meta])* $name:ident, $mr:expr, $nr:expr, $row:ident, $col:ident,
+     |$a:ident, $kp:ident, $b:ident, $acc:ident| $call:expr) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy)]
+        pub(crate) struct $name(Avx2);
+
+        impl $name {
+            /// The kernel, if `s` has AVX-512 VNNI enabled.
+            #[cfg_attr(not(test), allow(dead_code))]
+            pub(crate) fn new(s: Avx2) -> Option<Self> {
+                s.vnni().then_some($name(s))
+            }
+        }
+
+        impl GemmKernel for $name {
+            const MR: usize = $mr;
+            const NR: usize = $nr;
+            type RowEdge = $row;
+            type ColEdge = $col;
+
+            fn row_edge(self) -> $row {
+                $row(self.0)
+            }
+
+            fn col_edge(self) -> $col {
+                $col(self.0)
+            }
+
+            fn path(self, _split: bool) -> KernelPath {
+                KernelPath::Avx512Vnni
+            }
+
+            /// # Safety
+            /// As [`GemmKernel::kernel`]; the token proves AVX-512F/BW/VNNI.
+            unsafe fn kernel(self, $a: &[u8], $kp: usize, $b: &[i8], $acc: &mut [i32]) {
+                debug_assert!($kp.is_multiple_of(4) && $a.len() >= $mr * $kp && $b.len() >= $nr * $kp);
+                debug_assert!($acc.len() >= $mr * $nr);
+                // SAFETY: `self` holds a token made only after detecting AVX-512F/BW/VNNI;
+                // the caller guarantees the slice lengths the body reads and writes
+                // (MR rows of `kp` bytes, NR / 16 panels of `kp * 16` bytes, MR * NR i32).
+                unsafe { $call }
+            }
+
+            fn requant_tile(
+                self,
+                acc: &SubTile,
+                rows: usize,
+                cols: usize,
+                rowsum: &[i32],
+                a_zp: i32,
+                w: &PackedWeights,
+                rq: &RequantParams,
+                j0: usize,
+                out: &mut [u8],
+                ldc: usize,
+            ) {
+                self.0
+                    .requant_tile(acc, rows, cols, rowsum, a_zp, w, rq, j0, out, ldc)
+            }
+        }
+    };
+}
+
+vnni_kernel!(
+    /// Eight rows times two panels (`MR = 8`, `NR = 32`): the AVX-512 VNNI GEMM kernel.
+    Vnni8x32, 2 * MR, 2 * NR, Vnni4x32, Vnni8x16,
+    |a, kp, b, acc| tile8x2_vnni(a.as_ptr(), kp, b.as_ptr(), b.as_ptr().add(kp * NR), acc.as_mut_ptr())
+);
+vnni_kernel!(
+    /// Four rows times two panels: [`Vnni8x32`]'s row edge.
+    Vnni4x32, MR, 2 * NR, Vnni4x32, Vnni4x16,
+    |a, kp, b, acc| tile4x2_vnni(a.as_ptr(), kp, b.as_ptr(), b.as_ptr().add(kp * NR), acc.as_mut_ptr())
+);
+vnni_kernel!(
+    /// Eight rows times one panel: [`Vnni8x32`]'s column edge.
+    Vnni8x16, 2 * MR, NR, Vnni4x16, Vnni8x16,
+    |a, kp, b, acc| tile8_vnni(a.as_ptr(), kp, b.as_ptr(), acc.as_mut_ptr())
+);
+vnni_kernel!(
+    /// Four rows times one panel: the smallest AVX-512 VNNI tile.
+    Vnni4x16, MR, NR, Vnni4x16, Vnni4x16,
+    |a, kp, b, acc| tile_vnni(a.as_ptr(), kp, b.as_ptr(), acc.as_mut_ptr())
+);
+
+/// The same tile with AVX-512 VNNI: one `vpdpbusd` per row and `k` group adds
+/// `u8 x i8` products straight into `i32` lanes (no `i16` intermediate, so it cannot
+/// saturate). A 512-bit register holds exactly one `k` group of a 16-column panel.
+///
+/// # Safety
+/// AVX-512F/BW and AVX-512 VNNI must be available; `a` readable for `MR * kp` bytes (rows at
+/// stride `kp`), `b` for `kp * NR`, `acc` writable for `MR * NR` `i32`; `kp % 4 == 0`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn tile_vnni(a: *const u8, kp: usize, b: *const i8, acc: *mut i32) {
+    // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
+    // and the pointer ranges), which is all the operations below rely on.
+    unsafe {
+        let mut c0 = _mm512_setzero_si512();
+        let mut c1 = _mm512_setzero_si512();
+        let mut c2 = _mm512_setzero_si512();
+        let mut c3 = _mm512_setzero_si512();
+        let a1 = a.add(kp);
+        let a2 = a.add(2 * kp);
+        let a3 = a.add(3 * kp);
+        let mut bp = b;
+        let mut q = 0;
+        while q < kp {
+            let bv = _mm512_loadu_si512(bp as *const _);
+            let b0 = _mm512_set1_epi32((a.add(q) as *const i32).read_unaligned());
+            let b1 = _mm512_set1_epi32((a1.add(q) as *const i32).read_unaligned());
+            let b2 = _mm512_set1_epi32((a2.add(q) as *const i32).read_unaligned());
+            let b3 = _mm512_set1_epi32((a3.add(q) as *const i32).read_unaligned());
+            c0 = _mm512_dpbusd_epi32(c0, b0, bv);
+            c1 = _mm512_dpbusd_epi32(c1, b1, bv);
+            c2 = _mm512_dpbusd_epi32(c2, b2, bv);
+            c3 = _mm512_dpbusd_epi32(c3, b3, bv);
+            bp = bp.add(4 * NR);
+            q += 4;
+        }
+        _mm512_storeu_si512(acc as *mut _, c0);
+        _mm512_storeu_si512(acc.add(NR) as *mut _, c1);
+        _mm512_storeu_si512(acc.add(2 * NR) as *mut _, c2);
+        _mm512_storeu_si512(acc.add(3 * NR) as *mut _, c3);
+    }
+}
+
+/// Eight rows (two `MR` tiles) of [`tile_vnni`]: eight independent accumulator chains
+/// hide `vpdpbusd`'s latency, and each panel load serves eight rows.
+///
+/// # Safety
+/// AVX-512F/BW and AVX-512 VNNI must be available; `a` readable for `2 * MR * kp` bytes,
+/// `b` for `kp * NR`, `acc` writable for `2 * MR * NR` `i32`; `kp % 4 == 0`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn tile8_vnni(a: *const u8, kp: usize, b: *const i8, acc: *mut i32) {
+    // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
+    // and the pointer ranges), which is all the operations below rely on.
+    unsafe {
+        let mut c = [_mm512_setzero_si512(); 8];
+        let mut bp = b;
+        let mut q = 0;
+        while q < kp {
+            let bv = _mm512_loadu_si512(bp as *const _);
+            macro_rules! row {
+                ($r:literal) => {
+                    c[$r] = _mm512_dpbusd_epi32(
+                        c[$r],
+                        _mm512_set1_epi32((a.add($r * kp + q) as *const i32).read_unaligned()),
+                        bv,
+                    );
+                };
+            }
+            row!(0);
+            row!(1);
+            row!(2);
+            row!(3);
+            row!(4);
+            row!(5);
+            row!(6);
+            row!(7);
+            bp = bp.add(4 * NR);
+            q += 4;
+        }
+        for (r, v) in c.iter().enumerate() {
+            _mm512_storeu_si512(acc.add(r * NR) as *mut _, *v);
+        }
+    }
+}
+
+/// Eight rows times two panels with AVX-512 VNNI: sixteen accumulator chains, each row's
+/// broadcast serving both panels. `acc` is `[panel][row][NR]`.
+///
+/// # Safety
+/// AVX-512F/BW and AVX-512 VNNI must be available; `a` readable for `2 * MR * kp` bytes,
+/// `b0` and `b1` for `kp * NR`, `acc` writable for `4 * MR * NR` `i32`; `kp % 4 == 0`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn tile8x2_vnni(a: *const u8, kp: usize, b0: *const i8, b1: *const i8, acc: *mut i32) {
+    // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
+    // and the pointer ranges), which is all the operations below rely on.
+    unsafe {
+        let mut c = [_mm512_setzero_si512(); 8];
+        let mut d = [_mm512_setzero_si512(); 8];
+        let mut q = 0;
+        while q < kp {
+            let v0 = _mm512_loadu_si512(b0.add(q * NR) as *const _);
+            let v1 = _mm512_loadu_si512(b1.add(q * NR) as *const _);
+            macro_rules! row {
+                ($r:literal) => {
+                    let av = _mm512_set1_epi32((a.add($r * kp + q) as *const i32).read_unaligned());
+                    c[$r] = _mm512_dpbusd_epi32(c[$r], av, v0);
+                    d[$r] = _mm512_dpbusd_epi32(d[$r], av, v1);
+                };
+            }
+            row!(0);
+            row!(1);
+            row!(2);
+            row!(3);
+            row!(4);
+            row!(5);
+            row!(6);
+            row!(7);
+            q += 4;
+        }
+        for r in 0..8 {
+            _mm512_storeu_si512(acc.add(r * NR) as *mut _, c[r]);
+            _mm512_storeu_si512(acc.add((8 + r) * NR) as *mut _, d[r]);
+        }
+    }
+}
+
+/// Four rows times two panels with AVX-512 VNNI (eight chains), for row blocks of four.
+/// `acc` is `[panel][row][NR]`.
+///
+/// # Safety
+/// As [`tile8x2_vnni`], with `a` readable for `MR * kp` bytes and `acc` writable for
+/// `2 * MR * NR` `i32`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn tile4x2_vnni(a: *const u8, kp: usize, b0: *const i8, b1: *const i8, acc: *mut i32) {
+    // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
+    // and the pointer ranges), which is all the operations below rely on.
+    unsafe {
+        let mut c = [_mm512_setzero_si512(); 4];
+        let mut d = [_mm512_setzero_si512(); 4];
+        let mut q = 0;
+        while q < kp {
+            let v0 = _mm512_loadu_si512(b0.add(q * NR) as *const _);
+            let v1 = _mm512_loadu_si512(b1.add(q * NR) as *const _);
+            macro_rules! row {
+                ($r:literal) => {
+                    let av = _mm512_set1_epi32((a.add($r * kp + q) as *const i32).read_unaligned());
+                    c[$r] = _mm512_dpbusd_epi32(c[$r], av, v0);
+                    d[$r] = _mm512_dpbusd_epi32(d[$r], av, v1);
+                };
+            }
+            row!(0);
+            row!(1);
+            row!(2);
+            row!(3);
+            q += 4;
+        }
+        for r in 0..4 {
+            _mm512_storeu_si512(acc.add(r * NR) as *mut _, c[r]);
+            _mm512_storeu_si512(acc.add((4 + r) * NR) as *mut _, d[r]);
+        }
+    }
+}
 
 /// Four adjacent depthwise pixels (see `kernels::dw_pixels4`), 32 channels at a time:
 /// `(x - a_zp)` and `w` widened to `i16` (both within `[-255, 255]`), taps in pairs

@@ -2,11 +2,18 @@
 //!
 //! [`Avx2`] is a token that exists only once AVX2 and FMA were detected at run time; its
 //! methods check every slice length and then call the `#[target_feature]` bodies in
-//! [`avx2`].
+//! [`avx2`] and [`avx512_vnni`]. The GEMM micro-kernels ([`Avx2Kernel`] and the AVX-512
+//! VNNI [`Vnni8x32`] with its edge tiles) implement `kernels::gemm::GemmKernel`, each in
+//! the file of its instruction set.
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 mod avx2;
 mod avx512_vnni;
+
+pub(crate) use avx2::Avx2Kernel;
+pub(crate) use avx512_vnni::Vnni8x32;
+#[cfg(test)]
+pub(crate) use avx512_vnni::{Vnni4x16, Vnni4x32, Vnni8x16};
 
 use crate::kernels::pack::{PackedWeights, NR};
 use crate::kernels::requant::RequantParams;
@@ -41,66 +48,6 @@ impl Avx2 {
     /// Whether tiles use the AVX-512 VNNI kernel.
     pub(crate) fn vnni(self) -> bool {
         self.vnni
-    }
-
-    /// `acc = A_tile * B_panel` for an `MR x kp` activation tile (row stride `kp`) and a
-    /// packed panel.
-    pub(crate) fn tile(self, a: &[u8], kp: usize, b: &[i8], acc: &mut [i32; MR * NR]) {
-        assert!(kp.is_multiple_of(4) && a.len() >= MR * kp && b.len() >= kp * NR);
-        if self.vnni {
-            // SAFETY: `vnni` is only set after detecting AVX-512F/BW/VNNI; the assert covers
-            // the ranges read (MR rows of kp bytes, kp * NR panel bytes); `acc` holds
-            // MR * NR i32.
-            unsafe { avx2::tile_vnni(a.as_ptr(), kp, b.as_ptr(), acc.as_mut_ptr()) }
-        } else {
-            // SAFETY: the token proves AVX2; the assert covers the ranges `tile` reads
-            // (MR rows of kp bytes, kp * NR panel bytes) and `acc` holds MR * NR i32.
-            unsafe { avx2::tile(a.as_ptr(), kp, b.as_ptr(), acc.as_mut_ptr()) }
-        }
-    }
-
-    /// Two `MR` tiles at once (AVX-512 VNNI only; call only when [`vnni`](Self::vnni)).
-    pub(crate) fn tile8(self, a: &[u8], kp: usize, b: &[i8], acc: &mut [i32; 2 * MR * NR]) {
-        assert!(self.vnni && kp.is_multiple_of(4) && a.len() >= 2 * MR * kp && b.len() >= kp * NR);
-        // SAFETY: `vnni` is only set after detecting AVX-512F/BW/VNNI; the assert covers
-        // the ranges read (2 * MR rows of kp bytes, kp * NR panel bytes); `acc` holds
-        // 2 * MR * NR i32.
-        unsafe { avx2::tile8_vnni(a.as_ptr(), kp, b.as_ptr(), acc.as_mut_ptr()) }
-    }
-
-    /// Eight rows times two panels (AVX-512 VNNI only): `acc` is `[panel][row][NR]`.
-    pub(crate) fn tile8x2(
-        self,
-        a: &[u8],
-        kp: usize,
-        b0: &[i8],
-        b1: &[i8],
-        acc: &mut [i32; 4 * MR * NR],
-    ) {
-        assert!(self.vnni && kp.is_multiple_of(4) && a.len() >= 2 * MR * kp);
-        assert!(b0.len() >= kp * NR && b1.len() >= kp * NR);
-        // SAFETY: `vnni` is only set after detecting AVX-512F/BW/VNNI; the asserts cover
-        // the reads (8 rows of kp bytes, two panels of kp * NR bytes); `acc` holds
-        // 4 * MR * NR i32.
-        unsafe { avx2::tile8x2_vnni(a.as_ptr(), kp, b0.as_ptr(), b1.as_ptr(), acc.as_mut_ptr()) }
-    }
-
-    /// Four rows times two panels (AVX-512 VNNI only): `acc` is `[panel][8 rows][NR]`, rows
-    /// 4..8 untouched.
-    pub(crate) fn tile4x2(
-        self,
-        a: &[u8],
-        kp: usize,
-        b0: &[i8],
-        b1: &[i8],
-        acc: &mut [i32; 4 * MR * NR],
-    ) {
-        assert!(self.vnni && kp.is_multiple_of(4) && a.len() >= MR * kp);
-        assert!(b0.len() >= kp * NR && b1.len() >= kp * NR);
-        // SAFETY: `vnni` is only set after detecting AVX-512F/BW/VNNI; the asserts cover
-        // the reads (4 rows of kp bytes, two panels of kp * NR bytes); the writes go to
-        // rows 0..4 of each panel half of `acc` (4 * MR * NR i32).
-        unsafe { avx2::tile4x2_vnni(a.as_ptr(), kp, b0.as_ptr(), b1.as_ptr(), acc.as_mut_ptr()) }
     }
 
     /// Requantizes `rows x cols` of a tile starting at global column `j0` into
