@@ -149,12 +149,21 @@ impl QAct {
         self.torch
     }
 
-    /// The tensor in logical (NCHW) order, transposing if it is held NHWC.
+    /// The tensor in logical (NCHW) order, transposing if it is held NHWC (a copy without
+    /// transpose when the two orders agree: one channel or a 1x1 image).
     pub fn nchw(&self) -> Cow<'_, QTensor> {
         match self.layout {
             Layout::Nchw => Cow::Borrowed(&self.tensor),
             Layout::Nhwc => Cow::Owned(transpose(&self.tensor, false)),
         }
+    }
+
+    /// Whether converting to `layout` moves bytes: the tensor is held in the other
+    /// layout, with more than one channel and more than one pixel (otherwise NCHW and
+    /// NHWC hold the same bytes).
+    pub fn needs_transpose(&self, layout: Layout) -> bool {
+        let s = self.tensor.data().shape();
+        self.layout != layout && s.len() == 4 && !orders_agree(s, self.layout)
     }
 
     /// The rank-4 tensor as `[n, h, w, c]`, transposing if it is held NCHW.
@@ -193,9 +202,30 @@ impl QAct {
     }
 }
 
+/// Whether a rank-4 tensor of shape `s`, held in `held`, has the same bytes in NCHW and
+/// NHWC order: one channel, or one pixel.
+fn orders_agree(s: &[usize], held: Layout) -> bool {
+    match held {
+        Layout::Nchw => s[1] == 1 || s[2] * s[3] == 1,
+        Layout::Nhwc => s[3] == 1 || s[1] * s[2] == 1,
+    }
+}
+
 /// NCHW -> NHWC (`to_nhwc`) or back.
 fn transpose(t: &QTensor, to_nhwc: bool) -> QTensor {
     let s = t.data().shape();
+    let (sh, agree) = if to_nhwc {
+        ([s[0], s[2], s[3], s[1]], orders_agree(s, Layout::Nchw))
+    } else {
+        ([s[0], s[3], s[1], s[2]], orders_agree(s, Layout::Nhwc))
+    };
+    if agree {
+        // The same bytes in both orders: a reshape.
+        let data = ArrayD::from_shape_vec(IxDyn(&sh), t.to_vec())
+            .unwrap_or_else(|_| unreachable!("a reshape keeps the element count"));
+        return QTensor::new(data, t.scale(), t.zero_point())
+            .unwrap_or_else(|_| unreachable!("the qparams come from a valid QTensor"));
+    }
     let (shape, data) = if to_nhwc {
         let (b, c, h, w) = (s[0], s[1], s[2], s[3]);
         (vec![b, h, w, c], t.to_nhwc())
@@ -512,7 +542,9 @@ mod graph_tests {
         assert_eq!(layout("conv2"), Layout::Nhwc);
         assert_eq!(layout("add"), Layout::Nhwc);
         assert_eq!(layout("relu"), Layout::Nhwc);
-        assert_eq!(layout("maxpool"), Layout::Nchw);
+        // pools keep NHWC too (the flatten after them converts to the logical order)
+        assert_eq!(layout("maxpool"), Layout::Nhwc);
+        assert_eq!(layout("avgpool"), Layout::Nhwc);
         // The output is a dequantized int8 tensor of fc2's parameters.
         for v in y[0].iter() {
             let q = (v / 0.02).round() + 128.0;

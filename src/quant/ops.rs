@@ -31,15 +31,35 @@ fn one<'a>(inputs: &[&'a Value], kind: &str) -> Result<&'a Value> {
     }
 }
 
-fn counted<'a>(c: Cow<'a, QTensor>, ctx: &mut ExecCtx) -> Cow<'a, QTensor> {
-    if let Cow::Owned(_) = c {
+/// The tensor in logical (NCHW) order, counting a transpose that moves bytes.
+fn nchw<'a>(x: &'a QAct, ctx: &mut ExecCtx) -> Cow<'a, QTensor> {
+    if x.needs_transpose(Layout::Nchw) {
         ctx.transposes += 1;
     }
-    c
+    x.nchw()
 }
 
-fn nchw<'a>(x: &'a QAct, ctx: &mut ExecCtx) -> Cow<'a, QTensor> {
-    counted(x.nchw(), ctx)
+/// The rank-4 tensor held NHWC, counting a transpose that moves bytes.
+fn nhwc<'a>(x: &'a QAct, ctx: &mut ExecCtx, kind: &str) -> Result<Cow<'a, QTensor>> {
+    if x.needs_transpose(Layout::Nhwc) {
+        ctx.transposes += 1;
+    }
+    x.nhwc(kind)
+}
+
+/// Runs a one-input op in the layout its input is held in: `on_nhwc` on `[n, h, w, c]`
+/// data for an NHWC input, `on_nchw` on logical-order data otherwise; the output keeps
+/// the input's layout and PyTorch memory format.
+fn same_layout(
+    x: &QAct,
+    on_nchw: impl FnOnce(&QTensor) -> Result<QTensor>,
+    on_nhwc: impl FnOnce(&QTensor) -> Result<QTensor>,
+) -> Result<Value> {
+    let y = match x.layout() {
+        Layout::Nhwc => on_nhwc(x.raw())?,
+        Layout::Nchw => on_nchw(x.raw())?,
+    };
+    Ok(Value::Int8(QAct::new(y, x.layout(), x.torch_layout())?))
 }
 
 /// A graph input (float); the executor fills it, it never runs.
@@ -228,7 +248,7 @@ impl QuantOp for ConvOp {
     }
     fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value> {
         let x = one(inputs, self.kind())?.int8(self.kind())?;
-        let xn = counted(x.nhwc(self.kind())?, ctx);
+        let xn = nhwc(x, ctx, self.kind())?;
         let y = self.conv.forward_nhwc(&xn)?;
         Ok(Value::Int8(QAct::new(
             y,
@@ -394,23 +414,20 @@ impl QuantOp for AddOp {
                 actual: format!("{:?}", b.shape()),
             });
         }
-        let mut add = QAdd::new(self.out.scale(), self.out.zero_point())?
-            .with_layout(TorchLayout::Contiguous);
+        // The rounding follows PyTorch's memory format of the first input; the data are
+        // processed in the layout they are held in (NHWC if either input is).
+        let mut add =
+            QAdd::new(self.out.scale(), self.out.zero_point())?.with_layout(a.torch_layout());
         if self.relu {
             add = add.with_relu();
         }
-        // The arithmetic runs over the given tensors' row-major order, which is PyTorch's
-        // memory order when both are handed over in the first input's memory format.
-        let channels_last = a.torch_layout() == TorchLayout::ChannelsLast && a.shape().len() == 4;
-        if channels_last {
-            let xa = counted(a.nhwc(self.kind())?, ctx);
-            let xb = counted(b.nhwc(self.kind())?, ctx);
-            let y = add.forward(&xa, &xb)?;
-            Ok(Value::Int8(QAct::new(
-                y,
-                Layout::Nhwc,
-                TorchLayout::ChannelsLast,
-            )?))
+        let held_nhwc =
+            a.shape().len() == 4 && (a.layout() == Layout::Nhwc || b.layout() == Layout::Nhwc);
+        if held_nhwc {
+            let xa = nhwc(a, ctx, self.kind())?;
+            let xb = nhwc(b, ctx, self.kind())?;
+            let y = add.forward_nhwc(&xa, &xb)?;
+            Ok(Value::Int8(QAct::new(y, Layout::Nhwc, a.torch_layout())?))
         } else {
             let y = add.forward(&nchw(a, ctx), &nchw(b, ctx))?;
             Ok(Value::Int8(QAct::new(y, Layout::Nchw, a.torch_layout())?))
@@ -573,10 +590,9 @@ impl QuantOp for MaxPoolOp {
     fn kind(&self) -> &'static str {
         "MaxPool2d"
     }
-    fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value> {
+    fn forward(&self, inputs: &[&Value], _: &mut ExecCtx) -> Result<Value> {
         let x = one(inputs, "MaxPool2d")?.int8("MaxPool2d")?;
-        let y = self.pool.forward(&nchw(x, ctx))?;
-        Ok(Value::Int8(QAct::new(y, Layout::Nchw, x.torch_layout())?))
+        same_layout(x, |t| self.pool.forward(t), |t| self.pool.forward_nhwc(t))
     }
     fn output_qparams(&self) -> Option<ActQParams> {
         Some(self.q)
@@ -635,13 +651,10 @@ impl QuantOp for AvgPoolOp {
     fn kind(&self) -> &'static str {
         "AvgPool2d"
     }
-    fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value> {
+    fn forward(&self, inputs: &[&Value], _: &mut ExecCtx) -> Result<Value> {
         let x = one(inputs, "AvgPool2d")?.int8("AvgPool2d")?;
-        let y = self
-            .pool
-            .with_layout(x.torch_layout())
-            .forward(&nchw(x, ctx))?;
-        Ok(Value::Int8(QAct::new(y, Layout::Nchw, x.torch_layout())?))
+        let pool = self.pool.with_layout(x.torch_layout());
+        same_layout(x, |t| pool.forward(t), |t| pool.forward_nhwc(t))
     }
     fn output_qparams(&self) -> Option<ActQParams> {
         Some(self.q)
@@ -691,13 +704,10 @@ impl QuantOp for AdaptiveAvgPoolOp {
     fn kind(&self) -> &'static str {
         "AdaptiveAvgPool2d"
     }
-    fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value> {
+    fn forward(&self, inputs: &[&Value], _: &mut ExecCtx) -> Result<Value> {
         let x = one(inputs, "AdaptiveAvgPool2d")?.int8("AdaptiveAvgPool2d")?;
-        let y = self
-            .pool
-            .with_layout(x.torch_layout())
-            .forward(&nchw(x, ctx))?;
-        Ok(Value::Int8(QAct::new(y, Layout::Nchw, x.torch_layout())?))
+        let pool = self.pool.with_layout(x.torch_layout());
+        same_layout(x, |t| pool.forward(t), |t| pool.forward_nhwc(t))
     }
     fn output_qparams(&self) -> Option<ActQParams> {
         Some(self.q)
@@ -972,9 +982,20 @@ impl QuantOp for MulOp {
         if self.relu {
             m = m.with_relu();
         }
-        let y = m.forward(&nchw(a, ctx), &nchw(b, ctx))?;
-        let torch = torch_of_full(&[a, b], y.data().shape());
-        Ok(Value::Int8(QAct::new(y, Layout::Nchw, torch)?))
+        let held_nhwc = a.shape().len() == 4
+            && b.shape().len() == 4
+            && (a.layout() == Layout::Nhwc || b.layout() == Layout::Nhwc);
+        if held_nhwc {
+            let (xa, xb) = (nhwc(a, ctx, "Mul")?, nhwc(b, ctx, "Mul")?);
+            let y = m.forward_nhwc(&xa, &xb)?;
+            let s = y.data().shape();
+            let torch = torch_of_full(&[a, b], &[s[0], s[3], s[1], s[2]]);
+            Ok(Value::Int8(QAct::new(y, Layout::Nhwc, torch)?))
+        } else {
+            let y = m.forward(&nchw(a, ctx), &nchw(b, ctx))?;
+            let torch = torch_of_full(&[a, b], y.data().shape());
+            Ok(Value::Int8(QAct::new(y, Layout::Nchw, torch)?))
+        }
     }
     fn output_qparams(&self) -> Option<ActQParams> {
         Some(self.out)
@@ -1038,12 +1059,24 @@ impl QuantOp for CatOp {
         } else {
             TorchLayout::Contiguous
         };
-        let ts: Vec<Cow<'_, QTensor>> = xs.iter().map(|x| nchw(x, ctx)).collect();
-        let refs: Vec<&QTensor> = ts.iter().map(|t| t.as_ref()).collect();
-        let y = QCat::new(self.dim, self.out.scale(), self.out.zero_point())?
-            .with_layout(torch)
-            .forward(&refs)?;
-        Ok(Value::Int8(QAct::new(y, Layout::Nchw, torch)?))
+        let cat = QCat::new(self.dim, self.out.scale(), self.out.zero_point())?.with_layout(torch);
+        let held_nhwc = self.dim < 4
+            && xs.iter().all(|x| x.shape().len() == 4)
+            && xs.iter().any(|x| x.layout() == Layout::Nhwc);
+        if held_nhwc {
+            let ts: Vec<Cow<'_, QTensor>> = xs
+                .iter()
+                .map(|x| nhwc(x, ctx, "Concat"))
+                .collect::<Result<_>>()?;
+            let refs: Vec<&QTensor> = ts.iter().map(|t| t.as_ref()).collect();
+            let y = cat.forward_nhwc(&refs)?;
+            Ok(Value::Int8(QAct::new(y, Layout::Nhwc, torch)?))
+        } else {
+            let ts: Vec<Cow<'_, QTensor>> = xs.iter().map(|x| nchw(x, ctx)).collect();
+            let refs: Vec<&QTensor> = ts.iter().map(|t| t.as_ref()).collect();
+            let y = cat.forward(&refs)?;
+            Ok(Value::Int8(QAct::new(y, Layout::Nchw, torch)?))
+        }
     }
     fn output_qparams(&self) -> Option<ActQParams> {
         Some(self.out)
@@ -1082,12 +1115,11 @@ impl QuantOp for HardswishOp {
     fn kind(&self) -> &'static str {
         "Hardswish"
     }
-    fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value> {
+    fn forward(&self, inputs: &[&Value], _: &mut ExecCtx) -> Result<Value> {
         let x = one(inputs, "Hardswish")?.int8("Hardswish")?;
-        let y = QHardswish::new(self.out.scale(), self.out.zero_point())?
-            .with_layout(x.torch_layout())
-            .forward(&nchw(x, ctx))?;
-        Ok(Value::Int8(QAct::new(y, Layout::Nchw, x.torch_layout())?))
+        let hs =
+            QHardswish::new(self.out.scale(), self.out.zero_point())?.with_layout(x.torch_layout());
+        same_layout(x, |t| hs.forward(t), |t| hs.forward_nhwc(t))
     }
     fn output_qparams(&self) -> Option<ActQParams> {
         Some(self.out)
@@ -1139,17 +1171,16 @@ impl QuantOp for SigmoidOp {
             "Sigmoid"
         }
     }
-    fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value> {
+    fn forward(&self, inputs: &[&Value], _: &mut ExecCtx) -> Result<Value> {
         let x = one(inputs, self.kind())?.int8(self.kind())?;
-        let t = nchw(x, ctx);
-        let y = if self.hard {
-            QHardsigmoid::new()
-                .with_layout(x.torch_layout())
-                .forward(&t)?
+        let l = x.torch_layout();
+        if self.hard {
+            let f = QHardsigmoid::new().with_layout(l);
+            same_layout(x, |t| f.forward(t), |t| f.forward_nhwc(t))
         } else {
-            QSigmoid::new().with_layout(x.torch_layout()).forward(&t)?
-        };
-        Ok(Value::Int8(QAct::new(y, Layout::Nchw, x.torch_layout())?))
+            let f = QSigmoid::new().with_layout(l);
+            same_layout(x, |t| f.forward(t), |t| f.forward_nhwc(t))
+        }
     }
     fn output_qparams(&self) -> Option<ActQParams> {
         Some(sigmoid_qparams())
@@ -1199,10 +1230,9 @@ impl QuantOp for UpsampleOp {
     fn kind(&self) -> &'static str {
         "Upsample"
     }
-    fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value> {
+    fn forward(&self, inputs: &[&Value], _: &mut ExecCtx) -> Result<Value> {
         let x = one(inputs, "Upsample")?.int8("Upsample")?;
-        let y = self.up.forward(&nchw(x, ctx))?;
-        Ok(Value::Int8(QAct::new(y, Layout::Nchw, x.torch_layout())?))
+        same_layout(x, |t| self.up.forward(t), |t| self.up.forward_nhwc(t))
     }
     fn output_qparams(&self) -> Option<ActQParams> {
         Some(self.q)
@@ -1275,10 +1305,9 @@ impl QuantOp for BatchNormOp {
     fn kind(&self) -> &'static str {
         "BatchNorm2d"
     }
-    fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value> {
+    fn forward(&self, inputs: &[&Value], _: &mut ExecCtx) -> Result<Value> {
         let x = one(inputs, "BatchNorm2d")?.int8("BatchNorm2d")?;
-        let y = self.bn.forward(&nchw(x, ctx))?;
-        Ok(Value::Int8(QAct::new(y, Layout::Nchw, x.torch_layout())?))
+        same_layout(x, |t| self.bn.forward(t), |t| self.bn.forward_nhwc(t))
     }
     fn output_qparams(&self) -> Option<ActQParams> {
         Some(self.out)

@@ -6,8 +6,9 @@
 //! `elementwise.rs`), so each op builds two tables: the vector one for the elements PyTorch
 //! runs in blocks of 64, the scalar one for each row's tail.
 
-use super::elementwise::{dequant_fma, dequant_sub, scalar_quantize, vec_quantize, vector_mask};
+use super::elementwise::{dequant_fma, dequant_sub, scalar_quantize, vec_quantize, vector_mask_in};
 use super::tensor::check_qparams;
+use super::tensor::dims4;
 use super::{QTensor, TorchLayout};
 use crate::error::{QuantError, Result};
 
@@ -35,12 +36,30 @@ impl ActTables {
     }
 
     /// Applies the tables to `x` held in `layout`, giving a tensor with the output qparams.
-    fn apply(&self, x: &QTensor, layout: TorchLayout, scale: f32, zp: i32) -> Result<QTensor> {
-        let shape = x.data().shape();
+    ///
+    /// With `nhwc`, `x` is a rank-4 tensor held `[n, h, w, c]` (and so is the result);
+    /// `layout` is still the memory format PyTorch holds the logical NCHW tensor in.
+    fn apply(
+        &self,
+        x: &QTensor,
+        layout: TorchLayout,
+        scale: f32,
+        zp: i32,
+        nhwc: bool,
+    ) -> Result<QTensor> {
+        let held = x.data().shape();
+        let logical;
+        let shape = if nhwc {
+            let (b, h, w, c) = dims4(x, "activation")?;
+            logical = [b, c, h, w];
+            &logical[..]
+        } else {
+            held
+        };
         let data = if self.vector == self.scalar {
             x.data().mapv(|q| self.vector[q as usize])
         } else {
-            let mask = vector_mask((shape, layout), &[(shape, layout)]);
+            let mask = vector_mask_in((shape, layout), &[(shape, layout)], nhwc);
             let mut out = x.data().as_standard_layout().into_owned();
             for (q, &v) in out.iter_mut().zip(mask.iter()) {
                 *q = if v {
@@ -174,8 +193,28 @@ impl QHardswish {
     /// # Errors
     /// None in practice (the output qparams were validated); `Result` like every layer.
     pub fn forward(&self, x: &QTensor) -> Result<QTensor> {
-        self.tables(x.scale(), x.zero_point())
-            .apply(x, self.layout, self.out_scale, self.out_zp)
+        self.tables(x.scale(), x.zero_point()).apply(
+            x,
+            self.layout,
+            self.out_scale,
+            self.out_zp,
+            false,
+        )
+    }
+
+    /// As [`forward`](Self::forward) on a rank-4 tensor held `[n, h, w, c]` (the result
+    /// too): the same values, element for element, without transposes.
+    ///
+    /// # Errors
+    /// [`QuantError::ShapeMismatch`] for a tensor that is not rank 4.
+    pub fn forward_nhwc(&self, x: &QTensor) -> Result<QTensor> {
+        self.tables(x.scale(), x.zero_point()).apply(
+            x,
+            self.layout,
+            self.out_scale,
+            self.out_zp,
+            true,
+        )
     }
 }
 
@@ -245,7 +284,17 @@ impl QHardsigmoid {
     /// ```
     pub fn forward(&self, x: &QTensor) -> Result<QTensor> {
         self.tables(x.scale(), x.zero_point())
-            .apply(x, self.layout, SIGMOID_SCALE, 0)
+            .apply(x, self.layout, SIGMOID_SCALE, 0, false)
+    }
+
+    /// As [`forward`](Self::forward) on a rank-4 tensor held `[n, h, w, c]` (the result
+    /// too): the same values, element for element, without transposes.
+    ///
+    /// # Errors
+    /// [`QuantError::ShapeMismatch`] for a tensor that is not rank 4.
+    pub fn forward_nhwc(&self, x: &QTensor) -> Result<QTensor> {
+        self.tables(x.scale(), x.zero_point())
+            .apply(x, self.layout, SIGMOID_SCALE, 0, true)
     }
 }
 
@@ -313,7 +362,17 @@ impl QSigmoid {
     /// ```
     pub fn forward(&self, x: &QTensor) -> Result<QTensor> {
         self.tables(x.scale(), x.zero_point())
-            .apply(x, self.layout, SIGMOID_SCALE, 0)
+            .apply(x, self.layout, SIGMOID_SCALE, 0, false)
+    }
+
+    /// As [`forward`](Self::forward) on a rank-4 tensor held `[n, h, w, c]` (the result
+    /// too): the same values, element for element, without transposes.
+    ///
+    /// # Errors
+    /// [`QuantError::ShapeMismatch`] for a tensor that is not rank 4.
+    pub fn forward_nhwc(&self, x: &QTensor) -> Result<QTensor> {
+        self.tables(x.scale(), x.zero_point())
+            .apply(x, self.layout, SIGMOID_SCALE, 0, true)
     }
 }
 
@@ -401,8 +460,28 @@ impl QLeakyReLU {
     /// # Errors
     /// None in practice; `Result` like every layer.
     pub fn forward(&self, x: &QTensor) -> Result<QTensor> {
-        self.tables(x.scale(), x.zero_point())
-            .apply(x, self.layout, self.out_scale, self.out_zp)
+        self.tables(x.scale(), x.zero_point()).apply(
+            x,
+            self.layout,
+            self.out_scale,
+            self.out_zp,
+            false,
+        )
+    }
+
+    /// As [`forward`](Self::forward) on a rank-4 tensor held `[n, h, w, c]` (the result
+    /// too): the same values, element for element, without transposes.
+    ///
+    /// # Errors
+    /// [`QuantError::ShapeMismatch`] for a tensor that is not rank 4.
+    pub fn forward_nhwc(&self, x: &QTensor) -> Result<QTensor> {
+        self.tables(x.scale(), x.zero_point()).apply(
+            x,
+            self.layout,
+            self.out_scale,
+            self.out_zp,
+            true,
+        )
     }
 }
 
@@ -466,7 +545,8 @@ impl QClamp {
     /// None in practice; `Result` like every layer.
     pub fn forward(&self, x: &QTensor) -> Result<QTensor> {
         let (s, zp) = (x.scale(), x.zero_point());
-        self.tables(s, zp).apply(x, TorchLayout::Contiguous, s, zp)
+        self.tables(s, zp)
+            .apply(x, TorchLayout::Contiguous, s, zp, false)
     }
 }
 

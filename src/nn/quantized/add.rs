@@ -84,6 +84,32 @@ impl QAdd {
     /// # Ok::<(), ptq::QuantError>(())
     /// ```
     pub fn forward(&self, a: &QTensor, b: &QTensor) -> Result<QTensor> {
+        self.run(a, b, false)
+    }
+
+    /// As [`forward`](Self::forward) on two rank-4 tensors held `[n, h, w, c]` (the result
+    /// too): the same values, element for element, without transposes. The rounding
+    /// still follows [`with_layout`](Self::with_layout), PyTorch's memory format.
+    ///
+    /// # Errors
+    /// [`QuantError::ShapeMismatch`] when the shapes differ or are not rank 4.
+    ///
+    /// # Examples
+    /// ```
+    /// use ndarray::ArrayD;
+    /// use ptq::nn::quantized::{QAdd, QTensor};
+    /// let add = QAdd::new(0.2, 0)?;
+    /// let a = QTensor::new(ArrayD::from_elem(vec![1, 2, 2, 3], 10u8), 0.1, 0)?; // NHWC
+    /// assert_eq!(add.forward_nhwc(&a, &a)?.data()[[0, 1, 1, 2]], 10);
+    /// # Ok::<(), ptq::QuantError>(())
+    /// ```
+    pub fn forward_nhwc(&self, a: &QTensor, b: &QTensor) -> Result<QTensor> {
+        super::tensor::dims4(a, NAME)?;
+        self.run(a, b, true)
+    }
+
+    /// The add on data held NCHW (`nhwc` false) or NHWC.
+    fn run(&self, a: &QTensor, b: &QTensor, held_nhwc: bool) -> Result<QTensor> {
         if a.data().shape() != b.data().shape() {
             return Err(QuantError::ShapeMismatch {
                 context: NAME.into(),
@@ -92,7 +118,8 @@ impl QAdd {
             });
         }
         let shape = a.data().shape().to_vec();
-        let nhwc = self.layout == TorchLayout::ChannelsLast && shape.len() == 4;
+        // PyTorch's memory order is NHWC for channels-last rank-4 tensors.
+        let memory_nhwc = self.layout == TorchLayout::ChannelsLast && shape.len() == 4;
         let (xa, xb) = (a.data().as_slice(), b.data().as_slice());
         let (ca, cb);
         let (xa, xb) = match (xa, xb) {
@@ -107,8 +134,8 @@ impl QAdd {
         let (sa, za, sb, zb) = (a.scale(), a.zero_point(), b.scale(), b.zero_point());
         let (so, zo) = (self.out_scale, self.out_zp);
         let p = AddParams::new(sa, za, sb, zb, so, zo, self.relu);
-        // Both inputs share the logical layout, so the vectorized formula runs straight on
-        // the logical order: no transposes.
+        // Both inputs share the layout they are held in, so the vectorized formula runs
+        // straight on that order: no transposes.
         let mut y = vec![0u8; n];
         let ks = KernelSet::current();
         const PAR_CHUNK: usize = 1 << 16;
@@ -120,20 +147,33 @@ impl QAdd {
             elementwise::add_u8(ks, xa, xb, &p, &mut y);
         }
         // PyTorch's scalar tail: the last `n % 64` elements in *memory* order (NHWC for
-        // channels-last tensors), rounded as `quantize_val`.
+        // channels-last tensors), rounded as `quantize_val`; `at(i)` is where the memory
+        // position `i` sits in the data as held.
         let (relu, nv) = (self.relu, n / 64 * 64);
-        let (c, hw) = if nhwc {
-            (shape[1], shape[2] * shape[3])
+        let (c, hw) = if shape.len() == 4 {
+            if held_nhwc {
+                (shape[3], shape[1] * shape[2])
+            } else {
+                (shape[1], shape[2] * shape[3])
+            }
         } else {
             (1, 1)
         };
-        for i in nv..n {
-            let li = if nhwc {
+        let at = |i: usize| -> usize {
+            if memory_nhwc == held_nhwc || shape.len() != 4 {
+                i
+            } else if memory_nhwc {
+                // memory NHWC, held NCHW
                 let (bi, pix, ch) = (i / (hw * c), (i / c) % hw, i % c);
                 (bi * c + ch) * hw + pix
             } else {
-                i
-            };
+                // memory NCHW, held NHWC
+                let (bi, ch, pix) = (i / (hw * c), (i / hw) % c, i % hw);
+                (bi * hw + pix) * c + ch
+            }
+        };
+        for i in nv..n {
+            let li = at(i);
             let (qa, qb) = (xa[li] as f32, xb[li] as f32);
             let mut v = (qa - za as f32) * sa + (qb - zb as f32) * sb;
             if relu {

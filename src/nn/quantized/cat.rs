@@ -121,6 +121,36 @@ impl QCat {
     /// # Ok::<(), ptq::QuantError>(())
     /// ```
     pub fn forward(&self, inputs: &[&QTensor]) -> Result<QTensor> {
+        self.run(inputs, false)
+    }
+
+    /// As [`forward`](Self::forward) on rank-4 tensors held `[n, h, w, c]` (the result
+    /// too; the dimension given at construction is still the logical NCHW one): the same
+    /// values, element for element, without transposes.
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward), and [`QuantError::ShapeMismatch`] for an input that
+    /// is not rank 4.
+    ///
+    /// # Examples
+    /// ```
+    /// use ndarray::ArrayD;
+    /// use ptq::nn::quantized::{QCat, QTensor};
+    /// let a = QTensor::new(ArrayD::from_elem(vec![1, 3, 3, 2], 10u8), 0.1, 0)?; // NHWC
+    /// let b = QTensor::new(ArrayD::from_elem(vec![1, 3, 3, 5], 10u8), 0.2, 0)?;
+    /// let y = QCat::new(1, 0.1, 0)?.forward_nhwc(&[&a, &b])?;
+    /// assert_eq!(y.data().shape(), &[1, 3, 3, 7]);
+    /// assert_eq!((y.data()[[0, 0, 0, 0]], y.data()[[0, 2, 2, 6]]), (10, 20));
+    /// # Ok::<(), ptq::QuantError>(())
+    /// ```
+    pub fn forward_nhwc(&self, inputs: &[&QTensor]) -> Result<QTensor> {
+        for t in inputs {
+            super::tensor::dims4(t, NAME)?;
+        }
+        self.run(inputs, true)
+    }
+
+    fn run(&self, inputs: &[&QTensor], held_nhwc: bool) -> Result<QTensor> {
         let first = inputs.first().ok_or_else(|| QuantError::ShapeMismatch {
             context: NAME.into(),
             expected: "at least one input".into(),
@@ -134,9 +164,14 @@ impl QCat {
                 actual: format!("dim {}", self.dim),
             });
         }
+        let axis = if held_nhwc {
+            [0, 3, 1, 2][self.dim]
+        } else {
+            self.dim
+        };
         for t in inputs {
             let s = t.data().shape();
-            let ok = s.len() == s0.len() && (0..s.len()).all(|d| d == self.dim || s[d] == s0[d]);
+            let ok = s.len() == s0.len() && (0..s.len()).all(|d| d == axis || s[d] == s0[d]);
             if !ok {
                 return Err(QuantError::ShapeMismatch {
                     context: NAME.into(),
@@ -145,12 +180,23 @@ impl QCat {
                 });
             }
         }
+        // The logical (NCHW) shape of an input and the axis of the held data.
+        let logical = |s: &[usize]| -> Vec<usize> {
+            if held_nhwc {
+                vec![s[0], s[3], s[1], s[2]]
+            } else {
+                s.to_vec()
+            }
+        };
         let fast = self.dim == 1
             && inputs
                 .iter()
-                .all(|t| is_channels_last(t.data().shape(), self.layout));
+                .all(|t| is_channels_last(&logical(t.data().shape()), self.layout));
         let parts: Vec<ArrayD<u8>> = if fast {
-            inputs.iter().map(|t| self.nhwc_part(t)).collect()
+            inputs
+                .iter()
+                .map(|t| self.nhwc_part(t, if held_nhwc { 3 } else { 1 }))
+                .collect()
         } else {
             let zp = self.out_zp.clamp(0, 255) as u8;
             inputs
@@ -170,23 +216,23 @@ impl QCat {
                 .collect()
         };
         let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
-        let data = ndarray::concatenate(Axis(self.dim), &views).map_err(|e| {
-            QuantError::ShapeMismatch {
+        let data =
+            ndarray::concatenate(Axis(axis), &views).map_err(|e| QuantError::ShapeMismatch {
                 context: NAME.into(),
                 expected: "inputs that concatenate".into(),
                 actual: e.to_string(),
-            }
-        })?;
+            })?;
         QTensor::new(data, self.out_scale, self.out_zp)
     }
 
-    /// One input requantized the way `qcat_nhwc_kernel` does it.
-    fn nhwc_part(&self, t: &QTensor) -> ArrayD<u8> {
+    /// One input requantized the way `qcat_nhwc_kernel` does it; `ch_axis` is the axis
+    /// of the channels in the data as held.
+    fn nhwc_part(&self, t: &QTensor, ch_axis: usize) -> ArrayD<u8> {
         let (s, zp) = (t.scale(), t.zero_point());
         if s == self.out_scale && zp == self.out_zp && !self.relu {
             return t.data().clone();
         }
-        let c = t.data().shape()[1];
+        let c = t.data().shape()[ch_axis];
         let v32 = c / 32 * 32;
         let rem = c - v32;
         let vec_end = if rem >= 8 { v32 + rem / 8 * 8 } else { v32 };
@@ -195,7 +241,7 @@ impl QCat {
         let (so, zo, relu) = (self.out_scale, self.out_zp, self.relu);
         let mut out = t.data().clone();
         for (idx, q) in out.indexed_iter_mut() {
-            let ch = idx[1];
+            let ch = idx[ch_axis];
             *q = if ch < vec_end {
                 let mut d = dequant_fma(*q, s, premul);
                 if relu {

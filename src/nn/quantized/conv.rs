@@ -325,7 +325,15 @@ impl QConv2d {
     pub fn forward_nhwc(&self, x: &QTensor) -> Result<QTensor> {
         let (b, h, w, c) = dims4(x, NAME)?;
         let (geom, (oh, ow)) = self.check_input(b, c, h, w, x.data().shape())?;
-        let out = self.run_nhwc(&x.to_vec(), &geom, (oh, ow), x.scale(), x.zero_point())?;
+        let owned;
+        let src = match x.data().as_slice() {
+            Some(s) => s,
+            None => {
+                owned = x.to_vec();
+                &owned[..]
+            }
+        };
+        let out = self.run_nhwc(src, &geom, (oh, ow), x.scale(), x.zero_point())?;
         let y = ArrayD::from_shape_vec(IxDyn(&[b, oh, ow, self.c_out]), out).map_err(|e| {
             QuantError::ShapeMismatch {
                 context: NAME.into(),

@@ -44,18 +44,42 @@ pub(crate) fn strides_of(shape: &[usize], layout: TorchLayout) -> Vec<usize> {
 /// For each element of the output (in logical row-major order), whether PyTorch computes
 /// it with the vectorized lambda. `out` is the output's shape and layout; each input is its
 /// shape (numpy-broadcast to the output's rank and shape) and layout.
+#[cfg(test)]
 pub(crate) fn vector_mask(
     out: (&[usize], TorchLayout),
     inputs: &[(&[usize], TorchLayout)],
 ) -> Vec<bool> {
+    vector_mask_in(out, inputs, false)
+}
+
+/// As [`vector_mask`], with the output's elements enumerated in NHWC order when
+/// `nhwc_order` (a rank-4 output whose values are held `[n, h, w, c]`), in logical
+/// row-major order otherwise. Shapes and layouts are the logical (NCHW) ones, as for
+/// [`vector_mask`].
+pub(crate) fn vector_mask_in(
+    out: (&[usize], TorchLayout),
+    inputs: &[(&[usize], TorchLayout)],
+    nhwc_order: bool,
+) -> Vec<bool> {
     let shape = out.0;
     let r = shape.len();
+    let nhwc_order = nhwc_order && r == 4;
     let numel: usize = shape.iter().product();
     if numel == 0 {
         return Vec::new();
     }
     if r == 0 {
         return vec![false];
+    }
+    // Every operand of the output's shape and layout: the tensor is one dense row in
+    // memory order, its first `numel / BLOCK * BLOCK` elements vectorized. When the
+    // enumeration is the memory order, that is a prefix.
+    let memory_is_nhwc = r == 4 && out.1 == TorchLayout::ChannelsLast;
+    if memory_is_nhwc == nhwc_order && inputs.iter().all(|&(s, l)| s == shape && l == out.1) {
+        let limit = numel / BLOCK * BLOCK;
+        let mut mask = vec![false; numel];
+        mask[..limit].iter_mut().for_each(|m| *m = true);
+        return mask;
     }
     // Operand strides in elements, broadcast dims as 0; operand 0 is the output.
     let mut strides: Vec<Vec<usize>> = vec![strides_of(shape, out.1)];
@@ -149,14 +173,26 @@ pub(crate) fn vector_mask(
         return mask;
     }
     // Position of each element within its row: the row's dims in perm order, innermost first.
-    let logical = strides_of(shape, TorchLayout::Contiguous);
+    // The enumeration: logical dims from outermost to innermost, with their strides in
+    // the enumeration order.
+    let order: Vec<usize> = if nhwc_order {
+        vec![0, 2, 3, 1]
+    } else {
+        (0..r).collect()
+    };
+    let mut enum_strides = vec![0usize; r];
+    let mut acc = 1;
+    for &d in order.iter().rev() {
+        enum_strides[d] = acc;
+        acc *= shape[d];
+    }
     let row_perm = &perm[..row_dims];
     let mut idx = vec![0usize; r];
     for (flat, m) in mask.iter_mut().enumerate() {
         let mut rem = flat;
-        for d in 0..r {
-            idx[d] = rem / logical[d];
-            rem %= logical[d];
+        for &d in &order {
+            idx[d] = rem / enum_strides[d];
+            rem %= enum_strides[d];
         }
         let mut pos = 0;
         let mut mul = 1;
@@ -273,6 +309,45 @@ mod tests {
         assert!(m[63 * 16]);
         assert!(!m[64 * 16]);
         assert_eq!(m.iter().filter(|&&v| v).count(), 2 * 16 * 64);
+    }
+
+    /// The dense fast path (a prefix in memory order) agrees with the general walk, and
+    /// the NHWC enumeration is the logical mask permuted.
+    #[test]
+    fn nhwc_enumeration_and_the_dense_prefix_agree_with_the_general_walk() {
+        let shapes: [[usize; 4]; 6] = [
+            [1, 3, 7, 9],
+            [2, 70, 1, 1],
+            [1, 1, 13, 11],
+            [2, 33, 4, 5],
+            [3, 64, 1, 2],
+            [1, 5, 2, 2],
+        ];
+        for s in shapes {
+            let (b, c, h, w) = (s[0], s[1], s[2], s[3]);
+            let nhwc_pos = |i: usize| {
+                let (bi, ci, yi, xi) = (i / (c * h * w), i / (h * w) % c, i / w % h, i % w);
+                ((bi * h + yi) * w + xi) * c + ci
+            };
+            for l in [TorchLayout::ChannelsLast, TorchLayout::Contiguous] {
+                let ops = [(&s[..], l), (&s[..], l)];
+                // general walk in logical order vs NHWC order (one of the two takes the
+                // dense prefix path)
+                let logical = vector_mask_in((&s, l), &ops, false);
+                let held = vector_mask_in((&s, l), &ops, true);
+                for i in 0..logical.len() {
+                    assert_eq!(logical[i], held[nhwc_pos(i)], "{s:?} {l:?} {i}");
+                }
+                // a broadcast operand takes the general walk in both orders
+                let g = [b, c, 1, 1];
+                let ops = [(&s[..], l), (&g[..], l)];
+                let logical = vector_mask_in((&s, l), &ops, false);
+                let held = vector_mask_in((&s, l), &ops, true);
+                for i in 0..logical.len() {
+                    assert_eq!(logical[i], held[nhwc_pos(i)], "{s:?} {l:?} gate {i}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@ use ndarray::{ArrayD, IxDyn};
 
 use super::{
     QAdaptiveAvgPool2d, QAdd, QAvgPool2d, QConv2d, QConvReLU2d, QFlatten, QLinear, QLinearReLU,
-    QMaxPool2d, QReLU, QTensor,
+    QMaxPool2d, QTensor,
 };
 use crate::error::{QuantError, Result};
 use crate::nn::Layer;
@@ -80,11 +80,32 @@ pub struct QStep {
     pub op: QOp,
 }
 
-/// An activation between steps.
+/// An activation between steps: float, int8 in logical (NCHW) order, or a rank-4 int8
+/// tensor held `[n, h, w, c]` (what convolutions read and write, kept so between int8
+/// layers and transposed only where a layer needs the logical order).
 #[derive(Debug, Clone)]
 pub(crate) enum Act {
     F(ArrayD<f32>),
     Q(QTensor),
+    Nhwc(QTensor),
+}
+
+/// `[n, h, w, c]` <-> `[n, c, h, w]` (`to_nhwc` picks the direction).
+fn transpose4(x: &QTensor, to_nhwc: bool) -> QTensor {
+    let s = x.data().shape();
+    let (shape, v) = if to_nhwc {
+        ([s[0], s[2], s[3], s[1]], x.to_nhwc())
+    } else {
+        let (b, h, w, c) = (s[0], s[1], s[2], s[3]);
+        (
+            [b, c, h, w],
+            super::nhwc_to_nchw_u8(&x.to_vec(), b, c, h * w),
+        )
+    };
+    let data = ArrayD::from_shape_vec(IxDyn(&shape), v)
+        .unwrap_or_else(|_| unreachable!("a transpose keeps the element count"));
+    QTensor::new(data, x.scale(), x.zero_point())
+        .unwrap_or_else(|_| unreachable!("the qparams come from a valid QTensor"))
 }
 
 impl Act {
@@ -92,12 +113,15 @@ impl Act {
         match self {
             Act::F(x) => x,
             Act::Q(q) => q.dequantize(),
+            Act::Nhwc(q) => transpose4(&q, false).dequantize(),
         }
     }
 
+    /// The int8 tensor in logical order.
     fn into_q(self, quant: Option<(f32, i32)>, path: &str) -> Result<QTensor> {
         match (self, quant) {
             (Act::Q(q), _) => Ok(q),
+            (Act::Nhwc(q), _) => Ok(transpose4(&q, false)),
             (Act::F(x), Some((s, z))) => {
                 QTensor::from_f32(&x, s, z).map_err(|e| e.in_context(path))
             }
@@ -111,6 +135,31 @@ impl Act {
 
     fn expect_q(self, path: &str) -> Result<QTensor> {
         self.into_q(None, path)
+    }
+
+    /// The int8 tensor held NHWC if it is rank 4 (`Ok(Act::Nhwc)`), else in logical order
+    /// (`Ok(Act::Q)`).
+    fn into_layout_for_nhwc(self, quant: Option<(f32, i32)>, path: &str) -> Result<Act> {
+        Ok(match self {
+            Act::Nhwc(q) => Act::Nhwc(q),
+            other => {
+                let q = other.into_q(quant, path)?;
+                if q.data().ndim() == 4 {
+                    Act::Nhwc(transpose4(&q, true))
+                } else {
+                    Act::Q(q)
+                }
+            }
+        })
+    }
+
+    /// Dequantized, in logical order, for hooks.
+    fn to_f32(&self) -> ArrayD<f32> {
+        match self {
+            Act::F(x) => x.clone(),
+            Act::Q(q) => q.dequantize(),
+            Act::Nhwc(q) => transpose4(q, false).dequantize(),
+        }
     }
 }
 
@@ -147,11 +196,38 @@ fn run_steps(steps: &[QStep], mut act: Act, hook: &mut Option<&mut StepHook<'_>>
         if let Some(h) = hook.as_mut() {
             match &act {
                 Act::F(x) => h(&step.path, x),
-                Act::Q(q) => h(&step.path, &q.dequantize()),
+                q => h(&step.path, &q.to_f32()),
             }
         }
     }
     Ok(act)
+}
+
+/// Runs `f` on the int8 tensor as held (NHWC or logical order); the result keeps the
+/// layout.
+fn keep_layout(
+    act: Act,
+    path: &str,
+    on_nchw: impl FnOnce(&QTensor) -> Result<QTensor>,
+    on_nhwc: impl FnOnce(&QTensor) -> Result<QTensor>,
+) -> Result<Act> {
+    let ctx = |e: QuantError| e.in_context(path);
+    Ok(match act {
+        Act::Nhwc(q) => Act::Nhwc(on_nhwc(&q).map_err(ctx)?),
+        other => Act::Q(on_nchw(&other.expect_q(path)?).map_err(ctx)?),
+    })
+}
+
+/// A layout-agnostic map of the int8 values.
+fn map_q(act: Act, path: &str, f: impl Fn(u8) -> u8) -> Result<Act> {
+    let remap = |q: QTensor| -> Result<QTensor> {
+        let (s, z) = (q.scale(), q.zero_point());
+        QTensor::new(q.into_data().mapv_into(&f), s, z).map_err(|e| e.in_context(path))
+    };
+    Ok(match act {
+        Act::Nhwc(q) => Act::Nhwc(remap(q)?),
+        other => Act::Q(remap(other.expect_q(path)?)?),
+    })
 }
 
 fn run_step(step: &QStep, act: Act, hook: &mut Option<&mut StepHook<'_>>) -> Result<Act> {
@@ -165,20 +241,58 @@ fn run_step(step: &QStep, act: Act, hook: &mut Option<&mut StepHook<'_>>) -> Res
         QOp::Float(layer) => Act::F(layer.forward(&act.into_f32()).map_err(ctx)?),
         QOp::Linear(l) => Act::Q(l.forward(&act.expect_q(path)?).map_err(ctx)?),
         QOp::LinearReLU(l) => Act::Q(l.forward(&act.expect_q(path)?).map_err(ctx)?),
-        QOp::Conv2d(c) => Act::Q(c.forward(&act.expect_q(path)?).map_err(ctx)?),
-        QOp::ConvReLU2d(c) => Act::Q(c.forward(&act.expect_q(path)?).map_err(ctx)?),
-        QOp::ReLU => Act::Q(QReLU.forward(&act.expect_q(path)?).map_err(ctx)?),
-        QOp::ReLU6 { q6 } => {
-            let x = act.expect_q(path)?;
-            let (s, z) = (x.scale(), x.zero_point());
-            let lo = z.clamp(0, 255) as u8;
-            let data = x.into_data().mapv_into(|q| q.clamp(lo, (*q6).max(lo)));
-            Act::Q(QTensor::new(data, s, z).map_err(ctx)?)
+        QOp::Conv2d(c) => match act.into_layout_for_nhwc(None, path)? {
+            Act::Nhwc(x) => Act::Nhwc(c.forward_nhwc(&x).map_err(ctx)?),
+            other => Act::Q(c.forward(&other.expect_q(path)?).map_err(ctx)?),
+        },
+        QOp::ConvReLU2d(c) => match act.into_layout_for_nhwc(None, path)? {
+            Act::Nhwc(x) => Act::Nhwc(
+                c.inner()
+                    .forward_nhwc(&x)
+                    .map_err(|e| e.in_context("QConvReLU2d"))
+                    .map_err(ctx)?,
+            ),
+            other => Act::Q(c.forward(&other.expect_q(path)?).map_err(ctx)?),
+        },
+        QOp::ReLU => {
+            let zp = act_zero_point(&act, path)?;
+            map_q(act, path, |q| q.max(zp))?
         }
-        QOp::MaxPool2d(p) => Act::Q(p.forward(&act.expect_q(path)?).map_err(ctx)?),
-        QOp::AvgPool2d(p) => Act::Q(p.forward(&act.expect_q(path)?).map_err(ctx)?),
-        QOp::AdaptiveAvgPool2d(p) => Act::Q(p.forward(&act.expect_q(path)?).map_err(ctx)?),
-        QOp::Flatten { start_dim } => Act::Q(flatten_q(act.expect_q(path)?, *start_dim, path)?),
+        QOp::ReLU6 { q6 } => {
+            let lo = act_zero_point(&act, path)?;
+            let hi = (*q6).max(lo);
+            map_q(act, path, |q| q.clamp(lo, hi))?
+        }
+        QOp::MaxPool2d(p) => keep_layout(act, path, |x| p.forward(x), |x| p.forward_nhwc(x))?,
+        QOp::AvgPool2d(p) => keep_layout(act, path, |x| p.forward(x), |x| p.forward_nhwc(x))?,
+        QOp::AdaptiveAvgPool2d(p) => {
+            keep_layout(act, path, |x| p.forward(x), |x| p.forward_nhwc(x))?
+        }
+        QOp::Flatten { start_dim } => {
+            // NHWC data of one pixel (or one channel) already are in logical order.
+            let x = match act {
+                Act::Nhwc(q) => {
+                    let s = q.data().shape();
+                    if s[3] == 1 || s[1] * s[2] == 1 {
+                        let shape = [s[0], s[3], s[1], s[2]];
+                        let (sc, z) = (q.scale(), q.zero_point());
+                        let data =
+                            q.into_data()
+                                .into_shape_with_order(IxDyn(&shape))
+                                .map_err(|e| QuantError::ShapeMismatch {
+                                    context: path.into(),
+                                    expected: format!("{shape:?}"),
+                                    actual: e.to_string(),
+                                })?;
+                        QTensor::new(data, sc, z).map_err(ctx)?
+                    } else {
+                        transpose4(&q, false)
+                    }
+                }
+                other => other.expect_q(path)?,
+            };
+            Act::Q(flatten_q(x, *start_dim, path)?)
+        }
         QOp::Identity => act,
         QOp::Residual {
             body,
@@ -189,9 +303,24 @@ fn run_step(step: &QStep, act: Act, hook: &mut Option<&mut StepHook<'_>>) -> Res
             let y = run_steps(body, act.clone(), hook)?;
             match add {
                 Some(add) => {
-                    let a = act.into_q(*skip_quant, path)?;
-                    let b = y.into_q(*body_quant, path)?;
-                    Act::Q(add.forward(&a, &b).map_err(ctx)?)
+                    let nhwc = matches!(act, Act::Nhwc(_)) || matches!(y, Act::Nhwc(_));
+                    if nhwc {
+                        let a = act.into_layout_for_nhwc(*skip_quant, path)?;
+                        let b = y.into_layout_for_nhwc(*body_quant, path)?;
+                        match (a, b) {
+                            (Act::Nhwc(a), Act::Nhwc(b)) => {
+                                Act::Nhwc(add.forward_nhwc(&a, &b).map_err(ctx)?)
+                            }
+                            (a, b) => Act::Q(
+                                add.forward(&a.expect_q(path)?, &b.expect_q(path)?)
+                                    .map_err(ctx)?,
+                            ),
+                        }
+                    } else {
+                        let a = act.into_q(*skip_quant, path)?;
+                        let b = y.into_q(*body_quant, path)?;
+                        Act::Q(add.forward(&a, &b).map_err(ctx)?)
+                    }
                 }
                 None => {
                     let (a, b) = (act.into_f32(), y.into_f32());
@@ -210,6 +339,17 @@ fn run_step(step: &QStep, act: Act, hook: &mut Option<&mut StepHook<'_>>) -> Res
             }
         }
     })
+}
+
+/// The zero point of an int8 activation (for ReLU and ReLU6).
+fn act_zero_point(act: &Act, path: &str) -> Result<u8> {
+    match act {
+        Act::Q(q) | Act::Nhwc(q) => Ok(q.zero_point().clamp(0, 255) as u8),
+        Act::F(_) => Err(QuantError::UnsupportedConfig {
+            context: path.into(),
+            reason: "an int8 operation received a float activation it has no parameters for".into(),
+        }),
+    }
 }
 
 fn weight_bytes_of(steps: &[QStep]) -> usize {

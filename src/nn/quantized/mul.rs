@@ -3,7 +3,7 @@
 
 use ndarray::{ArrayD, IxDyn};
 
-use super::elementwise::{scalar_requantize, vec_requantize, vector_mask};
+use super::elementwise::{scalar_requantize, vec_requantize, vector_mask_in};
 use super::tensor::check_qparams;
 use super::{QTensor, TorchLayout};
 use crate::error::{QuantError, Result};
@@ -145,11 +145,48 @@ impl QMul {
     /// # Ok::<(), ptq::QuantError>(())
     /// ```
     pub fn forward(&self, a: &QTensor, b: &QTensor) -> Result<QTensor> {
+        self.run(a, b, false)
+    }
+
+    /// As [`forward`](Self::forward) on two rank-4 tensors held `[n, h, w, c]` (the gate of
+    /// a squeeze-excite `[n, 1, 1, c]`), giving the result held `[n, h, w, c]`: the same
+    /// values, element for element, without transposes. The rounding still follows
+    /// [`with_layout`](Self::with_layout), PyTorch's memory format.
+    ///
+    /// # Errors
+    /// [`QuantError::ShapeMismatch`] for tensors that are not rank 4 or do not broadcast.
+    ///
+    /// # Examples
+    /// ```
+    /// use ndarray::ArrayD;
+    /// use ptq::nn::quantized::{QMul, QTensor};
+    /// let x = QTensor::new(ArrayD::from_elem(vec![1, 3, 3, 2], 20u8), 0.1, 0)?; // NHWC
+    /// let gate = QTensor::new(ArrayD::from_elem(vec![1, 1, 1, 2], 128u8), 1.0 / 256.0, 0)?;
+    /// let y = QMul::new(0.05, 0)?.forward_nhwc(&x, &gate)?;
+    /// assert_eq!((y.data().shape(), y.data()[[0, 2, 2, 1]]), (&[1, 3, 3, 2][..], 20));
+    /// # Ok::<(), ptq::QuantError>(())
+    /// ```
+    pub fn forward_nhwc(&self, a: &QTensor, b: &QTensor) -> Result<QTensor> {
+        super::tensor::dims4(a, NAME)?;
+        super::tensor::dims4(b, NAME)?;
+        self.run(a, b, true)
+    }
+
+    fn run(&self, a: &QTensor, b: &QTensor, held_nhwc: bool) -> Result<QTensor> {
         let (sa, sb) = (a.data().shape(), b.data().shape());
         let shape = broadcast_shapes(sa, sb, NAME)?;
-        let mask = vector_mask(
-            (&shape, self.layout),
-            &[(sa, self.layout), (sb, self.layout)],
+        let logical = |s: &[usize]| -> Vec<usize> {
+            if held_nhwc {
+                vec![s[0], s[3], s[1], s[2]]
+            } else {
+                s.to_vec()
+            }
+        };
+        let (la, lb, lo) = (logical(sa), logical(sb), logical(&shape));
+        let mask = vector_mask_in(
+            (&lo, self.layout),
+            &[(&la, self.layout), (&lb, self.layout)],
+            held_nhwc,
         );
         let (va, vb) = (broadcast_view(a, &shape)?, broadcast_view(b, &shape)?);
         let mult = a.scale() * b.scale() * (1.0f32 / self.out_scale);

@@ -177,7 +177,21 @@ impl QBatchNorm2d {
     /// [`QuantError::ShapeMismatch`] for an input that is not rank 4 or whose channel count
     /// differs.
     pub fn forward(&self, x: &QTensor) -> Result<QTensor> {
-        let (_, c, _, _) = dims4(x, NAME)?;
+        self.run(x, false)
+    }
+
+    /// As [`forward`](Self::forward) on a tensor held `[n, h, w, c]` (the result too): the
+    /// same values, element for element, without transposes.
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward), for the NHWC shape.
+    pub fn forward_nhwc(&self, x: &QTensor) -> Result<QTensor> {
+        self.run(x, true)
+    }
+
+    fn run(&self, x: &QTensor, held_nhwc: bool) -> Result<QTensor> {
+        let (_, c1, _, c3) = dims4(x, NAME)?;
+        let (c, ch_axis) = if held_nhwc { (c3, 3) } else { (c1, 1) };
         if c != self.channels() {
             return Err(QuantError::ShapeMismatch {
                 context: NAME.into(),
@@ -193,7 +207,7 @@ impl QBatchNorm2d {
         let lo = if self.relu { zo.clamp(0, 255) as u8 } else { 0 };
         let mut out = x.data().as_standard_layout().into_owned();
         for (idx, q) in out.indexed_iter_mut() {
-            let ch = idx[1];
+            let ch = idx[ch_axis];
             let d = (*q as i32 - zi) as f32;
             let y = alpha[ch].mul_add(d, beta[ch]);
             let v = if ch < vec_end {

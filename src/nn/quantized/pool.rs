@@ -224,6 +224,62 @@ impl QMaxPool2d {
         }
         QTensor::new(to4(y, [b, c, oh, ow], L)?, x.scale(), x.zero_point())
     }
+
+    /// As [`forward`](Self::forward) on a tensor held `[n, h, w, c]`; the result is held
+    /// `[n, oh, ow, c]`. The same values, element for element; the channels of a pixel
+    /// are pooled together.
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward), for the NHWC shape.
+    ///
+    /// # Examples
+    /// ```
+    /// use ndarray::ArrayD;
+    /// use ptq::nn::quantized::{QMaxPool2d, QTensor};
+    /// let p = QMaxPool2d::new((2, 2), (2, 2), (0, 0), (1, 1))?;
+    /// // NHWC [1, 2, 2, 2]: channel 0 holds 1, 2, 3, 4; channel 1 holds 9, 8, 7, 6
+    /// let x = QTensor::new(ArrayD::from_shape_vec(vec![1, 2, 2, 2], vec![1u8, 9, 2, 8, 3, 7, 4, 6])?, 0.1, 0)?;
+    /// assert_eq!(p.forward_nhwc(&x)?.data().as_slice().unwrap(), &[4, 9]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn forward_nhwc(&self, x: &QTensor) -> Result<QTensor> {
+        const L: &str = "QMaxPool2d";
+        let (b, h, w, c) = dims4(x, L)?;
+        check_nonempty(h, w, x.data().shape(), L)?;
+        let (kh, kw) = self.kernel;
+        let cm = self.ceil_mode;
+        let oh = out_len(h, kh, self.stride.0, self.padding.0, self.dilation.0, cm, L)?;
+        let ow = out_len(w, kw, self.stride.1, self.padding.1, self.dilation.1, cm, L)?;
+        let n = out_numel([b, oh, ow, c], x.data().shape(), L)?;
+        let std = x.data().as_standard_layout();
+        let xv = std.as_slice().unwrap_or(&[]);
+        let mut y = vec![0u8; n];
+        if c > 0 {
+            for (yb, xb) in y.chunks_mut(oh * ow * c).zip(xv.chunks(h * w * c)) {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let out = &mut yb[(oy * ow + ox) * c..][..c];
+                        for ky in 0..kh {
+                            let iy = (oy * self.stride.0 + ky * self.dilation.0) as isize
+                                - self.padding.0 as isize;
+                            if iy < 0 || iy >= h as isize {
+                                continue;
+                            }
+                            for kx in 0..kw {
+                                let ix = (ox * self.stride.1 + kx * self.dilation.1) as isize
+                                    - self.padding.1 as isize;
+                                if ix >= 0 && ix < w as isize {
+                                    let src = &xb[(iy as usize * w + ix as usize) * c..][..c];
+                                    out.iter_mut().zip(src).for_each(|(o, &v)| *o = (*o).max(v));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        QTensor::new(to4(y, [b, oh, ow, c], L)?, x.scale(), x.zero_point())
+    }
 }
 
 /// Whether PyTorch runs its channels-last kernel: the layout says so, or an NCHW tensor
@@ -372,6 +428,96 @@ impl QAvgPool2d {
         }
         QTensor::new(to4(y, [b, c, oh, ow], L)?, x.scale(), zp)
     }
+
+    /// As [`forward`](Self::forward) on a tensor held `[n, h, w, c]`; the result is held
+    /// `[n, oh, ow, c]`. The same values (the rounding still follows
+    /// [`with_layout`](Self::with_layout), PyTorch's memory format), without transposes.
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward), for the NHWC shape.
+    pub fn forward_nhwc(&self, x: &QTensor) -> Result<QTensor> {
+        const L: &str = "QAvgPool2d";
+        let (b, h, w, c) = dims4(x, L)?;
+        let (kh, kw) = self.kernel;
+        let (sh, sw) = self.stride;
+        let (ph, pw) = self.padding;
+        let oh = out_len(h, kh, sh, ph, 1, self.ceil_mode, L)?;
+        let ow = out_len(w, kw, sw, pw, 1, self.ceil_mode, L)?;
+        let n = out_numel([b, oh, ow, c], x.data().shape(), L)?;
+        let nhwc = channels_last_kernel(self.layout, c, h, w);
+        let zp = x.zero_point();
+        let std = x.data().as_standard_layout();
+        let xv = std.as_slice().unwrap_or(&[]);
+        let mut y = vec![0u8; n];
+        let mut sum = vec![0i64; c];
+        let mut s32 = vec![0i32; c];
+        if c > 0 {
+            for (bi, yb) in y.chunks_mut(oh * ow * c).enumerate() {
+                let xb = &xv[bi * h * w * c..(bi + 1) * h * w * c];
+                for oy in 0..oh {
+                    let hs = (oy * sh) as isize - ph as isize;
+                    let he = (hs + kh as isize).min((h + ph) as isize);
+                    for ox in 0..ow {
+                        let ws = (ox * sw) as isize - pw as isize;
+                        let we = (ws + kw as isize).min((w + pw) as isize);
+                        let pool = (he - hs) as i64 * (we - ws) as i64;
+                        let (h0, h1) = (hs.max(0) as usize, he.min(h as isize) as usize);
+                        let (w0, w1) = (ws.max(0) as usize, we.min(w as isize) as usize);
+                        let size = h1.saturating_sub(h0) as i64 * w1.saturating_sub(w0) as i64;
+                        let div = if self.count_include_pad { pool } else { size };
+                        window_sums(xb, w, c, (h0, h1), (w0, w1), &mut s32, &mut sum);
+                        let mult = (1.0f64 / div.max(1) as f64) as f32;
+                        let out = &mut yb[(oy * ow + ox) * c..][..c];
+                        for (o, &s) in out.iter_mut().zip(&sum) {
+                            let acc = (s - size * zp as i64) as f32;
+                            let v = if nhwc {
+                                cvt_round(acc * mult) as i64 + zp as i64
+                            } else {
+                                cvt_round(acc * mult + zp as f32) as i64
+                            };
+                            *o = v.clamp(0, 255) as u8;
+                        }
+                    }
+                }
+            }
+        }
+        QTensor::new(to4(y, [b, oh, ow, c], L)?, x.scale(), zp)
+    }
+}
+
+/// Per-channel sums of the window rows `hr` x columns `wr` of one image held `[h, w, c]`
+/// (`w` columns, `c` channels) into `sum`: through the `i32` lanes of `s32` (which the
+/// compiler vectorizes) for windows that cannot overflow them, in `i64` otherwise.
+fn window_sums(
+    xb: &[u8],
+    w: usize,
+    c: usize,
+    hr: (usize, usize),
+    wr: (usize, usize),
+    s32: &mut [i32],
+    sum: &mut [i64],
+) {
+    let count = hr.1.saturating_sub(hr.0) * wr.1.saturating_sub(wr.0);
+    if count <= (i32::MAX / 255) as usize {
+        s32.iter_mut().for_each(|a| *a = 0);
+        for iy in hr.0..hr.1 {
+            for ix in wr.0..wr.1 {
+                let src = &xb[(iy * w + ix) * c..][..c];
+                s32.iter_mut().zip(src).for_each(|(a, &v)| *a += v as i32);
+            }
+        }
+        sum.iter_mut()
+            .zip(s32.iter())
+            .for_each(|(a, &v)| *a = v as i64);
+    } else {
+        sum.iter_mut().for_each(|a| *a = 0);
+        for iy in hr.0..hr.1 {
+            for ix in wr.0..wr.1 {
+                let src = &xb[(iy * w + ix) * c..][..c];
+                sum.iter_mut().zip(src).for_each(|(a, &v)| *a += v as i64);
+            }
+        }
+    }
 }
 
 /// `torch.ao.nn.quantized` adaptive average pooling (`F.adaptive_avg_pool2d`).
@@ -478,6 +624,71 @@ impl QAdaptiveAvgPool2d {
             }
         }
         QTensor::new(to4(y, [b, c, oh, ow], L)?, x.scale(), zp)
+    }
+
+    /// As [`forward`](Self::forward) on a tensor held `[n, h, w, c]`; the result is held
+    /// `[n, oh, ow, c]`. The same values (the rounding still follows
+    /// [`with_layout`](Self::with_layout)), without transposes; the global average pool
+    /// (output 1x1) of a channels-last activation is one pass over the input.
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward), for the NHWC shape.
+    ///
+    /// # Examples
+    /// ```
+    /// use ndarray::ArrayD;
+    /// use ptq::nn::quantized::{QAdaptiveAvgPool2d, QTensor};
+    /// let p = QAdaptiveAvgPool2d::new((1, 1))?;
+    /// // NHWC [1, 2, 1, 2]: channel 0 holds 1, 3; channel 1 holds 10, 20
+    /// let x = QTensor::new(ArrayD::from_shape_vec(vec![1, 2, 1, 2], vec![1u8, 10, 3, 20])?, 0.1, 0)?;
+    /// assert_eq!(p.forward_nhwc(&x)?.data().as_slice().unwrap(), &[2, 15]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn forward_nhwc(&self, x: &QTensor) -> Result<QTensor> {
+        const L: &str = "QAdaptiveAvgPool2d";
+        let (b, h, w, c) = dims4(x, L)?;
+        if h == 0 || w == 0 {
+            return Err(QuantError::ShapeMismatch {
+                context: L.into(),
+                expected: "a non-empty spatial size".into(),
+                actual: format!("shape {:?}", x.data().shape()),
+            });
+        }
+        let (oh, ow) = self.output;
+        let n = out_numel([b, oh, ow, c], x.data().shape(), L)?;
+        let nhwc = channels_last_kernel(self.layout, c, h, w);
+        let zp = x.zero_point();
+        let std = x.data().as_standard_layout();
+        let xv = std.as_slice().unwrap_or(&[]);
+        let mut y = vec![0u8; n];
+        let start = |i: usize, o: usize, n: usize| i * n / o;
+        let end = |i: usize, o: usize, n: usize| ((i + 1) * n).div_ceil(o);
+        let mut sum = vec![0i64; c];
+        let mut s32 = vec![0i32; c];
+        if c > 0 {
+            for (yb, xb) in y.chunks_mut(oh * ow * c).zip(xv.chunks(h * w * c)) {
+                for oy in 0..oh {
+                    let (h0, h1) = (start(oy, oh, h), end(oy, oh, h));
+                    for ox in 0..ow {
+                        let (w0, w1) = (start(ox, ow, w), end(ox, ow, w));
+                        let (kh, kw) = (h1 - h0, w1 - w0);
+                        window_sums(xb, w, c, (h0, h1), (w0, w1), &mut s32, &mut sum);
+                        let m = 1.0f32 / kh as f32 / kw as f32;
+                        let out = &mut yb[(oy * ow + ox) * c..][..c];
+                        for (o, &s) in out.iter_mut().zip(&sum) {
+                            let v = if nhwc {
+                                let acc = s - (kh * kw) as i64 * zp as i64;
+                                cvt_round(acc as f32 * m) as i64 + zp as i64
+                            } else {
+                                cvt_round(s as f32 * m) as i64
+                            };
+                            *o = v.clamp(0, 255) as u8;
+                        }
+                    }
+                }
+            }
+        }
+        QTensor::new(to4(y, [b, oh, ow, c], L)?, x.scale(), zp)
     }
 }
 

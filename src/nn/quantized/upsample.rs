@@ -160,6 +160,60 @@ impl QUpsampleNearest2d {
             })?;
         QTensor::new(data, x.scale(), x.zero_point())
     }
+
+    /// As [`forward`](Self::forward) on a tensor held `[n, h, w, c]` (the result too): the
+    /// same values, each output pixel a copy of its source pixel's channels.
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward), for the NHWC shape.
+    ///
+    /// # Examples
+    /// ```
+    /// use ndarray::ArrayD;
+    /// use ptq::nn::quantized::{QTensor, QUpsampleNearest2d, UpsampleSize};
+    /// let up = QUpsampleNearest2d::new(UpsampleSize::Scale(2.0, 2.0))?;
+    /// let x = QTensor::new(ArrayD::from_shape_vec(vec![1, 1, 1, 2], vec![3u8, 7])?, 0.1, 0)?;
+    /// let y = up.forward_nhwc(&x)?;
+    /// assert_eq!(y.data().shape(), &[1, 2, 2, 2]);
+    /// assert_eq!(y.data().as_slice().unwrap(), &[3, 7, 3, 7, 3, 7, 3, 7]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn forward_nhwc(&self, x: &QTensor) -> Result<QTensor> {
+        let (b, h, w, c) = dims4(x, NAME)?;
+        if h == 0 || w == 0 {
+            return Err(QuantError::ShapeMismatch {
+                context: NAME.into(),
+                expected: "a non-empty spatial size".into(),
+                actual: format!("shape {:?}", x.data().shape()),
+            });
+        }
+        let (oh, ow) = self.output_size(h, w)?;
+        let (fh, fw) = match self.size {
+            UpsampleSize::Scale(sh, sw) => (Some(sh), Some(sw)),
+            UpsampleSize::Size(..) => (None, None),
+        };
+        let hi = self.indices(h, oh, fh);
+        let wi = self.indices(w, ow, fw);
+        let src = x.data().as_standard_layout();
+        let src = src.as_slice().unwrap_or(&[]);
+        let mut out = Vec::with_capacity(b * oh * ow * c);
+        for img in 0..b {
+            let p = &src[img * h * w * c..(img + 1) * h * w * c];
+            for &sy in &hi {
+                for &sx in &wi {
+                    out.extend_from_slice(&p[(sy * w + sx) * c..][..c]);
+                }
+            }
+        }
+        let shape = [b, oh, ow, c];
+        let data =
+            ArrayD::from_shape_vec(IxDyn(&shape), out).map_err(|e| QuantError::ShapeMismatch {
+                context: NAME.into(),
+                expected: format!("{shape:?}"),
+                actual: e.to_string(),
+            })?;
+        QTensor::new(data, x.scale(), x.zero_point())
+    }
 }
 
 const BILINEAR: &str = "QUpsampleBilinear2d";
