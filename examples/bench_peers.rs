@@ -7,23 +7,35 @@
 //!   GROUPS RELU`, `linear NAME IN OUT RELU`, `relu`, `maxpool K S`, `avgpool H W` (adaptive
 //!   average pooling to `H x W`), `flatten`, `res NAME` ... `end` (a residual block
 //!   `x + body(x)`), and `calib N` (how many calibration batches `data.safetensors` holds);
-//! - `weights.safetensors`: `NAME.weight` / `NAME.bias` as f32;
+//!   or, instead of layers, `zoo ARCH H W CLASSES` (`resnet18` or `mobilenet_v2` of
+//!   [`ptq::graph::zoo`] at full width, torchvision's names) with `calib N`;
+//! - `weights.safetensors`: `NAME.weight` / `NAME.bias` as f32 (for `zoo`, the torchvision
+//!   model's float `state_dict`, loaded strictly by name, then fused as `find_fusable`
+//!   proposes);
 //! - `data.safetensors`: `calib0` .. `calib{N-1}` and `input`, f32.
 //!
 //! It quantizes with [`QConfig::minmax_per_channel`] (quint8 min/max activations with
-//! `reduce_range`, per-channel symmetric qint8 weights: PyTorch's fbgemm ranges), writes the
-//! outputs of one forward pass to `DIR/ptq_int8.f32` and `DIR/ptq_f32.f32` (raw little-endian
-//! f32), prints `ready THREADS`, then answers stdin lines `int8 N` / `f32 N` with one line
-//! of N per-call times in seconds, until `quit` or end of input. Everything runs inside a
-//! rayon pool of `PTQ_BENCH_THREADS` threads (default 1), the count printed with `ready`.
+//! `reduce_range`, per-channel symmetric qint8 weights: PyTorch's fbgemm ranges) through the
+//! graph flow (`prepare` -> `calibrate` -> `convert` -> [`QuantizedGraph`]; a layer list is
+//! lowered with [`Graph::from_sequential`]); with `PTQ_BENCH_INT8=sequential` a layer list
+//! runs through the `Sequential` flow ([`quantize_model`]) instead. It writes the outputs of
+//! one forward pass to `DIR/ptq_int8.f32` and `DIR/ptq_f32.f32` (raw little-endian f32),
+//! prints `ready THREADS`, then answers stdin lines `int8 N` / `f32 N` with one line of N
+//! per-call times in seconds, and `profile N` with one line `NAME KIND MICROSECONDS` per
+//! node of the int8 graph (the median of N [`QuantizedGraph::profile`] runs) followed by
+//! `end`, until `quit` or end of input. Everything runs inside a rayon pool of
+//! `PTQ_BENCH_THREADS` threads (default 1), the count printed with `ready`.
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use ndarray::{ArrayD, Ix1, Ix2, Ix4};
+use ptq::graph::{find_fusable, fuse, zoo, Dim, Graph};
+use ptq::nn::quantized::QuantizedModel;
 use ptq::nn::{Conv2d, Layer, Linear, Pool2d, PoolKind, Sequential};
 use ptq::qconfig::{QConfig, QConfigMap};
+use ptq::quant::QuantizedGraph;
 use ptq::workflow::quantize_model;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -175,20 +187,102 @@ fn write_f32(path: &Path, x: &ArrayD<f32>) -> Res<()> {
     std::fs::write(path, bytes).map_err(|e| err(format!("{}: {e}", path.display())))
 }
 
+/// The float model: a layer list or a zoo graph.
+enum Float {
+    Seq(Sequential),
+    Graph(Graph),
+}
+
+impl Float {
+    fn forward(&self, x: &ArrayD<f32>) -> Res<ArrayD<f32>> {
+        Ok(match self {
+            Float::Seq(m) => m.forward(x)?,
+            Float::Graph(g) => g.forward(std::slice::from_ref(x))?.remove(0),
+        })
+    }
+}
+
+/// The int8 model.
+enum Int8 {
+    Seq(QuantizedModel),
+    Graph(QuantizedGraph),
+}
+
+impl Int8 {
+    fn forward(&self, x: &ArrayD<f32>) -> Res<ArrayD<f32>> {
+        Ok(match self {
+            Int8::Seq(m) => m.forward(x)?,
+            Int8::Graph(g) => g.forward(std::slice::from_ref(x))?.remove(0),
+        })
+    }
+}
+
+/// A zoo graph (`zoo ARCH H W CLASSES`) with the torchvision weights loaded and fused.
+fn zoo_graph(t: &[&str], params: &mut Params) -> Res<Graph> {
+    let arch = t.get(1).copied().unwrap_or("");
+    let (h, w, classes): (usize, usize, usize) = (num(t, 2, 1)?, num(t, 3, 1)?, num(t, 4, 1)?);
+    let mut g = match arch {
+        "resnet18" => zoo::resnet18(64, classes, (h, w))?,
+        "mobilenet_v2" => zoo::mobilenet_v2(1.0, classes, (h, w))?,
+        other => return Err(err(format!("spec.txt: unknown zoo model `{other}`"))),
+    };
+    g.load_state_dict(&std::mem::take(&mut params.0), true)?;
+    let groups = find_fusable(&g);
+    let refs: Vec<Vec<&str>> = groups
+        .iter()
+        .map(|grp| grp.iter().map(String::as_str).collect())
+        .collect();
+    let slices: Vec<&[&str]> = refs.iter().map(|v| v.as_slice()).collect();
+    Ok(fuse(&g, &slices)?)
+}
+
+fn quantize_graph(g: Graph, calib: &[ArrayD<f32>]) -> Res<QuantizedGraph> {
+    let mut p = ptq::quant::prepare(g, &QConfigMap::new(QConfig::minmax_per_channel()))?;
+    ptq::quant::calibrate(&mut p, calib)?;
+    Ok(ptq::quant::convert(p)?)
+}
+
 fn run(dir: &Path) -> Res<()> {
     let spec = std::fs::read_to_string(dir.join("spec.txt"))?;
     let mut params = Params(ptq::io::read_safetensors(dir.join("weights.safetensors"))?);
     let mut data = Params(ptq::io::read_safetensors(dir.join("data.safetensors"))?);
-    let (float, n_calib) = build(&spec, &mut params)?;
+    let zoo_line: Option<Vec<&str>> = spec
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|t| t.first() == Some(&"zoo"));
+    let (float, n_calib) = match &zoo_line {
+        Some(t) => {
+            let calib = spec
+                .lines()
+                .find_map(|l| l.strip_prefix("calib "))
+                .and_then(|n| n.trim().parse().ok())
+                .ok_or_else(|| err("spec.txt: `zoo` needs `calib N`".into()))?;
+            (Float::Graph(zoo_graph(t, &mut params)?), calib)
+        }
+        None => {
+            let (m, calib) = build(&spec, &mut params)?;
+            (Float::Seq(m), calib)
+        }
+    };
     let calib: Vec<ArrayD<f32>> = (0..n_calib)
         .map(|i| data.take(&format!("calib{i}")))
         .collect::<Res<_>>()?;
     let input = data.take("input")?;
-    let int8 = quantize_model(
-        float.clone(),
-        &QConfigMap::new(QConfig::minmax_per_channel()),
-        &calib,
-    )?;
+    let sequential = std::env::var("PTQ_BENCH_INT8").as_deref() == Ok("sequential");
+    let int8 = match &float {
+        Float::Seq(m) if sequential => Int8::Seq(quantize_model(
+            m.clone(),
+            &QConfigMap::new(QConfig::minmax_per_channel()),
+            &calib,
+        )?),
+        Float::Seq(m) => {
+            let dims: Vec<Dim> = std::iter::once(Dim::Batch)
+                .chain(input.shape()[1..].iter().map(|&d| d.into()))
+                .collect();
+            Int8::Graph(quantize_graph(Graph::from_sequential(m, &dims)?, &calib)?)
+        }
+        Float::Graph(g) => Int8::Graph(quantize_graph(g.clone(), &calib)?),
+    };
     write_f32(&dir.join("ptq_int8.f32"), &int8.forward(&input)?)?;
     write_f32(&dir.join("ptq_f32.f32"), &float.forward(&input)?)?;
 
@@ -204,6 +298,24 @@ fn run(dir: &Path) -> Res<()> {
             [mode, n] => (*mode, n.parse::<usize>()?),
             _ => return Err(err(format!("bad command `{line}`"))),
         };
+        if mode == "profile" {
+            let Int8::Graph(g) = &int8 else {
+                return Err(err("profile needs the graph executor".into()));
+            };
+            let mut runs: Vec<Vec<f64>> = vec![Vec::new(); g.nodes().len()];
+            for _ in 0..n.max(1) {
+                for (i, p) in g.profile(std::slice::from_ref(&input))?.iter().enumerate() {
+                    runs[i].push(p.time.as_secs_f64() * 1e6);
+                }
+            }
+            for (node, mut ts) in g.nodes().iter().zip(runs) {
+                ts.sort_by(|a, b| a.total_cmp(b));
+                writeln!(out, "{} {} {:.1}", node.name(), node.op().kind(), ts[ts.len() / 2])?;
+            }
+            writeln!(out, "end")?;
+            out.flush()?;
+            continue;
+        }
         let mut times = Vec::with_capacity(n);
         for _ in 0..n {
             let t0 = Instant::now();

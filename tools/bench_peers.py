@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """ptq beside PyTorch (fbgemm) and ONNX Runtime (MLAS), one thread, int8 and f32.
 
-    /work/venv/bin/python tools/bench_peers.py [--quick] [--only REGEX] [--rounds N]
+    /work/venv/bin/python tools/bench_peers.py [--quick] [--only REGEX] [--rounds N] [--profile]
 
 Every case is one model description (the layer list below). From it the script builds
   - a PyTorch eager model: float, and int8 by prepare -> calibrate -> convert with
@@ -13,6 +13,13 @@ Every case is one model description (the layer list below). From it the script b
     per-channel weights, QUInt8 activations / QInt8 weights, ORT's defaults otherwise);
   - the same model in ptq, through `examples/bench_peers.rs` (QConfig::minmax_per_channel:
     the PyTorch ranges above).
+Full-size torchvision models (ResNet-18 and MobileNetV2 at 224x224, "tv" cases) come from
+torchvision.models.quantization with random weights (torchvision's init, random batch-norm
+statistics): PyTorch fuses (`fuse_model`), prepares, calibrates and converts them; ORT
+quantizes the float model's ONNX export (torch.onnx.export, opset 17); ptq builds the same
+graph with ptq::graph::zoo, loads the float state_dict by name from a safetensors file in a
+temp dir, fuses what find_fusable proposes, and quantizes through the graph flow. These
+cases time int8 only (ptq's f32 path would take minutes) with fewer rounds.
 All three see the same weights, the same calibration batches and the same input. Before
 timing, the script checks that they compute the same thing: the float outputs agree within
 F32_TOL (relative to the largest float output), the int8 outputs agree with each other
@@ -20,7 +27,10 @@ within INT8_TOL of the float output's range, and each int8 output stays near the
 
 Timing: torch.set_num_threads(1) and set_num_interop_threads(1); ORT with 1 intra-op and
 1 inter-op thread, sequential execution, all graph optimizations; ptq in a 1-thread rayon
-pool (RAYON_NUM_THREADS=1 too). Each round runs a block of calls per engine, the engines in
+pool (RAYON_NUM_THREADS=1 too). ptq's int8 model is a QuantizedGraph (`prepare` ->
+`calibrate` -> `convert` on the graph the layer list lowers to); PTQ_BENCH_INT8=sequential
+times the Sequential QuantizedModel instead. With --profile, ptq's per-node times
+(QuantizedGraph::profile, median of 20 runs) follow the table for every case. Each round runs a block of calls per engine, the engines in
 a rotating order; a round's figure per engine is the median call in its block, and the
 ratio ptq / faster peer is taken round by round. The table gives the median over rounds and,
 for the ratio, the 25th-75th percentiles. Times include quantizing the float input and
@@ -156,7 +166,89 @@ def cases():
         c.append((f"ResNet (3 stages, 32x32), batch {b}", resnet(), (b, 3, 32, 32)))
     for b in (1, 16):
         c.append((f"MobileNetV2-style (64x64), batch {b}", mobilenet(), (b, 3, 64, 64)))
+    for arch, label in (("resnet18", "ResNet-18"), ("mobilenet_v2", "MobileNetV2")):
+        for b in (1, 16):
+            c.append((f"{label} (torchvision, 224x224), batch {b}", [("tv", arch)],
+                      (b, 3, 224, 224)))
     return c
+
+
+def is_tv(layers):
+    return bool(layers) and layers[0][0] == "tv"
+
+
+# ---------------------------------------------------------------------------------------
+# Full-size torchvision models
+# ---------------------------------------------------------------------------------------
+
+
+def tv_float(arch, rng):
+    """torchvision's quantizable model, float, torchvision's init; batch norms get random
+    statistics and affine parameters (so fusion changes the weights), eval mode."""
+    import torchvision.models.quantization as tvq
+
+    torch.manual_seed(int(rng.integers(1 << 31)))
+    m = getattr(tvq, arch)(weights=None, quantize=False)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                c = mod.num_features
+                mod.running_mean.copy_(torch.from_numpy(rng.normal(0, 0.1, c).astype(np.float32)))
+                mod.running_var.copy_(torch.from_numpy(rng.uniform(0.5, 1.5, c).astype(np.float32)))
+                mod.weight.copy_(torch.from_numpy(rng.uniform(0.5, 1.5, c).astype(np.float32)))
+                mod.bias.copy_(torch.from_numpy(rng.normal(0, 0.1, c).astype(np.float32)))
+    return m.eval()
+
+
+def tv_int8(float_model, calib):
+    import copy
+
+    torch.backends.quantized.engine = "fbgemm"
+    m = copy.deepcopy(float_model).eval()
+    m.fuse_model()
+    m.qconfig = QConfig(
+        activation=MinMaxObserver.with_args(dtype=torch.quint8, reduce_range=True),
+        weight=PerChannelMinMaxObserver.with_args(
+            dtype=torch.qint8, qscheme=torch.per_channel_symmetric),
+    )
+    torch.ao.quantization.prepare(m, inplace=True)
+    with torch.inference_mode():
+        for b in calib:
+            m(torch.from_numpy(b))
+    torch.ao.quantization.convert(m, inplace=True)
+    return m
+
+
+def tv_state_dict(m):
+    return {k: np.ascontiguousarray(v.detach().numpy(), dtype=np.float32)
+            for k, v in m.state_dict().items() if not k.endswith("num_batches_tracked")}
+
+
+def tv_onnx(m, path, shape):
+    x = torch.zeros((1,) + tuple(shape[1:]))
+    torch.onnx.export(m, (x,), path, input_names=["input"], output_names=["output"],
+                      opset_version=17, dynamo=False,
+                      dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+
+
+def tv_macs(m, shape):
+    """Multiply-accumulates of the convs and linears, counted with forward hooks."""
+    total = [0]
+
+    def hook(mod, inp, out):
+        if isinstance(mod, nn.Conv2d):
+            total[0] += out.numel() * (mod.in_channels // mod.groups) * mod.kernel_size[0] \
+                * mod.kernel_size[1]
+        else:
+            total[0] += out.numel() * mod.in_features
+
+    hs = [mod.register_forward_hook(hook) for mod in m.modules()
+          if isinstance(mod, (nn.Conv2d, nn.Linear))]
+    with torch.inference_mode():
+        m(torch.zeros(shape))
+    for h in hs:
+        h.remove()
+    return total[0]
 
 
 # ---------------------------------------------------------------------------------------
@@ -438,10 +530,12 @@ def ptq_spec(layers, out):
 
 
 class Ptq:
-    def __init__(self, exe, tmp, layers, w, calib, x):
+    def __init__(self, exe, tmp, layers, w, calib, x, spec=None):
         self.tmp = tmp
+        if spec is None:
+            spec = ptq_spec(layers, [])
         with open(os.path.join(tmp, "spec.txt"), "w") as f:
-            f.write("\n".join(ptq_spec(layers, [f"calib {len(calib)}"])) + "\n")
+            f.write("\n".join([f"calib {len(calib)}"] + spec) + "\n")
         save_file(w, os.path.join(tmp, "weights.safetensors"))
         data = {f"calib{i}": b for i, b in enumerate(calib)}
         data["input"] = x
@@ -458,6 +552,18 @@ class Ptq:
     def output(self, mode, shape):
         y = np.fromfile(os.path.join(self.tmp, f"ptq_{mode}.f32"), dtype="<f4")
         return y.reshape(shape)
+
+    def profile(self, n):
+        """Per-node (name, kind, microseconds) of the int8 graph, medians of n runs."""
+        self.p.stdin.write(f"profile {n}\n")
+        self.p.stdin.flush()
+        rows = []
+        while True:
+            line = self.p.stdout.readline()
+            if not line or line.strip() == "end":
+                return rows
+            name, kind, us = line.split()
+            rows.append((name, kind, float(us)))
 
     def times(self, mode, n):
         self.p.stdin.write(f"{mode} {n}\n")
@@ -540,6 +646,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer rounds, shorter blocks (~3 min)")
     ap.add_argument("--only", default=None, help="regex: run the cases whose name matches")
     ap.add_argument("--rounds", type=int, default=None, help="rounds per case (default 15, quick 5)")
+    ap.add_argument("--profile", action="store_true",
+                    help="print ptq's per-node int8 times (QuantizedGraph::profile) per case")
     ap.add_argument("--ptq-exe", default=None,
                     help="a built examples/bench_peers binary (default: cargo build it)")
     args = ap.parse_args()
@@ -581,10 +689,11 @@ def main():
     ]
     if not torch.__version__.startswith("2.15."):
         header.append(f"NOTE: the reference is torch 2.15.0; this is {torch.__version__}")
-    header.append(f"{rounds} rounds per case, engines interleaved; a round = ~{block_s * 1e3:.0f} ms "
+    header.append(f"{rounds} rounds per case ({min(rounds, 3 if args.quick else 5)} for the full-size torchvision ones), engines interleaved; a round = ~{block_s * 1e3:.0f} ms "
                   "of calls per engine, its median call counted")
 
     results = []
+    profiles = []
     digits_acc = None
     ptq_threads = None
     for name, layers, shape in cases():
@@ -593,9 +702,15 @@ def main():
         print(f"== {name}", file=sys.stderr)
         # Each case's own seed: the same weights and data whichever cases run.
         rng = np.random.default_rng([20261129, zlib.crc32(name.encode())])
+        tv = is_tv(layers)
         if name.startswith("digits"):
             w = digits_weights()
             calib, x, labels = digits_data()
+        elif tv:
+            w = None
+            calib = [rng.standard_normal((2,) + shape[1:]).astype(np.float32) for _ in range(3)]
+            x = rng.standard_normal(shape).astype(np.float32)
+            labels = None
         else:
             w = random_weights(layers, rng)
             calib = [rng.standard_normal(shape).astype(np.float32) for _ in range(4)]
@@ -608,20 +723,33 @@ def main():
         tmp = tempfile.mkdtemp(dir=tmp_root)
 
         # Build the three engines.
-        tf = torch_model(layers, w)
-        tq = torch_int8(tf, calib)
+        if tv:
+            tf = tv_float(layers[0][1], rng)
+            tq = tv_int8(tf, calib)
+            case_macs = tv_macs(tf, shape)
+        else:
+            tf = torch_model(layers, w)
+            tq = torch_int8(tf, calib)
+            case_macs = macs(layers, shape)
         xt = torch.from_numpy(x)
         # fbgemm's convs work channels-last; given NCHW they transpose on every call, so the
         # int8 model gets its input channels-last (its fast path), the float one NCHW.
         xq = xt.contiguous(memory_format=torch.channels_last) if xt.dim() == 4 else xt
         fpath = os.path.join(tmp, "float.onnx")
         qpath = os.path.join(tmp, "int8.onnx")
-        onnx.save(onnx_model(layers, w, shape), fpath)
+        if tv:
+            tv_onnx(tf, fpath, shape)
+        else:
+            onnx.save(onnx_model(layers, w, shape), fpath)
         quantize_static(fpath, qpath, Reader(calib), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
         of, oq = ort_session(fpath), ort_session(qpath)
-        p = Ptq(exe, tmp, layers, w, calib, x)
+        if tv:
+            p = Ptq(exe, tmp, layers, tv_state_dict(tf), calib, x,
+                    spec=[f"zoo {layers[0][1]} {shape[2]} {shape[3]} 1000"])
+        else:
+            p = Ptq(exe, tmp, layers, w, calib, x)
         ptq_threads = p.threads
 
         with torch.inference_mode():
@@ -660,27 +788,30 @@ def main():
         if bad:
             p.close()
             print(f"   MISMATCH: {bad}", file=sys.stderr)
-            results.append((name, layers, shape, None, checks, exact, bad))
+            results.append((name, layers, shape, None, checks, exact, bad, 0))
             continue
 
         # Timing: warm up, size the blocks, then interleaved rounds.
+        modes = ("int8",) if tv else ("int8", "f32")
         runners = {
             ("torch", "int8"): lambda: tq(xq),
             ("torch", "f32"): lambda: tf(xt),
             ("ort", "int8"): lambda: oq.run(None, {"input": x}),
             ("ort", "f32"): lambda: of.run(None, {"input": x}),
         }
+        runners = {k: v for k, v in runners.items() if k[1] in modes}
         reps = {}
         with torch.inference_mode():
             for key, fn in runners.items():
-                t = min(block(fn, 3))
+                t = min(block(fn, 2 if tv else 3))
                 reps[key] = int(min(max(block_s / max(t, 1e-7), 3), 2000))
-            for mode in ("int8", "f32"):
-                t = min(p.times(mode, 3))
+            for mode in modes:
+                t = min(p.times(mode, 2 if tv else 3))
                 reps[("ptq", mode)] = int(min(max(block_s / max(t, 1e-7), 3), 2000))
             med = {k: [] for k in reps}
             order = list(reps)
-            for r in range(rounds):
+            case_rounds = min(rounds, 3 if args.quick else 5) if tv else rounds
+            for r in range(case_rounds):
                 rot = order[r % len(order):] + order[:r % len(order)]
                 for key in rot:
                     if key[0] == "ptq":
@@ -688,8 +819,10 @@ def main():
                     else:
                         ts = block(runners[key], reps[key])
                     med[key].append(float(np.median(ts)))
+        if args.profile:
+            profiles.append((name, p.profile(5 if tv else 20)))
         p.close()
-        results.append((name, layers, shape, med, checks, exact, []))
+        results.append((name, layers, shape, med, checks, exact, [], case_macs))
 
     header.append(f"load average (1 min) at the start {load0}, at the end {loadavg()} "
                   f"on {os.cpu_count()} CPUs: other processes slow every engine; the "
@@ -709,22 +842,26 @@ def main():
         print(f"| {mode} | ptq ms | torch ms | ORT ms | ptq / faster peer: median [p25-p75] "
               f"| ptq / ORT | ptq GMAC/s |" + (" ptq f32 / int8 |" if mode == "int8" else ""))
         print("|---|---|---|---|---|---|---|" + ("---|" if mode == "int8" else ""))
-        for name, layers, shape, med, checks, exact, bad in results:
+        for name, layers, shape, med, checks, exact, bad, case_macs in results:
             if med is None:
                 print(f"| {name} | mismatch: {', '.join(bad)} | | | | | |")
+                continue
+            if ("ptq", mode) not in med:
                 continue
             m = {k: float(np.median(v)) for k, v in med.items()}
             ratios = [pt / min(a, b) for pt, a, b in zip(
                 med[("ptq", mode)], med[("torch", mode)], med[("ort", mode)])]
             q25, q50, q75 = np.percentile(ratios, [25, 50, 75])
-            g = macs(layers, shape) / m[("ptq", mode)] / 1e9
+            g = case_macs / m[("ptq", mode)] / 1e9
             vs_ort = np.median([pt / o for pt, o in zip(med[("ptq", mode)], med[("ort", mode)])])
             row = (f"| {name} | {fmt_ms(m[('ptq', mode)])} | {fmt_ms(m[('torch', mode)])} | "
                    f"{fmt_ms(m[('ort', mode)])} | {q50:.2f} [{q25:.2f}-{q75:.2f}] | {vs_ort:.2f} "
                    f"| {g:.1f} |")
-            if mode == "int8":
+            if mode == "int8" and ("ptq", "f32") in med:
                 own = [f / i for f, i in zip(med[("ptq", "f32")], med[("ptq", "int8")])]
                 row += f" {np.median(own):.2f} |"
+            elif mode == "int8":
+                row += " (int8 only) |"
             print(row)
     print()
     print("ptq / peer below 1: ptq is faster. ptq f32 / int8 above 1: ptq's int8 beats its own "
@@ -734,13 +871,27 @@ def main():
     print(f"Checks before timing: float outputs agree within {F32_TOL:g} of the largest float "
           f"output; int8 outputs pairwise within {INT8_TOL:g} of the float output's range; "
           f"each int8 output within {INT8_VS_F32_TOL:g} relative L2 of the float output.")
-    for name, layers, shape, med, checks, exact, bad in results:
+    for name, layers, shape, med, checks, exact, bad, _ in results:
         print(f"- {name}: " + ", ".join(f"{k} {v:.1e}" for k, v in checks.items())
               + f"; ptq int8 != torch int8 on {exact} outputs")
     if digits_acc:
         print("- digits test accuracy (500 images): " + ", ".join(
             f"{e} {m} {100 * a:.1f}%" for (e, m), a in sorted(digits_acc.items())))
-    if any(med is None for _, _, _, med, _, _, _ in results):
+    for name, prof in profiles:
+        total = sum(us for _, _, us in prof)
+        print()
+        print(f"ptq int8 per node, {name} (QuantizedGraph::profile, median of several runs; "
+              f"sum {total / 1e3:.3f} ms):")
+        by_kind = {}
+        for _, kind, us in prof:
+            by_kind[kind] = by_kind.get(kind, 0.0) + us
+        print("  by kind: " + ", ".join(
+            f"{k} {v / 1e3:.3f} ms ({100 * v / max(total, 1e-9):.0f}%)"
+            for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])))
+        top = sorted(prof, key=lambda r: -r[2])[:12]
+        print("  slowest nodes: " + ", ".join(
+            f"{n} ({k}) {us:.0f} us" for n, k, us in top))
+    if any(r[3] is None for r in results):
         sys.exit(1)
 
 
