@@ -310,7 +310,13 @@ fn run(dir: &Path) -> Res<()> {
             }
             for (node, mut ts) in g.nodes().iter().zip(runs) {
                 ts.sort_by(|a, b| a.total_cmp(b));
-                writeln!(out, "{} {} {:.1}", node.name(), node.op().kind(), ts[ts.len() / 2])?;
+                writeln!(
+                    out,
+                    "{} {} {:.1}",
+                    node.name(),
+                    node.op().kind(),
+                    ts[ts.len() / 2]
+                )?;
             }
             writeln!(out, "end")?;
             out.flush()?;

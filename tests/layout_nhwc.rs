@@ -505,6 +505,19 @@ fn mixed_layout_graph_matches_the_all_nchw_run() {
     // batch 1 too (other tails)
     let x1 = data(&[1, 3, 12, 12], 8);
     compare(&q, &x1);
+    // Transposes only where an NCHW input meets NHWC work (the first convolutions after
+    // the quantize border, the add whose first input comes straight from it) and at the
+    // flatten of a spatial NHWC tensor; the 1x1 flatten and every other op move none.
+    let prof = q.profile(std::slice::from_ref(&x)).unwrap();
+    let moved: Vec<(&str, usize)> = prof
+        .iter()
+        .filter(|p| p.transposes > 0)
+        .map(|p| (p.name.as_str(), p.transposes))
+        .collect();
+    assert_eq!(
+        moved,
+        [("conv1", 1), ("qconv", 1), ("qadd", 1), ("flatten", 1)]
+    );
 }
 
 #[test]
@@ -541,7 +554,21 @@ fn zoo_graphs_match_the_all_nchw_run() {
         let x = data(&[2, 3, 32, 32], 9);
         let nhwc = compare(&q, &x);
         assert!(nhwc.len() > 10, "{arch}: {nhwc:?}");
-        eprintln!("{arch}: {} nodes ran NHWC", nhwc.len());
+        let prof = q.profile(std::slice::from_ref(&x)).unwrap();
+        let moved: Vec<(&str, usize)> = prof
+            .iter()
+            .filter(|p| p.transposes > 0)
+            .map(|p| (p.name.as_str(), p.transposes))
+            .collect();
+        eprintln!(
+            "{arch}: {} nodes ran NHWC; transposes {moved:?}",
+            nhwc.len()
+        );
+        if arch != "shufflenet_v2" {
+            // one transpose in the whole network: the stem's input
+            assert_eq!(moved.len(), 1, "{arch}: {moved:?}");
+            assert_eq!(moved[0].1, 1, "{arch}: {moved:?}");
+        }
     }
 }
 

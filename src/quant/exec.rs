@@ -43,6 +43,11 @@ pub struct NodeProfile {
     pub kind: &'static str,
     /// Wall time of the node's `forward`.
     pub time: Duration,
+    /// How many int8 activations the node transposed between NCHW and NHWC (activations
+    /// stay NHWC between ops; a transpose happens where an op needs the logical order of
+    /// a spatial NHWC tensor, e.g. a flatten before a linear layer, or NHWC data of an
+    /// NCHW one, e.g. the first convolution after the quantize border).
+    pub transposes: usize,
 }
 
 /// An int8 model over a graph: float in, float out, int8 inside, with float islands where
@@ -178,11 +183,11 @@ impl QuantizedGraph {
         self.float_weight_bytes
     }
 
-    /// Runs every node; calls `tap(index, value, time)` after each.
+    /// Runs every node; calls `tap(index, value, time, transposes)` after each.
     fn run(
         &self,
         inputs: &[ArrayD<f32>],
-        tap: &mut dyn FnMut(usize, &Value, Duration),
+        tap: &mut dyn FnMut(usize, &Value, Duration, usize),
     ) -> Result<Vec<Value>> {
         if inputs.len() != self.inputs.len() {
             return Err(QuantError::ShapeMismatch {
@@ -210,7 +215,7 @@ impl QuantizedGraph {
         for (i, node) in self.nodes.iter().enumerate() {
             if node.op.kind() == INPUT_KIND {
                 if let Some(v) = &values[i] {
-                    tap(i, v, Duration::ZERO);
+                    tap(i, v, Duration::ZERO, 0);
                     continue;
                 }
                 return Err(QuantError::UnsupportedConfig {
@@ -230,13 +235,14 @@ impl QuantizedGraph {
                         })
                 })
                 .collect::<Result<_>>()?;
+            let before = ctx.transposes;
             let t = Instant::now();
             let y = node
                 .op
                 .forward(&args, &mut ctx)
                 .map_err(|e| e.in_context(&node.name))?;
             let dt = t.elapsed();
-            tap(i, &y, dt);
+            tap(i, &y, dt, ctx.transposes - before);
             values[i] = Some(y);
             for &j in &node.inputs {
                 uses[j] -= 1;
@@ -266,7 +272,7 @@ impl QuantizedGraph {
     /// errors naming the node and both shapes.
     pub fn forward(&self, inputs: &[ArrayD<f32>]) -> Result<Vec<ArrayD<f32>>> {
         Ok(self
-            .run(inputs, &mut |_, _, _| {})?
+            .run(inputs, &mut |_, _, _, _| {})?
             .iter()
             .map(|v| v.to_f32().into_owned())
             .collect())
@@ -284,7 +290,7 @@ impl QuantizedGraph {
         inputs: &[ArrayD<f32>],
     ) -> Result<Vec<std::result::Result<QTensor, ArrayD<f32>>>> {
         Ok(self
-            .run(inputs, &mut |_, _, _| {})?
+            .run(inputs, &mut |_, _, _, _| {})?
             .into_iter()
             .map(|v| match v {
                 Value::Int8(q) => Ok(q.into_nchw()),
@@ -304,23 +310,25 @@ impl QuantizedGraph {
         tap: &mut dyn FnMut(&str, &Value),
     ) -> Result<Vec<ArrayD<f32>>> {
         Ok(self
-            .run(inputs, &mut |i, v, _| tap(&self.nodes[i].name, v))?
+            .run(inputs, &mut |i, v, _, _| tap(&self.nodes[i].name, v))?
             .iter()
             .map(|v| v.to_f32().into_owned())
             .collect())
     }
 
-    /// Runs the graph once and returns the wall time of every node, in order.
+    /// Runs the graph once and returns the wall time of every node, in order, with the
+    /// layout transposes each made.
     ///
     /// # Errors
     /// As [`QuantizedGraph::forward`].
     pub fn profile(&self, inputs: &[ArrayD<f32>]) -> Result<Vec<NodeProfile>> {
         let mut out = Vec::with_capacity(self.nodes.len());
-        self.run(inputs, &mut |i, _, t| {
+        self.run(inputs, &mut |i, _, t, transposes| {
             out.push(NodeProfile {
                 name: self.nodes[i].name.clone(),
                 kind: self.nodes[i].op.kind(),
                 time: t,
+                transposes,
             })
         })?;
         Ok(out)
