@@ -689,7 +689,8 @@ def main():
     ]
     if not torch.__version__.startswith("2.15."):
         header.append(f"NOTE: the reference is torch 2.15.0; this is {torch.__version__}")
-    header.append(f"{rounds} rounds per case ({min(rounds, 3 if args.quick else 5)} for the full-size torchvision ones), engines interleaved; a round = ~{block_s * 1e3:.0f} ms "
+    header.append(f"{rounds} rounds per case ({min(rounds, 3 if args.quick else 5)} for the "
+                  f"full-size torchvision ones), engines interleaved; a round = ~{block_s * 1e3:.0f} ms "
                   "of calls per engine, its median call counted")
 
     results = []
