@@ -5,8 +5,14 @@
 //!
 //! Each op wraps the kernels of [`crate::nn::quantized`] (bit-exact with PyTorch's
 //! `torch.ao.nn.quantized` modules on fbgemm) and decides the layout it reads and writes:
-//! convolutions read and write NHWC, adds keep the layout PyTorch's memory format asks
-//! for, elementwise ops keep theirs, pools / flatten / linear read NCHW.
+//! convolutions read and write NHWC; pools, add, mul, concat, the table activations,
+//! ReLU / clamp, nearest upsampling and batch norm run on the layout their input is held
+//! in (NHWC after a convolution) and keep it, rounding as PyTorch does for its memory
+//! format; flatten, reshape, permute, slice and linear read the logical NCHW order (a
+//! flatten of a 1x1 or one-channel NHWC tensor moves no bytes). So an activation is
+//! transposed only at the float borders, where an NCHW input meets NHWC work, and at the
+//! flatten of a spatial tensor ([`NodeProfile::transposes`](super::NodeProfile) counts
+//! them).
 
 use std::borrow::Cow;
 
@@ -547,7 +553,8 @@ impl QuantOp for ClampOp {
     }
 }
 
-/// `quantized max_pool2d`: keeps qparams and PyTorch's memory format; runs on NCHW.
+/// `quantized max_pool2d`: keeps qparams, PyTorch's memory format and the layout it is
+/// held in.
 #[derive(Debug, Clone)]
 pub struct MaxPoolOp {
     pool: QMaxPool2d,

@@ -108,7 +108,7 @@ impl QAdd {
         self.run(a, b, true)
     }
 
-    /// The add on data held NCHW (`nhwc` false) or NHWC.
+    /// The add on data held in logical order (`held_nhwc` false) or NHWC.
     fn run(&self, a: &QTensor, b: &QTensor, held_nhwc: bool) -> Result<QTensor> {
         if a.data().shape() != b.data().shape() {
             return Err(QuantError::ShapeMismatch {
