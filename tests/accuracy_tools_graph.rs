@@ -598,3 +598,51 @@ fn bad_input_is_refused_with_typed_errors() {
         Err(QuantError::NothingToQuantize { .. })
     ));
 }
+
+/// Per-channel minimum of a node's output over the batches.
+fn channel_min(g: &Graph, node: &str, data: &[ArrayD<f32>]) -> Vec<f32> {
+    let mut mins: Vec<f32> = Vec::new();
+    for x in data {
+        g.forward_with(std::slice::from_ref(x), &mut |n, y| {
+            if n.name == node {
+                mins.resize(y.shape()[1], f32::INFINITY);
+                for (c, lane) in y.axis_iter(Axis(1)).enumerate() {
+                    mins[c] = lane.iter().copied().fold(mins[c], f32::min);
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+    }
+    mins
+}
+
+#[test]
+fn high_bias_absorption_moves_a_floor_across_an_inverted_residual() {
+    let mut g = zoo_fused("mobilenet_v2");
+    // Channel 2 of features.3's depthwise conv never drops below about 5.
+    let dw = "features.3.conv.1.0";
+    let mut b = param(&g, &format!("{dw}.bias"));
+    b[[2]] += 5.0 + max_abs(&param(&g, &format!("{dw}.weight"))) * 9.0 * 20.0;
+    set(&mut g, vec![(format!("{dw}.bias"), b)]);
+    let data = batches(2);
+    let floor = channel_min(&g, dw, &data)[2];
+    assert!(floor > 4.0, "{floor}");
+    let (absorbed, report) = ga::absorb_high_bias(&g, &data).unwrap();
+    let row = report
+        .iter()
+        .find(|r| r.first == dw)
+        .unwrap_or_else(|| panic!("{report:?}"));
+    assert_eq!(row.second, "features.3.conv.2");
+    assert_eq!(row.absorbed[2], floor);
+    // The expand -> depthwise pair has a padded 3x3 second conv: nothing moves there.
+    assert!(!report.iter().any(|r| r.first == "features.3.conv.0.0"));
+    // The function is unchanged on the data; the channel's floor is now 0.
+    for x in &data {
+        let (a, b) = (out(&g, x), out(&absorbed, x));
+        let rel = max_abs_diff(&a, &b) / max_abs(&a);
+        assert!(rel < 1e-5, "{rel}");
+    }
+    let after = channel_min(&absorbed, dw, &data)[2];
+    assert!(after.abs() < 1e-3 * floor, "{floor} -> {after}");
+}

@@ -185,7 +185,9 @@ fn find_pairs(model: &Sequential, skipped: &mut Vec<(String, String, String)>) -
 /// children are left alone, as is any pair with another layer between them (e.g. a
 /// BatchNorm2d not fused yet, or ReLU6, whose clipping does not commute with scaling);
 /// such pairs are listed in [`EqualizationReport::skipped`]. Run it after
-/// [`fuse`](crate::nn::fuse).
+/// [`fuse`](crate::nn::fuse). To equalize inside residual blocks, lower the model with
+/// [`Graph::from_sequential`](crate::graph::Graph::from_sequential) and use
+/// [`graph::equalize`](super::graph::equalize).
 ///
 /// # Errors
 /// [`QuantError::UnsupportedConfig`] if `max_sweeps` is 0.
@@ -347,7 +349,8 @@ pub struct BiasCorrection {
 /// `W_q` comes from the layer's weight observer, exactly as `convert` will compute it.
 /// Apply it as the last step before `prepare`, after [`equalize`].
 ///
-/// Layers nested in `Sequential` / `Residual` children are not corrected.
+/// Layers nested in `Sequential` / `Residual` children are not corrected (on a graph,
+/// [`graph::correct_bias`](super::graph::correct_bias) corrects every node).
 ///
 /// # Errors
 /// [`QuantError::EmptyCalibration`] for no batches; the model's forward errors and the
