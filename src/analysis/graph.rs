@@ -190,6 +190,17 @@ impl Subject for Graph {
     fn bias_corrected(&self, map: &QConfigMap, calibration: &[ArrayD<f32>]) -> Result<Self> {
         Ok(correct_bias(self, map, calibration)?.0)
     }
+    fn names_under(&self, name: &str) -> Vec<String> {
+        self.nodes()
+            .iter()
+            .filter(|n| {
+                n.name.len() > name.len()
+                    && n.name.starts_with(name)
+                    && n.name.as_bytes()[name.len()] == b'.'
+            })
+            .map(|n| n.name.clone())
+            .collect()
+    }
 }
 
 impl WeightedAt for Graph {
@@ -324,7 +335,8 @@ pub fn weight_sqnr(graph: &Graph, map: &QConfigMap) -> Result<LayerReport> {
 
 /// Sensitivity analysis on a graph: for every node of [`quantizable_nodes`], the metric
 /// when only that node is quantized with `qconfig` and when only that node is kept in
-/// float (through a [`QConfigMap`] entry by its name), ranked, exactly as
+/// float (through [`QConfigMap`] entries by name, which leave any node under a prefix
+/// name such as a residual add's body untouched), ranked, exactly as
 /// [`analysis::sensitivity`](super::sensitivity) does for `Sequential` models. A node
 /// quantized alone gets automatic quantize / dequantize borders around it.
 ///
@@ -377,8 +389,10 @@ where
 /// greedy; prune; on the plain, [`equalize`]d + [`absorb_high_bias`]ed and
 /// [`correct_bias`]ed variants) is the one of
 /// [`analysis::auto_mixed_precision`](super::auto_mixed_precision); the result holds the
-/// chosen [`QuantizedGraph`] and the float nodes by name (a [`QConfigMap`] with
-/// `set_name(node, None)` for each rebuilds it).
+/// chosen [`QuantizedGraph`] and the float nodes by name. Exactly those nodes are kept in
+/// float, even where a name is a prefix of others (a residual add `"block"` lowered from
+/// a `Sequential` and its body `"block.fc"`): the search's [`QConfigMap`] restores the
+/// covered nodes' config by name.
 ///
 /// # Errors
 /// As [`sensitivity`], and [`QuantError::UnsupportedConfig`] for a negative or NaN
@@ -779,4 +793,39 @@ where
         });
     }
     Ok((out, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analysis::sensitivity::set_exact;
+    use crate::graph::Dim;
+    use crate::nn::{Layer, Linear, Sequential};
+
+    #[test]
+    fn a_prefix_name_keeps_exactly_that_node_in_float() {
+        // A Sequential residual lowers to its body "block.fc" and an add named "block".
+        let fc = Linear::new(ndarray::Array2::eye(3), None).unwrap();
+        let seq = Sequential::new()
+            .push("quant", Layer::QuantStub)
+            .push(
+                "block",
+                Layer::Residual(Sequential::new().push("fc", Layer::Linear(fc))),
+            )
+            .push("dequant", Layer::DeQuantStub);
+        let g = Graph::from_sequential(&seq, &[Dim::Batch, 3.into()]).unwrap();
+        assert_eq!(quantizable_nodes(&g), ["block.fc", "block"]);
+        let qc = QConfig::minmax_per_tensor();
+        let block = ["block".to_string()];
+        let but = set_exact(&g, QConfigMap::new(qc), &block, None, Some(qc));
+        assert_eq!(but.qconfig_for("block", "Add"), None);
+        assert_eq!(but.qconfig_for("block.fc", "Linear"), Some(qc));
+        let only = set_exact(&g, QConfigMap::empty(), &block, Some(qc), None);
+        assert_eq!(only.qconfig_for("block", "Add"), Some(qc));
+        assert_eq!(only.qconfig_for("block.fc", "Linear"), None);
+        // both in the set: both follow it
+        let both = ["block".to_string(), "block.fc".to_string()];
+        let m = set_exact(&g, QConfigMap::new(qc), &both, None, Some(qc));
+        assert_eq!(m.qconfig_for("block.fc", "Linear"), None);
+    }
 }

@@ -7,7 +7,7 @@ use ndarray::ArrayD;
 
 #[cfg(doc)]
 use super::equalize::{absorb_high_bias, correct_bias, equalize};
-use super::sensitivity::{check_data, eval_float, eval_int8, Subject};
+use super::sensitivity::{check_data, eval_float, eval_int8, set_exact, Subject};
 use crate::error::{QuantError, Result};
 use crate::nn::quantized::QuantizedModel;
 use crate::nn::Sequential;
@@ -240,7 +240,7 @@ where
     for (variant, base, bias) in &variants {
         let mut measure =
             |float: &[String], phase: &'static str, steps: &mut Vec<SearchStep>| -> Result<f64> {
-                let map = map_for(qconfig, float);
+                let map = map_for(model, qconfig, float);
                 let m = build(base, &map, calibration, *bias)?;
                 let value = match m {
                     Some(m) => eval_int8::<S, M>(&m, eval, metric)?,
@@ -340,12 +340,15 @@ where
         })?;
     let mut float_layers = best.float_layers.clone();
     float_layers.sort_by_key(|p| layers.iter().position(|l| l == p));
-    let model =
-        build(base, &map_for(qconfig, &float_layers), calibration, *bias)?.ok_or_else(|| {
-            QuantError::NothingToQuantize {
-                reason: "every layer had to stay in float and the model has no QuantStub".into(),
-            }
-        })?;
+    let model = build(
+        base,
+        &map_for(model, qconfig, &float_layers),
+        calibration,
+        *bias,
+    )?
+    .ok_or_else(|| QuantError::NothingToQuantize {
+        reason: "every layer had to stay in float and the model has no QuantStub".into(),
+    })?;
     Ok(MixedPrecisionResult {
         model,
         float_layers,
@@ -358,10 +361,8 @@ where
     })
 }
 
-fn map_for(qconfig: QConfig, float: &[String]) -> QConfigMap {
-    float
-        .iter()
-        .fold(QConfigMap::new(qconfig), |m, p| m.set_name(p, None))
+fn map_for<S: Subject>(model: &S, qconfig: QConfig, float: &[String]) -> QConfigMap {
+    set_exact(model, QConfigMap::new(qconfig), float, None, Some(qconfig))
 }
 
 fn build<S: Subject>(

@@ -32,6 +32,34 @@ pub(crate) trait Subject: Clone {
     fn equalized(&self, sweeps: usize, calibration: &[ArrayD<f32>]) -> Result<Self>;
     /// Bias correction of the layers `map` quantizes.
     fn bias_corrected(&self, map: &QConfigMap, calibration: &[ArrayD<f32>]) -> Result<Self>;
+    /// Names of the nodes a [`QConfigMap::set_name`] entry for `name` also covers
+    /// (`"block"` covers `"block.fc"`); none for `Sequential` leaves.
+    fn names_under(&self, _name: &str) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// `map` with exactly the layers `names` set to `q`: every other layer that an entry for
+/// one of them would also cover (a graph's residual add `"block"` covers its body
+/// `"block.fc"`) keeps `other`.
+pub(crate) fn set_exact<S: Subject>(
+    model: &S,
+    mut map: QConfigMap,
+    names: &[String],
+    q: Option<QConfig>,
+    other: Option<QConfig>,
+) -> QConfigMap {
+    for n in names {
+        for c in model.names_under(n) {
+            if !names.contains(&c) {
+                map = map.set_name(&c, other);
+            }
+        }
+    }
+    for n in names {
+        map = map.set_name(n, q);
+    }
+    map
 }
 
 impl Subject for Sequential {
@@ -268,12 +296,13 @@ where
     };
     let mut rows = Vec::new();
     for (path, layer) in layers {
-        let only = QConfigMap::empty().set_name(&path, Some(qconfig));
+        let one = std::slice::from_ref(&path);
+        let only = set_exact(model, QConfigMap::empty(), one, Some(qconfig), None);
         let only_int8 = match model.quantize(&only, calibration)? {
             Some(m) => eval_int8::<S, M>(&m, eval, metric)?,
             None => float_metric,
         };
-        let but = QConfigMap::new(qconfig).set_name(&path, None);
+        let but = set_exact(model, QConfigMap::new(qconfig), one, None, Some(qconfig));
         let only_float = match model.quantize(&but, calibration)? {
             Some(m) => eval_int8::<S, M>(&m, eval, metric)?,
             None => float_metric,
