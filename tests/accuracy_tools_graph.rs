@@ -42,6 +42,8 @@ fn zoo_fused(arch: &str) -> Graph {
     let mut g = match arch {
         "resnet18" => zoo::resnet18(4, 10, (HW, HW)),
         "mobilenet_v2" => zoo::mobilenet_v2(0.1, 10, (HW, HW)),
+        "mobilenet_v3_large" => zoo::mobilenet_v3_large(0.25, true, 10, (HW, HW)),
+        "shufflenet_v2" => zoo::shufflenet_v2([4, 8, 4], [8, 16, 32, 64, 128], 10, (HW, HW)),
         other => panic!("{other}"),
     }
     .unwrap();
@@ -645,4 +647,57 @@ fn high_bias_absorption_moves_a_floor_across_an_inverted_residual() {
     }
     let after = channel_min(&absorbed, dw, &data)[2];
     assert!(after.abs() < 1e-3 * floor, "{floor} -> {after}");
+}
+
+#[test]
+fn equalization_keeps_squeeze_excite_and_shufflenet_graphs_float_exact() {
+    for arch in ["mobilenet_v3_large", "shufflenet_v2"] {
+        let g = zoo_fused(arch);
+        let x = lcg_batch(9, 2);
+        let before = out(&g, &x);
+        let (eq, report) = ga::equalize(&g, 20).unwrap();
+        let rel = max_abs_diff(&before, &out(&eq, &x)) / max_abs(&before);
+        println!(
+            "{arch}: {} pairs, float output moved by {rel:e} relative",
+            report.pairs.len()
+        );
+        assert!(rel < 1e-5, "{arch}: {rel}");
+        assert!(!report.pairs.is_empty(), "{arch}");
+        for p in &report.pairs {
+            for (a, b) in p.first_ranges_after.iter().zip(&p.second_ranges_after) {
+                assert!(
+                    a.is_finite() && b.is_finite() && *a >= 0.0,
+                    "{arch} {}",
+                    p.first
+                );
+            }
+        }
+        if arch == "mobilenet_v3_large" {
+            // squeeze-excite: fc1 -> relu -> fc2 is a pair; Hardswish blocks the others
+            assert!(
+                report
+                    .pairs
+                    .iter()
+                    .any(|p| p.first.ends_with(".fc1") && p.second.ends_with(".fc2")),
+                "{report}"
+            );
+            assert!(report
+                .skipped
+                .iter()
+                .any(|(_, _, why)| why.contains("Hardswish")));
+        } else {
+            // never across the concat of the two branches
+            let (_, at, why) = report
+                .skipped
+                .iter()
+                .find(|(a, _, _)| a == "stage2.0.branch2.5")
+                .unwrap_or_else(|| panic!("{report}"));
+            assert_eq!(at, "stage2.0.cat");
+            assert!(why.contains("Concat"), "{why}");
+            assert!(report
+                .pairs
+                .iter()
+                .all(|p| !p.first.ends_with(".cat") && p.second != "stage2.1.branch2.0"));
+        }
+    }
 }
