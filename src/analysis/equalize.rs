@@ -5,12 +5,12 @@
 use std::borrow::Borrow;
 use std::fmt;
 
-use ndarray::{Array1, ArrayD, Axis};
+use ndarray::{ArrayD, Axis};
 
+use super::weighted::{equalizing_scales, pair_block, DeltaLayer, Weighted, WeightedMut};
 use crate::error::{QuantError, Result};
-use crate::nn::{Conv2d, Layer, Linear, Sequential};
+use crate::nn::{Layer, Sequential};
 use crate::qconfig::QConfigMap;
-use crate::qparams::fake_quantize;
 
 /// One equalized pair of layers `first -> (ReLU, pooling, Flatten) -> second`.
 #[derive(Debug, Clone, PartialEq)]
@@ -101,19 +101,12 @@ struct Pair {
 }
 
 fn is_weighted(l: &Layer) -> bool {
-    matches!(
-        l,
-        Layer::Conv2d(_) | Layer::ConvReLU2d(_) | Layer::Linear(_) | Layer::LinearReLU(_)
-    )
+    Weighted::of_layer(l).is_some()
 }
 
 /// Output channels of a weighted layer.
 fn out_channels(l: &Layer) -> usize {
-    match l {
-        Layer::Conv2d(c) | Layer::ConvReLU2d(c) => c.out_channels(),
-        Layer::Linear(x) | Layer::LinearReLU(x) => x.weight.nrows(),
-        _ => 0,
-    }
+    Weighted::of_layer(l).map_or(0, |w| w.out_channels())
 }
 
 /// Finds the equalizable pairs among the top-level children and explains the others.
@@ -156,141 +149,20 @@ fn find_pairs(model: &Sequential, skipped: &mut Vec<(String, String, String)>) -
             }
             continue;
         }
-        let (na, nb) = (ch[a].0.clone(), ch[b].0.clone());
-        let c = out_channels(&ch[a].1);
-        let block = match (&ch[a].1, &ch[b].1) {
-            (_, Layer::Conv2d(conv) | Layer::ConvReLU2d(conv)) => {
-                if conv.groups == 0 || conv.out_channels() % conv.groups != 0 {
-                    skipped.push((
-                        na,
-                        nb,
-                        "the second convolution's groups do not divide its channels".into(),
-                    ));
-                    continue;
-                }
-                if flatten || conv.in_channels() != c {
-                    skipped.push((na, nb, "channel counts do not match".into()));
-                    continue;
-                }
-                1
+        let (Some(wa), Some(wb)) = (Weighted::of_layer(&ch[a].1), Weighted::of_layer(&ch[b].1))
+        else {
+            continue;
+        };
+        let block = match pair_block(wa, wb, flatten) {
+            Ok(block) => block,
+            Err(why) => {
+                skipped.push((ch[a].0.clone(), ch[b].0.clone(), why));
+                continue;
             }
-            (Layer::Conv2d(_) | Layer::ConvReLU2d(_), Layer::Linear(l) | Layer::LinearReLU(l)) => {
-                let inf = l.weight.ncols();
-                if !flatten || c == 0 || inf % c != 0 {
-                    skipped.push((
-                        na,
-                        nb,
-                        "a Linear after a convolution needs a Flatten(1) and in_features divisible by the channels".into(),
-                    ));
-                    continue;
-                }
-                inf / c
-            }
-            (_, Layer::Linear(l) | Layer::LinearReLU(l)) => {
-                if l.weight.ncols() != c {
-                    skipped.push((na, nb, "feature counts do not match".into()));
-                    continue;
-                }
-                1
-            }
-            _ => continue,
         };
         pairs.push(Pair { a, b, block });
     }
     pairs
-}
-
-/// Per output channel `max |w|` of a weighted layer.
-fn out_ranges(l: &Layer) -> Vec<f32> {
-    let f = |v: ndarray::ArrayViewD<'_, f32>| {
-        v.outer_iter()
-            .map(|r| r.iter().fold(0.0f32, |m, x| m.max(x.abs())))
-            .collect()
-    };
-    match l {
-        Layer::Conv2d(c) | Layer::ConvReLU2d(c) => f(c.weight.view().into_dyn()),
-        Layer::Linear(x) | Layer::LinearReLU(x) => f(x.weight.view().into_dyn()),
-        _ => Vec::new(),
-    }
-}
-
-/// Per input channel (of the first layer's `c` channels) `max |w|` of the second layer.
-fn in_ranges(l: &Layer, c: usize, block: usize) -> Vec<f32> {
-    let mut r = vec![0.0f32; c];
-    match l {
-        Layer::Conv2d(conv) | Layer::ConvReLU2d(conv) => {
-            let (o, cpg, _, _) = conv.weight.dim();
-            let opg = o / conv.groups.max(1);
-            for oc in 0..o {
-                let g = oc / opg.max(1);
-                for j in 0..cpg {
-                    let i = g * cpg + j;
-                    let m = conv
-                        .weight
-                        .slice(ndarray::s![oc, j, .., ..])
-                        .iter()
-                        .fold(0.0f32, |m, x| m.max(x.abs()));
-                    r[i] = r[i].max(m);
-                }
-            }
-        }
-        Layer::Linear(x) | Layer::LinearReLU(x) => {
-            for (col, w) in x.weight.axis_iter(Axis(1)).enumerate() {
-                let i = col / block;
-                r[i] = r[i].max(w.iter().fold(0.0f32, |m, x| m.max(x.abs())));
-            }
-        }
-        _ => {}
-    }
-    r
-}
-
-/// Divides output channel `i` (weights and bias) by `s[i]`.
-fn scale_out(l: &mut Layer, s: &[f32]) {
-    let (w, b): (ndarray::ArrayViewMutD<'_, f32>, Option<&mut Array1<f32>>) = match l {
-        Layer::Conv2d(c) | Layer::ConvReLU2d(c) => {
-            (c.weight.view_mut().into_dyn(), c.bias.as_mut())
-        }
-        Layer::Linear(x) | Layer::LinearReLU(x) => {
-            (x.weight.view_mut().into_dyn(), x.bias.as_mut())
-        }
-        _ => return,
-    };
-    let mut w = w;
-    for (mut row, &si) in w.outer_iter_mut().zip(s) {
-        row.mapv_inplace(|v| v / si);
-    }
-    if let Some(b) = b {
-        for (v, &si) in b.iter_mut().zip(s) {
-            *v /= si;
-        }
-    }
-}
-
-/// Multiplies input channel `i` of the second layer by `s[i]`.
-fn scale_in(l: &mut Layer, s: &[f32], block: usize) {
-    match l {
-        Layer::Conv2d(conv) | Layer::ConvReLU2d(conv) => {
-            let (o, cpg, _, _) = conv.weight.dim();
-            let opg = o / conv.groups.max(1);
-            for oc in 0..o {
-                let g = oc / opg.max(1);
-                for j in 0..cpg {
-                    let si = s[g * cpg + j];
-                    conv.weight
-                        .slice_mut(ndarray::s![oc, j, .., ..])
-                        .mapv_inplace(|v| v * si);
-                }
-            }
-        }
-        Layer::Linear(x) | Layer::LinearReLU(x) => {
-            for (col, mut w) in x.weight.axis_iter_mut(Axis(1)).enumerate() {
-                let si = s[col / block];
-                w.mapv_inplace(|v| v * si);
-            }
-        }
-        _ => {}
-    }
 }
 
 /// Cross-layer equalization (Nagel et al., "Data-Free Quantization Through Weight
@@ -313,7 +185,9 @@ fn scale_in(l: &mut Layer, s: &[f32], block: usize) {
 /// children are left alone, as is any pair with another layer between them (e.g. a
 /// BatchNorm2d not fused yet, or ReLU6, whose clipping does not commute with scaling);
 /// such pairs are listed in [`EqualizationReport::skipped`]. Run it after
-/// [`fuse`](crate::nn::fuse).
+/// [`fuse`](crate::nn::fuse). To equalize inside residual blocks, lower the model with
+/// [`Graph::from_sequential`](crate::graph::Graph::from_sequential) and use
+/// [`graph::equalize`](super::graph::equalize).
 ///
 /// # Errors
 /// [`QuantError::UnsupportedConfig`] if `max_sweeps` is 0.
@@ -350,60 +224,107 @@ pub fn equalize(model: &Sequential, max_sweeps: usize) -> Result<(Sequential, Eq
     }
     let mut out = model.clone();
     let mut report = EqualizationReport::default();
-    let pairs = find_pairs(&out, &mut report.skipped);
+    let pairs: Vec<(usize, usize, usize)> = find_pairs(&out, &mut report.skipped)
+        .into_iter()
+        .map(|p| (p.a, p.b, p.block))
+        .collect();
+    equalize_pairs(&mut out, &pairs, max_sweeps, &mut report);
+    Ok((out, report))
+}
+
+/// Where the weighted layers of a model are, by index (a `Sequential`'s child index, a
+/// graph's node index), so one equalization loop serves both.
+pub(crate) trait WeightedAt {
+    /// The name and weighted layer at `i` (`None` if it has no weights).
+    fn weighted(&self, i: usize) -> Option<(&str, Weighted<'_>)>;
+    /// The weighted layer at `i`, mutably.
+    fn weighted_mut(&mut self, i: usize) -> Option<WeightedMut<'_>>;
+}
+
+impl WeightedAt for Sequential {
+    fn weighted(&self, i: usize) -> Option<(&str, Weighted<'_>)> {
+        let (name, l) = self.children().get(i)?;
+        Weighted::of_layer(l).map(|w| (name.as_str(), w))
+    }
+    fn weighted_mut(&mut self, i: usize) -> Option<WeightedMut<'_>> {
+        WeightedMut::of_layer(&mut self.children_mut().get_mut(i)?.1)
+    }
+}
+
+/// Equalizes `pairs` `(first, second, block)` of `model` in place: up to `max_sweeps`
+/// sweeps over all pairs (in order), stopping once no scale moves more than `1e-4`;
+/// appends one [`EqualizedPair`] per pair to `report` and sets its sweep count.
+pub(crate) fn equalize_pairs<M: WeightedAt>(
+    model: &mut M,
+    pairs: &[(usize, usize, usize)],
+    max_sweeps: usize,
+    report: &mut EqualizationReport,
+) {
+    let ranges = |m: &M, a: usize, b: usize, block: usize| -> Option<(Vec<f32>, Vec<f32>)> {
+        let (_, wa) = m.weighted(a)?;
+        let (_, wb) = m.weighted(b)?;
+        Some((wa.out_ranges(), wb.in_ranges(wa.out_channels(), block)))
+    };
+    let pairs: Vec<(usize, usize, usize)> = pairs
+        .iter()
+        .copied()
+        .filter(|&(a, b, _)| model.weighted(a).is_some() && model.weighted(b).is_some())
+        .collect();
+    let first = report.pairs.len();
     let mut totals: Vec<Vec<f32>> = Vec::new();
-    for p in &pairs {
-        let ch = out.children();
-        let c = out_channels(&ch[p.a].1);
-        totals.push(vec![1.0; c]);
+    for &(a, b, block) in &pairs {
+        let (Some((na, _)), Some((nb, _)), Some((r1, r2))) = (
+            model.weighted(a),
+            model.weighted(b),
+            ranges(model, a, b, block),
+        ) else {
+            continue;
+        };
+        totals.push(vec![1.0; r1.len()]);
         report.pairs.push(EqualizedPair {
-            first: ch[p.a].0.clone(),
-            second: ch[p.b].0.clone(),
+            first: na.to_string(),
+            second: nb.to_string(),
             scales: Vec::new(),
-            first_ranges_before: out_ranges(&ch[p.a].1),
+            first_ranges_before: r1,
             first_ranges_after: Vec::new(),
-            second_ranges_before: in_ranges(&ch[p.b].1, c, p.block),
+            second_ranges_before: r2,
             second_ranges_after: Vec::new(),
         });
     }
     for sweep in 0..max_sweeps {
         report.sweeps = sweep + 1;
         let mut moved = 0.0f32;
-        for (k, p) in pairs.iter().enumerate() {
-            let ch = out.children_mut();
-            let c = out_channels(&ch[p.a].1);
-            let r1 = out_ranges(&ch[p.a].1);
-            let r2 = in_ranges(&ch[p.b].1, c, p.block);
-            let s: Vec<f32> = r1
-                .iter()
-                .zip(&r2)
-                .map(|(&a, &b)| {
-                    if a > 0.0 && b > 0.0 {
-                        ((a as f64 * b as f64).sqrt() / b as f64) as f32
-                    } else {
-                        1.0
-                    }
-                })
-                .collect();
+        for (k, &(a, b, block)) in pairs.iter().enumerate() {
+            let Some((r1, r2)) = ranges(model, a, b, block) else {
+                continue;
+            };
+            let s = equalizing_scales(&r1, &r2);
             for (t, &si) in totals[k].iter_mut().zip(&s) {
                 *t *= si;
                 moved = moved.max((si - 1.0).abs());
             }
-            scale_out(&mut ch[p.a].1, &s);
-            scale_in(&mut ch[p.b].1, &s, p.block);
+            if let Some(mut w) = model.weighted_mut(a) {
+                w.scale_out(&s);
+            }
+            if let Some(mut w) = model.weighted_mut(b) {
+                w.scale_in(&s, block);
+            }
         }
         if moved < 1e-4 {
             break;
         }
     }
-    for ((p, rep), t) in pairs.iter().zip(report.pairs.iter_mut()).zip(totals) {
-        let ch = out.children();
-        let c = out_channels(&ch[p.a].1);
+    for ((&(a, b, block), rep), t) in pairs
+        .iter()
+        .zip(report.pairs[first..].iter_mut())
+        .zip(totals)
+    {
         rep.scales = t;
-        rep.first_ranges_after = out_ranges(&ch[p.a].1);
-        rep.second_ranges_after = in_ranges(&ch[p.b].1, c, p.block);
+        if let Some((r1, r2)) = ranges(model, a, b, block) {
+            rep.first_ranges_after = r1;
+            rep.second_ranges_after = r2;
+        }
     }
-    Ok((out, report))
 }
 
 /// One layer's bias correction.
@@ -428,7 +349,8 @@ pub struct BiasCorrection {
 /// `W_q` comes from the layer's weight observer, exactly as `convert` will compute it.
 /// Apply it as the last step before `prepare`, after [`equalize`].
 ///
-/// Layers nested in `Sequential` / `Residual` children are not corrected.
+/// Layers nested in `Sequential` / `Residual` children are not corrected (on a graph,
+/// [`graph::correct_bias`](super::graph::correct_bias) corrects every node).
 ///
 /// # Errors
 /// [`QuantError::EmptyCalibration`] for no batches; the model's forward errors and the
@@ -459,51 +381,18 @@ where
 {
     let mut out = model.clone();
     // Per child index: the delta layer (weights W_q - W, no bias) and the running sums.
-    let mut deltas: Vec<Option<(Layer, Vec<f64>, f64)>> = Vec::new();
+    let mut deltas: Vec<Option<(DeltaLayer, Vec<f64>, f64)>> = Vec::new();
     for (name, layer) in out.children() {
-        let Some(qc) = map.qconfig_for(name, layer.type_name()) else {
+        let (Some(qc), Some(w)) = (
+            map.qconfig_for(name, layer.type_name()),
+            Weighted::of_layer(layer),
+        ) else {
             deltas.push(None);
             continue;
         };
-        let fq = |w: ndarray::ArrayViewD<'_, f32>| -> Result<ArrayD<f32>> {
-            let mut obs = qc.weight.build()?;
-            obs.observe(w.view())?;
-            let qp = obs.qparams()?;
-            Ok(&fake_quantize(&w, &qp)? - &w)
-        };
-        let d = match layer {
-            Layer::Conv2d(c) | Layer::ConvReLU2d(c) => {
-                let dw = fq(c.weight.view().into_dyn()).map_err(|e| e.in_context(name))?;
-                let weight = dw
-                    .into_dimensionality()
-                    .map_err(|_| QuantError::ShapeMismatch {
-                        context: name.clone(),
-                        expected: "a 4-d weight".into(),
-                        actual: format!("{:?}", c.weight.shape()),
-                    })?;
-                Some(Layer::Conv2d(Conv2d {
-                    weight,
-                    bias: None,
-                    ..c.clone()
-                }))
-            }
-            Layer::Linear(l) | Layer::LinearReLU(l) => {
-                let dw = fq(l.weight.view().into_dyn()).map_err(|e| e.in_context(name))?;
-                let weight = dw
-                    .into_dimensionality()
-                    .map_err(|_| QuantError::ShapeMismatch {
-                        context: name.clone(),
-                        expected: "a 2-d weight".into(),
-                        actual: format!("{:?}", l.weight.shape()),
-                    })?;
-                Some(Layer::Linear(Linear::new(weight, None)?))
-            }
-            _ => None,
-        };
-        deltas.push(d.map(|l| {
-            let c = out_channels(&l);
-            (l, vec![0.0; c], 0.0)
-        }));
+        let d = w.weight_error(&qc, name)?;
+        let c = d.out_channels();
+        deltas.push(Some((d, vec![0.0; c], 0.0)));
     }
     let mut any = false;
     for batch in batches {
@@ -511,18 +400,7 @@ where
         let mut cur = batch.borrow().clone();
         for ((name, layer), d) in out.children().iter().zip(deltas.iter_mut()) {
             if let Some((dl, sums, count)) = d {
-                let y = dl.forward(&cur).map_err(|e| e.in_context(name))?;
-                // Channel axis: 1 for conv outputs [N, C, H, W], last for Linear.
-                let axis = if matches!(dl, Layer::Conv2d(_)) {
-                    1
-                } else {
-                    y.ndim() - 1
-                };
-                let per = y.len() / y.shape()[axis].max(1);
-                for (c, lane) in y.axis_iter(Axis(axis)).enumerate() {
-                    sums[c] += lane.iter().map(|&v| v as f64).sum::<f64>();
-                }
-                *count += per as f64;
+                *count += dl.accumulate(&cur, sums).map_err(|e| e.in_context(name))? as f64;
             }
             cur = layer.forward(&cur).map_err(|e| e.in_context(name))?;
         }
@@ -539,18 +417,10 @@ where
             continue;
         }
         let shift: Vec<f32> = sums.iter().map(|s| (s / count) as f32).collect();
-        let bias = match layer {
-            Layer::Conv2d(c) | Layer::ConvReLU2d(c) => {
-                let o = c.out_channels();
-                c.bias.get_or_insert_with(|| Array1::zeros(o))
-            }
-            Layer::Linear(l) | Layer::LinearReLU(l) => {
-                let o = l.weight.nrows();
-                l.bias.get_or_insert_with(|| Array1::zeros(o))
-            }
-            _ => continue,
+        let Some(mut w) = WeightedMut::of_layer(layer) else {
+            continue;
         };
-        for (b, s) in bias.iter_mut().zip(&shift) {
+        for (b, s) in w.bias_or_zeros().iter_mut().zip(&shift) {
             *b -= s;
         }
         report.push(BiasCorrection {
@@ -679,52 +549,18 @@ where
         let (head, tail) = ch.split_at_mut(p.b);
         let first = &mut head[p.a].1;
         let second = &mut tail[0].1;
-        match first {
-            Layer::Conv2d(conv) | Layer::ConvReLU2d(conv) => {
-                if let Some(b) = conv.bias.as_mut() {
-                    b.iter_mut().zip(&c).for_each(|(v, ci)| *v -= ci);
-                } else {
-                    continue;
-                }
-            }
-            Layer::Linear(l) | Layer::LinearReLU(l) => {
-                if let Some(b) = l.bias.as_mut() {
-                    b.iter_mut().zip(&c).for_each(|(v, ci)| *v -= ci);
-                } else {
-                    continue;
-                }
-            }
-            _ => continue,
-        }
+        let Some(mut w1) = WeightedMut::of_layer(first) else {
+            continue;
+        };
+        let Some(b1) = w1.bias() else {
+            continue;
+        };
+        b1.iter_mut().zip(&c).for_each(|(v, ci)| *v -= ci);
         // The second layer's bias takes W2 c.
-        match second {
-            Layer::Conv2d(conv) | Layer::ConvReLU2d(conv) => {
-                let (o, cpg, _, _) = conv.weight.dim();
-                let opg = (o / conv.groups.max(1)).max(1);
-                let mut add = vec![0.0f32; o];
-                for (oc, a) in add.iter_mut().enumerate() {
-                    let g = oc / opg;
-                    for j in 0..cpg {
-                        let s: f32 = conv.weight.slice(ndarray::s![oc, j, .., ..]).sum();
-                        *a += s * c[g * cpg + j];
-                    }
-                }
-                let b = conv.bias.get_or_insert_with(|| Array1::zeros(o));
-                b.iter_mut().zip(&add).for_each(|(v, a)| *v += a);
-            }
-            Layer::Linear(l) | Layer::LinearReLU(l) => {
-                let o = l.weight.nrows();
-                let mut add = vec![0.0f32; o];
-                for (oc, a) in add.iter_mut().enumerate() {
-                    for (col, w) in l.weight.row(oc).iter().enumerate() {
-                        *a += w * c[col / p.block];
-                    }
-                }
-                let b = l.bias.get_or_insert_with(|| Array1::zeros(o));
-                b.iter_mut().zip(&add).for_each(|(v, a)| *v += a);
-            }
-            _ => continue,
-        }
+        let Some(mut w2) = WeightedMut::of_layer(second) else {
+            continue;
+        };
+        w2.absorb_input_shift(&c, p.block);
         report.push(AbsorbedBias {
             first: head[p.a].0.clone(),
             second: tail[0].0.clone(),

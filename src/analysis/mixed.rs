@@ -5,8 +5,9 @@ use std::fmt;
 
 use ndarray::ArrayD;
 
+#[cfg(doc)]
 use super::equalize::{absorb_high_bias, correct_bias, equalize};
-use super::sensitivity::{check_data, eval_float, eval_int8, quantizable_layers, quantize_with};
+use super::sensitivity::{check_data, eval_float, eval_int8, set_exact, Subject};
 use crate::error::{QuantError, Result};
 use crate::nn::quantized::QuantizedModel;
 use crate::nn::Sequential;
@@ -56,11 +57,13 @@ pub struct SearchStep {
     pub meets_target: bool,
 }
 
-/// What [`auto_mixed_precision`] found: the model and every decision behind it.
+/// What [`auto_mixed_precision`] (or
+/// [`graph::auto_mixed_precision`](super::graph::auto_mixed_precision), with
+/// `M = QuantizedGraph`) found: the model and every decision behind it.
 #[derive(Debug)]
-pub struct MixedPrecisionResult {
+pub struct MixedPrecisionResult<M = QuantizedModel> {
     /// The chosen int8 model (with its float islands).
-    pub model: QuantizedModel,
+    pub model: M,
     /// The layers kept in float, in model order.
     pub float_layers: Vec<String>,
     /// The pre-processing of the chosen model (see [`SearchStep::variant`]).
@@ -79,7 +82,7 @@ pub struct MixedPrecisionResult {
     pub steps: Vec<SearchStep>,
 }
 
-impl fmt::Display for MixedPrecisionResult {
+impl<M> fmt::Display for MixedPrecisionResult<M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
@@ -186,6 +189,21 @@ pub fn auto_mixed_precision<M>(
 where
     M: FnMut(&[ArrayD<f32>]) -> f64,
 {
+    search(model, qconfig, calibration, eval, &mut metric, options)
+}
+
+/// [`auto_mixed_precision`] for any [`Subject`].
+pub(crate) fn search<S: Subject, M>(
+    model: &S,
+    qconfig: QConfig,
+    calibration: &[ArrayD<f32>],
+    eval: &[ArrayD<f32>],
+    metric: &mut M,
+    options: &MixedPrecisionOptions,
+) -> Result<MixedPrecisionResult<S::Int8>>
+where
+    M: FnMut(&[ArrayD<f32>]) -> f64,
+{
     check_data(calibration, eval)?;
     if options.allowed_drop.is_nan() || options.allowed_drop < 0.0 {
         return Err(QuantError::UnsupportedConfig {
@@ -193,19 +211,18 @@ where
             reason: format!("allowed_drop {} must be 0 or more", options.allowed_drop),
         });
     }
-    let layers = quantizable_layers(model);
+    let layers: Vec<String> = model.candidates().into_iter().map(|(p, _)| p).collect();
     if layers.is_empty() {
         return Err(QuantError::NothingToQuantize {
-            reason: "the model has no Conv2d or Linear layer".into(),
+            reason: S::no_candidates().into(),
         });
     }
-    let float_metric = eval_float(model, eval, &mut metric)?;
+    let float_metric = eval_float(model, eval, metric)?;
     let target = float_metric - options.allowed_drop;
 
-    let mut variants: Vec<(&'static str, Sequential, bool)> = vec![("plain", model.clone(), false)];
+    let mut variants: Vec<(&'static str, S, bool)> = vec![("plain", model.clone(), false)];
     let equalized = if options.try_equalization {
-        let (eq, _) = equalize(model, options.equalization_sweeps.max(1))?;
-        let (eq, _) = absorb_high_bias(&eq, calibration)?;
+        let eq = model.equalized(options.equalization_sweeps.max(1), calibration)?;
         variants.push(("equalized", eq.clone(), false));
         Some(eq)
     } else {
@@ -223,10 +240,10 @@ where
     for (variant, base, bias) in &variants {
         let mut measure =
             |float: &[String], phase: &'static str, steps: &mut Vec<SearchStep>| -> Result<f64> {
-                let map = map_for(qconfig, float);
+                let map = map_for(model, qconfig, float);
                 let m = build(base, &map, calibration, *bias)?;
                 let value = match m {
-                    Some(m) => eval_int8(&m, eval, &mut metric)?,
+                    Some(m) => eval_int8::<S, M>(&m, eval, metric)?,
                     None => float_metric,
                 };
                 steps.push(SearchStep {
@@ -323,12 +340,15 @@ where
         })?;
     let mut float_layers = best.float_layers.clone();
     float_layers.sort_by_key(|p| layers.iter().position(|l| l == p));
-    let model =
-        build(base, &map_for(qconfig, &float_layers), calibration, *bias)?.ok_or_else(|| {
-            QuantError::NothingToQuantize {
-                reason: "every layer had to stay in float and the model has no QuantStub".into(),
-            }
-        })?;
+    let model = build(
+        base,
+        &map_for(model, qconfig, &float_layers),
+        calibration,
+        *bias,
+    )?
+    .ok_or_else(|| QuantError::NothingToQuantize {
+        reason: "every layer had to stay in float and the model has no QuantStub".into(),
+    })?;
     Ok(MixedPrecisionResult {
         model,
         float_layers,
@@ -341,22 +361,20 @@ where
     })
 }
 
-fn map_for(qconfig: QConfig, float: &[String]) -> QConfigMap {
-    float
-        .iter()
-        .fold(QConfigMap::new(qconfig), |m, p| m.set_name(p, None))
+fn map_for<S: Subject>(model: &S, qconfig: QConfig, float: &[String]) -> QConfigMap {
+    set_exact(model, QConfigMap::new(qconfig), float, None, Some(qconfig))
 }
 
-fn build(
-    base: &Sequential,
+fn build<S: Subject>(
+    base: &S,
     map: &QConfigMap,
     calibration: &[ArrayD<f32>],
     bias: bool,
-) -> Result<Option<QuantizedModel>> {
+) -> Result<Option<S::Int8>> {
     if bias {
-        let (corrected, _) = correct_bias(base, map, calibration)?;
-        quantize_with(&corrected, map, calibration)
+        base.bias_corrected(map, calibration)?
+            .quantize(map, calibration)
     } else {
-        quantize_with(base, map, calibration)
+        base.quantize(map, calibration)
     }
 }

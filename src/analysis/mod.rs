@@ -4,13 +4,18 @@
 //! float model easier to quantize: cross-layer equalization ([`equalize`]) with high-bias
 //! absorption ([`absorb_high_bias`]), and bias correction ([`correct_bias`]).
 //!
+//! Every tool works on graphs too, with the same reports keyed by node name: see
+//! [`graph`] (`ptq::analysis::graph::{equalize, correct_bias, sensitivity, ...}`).
+//!
 //! The measuring tools run beside the flow and never change it. Errors are reported as SQNR
 //! (signal-to-quantization-noise ratio, `10 log10(sum x^2 / sum (x - x')^2)` in dB: higher
 //! is better; every 6 dB is about one bit) and as the largest absolute error.
 
 mod equalize;
+pub mod graph;
 mod mixed;
 mod sensitivity;
+mod weighted;
 
 pub use equalize::{
     absorb_high_bias, correct_bias, equalize, range_spread, AbsorbedBias, BiasCorrection,
@@ -306,32 +311,43 @@ pub fn weight_sqnr(model: &Sequential, map: &QConfigMap) -> Result<LayerReport> 
         let Some(qc) = map.qconfig_for(&path, layer.type_name()) else {
             continue;
         };
-        let mut obs = qc.weight.build().map_err(|e| e.in_context(&path))?;
-        obs.observe(w.view()).map_err(|e| e.in_context(&path))?;
-        let qp = obs.qparams().map_err(|e| e.in_context(&path))?;
-        let wq = fake_quantize(&w, &qp).map_err(|e| e.in_context(&path))?;
-        let mut e = Energy::default();
-        e.add(&w.to_owned(), &wq);
-        let worst = w
-            .outer_iter()
-            .zip(wq.outer_iter())
-            .map(|(a, b)| {
-                let mut c = Energy::default();
-                c.add(&a.to_owned(), &b.to_owned());
-                c.sqnr_db()
-            })
-            .fold(f64::INFINITY, f64::min);
-        layers.push(LayerError {
-            path,
-            layer: layer.type_name(),
-            sqnr_db: e.sqnr_db(),
-            max_abs_error: e.max_abs,
-            elements: e.elements,
-            worst_channel_sqnr_db: Some(worst),
-        });
+        layers.push(weight_error(path, layer.type_name(), w, &qc)?);
     }
     Ok(LayerReport {
         what: "weights",
         layers,
+    })
+}
+
+/// The error of quantizing one weight with `qc`'s weight observer (as `convert` does):
+/// whole tensor and worst output channel.
+fn weight_error(
+    path: String,
+    layer: &'static str,
+    w: ndarray::ArrayViewD<'_, f32>,
+    qc: &crate::qconfig::QConfig,
+) -> Result<LayerError> {
+    let mut obs = qc.weight.build().map_err(|e| e.in_context(&path))?;
+    obs.observe(w.view()).map_err(|e| e.in_context(&path))?;
+    let qp = obs.qparams().map_err(|e| e.in_context(&path))?;
+    let wq = fake_quantize(&w, &qp).map_err(|e| e.in_context(&path))?;
+    let mut e = Energy::default();
+    e.add(&w.to_owned(), &wq);
+    let worst = w
+        .outer_iter()
+        .zip(wq.outer_iter())
+        .map(|(a, b)| {
+            let mut c = Energy::default();
+            c.add(&a.to_owned(), &b.to_owned());
+            c.sqnr_db()
+        })
+        .fold(f64::INFINITY, f64::min);
+    Ok(LayerError {
+        path,
+        layer,
+        sqnr_db: e.sqnr_db(),
+        max_abs_error: e.max_abs,
+        elements: e.elements,
+        worst_channel_sqnr_db: Some(worst),
     })
 }

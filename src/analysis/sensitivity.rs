@@ -11,9 +11,102 @@ use crate::nn::{Layer, Sequential};
 use crate::qconfig::{QConfig, QConfigMap};
 use crate::workflow::{calibrate, convert, prepare};
 
-/// Runs `model` on every evaluation batch and hands the outputs to `metric`.
-pub(crate) fn eval_int8<M>(
-    model: &QuantizedModel,
+/// What the sensitivity analysis and the mixed-precision search need of a model: one
+/// implementation of both algorithms serves `Sequential` and `Graph` models.
+pub(crate) trait Subject: Clone {
+    /// The int8 model `convert` makes.
+    type Int8;
+    /// `(name, type)` of every candidate (layer or node), in model order.
+    fn candidates(&self) -> Vec<(String, &'static str)>;
+    /// Why there is no candidate.
+    fn no_candidates() -> &'static str;
+    /// The float model's output on one batch.
+    fn forward_float(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>>;
+    /// The int8 model's output on one batch.
+    fn forward_int8(model: &Self::Int8, x: &ArrayD<f32>) -> Result<ArrayD<f32>>;
+    /// `prepare` -> `calibrate` -> `convert` with `map`; `None` when `map` quantizes
+    /// nothing.
+    fn quantize(&self, map: &QConfigMap, calibration: &[ArrayD<f32>])
+        -> Result<Option<Self::Int8>>;
+    /// Cross-layer equalization followed by high-bias absorption on `calibration`.
+    fn equalized(&self, sweeps: usize, calibration: &[ArrayD<f32>]) -> Result<Self>;
+    /// Bias correction of the layers `map` quantizes.
+    fn bias_corrected(&self, map: &QConfigMap, calibration: &[ArrayD<f32>]) -> Result<Self>;
+    /// Names of the nodes a [`QConfigMap::set_name`] entry for `name` also covers
+    /// (`"block"` covers `"block.fc"`); none for `Sequential` leaves.
+    fn names_under(&self, _name: &str) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// `map` with exactly the layers `names` set to `q`: every other layer that an entry for
+/// one of them would also cover (a graph's residual add `"block"` covers its body
+/// `"block.fc"`) keeps `other`.
+pub(crate) fn set_exact<S: Subject>(
+    model: &S,
+    mut map: QConfigMap,
+    names: &[String],
+    q: Option<QConfig>,
+    other: Option<QConfig>,
+) -> QConfigMap {
+    for n in names {
+        for c in model.names_under(n) {
+            if !names.contains(&c) {
+                map = map.set_name(&c, other);
+            }
+        }
+    }
+    for n in names {
+        map = map.set_name(n, q);
+    }
+    map
+}
+
+impl Subject for Sequential {
+    type Int8 = QuantizedModel;
+    fn candidates(&self) -> Vec<(String, &'static str)> {
+        quantizable_layers(self)
+            .into_iter()
+            .map(|p| {
+                let t = self.get(&p).map_or("?", |l| l.type_name());
+                (p, t)
+            })
+            .collect()
+    }
+    fn no_candidates() -> &'static str {
+        "the model has no Conv2d or Linear layer"
+    }
+    fn forward_float(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        self.forward(x)
+    }
+    fn forward_int8(model: &QuantizedModel, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        model.forward(x)
+    }
+    fn quantize(
+        &self,
+        map: &QConfigMap,
+        calibration: &[ArrayD<f32>],
+    ) -> Result<Option<QuantizedModel>> {
+        let mut prepared = match prepare(self.clone(), map) {
+            Ok(p) => p,
+            Err(QuantError::NothingToQuantize { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        calibrate(&mut prepared, calibration, |_| {})?;
+        convert(prepared).map(Some)
+    }
+    fn equalized(&self, sweeps: usize, calibration: &[ArrayD<f32>]) -> Result<Self> {
+        let (eq, _) = super::equalize(self, sweeps.max(1))?;
+        Ok(super::absorb_high_bias(&eq, calibration)?.0)
+    }
+    fn bias_corrected(&self, map: &QConfigMap, calibration: &[ArrayD<f32>]) -> Result<Self> {
+        Ok(super::correct_bias(self, map, calibration)?.0)
+    }
+}
+
+/// Runs the int8 model on every evaluation batch and hands the outputs to `metric`.
+pub(crate) fn eval_int8<S: Subject, M>(
+    model: &S::Int8,
     eval: &[ArrayD<f32>],
     metric: &mut M,
 ) -> Result<f64>
@@ -22,36 +115,25 @@ where
 {
     let outs = eval
         .iter()
-        .map(|x| model.forward(x))
+        .map(|x| S::forward_int8(model, x))
         .collect::<Result<Vec<_>>>()?;
     Ok(metric(&outs))
 }
 
 /// The float model's metric.
-pub(crate) fn eval_float<M>(model: &Sequential, eval: &[ArrayD<f32>], metric: &mut M) -> Result<f64>
+pub(crate) fn eval_float<S: Subject, M>(
+    model: &S,
+    eval: &[ArrayD<f32>],
+    metric: &mut M,
+) -> Result<f64>
 where
     M: FnMut(&[ArrayD<f32>]) -> f64,
 {
     let outs = eval
         .iter()
-        .map(|x| model.forward(x))
+        .map(|x| model.forward_float(x))
         .collect::<Result<Vec<_>>>()?;
     Ok(metric(&outs))
-}
-
-/// `prepare` -> `calibrate` -> `convert` with `map`; `None` when `map` quantizes nothing.
-pub(crate) fn quantize_with(
-    model: &Sequential,
-    map: &QConfigMap,
-    calibration: &[ArrayD<f32>],
-) -> Result<Option<QuantizedModel>> {
-    let mut prepared = match prepare(model.clone(), map) {
-        Ok(p) => p,
-        Err(QuantError::NothingToQuantize { .. }) => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    calibrate(&mut prepared, calibration, |_| {})?;
-    convert(prepared).map(Some)
 }
 
 /// The dotted paths of the layers whose weights are quantized (Conv2d, Linear and their
@@ -185,34 +267,48 @@ pub fn sensitivity<M>(
 where
     M: FnMut(&[ArrayD<f32>]) -> f64,
 {
+    sensitivity_of(model, qconfig, calibration, eval, &mut metric)
+}
+
+/// [`sensitivity`] for any [`Subject`].
+pub(crate) fn sensitivity_of<S: Subject, M>(
+    model: &S,
+    qconfig: QConfig,
+    calibration: &[ArrayD<f32>],
+    eval: &[ArrayD<f32>],
+    metric: &mut M,
+) -> Result<SensitivityReport>
+where
+    M: FnMut(&[ArrayD<f32>]) -> f64,
+{
     check_data(calibration, eval)?;
-    let layers = quantizable_layers(model);
+    let layers = model.candidates();
     if layers.is_empty() {
         return Err(QuantError::NothingToQuantize {
-            reason: "the model has no Conv2d or Linear layer".into(),
+            reason: S::no_candidates().into(),
         });
     }
-    let float_metric = eval_float(model, eval, &mut metric)?;
-    let all = quantize_with(model, &QConfigMap::new(qconfig), calibration)?;
+    let float_metric = eval_float(model, eval, metric)?;
+    let all = model.quantize(&QConfigMap::new(qconfig), calibration)?;
     let int8_metric = match &all {
-        Some(m) => eval_int8(m, eval, &mut metric)?,
+        Some(m) => eval_int8::<S, M>(m, eval, metric)?,
         None => float_metric,
     };
     let mut rows = Vec::new();
-    for path in &layers {
-        let layer = model.get(path).map_or("?", |l| l.type_name());
-        let only = QConfigMap::empty().set_name(path, Some(qconfig));
-        let only_int8 = match quantize_with(model, &only, calibration)? {
-            Some(m) => eval_int8(&m, eval, &mut metric)?,
+    for (path, layer) in layers {
+        let one = std::slice::from_ref(&path);
+        let only = set_exact(model, QConfigMap::empty(), one, Some(qconfig), None);
+        let only_int8 = match model.quantize(&only, calibration)? {
+            Some(m) => eval_int8::<S, M>(&m, eval, metric)?,
             None => float_metric,
         };
-        let but = QConfigMap::new(qconfig).set_name(path, None);
-        let only_float = match quantize_with(model, &but, calibration)? {
-            Some(m) => eval_int8(&m, eval, &mut metric)?,
+        let but = set_exact(model, QConfigMap::new(qconfig), one, None, Some(qconfig));
+        let only_float = match model.quantize(&but, calibration)? {
+            Some(m) => eval_int8::<S, M>(&m, eval, metric)?,
             None => float_metric,
         };
         rows.push(LayerSensitivity {
-            path: path.clone(),
+            path,
             layer,
             only_int8,
             only_float,
