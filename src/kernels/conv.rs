@@ -156,7 +156,23 @@ fn copy_small(dst: &mut [u8], src: &[u8]) {
     }
 }
 
+impl Im2col<'_> {
+    /// A 1x1 kernel with unit stride and no padding over all channels: the im2col rows
+    /// are the NHWC rows themselves.
+    fn is_pointwise(&self) -> bool {
+        let g = self.geom;
+        g.kernel == (1, 1) && g.stride == (1, 1) && g.padding == (0, 0) && self.cig == g.c_in
+    }
+}
+
 impl RowSource for Im2col<'_> {
+    fn direct(&self, r0: usize, rows: usize, kp: usize) -> Option<&[u8]> {
+        let c = self.geom.c_in;
+        (self.is_pointwise() && kp == c)
+            .then(|| self.x.get(r0 * c..(r0 + rows) * c))
+            .flatten()
+    }
+
     fn fill(&self, r0: usize, rows: usize, kp: usize, dst: &mut [u8]) {
         let g = self.geom;
         let (h, w) = g.in_hw;
@@ -165,9 +181,7 @@ impl RowSource for Im2col<'_> {
         let c = g.c_in;
         let cig = self.cig;
         let zp = self.a_zp;
-        // A 1x1 kernel with unit stride and no padding over all channels: the im2col rows
-        // are the NHWC rows themselves.
-        if (kh, kw) == (1, 1) && g.stride == (1, 1) && g.padding == (0, 0) && cig == c {
+        if self.is_pointwise() {
             let src = &self.x[r0 * c..(r0 + rows) * c];
             if kp == c {
                 dst[..rows * c].copy_from_slice(src);

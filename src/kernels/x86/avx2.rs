@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::kernels::gemm::{GemmKernel, SubTile};
+use crate::kernels::gemm::GemmKernel;
 use crate::kernels::pack::{PackedWeights, NR};
 use crate::kernels::requant::RequantParams;
 use crate::kernels::{KernelPath, MR};
@@ -67,8 +67,8 @@ unsafe fn tile(a: *const u8, kp: usize, b: *const i8, acc: *mut i32) {
 }
 
 /// Per-column requantization parameters, as raw pointers (each readable for the columns
-/// the call touches, rounded up to 8).
-pub(super) struct ColParams {
+/// the call touches, rounded up to the register width).
+pub(crate) struct ColParams {
     pub col_off: *const i32,
     pub w_zp: *const i32,
     pub bias_b: *const f32,
@@ -125,9 +125,10 @@ unsafe fn store_n(dst: *mut u8, v: __m128i, n: usize) {
 /// column is global column `j0`, writing `out[r * ldc + c]`.
 ///
 /// # Safety
-/// AVX2 and FMA must be available; `acc` readable for `MR * NR` `i32`; `rowsum` for
-/// `rows` `i32`; the column parameters readable for columns `j0..j0 + NR`; `out` writable
-/// at `r * ldc + c` for `r < rows`, `c < cols`; `rows <= MR`, `cols <= NR`.
+/// AVX2 and FMA must be available; `acc` readable for `rows * NR` `i32`; `rowsum` null
+/// (no row correction) or readable for `rows` `i32` (and then `p.w_zp` for columns
+/// `j0..j0 + NR`); the other column parameters readable for columns `j0..j0 + NR`; `out`
+/// writable at `r * ldc + c` for `r < rows`, `c < cols`; `cols <= NR`.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn requant_tile(
@@ -149,12 +150,20 @@ pub(super) unsafe fn requant_tile(
             let j = j0 + h;
             let coff =
                 _mm256_mullo_epi32(azp, _mm256_loadu_si256(p.col_off.add(j) as *const __m256i));
-            let wzp = _mm256_loadu_si256(p.w_zp.add(j) as *const __m256i);
-            for r in 0..rows {
-                let x = _mm256_loadu_si256(acc.add(r * NR + h) as *const __m256i);
-                let roff = _mm256_mullo_epi32(wzp, _mm256_set1_epi32(*rowsum.add(r)));
-                let x = _mm256_sub_epi32(_mm256_sub_epi32(x, coff), roff);
-                store_n(out.add(r * ldc + h), rq8(x, p, j), cols - h);
+            if rowsum.is_null() {
+                for r in 0..rows {
+                    let x = _mm256_loadu_si256(acc.add(r * NR + h) as *const __m256i);
+                    let x = _mm256_sub_epi32(x, coff);
+                    store_n(out.add(r * ldc + h), rq8(x, p, j), cols - h);
+                }
+            } else {
+                let wzp = _mm256_loadu_si256(p.w_zp.add(j) as *const __m256i);
+                for r in 0..rows {
+                    let x = _mm256_loadu_si256(acc.add(r * NR + h) as *const __m256i);
+                    let roff = _mm256_mullo_epi32(wzp, _mm256_set1_epi32(*rowsum.add(r)));
+                    let x = _mm256_sub_epi32(_mm256_sub_epi32(x, coff), roff);
+                    store_n(out.add(r * ldc + h), rq8(x, p, j), cols - h);
+                }
             }
             h += 8;
         }
@@ -455,9 +464,12 @@ pub(super) unsafe fn transpose8x8(src: *const u8, sstride: usize, dst: *mut u8, 
 pub(crate) struct Avx2Kernel(super::Avx2);
 
 impl Avx2Kernel {
-    /// The kernel for a detected AVX2 + FMA token.
+    /// The kernel for a detected AVX2 + FMA token (its requantization stays on AVX2 even
+    /// where the token also enables AVX-512).
     pub(crate) fn new(s: super::Avx2) -> Self {
-        Avx2Kernel(s)
+        let mut t = s;
+        t.vnni = false;
+        Avx2Kernel(t)
     }
 }
 
@@ -500,7 +512,7 @@ impl GemmKernel for Avx2Kernel {
 
     fn requant_tile(
         self,
-        acc: &SubTile,
+        acc: &[i32],
         rows: usize,
         cols: usize,
         rowsum: &[i32],

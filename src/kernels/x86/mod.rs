@@ -17,7 +17,7 @@ pub(crate) use avx512_vnni::{Vnni4x16, Vnni4x32, Vnni8x16};
 
 use crate::kernels::pack::{PackedWeights, NR};
 use crate::kernels::requant::RequantParams;
-use crate::kernels::MR;
+pub(crate) use avx2::ColParams;
 
 /// Proof that the running CPU has AVX2 and FMA; `vnni` is set only when it also has
 /// AVX-512F/BW and AVX-512 VNNI and the caller asked for them.
@@ -50,12 +50,14 @@ impl Avx2 {
         self.vnni
     }
 
-    /// Requantizes `rows x cols` of a tile starting at global column `j0` into
-    /// `out[r * ldc + c]`.
+    /// Requantizes `rows x cols` of one panel's slice of a tile (`acc` is `[row][NR]`)
+    /// starting at global column `j0` into `out[r * ldc + c]`; `rowsum` holds the `rows`
+    /// row sums, or is empty when every weight zero point is 0. AVX-512 (sixteen lanes)
+    /// where the token enables it, else AVX2 + FMA (eight).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn requant_tile(
         self,
-        acc: &[i32; MR * NR],
+        acc: &[i32],
         rows: usize,
         cols: usize,
         rowsum: &[i32],
@@ -66,14 +68,15 @@ impl Avx2 {
         out: &mut [u8],
         ldc: usize,
     ) {
-        assert!(rows <= MR && cols <= NR && rowsum.len() >= rows);
+        assert!(cols <= NR && acc.len() >= rows * NR);
+        assert!(rowsum.is_empty() || rowsum.len() >= rows);
+        assert!(rowsum.is_empty() || w.w_zp.len() >= j0 + NR);
         assert!(
             j0.is_multiple_of(NR) && j0 + NR <= w.col_offsets.len() && j0 + NR <= rq.mult.len()
         );
-        assert!(w.w_zp.len() >= j0 + NR && rq.bias_b.len() >= j0 + NR);
-        assert!(rq.bias_s.len() >= j0 + NR);
+        assert!(rq.bias_b.len() >= j0 + NR && rq.bias_s.len() >= j0 + NR);
         assert!(rows == 0 || out.len() >= (rows - 1) * ldc + cols);
-        let p = avx2::ColParams {
+        let p = ColParams {
             col_off: w.col_offsets.as_ptr(),
             w_zp: w.w_zp.as_ptr(),
             bias_b: rq.bias_b.as_ptr(),
@@ -83,20 +86,36 @@ impl Avx2 {
             out_zp: rq.out_zp,
             lo: rq.lo,
         };
-        // SAFETY: the token proves AVX2 + FMA; the asserts cover every read (columns
-        // j0..j0 + NR of the padded parameter vectors, `rows` row sums, the MR * NR tile)
-        // and every write (`out[r * ldc + c]`, r < rows, c < cols).
-        unsafe {
-            avx2::requant_tile(
-                acc.as_ptr(),
-                rows,
-                cols,
-                rowsum.as_ptr(),
-                &p,
-                j0,
-                out.as_mut_ptr(),
-                ldc,
-            )
+        let rs = if rowsum.is_empty() {
+            std::ptr::null()
+        } else {
+            rowsum.as_ptr()
+        };
+        if self.vnni {
+            // SAFETY: `vnni` is only set after detecting AVX-512F/BW/VNNI; the asserts
+            // cover every read (columns j0..j0 + NR of the padded parameter vectors, `rows`
+            // row sums unless null, `rows * NR` accumulators) and every write
+            // (`out[r * ldc + c]`, r < rows, c < cols).
+            unsafe {
+                avx512_vnni::requant_tile(
+                    acc.as_ptr(),
+                    rows,
+                    cols,
+                    rs,
+                    &p,
+                    j0,
+                    out.as_mut_ptr(),
+                    ldc,
+                )
+            }
+        } else {
+            // SAFETY: the token proves AVX2 + FMA; the asserts cover every read (columns
+            // j0..j0 + NR of the padded parameter vectors, `rows` row sums unless null,
+            // `rows * NR` accumulators) and every write (`out[r * ldc + c]`, r < rows,
+            // c < cols).
+            unsafe {
+                avx2::requant_tile(acc.as_ptr(), rows, cols, rs, &p, j0, out.as_mut_ptr(), ldc)
+            }
         }
     }
 
@@ -158,10 +177,10 @@ impl Avx2 {
     /// Requantizes `raw.len()` corrected accumulators of columns `0..raw.len()`.
     pub(crate) fn requant_row(self, raw: &[i32], rq: &RequantParams, out: &mut [u8]) {
         let n = raw.len();
-        let n8 = n.div_ceil(8) * 8;
-        assert!(out.len() >= n && rq.mult.len() >= n8 && rq.bias_b.len() >= n8);
-        assert!(rq.bias_s.len() >= n8);
-        let p = avx2::ColParams {
+        let n16 = n.div_ceil(16) * 16;
+        assert!(out.len() >= n && rq.mult.len() >= n16 && rq.bias_b.len() >= n16);
+        assert!(rq.bias_s.len() >= n16);
+        let p = ColParams {
             col_off: std::ptr::null(),
             w_zp: std::ptr::null(),
             bias_b: rq.bias_b.as_ptr(),
@@ -171,10 +190,17 @@ impl Avx2 {
             out_zp: rq.out_zp,
             lo: rq.lo,
         };
-        // SAFETY: the token proves AVX2 + FMA; `raw` and `out` hold `n` elements and the
-        // float parameters at least `n` rounded up to 8 (asserted); `requant_row` does not
-        // touch the null offset pointers.
-        unsafe { avx2::requant_row(raw.as_ptr(), n, &p, out.as_mut_ptr()) }
+        if self.vnni {
+            // SAFETY: `vnni` is only set after detecting AVX-512F/BW/VNNI; `raw` and `out`
+            // hold `n` elements and the float parameters at least `n` rounded up to 16
+            // (asserted); the body does not touch the null offset pointers.
+            unsafe { avx512_vnni::requant_row(raw.as_ptr(), n, &p, out.as_mut_ptr()) }
+        } else {
+            // SAFETY: the token proves AVX2 + FMA; `raw` and `out` hold `n` elements and
+            // the float parameters at least `n` rounded up to 8 (asserted); `requant_row`
+            // does not touch the null offset pointers.
+            unsafe { avx2::requant_row(raw.as_ptr(), n, &p, out.as_mut_ptr()) }
+        }
     }
 }
 
