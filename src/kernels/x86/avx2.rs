@@ -527,3 +527,68 @@ impl GemmKernel for Avx2Kernel {
             .requant_tile(acc, rows, cols, rowsum, a_zp, w, rq, j0, out, ldc)
     }
 }
+
+/// Quantizes `n` floats (a multiple of 8) to `u8` with the 8-bit formula of
+/// `qparams::quantize_val_8bit` (multiply, clamp to +-2^22, round half to even by adding
+/// and subtracting 1.5 * 2^23, add the zero point, clamp to `0..=255`); returns whether
+/// every input was finite (exponent not all ones).
+///
+/// # Safety
+/// AVX2 must be available; `src` readable for `n` `f32`, `dst` writable for `n` bytes;
+/// `n % 8 == 0`.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn quantize_u8(
+    src: *const f32,
+    n: usize,
+    inv: f32,
+    zpf: f32,
+    dst: *mut u8,
+) -> bool {
+    // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
+    // and the pointer ranges), which is all the operations below rely on.
+    unsafe {
+        let inv = _mm256_set1_ps(inv);
+        let zp = _mm256_set1_ps(zpf);
+        let (lim_lo, lim_hi) = (_mm256_set1_ps(-4_194_304.0), _mm256_set1_ps(4_194_304.0));
+        let magic = _mm256_set1_ps(12_582_912.0);
+        let (lo, hi) = (_mm256_setzero_ps(), _mm256_set1_ps(255.0));
+        let exp = _mm256_set1_epi32(0x7f80_0000);
+        let mut bad = _mm256_setzero_si256();
+        let mut i = 0;
+        while i < n {
+            let x = _mm256_loadu_ps(src.add(i));
+            let e = _mm256_and_si256(_mm256_castps_si256(x), exp);
+            bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(e, exp));
+            let t = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(x, inv), lim_lo), lim_hi);
+            let v = _mm256_add_ps(_mm256_sub_ps(_mm256_add_ps(t, magic), magic), zp);
+            let v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+            let r = _mm256_cvttps_epi32(v);
+            let w = _mm_packs_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256::<1>(r));
+            _mm_storel_epi64(dst.add(i) as *mut __m128i, _mm_packus_epi16(w, w));
+            i += 8;
+        }
+        _mm256_testz_si256(bad, bad) == 1
+    }
+}
+
+/// `dst[i] = (src[i] - zp) as f32 * scale` for `n` bytes (a multiple of 8).
+///
+/// # Safety
+/// AVX2 must be available; `src` readable for `n` bytes, `dst` writable for `n` `f32`;
+/// `n % 8 == 0`.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn dequantize_u8(src: *const u8, n: usize, scale: f32, zp: u8, dst: *mut f32) {
+    // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
+    // and the pointer ranges), which is all the operations below rely on.
+    unsafe {
+        let s = _mm256_set1_ps(scale);
+        let z = _mm256_set1_epi32(zp as i32);
+        let mut i = 0;
+        while i < n {
+            let q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(src.add(i) as *const __m128i));
+            let f = _mm256_cvtepi32_ps(_mm256_sub_epi32(q, z));
+            _mm256_storeu_ps(dst.add(i), _mm256_mul_ps(f, s));
+            i += 8;
+        }
+    }
+}

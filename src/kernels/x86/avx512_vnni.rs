@@ -482,3 +482,67 @@ pub(super) unsafe fn requant_row(raw: *const i32, n: usize, p: &ColParams, out: 
         }
     }
 }
+
+/// Quantizes `n` floats (a multiple of 16) to `u8`: sixteen lanes of the AVX2 body's
+/// formula (`x86::avx2::quantize_u8`); returns whether every input was finite.
+///
+/// # Safety
+/// AVX-512F/BW must be available; `src` readable for `n` `f32`, `dst` writable for `n`
+/// bytes; `n % 16 == 0`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(super) unsafe fn quantize_u8(
+    src: *const f32,
+    n: usize,
+    inv: f32,
+    zpf: f32,
+    dst: *mut u8,
+) -> bool {
+    // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
+    // and the pointer ranges), which is all the operations below rely on.
+    unsafe {
+        let inv = _mm512_set1_ps(inv);
+        let zp = _mm512_set1_ps(zpf);
+        let (lim_lo, lim_hi) = (_mm512_set1_ps(-4_194_304.0), _mm512_set1_ps(4_194_304.0));
+        let magic = _mm512_set1_ps(12_582_912.0);
+        let (lo, hi) = (_mm512_setzero_ps(), _mm512_set1_ps(255.0));
+        let exp = _mm512_set1_epi32(0x7f80_0000);
+        let mut bad: __mmask16 = 0;
+        let mut i = 0;
+        while i < n {
+            let x = _mm512_loadu_ps(src.add(i));
+            let e = _mm512_and_si512(_mm512_castps_si512(x), exp);
+            bad |= _mm512_cmpeq_epi32_mask(e, exp);
+            let t = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x, inv), lim_lo), lim_hi);
+            let v = _mm512_add_ps(_mm512_sub_ps(_mm512_add_ps(t, magic), magic), zp);
+            let v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+            _mm_storeu_si128(
+                dst.add(i) as *mut __m128i,
+                _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(v)),
+            );
+            i += 16;
+        }
+        bad == 0
+    }
+}
+
+/// `dst[i] = (src[i] - zp) as f32 * scale` for `n` bytes (a multiple of 16).
+///
+/// # Safety
+/// AVX-512F/BW must be available; `src` readable for `n` bytes, `dst` writable for `n`
+/// `f32`; `n % 16 == 0`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(super) unsafe fn dequantize_u8(src: *const u8, n: usize, scale: f32, zp: u8, dst: *mut f32) {
+    // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
+    // and the pointer ranges), which is all the operations below rely on.
+    unsafe {
+        let s = _mm512_set1_ps(scale);
+        let z = _mm512_set1_epi32(zp as i32);
+        let mut i = 0;
+        while i < n {
+            let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(src.add(i) as *const __m128i));
+            let f = _mm512_cvtepi32_ps(_mm512_sub_epi32(q, z));
+            _mm512_storeu_ps(dst.add(i), _mm512_mul_ps(f, s));
+            i += 16;
+        }
+    }
+}

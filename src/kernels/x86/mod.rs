@@ -238,6 +238,54 @@ impl Avx2 {
     }
 }
 
+impl Avx2 {
+    /// The SIMD part of `elementwise::quantize_u8`: quantizes the longest prefix that
+    /// fills whole registers (16 lanes with AVX-512, else 8); returns its length and
+    /// whether its inputs were all finite.
+    pub(crate) fn quantize_u8(
+        self,
+        src: &[f32],
+        inv: f32,
+        zpf: f32,
+        dst: &mut [u8],
+    ) -> (usize, bool) {
+        let n = src.len().min(dst.len());
+        if self.vnni {
+            let n16 = n / 16 * 16;
+            // SAFETY: `vnni` is only set after detecting AVX-512F/BW; the body reads
+            // `src[..n16]` and writes `dst[..n16]`, both within the slices.
+            let ok =
+                unsafe { avx512_vnni::quantize_u8(src.as_ptr(), n16, inv, zpf, dst.as_mut_ptr()) };
+            (n16, ok)
+        } else {
+            let n8 = n / 8 * 8;
+            // SAFETY: the token proves AVX2; the body reads `src[..n8]` and writes
+            // `dst[..n8]`, both within the slices.
+            let ok = unsafe { avx2::quantize_u8(src.as_ptr(), n8, inv, zpf, dst.as_mut_ptr()) };
+            (n8, ok)
+        }
+    }
+
+    /// The SIMD part of `elementwise::dequantize_u8`: the longest prefix of whole
+    /// registers; returns its length.
+    pub(crate) fn dequantize_u8(self, src: &[u8], scale: f32, zp: u8, dst: &mut [f32]) -> usize {
+        let n = src.len().min(dst.len());
+        if self.vnni {
+            let n16 = n / 16 * 16;
+            // SAFETY: `vnni` is only set after detecting AVX-512F/BW; the body reads
+            // `src[..n16]` and writes `dst[..n16]`, both within the slices.
+            unsafe { avx512_vnni::dequantize_u8(src.as_ptr(), n16, scale, zp, dst.as_mut_ptr()) };
+            n16
+        } else {
+            let n8 = n / 8 * 8;
+            // SAFETY: the token proves AVX2; the body reads `src[..n8]` and writes
+            // `dst[..n8]`, both within the slices.
+            unsafe { avx2::dequantize_u8(src.as_ptr(), n8, scale, zp, dst.as_mut_ptr()) };
+            n8
+        }
+    }
+}
+
 /// Sum of a byte slice, 16 bytes at a time through SSE2 `psadbw` (exact: the partial sums
 /// are `u64`); the result wraps to `i32` as a `u32` sum would.
 pub(crate) fn row_sum_u8(row: &[u8]) -> i32 {
