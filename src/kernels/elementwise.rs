@@ -179,6 +179,46 @@ pub fn dequantize_u8(ks: KernelSet, src: &[u8], scale: f32, zero_point: u8, dst:
     }
 }
 
+/// [`quantize_u8`] into a new vector (not zero-filled first on SIMD sets); `None` when
+/// an input is NaN or infinite.
+///
+/// # Examples
+/// ```
+/// use ptq::kernels::{elementwise::quantize_u8_to_vec, KernelSet};
+/// assert_eq!(quantize_u8_to_vec(KernelSet::best(), &[0.0, 0.25], 0.1, 10), Some(vec![10, 12]));
+/// assert_eq!(quantize_u8_to_vec(KernelSet::best(), &[f32::INFINITY], 0.1, 10), None);
+/// ```
+pub fn quantize_u8_to_vec(
+    ks: KernelSet,
+    src: &[f32],
+    scale: f32,
+    zero_point: u8,
+) -> Option<Vec<u8>> {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(s) = ks.simd {
+        return s.quantize_u8_vec(src, 1.0f32 / scale, zero_point as f32);
+    }
+    let mut v = vec![0u8; src.len()];
+    quantize_u8(ks, src, scale, zero_point, &mut v).then_some(v)
+}
+
+/// [`dequantize_u8`] into a new vector (not zero-filled first on SIMD sets).
+///
+/// # Examples
+/// ```
+/// use ptq::kernels::{elementwise::dequantize_u8_to_vec, KernelSet};
+/// assert_eq!(dequantize_u8_to_vec(KernelSet::best(), &[10, 12], 0.5, 10), vec![0.0, 1.0]);
+/// ```
+pub fn dequantize_u8_to_vec(ks: KernelSet, src: &[u8], scale: f32, zero_point: u8) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(s) = ks.simd {
+        return s.dequantize_u8_vec(src, scale, zero_point);
+    }
+    let mut v = vec![0f32; src.len()];
+    dequantize_u8(ks, src, scale, zero_point, &mut v);
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,10 +315,14 @@ mod tests {
                 let mut got = vec![0u8; x.len()];
                 assert!(quantize_u8(ks, &x, scale, zp, &mut got));
                 assert_eq!(got, want, "{:?} scale {scale} zp {zp}", ks.backend());
+                let got = quantize_u8_to_vec(ks, &x, scale, zp);
+                assert_eq!(got.as_ref(), Some(&want), "{:?} to_vec", ks.backend());
                 for len in 0..40 {
                     let mut got = vec![0u8; len];
                     assert!(quantize_u8(ks, &x[3..3 + len], scale, zp, &mut got));
                     assert_eq!(got, want[3..3 + len], "{:?} len {len}", ks.backend());
+                    let got = quantize_u8_to_vec(ks, &x[3..3 + len], scale, zp).unwrap();
+                    assert_eq!(got, want[3..3 + len], "{:?} to_vec len {len}", ks.backend());
                 }
             }
         }

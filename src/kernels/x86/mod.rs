@@ -286,6 +286,69 @@ impl Avx2 {
     }
 }
 
+impl Avx2 {
+    /// `elementwise::quantize_u8` into a new vector, without zero-filling it first;
+    /// `None` when an input is not finite.
+    pub(crate) fn quantize_u8_vec(self, src: &[f32], inv: f32, zpf: f32) -> Option<Vec<u8>> {
+        let n = src.len();
+        let mut v: Vec<u8> = Vec::with_capacity(n);
+        let dst = v.spare_capacity_mut().as_mut_ptr() as *mut u8;
+        let (done, ok) = if self.vnni {
+            let n16 = n / 16 * 16;
+            // SAFETY: `vnni` is only set after detecting AVX-512F/BW; the body reads
+            // `src[..n16]` and writes the first n16 <= n bytes of `v`'s capacity.
+            let ok = unsafe { avx512_vnni::quantize_u8(src.as_ptr(), n16, inv, zpf, dst) };
+            (n16, ok)
+        } else {
+            let n8 = n / 8 * 8;
+            // SAFETY: the token proves AVX2; the body reads `src[..n8]` and writes the
+            // first n8 <= n bytes of `v`'s capacity.
+            let ok = unsafe { avx2::quantize_u8(src.as_ptr(), n8, inv, zpf, dst) };
+            (n8, ok)
+        };
+        let mut finite = ok;
+        for (i, &x) in src.iter().enumerate().skip(done) {
+            finite &= x.is_finite();
+            let q = crate::qparams::quantize_val_8bit(x, inv, zpf, 0.0, 255.0) as u8;
+            // SAFETY: i < n, within `v`'s capacity.
+            unsafe { dst.add(i).write(q) };
+        }
+        // SAFETY: the SIMD body wrote bytes 0..done and the loop done..n: all n are
+        // initialized, and n is the capacity reserved above.
+        unsafe { v.set_len(n) };
+        finite.then_some(v)
+    }
+
+    /// `elementwise::dequantize_u8` into a new vector, without zero-filling it first.
+    pub(crate) fn dequantize_u8_vec(self, src: &[u8], scale: f32, zp: u8) -> Vec<f32> {
+        let n = src.len();
+        let mut v: Vec<f32> = Vec::with_capacity(n);
+        let dst = v.spare_capacity_mut().as_mut_ptr() as *mut f32;
+        let done = if self.vnni {
+            let n16 = n / 16 * 16;
+            // SAFETY: `vnni` is only set after detecting AVX-512F/BW; the body reads
+            // `src[..n16]` and writes the first n16 <= n values of `v`'s capacity.
+            unsafe { avx512_vnni::dequantize_u8(src.as_ptr(), n16, scale, zp, dst) };
+            n16
+        } else {
+            let n8 = n / 8 * 8;
+            // SAFETY: the token proves AVX2; the body reads `src[..n8]` and writes the
+            // first n8 <= n values of `v`'s capacity.
+            unsafe { avx2::dequantize_u8(src.as_ptr(), n8, scale, zp, dst) };
+            n8
+        };
+        for (i, &q) in src.iter().enumerate().skip(done) {
+            let f = (q as i32 - zp as i32) as f32 * scale;
+            // SAFETY: i < n, within `v`'s capacity.
+            unsafe { dst.add(i).write(f) };
+        }
+        // SAFETY: the SIMD body wrote values 0..done and the loop done..n: all n are
+        // initialized, and n is the capacity reserved above.
+        unsafe { v.set_len(n) };
+        v
+    }
+}
+
 /// Sum of a byte slice, 16 bytes at a time through SSE2 `psadbw` (exact: the partial sums
 /// are `u64`); the result wraps to `i32` as a `u32` sum would.
 pub(crate) fn row_sum_u8(row: &[u8]) -> i32 {

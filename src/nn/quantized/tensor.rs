@@ -72,16 +72,15 @@ impl QTensor {
         check_qparams(scale, zero_point, "QTensor")?;
         if let Some(src) = x.as_slice() {
             // One pass: the kernel quantizes and checks finiteness together.
-            let mut q = vec![0u8; src.len()];
             let ks = crate::kernels::KernelSet::current();
-            if crate::kernels::elementwise::quantize_u8(ks, src, scale, zero_point as u8, &mut q) {
-                if let Ok(data) = ArrayD::from_shape_vec(x.raw_dim(), q) {
-                    return Ok(QTensor {
-                        data,
-                        scale,
-                        zero_point,
-                    });
-                }
+            let q =
+                crate::kernels::elementwise::quantize_u8_to_vec(ks, src, scale, zero_point as u8);
+            if let Some(Ok(data)) = q.map(|q| ArrayD::from_shape_vec(x.raw_dim(), q)) {
+                return Ok(QTensor {
+                    data,
+                    scale,
+                    zero_point,
+                });
             }
         }
         crate::qparams::check_finite(x, "QTensor")?;
@@ -115,15 +114,9 @@ impl QTensor {
     /// `(q - zero_point) * scale`, as PyTorch's `dequantize`.
     pub fn dequantize(&self) -> ArrayD<f32> {
         if let Some(src) = self.data.as_slice() {
-            let mut f = vec![0f32; src.len()];
             let ks = crate::kernels::KernelSet::current();
-            crate::kernels::elementwise::dequantize_u8(
-                ks,
-                src,
-                self.scale,
-                self.zero_point as u8,
-                &mut f,
-            );
+            let zp = self.zero_point as u8;
+            let f = crate::kernels::elementwise::dequantize_u8_to_vec(ks, src, self.scale, zp);
             if let Ok(y) = ArrayD::from_shape_vec(self.data.raw_dim(), f) {
                 return y;
             }
