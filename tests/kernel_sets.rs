@@ -206,8 +206,9 @@ fn depthwise_bug_2_one_by_one_kernel_padding_two() {
 
 /// All small depthwise geometries: widths 1..=9 (the four-column sharing needs >= 4
 /// output columns), kernels up to 3, strides up to 3, paddings up to 3 (wider than the
-/// kernel), dilations 1 and 2, channel multipliers 1 and 2, channel counts around the
-/// SIMD widths; every kernel set against the oracle.
+/// kernel), dilations 1 and 2, channel multipliers 1 to 5 (2, 3 and 4 have their own
+/// channel repeat), channel counts around the SIMD widths (16 x 2 fills one AVX-512
+/// block); every kernel set against the oracle.
 #[test]
 fn depthwise_small_geometries_exhaustive() {
     let mut n = 0;
@@ -218,7 +219,16 @@ fn depthwise_small_geometries_exhaustive() {
                     for sw in 1usize..=3 {
                         for pw in 0usize..=3 {
                             for (ph, dw) in [(0usize, 1usize), (1, 2), (2, 1)] {
-                                for (c, mult) in [(3usize, 1usize), (17, 1), (2, 2), (37, 1)] {
+                                for (c, mult) in [
+                                    (3usize, 1usize),
+                                    (17, 1),
+                                    (2, 2),
+                                    (37, 1),
+                                    (16, 2),
+                                    (11, 3),
+                                    (9, 4),
+                                    (3, 5),
+                                ] {
                                     let g =
                                         geom(c, mult, (h, w), (kh, kw), (1, sw), (ph, pw), (1, dw));
                                     if g.out_hw().is_none() {

@@ -195,15 +195,6 @@ pub(super) unsafe fn requant_row(raw: *const i32, n: usize, p: &ColParams, out: 
     }
 }
 
-/// [`crate::kernels::dw_accumulate_body`] compiled with AVX2 enabled.
-///
-/// # Safety
-/// AVX2 must be available.
-#[target_feature(enable = "avx2")]
-pub(super) unsafe fn dw_accumulate(acc: &mut [i32], x: &[u8], w: &[i16], a_zp: i32) {
-    crate::kernels::dw_accumulate_body(acc, x, w, a_zp)
-}
-
 /// One depthwise output pixel: 16 channels at a time, taps in pairs through `vpmaddwd`
 /// (`(x - a_zp)` and `w` both fit `i16`, a pair of products fits `i32`: exact); the last
 /// `oc % 16` channels through the shared body.

@@ -119,12 +119,6 @@ impl Avx2 {
         }
     }
 
-    /// `acc[c] += (x[c] - a_zp) * w[c]`, compiled for AVX2.
-    pub(crate) fn dw_accumulate(self, acc: &mut [i32], x: &[u8], w: &[i16], a_zp: i32) {
-        // SAFETY: the token proves AVX2; the body is safe code (slices, no raw pointers).
-        unsafe { avx2::dw_accumulate(acc, x, w, a_zp) }
-    }
-
     /// One depthwise output pixel, compiled for AVX2.
     pub(crate) fn dw_pixel(
         self,
