@@ -247,6 +247,52 @@ fn depthwise_small_geometries_exhaustive() {
     assert!(n > 2000, "{n} geometries");
 }
 
+/// Dense and grouped convolutions through im2col + GEMM on every set: channel counts
+/// whose kernel-row runs cover every im2col copy size (1 byte to past 512), 1x1 rows the
+/// GEMM reads in place, strides and asymmetric padding, with symmetric (all zero: no row
+/// sums) and asymmetric weight zero points.
+#[test]
+fn dense_conv_geometries() {
+    let mut n = 0u64;
+    for (c_in, c_out, groups) in [
+        (1usize, 16usize, 1usize),
+        (3, 32, 1),
+        (11, 20, 1),
+        (16, 33, 1),
+        (64, 48, 1),
+        (200, 17, 1),
+        (8, 12, 2),
+    ] {
+        for (kernel, stride, padding) in [
+            ((1, 1), (1, 1), (0, 0)),
+            ((3, 3), (1, 1), (1, 1)),
+            ((3, 3), (2, 2), (1, 1)),
+            ((1, 3), (1, 2), (0, 2)),
+        ] {
+            for symmetric in [false, true] {
+                let g = ConvGeom {
+                    batch: 2,
+                    c_in,
+                    in_hw: (5, 7),
+                    c_out,
+                    kernel,
+                    stride,
+                    padding,
+                    dilation: (1, 1),
+                    groups,
+                };
+                let mut conv = random_conv(g, n + 1);
+                if symmetric {
+                    conv.w_zp.iter_mut().for_each(|z| *z = 0);
+                }
+                conv.check();
+                n += 1;
+            }
+        }
+    }
+    assert_eq!(n, 56);
+}
+
 /// Issue 9: a grouped convolution with more than one input channel per group indexed
 /// past the end of its empty output on a batch of 0; depthwise and dense too.
 #[test]
