@@ -749,3 +749,101 @@ fn ceil_mode_survives_qmodel_round_trip() {
     assert_eq!(y1.shape(), &[1, 2, 2, 2]);
     assert_eq!(y1, y2);
 }
+
+/// NCHW bytes `[b, c, hw]` to NHWC.
+fn to_nhwc(x: &[u8], b: usize, c: usize, hw: usize) -> Vec<u8> {
+    let mut y = vec![0u8; x.len()];
+    for bi in 0..b {
+        for ci in 0..c {
+            for p in 0..hw {
+                y[(bi * hw + p) * c + ci] = x[(bi * c + ci) * hw + p];
+            }
+        }
+    }
+    y
+}
+
+/// The NHWC pooling kernels (`kernels::pool`) on every set against the pooling layers
+/// (pinned to PyTorch by `pooling_matches_pytorch_ceil_mode`): max with dilation and
+/// `ceil_mode`, average with and without `count_include_pad` in both roundings, channel
+/// counts around the SIMD widths.
+#[test]
+fn pool_kernels_match_the_layers_on_every_set() {
+    use ptq::kernels::conv::out_len;
+    use ptq::kernels::pool::{avg_pool_nhwc, max_pool_nhwc, PoolGeom};
+    let mut n = 0u64;
+    for (b, c) in [(1usize, 1usize), (2, 3), (1, 17), (1, 40)] {
+        for (h, w) in [(1usize, 1usize), (4, 5), (6, 3)] {
+            for k in 1usize..=3 {
+                for s in 1usize..=2 {
+                    for p in 0..=k / 2 {
+                        for (d, ceil) in [(1usize, false), (1, true), (2, false)] {
+                            n += 1;
+                            let (Some(oh), Some(ow)) =
+                                (out_len(h, k, s, p, d, ceil), out_len(w, k, s, p, d, ceil))
+                            else {
+                                continue;
+                            };
+                            let x = bytes(b * c * h * w, n);
+                            let zp = (n % 256) as i32;
+                            let qx = QTensor::new(
+                                ArrayD::from_shape_vec(IxDyn(&[b, c, h, w]), x.clone()).unwrap(),
+                                0.1,
+                                zp,
+                            )
+                            .unwrap();
+                            let xn = to_nhwc(&x, b, c, h * w);
+                            let g = PoolGeom {
+                                batch: b,
+                                channels: c,
+                                in_hw: (h, w),
+                                out_hw: (oh, ow),
+                                kernel: (k, k),
+                                stride: (s, s),
+                                padding: (p, p),
+                                dilation: (d, d),
+                            };
+                            let mp = QMaxPool2d::new((k, k), (s, s), (p, p), (d, d))
+                                .unwrap()
+                                .with_ceil_mode(ceil);
+                            let want = mp.forward(&qx).unwrap();
+                            let want = to_nhwc(want.data().as_slice().unwrap(), b, c, oh * ow);
+                            for ks in sets() {
+                                let mut got = vec![0xA5u8; want.len()];
+                                max_pool_nhwc(ks, &xn, &g, &mut got);
+                                assert_eq!(got, want, "max {g:?} on {:?}", ks.backend());
+                            }
+                            if d != 1 {
+                                continue;
+                            }
+                            for include_pad in [false, true] {
+                                for layout in [TorchLayout::ChannelsLast, TorchLayout::Contiguous] {
+                                    let ap = QAvgPool2d::new((k, k), (s, s), (p, p), include_pad)
+                                        .unwrap()
+                                        .with_ceil_mode(ceil)
+                                        .with_layout(layout);
+                                    let want = ap.forward(&qx).unwrap();
+                                    let want =
+                                        to_nhwc(want.data().as_slice().unwrap(), b, c, oh * ow);
+                                    let cl =
+                                        layout == TorchLayout::ChannelsLast || c == 1 || h * w == 1;
+                                    for ks in sets() {
+                                        let mut got = vec![0xA5u8; want.len()];
+                                        avg_pool_nhwc(ks, &xn, zp, &g, include_pad, cl, &mut got);
+                                        assert_eq!(
+                                            got,
+                                            want,
+                                            "avg {g:?} pad {include_pad} {layout:?} on {:?}",
+                                            ks.backend()
+                                        );
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(n > 300, "{n} cases");
+}

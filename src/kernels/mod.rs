@@ -63,6 +63,7 @@ pub(crate) mod gemm;
 #[cfg(test)]
 mod gemm_tests;
 pub mod pack;
+pub mod pool;
 #[allow(unsafe_code)]
 pub(crate) mod portable;
 pub mod reference;

@@ -394,6 +394,29 @@ pub(super) unsafe fn add_u8(
     }
 }
 
+/// [`crate::kernels::pool::max_pool_body`] compiled with AVX2 enabled.
+///
+/// # Safety
+/// AVX2 must be available.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn max_pool_nhwc(x: &[u8], g: &crate::kernels::pool::PoolGeom, out: &mut [u8]) {
+    crate::kernels::pool::max_pool_body(x, g, out)
+}
+
+/// [`crate::kernels::pool::avg_pool_body`] compiled with AVX2 enabled.
+///
+/// # Safety
+/// AVX2 must be available.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn avg_pool_nhwc(
+    x: &[u8],
+    g: &crate::kernels::pool::PoolGeom,
+    p: &crate::kernels::pool::AvgParams,
+    out: &mut [u8],
+) {
+    crate::kernels::pool::avg_pool_body(x, g, p, out)
+}
+
 /// [`crate::kernels::f32::dw_plane`] compiled with AVX2 and FMA enabled.
 ///
 /// # Safety

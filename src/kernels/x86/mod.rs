@@ -199,6 +199,29 @@ impl Avx2 {
 }
 
 impl Avx2 {
+    /// `kernels::pool::max_pool_nhwc`'s loops compiled for AVX2 (32 channels a step).
+    pub(crate) fn max_pool_nhwc(
+        self,
+        x: &[u8],
+        g: &crate::kernels::pool::PoolGeom,
+        out: &mut [u8],
+    ) {
+        // SAFETY: the token proves AVX2; the body is safe code (slices).
+        unsafe { avx2::max_pool_nhwc(x, g, out) }
+    }
+
+    /// `kernels::pool::avg_pool_nhwc`'s loops compiled for AVX2.
+    pub(crate) fn avg_pool_nhwc(
+        self,
+        x: &[u8],
+        g: &crate::kernels::pool::PoolGeom,
+        p: &crate::kernels::pool::AvgParams,
+        out: &mut [u8],
+    ) {
+        // SAFETY: the token proves AVX2; the body is safe code (slices).
+        unsafe { avx2::avg_pool_nhwc(x, g, p, out) }
+    }
+
     /// One depthwise `f32` output plane, compiled for AVX2 + FMA.
     pub(crate) fn dw_plane_f32(self, p: &crate::kernels::f32::DwPlane<'_>, o: &mut [f32]) {
         // SAFETY: the token proves AVX2 + FMA; the body is safe code (slices).
