@@ -210,7 +210,17 @@ fn benches(c: &mut Criterion) {
     conv(c, "conv3x3_b8_64to64_28x28", 8, 64, 64, 28, 3, 1, 1);
     conv(c, "conv1x1_b8_128to128_28x28", 8, 128, 128, 28, 1, 1, 1);
     conv(c, "depthwise3x3_b8_128_28x28", 8, 128, 128, 28, 3, 1, 128);
-    conv(c, "depthwise3x3_m2_b8_64to128_28x28", 8, 64, 128, 28, 3, 1, 64);
+    conv(
+        c,
+        "depthwise3x3_m2_b8_64to128_28x28",
+        8,
+        64,
+        128,
+        28,
+        3,
+        1,
+        64,
+    );
     conv(c, "stem3x3s2_b1_3to32_112x112", 1, 3, 32, 112, 3, 2, 1);
     add(c, "add_1x64x56x56", [1, 64, 56, 56]);
 }
