@@ -206,8 +206,9 @@ fn depthwise_bug_2_one_by_one_kernel_padding_two() {
 
 /// All small depthwise geometries: widths 1..=9 (the four-column sharing needs >= 4
 /// output columns), kernels up to 3, strides up to 3, paddings up to 3 (wider than the
-/// kernel), dilations 1 and 2, channel multipliers 1 and 2, channel counts around the
-/// SIMD widths; every kernel set against the oracle.
+/// kernel), dilations 1 and 2, channel multipliers 1 to 5 (2, 3 and 4 have their own
+/// channel repeat), channel counts around the SIMD widths (16 x 2 fills one AVX-512
+/// block); every kernel set against the oracle.
 #[test]
 fn depthwise_small_geometries_exhaustive() {
     let mut n = 0;
@@ -218,7 +219,16 @@ fn depthwise_small_geometries_exhaustive() {
                     for sw in 1usize..=3 {
                         for pw in 0usize..=3 {
                             for (ph, dw) in [(0usize, 1usize), (1, 2), (2, 1)] {
-                                for (c, mult) in [(3usize, 1usize), (17, 1), (2, 2), (37, 1)] {
+                                for (c, mult) in [
+                                    (3usize, 1usize),
+                                    (17, 1),
+                                    (2, 2),
+                                    (37, 1),
+                                    (16, 2),
+                                    (11, 3),
+                                    (9, 4),
+                                    (3, 5),
+                                ] {
                                     let g =
                                         geom(c, mult, (h, w), (kh, kw), (1, sw), (ph, pw), (1, dw));
                                     if g.out_hw().is_none() {
@@ -235,6 +245,52 @@ fn depthwise_small_geometries_exhaustive() {
         }
     }
     assert!(n > 2000, "{n} geometries");
+}
+
+/// Dense and grouped convolutions through im2col + GEMM on every set: channel counts
+/// whose kernel-row runs cover every im2col copy size (1 byte to past 512), 1x1 rows the
+/// GEMM reads in place, strides and asymmetric padding, with symmetric (all zero: no row
+/// sums) and asymmetric weight zero points.
+#[test]
+fn dense_conv_geometries() {
+    let mut n = 0u64;
+    for (c_in, c_out, groups) in [
+        (1usize, 16usize, 1usize),
+        (3, 32, 1),
+        (11, 20, 1),
+        (16, 33, 1),
+        (64, 48, 1),
+        (200, 17, 1),
+        (8, 12, 2),
+    ] {
+        for (kernel, stride, padding) in [
+            ((1, 1), (1, 1), (0, 0)),
+            ((3, 3), (1, 1), (1, 1)),
+            ((3, 3), (2, 2), (1, 1)),
+            ((1, 3), (1, 2), (0, 2)),
+        ] {
+            for symmetric in [false, true] {
+                let g = ConvGeom {
+                    batch: 2,
+                    c_in,
+                    in_hw: (5, 7),
+                    c_out,
+                    kernel,
+                    stride,
+                    padding,
+                    dilation: (1, 1),
+                    groups,
+                };
+                let mut conv = random_conv(g, n + 1);
+                if symmetric {
+                    conv.w_zp.iter_mut().for_each(|z| *z = 0);
+                }
+                conv.check();
+                n += 1;
+            }
+        }
+    }
+    assert_eq!(n, 56);
 }
 
 /// Issue 9: a grouped convolution with more than one input channel per group indexed
@@ -692,4 +748,102 @@ fn ceil_mode_survives_qmodel_round_trip() {
     // would start in the right padding, so it is dropped).
     assert_eq!(y1.shape(), &[1, 2, 2, 2]);
     assert_eq!(y1, y2);
+}
+
+/// NCHW bytes `[b, c, hw]` to NHWC.
+fn to_nhwc(x: &[u8], b: usize, c: usize, hw: usize) -> Vec<u8> {
+    let mut y = vec![0u8; x.len()];
+    for bi in 0..b {
+        for ci in 0..c {
+            for p in 0..hw {
+                y[(bi * hw + p) * c + ci] = x[(bi * c + ci) * hw + p];
+            }
+        }
+    }
+    y
+}
+
+/// The NHWC pooling kernels (`kernels::pool`) on every set against the pooling layers
+/// (pinned to PyTorch by `pooling_matches_pytorch_ceil_mode`): max with dilation and
+/// `ceil_mode`, average with and without `count_include_pad` in both roundings, channel
+/// counts around the SIMD widths.
+#[test]
+fn pool_kernels_match_the_layers_on_every_set() {
+    use ptq::kernels::conv::out_len;
+    use ptq::kernels::pool::{avg_pool_nhwc, max_pool_nhwc, PoolGeom};
+    let mut n = 0u64;
+    for (b, c) in [(1usize, 1usize), (2, 3), (1, 17), (1, 40)] {
+        for (h, w) in [(1usize, 1usize), (4, 5), (6, 3)] {
+            for k in 1usize..=3 {
+                for s in 1usize..=2 {
+                    for p in 0..=k / 2 {
+                        for (d, ceil) in [(1usize, false), (1, true), (2, false)] {
+                            n += 1;
+                            let (Some(oh), Some(ow)) =
+                                (out_len(h, k, s, p, d, ceil), out_len(w, k, s, p, d, ceil))
+                            else {
+                                continue;
+                            };
+                            let x = bytes(b * c * h * w, n);
+                            let zp = (n % 256) as i32;
+                            let qx = QTensor::new(
+                                ArrayD::from_shape_vec(IxDyn(&[b, c, h, w]), x.clone()).unwrap(),
+                                0.1,
+                                zp,
+                            )
+                            .unwrap();
+                            let xn = to_nhwc(&x, b, c, h * w);
+                            let g = PoolGeom {
+                                batch: b,
+                                channels: c,
+                                in_hw: (h, w),
+                                out_hw: (oh, ow),
+                                kernel: (k, k),
+                                stride: (s, s),
+                                padding: (p, p),
+                                dilation: (d, d),
+                            };
+                            let mp = QMaxPool2d::new((k, k), (s, s), (p, p), (d, d))
+                                .unwrap()
+                                .with_ceil_mode(ceil);
+                            let want = mp.forward(&qx).unwrap();
+                            let want = to_nhwc(want.data().as_slice().unwrap(), b, c, oh * ow);
+                            for ks in sets() {
+                                let mut got = vec![0xA5u8; want.len()];
+                                max_pool_nhwc(ks, &xn, &g, &mut got);
+                                assert_eq!(got, want, "max {g:?} on {:?}", ks.backend());
+                            }
+                            if d != 1 {
+                                continue;
+                            }
+                            for include_pad in [false, true] {
+                                for layout in [TorchLayout::ChannelsLast, TorchLayout::Contiguous] {
+                                    let ap = QAvgPool2d::new((k, k), (s, s), (p, p), include_pad)
+                                        .unwrap()
+                                        .with_ceil_mode(ceil)
+                                        .with_layout(layout);
+                                    let want = ap.forward(&qx).unwrap();
+                                    let want =
+                                        to_nhwc(want.data().as_slice().unwrap(), b, c, oh * ow);
+                                    let cl =
+                                        layout == TorchLayout::ChannelsLast || c == 1 || h * w == 1;
+                                    for ks in sets() {
+                                        let mut got = vec![0xA5u8; want.len()];
+                                        avg_pool_nhwc(ks, &xn, zp, &g, include_pad, cl, &mut got);
+                                        assert_eq!(
+                                            got,
+                                            want,
+                                            "avg {g:?} pad {include_pad} {layout:?} on {:?}",
+                                            ks.backend()
+                                        );
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(n > 300, "{n} cases");
 }

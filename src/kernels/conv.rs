@@ -127,8 +127,8 @@ struct Im2col<'a> {
     a_zp: u8,
 }
 
-/// `dst.copy_from_slice(src)` for the short runs of im2col (a few bytes to a few dozen)
-/// without a `memcpy` call: two overlapping fixed-size moves.
+/// `dst.copy_from_slice(src)` for the short runs of im2col (a few bytes to a few hundred)
+/// without a `memcpy` call: overlapping fixed-size moves.
 #[inline(always)]
 fn copy_small(dst: &mut [u8], src: &[u8]) {
     let n = dst.len();
@@ -152,11 +152,35 @@ fn copy_small(dst: &mut [u8], src: &[u8]) {
             dst[..16].copy_from_slice(&src[..16]);
             dst[n - 16..].copy_from_slice(&src[n - 16..]);
         }
+        33..=512 => {
+            // Whole 32-byte moves, the last one overlapping: a few hundred bytes (a
+            // kernel row of 64 channels) cost less inline than a `memmove` call.
+            for (d, s) in dst.chunks_exact_mut(32).zip(src.chunks_exact(32)) {
+                d.copy_from_slice(s);
+            }
+            dst[n - 32..].copy_from_slice(&src[n - 32..]);
+        }
         _ => dst.copy_from_slice(src),
     }
 }
 
+impl Im2col<'_> {
+    /// A 1x1 kernel with unit stride and no padding over all channels: the im2col rows
+    /// are the NHWC rows themselves.
+    fn is_pointwise(&self) -> bool {
+        let g = self.geom;
+        g.kernel == (1, 1) && g.stride == (1, 1) && g.padding == (0, 0) && self.cig == g.c_in
+    }
+}
+
 impl RowSource for Im2col<'_> {
+    fn direct(&self, r0: usize, rows: usize, kp: usize) -> Option<&[u8]> {
+        let c = self.geom.c_in;
+        (self.is_pointwise() && kp == c)
+            .then(|| self.x.get(r0 * c..(r0 + rows) * c))
+            .flatten()
+    }
+
     fn fill(&self, r0: usize, rows: usize, kp: usize, dst: &mut [u8]) {
         let g = self.geom;
         let (h, w) = g.in_hw;
@@ -165,9 +189,7 @@ impl RowSource for Im2col<'_> {
         let c = g.c_in;
         let cig = self.cig;
         let zp = self.a_zp;
-        // A 1x1 kernel with unit stride and no padding over all channels: the im2col rows
-        // are the NHWC rows themselves.
-        if (kh, kw) == (1, 1) && g.stride == (1, 1) && g.padding == (0, 0) && cig == c {
+        if self.is_pointwise() {
             let src = &self.x[r0 * c..(r0 + rows) * c];
             if kp == c {
                 dst[..rows * c].copy_from_slice(src);
@@ -268,6 +290,10 @@ pub(crate) fn conv_gemm(
 /// NHWC, exact `i32` sums (the caller guarantees they cannot overflow), then the shared
 /// requantization. `wv` holds `w - w_zp` as `[tap][out_channel]`.
 ///
+/// A channel multiplier `m > 1` first repeats each input channel `m` times (an NHWC
+/// input of `c_out` channels, as many bytes as the output); every multiplier then runs
+/// the same vectorized multiplier-1 kernels (AVX-512 VNNI `vpdpwssd`, AVX2 `vpmaddwd`).
+///
 /// # Panics
 /// On slices inconsistent with `g` (the caller checked the shapes).
 #[allow(clippy::too_many_arguments)]
@@ -281,13 +307,69 @@ pub(crate) fn depthwise(
     rq: &RequantParams,
     out: &mut [u8],
 ) {
-    let (h, w) = g.in_hw;
     let c = g.c_in;
     let oc = g.c_out;
-    if oc == 0 || ow == 0 || oh == 0 || g.batch == 0 {
+    if oc == 0 || ow == 0 || oh == 0 || g.batch == 0 || c == 0 {
         return;
     }
     let mult = oc / c;
+    if mult > 1 {
+        let pixels = g.batch * g.in_hw.0 * g.in_hw.1;
+        let ge = ConvGeom {
+            c_in: oc,
+            groups: oc,
+            ..*g
+        };
+        // The expanded input lives in this thread's buffer (grown, never zero-filled:
+        // every byte is written below).
+        let mut xe = DW_EXPAND.with(|b| b.take());
+        if xe.len() < pixels * oc {
+            xe.resize(pixels * oc, 0);
+        }
+        let rows = xe[..pixels * oc]
+            .chunks_exact_mut(oc)
+            .zip(x.chunks_exact(c).take(pixels));
+        match mult {
+            2 => rows.for_each(|(d, s)| repeat_channels::<2>(d, s)),
+            3 => rows.for_each(|(d, s)| repeat_channels::<3>(d, s)),
+            4 => rows.for_each(|(d, s)| repeat_channels::<4>(d, s)),
+            _ => rows.for_each(|(d, s)| {
+                for (dd, &v) in d.chunks_exact_mut(mult).zip(s) {
+                    dd.fill(v);
+                }
+            }),
+        }
+        depthwise_m1(ks, &xe[..pixels * oc], &ge, (oh, ow), a_zp, wv, rq, out);
+        DW_EXPAND.with(|b| b.replace(xe));
+        return;
+    }
+    depthwise_m1(ks, x, g, (oh, ow), a_zp, wv, rq, out)
+}
+
+/// `d[i * M + j] = s[i]` for `j < M`: each input channel repeated `M` times.
+#[inline(always)]
+fn repeat_channels<const M: usize>(d: &mut [u8], s: &[u8]) {
+    for (dd, &v) in d.chunks_exact_mut(M).zip(s) {
+        dd.copy_from_slice(&[v; M]);
+    }
+}
+
+/// [`depthwise`] with channel multiplier 1 (`c_in == c_out`).
+#[allow(clippy::too_many_arguments)]
+fn depthwise_m1(
+    ks: KernelSet,
+    x: &[u8],
+    g: &ConvGeom,
+    (oh, ow): (usize, usize),
+    a_zp: i32,
+    wv: &[i16],
+    rq: &RequantParams,
+    out: &mut [u8],
+) {
+    let (h, w) = g.in_hw;
+    let c = g.c_in;
+    let oc = g.c_out;
+    debug_assert_eq!(c, oc);
     let (kh, kw) = g.kernel;
     let simd = ks.simd;
     // Four columns share one tap list (shifted by the stride) only when all four have the
@@ -296,49 +378,39 @@ pub(crate) fn depthwise(
     let row = |(r, orow): (usize, &mut [u8])| {
         let b = r / oh;
         let oy = r % oh;
-        let mut acc = vec![0i32; oc];
-        let mut xs = vec![0u8; oc];
-        let mut taps: Vec<(usize, usize)> = Vec::with_capacity(kh * kw);
-        let mut acc4 = vec![0i32; 4 * oc];
-        let mut ox = 0;
-        while ox < ow {
-            taps.clear();
-            for ky in 0..kh {
-                let Some(iy) = g.iy(oy, ky) else { continue };
-                for kx in 0..kw {
-                    if let Some(ix) = g.ix(ox, kx) {
-                        taps.push((((b * h + iy) * w + ix) * c, ky * kw + kx));
+        DW_SCRATCH.with(|cell| {
+            let mut guard = cell.borrow_mut();
+            let DwScratch { acc, taps } = &mut *guard;
+            acc.resize(4 * oc, 0);
+            let mut ox = 0;
+            while ox < ow {
+                taps.clear();
+                for ky in 0..kh {
+                    let Some(iy) = g.iy(oy, ky) else { continue };
+                    for kx in 0..kw {
+                        if let Some(ix) = g.ix(ox, kx) {
+                            taps.push((((b * h + iy) * w + ix) * c, ky * kw + kx));
+                        }
                     }
                 }
-            }
-            if mult == 1 && ox + 4 <= ow && ranges[ox + 1..ox + 4].iter().all(|r| *r == ranges[ox])
-            {
-                super::dw_pixels4(simd, x, &taps, g.stride.1 * c, wv, a_zp, &mut acc4);
-                for p in 0..4 {
-                    super::requant_row(
-                        simd,
-                        &acc4[p * oc..(p + 1) * oc],
-                        rq,
-                        &mut orow[(ox + p) * oc..(ox + p + 1) * oc],
-                    );
-                }
-                ox += 4;
-                continue;
-            }
-            if mult == 1 {
-                super::dw_pixel(simd, x, &taps, wv, a_zp, &mut acc);
-            } else {
-                acc.fill(0);
-                for &(p, t) in &taps {
-                    for (o, xo) in xs.iter_mut().enumerate() {
-                        *xo = x[p + o / mult];
+                if ox + 4 <= ow && ranges[ox + 1..ox + 4].iter().all(|r| *r == ranges[ox]) {
+                    super::dw_pixels4(simd, x, taps, g.stride.1 * c, wv, a_zp, acc);
+                    for p in 0..4 {
+                        super::requant_row(
+                            simd,
+                            &acc[p * oc..(p + 1) * oc],
+                            rq,
+                            &mut orow[(ox + p) * oc..(ox + p + 1) * oc],
+                        );
                     }
-                    super::dw_accumulate(simd, &mut acc, &xs, &wv[t * oc..(t + 1) * oc], a_zp);
+                    ox += 4;
+                    continue;
                 }
+                super::dw_pixel(simd, x, taps, wv, a_zp, &mut acc[..oc]);
+                super::requant_row(simd, &acc[..oc], rq, &mut orow[ox * oc..(ox + 1) * oc]);
+                ox += 1;
             }
-            super::requant_row(simd, &acc, rq, &mut orow[ox * oc..(ox + 1) * oc]);
-            ox += 1;
-        }
+        });
     };
     let rows = g.batch * oh;
     let work = rows
@@ -350,4 +422,17 @@ pub(crate) fn depthwise(
     } else {
         out.chunks_mut(ow * oc).enumerate().for_each(row);
     }
+}
+
+/// Each thread's reusable depthwise buffers: four pixels of accumulators and a tap list.
+#[derive(Default)]
+struct DwScratch {
+    acc: Vec<i32>,
+    taps: Vec<(usize, usize)>,
+}
+
+thread_local! {
+    /// The calling thread's buffer for a multiplier > 1 input with repeated channels.
+    static DW_EXPAND: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    static DW_SCRATCH: std::cell::RefCell<DwScratch> = std::cell::RefCell::new(DwScratch::default());
 }

@@ -1,4 +1,6 @@
-//! Elementwise int8 kernels: PyTorch's quantized add (and add + ReLU).
+//! Elementwise int8 kernels: PyTorch's quantized add (and add + ReLU), and the
+//! `f32 <-> u8` conversions at the borders of an int8 model ([`quantize_u8`],
+//! [`dequantize_u8`]).
 //!
 //! PyTorch's vectorized add (`qadd_kernel`, blocks of 64 elements in memory order)
 //! computes, per element, in `f32`:
@@ -109,6 +111,114 @@ pub(crate) fn add_u8(ks: KernelSet, a: &[u8], b: &[u8], p: &AddParams, out: &mut
     }
 }
 
+/// `dst[i] = clamp(zero_point + round_half_even(src[i] * (1 / scale)), 0, 255)`:
+/// PyTorch's `quantize_per_tensor` to `quint8`, bit for bit (the crate's 8-bit
+/// quantization formula), on the set's fastest kernel (sixteen lanes with AVX-512,
+/// eight with AVX2). Returns whether every input was finite; when it was not, `dst` is
+/// unspecified and the caller must report the NaN or infinity.
+///
+/// # Panics
+/// When `src` and `dst` differ in length.
+///
+/// # Examples
+/// ```
+/// use ptq::kernels::{elementwise::quantize_u8, KernelSet};
+/// let mut q = [0u8; 4];
+/// assert!(quantize_u8(KernelSet::best(), &[0.0, 0.25, -1.0, 1e9], 0.1, 10, &mut q));
+/// assert_eq!(q, [10, 12, 0, 255]);
+/// assert!(!quantize_u8(KernelSet::portable(), &[0.0, f32::NAN, 0.0, 0.0], 0.1, 10, &mut q));
+/// ```
+pub fn quantize_u8(ks: KernelSet, src: &[f32], scale: f32, zero_point: u8, dst: &mut [u8]) -> bool {
+    assert_eq!(src.len(), dst.len(), "quantize_u8: lengths differ");
+    let inv = 1.0f32 / scale;
+    let zpf = zero_point as f32;
+    #[allow(unused_mut)]
+    let mut done = 0;
+    #[allow(unused_mut)]
+    let mut finite = true;
+    #[cfg(target_arch = "x86_64")]
+    if let Some(s) = ks.simd {
+        (done, finite) = s.quantize_u8(src, inv, zpf, dst);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = ks;
+    for (o, &v) in dst[done..].iter_mut().zip(&src[done..]) {
+        finite &= v.is_finite();
+        *o = crate::qparams::quantize_val_8bit(v, inv, zpf, 0.0, 255.0) as u8;
+    }
+    finite
+}
+
+/// `dst[i] = (src[i] - zero_point) as f32 * scale`: PyTorch's `dequantize` of `quint8`,
+/// on the set's fastest kernel (the arithmetic is exact up to the one rounded multiply,
+/// so every kernel gives the same bits).
+///
+/// # Panics
+/// When `src` and `dst` differ in length.
+///
+/// # Examples
+/// ```
+/// use ptq::kernels::{elementwise::dequantize_u8, KernelSet};
+/// let mut f = [0f32; 3];
+/// dequantize_u8(KernelSet::best(), &[10, 12, 0], 0.5, 10, &mut f);
+/// assert_eq!(f, [0.0, 1.0, -5.0]);
+/// ```
+pub fn dequantize_u8(ks: KernelSet, src: &[u8], scale: f32, zero_point: u8, dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len(), "dequantize_u8: lengths differ");
+    #[allow(unused_mut)]
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if let Some(s) = ks.simd {
+        done = s.dequantize_u8(src, scale, zero_point, dst);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = ks;
+    let zp = zero_point as i32;
+    for (o, &q) in dst[done..].iter_mut().zip(&src[done..]) {
+        *o = (q as i32 - zp) as f32 * scale;
+    }
+}
+
+/// [`quantize_u8`] into a new vector (not zero-filled first on SIMD sets); `None` when
+/// an input is NaN or infinite.
+///
+/// # Examples
+/// ```
+/// use ptq::kernels::{elementwise::quantize_u8_to_vec, KernelSet};
+/// assert_eq!(quantize_u8_to_vec(KernelSet::best(), &[0.0, 0.25], 0.1, 10), Some(vec![10, 12]));
+/// assert_eq!(quantize_u8_to_vec(KernelSet::best(), &[f32::INFINITY], 0.1, 10), None);
+/// ```
+pub fn quantize_u8_to_vec(
+    ks: KernelSet,
+    src: &[f32],
+    scale: f32,
+    zero_point: u8,
+) -> Option<Vec<u8>> {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(s) = ks.simd {
+        return s.quantize_u8_vec(src, 1.0f32 / scale, zero_point as f32);
+    }
+    let mut v = vec![0u8; src.len()];
+    quantize_u8(ks, src, scale, zero_point, &mut v).then_some(v)
+}
+
+/// [`dequantize_u8`] into a new vector (not zero-filled first on SIMD sets).
+///
+/// # Examples
+/// ```
+/// use ptq::kernels::{elementwise::dequantize_u8_to_vec, KernelSet};
+/// assert_eq!(dequantize_u8_to_vec(KernelSet::best(), &[10, 12], 0.5, 10), vec![0.0, 1.0]);
+/// ```
+pub fn dequantize_u8_to_vec(ks: KernelSet, src: &[u8], scale: f32, zero_point: u8) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(s) = ks.simd {
+        return s.dequantize_u8_vec(src, scale, zero_point);
+    }
+    let mut v = vec![0f32; src.len()];
+    dequantize_u8(ks, src, scale, zero_point, &mut v);
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,6 +247,119 @@ mod tests {
                     let mut got = vec![0u8; 1001];
                     add_u8(ks, &a[7..1008], &b[7..1008], &p, &mut got);
                     assert_eq!(got, want[7..1008], "{:?} tail", ks.backend());
+                }
+            }
+        }
+    }
+
+    /// Awkward floats: exact ties, the 2^22 clamp, subnormals, signed zeros, values that
+    /// saturate both ways, and a deterministic spread.
+    fn awkward_floats() -> Vec<f32> {
+        let mut v = vec![
+            0.0,
+            -0.0,
+            0.5,
+            1.5,
+            2.5,
+            -0.5,
+            -1.5,
+            -2.5,
+            127.5,
+            128.5,
+            254.5,
+            255.5,
+            -10.5,
+            4_194_304.0,
+            -4_194_304.0,
+            4_194_305.0,
+            8_388_609.0,
+            1e30,
+            -1e30,
+            f32::MAX,
+            f32::MIN,
+            f32::MIN_POSITIVE,
+            1e-40,
+            -1e-40,
+            0.049999997,
+            0.050000004,
+        ];
+        let mut s = 0x1234_5678u32;
+        for _ in 0..5000 {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            v.push((s as i32) as f32 / (1u32 << (s % 31)) as f32);
+        }
+        v
+    }
+
+    /// Every set against the scalar 8-bit formula (`qparams::quantize`), on every length
+    /// up to two registers past the SIMD width and at odd offsets; non-finite input is
+    /// reported wherever it sits.
+    #[test]
+    fn quantize_kernels_match_the_definition() {
+        let x = awkward_floats();
+        for &(scale, zp) in &[
+            (1.0f32, 0u8),
+            (0.1, 10),
+            (0.05, 128),
+            (3.7, 255),
+            (1e-3, 77),
+        ] {
+            let inv = 1.0f32 / scale;
+            let want: Vec<u8> = x
+                .iter()
+                .map(|&v| crate::qparams::quantize_val_8bit(v, inv, zp as f32, 0.0, 255.0) as u8)
+                .collect();
+            for ks in KernelSet::all_available() {
+                let mut got = vec![0u8; x.len()];
+                assert!(quantize_u8(ks, &x, scale, zp, &mut got));
+                assert_eq!(got, want, "{:?} scale {scale} zp {zp}", ks.backend());
+                let got = quantize_u8_to_vec(ks, &x, scale, zp);
+                assert_eq!(got.as_ref(), Some(&want), "{:?} to_vec", ks.backend());
+                for len in 0..40 {
+                    let mut got = vec![0u8; len];
+                    assert!(quantize_u8(ks, &x[3..3 + len], scale, zp, &mut got));
+                    assert_eq!(got, want[3..3 + len], "{:?} len {len}", ks.backend());
+                    let got = quantize_u8_to_vec(ks, &x[3..3 + len], scale, zp).unwrap();
+                    assert_eq!(got, want[3..3 + len], "{:?} to_vec len {len}", ks.backend());
+                }
+            }
+        }
+        for ks in KernelSet::all_available() {
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                for at in [0, 7, 15, 16, 31, 33] {
+                    let mut x = vec![1.0f32; 34];
+                    x[at] = bad;
+                    let mut q = vec![0u8; 34];
+                    assert!(
+                        !quantize_u8(ks, &x, 0.1, 3, &mut q),
+                        "{:?} {bad} at {at}",
+                        ks.backend()
+                    );
+                }
+            }
+        }
+    }
+
+    /// Every set against `(q - zp) * scale`, every byte, lengths around the SIMD width.
+    #[test]
+    fn dequantize_kernels_match_the_definition() {
+        let q: Vec<u8> = (0..1000u32).map(|i| (i * 37 % 256) as u8).collect();
+        for &(scale, zp) in &[(1.0f32, 0u8), (0.1, 10), (0.0123, 128), (3.7, 255)] {
+            let want: Vec<f32> = q
+                .iter()
+                .map(|&v| (v as i32 - zp as i32) as f32 * scale)
+                .collect();
+            for ks in KernelSet::all_available() {
+                for len in (0..40).chain([1000]) {
+                    let mut got = vec![0f32; len];
+                    dequantize_u8(ks, &q[..len], scale, zp, &mut got);
+                    let same = got
+                        .iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{:?} len {len} scale {scale}", ks.backend());
                 }
             }
         }

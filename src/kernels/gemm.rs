@@ -29,9 +29,6 @@ const PAR_MIN_MACS: usize = 1 << 21;
 /// The largest tile (`MR * NR` `i32`) a kernel may declare.
 pub(crate) const MAX_TILE: usize = 8 * 32;
 
-/// One requantization sub-tile: [`MR`] rows of one packed panel ([`NR`] columns).
-pub(crate) type SubTile = [i32; MR * NR];
-
 /// An int8 GEMM micro-kernel: `acc = A_tile * B_panels` over packed operands.
 ///
 /// Operands (the same for every kernel): activations are `u8` rows at stride `kp` (`k`
@@ -77,12 +74,15 @@ pub(crate) trait GemmKernel: Copy + Send + Sync {
     /// `acc.len() >= MR * NR`. The kernel does not re-check these lengths.
     unsafe fn kernel(self, a: &[u8], kp: usize, b: &[i8], acc: &mut [i32]);
 
-    /// Requantizes the top-left `rows x cols` of one [`MR`] x [`NR`] sub-tile (global
-    /// columns `j0..j0 + cols`, `j0` a multiple of [`NR`]) into `out[r * ldc + c]`.
+    /// Requantizes the top-left `rows x cols` of one panel's slice of a tile (`acc` holds
+    /// at least `rows` rows of [`NR`] `i32`, `[row][NR]`; global columns `j0..j0 + cols`,
+    /// `j0` a multiple of [`NR`]) into `out[r * ldc + c]`. `rowsum` holds the `rows`
+    /// activation row sums, or is empty when every weight zero point is 0 (no row
+    /// correction).
     #[allow(clippy::too_many_arguments)]
     fn requant_tile(
         self,
-        acc: &SubTile,
+        acc: &[i32],
         rows: usize,
         cols: usize,
         rowsum: &[i32],
@@ -98,9 +98,16 @@ pub(crate) trait GemmKernel: Copy + Send + Sync {
 /// A source of activation rows for the GEMM driver: a plain matrix or an on-the-fly
 /// im2col of a convolution input.
 pub(crate) trait RowSource: Sync {
-    /// Writes rows `r0..r0 + rows` (the first `k` bytes of each) at stride `kp` into `dst`
-    /// (already zeroed).
+    /// Writes the first `k` bytes (the packed weights' `k`) of rows `r0..r0 + rows` at
+    /// stride `kp` into `dst`; the driver zeroes the padding bytes `k..kp` itself.
     fn fill(&self, r0: usize, rows: usize, kp: usize, dst: &mut [u8]);
+
+    /// Rows `r0..r0 + rows` already laid out at stride `kp` in memory (`rows * kp` bytes),
+    /// which the kernels can then read in place without a packing copy; `None` when the
+    /// source must be packed through [`fill`](Self::fill).
+    fn direct(&self, _r0: usize, _rows: usize, _kp: usize) -> Option<&[u8]> {
+        None
+    }
 }
 
 /// A row-major `rows x k` activation matrix as a [`RowSource`].
@@ -116,11 +123,32 @@ impl RowSource for MatrixRows<'_> {
             dst[i * kp..i * kp + self.k].copy_from_slice(src);
         }
     }
+
+    fn direct(&self, r0: usize, rows: usize, kp: usize) -> Option<&[u8]> {
+        (kp == self.k)
+            .then(|| self.data.get(r0 * kp..(r0 + rows) * kp))
+            .flatten()
+    }
+}
+
+/// Each thread's reusable buffers for packed activation blocks (no allocation or
+/// zero-fill per call once they have grown).
+#[derive(Default)]
+struct Scratch {
+    lo: Vec<u8>,
+    hi: Vec<u8>,
+    rowsum: Vec<i32>,
 }
 
 thread_local! {
-    /// Each thread's buffer for packed activation blocks.
-    static PACK_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// Grows `v` to at least `len` elements (new ones zero) without touching existing ones.
+fn grow<T: Copy + Default>(v: &mut Vec<T>, len: usize) {
+    if v.len() < len {
+        v.resize(len, T::default());
+    }
 }
 
 /// Runs the GEMM on the kernel of `simd`'s set (see [`gemm_loop`]). Arguments are checked.
@@ -168,6 +196,7 @@ struct Block<'a> {
     /// Valid rows (the packed block has `lo.len() / kp` rows, a multiple of [`MR`]).
     rows: usize,
     n: usize,
+    /// The rows' activation sums; empty when every weight zero point is 0.
     rowsum: &'a [i32],
     a_zp: i32,
     w: &'a PackedWeights,
@@ -205,41 +234,74 @@ pub(crate) fn gemm_loop<K: GemmKernel>(
         let r0 = bi * mc;
         let rows_blk = mc.min(m - r0);
         let padded = round_up(rows_blk, MR);
-        // The packed block reuses this thread's buffer (no allocation per call).
-        let mut lo = PACK_BUF.with(|b| b.take());
-        lo.clear();
-        lo.resize(padded * kp, 0);
-        src.fill(r0, rows_blk, kp, &mut lo);
-        // Row sums in one vectorizable pass.
-        let rowsum: Vec<i32> = if kp == 0 {
-            vec![0; padded]
+        let mut scratch = SCRATCH.with(|b| b.take());
+        // Rows the kernels can read in place (a plain matrix, a 1x1 convolution), unless
+        // the block may have to be split (that rewrites the bytes).
+        let direct = if needs_split || r0 + padded > m {
+            None
         } else {
-            lo.chunks_exact(kp).map(row_sum).collect()
+            src.direct(r0, padded, kp)
         };
-        // Only a kernel that may saturate needs to know whether any activation exceeds 127.
-        let split = needs_split && lo.iter().fold(0u8, |a, &v| a | v) > 127;
-        let hi: Vec<u8> = if split {
+        if direct.is_none() {
+            let buf = &mut scratch.lo;
+            grow(buf, padded * kp);
+            src.fill(r0, rows_blk, kp, buf);
+            if kp > k {
+                for row in buf[..rows_blk * kp].chunks_exact_mut(kp) {
+                    row[k..].fill(0);
+                }
+            }
+            buf[rows_blk * kp..padded * kp].fill(0);
+        }
+        let split = {
+            let lo = direct.unwrap_or_else(|| &scratch.lo[..padded * kp]);
+            // Row sums (of the unsplit bytes) only where a weight zero point needs them.
+            if !w.zp_zero {
+                grow(&mut scratch.rowsum, padded);
+                let sums = &mut scratch.rowsum[..padded];
+                if kp == 0 {
+                    sums.fill(0);
+                } else {
+                    for (s, row) in sums.iter_mut().zip(lo.chunks_exact(kp)) {
+                        *s = row_sum(row);
+                    }
+                }
+            }
+            // Only a kernel that may saturate needs to know whether any activation
+            // exceeds 127 (then `lo` is the packed buffer: `direct` is off for it).
+            needs_split && lo.iter().fold(0u8, |a, &v| a | v) > 127
+        };
+        if split {
             split_seen.store(true, Ordering::Relaxed);
-            let hi = lo.iter().map(|&v| v >> 7).collect();
-            lo.iter_mut().for_each(|v| *v &= 127);
-            hi
-        } else {
-            Vec::new()
-        };
+            grow(&mut scratch.hi, padded * kp);
+            let lo = &mut scratch.lo[..padded * kp];
+            for (h, v) in scratch.hi.iter_mut().zip(lo.iter_mut()) {
+                *h = *v >> 7;
+                *v &= 127;
+            }
+        }
         let b = Block {
-            lo: &lo,
-            hi: &hi,
+            lo: direct.unwrap_or_else(|| &scratch.lo[..padded * kp]),
+            hi: if split {
+                &scratch.hi[..padded * kp]
+            } else {
+                &[]
+            },
             kp,
             rows: rows_blk,
             n,
-            rowsum: &rowsum,
+            rowsum: if w.zp_zero {
+                &[]
+            } else {
+                &scratch.rowsum[..padded]
+            },
             a_zp,
             w,
             rq,
             ldc,
         };
         tiles(kern, &b, out_blk, 0, padded, 0, panels);
-        PACK_BUF.with(|b| b.replace(lo));
+        SCRATCH.with(|b| b.replace(scratch));
     };
     if m > 0 && n > 0 {
         let blocks = m.div_ceil(mc);
@@ -278,7 +340,6 @@ fn tiles<K: GemmKernel>(
     let kp = b.kp;
     let mut acc = [0i32; MAX_TILE];
     let mut acc2 = [0i32; MAX_TILE];
-    let mut sub: SubTile = [0; MR * NR];
     for p in (p0..p_full).step_by(pn) {
         let panel = b.w.panels(p, pn);
         for t in (r0..r_full).step_by(K::MR) {
@@ -296,34 +357,34 @@ fn tiles<K: GemmKernel>(
                     *x = x.wrapping_add(y.wrapping_shl(7));
                 }
             }
-            // Requantize the valid part, one MR x NR sub-tile at a time.
+            // Requantize the valid rows of each panel.
+            let rows = K::MR.min(b.rows.saturating_sub(t));
+            if rows == 0 {
+                continue;
+            }
+            let rowsum = if b.rowsum.is_empty() {
+                b.rowsum
+            } else {
+                &b.rowsum[t..t + rows]
+            };
             for h in 0..pn {
                 let j0 = (p + h) * NR;
                 if j0 >= b.n {
                     break;
                 }
                 let cols = NR.min(b.n - j0);
-                for s in (0..K::MR).step_by(MR) {
-                    let tt = t + s;
-                    if tt >= b.rows {
-                        break;
-                    }
-                    let rows = MR.min(b.rows - tt);
-                    let base = (h * K::MR + s) * NR;
-                    sub.copy_from_slice(&acc[base..base + MR * NR]);
-                    kern.requant_tile(
-                        &sub,
-                        rows,
-                        cols,
-                        &b.rowsum[tt..tt + rows],
-                        b.a_zp,
-                        b.w,
-                        b.rq,
-                        j0,
-                        &mut out[tt * b.ldc + j0..],
-                        b.ldc,
-                    );
-                }
+                kern.requant_tile(
+                    &acc[h * K::MR * NR..(h + 1) * K::MR * NR],
+                    rows,
+                    cols,
+                    rowsum,
+                    b.a_zp,
+                    b.w,
+                    b.rq,
+                    j0,
+                    &mut out[t * b.ldc + j0..],
+                    b.ldc,
+                );
             }
         }
     }

@@ -76,7 +76,11 @@ fn case_strategy() -> impl Strategy<Value = Case> {
                 proptest::collection::vec(0..=amax, m * k),
                 prop_oneof![Just(0), Just(255), 0..=255i32],
                 proptest::collection::vec(wmin..=wmax, n * k),
-                proptest::collection::vec(-128i32..=127, nw),
+                // Symmetric weights (all zero points 0: no row sums) or any zero points.
+                prop_oneof![
+                    Just(vec![0i32; nw]),
+                    proptest::collection::vec(-128i32..=127, nw)
+                ],
                 proptest::option::of(proptest::collection::vec(-5.0f32..5.0, n)),
                 (0..=255i32, any::<bool>(), 0usize..3),
             )
@@ -166,7 +170,11 @@ fn pinned_edges<K: GemmKernel>(kern: K) {
     ];
     for (i, &(m, k, n)) in shapes.iter().enumerate() {
         for (a_max, w_lo, w_hi) in [(127, -128, 127), (255, -64, 63), (255, -128, 127)] {
-            check(kern, &pinned(m, k, n, a_max, w_lo, w_hi, i as u32));
+            let mut c = pinned(m, k, n, a_max, w_lo, w_hi, i as u32);
+            check(kern, &c);
+            // Symmetric weights: the driver skips the row sums.
+            c.w_zp.iter_mut().for_each(|z| *z = 0);
+            check(kern, &c);
         }
     }
     // Extreme operands: every activation 255 and every weight -128 (the largest
@@ -181,6 +189,8 @@ fn pinned_edges<K: GemmKernel>(kern: K) {
         check(kern, &c);
         c.a_zp = 255;
         c.w_zp.iter_mut().for_each(|z| *z = -128);
+        check(kern, &c);
+        c.w_zp.iter_mut().for_each(|z| *z = 0);
         check(kern, &c);
     }
 }

@@ -63,6 +63,7 @@ pub(crate) mod gemm;
 #[cfg(test)]
 mod gemm_tests;
 pub mod pack;
+pub mod pool;
 #[allow(unsafe_code)]
 pub(crate) mod portable;
 pub mod reference;
@@ -439,15 +440,6 @@ fn qgemm_impl(
     Ok(gemm(simd, &src, a.rows, a.zero_point, w, rq, out, ldc))
 }
 
-/// `acc[c] += (x[c] - a_zp) * w[c]` over one depthwise tap (the body shared by the
-/// portable and AVX2 builds).
-#[inline(always)]
-pub(crate) fn dw_accumulate_body(acc: &mut [i32], x: &[u8], w: &[i16], a_zp: i32) {
-    for ((a, &xv), &wq) in acc.iter_mut().zip(x).zip(w) {
-        *a += (xv as i32 - a_zp) * wq as i32;
-    }
-}
-
 /// One depthwise output pixel (channel multiplier 1), channels `c_start..`:
 /// `acc[c] = sum over taps of (x[off + c] - a_zp) * w[t * oc + c]` for the valid
 /// `(off, t)` taps, `oc = acc.len()`; channels in blocks of 32 so the partial sums stay in
@@ -552,15 +544,6 @@ pub(crate) fn transpose_u8(ks: KernelSet, src: &[u8], rows: usize, cols: usize, 
         for c in 0..cols {
             dst[c * rows + r] = src[r * cols + c];
         }
-    }
-}
-
-/// [`dw_accumulate_body`] on the fastest backend.
-pub(crate) fn dw_accumulate(simd: Simd, acc: &mut [i32], x: &[u8], w: &[i16], a_zp: i32) {
-    match simd {
-        #[cfg(target_arch = "x86_64")]
-        Some(s) => s.dw_accumulate(acc, x, w, a_zp),
-        _ => dw_accumulate_body(acc, x, w, a_zp),
     }
 }
 

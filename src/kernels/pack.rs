@@ -26,6 +26,9 @@ pub struct PackedWeights {
     /// All weights lie in `[-64, 63]`: `vpmaddubsw` cannot saturate whatever the
     /// activations.
     pub(crate) narrow: bool,
+    /// Every weight zero point is 0 (symmetric weights, fbgemm's default): the GEMM needs
+    /// no activation row sums.
+    pub(crate) zp_zero: bool,
 }
 
 impl PackedWeights {
@@ -87,6 +90,7 @@ impl PackedWeights {
             kp,
             data,
             col_offsets,
+            zp_zero: zps.iter().all(|&z| z == 0),
             w_zp: zps,
             narrow,
         })

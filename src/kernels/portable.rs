@@ -1,7 +1,7 @@
 //! The portable int8 GEMM micro-kernel: plain Rust over the same packed layouts as the
 //! SIMD kernels, exact `i32` sums (wrapping), any CPU.
 
-use super::gemm::{GemmKernel, SubTile};
+use super::gemm::GemmKernel;
 use super::pack::{PackedWeights, NR};
 use super::requant::{self, RequantParams};
 use super::{KernelPath, MR};
@@ -48,7 +48,7 @@ impl GemmKernel for Portable {
 
     fn requant_tile(
         self,
-        acc: &SubTile,
+        acc: &[i32],
         rows: usize,
         cols: usize,
         rowsum: &[i32],
@@ -62,9 +62,10 @@ impl GemmKernel for Portable {
         for r in 0..rows {
             for c in 0..cols {
                 let j = j0 + c;
-                let raw = acc[r * NR + c]
-                    .wrapping_sub(a_zp.wrapping_mul(w.col_offsets[j]))
-                    .wrapping_sub(w.w_zp[j].wrapping_mul(rowsum[r]));
+                let mut raw = acc[r * NR + c].wrapping_sub(a_zp.wrapping_mul(w.col_offsets[j]));
+                if !rowsum.is_empty() {
+                    raw = raw.wrapping_sub(w.w_zp[j].wrapping_mul(rowsum[r]));
+                }
                 out[r * ldc + c] = requant::requant_one(
                     raw,
                     rq.bias_b[j],

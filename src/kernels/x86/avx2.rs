@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::kernels::gemm::{GemmKernel, SubTile};
+use crate::kernels::gemm::GemmKernel;
 use crate::kernels::pack::{PackedWeights, NR};
 use crate::kernels::requant::RequantParams;
 use crate::kernels::{KernelPath, MR};
@@ -67,8 +67,8 @@ unsafe fn tile(a: *const u8, kp: usize, b: *const i8, acc: *mut i32) {
 }
 
 /// Per-column requantization parameters, as raw pointers (each readable for the columns
-/// the call touches, rounded up to 8).
-pub(super) struct ColParams {
+/// the call touches, rounded up to the register width).
+pub(crate) struct ColParams {
     pub col_off: *const i32,
     pub w_zp: *const i32,
     pub bias_b: *const f32,
@@ -125,9 +125,10 @@ unsafe fn store_n(dst: *mut u8, v: __m128i, n: usize) {
 /// column is global column `j0`, writing `out[r * ldc + c]`.
 ///
 /// # Safety
-/// AVX2 and FMA must be available; `acc` readable for `MR * NR` `i32`; `rowsum` for
-/// `rows` `i32`; the column parameters readable for columns `j0..j0 + NR`; `out` writable
-/// at `r * ldc + c` for `r < rows`, `c < cols`; `rows <= MR`, `cols <= NR`.
+/// AVX2 and FMA must be available; `acc` readable for `rows * NR` `i32`; `rowsum` null
+/// (no row correction) or readable for `rows` `i32` (and then `p.w_zp` for columns
+/// `j0..j0 + NR`); the other column parameters readable for columns `j0..j0 + NR`; `out`
+/// writable at `r * ldc + c` for `r < rows`, `c < cols`; `cols <= NR`.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn requant_tile(
@@ -149,12 +150,20 @@ pub(super) unsafe fn requant_tile(
             let j = j0 + h;
             let coff =
                 _mm256_mullo_epi32(azp, _mm256_loadu_si256(p.col_off.add(j) as *const __m256i));
-            let wzp = _mm256_loadu_si256(p.w_zp.add(j) as *const __m256i);
-            for r in 0..rows {
-                let x = _mm256_loadu_si256(acc.add(r * NR + h) as *const __m256i);
-                let roff = _mm256_mullo_epi32(wzp, _mm256_set1_epi32(*rowsum.add(r)));
-                let x = _mm256_sub_epi32(_mm256_sub_epi32(x, coff), roff);
-                store_n(out.add(r * ldc + h), rq8(x, p, j), cols - h);
+            if rowsum.is_null() {
+                for r in 0..rows {
+                    let x = _mm256_loadu_si256(acc.add(r * NR + h) as *const __m256i);
+                    let x = _mm256_sub_epi32(x, coff);
+                    store_n(out.add(r * ldc + h), rq8(x, p, j), cols - h);
+                }
+            } else {
+                let wzp = _mm256_loadu_si256(p.w_zp.add(j) as *const __m256i);
+                for r in 0..rows {
+                    let x = _mm256_loadu_si256(acc.add(r * NR + h) as *const __m256i);
+                    let roff = _mm256_mullo_epi32(wzp, _mm256_set1_epi32(*rowsum.add(r)));
+                    let x = _mm256_sub_epi32(_mm256_sub_epi32(x, coff), roff);
+                    store_n(out.add(r * ldc + h), rq8(x, p, j), cols - h);
+                }
             }
             h += 8;
         }
@@ -184,15 +193,6 @@ pub(super) unsafe fn requant_row(raw: *const i32, n: usize, p: &ColParams, out: 
             store_n(out.add(j), rq8(x, p, j), n - j);
         }
     }
-}
-
-/// [`crate::kernels::dw_accumulate_body`] compiled with AVX2 enabled.
-///
-/// # Safety
-/// AVX2 must be available.
-#[target_feature(enable = "avx2")]
-pub(super) unsafe fn dw_accumulate(acc: &mut [i32], x: &[u8], w: &[i16], a_zp: i32) {
-    crate::kernels::dw_accumulate_body(acc, x, w, a_zp)
 }
 
 /// One depthwise output pixel: 16 channels at a time, taps in pairs through `vpmaddwd`
@@ -394,6 +394,29 @@ pub(super) unsafe fn add_u8(
     }
 }
 
+/// [`crate::kernels::pool::max_pool_body`] compiled with AVX2 enabled.
+///
+/// # Safety
+/// AVX2 must be available.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn max_pool_nhwc(x: &[u8], g: &crate::kernels::pool::PoolGeom, out: &mut [u8]) {
+    crate::kernels::pool::max_pool_body(x, g, out)
+}
+
+/// [`crate::kernels::pool::avg_pool_body`] compiled with AVX2 enabled.
+///
+/// # Safety
+/// AVX2 must be available.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn avg_pool_nhwc(
+    x: &[u8],
+    g: &crate::kernels::pool::PoolGeom,
+    p: &crate::kernels::pool::AvgParams,
+    out: &mut [u8],
+) {
+    crate::kernels::pool::avg_pool_body(x, g, p, out)
+}
+
 /// [`crate::kernels::f32::dw_plane`] compiled with AVX2 and FMA enabled.
 ///
 /// # Safety
@@ -455,9 +478,12 @@ pub(super) unsafe fn transpose8x8(src: *const u8, sstride: usize, dst: *mut u8, 
 pub(crate) struct Avx2Kernel(super::Avx2);
 
 impl Avx2Kernel {
-    /// The kernel for a detected AVX2 + FMA token.
+    /// The kernel for a detected AVX2 + FMA token (its requantization stays on AVX2 even
+    /// where the token also enables AVX-512).
     pub(crate) fn new(s: super::Avx2) -> Self {
-        Avx2Kernel(s)
+        let mut t = s;
+        t.vnni = false;
+        Avx2Kernel(t)
     }
 }
 
@@ -500,7 +526,7 @@ impl GemmKernel for Avx2Kernel {
 
     fn requant_tile(
         self,
-        acc: &SubTile,
+        acc: &[i32],
         rows: usize,
         cols: usize,
         rowsum: &[i32],
@@ -513,5 +539,70 @@ impl GemmKernel for Avx2Kernel {
     ) {
         self.0
             .requant_tile(acc, rows, cols, rowsum, a_zp, w, rq, j0, out, ldc)
+    }
+}
+
+/// Quantizes `n` floats (a multiple of 8) to `u8` with the 8-bit formula of
+/// `qparams::quantize_val_8bit` (multiply, clamp to +-2^22, round half to even by adding
+/// and subtracting 1.5 * 2^23, add the zero point, clamp to `0..=255`); returns whether
+/// every input was finite (exponent not all ones).
+///
+/// # Safety
+/// AVX2 must be available; `src` readable for `n` `f32`, `dst` writable for `n` bytes;
+/// `n % 8 == 0`.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn quantize_u8(
+    src: *const f32,
+    n: usize,
+    inv: f32,
+    zpf: f32,
+    dst: *mut u8,
+) -> bool {
+    // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
+    // and the pointer ranges), which is all the operations below rely on.
+    unsafe {
+        let inv = _mm256_set1_ps(inv);
+        let zp = _mm256_set1_ps(zpf);
+        let (lim_lo, lim_hi) = (_mm256_set1_ps(-4_194_304.0), _mm256_set1_ps(4_194_304.0));
+        let magic = _mm256_set1_ps(12_582_912.0);
+        let (lo, hi) = (_mm256_setzero_ps(), _mm256_set1_ps(255.0));
+        let exp = _mm256_set1_epi32(0x7f80_0000);
+        let mut bad = _mm256_setzero_si256();
+        let mut i = 0;
+        while i < n {
+            let x = _mm256_loadu_ps(src.add(i));
+            let e = _mm256_and_si256(_mm256_castps_si256(x), exp);
+            bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(e, exp));
+            let t = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(x, inv), lim_lo), lim_hi);
+            let v = _mm256_add_ps(_mm256_sub_ps(_mm256_add_ps(t, magic), magic), zp);
+            let v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+            let r = _mm256_cvttps_epi32(v);
+            let w = _mm_packs_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256::<1>(r));
+            _mm_storel_epi64(dst.add(i) as *mut __m128i, _mm_packus_epi16(w, w));
+            i += 8;
+        }
+        _mm256_testz_si256(bad, bad) == 1
+    }
+}
+
+/// `dst[i] = (src[i] - zp) as f32 * scale` for `n` bytes (a multiple of 8).
+///
+/// # Safety
+/// AVX2 must be available; `src` readable for `n` bytes, `dst` writable for `n` `f32`;
+/// `n % 8 == 0`.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn dequantize_u8(src: *const u8, n: usize, scale: f32, zp: u8, dst: *mut f32) {
+    // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
+    // and the pointer ranges), which is all the operations below rely on.
+    unsafe {
+        let s = _mm256_set1_ps(scale);
+        let z = _mm256_set1_epi32(zp as i32);
+        let mut i = 0;
+        while i < n {
+            let q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(src.add(i) as *const __m128i));
+            let f = _mm256_cvtepi32_ps(_mm256_sub_epi32(q, z));
+            _mm256_storeu_ps(dst.add(i), _mm256_mul_ps(f, s));
+            i += 8;
+        }
     }
 }

@@ -9,8 +9,8 @@
 
 use std::arch::x86_64::*;
 
-use super::Avx2;
-use crate::kernels::gemm::{GemmKernel, SubTile};
+use super::{Avx2, ColParams};
+use crate::kernels::gemm::GemmKernel;
 use crate::kernels::pack::{PackedWeights, NR};
 use crate::kernels::requant::RequantParams;
 use crate::kernels::{KernelPath, MR};
@@ -61,7 +61,7 @@ macro_rules! vnni_kernel {
 
             fn requant_tile(
                 self,
-                acc: &SubTile,
+                acc: &[i32],
                 rows: usize,
                 cols: usize,
                 rowsum: &[i32],
@@ -335,5 +335,214 @@ pub(super) unsafe fn dw_pixels4(
             c += 32;
         }
         c
+    }
+}
+
+/// Requantizes the first `rows x cols` of one panel's slice of a tile (`acc` is
+/// `[row][NR]`, global columns `j0..j0 + NR`) into `out[r * ldc + c]`: sixteen lanes, the
+/// column parameters loaded once for all rows. Bit-identical to
+/// `requant::requant_one` after the zero-point corrections: the same `cvtdq2ps`, FMA,
+/// multiply and `cvtps2dq` (MXCSR rounding, NaN and overflow to `i32::MIN`); clamping to
+/// `[-512, 512]` before adding the output zero point changes no clamped result and keeps
+/// the sum inside `i32`.
+///
+/// # Safety
+/// AVX-512F/BW must be available; `acc` readable for `rows * NR` `i32`; `rowsum` null (no
+/// row correction) or readable for `rows` `i32` (and then `p.w_zp` for columns
+/// `j0..j0 + NR`); `p.col_off`, `p.bias_b`, `p.bias_s`, `p.mult` readable for columns
+/// `j0..j0 + NR`; `out` writable at `r * ldc + c` for `r < rows`, `c < cols <= NR`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn requant_tile(
+    acc: *const i32,
+    rows: usize,
+    cols: usize,
+    rowsum: *const i32,
+    p: &ColParams,
+    j0: usize,
+    out: *mut u8,
+    ldc: usize,
+) {
+    // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
+    // and the pointer ranges); stores are masked to the `cols` valid columns.
+    unsafe {
+        let j = j0;
+        let coff = _mm512_mullo_epi32(
+            _mm512_set1_epi32(p.a_zp),
+            _mm512_loadu_si512(p.col_off.add(j) as *const _),
+        );
+        let bb = _mm512_loadu_ps(p.bias_b.add(j));
+        let bs = _mm512_loadu_ps(p.bias_s.add(j));
+        let mult = _mm512_loadu_ps(p.mult.add(j));
+        let c = Clamp::new(p);
+        let mask: __mmask16 = if cols >= 16 {
+            0xffff
+        } else {
+            ((1u32 << cols) - 1) as u16
+        };
+        if rowsum.is_null() {
+            for r in 0..rows {
+                let x = _mm512_sub_epi32(_mm512_loadu_si512(acc.add(r * NR) as *const _), coff);
+                let v = c.apply(rq16(x, bb, bs, mult));
+                _mm512_mask_cvtepi32_storeu_epi8(out.add(r * ldc) as *mut _, mask, v);
+            }
+        } else {
+            let wzp = _mm512_loadu_si512(p.w_zp.add(j) as *const _);
+            for r in 0..rows {
+                let x = _mm512_sub_epi32(_mm512_loadu_si512(acc.add(r * NR) as *const _), coff);
+                let roff = _mm512_mullo_epi32(wzp, _mm512_set1_epi32(*rowsum.add(r)));
+                let v = c.apply(rq16(_mm512_sub_epi32(x, roff), bb, bs, mult));
+                _mm512_mask_cvtepi32_storeu_epi8(out.add(r * ldc) as *mut _, mask, v);
+            }
+        }
+    }
+}
+
+/// The output clamp as registers: `clamp(clamp(v, -512, 512) + out_zp, lo, 255)`.
+#[derive(Clone, Copy)]
+struct Clamp {
+    min: __m512i,
+    max: __m512i,
+    zp: __m512i,
+    lo: __m512i,
+    hi: __m512i,
+}
+
+impl Clamp {
+    /// # Safety
+    /// AVX-512F must be available.
+    #[inline(always)]
+    unsafe fn new(p: &ColParams) -> Self {
+        // SAFETY: the caller guarantees AVX-512F; no memory is touched.
+        unsafe {
+            Clamp {
+                min: _mm512_set1_epi32(-512),
+                max: _mm512_set1_epi32(512),
+                zp: _mm512_set1_epi32(p.out_zp),
+                lo: _mm512_set1_epi32(p.lo),
+                hi: _mm512_set1_epi32(255),
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F must be available.
+    #[inline(always)]
+    unsafe fn apply(self, v: __m512i) -> __m512i {
+        // SAFETY: the caller guarantees AVX-512F; no memory is touched.
+        unsafe {
+            let v = _mm512_min_epi32(_mm512_max_epi32(v, self.min), self.max);
+            let v = _mm512_add_epi32(v, self.zp);
+            _mm512_min_epi32(_mm512_max_epi32(v, self.lo), self.hi)
+        }
+    }
+}
+
+/// `cvtps2dq(fma(bias_b, bias_s, x as f32) * mult)` on sixteen lanes (before the clamp).
+///
+/// # Safety
+/// AVX-512F must be available.
+#[inline(always)]
+unsafe fn rq16(x: __m512i, bb: __m512, bs: __m512, mult: __m512) -> __m512i {
+    // SAFETY: the caller guarantees AVX-512F; no memory is touched.
+    unsafe {
+        let xf = _mm512_fmadd_ps(bb, bs, _mm512_cvtepi32_ps(x));
+        _mm512_cvtps_epi32(_mm512_mul_ps(xf, mult))
+    }
+}
+
+/// Requantizes `n` already corrected accumulators of columns `0..n` into `out`, sixteen
+/// lanes at a time (the last `n % 16` masked).
+///
+/// # Safety
+/// AVX-512F/BW must be available; `raw` readable and `out` writable for `n` elements;
+/// `p.bias_b`, `p.bias_s`, `p.mult` readable for `n` rounded up to 16.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(super) unsafe fn requant_row(raw: *const i32, n: usize, p: &ColParams, out: *mut u8) {
+    // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
+    // and the pointer ranges); the last loads and stores are masked to `n`.
+    unsafe {
+        let c = Clamp::new(p);
+        let mut j = 0;
+        while j < n {
+            let mask: __mmask16 = if n - j >= 16 {
+                0xffff
+            } else {
+                ((1u32 << (n - j)) - 1) as u16
+            };
+            let x = _mm512_maskz_loadu_epi32(mask, raw.add(j));
+            let v = rq16(
+                x,
+                _mm512_loadu_ps(p.bias_b.add(j)),
+                _mm512_loadu_ps(p.bias_s.add(j)),
+                _mm512_loadu_ps(p.mult.add(j)),
+            );
+            _mm512_mask_cvtepi32_storeu_epi8(out.add(j) as *mut _, mask, c.apply(v));
+            j += 16;
+        }
+    }
+}
+
+/// Quantizes `n` floats (a multiple of 16) to `u8`: sixteen lanes of the AVX2 body's
+/// formula (`x86::avx2::quantize_u8`); returns whether every input was finite.
+///
+/// # Safety
+/// AVX-512F/BW must be available; `src` readable for `n` `f32`, `dst` writable for `n`
+/// bytes; `n % 16 == 0`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(super) unsafe fn quantize_u8(
+    src: *const f32,
+    n: usize,
+    inv: f32,
+    zpf: f32,
+    dst: *mut u8,
+) -> bool {
+    // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
+    // and the pointer ranges), which is all the operations below rely on.
+    unsafe {
+        let inv = _mm512_set1_ps(inv);
+        let zp = _mm512_set1_ps(zpf);
+        let (lim_lo, lim_hi) = (_mm512_set1_ps(-4_194_304.0), _mm512_set1_ps(4_194_304.0));
+        let magic = _mm512_set1_ps(12_582_912.0);
+        let (lo, hi) = (_mm512_setzero_ps(), _mm512_set1_ps(255.0));
+        let exp = _mm512_set1_epi32(0x7f80_0000);
+        let mut bad: __mmask16 = 0;
+        let mut i = 0;
+        while i < n {
+            let x = _mm512_loadu_ps(src.add(i));
+            let e = _mm512_and_si512(_mm512_castps_si512(x), exp);
+            bad |= _mm512_cmpeq_epi32_mask(e, exp);
+            let t = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x, inv), lim_lo), lim_hi);
+            let v = _mm512_add_ps(_mm512_sub_ps(_mm512_add_ps(t, magic), magic), zp);
+            let v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+            _mm_storeu_si128(
+                dst.add(i) as *mut __m128i,
+                _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(v)),
+            );
+            i += 16;
+        }
+        bad == 0
+    }
+}
+
+/// `dst[i] = (src[i] - zp) as f32 * scale` for `n` bytes (a multiple of 16).
+///
+/// # Safety
+/// AVX-512F/BW must be available; `src` readable for `n` bytes, `dst` writable for `n`
+/// `f32`; `n % 16 == 0`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(super) unsafe fn dequantize_u8(src: *const u8, n: usize, scale: f32, zp: u8, dst: *mut f32) {
+    // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
+    // and the pointer ranges), which is all the operations below rely on.
+    unsafe {
+        let s = _mm512_set1_ps(scale);
+        let z = _mm512_set1_epi32(zp as i32);
+        let mut i = 0;
+        while i < n {
+            let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(src.add(i) as *const __m128i));
+            let f = _mm512_cvtepi32_ps(_mm512_sub_epi32(q, z));
+            _mm512_storeu_ps(dst.add(i), _mm512_mul_ps(f, s));
+            i += 16;
+        }
     }
 }

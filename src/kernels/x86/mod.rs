@@ -17,7 +17,7 @@ pub(crate) use avx512_vnni::{Vnni4x16, Vnni4x32, Vnni8x16};
 
 use crate::kernels::pack::{PackedWeights, NR};
 use crate::kernels::requant::RequantParams;
-use crate::kernels::MR;
+pub(crate) use avx2::ColParams;
 
 /// Proof that the running CPU has AVX2 and FMA; `vnni` is set only when it also has
 /// AVX-512F/BW and AVX-512 VNNI and the caller asked for them.
@@ -50,12 +50,14 @@ impl Avx2 {
         self.vnni
     }
 
-    /// Requantizes `rows x cols` of a tile starting at global column `j0` into
-    /// `out[r * ldc + c]`.
+    /// Requantizes `rows x cols` of one panel's slice of a tile (`acc` is `[row][NR]`)
+    /// starting at global column `j0` into `out[r * ldc + c]`; `rowsum` holds the `rows`
+    /// row sums, or is empty when every weight zero point is 0. AVX-512 (sixteen lanes)
+    /// where the token enables it, else AVX2 + FMA (eight).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn requant_tile(
         self,
-        acc: &[i32; MR * NR],
+        acc: &[i32],
         rows: usize,
         cols: usize,
         rowsum: &[i32],
@@ -66,14 +68,15 @@ impl Avx2 {
         out: &mut [u8],
         ldc: usize,
     ) {
-        assert!(rows <= MR && cols <= NR && rowsum.len() >= rows);
+        assert!(cols <= NR && acc.len() >= rows * NR);
+        assert!(rowsum.is_empty() || rowsum.len() >= rows);
+        assert!(rowsum.is_empty() || w.w_zp.len() >= j0 + NR);
         assert!(
             j0.is_multiple_of(NR) && j0 + NR <= w.col_offsets.len() && j0 + NR <= rq.mult.len()
         );
-        assert!(w.w_zp.len() >= j0 + NR && rq.bias_b.len() >= j0 + NR);
-        assert!(rq.bias_s.len() >= j0 + NR);
+        assert!(rq.bias_b.len() >= j0 + NR && rq.bias_s.len() >= j0 + NR);
         assert!(rows == 0 || out.len() >= (rows - 1) * ldc + cols);
-        let p = avx2::ColParams {
+        let p = ColParams {
             col_off: w.col_offsets.as_ptr(),
             w_zp: w.w_zp.as_ptr(),
             bias_b: rq.bias_b.as_ptr(),
@@ -83,27 +86,37 @@ impl Avx2 {
             out_zp: rq.out_zp,
             lo: rq.lo,
         };
-        // SAFETY: the token proves AVX2 + FMA; the asserts cover every read (columns
-        // j0..j0 + NR of the padded parameter vectors, `rows` row sums, the MR * NR tile)
-        // and every write (`out[r * ldc + c]`, r < rows, c < cols).
-        unsafe {
-            avx2::requant_tile(
-                acc.as_ptr(),
-                rows,
-                cols,
-                rowsum.as_ptr(),
-                &p,
-                j0,
-                out.as_mut_ptr(),
-                ldc,
-            )
+        let rs = if rowsum.is_empty() {
+            std::ptr::null()
+        } else {
+            rowsum.as_ptr()
+        };
+        if self.vnni {
+            // SAFETY: `vnni` is only set after detecting AVX-512F/BW/VNNI; the asserts
+            // cover every read (columns j0..j0 + NR of the padded parameter vectors, `rows`
+            // row sums unless null, `rows * NR` accumulators) and every write
+            // (`out[r * ldc + c]`, r < rows, c < cols).
+            unsafe {
+                avx512_vnni::requant_tile(
+                    acc.as_ptr(),
+                    rows,
+                    cols,
+                    rs,
+                    &p,
+                    j0,
+                    out.as_mut_ptr(),
+                    ldc,
+                )
+            }
+        } else {
+            // SAFETY: the token proves AVX2 + FMA; the asserts cover every read (columns
+            // j0..j0 + NR of the padded parameter vectors, `rows` row sums unless null,
+            // `rows * NR` accumulators) and every write (`out[r * ldc + c]`, r < rows,
+            // c < cols).
+            unsafe {
+                avx2::requant_tile(acc.as_ptr(), rows, cols, rs, &p, j0, out.as_mut_ptr(), ldc)
+            }
         }
-    }
-
-    /// `acc[c] += (x[c] - a_zp) * w[c]`, compiled for AVX2.
-    pub(crate) fn dw_accumulate(self, acc: &mut [i32], x: &[u8], w: &[i16], a_zp: i32) {
-        // SAFETY: the token proves AVX2; the body is safe code (slices, no raw pointers).
-        unsafe { avx2::dw_accumulate(acc, x, w, a_zp) }
     }
 
     /// One depthwise output pixel, compiled for AVX2.
@@ -158,10 +171,10 @@ impl Avx2 {
     /// Requantizes `raw.len()` corrected accumulators of columns `0..raw.len()`.
     pub(crate) fn requant_row(self, raw: &[i32], rq: &RequantParams, out: &mut [u8]) {
         let n = raw.len();
-        let n8 = n.div_ceil(8) * 8;
-        assert!(out.len() >= n && rq.mult.len() >= n8 && rq.bias_b.len() >= n8);
-        assert!(rq.bias_s.len() >= n8);
-        let p = avx2::ColParams {
+        let n16 = n.div_ceil(16) * 16;
+        assert!(out.len() >= n && rq.mult.len() >= n16 && rq.bias_b.len() >= n16);
+        assert!(rq.bias_s.len() >= n16);
+        let p = ColParams {
             col_off: std::ptr::null(),
             w_zp: std::ptr::null(),
             bias_b: rq.bias_b.as_ptr(),
@@ -171,14 +184,44 @@ impl Avx2 {
             out_zp: rq.out_zp,
             lo: rq.lo,
         };
-        // SAFETY: the token proves AVX2 + FMA; `raw` and `out` hold `n` elements and the
-        // float parameters at least `n` rounded up to 8 (asserted); `requant_row` does not
-        // touch the null offset pointers.
-        unsafe { avx2::requant_row(raw.as_ptr(), n, &p, out.as_mut_ptr()) }
+        if self.vnni {
+            // SAFETY: `vnni` is only set after detecting AVX-512F/BW/VNNI; `raw` and `out`
+            // hold `n` elements and the float parameters at least `n` rounded up to 16
+            // (asserted); the body does not touch the null offset pointers.
+            unsafe { avx512_vnni::requant_row(raw.as_ptr(), n, &p, out.as_mut_ptr()) }
+        } else {
+            // SAFETY: the token proves AVX2 + FMA; `raw` and `out` hold `n` elements and
+            // the float parameters at least `n` rounded up to 8 (asserted); `requant_row`
+            // does not touch the null offset pointers.
+            unsafe { avx2::requant_row(raw.as_ptr(), n, &p, out.as_mut_ptr()) }
+        }
     }
 }
 
 impl Avx2 {
+    /// `kernels::pool::max_pool_nhwc`'s loops compiled for AVX2 (32 channels a step).
+    pub(crate) fn max_pool_nhwc(
+        self,
+        x: &[u8],
+        g: &crate::kernels::pool::PoolGeom,
+        out: &mut [u8],
+    ) {
+        // SAFETY: the token proves AVX2; the body is safe code (slices).
+        unsafe { avx2::max_pool_nhwc(x, g, out) }
+    }
+
+    /// `kernels::pool::avg_pool_nhwc`'s loops compiled for AVX2.
+    pub(crate) fn avg_pool_nhwc(
+        self,
+        x: &[u8],
+        g: &crate::kernels::pool::PoolGeom,
+        p: &crate::kernels::pool::AvgParams,
+        out: &mut [u8],
+    ) {
+        // SAFETY: the token proves AVX2; the body is safe code (slices).
+        unsafe { avx2::avg_pool_nhwc(x, g, p, out) }
+    }
+
     /// One depthwise `f32` output plane, compiled for AVX2 + FMA.
     pub(crate) fn dw_plane_f32(self, p: &crate::kernels::f32::DwPlane<'_>, o: &mut [f32]) {
         // SAFETY: the token proves AVX2 + FMA; the body is safe code (slices).
@@ -209,6 +252,117 @@ impl Avx2 {
         for i in n8..n {
             out[i] = p.one(a[i], b[i]);
         }
+    }
+}
+
+impl Avx2 {
+    /// The SIMD part of `elementwise::quantize_u8`: quantizes the longest prefix that
+    /// fills whole registers (16 lanes with AVX-512, else 8); returns its length and
+    /// whether its inputs were all finite.
+    pub(crate) fn quantize_u8(
+        self,
+        src: &[f32],
+        inv: f32,
+        zpf: f32,
+        dst: &mut [u8],
+    ) -> (usize, bool) {
+        let n = src.len().min(dst.len());
+        if self.vnni {
+            let n16 = n / 16 * 16;
+            // SAFETY: `vnni` is only set after detecting AVX-512F/BW; the body reads
+            // `src[..n16]` and writes `dst[..n16]`, both within the slices.
+            let ok =
+                unsafe { avx512_vnni::quantize_u8(src.as_ptr(), n16, inv, zpf, dst.as_mut_ptr()) };
+            (n16, ok)
+        } else {
+            let n8 = n / 8 * 8;
+            // SAFETY: the token proves AVX2; the body reads `src[..n8]` and writes
+            // `dst[..n8]`, both within the slices.
+            let ok = unsafe { avx2::quantize_u8(src.as_ptr(), n8, inv, zpf, dst.as_mut_ptr()) };
+            (n8, ok)
+        }
+    }
+
+    /// The SIMD part of `elementwise::dequantize_u8`: the longest prefix of whole
+    /// registers; returns its length.
+    pub(crate) fn dequantize_u8(self, src: &[u8], scale: f32, zp: u8, dst: &mut [f32]) -> usize {
+        let n = src.len().min(dst.len());
+        if self.vnni {
+            let n16 = n / 16 * 16;
+            // SAFETY: `vnni` is only set after detecting AVX-512F/BW; the body reads
+            // `src[..n16]` and writes `dst[..n16]`, both within the slices.
+            unsafe { avx512_vnni::dequantize_u8(src.as_ptr(), n16, scale, zp, dst.as_mut_ptr()) };
+            n16
+        } else {
+            let n8 = n / 8 * 8;
+            // SAFETY: the token proves AVX2; the body reads `src[..n8]` and writes
+            // `dst[..n8]`, both within the slices.
+            unsafe { avx2::dequantize_u8(src.as_ptr(), n8, scale, zp, dst.as_mut_ptr()) };
+            n8
+        }
+    }
+}
+
+impl Avx2 {
+    /// `elementwise::quantize_u8` into a new vector, without zero-filling it first;
+    /// `None` when an input is not finite.
+    pub(crate) fn quantize_u8_vec(self, src: &[f32], inv: f32, zpf: f32) -> Option<Vec<u8>> {
+        let n = src.len();
+        let mut v: Vec<u8> = Vec::with_capacity(n);
+        let dst = v.spare_capacity_mut().as_mut_ptr() as *mut u8;
+        let (done, ok) = if self.vnni {
+            let n16 = n / 16 * 16;
+            // SAFETY: `vnni` is only set after detecting AVX-512F/BW; the body reads
+            // `src[..n16]` and writes the first n16 <= n bytes of `v`'s capacity.
+            let ok = unsafe { avx512_vnni::quantize_u8(src.as_ptr(), n16, inv, zpf, dst) };
+            (n16, ok)
+        } else {
+            let n8 = n / 8 * 8;
+            // SAFETY: the token proves AVX2; the body reads `src[..n8]` and writes the
+            // first n8 <= n bytes of `v`'s capacity.
+            let ok = unsafe { avx2::quantize_u8(src.as_ptr(), n8, inv, zpf, dst) };
+            (n8, ok)
+        };
+        let mut finite = ok;
+        for (i, &x) in src.iter().enumerate().skip(done) {
+            finite &= x.is_finite();
+            let q = crate::qparams::quantize_val_8bit(x, inv, zpf, 0.0, 255.0) as u8;
+            // SAFETY: i < n, within `v`'s capacity.
+            unsafe { dst.add(i).write(q) };
+        }
+        // SAFETY: the SIMD body wrote bytes 0..done and the loop done..n: all n are
+        // initialized, and n is the capacity reserved above.
+        unsafe { v.set_len(n) };
+        finite.then_some(v)
+    }
+
+    /// `elementwise::dequantize_u8` into a new vector, without zero-filling it first.
+    pub(crate) fn dequantize_u8_vec(self, src: &[u8], scale: f32, zp: u8) -> Vec<f32> {
+        let n = src.len();
+        let mut v: Vec<f32> = Vec::with_capacity(n);
+        let dst = v.spare_capacity_mut().as_mut_ptr() as *mut f32;
+        let done = if self.vnni {
+            let n16 = n / 16 * 16;
+            // SAFETY: `vnni` is only set after detecting AVX-512F/BW; the body reads
+            // `src[..n16]` and writes the first n16 <= n values of `v`'s capacity.
+            unsafe { avx512_vnni::dequantize_u8(src.as_ptr(), n16, scale, zp, dst) };
+            n16
+        } else {
+            let n8 = n / 8 * 8;
+            // SAFETY: the token proves AVX2; the body reads `src[..n8]` and writes the
+            // first n8 <= n values of `v`'s capacity.
+            unsafe { avx2::dequantize_u8(src.as_ptr(), n8, scale, zp, dst) };
+            n8
+        };
+        for (i, &q) in src.iter().enumerate().skip(done) {
+            let f = (q as i32 - zp as i32) as f32 * scale;
+            // SAFETY: i < n, within `v`'s capacity.
+            unsafe { dst.add(i).write(f) };
+        }
+        // SAFETY: the SIMD body wrote values 0..done and the loop done..n: all n are
+        // initialized, and n is the capacity reserved above.
+        unsafe { v.set_len(n) };
+        v
     }
 }
 

@@ -70,6 +70,19 @@ impl QTensor {
     /// ```
     pub fn from_f32(x: &ArrayD<f32>, scale: f32, zero_point: i32) -> Result<Self> {
         check_qparams(scale, zero_point, "QTensor")?;
+        if let Some(src) = x.as_slice() {
+            // One pass: the kernel quantizes and checks finiteness together.
+            let ks = crate::kernels::KernelSet::current();
+            let q =
+                crate::kernels::elementwise::quantize_u8_to_vec(ks, src, scale, zero_point as u8);
+            if let Some(Ok(data)) = q.map(|q| ArrayD::from_shape_vec(x.raw_dim(), q)) {
+                return Ok(QTensor {
+                    data,
+                    scale,
+                    zero_point,
+                });
+            }
+        }
         crate::qparams::check_finite(x, "QTensor")?;
         Ok(QTensor {
             data: crate::qparams::quantize_to_u8(x, scale, zero_point),
@@ -100,6 +113,14 @@ impl QTensor {
 
     /// `(q - zero_point) * scale`, as PyTorch's `dequantize`.
     pub fn dequantize(&self) -> ArrayD<f32> {
+        if let Some(src) = self.data.as_slice() {
+            let ks = crate::kernels::KernelSet::current();
+            let zp = self.zero_point as u8;
+            let f = crate::kernels::elementwise::dequantize_u8_to_vec(ks, src, self.scale, zp);
+            if let Ok(y) = ArrayD::from_shape_vec(self.data.raw_dim(), f) {
+                return y;
+            }
+        }
         self.data
             .mapv(|q| crate::qparams::dequantize_val(q as i32, self.scale, self.zero_point))
     }
