@@ -274,6 +274,45 @@ pub struct QConfig {
     pub activation: ObserverSpec,
     /// The weight observer spec.
     pub weight: ObserverSpec,
+    /// Whose integer arithmetic the converted int8 ops reproduce: PyTorch's fbgemm (every
+    /// preset but the ONNX Runtime ones) or ONNX Runtime's QDQ kernels.
+    pub arithmetic: Arithmetic,
+}
+
+/// Whose int8 arithmetic a converted layer reproduces where the two runtimes differ.
+///
+/// They differ in one place that matters for convolutions and linear layers: fbgemm adds
+/// the float bias term `bias / (act_scale * w_scale)` to the accumulator in `f32`, while a
+/// QDQ model can only hold an `int32` bias (scale `act_scale * w_scale`, zero point 0), so
+/// ONNX Runtime's `QLinearConv` / `QGemm` add `round_half_even(bias / (act_scale *
+/// w_scale))` to the integer accumulator. With [`Arithmetic::OnnxRuntime`] ptq does the
+/// same ([`crate::kernels::BiasMode::Int32`]), so its int8 outputs equal what ONNX Runtime
+/// computes on ptq's QDQ export; the choice is saved in the `.qmodel` file.
+///
+/// # Examples
+/// ```
+/// use ptq::qconfig::{Arithmetic, QConfig};
+/// assert_eq!(QConfig::fbgemm().arithmetic, Arithmetic::Fbgemm);
+/// assert_eq!(QConfig::onnxruntime().arithmetic, Arithmetic::OnnxRuntime);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Arithmetic {
+    /// fbgemm's (PyTorch's `torch.ao.nn.quantized` on x86): float bias term.
+    #[default]
+    Fbgemm,
+    /// ONNX Runtime's CPU QDQ kernels (MLAS): `int32` bias added to the accumulator.
+    OnnxRuntime,
+}
+
+impl Arithmetic {
+    /// How convolutions and linear layers add their bias under this arithmetic.
+    pub fn bias_mode(self) -> crate::kernels::BiasMode {
+        match self {
+            Arithmetic::Fbgemm => crate::kernels::BiasMode::Float,
+            Arithmetic::OnnxRuntime => crate::kernels::BiasMode::Int32,
+        }
+    }
 }
 
 impl QConfig {
@@ -284,6 +323,7 @@ impl QConfig {
             activation: ObserverSpec::histogram(DType::QUInt8, QScheme::PerTensorAffine)
                 .with_reduce_range(true),
             weight: ObserverSpec::min_max(DType::QInt8, QScheme::PerChannelSymmetric { axis: 0 }),
+            arithmetic: Arithmetic::Fbgemm,
         }
     }
 
@@ -299,6 +339,7 @@ impl QConfig {
         QConfig {
             activation: ObserverSpec::histogram(DType::QUInt8, QScheme::PerTensorAffine),
             weight: ObserverSpec::min_max(DType::QInt8, QScheme::PerTensorSymmetric),
+            arithmetic: Arithmetic::Fbgemm,
         }
     }
 
@@ -309,6 +350,7 @@ impl QConfig {
             activation: ObserverSpec::min_max(DType::QUInt8, QScheme::PerTensorAffine)
                 .with_range(0, 127),
             weight: ObserverSpec::min_max(DType::QInt8, QScheme::PerTensorSymmetric),
+            arithmetic: Arithmetic::Fbgemm,
         }
     }
 
@@ -328,6 +370,7 @@ impl QConfig {
             activation: ObserverSpec::min_max(DType::QUInt8, QScheme::PerTensorAffine)
                 .with_reduce_range(true),
             weight: ObserverSpec::min_max(DType::QInt8, QScheme::PerTensorSymmetric),
+            arithmetic: Arithmetic::Fbgemm,
         }
     }
 
@@ -361,6 +404,7 @@ impl QConfig {
                 QScheme::PerChannelSymmetric { axis: 0 },
             )
             .with_range(-127, 127),
+            arithmetic: Arithmetic::OnnxRuntime,
         }
     }
 

@@ -95,6 +95,7 @@ impl FromObserved for ConvOp {
             o.out()?,
             relu,
         )
+        .map(|op| op.with_bias_mode(o.qconfig.arithmetic.bias_mode()))
     }
 }
 
@@ -113,6 +114,7 @@ impl FromObserved for LinearOp {
             o.out()?,
             relu,
         )
+        .map(|op| op.with_bias_mode(o.qconfig.arithmetic.bias_mode()))
     }
 }
 

@@ -14,6 +14,7 @@ use ndarray::{ArrayD, IxDyn};
 
 use super::{ExecCtx, Layout, OpRecordReader, OpRecordWriter, QAct, QuantOp, Value};
 use crate::error::{QuantError, Result};
+use crate::kernels::BiasMode;
 use crate::nn::quantized::{
     Conv2dParams, QAdaptiveAvgPool2d, QAdd, QAvgPool2d, QBatchNorm2d, QCat, QConv2d, QConvReLU2d,
     QHardsigmoid, QHardswish, QLinear, QLinearReLU, QMaxPool2d, QMul, QReLU, QSigmoid, QTensor,
@@ -156,6 +157,25 @@ impl QuantOp for DequantizeOp {
     }
 }
 
+/// Writes `bias_mode = int32` for ONNX Runtime's integer bias; nothing for fbgemm's float
+/// bias, so fbgemm files are unchanged and files written before the key existed load as
+/// fbgemm's.
+fn write_bias_mode(rec: &mut OpRecordWriter<'_>, mode: BiasMode) {
+    if mode == BiasMode::Int32 {
+        rec.set("bias_mode", "int32");
+    }
+}
+
+fn read_bias_mode(r: &OpRecordReader<'_, '_>) -> Result<BiasMode> {
+    match r.opt("bias_mode") {
+        None | Some("float") => Ok(BiasMode::Float),
+        Some("int32") => Ok(BiasMode::Int32),
+        Some(v) => Err(r.bad(format!(
+            "metadata `bias_mode` = {v:?} is not \"float\" or \"int32\""
+        ))),
+    }
+}
+
 /// `quantized.Conv2d` / `intrinsic.quantized.ConvReLU2d`: reads and writes NHWC.
 #[derive(Debug, Clone)]
 pub struct ConvOp {
@@ -199,6 +219,13 @@ impl ConvOp {
         &self.conv
     }
 
+    /// The same op with its bias entering the requantization as `mode` says (saved in the
+    /// `.qmodel` file as `bias_mode = int32` when not the default).
+    pub fn with_bias_mode(mut self, mode: BiasMode) -> Self {
+        self.conv = self.conv.with_bias_mode(mode);
+        self
+    }
+
     /// Reader for the file table.
     ///
     /// # Errors
@@ -214,6 +241,7 @@ impl ConvOp {
         } else {
             QConv2d::from_quantized(w.view(), &qp, b.as_ref().map(|b| b.view()), p, s, z)?
         };
+        let conv = conv.with_bias_mode(read_bias_mode(r)?);
         Ok(Box::new(ConvOp { conv, out }))
     }
 }
@@ -241,6 +269,7 @@ impl QuantOp for ConvOp {
     }
     fn write(&self, rec: &mut OpRecordWriter<'_>) -> Result<()> {
         rec.set("relu", self.conv.is_relu() as u8);
+        write_bias_mode(rec, self.conv.bias_mode());
         rec.conv(&self.conv);
         Ok(())
     }
@@ -296,6 +325,13 @@ impl LinearOp {
         Ok(LinearOp { lin, out })
     }
 
+    /// The same op with its bias entering the requantization as `mode` says (saved in the
+    /// `.qmodel` file as `bias_mode = int32` when not the default).
+    pub fn with_bias_mode(mut self, mode: BiasMode) -> Self {
+        self.lin = self.lin.with_bias_mode(mode);
+        self
+    }
+
     /// Reader for the file table.
     ///
     /// # Errors
@@ -311,6 +347,7 @@ impl LinearOp {
         } else {
             QLinear::from_quantized(w.view(), &qp, b.as_ref().map(|b| b.view()), s, z)?
         };
+        let lin = lin.with_bias_mode(read_bias_mode(r)?);
         Ok(Box::new(LinearOp { lin, out }))
     }
 }
@@ -333,6 +370,7 @@ impl QuantOp for LinearOp {
     }
     fn write(&self, rec: &mut OpRecordWriter<'_>) -> Result<()> {
         rec.set("relu", self.lin.is_relu() as u8);
+        write_bias_mode(rec, self.lin.bias_mode());
         rec.linear(&self.lin);
         Ok(())
     }
