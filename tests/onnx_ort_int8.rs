@@ -10,6 +10,7 @@ use ndarray::{concatenate, ArrayD, Axis};
 use ptq::graph::{find_fusable, fuse, Graph};
 use ptq::io::onnx::load_onnx;
 use ptq::io::read_safetensors;
+use ptq::nn::quantized::{QAdd, QTensor};
 use ptq::qconfig::{Arithmetic, QConfig, QConfigMap};
 use ptq::quant::{calibrate, convert, prepare, QuantizedGraph};
 
@@ -98,12 +99,10 @@ fn ptq_int8_outputs_equal_onnxruntimes_on_ptqs_qdq_export() {
             .remove(0);
         let (same_fb, max_fb) = compare(&yf, q_ort, scale, zp);
         report.insert(m, (y.len(), same, max, same_fb, max_fb));
-        assert!(max <= 1.0, "{m}: max {max} LSB");
-        assert!(
-            same * 100 >= 99 * y.len(),
-            "{m}: {same} of {} identical",
-            y.len()
-        );
+        // the issue asks >= 99% identical and at most 1 LSB; with ORT's bias and
+        // QLinearAdd arithmetic every value is identical
+        assert_eq!(max, 0.0, "{m}: max {max} LSB");
+        assert_eq!(same, y.len(), "{m}: {same} of {} identical", y.len());
         total += y.len();
         total_same += same;
     }
@@ -132,6 +131,7 @@ fn bias_mode_survives_save_and_load() {
     assert_eq!(q.forward(x).unwrap(), back.forward(x).unwrap());
     let text = String::from_utf8_lossy(&bytes);
     assert_eq!(text.matches("bias_mode").count(), 21, "20 convs + 1 gemm");
+    assert_eq!(text.matches(":arithmetic").count(), 8, "8 adds");
     let fb = QConfig {
         arithmetic: Arithmetic::Fbgemm,
         ..QConfig::onnxruntime()
@@ -149,4 +149,48 @@ fn bias_mode_survives_save_and_load() {
     bad[at + 5] = b'3';
     let err = QuantizedGraph::from_bytes(&bad).unwrap_err();
     assert!(err.to_string().contains("bias_mode"), "{err}");
+}
+
+/// `QAdd::with_onnxruntime_arithmetic` against ORT's `QLinearAdd` on 827 pairs over 100
+/// random scale / zero-point sets, including every pair of those sets near a rounding
+/// boundary (`tools/gen_ort_qlinearadd_fixture.py`).
+#[test]
+fn qadd_with_onnxruntime_arithmetic_equals_qlinearadd() {
+    let fx = read_safetensors(fixture("ort_qlinearadd.safetensors")).unwrap();
+    let (params, pairs) = (&fx["params"], &fx["pairs"]);
+    let (mut checked, mut pytorch_differs) = (0, 0);
+    for (k, p) in params.outer_iter().enumerate() {
+        let rows: Vec<_> = pairs.outer_iter().filter(|r| r[0] as usize == k).collect();
+        let col = |j: usize| {
+            ndarray::ArrayD::from_shape_vec(
+                vec![rows.len()],
+                rows.iter().map(|r| r[j] as u8).collect(),
+            )
+            .unwrap()
+        };
+        let a = QTensor::new(col(1), p[0], p[1] as i32).unwrap();
+        let b = QTensor::new(col(2), p[2], p[3] as i32).unwrap();
+        let ort = QAdd::new(p[4], p[5] as i32)
+            .unwrap()
+            .with_onnxruntime_arithmetic();
+        let y = ort.forward(&a, &b).unwrap();
+        let want = col(3);
+        assert_eq!(y.data(), &want, "set {k}: {p}");
+        let pt = QAdd::new(p[4], p[5] as i32)
+            .unwrap()
+            .forward(&a, &b)
+            .unwrap();
+        pytorch_differs += pt
+            .data()
+            .iter()
+            .zip(want.iter())
+            .filter(|(x, y)| x != y)
+            .count();
+        checked += rows.len();
+    }
+    assert_eq!(checked, pairs.shape()[0]);
+    assert!(checked > 800);
+    // the two arithmetics do part near rounding boundaries
+    assert!(pytorch_differs > 0);
+    println!("{checked} pairs identical; PyTorch's arithmetic differs on {pytorch_differs}");
 }

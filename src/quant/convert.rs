@@ -17,7 +17,7 @@ use crate::error::{QuantError, Result};
 use crate::graph::{NearestRule, Node, NodeId, Op, UpsampleMode};
 use crate::nn::quantized::{Conv2dParams, QBatchNorm2d, QUpsampleNearest2d, UpsampleSize};
 use crate::observer::Observer;
-use crate::qconfig::QConfig;
+use crate::qconfig::{Arithmetic, QConfig};
 use crate::qparams::{ActQParams, QParams};
 
 /// What every int8 op gets from `convert`: its float node, its inputs' parameters, its own
@@ -120,7 +120,8 @@ impl FromObserved for LinearOp {
 
 impl FromObserved for AddOp {
     fn from_observed(o: &Observed<'_>) -> Result<Self> {
-        Ok(AddOp::new(o.out()?, matches!(o.node.op, Op::AddReLU)))
+        Ok(AddOp::new(o.out()?, matches!(o.node.op, Op::AddReLU))
+            .with_onnxruntime_arithmetic(o.qconfig.arithmetic == Arithmetic::OnnxRuntime))
     }
 }
 

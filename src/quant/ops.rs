@@ -393,19 +393,41 @@ impl QuantOp for LinearOp {
 pub struct AddOp {
     out: ActQParams,
     relu: bool,
+    onnxruntime: bool,
 }
 
 impl AddOp {
     /// An add (with a fused ReLU if `relu`) quantizing its result with `out`.
     pub fn new(out: ActQParams, relu: bool) -> Self {
-        AddOp { out, relu }
+        AddOp {
+            out,
+            relu,
+            onnxruntime: false,
+        }
+    }
+    /// The same add with ONNX Runtime's `QLinearAdd` arithmetic when `on`
+    /// ([`QAdd::with_onnxruntime_arithmetic`]; saved as `arithmetic = onnxruntime`).
+    pub fn with_onnxruntime_arithmetic(mut self, on: bool) -> Self {
+        self.onnxruntime = on;
+        self
     }
     /// Reader for the file table.
     ///
     /// # Errors
     /// Malformed records.
     pub fn read(r: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
-        Ok(Box::new(AddOp::new(r.act("out")?, r.flag("relu")?)))
+        let ort = match r.opt("arithmetic") {
+            None | Some("fbgemm") => false,
+            Some("onnxruntime") => true,
+            Some(v) => {
+                return Err(r.bad(format!(
+                    "metadata `arithmetic` = {v:?} is not \"fbgemm\" or \"onnxruntime\""
+                )))
+            }
+        };
+        Ok(Box::new(
+            AddOp::new(r.act("out")?, r.flag("relu")?).with_onnxruntime_arithmetic(ort),
+        ))
     }
 }
 
@@ -437,6 +459,9 @@ impl QuantOp for AddOp {
         if self.relu {
             add = add.with_relu();
         }
+        if self.onnxruntime {
+            add = add.with_onnxruntime_arithmetic();
+        }
         // The arithmetic runs over the given tensors' row-major order, which is PyTorch's
         // memory order when both are handed over in the first input's memory format.
         let channels_last = a.torch_layout() == TorchLayout::ChannelsLast && a.shape().len() == 4;
@@ -460,6 +485,9 @@ impl QuantOp for AddOp {
     fn write(&self, rec: &mut OpRecordWriter<'_>) -> Result<()> {
         rec.act("out", self.out);
         rec.set("relu", self.relu as u8);
+        if self.onnxruntime {
+            rec.set("arithmetic", "onnxruntime");
+        }
         Ok(())
     }
     fn arity(&self) -> usize {
