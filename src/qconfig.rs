@@ -22,7 +22,8 @@ use crate::error::Result;
 use crate::observer::{
     EntropyObserver, FixedQParamsObserver, HistogramObserver, MinMaxObserver,
     MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver, MseObserver, Observer,
-    OnnxRuntimeMinMaxObserver, PerChannelMinMaxObserver, PercentileObserver,
+    OnnxRuntimeHistMethod, OnnxRuntimeHistogramObserver, OnnxRuntimeMinMaxObserver,
+    PerChannelMinMaxObserver, PercentileObserver,
 };
 use crate::qparams::{DType, QParams, QScheme, RangeConfig};
 
@@ -63,6 +64,9 @@ pub enum ObserverKind {
     /// [`OnnxRuntimeMinMaxObserver`]: ONNX Runtime `quantize_static`'s MinMax calibration
     /// (per tensor, or per channel with a per-channel scheme).
     OnnxRuntimeMinMax,
+    /// [`OnnxRuntimeHistogramObserver`]: ONNX Runtime `quantize_static`'s Entropy or
+    /// Percentile calibration (per-tensor schemes only).
+    OnnxRuntimeHistogram(OnnxRuntimeHistMethod),
     /// [`FixedQParamsObserver`] with this scale and zero point.
     FixedQParams {
         /// The fixed scale.
@@ -241,6 +245,9 @@ impl ObserverSpec {
             ObserverKind::OnnxRuntimeMinMax => {
                 Box::new(OnnxRuntimeMinMaxObserver::new(self.range_config()?)?)
             }
+            ObserverKind::OnnxRuntimeHistogram(method) => Box::new(
+                OnnxRuntimeHistogramObserver::new(self.range_config()?, method)?,
+            ),
             ObserverKind::FixedQParams { scale, zero_point } => {
                 let range = self.range_config()?.quant_range();
                 let qp = QParams::new(
@@ -408,6 +415,47 @@ impl QConfig {
         }
     }
 
+    /// [`QConfig::onnxruntime`] with `quantize_static`'s
+    /// `calibrate_method=CalibrationMethod.Entropy` (its defaults: 128 bins, 128 quantized
+    /// bins) for activations ([`OnnxRuntimeHistogramObserver`]); weights and arithmetic as
+    /// in [`QConfig::onnxruntime`].
+    ///
+    /// # Examples
+    /// ```
+    /// use ptq::qconfig::{Arithmetic, QConfig};
+    /// let q = QConfig::onnxruntime_entropy();
+    /// assert_eq!(q.weight, QConfig::onnxruntime().weight);
+    /// assert_eq!(q.arithmetic, Arithmetic::OnnxRuntime);
+    /// assert_eq!(q.activation.build()?.kind(), "OnnxRuntimeHistogramObserver");
+    /// # Ok::<(), ptq::QuantError>(())
+    /// ```
+    pub fn onnxruntime_entropy() -> Self {
+        QConfig {
+            activation: ObserverSpec::with_kind(
+                ObserverKind::OnnxRuntimeHistogram(OnnxRuntimeHistMethod::ENTROPY),
+                DType::QUInt8,
+                QScheme::PerTensorAffine,
+            ),
+            ..Self::onnxruntime()
+        }
+    }
+
+    /// [`QConfig::onnxruntime`] with `quantize_static`'s
+    /// `calibrate_method=CalibrationMethod.Percentile` (its defaults: 2048 bins, percentile
+    /// 99.999, symmetric histogram of `|x|`) for activations
+    /// ([`OnnxRuntimeHistogramObserver`]); weights and arithmetic as in
+    /// [`QConfig::onnxruntime`].
+    pub fn onnxruntime_percentile() -> Self {
+        QConfig {
+            activation: ObserverSpec::with_kind(
+                ObserverKind::OnnxRuntimeHistogram(OnnxRuntimeHistMethod::PERCENTILE),
+                DType::QUInt8,
+                QScheme::PerTensorAffine,
+            ),
+            ..Self::onnxruntime()
+        }
+    }
+
     /// The preset for a backend name: `"fbgemm"`, `"x86"`, `"qnnpack"`, `"onednn"`,
     /// `"onnxruntime"`.
     ///
@@ -461,6 +509,8 @@ mod tests {
             (QConfig::minmax_per_tensor(), (0, 127), (-128, 127)),
             (QConfig::minmax_per_channel(), (0, 127), (-128, 127)),
             (QConfig::onnxruntime(), (0, 255), (-127, 127)),
+            (QConfig::onnxruntime_entropy(), (0, 255), (-127, 127)),
+            (QConfig::onnxruntime_percentile(), (0, 255), (-127, 127)),
         ] {
             q.validate().unwrap();
             assert_eq!(
