@@ -2,8 +2,8 @@
 //!
 //! ```text
 //! cargo run --release --example quantize_onnx -- model.onnx calib.safetensors|calib.npy \
-//!     [--key NAME] [--batch 32] [--qconfig fbgemm|x86|qnnpack|onnxruntime] [--out model.qmodel] \
-//!     [--qdq model.qdq.onnx]
+//!     [--key NAME] [--batch 32] [--out model.qmodel] [--qdq model.qdq.onnx] \
+//!     [--qconfig fbgemm|x86|qnnpack|onnxruntime|onnxruntime_entropy|onnxruntime_percentile]
 //! ```
 //!
 //! With `--qdq`, the calibrated model is also written as QDQ ONNX (what ONNX Runtime runs
@@ -36,7 +36,7 @@ use ptq::{QuantError, Result};
 fn usage() -> ! {
     eprintln!(
         "usage: quantize_onnx MODEL.onnx CALIB.(safetensors|npy) [--key NAME] [--batch N] \
-         [--qconfig fbgemm|x86|qnnpack|onnxruntime] [--out OUT.qmodel] [--qdq OUT.onnx] [--dump DIR]"
+         [--qconfig fbgemm|x86|qnnpack|onnxruntime|onnxruntime_entropy|onnxruntime_percentile] [--out OUT.qmodel] [--qdq OUT.onnx] [--dump DIR]"
     );
     std::process::exit(2)
 }
@@ -182,6 +182,8 @@ fn main() -> Result<()> {
         .max(1);
     let qconfig = match opt.get("--qconfig").copied().unwrap_or("onnxruntime") {
         "onnxruntime" => QConfig::onnxruntime(),
+        "onnxruntime_entropy" => QConfig::onnxruntime_entropy(),
+        "onnxruntime_percentile" => QConfig::onnxruntime_percentile(),
         other => QConfig::for_backend(other)?,
     };
     let t0 = std::time::Instant::now();

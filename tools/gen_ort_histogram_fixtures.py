@@ -17,6 +17,12 @@ entropy(num_bins=512, num_quantized_bins=128), percentile(num_bins=2048, 99.999,
 symmetric=True) [ORT's default], percentile(2048, 99.9, symmetric=True),
 percentile(2048, 99.9, symmetric=False).
 
+End to end: quantize_static (QDQ, uint8 activations, int8 per-channel weights) with
+calibrate_method Entropy and Percentile (their defaults) on tests/fixtures/onnx/resnet18_ts13.onnx
+and the 8 `calib` images of tests/fixtures/onnx/inputs.safetensors (4 reader items of 2, one
+collect), recording every activation tensor's range after ORT's adjustments and its scale /
+zero point: tests/fixtures/onnx/resnet18_ort_hist_qparams.safetensors.
+
 Usage: /work/venv/bin/python tools/gen_ort_histogram_fixtures.py [--out tests/fixtures/onnx/ort_histogram.safetensors]
 """
 import argparse
@@ -28,7 +34,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.quantization.calibrate import HistogramCollector
 from onnxruntime.quantization.quant_utils import compute_scale_zp
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 CONFIGS = [
     ("entropy_128_128", dict(method="entropy", symmetric=False, num_bins=128, num_quantized_bins=128, percentile=99.999)),
@@ -67,6 +73,65 @@ def run(cfg, batches, one_collect):
     return lo, hi, np.float32(scale), int(zp)
 
 
+class Reader:
+    def __init__(self, batches):
+        self.batches = list(batches)
+        self.i = 0
+
+    def get_next(self):
+        if self.i >= len(self.batches):
+            return None
+        self.i += 1
+        return {"x": self.batches[self.i - 1]}
+
+    def rewind(self):
+        self.i = 0
+
+
+def quantize_static_hist(model_path, calib, out_path):
+    import onnx
+    import tempfile
+    from onnx import numpy_helper
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import qdq_quantizer
+
+    t = {}
+    for mname, method in (("entropy", CalibrationMethod.Entropy), ("percentile", CalibrationMethod.Percentile)):
+        ranges = {}
+        orig_calc = qdq_quantizer.QDQQuantizer.calc_graph_quant_params
+
+        def calc(self):
+            out = orig_calc(self)
+            for k, td in (self.tensors_range or {}).items():
+                lo, hi = td.range_value
+                ranges[k] = np.array([np.float32(lo), np.float32(hi)], dtype=np.float32).reshape(-1)
+            return out
+
+        qdq_quantizer.QDQQuantizer.calc_graph_quant_params = calc
+        try:
+            with tempfile.TemporaryDirectory() as td, contextlib.redirect_stdout(io.StringIO()):
+                q = os.path.join(td, "q.onnx")
+                quantize_static(model_path, q, Reader(calib), quant_format=QuantFormat.QDQ,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                per_channel=True, calibrate_method=method)
+                qm = onnx.load(q)
+        finally:
+            qdq_quantizer.QDQQuantizer.calc_graph_quant_params = orig_calc
+        inits = {i.name: numpy_helper.to_array(i) for i in qm.graph.initializer}
+        n = 0
+        for k, r in ranges.items():
+            s_, z = inits.get(k + "_scale"), inits.get(k + "_zero_point")
+            if s_ is None or z is None:
+                continue
+            t[f"{mname}/range/{k}"] = r
+            t[f"{mname}/scale/{k}"] = np.asarray(s_, np.float32).reshape(-1)
+            t[f"{mname}/zero_point/{k}"] = np.asarray(z).astype(np.float32).reshape(-1)
+            n += 1
+        print(f"quantize_static {mname}: {n} activation tensors")
+    save_file(t, out_path, metadata={"onnxruntime": ort.__version__})
+    print(f"wrote {out_path} ({os.path.getsize(out_path)} bytes)")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join("tests", "fixtures", "onnx", "ort_histogram.safetensors"))
@@ -83,6 +148,10 @@ def main():
                 print(f"{key}: [{lo:.6g}, {hi:.6g}] scale {s:.6g} zp {z}")
     save_file(out, a.out, metadata={"onnxruntime": ort.__version__, "numpy": np.__version__})
     print(f"wrote {a.out} ({os.path.getsize(a.out)} bytes)")
+    fix = os.path.dirname(a.out)
+    calib = load_file(os.path.join(fix, "inputs.safetensors"))["calib"]
+    quantize_static_hist(os.path.join(fix, "resnet18_ts13.onnx"), [calib[i:i + 2] for i in range(0, 8, 2)],
+                         os.path.join(fix, "resnet18_ort_hist_qparams.safetensors"))
 
 
 if __name__ == "__main__":

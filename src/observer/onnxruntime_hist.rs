@@ -285,7 +285,7 @@ fn floor_div_f32(a: f32, b: f32) -> f32 {
 /// numpy `arange(start, stop, step)` for `f32` scalars.
 fn arange_f32(start: f32, stop: f32, step: f32) -> Vec<f32> {
     let len = (((stop - start) / step) as f64).ceil();
-    if !(len > 0.0) {
+    if len.is_nan() || len <= 0.0 {
         return Vec::new();
     }
     let len = len as usize;
