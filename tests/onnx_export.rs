@@ -264,4 +264,11 @@ fn weights_only_export_has_int8_weights_and_float_activations() {
         }
     }
     assert!(bytes.len() < p.to_qdq_onnx().unwrap().len());
+    // only the weight observers matter: no calibration needed
+    let g = load_onnx(fixture("resnet18_ts13.onnx")).unwrap().graph;
+    let fresh = prepare(g, &QConfigMap::new(QConfig::onnxruntime())).unwrap();
+    assert!(fresh.to_qdq_onnx().is_err());
+    let w8 = fresh.to_qdq_onnx_weights_only().unwrap();
+    let m2 = OnnxModel::from_bytes(&w8, "uncalibrated", None).unwrap();
+    assert_eq!(count(&m2, "DequantizeLinear"), 21);
 }
