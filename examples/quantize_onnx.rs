@@ -2,8 +2,9 @@
 //!
 //! ```text
 //! cargo run --release --example quantize_onnx -- model.onnx calib.safetensors|calib.npy \
-//!     [--key NAME] [--batch 32] [--qconfig fbgemm|x86|qnnpack|onnxruntime] [--out model.qmodel] \
-//!     [--qdq model.qdq.onnx]
+//!     [--key NAME] [--batch 32] [--out model.qmodel] [--qdq model.qdq.onnx] \
+//!     [--qconfig fbgemm|x86|qnnpack|onnxruntime|onnxruntime_entropy|onnxruntime_percentile] \
+//!     [--qdq-weights-only model.w8.onnx]
 //! ```
 //!
 //! With `--qdq`, the calibrated model is also written as QDQ ONNX (what ONNX Runtime runs
@@ -36,7 +37,7 @@ use ptq::{QuantError, Result};
 fn usage() -> ! {
     eprintln!(
         "usage: quantize_onnx MODEL.onnx CALIB.(safetensors|npy) [--key NAME] [--batch N] \
-         [--qconfig fbgemm|x86|qnnpack|onnxruntime] [--out OUT.qmodel] [--qdq OUT.onnx] [--dump DIR]"
+         [--qconfig fbgemm|x86|qnnpack|onnxruntime|onnxruntime_entropy|onnxruntime_percentile] [--out OUT.qmodel] [--qdq OUT.onnx] [--qdq-weights-only OUT.onnx] [--dump DIR]"
     );
     std::process::exit(2)
 }
@@ -166,7 +167,8 @@ fn main() -> Result<()> {
     let mut i = 2;
     while i < args.len() {
         match args[i].as_str() {
-            k @ ("--key" | "--batch" | "--qconfig" | "--out" | "--qdq" | "--dump")
+            k @ ("--key" | "--batch" | "--qconfig" | "--out" | "--qdq" | "--qdq-weights-only"
+            | "--dump")
                 if i + 1 < args.len() =>
             {
                 opt.insert(k, &args[i + 1]);
@@ -182,6 +184,8 @@ fn main() -> Result<()> {
         .max(1);
     let qconfig = match opt.get("--qconfig").copied().unwrap_or("onnxruntime") {
         "onnxruntime" => QConfig::onnxruntime(),
+        "onnxruntime_entropy" => QConfig::onnxruntime_entropy(),
+        "onnxruntime_percentile" => QConfig::onnxruntime_percentile(),
         other => QConfig::for_backend(other)?,
     };
     let t0 = std::time::Instant::now();
@@ -219,6 +223,11 @@ fn main() -> Result<()> {
         }
         None => None,
     };
+    if let Some(path) = opt.get("--qdq-weights-only") {
+        let bytes = prepared.to_qdq_onnx_weights_only()?;
+        std::fs::write(path, &bytes).map_err(|e| bad(path, e.to_string()))?;
+        println!("wrote weights-only QDQ ONNX {path} ({} bytes)", bytes.len());
+    }
     let q = convert(prepared)?;
     // per-layer error on the first batch
     let first = calib

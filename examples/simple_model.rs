@@ -61,6 +61,7 @@ fn main() -> Result<(), QuantError> {
     let pytorch_default = QConfig {
         activation: ObserverSpec::fixed(1.0, 0, DType::QUInt8),
         weight: QConfig::fbgemm().weight,
+        ..QConfig::fbgemm()
     };
     let mut prepared = prepare(model.clone(), &QConfigMap::new(pytorch_default))?;
     calibrate(&mut prepared, calib, |_| {})?;

@@ -22,7 +22,8 @@ use crate::error::Result;
 use crate::observer::{
     EntropyObserver, FixedQParamsObserver, HistogramObserver, MinMaxObserver,
     MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver, MseObserver, Observer,
-    OnnxRuntimeMinMaxObserver, PerChannelMinMaxObserver, PercentileObserver,
+    OnnxRuntimeHistMethod, OnnxRuntimeHistogramObserver, OnnxRuntimeMinMaxObserver,
+    PerChannelMinMaxObserver, PercentileObserver,
 };
 use crate::qparams::{DType, QParams, QScheme, RangeConfig};
 
@@ -63,6 +64,9 @@ pub enum ObserverKind {
     /// [`OnnxRuntimeMinMaxObserver`]: ONNX Runtime `quantize_static`'s MinMax calibration
     /// (per tensor, or per channel with a per-channel scheme).
     OnnxRuntimeMinMax,
+    /// [`OnnxRuntimeHistogramObserver`]: ONNX Runtime `quantize_static`'s Entropy or
+    /// Percentile calibration (per-tensor schemes only).
+    OnnxRuntimeHistogram(OnnxRuntimeHistMethod),
     /// [`FixedQParamsObserver`] with this scale and zero point.
     FixedQParams {
         /// The fixed scale.
@@ -241,6 +245,9 @@ impl ObserverSpec {
             ObserverKind::OnnxRuntimeMinMax => {
                 Box::new(OnnxRuntimeMinMaxObserver::new(self.range_config()?)?)
             }
+            ObserverKind::OnnxRuntimeHistogram(method) => Box::new(
+                OnnxRuntimeHistogramObserver::new(self.range_config()?, method)?,
+            ),
             ObserverKind::FixedQParams { scale, zero_point } => {
                 let range = self.range_config()?.quant_range();
                 let qp = QParams::new(
@@ -274,6 +281,45 @@ pub struct QConfig {
     pub activation: ObserverSpec,
     /// The weight observer spec.
     pub weight: ObserverSpec,
+    /// Whose integer arithmetic the converted int8 ops reproduce: PyTorch's fbgemm (every
+    /// preset but the ONNX Runtime ones) or ONNX Runtime's QDQ kernels.
+    pub arithmetic: Arithmetic,
+}
+
+/// Whose int8 arithmetic a converted layer reproduces where the two runtimes differ.
+///
+/// They differ in one place that matters for convolutions and linear layers: fbgemm adds
+/// the float bias term `bias / (act_scale * w_scale)` to the accumulator in `f32`, while a
+/// QDQ model can only hold an `int32` bias (scale `act_scale * w_scale`, zero point 0), so
+/// ONNX Runtime's `QLinearConv` / `QGemm` add `round_half_even(bias / (act_scale *
+/// w_scale))` to the integer accumulator. With [`Arithmetic::OnnxRuntime`] ptq does the
+/// same ([`crate::kernels::BiasMode::Int32`]), so its int8 outputs equal what ONNX Runtime
+/// computes on ptq's QDQ export; the choice is saved in the `.qmodel` file.
+///
+/// # Examples
+/// ```
+/// use ptq::qconfig::{Arithmetic, QConfig};
+/// assert_eq!(QConfig::fbgemm().arithmetic, Arithmetic::Fbgemm);
+/// assert_eq!(QConfig::onnxruntime().arithmetic, Arithmetic::OnnxRuntime);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Arithmetic {
+    /// fbgemm's (PyTorch's `torch.ao.nn.quantized` on x86): float bias term.
+    #[default]
+    Fbgemm,
+    /// ONNX Runtime's CPU QDQ kernels (MLAS): `int32` bias added to the accumulator.
+    OnnxRuntime,
+}
+
+impl Arithmetic {
+    /// How convolutions and linear layers add their bias under this arithmetic.
+    pub fn bias_mode(self) -> crate::kernels::BiasMode {
+        match self {
+            Arithmetic::Fbgemm => crate::kernels::BiasMode::Float,
+            Arithmetic::OnnxRuntime => crate::kernels::BiasMode::Int32,
+        }
+    }
 }
 
 impl QConfig {
@@ -284,6 +330,7 @@ impl QConfig {
             activation: ObserverSpec::histogram(DType::QUInt8, QScheme::PerTensorAffine)
                 .with_reduce_range(true),
             weight: ObserverSpec::min_max(DType::QInt8, QScheme::PerChannelSymmetric { axis: 0 }),
+            arithmetic: Arithmetic::Fbgemm,
         }
     }
 
@@ -299,6 +346,7 @@ impl QConfig {
         QConfig {
             activation: ObserverSpec::histogram(DType::QUInt8, QScheme::PerTensorAffine),
             weight: ObserverSpec::min_max(DType::QInt8, QScheme::PerTensorSymmetric),
+            arithmetic: Arithmetic::Fbgemm,
         }
     }
 
@@ -309,6 +357,7 @@ impl QConfig {
             activation: ObserverSpec::min_max(DType::QUInt8, QScheme::PerTensorAffine)
                 .with_range(0, 127),
             weight: ObserverSpec::min_max(DType::QInt8, QScheme::PerTensorSymmetric),
+            arithmetic: Arithmetic::Fbgemm,
         }
     }
 
@@ -328,6 +377,7 @@ impl QConfig {
             activation: ObserverSpec::min_max(DType::QUInt8, QScheme::PerTensorAffine)
                 .with_reduce_range(true),
             weight: ObserverSpec::min_max(DType::QInt8, QScheme::PerTensorSymmetric),
+            arithmetic: Arithmetic::Fbgemm,
         }
     }
 
@@ -361,6 +411,48 @@ impl QConfig {
                 QScheme::PerChannelSymmetric { axis: 0 },
             )
             .with_range(-127, 127),
+            arithmetic: Arithmetic::OnnxRuntime,
+        }
+    }
+
+    /// [`QConfig::onnxruntime`] with `quantize_static`'s
+    /// `calibrate_method=CalibrationMethod.Entropy` (its defaults: 128 bins, 128 quantized
+    /// bins) for activations ([`OnnxRuntimeHistogramObserver`]); weights and arithmetic as
+    /// in [`QConfig::onnxruntime`].
+    ///
+    /// # Examples
+    /// ```
+    /// use ptq::qconfig::{Arithmetic, QConfig};
+    /// let q = QConfig::onnxruntime_entropy();
+    /// assert_eq!(q.weight, QConfig::onnxruntime().weight);
+    /// assert_eq!(q.arithmetic, Arithmetic::OnnxRuntime);
+    /// assert_eq!(q.activation.build()?.kind(), "OnnxRuntimeHistogramObserver");
+    /// # Ok::<(), ptq::QuantError>(())
+    /// ```
+    pub fn onnxruntime_entropy() -> Self {
+        QConfig {
+            activation: ObserverSpec::with_kind(
+                ObserverKind::OnnxRuntimeHistogram(OnnxRuntimeHistMethod::ENTROPY),
+                DType::QUInt8,
+                QScheme::PerTensorAffine,
+            ),
+            ..Self::onnxruntime()
+        }
+    }
+
+    /// [`QConfig::onnxruntime`] with `quantize_static`'s
+    /// `calibrate_method=CalibrationMethod.Percentile` (its defaults: 2048 bins, percentile
+    /// 99.999, symmetric histogram of `|x|`) for activations
+    /// ([`OnnxRuntimeHistogramObserver`]); weights and arithmetic as in
+    /// [`QConfig::onnxruntime`].
+    pub fn onnxruntime_percentile() -> Self {
+        QConfig {
+            activation: ObserverSpec::with_kind(
+                ObserverKind::OnnxRuntimeHistogram(OnnxRuntimeHistMethod::PERCENTILE),
+                DType::QUInt8,
+                QScheme::PerTensorAffine,
+            ),
+            ..Self::onnxruntime()
         }
     }
 
@@ -417,6 +509,8 @@ mod tests {
             (QConfig::minmax_per_tensor(), (0, 127), (-128, 127)),
             (QConfig::minmax_per_channel(), (0, 127), (-128, 127)),
             (QConfig::onnxruntime(), (0, 255), (-127, 127)),
+            (QConfig::onnxruntime_entropy(), (0, 255), (-127, 127)),
+            (QConfig::onnxruntime_percentile(), (0, 255), (-127, 127)),
         ] {
             q.validate().unwrap();
             assert_eq!(

@@ -228,3 +228,47 @@ fn exported_int32_bias_is_ptqs_bias_term_rounded_half_even() {
         eprintln!("{model}: {inexact} of {channels} channels drop a fraction, largest {max_frac}");
     }
 }
+
+/// The weights-only form: int8 weights behind DequantizeLinear (the same int8 values and
+/// scales as the full QDQ export), float biases and activations, no QuantizeLinear.
+#[test]
+fn weights_only_export_has_int8_weights_and_float_activations() {
+    let (full, p) = exported("resnet18_ts13.onnx");
+    let bytes = p.to_qdq_onnx_weights_only().unwrap();
+    let m = OnnxModel::from_bytes(&bytes, "weights_only", None).unwrap();
+    let count = |m: &OnnxModel, op: &str| m.nodes.iter().filter(|n| n.op_type == op).count();
+    assert_eq!(count(&m, "QuantizeLinear"), 0);
+    assert_eq!(
+        count(&m, "DequantizeLinear"),
+        21,
+        "20 conv + 1 gemm weights"
+    );
+    assert_eq!(count(&m, "Conv"), 20);
+    for n in m
+        .nodes
+        .iter()
+        .filter(|n| n.op_type == "Conv" || n.op_type == "Gemm")
+    {
+        let wq = format!("{}_quantized", n.inputs[1]);
+        let (a, b) = (m.initializer(&wq).unwrap(), full.initializer(&wq).unwrap());
+        assert_eq!(a.ints().unwrap(), b.ints().unwrap(), "{wq}");
+        let ws = format!("{}_scale", n.inputs[1]);
+        assert_eq!(
+            m.initializer(&ws).unwrap().to_f32(),
+            full.initializer(&ws).unwrap().to_f32()
+        );
+        // the bias is the float initializer itself
+        if let Some(b) = n.inputs.get(2) {
+            let bias = m.initializer(b).unwrap();
+            assert!(matches!(bias.data, TensorData::Float(_)), "{b}");
+        }
+    }
+    assert!(bytes.len() < p.to_qdq_onnx().unwrap().len());
+    // only the weight observers matter: no calibration needed
+    let g = load_onnx(fixture("resnet18_ts13.onnx")).unwrap().graph;
+    let fresh = prepare(g, &QConfigMap::new(QConfig::onnxruntime())).unwrap();
+    assert!(fresh.to_qdq_onnx().is_err());
+    let w8 = fresh.to_qdq_onnx_weights_only().unwrap();
+    let m2 = OnnxModel::from_bytes(&w8, "uncalibrated", None).unwrap();
+    assert_eq!(count(&m2, "DequantizeLinear"), 21);
+}

@@ -241,3 +241,71 @@ fn calibrated_activation_qparams_match_quantize_static() {
     assert!(same_range * 3 >= total, "{same_range}/{total}");
     assert!(worst_ulps <= 64, "{worst_ulps}");
 }
+
+/// End to end for the histogram presets: the imported ResNet-18 calibrated with
+/// `QConfig::onnxruntime_entropy()` / `onnxruntime_percentile()` on the 8 calibration images
+/// in one batch (quantize_static collects its whole data set in one histogram) against
+/// quantize_static with `CalibrationMethod.Entropy` / `.Percentile`
+/// (`tools/gen_ort_histogram_fixtures.py`). Where our float forward gives ORT's tensor bits,
+/// the thresholds are ORT's (`tests/onnx_ort_histogram.rs` checks that on shared data); our
+/// summation order moves some activations by ulps, and with them the histogram edges and
+/// thresholds by ulps (here at most 1.7e-7 relative in the scale; a threshold could in
+/// principle also move by one histogram bin, which this bound would catch).
+#[test]
+fn histogram_presets_match_quantize_static_end_to_end() {
+    let calib = tensors("inputs.safetensors").remove("calib").unwrap();
+    let t = tensors("resnet18_ort_hist_qparams.safetensors");
+    let model = OnnxModel::load(fixture("resnet18_ts13.onnx")).unwrap();
+    let imp = model.to_graph().unwrap();
+    let g = &imp.graph;
+    for (method, qc) in [
+        ("entropy", QConfig::onnxruntime_entropy()),
+        ("percentile", QConfig::onnxruntime_percentile()),
+    ] {
+        let mut obs: HashMap<NodeId, Box<dyn Observer>> = HashMap::new();
+        g.forward_with(std::slice::from_ref(&calib), &mut |node, y| {
+            obs.entry(node.id)
+                .or_insert_with(|| qc.activation.build().unwrap())
+                .observe(y.view())
+        })
+        .unwrap();
+        let (mut total, mut same_qp, mut worst_rel) = (0, 0, 0f64);
+        for (k, ort_scale) in &t {
+            let Some(tensor) = k.strip_prefix(&format!("{method}/scale/")) else {
+                continue;
+            };
+            let Some(&id) = imp.tensor_nodes.get(tensor) else {
+                continue;
+            };
+            let (os, oz) = (
+                ort_scale[[0]],
+                t[&format!("{method}/zero_point/{tensor}")][[0]] as i64,
+            );
+            let r = &t[&format!("{method}/range/{tensor}")];
+            // ORT's parameters are its (adjusted) threshold through compute_scale_zp
+            let (s0, z0) = onnxruntime_scale_zp(r[[0]], r[[1]], 0, 255, false);
+            assert_eq!((s0.to_bits(), z0), (os.to_bits(), oz), "{method} {tensor}");
+            let eff = effective_tensor(&model, tensor);
+            let id = *imp.tensor_nodes.get(&eff).unwrap_or(&id);
+            let qp = obs[&id].qparams().unwrap();
+            let (s, z) = (qp.scale(), qp.zero_point() as i64);
+            total += 1;
+            if s.to_bits() == os.to_bits() && z == oz {
+                same_qp += 1;
+            } else {
+                let rel = ((s as f64 - os as f64) / os as f64).abs();
+                worst_rel = worst_rel.max(rel);
+                assert!(
+                    rel < 1e-5 && (z - oz).abs() <= 1,
+                    "{method} {tensor}: ours ({s:e}, {z}) ORT ({os:e}, {oz})"
+                );
+            }
+        }
+        println!(
+            "{method}: {total} activation tensors, {same_qp} (scale, zp) identical to quantize_static's, \
+             the rest within {worst_rel:.2e} relative"
+        );
+        assert!(total >= 25, "{total}");
+        assert!(same_qp * 3 >= total, "{same_qp}/{total}");
+    }
+}

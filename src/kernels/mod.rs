@@ -76,7 +76,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 pub use pack::{PackedWeights, NR};
-pub use requant::{OutputQuant, RequantParams};
+pub use requant::{BiasMode, OutputQuant, RequantParams};
 
 use crate::error::{QuantError, Result};
 pub(crate) use gemm::RowSource;

@@ -18,6 +18,15 @@
 //! stored here as one fused multiply-add `fma(bias_b[j], bias_s[j], raw)`: per-tensor
 //! `(bias, rcp)`, per-channel `(bias / atws, 1.0)` (an FMA by 1.0 is a plain add), no bias
 //! `(0, 0)`.
+//!
+//! [`BiasMode::Int32`] reproduces ONNX Runtime's `QLinearConv` / `QGemm` instead (MLAS
+//! `MlasRequantizeOutput`): the bias is an `i32` added to the accumulator,
+//! `q = clamp(cvtps2dq((raw + bias_i32[j]) as f32 * mult) + out_zp)` with
+//! `bias_i32[j] = round_half_even(bias[j] / atws[j])` (the `f32` quotient, as the QDQ export
+//! writes it). It is stored as `(bias_i32 as f32, 1.0)`: `fma(bias_i32, 1.0, raw as f32)`
+//! is the correctly rounded `f32` of the exact sum, i.e. `(raw + bias_i32) as f32`, whenever
+//! `|raw|` and `|bias_i32|` are at most `2^24` (both exact in `f32`) and the `i32` sum does
+//! not overflow, so the kernels need no second code path.
 
 use crate::error::{QuantError, Result};
 
@@ -30,6 +39,20 @@ pub struct OutputQuant {
     pub zero_point: i32,
     /// Clamp at the zero point (fused ReLU).
     pub relu: bool,
+}
+
+/// How a layer's float bias enters the requantization.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum BiasMode {
+    /// fbgemm / PyTorch: the exact `f32` bias term `bias / (act_scale * w_scale)` is added
+    /// to the accumulator in float (bit-exact with `torch.ao.nn.quantized` on fbgemm).
+    #[default]
+    Float,
+    /// ONNX Runtime (QDQ `QLinearConv` / `QGemm`): the bias is first rounded half to even to
+    /// an `i32` in units of `act_scale * w_scale`, as a QDQ model stores it, and added to the
+    /// integer accumulator (see the module documentation).
+    Int32,
 }
 
 /// Per-output-column requantization parameters, computed for one activation scale.
@@ -78,6 +101,51 @@ impl RequantParams {
         per_channel: bool,
         bias: Option<&[f32]>,
         out: OutputQuant,
+    ) -> Result<Self> {
+        Self::with_bias_mode(
+            n,
+            act_scale,
+            w_scales,
+            per_channel,
+            bias,
+            out,
+            BiasMode::Float,
+        )
+    }
+
+    /// As [`RequantParams::new`], with the bias entering as `mode` says
+    /// ([`BiasMode::Int32`]: ONNX Runtime's integer bias).
+    ///
+    /// # Errors
+    /// As [`RequantParams::new`].
+    ///
+    /// # Examples
+    /// ```
+    /// use ptq::kernels::{BiasMode, OutputQuant, RequantParams};
+    /// let out = OutputQuant { scale: 1.0, zero_point: 0, relu: false };
+    /// // bias / (act_scale * w_scale) = 0.5 + 0.25: fbgemm keeps the fraction, ORT rounds it
+    /// // to 1 (half to even of 0.75) before adding it to the accumulator.
+    /// let b = [0.75f32];
+    /// let fb = RequantParams::new(1, 1.0, &[1.0], true, Some(&b), out)?;
+    /// let ort = RequantParams::with_bias_mode(1, 1.0, &[1.0], true, Some(&b), out, BiasMode::Int32)?;
+    /// assert_eq!(fb.requantize(2, 0), 3); // 2.75 -> 3
+    /// assert_eq!(ort.requantize(2, 0), 3); // 2 + 1 = 3
+    /// assert_eq!(fb.requantize(1, 0), 2); // 1.75 -> 2
+    /// let half = [0.5f32];
+    /// let fb = RequantParams::new(1, 1.0, &[1.0], true, Some(&half), out)?;
+    /// let ort = RequantParams::with_bias_mode(1, 1.0, &[1.0], true, Some(&half), out, BiasMode::Int32)?;
+    /// assert_eq!(fb.requantize(1, 0), 2); // 1.5 -> 2 (half to even)
+    /// assert_eq!(ort.requantize(1, 0), 1); // bias 0.5 -> 0, 1 + 0 = 1
+    /// # Ok::<(), ptq::QuantError>(())
+    /// ```
+    pub fn with_bias_mode(
+        n: usize,
+        act_scale: f32,
+        w_scales: &[f32],
+        per_channel: bool,
+        bias: Option<&[f32]>,
+        out: OutputQuant,
+        mode: BiasMode,
     ) -> Result<Self> {
         let OutputQuant {
             scale: out_scale,
@@ -137,7 +205,12 @@ impl RequantParams {
             let atws = act_scale * ws;
             mult[j] = atws / out_scale;
             if let Some(b) = bias {
-                if per_channel {
+                if mode == BiasMode::Int32 {
+                    // the QDQ export's int32 bias: f32 quotient, half to even, saturating
+                    let bi = (b[j] / atws).round_ties_even() as i32;
+                    bias_b[j] = bi as f32;
+                    bias_s[j] = 1.0;
+                } else if per_channel {
                     bias_b[j] = b[j] / atws;
                     bias_s[j] = 1.0;
                 } else {

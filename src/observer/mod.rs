@@ -42,6 +42,7 @@ mod minmax;
 mod moving_average;
 mod mse;
 mod onnxruntime;
+mod onnxruntime_hist;
 mod per_channel;
 mod percentile;
 
@@ -53,6 +54,7 @@ pub use moving_average::DEFAULT_AVERAGING_CONSTANT;
 pub use moving_average::{MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver};
 pub use mse::MseObserver;
 pub use onnxruntime::{onnxruntime_scale_zp, OnnxRuntimeMinMaxObserver};
+pub use onnxruntime_hist::{OnnxRuntimeHistMethod, OnnxRuntimeHistogramObserver};
 pub use per_channel::PerChannelMinMaxObserver;
 pub use percentile::PercentileObserver;
 

@@ -17,7 +17,7 @@ use crate::error::{QuantError, Result};
 use crate::graph::{NearestRule, Node, NodeId, Op, UpsampleMode};
 use crate::nn::quantized::{Conv2dParams, QBatchNorm2d, QUpsampleNearest2d, UpsampleSize};
 use crate::observer::Observer;
-use crate::qconfig::QConfig;
+use crate::qconfig::{Arithmetic, QConfig};
 use crate::qparams::{ActQParams, QParams};
 
 /// What every int8 op gets from `convert`: its float node, its inputs' parameters, its own
@@ -95,6 +95,7 @@ impl FromObserved for ConvOp {
             o.out()?,
             relu,
         )
+        .map(|op| op.with_bias_mode(o.qconfig.arithmetic.bias_mode()))
     }
 }
 
@@ -113,12 +114,14 @@ impl FromObserved for LinearOp {
             o.out()?,
             relu,
         )
+        .map(|op| op.with_bias_mode(o.qconfig.arithmetic.bias_mode()))
     }
 }
 
 impl FromObserved for AddOp {
     fn from_observed(o: &Observed<'_>) -> Result<Self> {
-        Ok(AddOp::new(o.out()?, matches!(o.node.op, Op::AddReLU)))
+        Ok(AddOp::new(o.out()?, matches!(o.node.op, Op::AddReLU))
+            .with_onnxruntime_arithmetic(o.qconfig.arithmetic == Arithmetic::OnnxRuntime))
     }
 }
 

@@ -20,6 +20,7 @@ use ndarray::{ArrayD, IxDyn};
 
 use super::{ExecCtx, Layout, OpRecordReader, OpRecordWriter, QAct, QuantOp, Value};
 use crate::error::{QuantError, Result};
+use crate::kernels::BiasMode;
 use crate::nn::quantized::{
     Conv2dParams, QAdaptiveAvgPool2d, QAdd, QAvgPool2d, QBatchNorm2d, QCat, QConv2d, QConvReLU2d,
     QHardsigmoid, QHardswish, QLinear, QLinearReLU, QMaxPool2d, QMul, QReLU, QSigmoid, QTensor,
@@ -182,6 +183,25 @@ impl QuantOp for DequantizeOp {
     }
 }
 
+/// Writes `bias_mode = int32` for ONNX Runtime's integer bias; nothing for fbgemm's float
+/// bias, so fbgemm files are unchanged and files written before the key existed load as
+/// fbgemm's.
+fn write_bias_mode(rec: &mut OpRecordWriter<'_>, mode: BiasMode) {
+    if mode == BiasMode::Int32 {
+        rec.set("bias_mode", "int32");
+    }
+}
+
+fn read_bias_mode(r: &OpRecordReader<'_, '_>) -> Result<BiasMode> {
+    match r.opt("bias_mode") {
+        None | Some("float") => Ok(BiasMode::Float),
+        Some("int32") => Ok(BiasMode::Int32),
+        Some(v) => Err(r.bad(format!(
+            "metadata `bias_mode` = {v:?} is not \"float\" or \"int32\""
+        ))),
+    }
+}
+
 /// `quantized.Conv2d` / `intrinsic.quantized.ConvReLU2d`: reads and writes NHWC.
 #[derive(Debug, Clone)]
 pub struct ConvOp {
@@ -225,6 +245,13 @@ impl ConvOp {
         &self.conv
     }
 
+    /// The same op with its bias entering the requantization as `mode` says (saved in the
+    /// `.qmodel` file as `bias_mode = int32` when not the default).
+    pub fn with_bias_mode(mut self, mode: BiasMode) -> Self {
+        self.conv = self.conv.with_bias_mode(mode);
+        self
+    }
+
     /// Reader for the file table.
     ///
     /// # Errors
@@ -240,6 +267,7 @@ impl ConvOp {
         } else {
             QConv2d::from_quantized(w.view(), &qp, b.as_ref().map(|b| b.view()), p, s, z)?
         };
+        let conv = conv.with_bias_mode(read_bias_mode(r)?);
         Ok(Box::new(ConvOp { conv, out }))
     }
 }
@@ -267,6 +295,7 @@ impl QuantOp for ConvOp {
     }
     fn write(&self, rec: &mut OpRecordWriter<'_>) -> Result<()> {
         rec.set("relu", self.conv.is_relu() as u8);
+        write_bias_mode(rec, self.conv.bias_mode());
         rec.conv(&self.conv);
         Ok(())
     }
@@ -322,6 +351,13 @@ impl LinearOp {
         Ok(LinearOp { lin, out })
     }
 
+    /// The same op with its bias entering the requantization as `mode` says (saved in the
+    /// `.qmodel` file as `bias_mode = int32` when not the default).
+    pub fn with_bias_mode(mut self, mode: BiasMode) -> Self {
+        self.lin = self.lin.with_bias_mode(mode);
+        self
+    }
+
     /// Reader for the file table.
     ///
     /// # Errors
@@ -337,6 +373,7 @@ impl LinearOp {
         } else {
             QLinear::from_quantized(w.view(), &qp, b.as_ref().map(|b| b.view()), s, z)?
         };
+        let lin = lin.with_bias_mode(read_bias_mode(r)?);
         Ok(Box::new(LinearOp { lin, out }))
     }
 }
@@ -359,6 +396,7 @@ impl QuantOp for LinearOp {
     }
     fn write(&self, rec: &mut OpRecordWriter<'_>) -> Result<()> {
         rec.set("relu", self.lin.is_relu() as u8);
+        write_bias_mode(rec, self.lin.bias_mode());
         rec.linear(&self.lin);
         Ok(())
     }
@@ -381,19 +419,41 @@ impl QuantOp for LinearOp {
 pub struct AddOp {
     out: ActQParams,
     relu: bool,
+    onnxruntime: bool,
 }
 
 impl AddOp {
     /// An add (with a fused ReLU if `relu`) quantizing its result with `out`.
     pub fn new(out: ActQParams, relu: bool) -> Self {
-        AddOp { out, relu }
+        AddOp {
+            out,
+            relu,
+            onnxruntime: false,
+        }
+    }
+    /// The same add with ONNX Runtime's `QLinearAdd` arithmetic when `on`
+    /// ([`QAdd::with_onnxruntime_arithmetic`]; saved as `arithmetic = onnxruntime`).
+    pub fn with_onnxruntime_arithmetic(mut self, on: bool) -> Self {
+        self.onnxruntime = on;
+        self
     }
     /// Reader for the file table.
     ///
     /// # Errors
     /// Malformed records.
     pub fn read(r: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
-        Ok(Box::new(AddOp::new(r.act("out")?, r.flag("relu")?)))
+        let ort = match r.opt("arithmetic") {
+            None | Some("fbgemm") => false,
+            Some("onnxruntime") => true,
+            Some(v) => {
+                return Err(r.bad(format!(
+                    "metadata `arithmetic` = {v:?} is not \"fbgemm\" or \"onnxruntime\""
+                )))
+            }
+        };
+        Ok(Box::new(
+            AddOp::new(r.act("out")?, r.flag("relu")?).with_onnxruntime_arithmetic(ort),
+        ))
     }
 }
 
@@ -427,6 +487,9 @@ impl QuantOp for AddOp {
         if self.relu {
             add = add.with_relu();
         }
+        if self.onnxruntime {
+            add = add.with_onnxruntime_arithmetic();
+        }
         let held_nhwc =
             a.shape().len() == 4 && (a.layout() == Layout::Nhwc || b.layout() == Layout::Nhwc);
         if held_nhwc {
@@ -445,6 +508,9 @@ impl QuantOp for AddOp {
     fn write(&self, rec: &mut OpRecordWriter<'_>) -> Result<()> {
         rec.act("out", self.out);
         rec.set("relu", self.relu as u8);
+        if self.onnxruntime {
+            rec.set("arithmetic", "onnxruntime");
+        }
         Ok(())
     }
     fn arity(&self) -> usize {

@@ -102,6 +102,10 @@ impl OpRecordReader<'_, '_> {
     pub fn parse<T: std::str::FromStr>(&self, k: &str) -> Result<T> {
         self.r.parse(&self.key(k))
     }
+    /// Metadata key `k` if the file has it (for keys older files lack).
+    pub fn opt(&self, k: &str) -> Option<&str> {
+        self.r.get(&self.key(k)).ok()
+    }
     /// A `0`/`1` flag.
     ///
     /// # Errors

@@ -31,6 +31,9 @@ struct Writer {
     nodes: Vec<proto::NodeProto>,
     inits: Vec<proto::TensorProto>,
     count: usize,
+    /// Weights-only form: int8 weights behind `DequantizeLinear`, float activations and
+    /// biases.
+    weights_only: bool,
 }
 
 fn attr_i(name: &str, v: i64) -> proto::AttributeProto {
@@ -158,6 +161,24 @@ impl PreparedGraph {
     /// naming a node whose op has no QDQ form here (custom modules, bilinear upsampling,
     /// layer norm, GELU, linear layers on inputs of rank other than 2 in int8).
     pub fn to_qdq_onnx(&self) -> Result<Vec<u8>> {
+        self.export_onnx(false)
+    }
+
+    /// Writes the graph in the weights-only QDQ form: the weights of the int8 convolutions
+    /// and linear layers as int8 (the weight observer's symmetric parameters, per channel
+    /// where it is) behind a `DequantizeLinear`, everything else (activations, biases)
+    /// float, with no `QuantizeLinear`. It is the compressed-weights form runtimes read
+    /// (ONNX Runtime dequantizes the weights and runs its float kernels); only the weight
+    /// observers matter, so the activation observers need not have seen data.
+    ///
+    /// # Errors
+    /// As [`PreparedGraph::to_qdq_onnx`], except that uncalibrated activation observers
+    /// are no error.
+    pub fn to_qdq_onnx_weights_only(&self) -> Result<Vec<u8>> {
+        self.export_onnx(true)
+    }
+
+    fn export_onnx(&self, weights_only: bool) -> Result<Vec<u8>> {
         let g = self.graph();
         let obs: HashMap<NodeId, _> = self.observers().collect();
         let act = |id: NodeId| -> Result<(f32, i32)> {
@@ -171,6 +192,7 @@ impl PreparedGraph {
             nodes: Vec::new(),
             inits: Vec::new(),
             count: 0,
+            weights_only,
         };
         // per node: its float output name and, when int8 consumers need one, its QDQ name
         let mut float_name: Vec<String> = Vec::with_capacity(g.nodes().len());
@@ -185,7 +207,7 @@ impl PreparedGraph {
                 .map(|&i| {
                     // int8 producers are read dequantized by everyone (ptq's border
                     // dequantizes them); float producers only by int8 consumers
-                    if plan.int8 || self.plan(i).int8 {
+                    if !weights_only && (plan.int8 || self.plan(i).int8) {
                         q_name[i.index()]
                             .clone()
                             .unwrap_or_else(|| float_name[i.index()].clone())
@@ -216,6 +238,7 @@ impl PreparedGraph {
             // a Q/DQ pair: after int8 nodes (their output parameters), and after float
             // producers that have an observer because an int8 node reads them
             let q = match plan.output {
+                _ if weights_only => None,
                 Domain::Quant(src) if plan.int8 => {
                     let (s, z) = act(src)?;
                     Some(w.qdq(&out, s, z))
@@ -623,6 +646,13 @@ impl PreparedGraph {
             wname,
             attrs.clone(),
         );
+        if w.weights_only {
+            let b = bias.map(|b| {
+                w.f32s(bname, &[b.len()], &b.to_vec());
+                bname.to_string()
+            });
+            return Ok((wname.to_string(), b));
+        }
         let b = match bias {
             None => None,
             Some(b) => {

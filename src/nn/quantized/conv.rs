@@ -9,7 +9,7 @@ use super::{
 use crate::error::{QuantError, Result};
 use crate::kernels::conv::{self as kconv, ConvGeom};
 use crate::kernels::requant::RequantCache;
-use crate::kernels::{KernelSet, OutputQuant, PackedWeights, RequantParams};
+use crate::kernels::{BiasMode, KernelSet, OutputQuant, PackedWeights, RequantParams};
 use crate::qparams::QParams;
 
 /// Stride, padding, dilation and groups of a 2-D convolution (PyTorch's defaults: 1, 0,
@@ -62,6 +62,7 @@ pub struct QConv2d {
     out_zp: i32,
     relu: bool,
     rq_cache: RequantCache,
+    bias_mode: BiasMode,
 }
 
 const NAME: &str = "QConv2d";
@@ -231,6 +232,7 @@ impl QConv2d {
             out_zp,
             relu: false,
             rq_cache: RequantCache::default(),
+            bias_mode: BiasMode::Float,
         })
     }
 
@@ -421,8 +423,16 @@ impl QConv2d {
                         &self.w_scales[..1]
                     };
                     let bias = self.bias.as_ref().map(|b| &b[grp * cog..(grp + 1) * cog]);
-                    RequantParams::new(cog, act_scale, scales, self.per_channel, bias, oq)
-                        .map_err(|e| e.in_context(NAME))
+                    RequantParams::with_bias_mode(
+                        cog,
+                        act_scale,
+                        scales,
+                        self.per_channel,
+                        bias,
+                        oq,
+                        self.bias_mode,
+                    )
+                    .map_err(|e| e.in_context(NAME))
                 })
                 .collect()
         })?;
@@ -650,6 +660,20 @@ impl QConv2d {
     /// The float bias, if any.
     pub fn bias(&self) -> Option<&[f32]> {
         self.bias.as_deref()
+    }
+
+    /// The same layer with its bias entering the requantization as `mode` says
+    /// ([`BiasMode::Int32`]: ONNX Runtime's `QLinearConv` / `QGemm` arithmetic; the
+    /// default [`BiasMode::Float`] is fbgemm's, bit-exact with PyTorch).
+    pub fn with_bias_mode(mut self, mode: BiasMode) -> Self {
+        self.bias_mode = mode;
+        self.rq_cache = RequantCache::default();
+        self
+    }
+
+    /// How the bias enters the requantization.
+    pub fn bias_mode(&self) -> BiasMode {
+        self.bias_mode
     }
 
     /// The output scale and zero point.

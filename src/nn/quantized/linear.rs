@@ -8,7 +8,9 @@ use super::{
 };
 use crate::error::{QuantError, Result};
 use crate::kernels::requant::RequantCache;
-use crate::kernels::{self, Activations, KernelPath, OutputQuant, PackedWeights, RequantParams};
+use crate::kernels::{
+    self, Activations, BiasMode, KernelPath, OutputQuant, PackedWeights, RequantParams,
+};
 use crate::qparams::QParams;
 
 /// `torch.ao.nn.quantized.Linear` on fbgemm: `y = requant(x_q @ W_q^T + bias)`.
@@ -26,6 +28,7 @@ pub struct QLinear {
     out_zp: i32,
     relu: bool,
     rq_cache: RequantCache,
+    bias_mode: BiasMode,
 }
 
 const NAME: &str = "QLinear";
@@ -123,6 +126,7 @@ impl QLinear {
             out_zp,
             relu,
             rq_cache: RequantCache::default(),
+            bias_mode: BiasMode::Float,
         })
     }
 
@@ -190,7 +194,7 @@ impl QLinear {
         }
         let rows: usize = shape[..shape.len() - 1].iter().product();
         let rqs = self.rq_cache.get(x.scale(), || {
-            RequantParams::new(
+            RequantParams::with_bias_mode(
                 self.out_features,
                 x.scale(),
                 &self.w_scales,
@@ -201,6 +205,7 @@ impl QLinear {
                     zero_point: self.out_zp,
                     relu: self.relu,
                 },
+                self.bias_mode,
             )
             .map(|rq| vec![rq])
             .map_err(|e| e.in_context(NAME))
@@ -360,6 +365,20 @@ impl QLinear {
     /// The float bias, if any.
     pub fn bias(&self) -> Option<&[f32]> {
         self.bias.as_deref()
+    }
+
+    /// The same layer with its bias entering the requantization as `mode` says
+    /// ([`BiasMode::Int32`]: ONNX Runtime's `QLinearConv` / `QGemm` arithmetic; the
+    /// default [`BiasMode::Float`] is fbgemm's, bit-exact with PyTorch).
+    pub fn with_bias_mode(mut self, mode: BiasMode) -> Self {
+        self.bias_mode = mode;
+        self.rq_cache = RequantCache::default();
+        self
+    }
+
+    /// How the bias enters the requantization.
+    pub fn bias_mode(&self) -> BiasMode {
+        self.bias_mode
     }
 
     /// The output scale and zero point.
