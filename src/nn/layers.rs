@@ -1,7 +1,8 @@
 //! Float layers with PyTorch's semantics, forward on NCHW `f32` tensors.
 
 use ndarray::{
-    linalg::general_mat_mul, s, Array1, Array2, Array4, ArrayD, ArrayView2, Axis, Ix4, IxDyn,
+    linalg::general_mat_mul, s, Array1, Array2, Array4, ArrayD, ArrayView2, ArrayViewMut2, Axis,
+    Ix4, IxDyn,
 };
 
 use crate::error::{QuantError, Result};
@@ -151,6 +152,15 @@ impl Conv2d {
     /// is smaller than the (dilated) kernel; [`QuantError::UnsupportedConfig`] if the
     /// groups do not divide the channels or a stride / dilation is zero.
     pub fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        self.forward_act(x, false)
+    }
+
+    /// [`forward`](Self::forward), then ReLU when `relu` (`ConvReLU2d`), applied while
+    /// each output block is still in cache.
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward).
+    pub(crate) fn forward_act(&self, x: &ArrayD<f32>, relu: bool) -> Result<ArrayD<f32>> {
         let g = self.groups;
         let (o, cg, kh, kw) = self.weight.dim();
         if g == 0
@@ -196,55 +206,66 @@ impl Conv2d {
         let xv = xs.as_slice().expect("standard layout");
         let wstd = self.weight.as_standard_layout();
         let wv = wstd.as_slice().expect("standard layout");
-        let mut out = Array4::<f32>::zeros((n, o, ho, wo));
+        let bias = self.bias.as_ref().map(|b| b.to_vec());
+        let plane = ho * wo;
         if cg == 1 && g > 1 {
-            // Depthwise (any channel multiplier): direct, bias included.
-            let bias = self.bias.as_ref().map(|b| b.to_vec());
+            // Depthwise (any channel multiplier): direct, bias (and ReLU) included.
+            let mut out = vec![0f32; n * o * plane];
             crate::kernels::f32::depthwise_nchw(
                 xv,
                 (n, c),
                 wv,
                 og,
                 bias.as_deref(),
+                relu,
                 &geom,
-                out.as_slice_mut().expect("fresh array"),
+                &mut out,
             );
-            return Ok(out.into_dyn());
+            return Ok(Array4::from_shape_vec((n, o, ho, wo), out)
+                .expect("n * o * ho * wo values")
+                .into_dyn());
+        }
+        // The output starts as the bias; the products accumulate onto it (beta = 1).
+        let mut out = Vec::with_capacity(n * o * plane);
+        for _ in 0..n {
+            for oc in 0..o {
+                let bv = bias.as_ref().map_or(0.0, |b| b[oc]);
+                out.extend(std::iter::repeat_n(bv, plane));
+            }
         }
         let wmat = ArrayView2::from_shape((o, kdim), wv).expect("[out, in / groups * kh * kw]");
         let pointwise = (kh, kw) == (1, 1)
             && self.stride == (1, 1)
             && self.padding == (0, 0)
             && (ho, wo) == (h, w);
-        let mut cols = if pointwise {
-            Vec::new()
-        } else {
-            vec![0f32; kdim * ho * wo]
-        };
-        for b in 0..n {
-            for gi in 0..g {
-                let xg = &xv[(b * c + gi * cg) * h * w..(b * c + (gi + 1) * cg) * h * w];
-                let cols_view = if pointwise {
-                    ArrayView2::from_shape((kdim, ho * wo), xg).expect("[cg, h * w]")
-                } else {
-                    crate::kernels::f32::im2col_nchw(xg, cg, &geom, &mut cols);
-                    ArrayView2::from_shape((kdim, ho * wo), &cols[..]).expect("cols")
-                };
-                let wg = wmat.slice(s![gi * og..(gi + 1) * og, ..]);
-                let mut dst = out.slice_mut(s![b, gi * og..(gi + 1) * og, .., ..]);
-                let mut dst2 = dst
-                    .view_mut()
-                    .into_shape_with_order((og, ho * wo))
-                    .expect("a contiguous output block reshapes");
-                general_mat_mul(1.0, &wg, &cols_view, 0.0, &mut dst2);
+        let cols_len = if pointwise { 0 } else { kdim * plane };
+        crate::kernels::f32::with_cols(cols_len, |cols| {
+            for b in 0..n {
+                for gi in 0..g {
+                    let xg = &xv[(b * c + gi * cg) * h * w..(b * c + (gi + 1) * cg) * h * w];
+                    let cols_view = if pointwise {
+                        ArrayView2::from_shape((kdim, plane), xg).expect("[cg, h * w]")
+                    } else {
+                        crate::kernels::f32::im2col_nchw(xg, cg, &geom, cols);
+                        ArrayView2::from_shape((kdim, plane), &cols[..]).expect("cols")
+                    };
+                    let wg = wmat.slice(s![gi * og..(gi + 1) * og, ..]);
+                    let at = (b * o + gi * og) * plane;
+                    let block = &mut out[at..at + og * plane];
+                    let mut dst =
+                        ArrayViewMut2::from_shape((og, plane), &mut *block).expect("og * plane");
+                    general_mat_mul(1.0, &wg, &cols_view, 1.0, &mut dst);
+                    if relu {
+                        for v in block.iter_mut() {
+                            *v = crate::kernels::f32::relu(*v);
+                        }
+                    }
+                }
             }
-        }
-        if let Some(bias) = &self.bias {
-            for (mut plane, &bv) in out.axis_iter_mut(Axis(1)).zip(bias.iter()) {
-                plane.mapv_inplace(|v| v + bv);
-            }
-        }
-        Ok(out.into_dyn())
+        });
+        Ok(Array4::from_shape_vec((n, o, ho, wo), out)
+            .expect("n * o * ho * wo values")
+            .into_dyn())
     }
 }
 
@@ -293,43 +314,66 @@ impl Linear {
     /// # Errors
     /// [`QuantError::ShapeMismatch`] if the last dimension is not `in_features`.
     pub fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        self.forward_act(x, false)
+    }
+
+    /// [`forward`](Self::forward), then ReLU when `relu` (`LinearReLU`), in the same pass
+    /// as the bias.
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward).
+    pub(crate) fn forward_act(&self, x: &ArrayD<f32>, relu: bool) -> Result<ArrayD<f32>> {
+        /// Up to this many rows, a blocked matrix-vector product (the weight read once
+        /// per four rows) beats packing the weight for a GEMM.
+        const GEMV_ROWS: usize = 8;
         let (out_f, in_f) = self.weight.dim();
         if x.ndim() == 0 || x.shape()[x.ndim() - 1] != in_f {
             return Err(shape_err("Linear", format!("[..., {in_f}]"), x));
         }
-        let rows = x.len() / in_f;
+        let rows: usize = x.shape()[..x.ndim() - 1].iter().product();
         let xs = x.as_standard_layout();
-        let x2: ArrayView2<f32> = xs
-            .view()
-            .into_shape_with_order((rows, in_f))
-            .expect("a standard-layout input reshapes");
-        let mut y = if rows == 1 {
-            // One row: a matrix-vector product over the weight's rows (no packing).
+        let xv = xs.as_slice().expect("standard layout");
+        let bias = self.bias.as_ref().map(|b| b.to_vec());
+        let mut y;
+        if rows <= GEMV_ROWS {
             let wstd = self.weight.as_standard_layout();
-            let xv = x2.as_slice().expect("standard layout");
-            let mut y = Array2::<f32>::zeros((rows, out_f));
+            y = vec![0f32; rows * out_f];
             crate::kernels::f32::gemv_rows(
                 xv,
                 rows,
                 in_f,
                 wstd.as_slice().expect("standard layout"),
-                y.as_slice_mut().expect("fresh array"),
+                &mut y,
             );
-            y
+            if let Some(b) = &bias {
+                for row in y.chunks_exact_mut(out_f) {
+                    for (v, &bv) in row.iter_mut().zip(b) {
+                        *v += bv;
+                    }
+                }
+            }
         } else {
-            x2.dot(&self.weight.t())
-        };
-        if let Some(b) = &self.bias {
-            y += b;
+            // The output starts as the bias; the product accumulates onto it (beta = 1).
+            y = Vec::with_capacity(rows * out_f);
+            for _ in 0..rows {
+                match &bias {
+                    Some(b) => y.extend_from_slice(b),
+                    None => y.extend(std::iter::repeat_n(0.0, out_f)),
+                }
+            }
+            let x2 = ArrayView2::from_shape((rows, in_f), xv).expect("[rows, in_features]");
+            let mut dst =
+                ArrayViewMut2::from_shape((rows, out_f), &mut y[..]).expect("[rows, out]");
+            general_mat_mul(1.0, &x2, &self.weight.t(), 1.0, &mut dst);
+        }
+        if relu {
+            for v in &mut y {
+                *v = crate::kernels::f32::relu(*v);
+            }
         }
         let mut shape = x.shape().to_vec();
         *shape.last_mut().expect("ndim > 0") = out_f;
-        // `dot` may return a column-major product (e.g. for a single output feature);
-        // reshape in row-major order needs a standard layout.
-        Ok(y.as_standard_layout()
-            .into_owned()
-            .into_shape_with_order(IxDyn(&shape))
-            .expect("same element count"))
+        Ok(ArrayD::from_shape_vec(IxDyn(&shape), y).expect("rows * out_features values"))
     }
 }
 

@@ -138,9 +138,9 @@ impl Layer {
     pub fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         match self {
             Layer::Conv2d(c) => c.forward(x),
-            Layer::ConvReLU2d(c) => Ok(c.forward(x)?.mapv_into(relu_scalar)),
+            Layer::ConvReLU2d(c) => c.forward_act(x, true),
             Layer::Linear(l) => l.forward(x),
-            Layer::LinearReLU(l) => Ok(l.forward(x)?.mapv_into(relu_scalar)),
+            Layer::LinearReLU(l) => l.forward_act(x, true),
             Layer::BatchNorm2d(b) => b.forward(x),
             Layer::ReLU => Ok(x.mapv(relu_scalar)),
             Layer::ReLU6 => Ok(x.mapv(|v| clamp_scalar(v, 0.0, 6.0))),
