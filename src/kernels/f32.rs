@@ -51,8 +51,35 @@ mod x86;
 
 /// The x86 vector kernels this thread's kernel set selects, if any.
 #[cfg(target_arch = "x86_64")]
-fn isa() -> Option<x86::Isa> {
+fn isa() -> Isa {
     x86::Isa::of(super::KernelSet::current())
+}
+
+/// The vector kernels a call uses (`None`: the portable bodies).
+#[cfg(target_arch = "x86_64")]
+type Isa = Option<x86::Isa>;
+#[cfg(not(target_arch = "x86_64"))]
+type Isa = Option<()>;
+
+/// The vector kernels a call uses: none off x86.
+#[cfg(not(target_arch = "x86_64"))]
+fn isa() -> Isa {
+    None
+}
+
+/// `rows` rows of `wo` values: row `i` of `dst` (at `i * wo`) from `src[off + i * step..]`;
+/// with vector moves on x86 (short rows: no `memcpy` call per row).
+#[inline]
+fn copy_rows(isa: Isa, dst: &mut [f32], src: &[f32], at: (usize, usize), rows: usize, wo: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(isa) = isa {
+        return x86::copy_rows(isa, dst, src, at, rows, wo);
+    }
+    let _ = isa;
+    let (off, step) = at;
+    for (i, d) in dst.chunks_exact_mut(wo.max(1)).take(rows).enumerate() {
+        d.copy_from_slice(&src[off + i * step..off + i * step + wo]);
+    }
 }
 
 type Scratch = std::thread::LocalKey<RefCell<Vec<f32>>>;
@@ -63,6 +90,8 @@ thread_local! {
     static PAD: RefCell<(Vec<f32>, Option<PadKey>)> = const { RefCell::new((Vec::new(), None)) };
     /// Per-thread scratch for im2col columns, kept between calls.
     static COLS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Per-thread scratch for GEMM products, kept between calls.
+    static PROD: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Scratch larger than this (in values) is freed after the call instead of kept.
@@ -82,10 +111,14 @@ fn with_scratch<R>(key: &'static Scratch, len: usize, f: impl FnOnce(&mut [f32])
     r
 }
 
-/// Runs `f` with a per-thread buffer of `len` values for im2col columns (contents
-/// unspecified; reused between calls instead of allocated).
-pub(crate) fn with_cols<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    with_scratch(&COLS, len, f)
+/// Runs `f` with two per-thread buffers of `cols` and `prod` values (for im2col columns
+/// and a GEMM product; contents unspecified; reused between calls instead of allocated).
+pub(crate) fn with_cols<R>(
+    cols: usize,
+    prod: usize,
+    f: impl FnOnce(&mut [f32], &mut [f32]) -> R,
+) -> R {
+    with_scratch(&COLS, cols, |c| with_scratch(&PROD, prod, |p| f(c, p)))
 }
 
 /// How one input plane is laid out zero-padded for the direct kernels: `sw` column phases
@@ -139,7 +172,7 @@ impl PadPlan {
     /// Writes the padded copy of plane `x` (`h * w` values) into `dst` (`self.len()`).
     /// With `zeroed`, `dst` already holds a padded plane of the same [`key`](Self::key):
     /// its zeros are in place and only the input values are written.
-    fn fill(&self, x: &[f32], dst: &mut [f32], zeroed: bool) {
+    fn fill(&self, x: &[f32], dst: &mut [f32], zeroed: bool, isa: Isa) {
         let (h, w) = self.g.in_hw;
         let (pt, pl) = self.g.padding;
         let sw = self.g.stride.1;
@@ -160,7 +193,10 @@ impl PadPlan {
                 let xr = &x[iy * w + ix0..(iy + 1) * w];
                 let span = &mut dst[(p * self.hp + r) * wq + lo..(p * self.hp + r) * wq + hi];
                 match sw {
-                    1 => span.copy_from_slice(&xr[..span.len()]),
+                    1 => {
+                        let n = span.len();
+                        copy_rows(isa, span, xr, (0, 0), 1, n);
+                    }
                     2 => {
                         for (v, pair) in span.iter_mut().zip(xr.chunks(2)) {
                             *v = pair[0];
@@ -294,13 +330,12 @@ pub(crate) fn depthwise_nchw(
         .flat_map(|ky| (0..kw).map(move |kx| (ky, kx)))
         .map(|(ky, kx)| plan.tap_offset(ky, kx))
         .collect();
-    #[cfg(target_arch = "x86_64")]
     let isa = isa();
     let step = g.stride.0 * plan.wq;
     // One task: the `mult` output planes of input plane `p` (they share its padded copy).
     let one = |(p, o): (usize, &mut [f32])| {
         with_pad(&plan, |pad, zeroed| {
-            plan.fill(&x[p * h * w..(p + 1) * h * w], pad, zeroed);
+            plan.fill(&x[p * h * w..(p + 1) * h * w], pad, zeroed, isa);
             for (m, om) in o.chunks_exact_mut(plane_out).enumerate() {
                 let och = (p % c) * mult + m;
                 let args = DwArgs {
@@ -331,28 +366,28 @@ pub(crate) fn depthwise_nchw(
 }
 
 /// Unfolds one image's group of channels (`x`: `[cg, h, w]`) into `cols`
-/// `[cg * kh * kw, ho * wo]` (row-major); taps in the padding read 0.
-pub(crate) fn im2col_nchw(x: &[f32], cg: usize, g: &Geom, cols: &mut [f32]) {
+/// `[cg * kh * kw, ho * wo]`, row `r` starting at `r * ld` (`ld >= ho * wo`); taps in the
+/// padding read 0.
+pub(crate) fn im2col_nchw(x: &[f32], cg: usize, g: &Geom, cols: &mut [f32], ld: usize) {
     let (h, w) = g.in_hw;
     let (ho, wo) = g.out_hw;
     let (kh, kw) = g.kernel;
     let plan = PadPlan::new(g, 0);
     let step = g.stride.0 * plan.wq;
     let taps = kh * kw;
+    let isa = isa();
     if ho * wo == 0 {
         return;
     }
     with_pad(&plan, |pad, mut zeroed| {
         for ci in 0..cg {
-            plan.fill(&x[ci * h * w..(ci + 1) * h * w], pad, zeroed);
+            plan.fill(&x[ci * h * w..(ci + 1) * h * w], pad, zeroed, isa);
             zeroed = true;
-            let rows = &mut cols[ci * taps * ho * wo..(ci + 1) * taps * ho * wo];
-            for (t, dst) in rows.chunks_exact_mut(ho * wo).enumerate() {
+            for t in 0..taps {
+                let r = ci * taps + t;
+                let dst = &mut cols[r * ld..r * ld + ho * wo];
                 let off = plan.tap_offset(t / kw, t % kw);
-                for (oy, d) in dst.chunks_exact_mut(wo).enumerate() {
-                    let at = off + oy * step;
-                    d.copy_from_slice(&pad[at..at + wo]);
-                }
+                copy_rows(isa, dst, pad, (off, step), ho, wo);
             }
         }
     })
@@ -590,7 +625,7 @@ mod tests {
             let (ho, wo) = g.out_hw;
             let kd = c * k.0 * k.1;
             let mut cols = vec![f32::NAN; kd * ho * wo];
-            im2col_nchw(&x[..c * hw.0 * hw.1], c, &g, &mut cols);
+            im2col_nchw(&x[..c * hw.0 * hw.1], c, &g, &mut cols, ho * wo);
             for oc in 0..o {
                 for pix in 0..ho * wo {
                     let s: f32 = (0..kd)

@@ -161,6 +161,95 @@ unsafe fn dw_plane_avx512(a: &DwArgs<'_>, o: &mut [f32]) {
     }
 }
 
+/// `rows` rows of `wo` values: row `i` of `dst` (at `i * wo`) from `src[off + i * step..]`,
+/// with vector moves (the im2col and padding rows are a few dozen values, where a `memcpy`
+/// call costs more than the copy).
+///
+/// # Panics
+/// If `dst` holds fewer than `rows * wo` values or a row lies outside `src`.
+pub(crate) fn copy_rows(
+    isa: Isa,
+    dst: &mut [f32],
+    src: &[f32],
+    (off, step): (usize, usize),
+    rows: usize,
+    wo: usize,
+) {
+    if rows == 0 || wo == 0 {
+        return;
+    }
+    assert!(dst.len() >= rows * wo && off + (rows - 1) * step + wo <= src.len());
+    match isa {
+        // SAFETY: AVX-512F detected (`Isa::of`); bounds asserted above.
+        Isa::Avx512 => unsafe { copy_rows_avx512(dst, src, off, step, rows, wo) },
+        // SAFETY: AVX2 detected (`Isa::of`); bounds asserted above.
+        Isa::Avx2 => unsafe { copy_rows_avx2(dst, src, off, step, rows, wo) },
+    }
+}
+
+/// # Safety
+/// AVX-512F available; `dst.len() >= rows * wo`; `off + (rows - 1) * step + wo <=
+/// src.len()`.
+#[target_feature(enable = "avx512f")]
+unsafe fn copy_rows_avx512(
+    dst: &mut [f32],
+    src: &[f32],
+    off: usize,
+    step: usize,
+    rows: usize,
+    wo: usize,
+) {
+    let (d0, s0) = (dst.as_mut_ptr(), src.as_ptr());
+    let tail = wo % 16;
+    let m: __mmask16 = ((1u32 << tail) - 1) as u16;
+    for r in 0..rows {
+        // SAFETY: lanes `r * wo..(r + 1) * wo` of `dst` and `off + r * step + 0..wo` of
+        // `src` are in bounds (contract); the masked pair touches only the tail lanes.
+        unsafe {
+            let (d, s) = (d0.add(r * wo), s0.add(off + r * step));
+            let mut i = 0;
+            while i + 16 <= wo {
+                _mm512_storeu_ps(d.add(i), _mm512_loadu_ps(s.add(i)));
+                i += 16;
+            }
+            if tail != 0 {
+                _mm512_mask_storeu_ps(d.add(i), m, _mm512_maskz_loadu_ps(m, s.add(i)));
+            }
+        }
+    }
+}
+
+/// # Safety
+/// AVX2 available; as [`copy_rows_avx512`] otherwise.
+#[target_feature(enable = "avx2")]
+unsafe fn copy_rows_avx2(
+    dst: &mut [f32],
+    src: &[f32],
+    off: usize,
+    step: usize,
+    rows: usize,
+    wo: usize,
+) {
+    let (d0, s0) = (dst.as_mut_ptr(), src.as_ptr());
+    let tail = wo % 8;
+    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let m = _mm256_cmpgt_epi32(_mm256_set1_epi32(tail as i32), lanes);
+    for r in 0..rows {
+        // SAFETY: as in `copy_rows_avx512`; the masked pair touches only the tail lanes.
+        unsafe {
+            let (d, s) = (d0.add(r * wo), s0.add(off + r * step));
+            let mut i = 0;
+            while i + 8 <= wo {
+                _mm256_storeu_ps(d.add(i), _mm256_loadu_ps(s.add(i)));
+                i += 8;
+            }
+            if tail != 0 {
+                _mm256_maskstore_ps(d.add(i), m, _mm256_maskload_ps(s.add(i), m));
+            }
+        }
+    }
+}
+
 /// `out[r * n + j] = dot(x[r], w[j])` for `rows` rows of `x` (`[rows, k]`) and the `n`
 /// rows of `w` (`[n, k]`), with `isa`: four weight rows at a time against one or two input
 /// rows (AVX2) or up to four (AVX-512), so each weight row is streamed once per block.

@@ -2,10 +2,13 @@
 
 use ndarray::{
     linalg::general_mat_mul, s, Array1, Array2, Array4, ArrayD, ArrayView2, ArrayViewMut2, Axis,
-    Ix4, IxDyn,
+    Ix4, IxDyn, ShapeBuilder,
 };
 
 use crate::error::{QuantError, Result};
+
+/// Columns below which a convolution's GEMM takes several images at once.
+const GEMM_COLS: usize = 512;
 
 fn shape_err(layer: &str, expected: String, x: &ArrayD<f32>) -> QuantError {
     QuantError::ShapeMismatch {
@@ -238,31 +241,86 @@ impl Conv2d {
             && self.stride == (1, 1)
             && self.padding == (0, 0)
             && (ho, wo) == (h, w);
-        let cols_len = if pointwise { 0 } else { kdim * plane };
-        crate::kernels::f32::with_cols(cols_len, |cols| {
-            for b in 0..n {
-                for gi in 0..g {
-                    let xg = &xv[(b * c + gi * cg) * h * w..(b * c + (gi + 1) * cg) * h * w];
-                    let cols_view = if pointwise {
-                        ArrayView2::from_shape((kdim, plane), xg).expect("[cg, h * w]")
-                    } else {
-                        crate::kernels::f32::im2col_nchw(xg, cg, &geom, cols);
-                        ArrayView2::from_shape((kdim, plane), &cols[..]).expect("cols")
-                    };
-                    let wg = wmat.slice(s![gi * og..(gi + 1) * og, ..]);
-                    let at = (b * o + gi * og) * plane;
-                    let block = &mut out[at..at + og * plane];
-                    let mut dst =
-                        ArrayViewMut2::from_shape((og, plane), &mut *block).expect("og * plane");
-                    general_mat_mul(1.0, &wg, &cols_view, 1.0, &mut dst);
-                    if relu {
-                        for v in block.iter_mut() {
-                            *v = crate::kernels::f32::relu(*v);
+        // Small images' im2col columns go through the GEMM several images at a time (side
+        // by side), so each call has enough columns to amortize its packing. (Pointwise
+        // convolutions read the input in place: batching would add two copies.)
+        let nb = if pointwise {
+            1
+        } else {
+            (GEMM_COLS / plane.max(1)).clamp(1, n.max(1))
+        };
+        if nb == 1 {
+            let cols_len = if pointwise { 0 } else { kdim * plane };
+            crate::kernels::f32::with_cols(cols_len, 0, |cols, _| {
+                for b in 0..n {
+                    for gi in 0..g {
+                        let xg = &xv[(b * c + gi * cg) * h * w..(b * c + (gi + 1) * cg) * h * w];
+                        let cols_view = if pointwise {
+                            ArrayView2::from_shape((kdim, plane), xg).expect("[cg, h * w]")
+                        } else {
+                            crate::kernels::f32::im2col_nchw(xg, cg, &geom, cols, plane);
+                            ArrayView2::from_shape((kdim, plane), &cols[..]).expect("cols")
+                        };
+                        let wg = wmat.slice(s![gi * og..(gi + 1) * og, ..]);
+                        let at = (b * o + gi * og) * plane;
+                        let block = &mut out[at..at + og * plane];
+                        let mut dst = ArrayViewMut2::from_shape((og, plane), &mut *block)
+                            .expect("og * plane");
+                        general_mat_mul(1.0, &wg, &cols_view, 1.0, &mut dst);
+                        if relu {
+                            for v in block.iter_mut() {
+                                *v = crate::kernels::f32::relu(*v);
+                            }
                         }
                     }
                 }
-            }
-        });
+            });
+        } else {
+            let ld = nb * plane;
+            crate::kernels::f32::with_cols(kdim * ld, og * ld, |cols, prod| {
+                for b0 in (0..n).step_by(nb) {
+                    let bn = nb.min(n - b0);
+                    let width = bn * plane;
+                    for gi in 0..g {
+                        for bi in 0..bn {
+                            let b = b0 + bi;
+                            let xg =
+                                &xv[(b * c + gi * cg) * h * w..(b * c + (gi + 1) * cg) * h * w];
+                            let dst = &mut cols[bi * plane..];
+                            if pointwise {
+                                for (r, xr) in xg.chunks_exact(plane).enumerate() {
+                                    dst[r * ld..r * ld + plane].copy_from_slice(xr);
+                                }
+                            } else {
+                                crate::kernels::f32::im2col_nchw(xg, cg, &geom, dst, ld);
+                            }
+                        }
+                        let cols_view =
+                            ArrayView2::from_shape((kdim, width).strides((ld, 1)), &cols[..])
+                                .expect("cols");
+                        let wg = wmat.slice(s![gi * og..(gi + 1) * og, ..]);
+                        let mut pv =
+                            ArrayViewMut2::from_shape((og, width).strides((ld, 1)), &mut prod[..])
+                                .expect("og rows of ld");
+                        general_mat_mul(1.0, &wg, &cols_view, 0.0, &mut pv);
+                        // Scatter onto the bias, image by image.
+                        for bi in 0..bn {
+                            let at = ((b0 + bi) * o + gi * og) * plane;
+                            let block = &mut out[at..at + og * plane];
+                            for (oc, orow) in block.chunks_exact_mut(plane).enumerate() {
+                                let src = &prod[oc * ld + bi * plane..oc * ld + (bi + 1) * plane];
+                                for (v, &p) in orow.iter_mut().zip(src) {
+                                    *v += p;
+                                    if relu {
+                                        *v = crate::kernels::f32::relu(*v);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+        }
         Ok(Array4::from_shape_vec((n, o, ho, wo), out)
             .expect("n * o * ho * wo values")
             .into_dyn())
@@ -651,6 +709,61 @@ mod tests {
             assert_eq!(y.shape(), r.shape());
             for (a, b) in y.iter().zip(r.iter()) {
                 assert!((a - b).abs() < 1e-4, "{a} vs {b} (groups {groups})");
+            }
+        }
+    }
+
+    #[test]
+    fn conv_batches_small_images_and_fuses_relu() {
+        // 10x10 outputs: 5 images per GEMM, so 7 images make a full and a partial batch;
+        // 1x1 (pointwise, read in place), depthwise, and ReLU on every path.
+        let x = Array::from_shape_fn((7, 4, 10, 10), |(a, b, c, d)| {
+            ((a * 11 + b * 7 + c * 3 + d) as f32 * 0.29).sin()
+        });
+        for (k, pad, groups, bias) in [(3, 1, 1, true), (1, 0, 1, false), (3, 1, 4, true)] {
+            let w = Array::from_shape_fn((8, 4 / groups, k, k), |(a, b, c, d)| {
+                ((a + 3 * b + 5 * c + 7 * d) as f32 * 0.13).cos()
+            });
+            let conv = Conv2d::new(w, bias.then(|| Array1::linspace(-0.5, 0.5, 8)))
+                .unwrap()
+                .with_padding(pad, pad)
+                .with_groups(groups);
+            let r = naive_conv(&conv, &x);
+            let xd = x.clone().into_dyn();
+            for relu in [false, true] {
+                let y = conv.forward_act(&xd, relu).unwrap();
+                assert_eq!(y.shape(), r.shape());
+                for (a, &b) in y.iter().zip(r.iter()) {
+                    let b = if relu { b.max(0.0) } else { b };
+                    assert!((a - b).abs() < 1e-4, "{a} vs {b} (k {k}, relu {relu})");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn linear_matches_a_direct_loop_on_both_paths() {
+        // Up to 8 rows take the matrix-vector kernels, more the GEMM.
+        for rows in [1usize, 3, 4, 8, 9, 17] {
+            for (bias, relu) in [(true, false), (false, true), (true, true)] {
+                let (i, o) = (37, 13);
+                let w = Array::from_shape_fn((o, i), |(a, b)| ((a * 5 + b) as f32 * 0.17).sin());
+                let fc =
+                    Linear::new(w.clone(), bias.then(|| Array1::linspace(-1.0, 1.0, o))).unwrap();
+                let x = Array::from_shape_fn((rows, i), |(a, b)| ((a + 3 * b) as f32 * 0.31).cos());
+                let y = fc.forward_act(&x.clone().into_dyn(), relu).unwrap();
+                assert_eq!(y.shape(), &[rows, o]);
+                for r in 0..rows {
+                    for j in 0..o {
+                        let mut want: f64 = (0..i).map(|t| (x[[r, t]] * w[[j, t]]) as f64).sum();
+                        want += fc.bias.as_ref().map_or(0.0, |b| b[j] as f64);
+                        if relu {
+                            want = want.max(0.0);
+                        }
+                        let got = y[[r, j]] as f64;
+                        assert!((got - want).abs() < 1e-4, "{got} vs {want} ({rows} rows)");
+                    }
+                }
             }
         }
     }
