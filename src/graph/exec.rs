@@ -15,9 +15,9 @@ pub(crate) fn eval_op(node: &Node, xs: &[&ArrayD<f32>]) -> Result<ArrayD<f32>> {
     Ok(match &node.op {
         Op::Input => x().clone(),
         Op::Conv2d(c) => c.forward(x())?,
-        Op::ConvReLU2d(c) => c.forward(x())?.mapv_into(ops::relu_scalar),
+        Op::ConvReLU2d(c) => c.forward_act(x(), true)?,
         Op::Linear(l) => l.forward(x())?,
-        Op::LinearReLU(l) => l.forward(x())?.mapv_into(ops::relu_scalar),
+        Op::LinearReLU(l) => l.forward_act(x(), true)?,
         Op::BatchNorm1d(b) | Op::BatchNorm2d(b) => ops::batch_norm(x(), b)?,
         Op::ReLU => ops::relu(x()),
         Op::Clamp { min, max } => ops::clamp(x(), *min, *max),

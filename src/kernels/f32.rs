@@ -1,11 +1,22 @@
 //! `f32` kernels for the float layers (`nn::Conv2d`, `nn::Linear`), used by calibration
-//! and float islands: a direct depthwise convolution, a slice-based im2col, and a
-//! matrix-vector product for the few-row `Linear` (where a packed GEMM spends its time
-//! packing). Larger products stay with `matrixmultiply` (through ndarray), which already
-//! selects AVX2 + FMA at run time.
+//! and float islands:
+//! - a direct depthwise convolution that reads a zero-padded, column-phase-split copy of
+//!   each input plane ([`PadPlan`]), so every tap is a contiguous, branch-free run of 16
+//!   lanes that LLVM vectorizes (the x86 module compiles the same body with AVX2 + FMA);
+//! - an im2col built from the same padded planes (one slice copy per kernel tap and output
+//!   row, strided convolutions included);
+//! - a blocked matrix-vector product for the few-row `Linear` (each weight row is read
+//!   once for up to four input rows; a packed GEMM would spend its time packing).
+//!
+//! Larger products go to `matrixmultiply` (through ndarray), which selects AVX2 + FMA at run
+//! time and runs at about the core's FMA peak on these shapes.
 //!
 //! Summation orders differ from PyTorch's (as any two float libraries do); results agree
-//! to float rounding (the float parity tests allow 1e-5 relative).
+//! to float rounding (the float parity tests allow 1e-5 relative). Every kernel set
+//! (portable, AVX2) computes the same sums in the same order: mul and add are separate
+//! operations in the shared bodies (no FMA contraction), so the paths agree bit for bit.
+
+use std::cell::RefCell;
 
 use rayon::prelude::*;
 
@@ -20,99 +31,289 @@ pub(crate) struct Geom {
     pub kernel: (usize, usize),
     /// Stride `(h, w)`.
     pub stride: (usize, usize),
-    /// Zero padding `(h, w)`.
+    /// Zero padding `(top, left)`; the bottom / right padding is whatever `out_hw` needs.
     pub padding: (usize, usize),
     /// Dilation `(h, w)`.
     pub dilation: (usize, usize),
 }
 
-impl Geom {
-    /// Output columns `lo..hi` whose input column at kernel column `kx` lies inside the
-    /// input, and the input column of output column `lo`.
+/// Lanes of the portable kernels' accumulators.
+const L: usize = 16;
+
+/// Columns past an output row's last column that the padded plane of a depthwise
+/// convolution provides (the widest kernel's lane group; at least `L`).
+const OVERREAD: usize = 32;
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[path = "f32_x86.rs"]
+mod x86;
+
+/// The x86 vector kernels this thread's kernel set selects, if any.
+#[cfg(target_arch = "x86_64")]
+fn isa() -> Isa {
+    x86::Isa::of(super::KernelSet::current())
+}
+
+/// The vector kernels a call uses (`None`: the portable bodies).
+#[cfg(target_arch = "x86_64")]
+type Isa = Option<x86::Isa>;
+#[cfg(not(target_arch = "x86_64"))]
+type Isa = Option<()>;
+
+/// The vector kernels a call uses: none off x86.
+#[cfg(not(target_arch = "x86_64"))]
+fn isa() -> Isa {
+    None
+}
+
+/// `rows` rows of `wo` values: row `i` of `dst` (at `i * wo`) from `src[off + i * step..]`;
+/// with vector moves on x86 (short rows: no `memcpy` call per row).
+#[inline]
+fn copy_rows(isa: Isa, dst: &mut [f32], src: &[f32], at: (usize, usize), rows: usize, wo: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(isa) = isa {
+        return x86::copy_rows(isa, dst, src, at, rows, wo);
+    }
+    let _ = isa;
+    let (off, step) = at;
+    for (i, d) in dst.chunks_exact_mut(wo.max(1)).take(rows).enumerate() {
+        d.copy_from_slice(&src[off + i * step..off + i * step + wo]);
+    }
+}
+
+type Scratch = std::thread::LocalKey<RefCell<Vec<f32>>>;
+
+thread_local! {
+    /// Per-thread scratch for padded planes, kept between calls with the key of the
+    /// plan it last held (its zeros are reused).
+    static PAD: RefCell<(Vec<f32>, Option<PadKey>)> = const { RefCell::new((Vec::new(), None)) };
+    /// Per-thread scratch for im2col columns, kept between calls.
+    static COLS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Per-thread scratch for GEMM products, kept between calls.
+    static PROD: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Scratch larger than this (in values) is freed after the call instead of kept.
+const KEEP_SCRATCH: usize = 16 << 20;
+
+/// Runs `f` with this thread's scratch buffer `key` resized to `len` (contents
+/// unspecified). A nested call on the same key gets a fresh buffer.
+fn with_scratch<R>(key: &'static Scratch, len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut buf = key.with(|s| s.take());
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    let r = f(&mut buf[..len]);
+    if buf.len() <= KEEP_SCRATCH {
+        key.with(|s| s.replace(buf));
+    }
+    r
+}
+
+/// Runs `f` with two per-thread buffers of `cols` and `prod` values (for im2col columns
+/// and a GEMM product; contents unspecified; reused between calls instead of allocated).
+pub(crate) fn with_cols<R>(
+    cols: usize,
+    prod: usize,
+    f: impl FnOnce(&mut [f32], &mut [f32]) -> R,
+) -> R {
+    with_scratch(&COLS, cols, |c| with_scratch(&PROD, prod, |p| f(c, p)))
+}
+
+/// How one input plane is laid out zero-padded for the direct kernels: `sw` column phases
+/// (phase `p` holds padded columns `p, p + sw, p + 2 sw, ...`), each `hp` rows of `wq`
+/// values. Kernel tap `(ky, kx)` of output `(oy, ox)` is then element
+/// `tap_offset(ky, kx) + oy * sh * wq + ox` for every stride and dilation.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PadPlan {
+    g: Geom,
+    hp: usize,
+    wq: usize,
+}
+
+impl PadPlan {
+    /// The layout for `g`, with at least `extra` readable columns past the last output
+    /// column (so a kernel may read whole lane groups).
+    fn new(g: &Geom, extra: usize) -> Self {
+        let (ho, wo) = g.out_hw;
+        let (kh, kw) = g.kernel;
+        let (sh, sw) = g.stride;
+        let (dh, dw) = g.dilation;
+        let hp = (ho.max(1) - 1) * sh + (kh.max(1) - 1) * dh + 1;
+        let wq = wo + extra + (kw.max(1) - 1) * dw / sw;
+        PadPlan { g: *g, hp, wq }
+    }
+
+    /// Values in one padded plane.
+    fn len(&self) -> usize {
+        self.g.stride.1 * self.hp * self.wq
+    }
+
+    /// Offset of kernel tap `(ky, kx)` for output `(0, 0)`.
     #[inline]
-    fn ox_range(&self, kx: usize) -> (usize, usize, usize) {
-        let (sw, pw, dw) = (self.stride.1, self.padding.1, self.dilation.1);
-        let w = self.in_hw.1;
-        let off = kx * dw; // ix = ox * sw + off - pw
-                           // First ox with ox * sw + off >= pw.
-        let lo = if off >= pw {
-            0
-        } else {
-            (pw - off).div_ceil(sw)
-        };
-        // Last ox with ox * sw + off - pw < w, i.e. ox * sw < w + pw - off.
-        let hi = if w + pw <= off {
-            0
-        } else {
-            (w + pw - off).div_ceil(sw).min(self.out_hw.1)
-        };
-        let lo = lo.min(hi);
-        (lo, hi, (lo * sw + off).saturating_sub(pw))
+    fn tap_offset(&self, ky: usize, kx: usize) -> usize {
+        let (sw, dh, dw) = (self.g.stride.1, self.g.dilation.0, self.g.dilation.1);
+        ((kx * dw) % sw * self.hp + ky * dh) * self.wq + kx * dw / sw
     }
 
-    /// Input row of output row `oy` at kernel row `ky`, or `None` in the padding.
-    #[inline]
-    fn iy(&self, oy: usize, ky: usize) -> Option<usize> {
-        let iy = (oy * self.stride.0 + ky * self.dilation.0).checked_sub(self.padding.0)?;
-        (iy < self.in_hw.0).then_some(iy)
+    /// What decides where [`fill`](Self::fill) writes input values (everything else in
+    /// the plane is zero).
+    fn key(&self) -> PadKey {
+        (
+            self.g.in_hw,
+            self.g.padding,
+            self.g.stride.1,
+            self.hp,
+            self.wq,
+        )
     }
-}
 
-/// `out[ox] += wv * x[ix0 + (ox - lo) * sw]` for `ox` in `lo..hi`.
-#[inline(always)]
-fn axpy_strided(out: &mut [f32], x: &[f32], wv: f32, ix0: usize, sw: usize) {
-    let len = out.len();
-    if sw == 1 {
-        for (o, &xv) in out.iter_mut().zip(&x[ix0..ix0 + len]) {
-            *o += wv * xv;
+    /// Writes the padded copy of plane `x` (`h * w` values) into `dst` (`self.len()`).
+    /// With `zeroed`, `dst` already holds a padded plane of the same [`key`](Self::key):
+    /// its zeros are in place and only the input values are written.
+    fn fill(&self, x: &[f32], dst: &mut [f32], zeroed: bool, isa: Isa) {
+        let (h, w) = self.g.in_hw;
+        let (pt, pl) = self.g.padding;
+        let sw = self.g.stride.1;
+        let wq = self.wq;
+        if !zeroed {
+            dst.fill(0.0);
         }
-    } else {
-        for (i, o) in out.iter_mut().enumerate() {
-            *o += wv * x[ix0 + i * sw];
-        }
-    }
-}
-
-/// One output plane of a depthwise convolution: its input plane, its kernel, its bias.
-pub(crate) struct DwPlane<'a> {
-    x: &'a [f32],
-    wk: &'a [f32],
-    bias: f32,
-    ranges: &'a [(usize, usize, usize)],
-    g: &'a Geom,
-}
-
-/// Computes one depthwise output plane (`ho * wo` values) into `o`.
-#[inline(always)]
-pub(crate) fn dw_plane(p: &DwPlane<'_>, o: &mut [f32]) {
-    let g = p.g;
-    let w = g.in_hw.1;
-    let (ho, wo) = g.out_hw;
-    let (kh, kw) = g.kernel;
-    o.fill(p.bias);
-    for oy in 0..ho {
-        let orow = &mut o[oy * wo..(oy + 1) * wo];
-        for ky in 0..kh {
-            let Some(iy) = g.iy(oy, ky) else { continue };
-            let xrow = &p.x[iy * w..(iy + 1) * w];
-            for (kx, &(lo, hi, ix0)) in p.ranges.iter().enumerate() {
-                if lo < hi {
-                    axpy_strided(&mut orow[lo..hi], xrow, p.wk[ky * kw + kx], ix0, g.stride.1);
+        for p in 0..sw {
+            // Columns j whose input column j * sw + p - pl lies in 0..w.
+            let hi = (w + pl).saturating_sub(p).div_ceil(sw).min(wq);
+            let lo = pl.saturating_sub(p).div_ceil(sw).min(hi);
+            if lo == hi {
+                continue;
+            }
+            let ix0 = lo * sw + p - pl;
+            let rows = (pt..self.hp.min(pt + h)).map(|r| (r, r - pt));
+            for (r, iy) in rows {
+                let xr = &x[iy * w + ix0..(iy + 1) * w];
+                let span = &mut dst[(p * self.hp + r) * wq + lo..(p * self.hp + r) * wq + hi];
+                match sw {
+                    1 => {
+                        let n = span.len();
+                        copy_rows(isa, span, xr, (0, 0), 1, n);
+                    }
+                    2 => {
+                        for (v, pair) in span.iter_mut().zip(xr.chunks(2)) {
+                            *v = pair[0];
+                        }
+                    }
+                    _ => {
+                        for (v, &xv) in span.iter_mut().zip(xr.iter().step_by(sw)) {
+                            *v = xv;
+                        }
+                    }
                 }
             }
         }
     }
 }
 
+/// See [`PadPlan::key`].
+type PadKey = ((usize, usize), (usize, usize), usize, usize, usize);
+
+/// Runs `f` with this thread's padded-plane buffer for `plan` and whether it already holds
+/// `plan`'s zeros (see [`PadPlan::fill`]).
+fn with_pad<R>(plan: &PadPlan, f: impl FnOnce(&mut [f32], bool) -> R) -> R {
+    let (mut buf, key) = PAD.with(|s| s.take());
+    let len = plan.len();
+    let zeroed = key == Some(plan.key()) && buf.len() >= len;
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    let r = f(&mut buf[..len], zeroed);
+    if buf.len() <= KEEP_SCRATCH {
+        PAD.with(|s| s.replace((buf, Some(plan.key()))));
+    }
+    r
+}
+
+/// One output plane of a depthwise convolution, as its kernels read it.
+pub(crate) struct DwArgs<'a> {
+    /// The padded input plane (see [`PadPlan`]).
+    pub pad: &'a [f32],
+    /// Tap offsets into `pad` for output `(0, 0)`, kernel order (`ky`-major).
+    pub offs: &'a [usize],
+    /// Tap weights, kernel order (`offs.len()` of them).
+    pub wk: &'a [f32],
+    /// Bias (the sums start from it).
+    pub bias: f32,
+    /// Whether ReLU follows.
+    pub relu: bool,
+    /// Output rows.
+    pub ho: usize,
+    /// Output columns.
+    pub wo: usize,
+    /// Offset in `pad` between two output rows.
+    pub step: usize,
+}
+
+/// Computes one depthwise output plane (`ho * wo` values) into `o`: bias, then the taps in
+/// kernel order, `L` output columns at a time (portable body).
+fn dw_plane(p: &DwArgs<'_>, o: &mut [f32]) {
+    let wo = p.wo;
+    for (oy, orow) in o.chunks_exact_mut(wo.max(1)).take(p.ho).enumerate() {
+        let base = oy * p.step;
+        for c in (0..wo).step_by(L) {
+            let mut a = [p.bias; L];
+            for (&off, &wv) in p.offs.iter().zip(p.wk) {
+                let at = base + off + c;
+                let s: &[f32; L] = p.pad[at..at + L].try_into().expect("L values");
+                for i in 0..L {
+                    a[i] += wv * s[i];
+                }
+            }
+            store_row(orow, c, &mut a, p.relu);
+        }
+    }
+}
+
+/// Writes lanes `c..` of an output row from `a` (at most `L`, fewer at the row's end),
+/// through ReLU when `relu`.
+#[inline(always)]
+fn store_row(row: &mut [f32], c: usize, a: &mut [f32; L], relu_on: bool) {
+    if relu_on {
+        for v in a.iter_mut() {
+            *v = relu(*v);
+        }
+    }
+    let n = (row.len() - c).min(L);
+    let dst = &mut row[c..c + n];
+    match <&mut [f32; L]>::try_from(&mut *dst) {
+        Ok(d) => *d = *a,
+        Err(_) => {
+            for (d, v) in dst.iter_mut().zip(a.iter()) {
+                *d = *v;
+            }
+        }
+    }
+}
+
+/// `max(v, 0)`, NaN kept (`torch.relu`).
+#[inline(always)]
+pub(crate) fn relu(v: f32) -> f32 {
+    if v > 0.0 || v.is_nan() {
+        v
+    } else {
+        0.0
+    }
+}
+
 /// Depthwise convolution (groups == input channels, `mult` outputs per input channel) on
 /// NCHW: `x` is `[n, c, h, w]`, `weight` `[c * mult, 1, kh, kw]`, `out` `[n, c * mult, ho,
-/// wo]` (overwritten; the bias added).
+/// wo]` (overwritten; the bias added, then ReLU when `relu`).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn depthwise_nchw(
     x: &[f32],
     (n, c): (usize, usize),
     weight: &[f32],
     mult: usize,
     bias: Option<&[f32]>,
+    relu: bool,
     g: &Geom,
     out: &mut [f32],
 ) {
@@ -124,136 +325,169 @@ pub(crate) fn depthwise_nchw(
     if plane_out == 0 || n * oc == 0 {
         return;
     }
-    let ranges: Vec<(usize, usize, usize)> = (0..kw).map(|kx| g.ox_range(kx)).collect();
-    let simd = super::KernelSet::current().simd;
+    let plan = PadPlan::new(g, OVERREAD);
+    let offs: Vec<usize> = (0..kh)
+        .flat_map(|ky| (0..kw).map(move |kx| (ky, kx)))
+        .map(|(ky, kx)| plan.tap_offset(ky, kx))
+        .collect();
+    let isa = isa();
+    let step = g.stride.0 * plan.wq;
+    // One task: the `mult` output planes of input plane `p` (they share its padded copy).
     let one = |(p, o): (usize, &mut [f32])| {
-        let (b, och) = (p / oc, p % oc);
-        let ci = och / mult;
-        let plane = DwPlane {
-            x: &x[(b * c + ci) * h * w..(b * c + ci + 1) * h * w],
-            wk: &weight[och * kh * kw..(och + 1) * kh * kw],
-            bias: bias.map_or(0.0, |bv| bv[och]),
-            ranges: &ranges,
-            g,
-        };
-        match simd {
-            #[cfg(target_arch = "x86_64")]
-            Some(s) => s.dw_plane_f32(&plane, o),
-            _ => dw_plane(&plane, o),
-        }
+        with_pad(&plan, |pad, zeroed| {
+            plan.fill(&x[p * h * w..(p + 1) * h * w], pad, zeroed, isa);
+            for (m, om) in o.chunks_exact_mut(plane_out).enumerate() {
+                let och = (p % c) * mult + m;
+                let args = DwArgs {
+                    pad,
+                    offs: &offs,
+                    wk: &weight[och * kh * kw..(och + 1) * kh * kw],
+                    bias: bias.map_or(0.0, |bv| bv[och]),
+                    relu,
+                    ho,
+                    wo,
+                    step,
+                };
+                #[cfg(target_arch = "x86_64")]
+                if let Some(isa) = isa {
+                    x86::dw_plane(isa, &args, om);
+                    continue;
+                }
+                dw_plane(&args, om);
+            }
+        })
     };
-    if n * oc * plane_out * kh * kw >= 1 << 18 {
-        out.par_chunks_mut(plane_out).enumerate().for_each(one);
+    let chunk = mult * plane_out;
+    if n * oc * plane_out * kh * kw >= 1 << 18 && rayon::current_num_threads() > 1 {
+        out.par_chunks_mut(chunk).enumerate().for_each(one);
     } else {
-        out.chunks_mut(plane_out).enumerate().for_each(one);
+        out.chunks_mut(chunk).enumerate().for_each(one);
     }
 }
 
 /// Unfolds one image's group of channels (`x`: `[cg, h, w]`) into `cols`
-/// `[cg * kh * kw, ho * wo]` (row-major); taps in the padding read 0.
-pub(crate) fn im2col_nchw(x: &[f32], cg: usize, g: &Geom, cols: &mut [f32]) {
+/// `[cg * kh * kw, ho * wo]`, row `r` starting at `r * ld` (`ld >= ho * wo`); taps in the
+/// padding read 0.
+pub(crate) fn im2col_nchw(x: &[f32], cg: usize, g: &Geom, cols: &mut [f32], ld: usize) {
     let (h, w) = g.in_hw;
     let (ho, wo) = g.out_hw;
     let (kh, kw) = g.kernel;
-    let ranges: Vec<(usize, usize, usize)> = (0..kw).map(|kx| g.ox_range(kx)).collect();
-    for ci in 0..cg {
-        let xp = &x[ci * h * w..(ci + 1) * h * w];
-        for ky in 0..kh {
-            for (kx, &(lo, hi, ix0)) in ranges.iter().enumerate() {
-                let row = (ci * kh + ky) * kw + kx;
-                let dst = &mut cols[row * ho * wo..(row + 1) * ho * wo];
-                for oy in 0..ho {
-                    let d = &mut dst[oy * wo..(oy + 1) * wo];
-                    match g.iy(oy, ky) {
-                        Some(iy) if lo < hi => {
-                            d[..lo].fill(0.0);
-                            d[hi..].fill(0.0);
-                            let xrow = &xp[iy * w..(iy + 1) * w];
-                            let span = &mut d[lo..hi];
-                            if g.stride.1 == 1 {
-                                span.copy_from_slice(&xrow[ix0..ix0 + span.len()]);
-                            } else {
-                                for (i, v) in span.iter_mut().enumerate() {
-                                    *v = xrow[ix0 + i * g.stride.1];
-                                }
-                            }
-                        }
-                        _ => d.fill(0.0),
-                    }
-                }
+    let plan = PadPlan::new(g, 0);
+    let step = g.stride.0 * plan.wq;
+    let taps = kh * kw;
+    let isa = isa();
+    if ho * wo == 0 {
+        return;
+    }
+    with_pad(&plan, |pad, mut zeroed| {
+        for ci in 0..cg {
+            plan.fill(&x[ci * h * w..(ci + 1) * h * w], pad, zeroed, isa);
+            zeroed = true;
+            for t in 0..taps {
+                let r = ci * taps + t;
+                let dst = &mut cols[r * ld..r * ld + ho * wo];
+                let off = plan.tap_offset(t / kw, t % kw);
+                copy_rows(isa, dst, pad, (off, step), ho, wo);
+            }
+        }
+    })
+}
+
+/// Dot products of `R` (up to four) rows of `x` with one weight row `wr`: the weight row
+/// is read once per block. Each dot keeps 16 partial sums, reduced pairwise (vectorizes
+/// without reassociation flags).
+#[inline(always)]
+fn dot_rows<const R: usize>(xs: [&[f32]; R], wr: &[f32]) -> [f32; R] {
+    let k = wr.len();
+    let (wc, wt) = wr.as_chunks::<L>();
+    let xc: [&[[f32; L]]; R] = xs.map(|x| x[..k].as_chunks::<L>().0);
+    let mut acc = [[0f32; L]; R];
+    for (c, w) in wc.iter().enumerate() {
+        for r in 0..R {
+            let x = &xc[r][c];
+            for i in 0..L {
+                acc[r][i] += x[i] * w[i];
             }
         }
     }
+    let full = k - wt.len();
+    let mut out = [0f32; R];
+    for r in 0..R {
+        let mut s = 0.0;
+        for (a, b) in xs[r][full..k].iter().zip(wt) {
+            s += a * b;
+        }
+        let a = &mut acc[r];
+        let mut width = L;
+        while width > 1 {
+            width /= 2;
+            for i in 0..width {
+                a[i] += a[i + width];
+            }
+        }
+        out[r] = a[0] + s;
+    }
+    out
 }
 
-/// Dot product with 16 independent partial sums (vectorizes without reassociation
-/// flags).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    const L: usize = 16;
-    let mut acc = [0f32; L];
-    let (ac, bc) = (a.chunks_exact(L), b.chunks_exact(L));
-    let (ar, br) = (ac.remainder(), bc.remainder());
-    for (x, y) in ac.zip(bc) {
-        for i in 0..L {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut s = 0.0;
-    for (x, y) in ar.iter().zip(br) {
-        s += x * y;
-    }
-    // Pairwise reduction of the partial sums.
-    let mut width = L;
-    while width > 1 {
-        width /= 2;
-        for i in 0..width {
-            acc[i] += acc[i + width];
-        }
-    }
-    acc[0] + s
-}
-
-#[inline(always)]
+/// Portable body of [`gemv_rows`]: one input row at a time.
 fn gemv_body(x: &[f32], rows: usize, k: usize, w: &[f32], out: &mut [f32]) {
     let n = w.len() / k.max(1);
     for r in 0..rows {
         let xr = &x[r * k..(r + 1) * k];
-        for (j, o) in out[r * n..(r + 1) * n].iter_mut().enumerate() {
-            *o = dot(xr, &w[j * k..(j + 1) * k]);
+        for (j, wr) in w.chunks_exact(k).enumerate() {
+            out[r * n + j] = dot_rows([xr], wr)[0];
         }
     }
 }
 
 /// `out[r][j] = dot(x[r], w[j])` for `x` `[rows, k]` and `w` `[n, k]` (PyTorch's Linear
 /// weight layout), output `[rows, n]`; for few rows, where the weight is read once per
-/// row anyway. Output columns are split across rayon's pool when large.
+/// four rows anyway. Output columns are split across rayon's pool when large.
 pub(crate) fn gemv_rows(x: &[f32], rows: usize, k: usize, w: &[f32], out: &mut [f32]) {
     let Some(n) = w.len().checked_div(k) else {
         out.fill(0.0);
         return;
     };
-    const COLS: usize = 64;
-    let simd = super::KernelSet::current().simd;
-    let run = |x: &[f32], w: &[f32], out: &mut [f32], rows: usize| match simd {
+    #[cfg(target_arch = "x86_64")]
+    let isa = isa();
+    let run = |w: &[f32], out: &mut [f32], cols: usize| {
+        let wc = &w[..cols * k];
         #[cfg(target_arch = "x86_64")]
-        Some(s) => s.gemv_f32(x, rows, k, w, out),
-        _ => gemv_body(x, rows, k, w, out),
+        if let Some(isa) = isa {
+            return x86::gemv(isa, x, rows, k, wc, out);
+        }
+        gemv_body(x, rows, k, wc, out)
     };
-    if rows == 1 && n * k >= 1 << 18 && rayon::current_num_threads() > 1 {
+    const COLS: usize = 64;
+    let parallel = rows * n * k >= 1 << 18 && rayon::current_num_threads() > 1 && n > COLS;
+    if parallel && rows == 1 {
         out.par_chunks_mut(COLS)
             .zip(w.par_chunks(COLS * k))
-            .for_each(|(o, wc)| run(x, wc, o, 1));
+            .for_each(|(o, wc)| run(wc, o, o.len()));
+    } else if parallel {
+        // Column blocks write strided output rows: compute each block into its own
+        // `[rows, cols]` buffer, then scatter.
+        let blocks: Vec<(usize, Vec<f32>)> = w
+            .par_chunks(COLS * k)
+            .enumerate()
+            .map(|(b, wc)| {
+                let cols = wc.len() / k;
+                let mut o = vec![0f32; rows * cols];
+                run(wc, &mut o, cols);
+                (b, o)
+            })
+            .collect();
+        for (b, o) in blocks {
+            let cols = o.len() / rows.max(1);
+            for r in 0..rows {
+                out[r * n + b * COLS..r * n + b * COLS + cols]
+                    .copy_from_slice(&o[r * cols..(r + 1) * cols]);
+            }
+        }
     } else {
-        run(x, w, out, rows);
+        run(w, out, n);
     }
-}
-
-/// [`gemv_body`] for the x86 module's AVX2 build.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-pub(crate) fn gemv_generic(x: &[f32], rows: usize, k: usize, w: &[f32], out: &mut [f32]) {
-    gemv_body(x, rows, k, w, out)
 }
 
 #[cfg(test)]
@@ -327,6 +561,11 @@ mod tests {
             ((5, 5), (3, 1), (1, 2), (0, 1), (1, 1), 2),
             ((1, 1), (1, 1), (1, 1), (2, 2), (1, 1), 1),
             ((9, 6), (5, 3), (2, 3), (2, 3), (1, 2), 1),
+            // Wider than one 32-lane group, odd widths, stride 2 and 3 phases.
+            ((6, 45), (3, 3), (1, 1), (1, 1), (1, 1), 1),
+            ((7, 70), (3, 5), (2, 2), (1, 2), (1, 1), 1),
+            ((5, 50), (3, 3), (1, 3), (2, 0), (2, 2), 3),
+            ((3, 17), (3, 3), (1, 1), (0, 0), (1, 1), 1),
         ] {
             let out_len = |i: usize, k: usize, s: usize, p: usize, d: usize| {
                 (i + 2 * p - d * (k - 1) - 1) / s + 1
@@ -346,11 +585,37 @@ mod tests {
             let x = vals(n * c * hw.0 * hw.1, 1);
             let wt = vals(c * mult * k.0 * k.1, 7);
             let want = naive_conv(&x, (n, c), &wt, c * mult, c, &g);
+            let bias = vals(c * mult, 11);
             for ks in super::super::KernelSet::all_available() {
-                let mut got = vec![0f32; want.len()];
-                ks.install(|| depthwise_nchw(&x, (n, c), &wt, mult, None, &g, &mut got));
-                for (a, b) in got.iter().zip(&want) {
-                    assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} {b} {g:?}");
+                for relu_on in [false, true] {
+                    // Twice: the second call reuses the padded-plane scratch.
+                    for _ in 0..2 {
+                        let mut got = vec![f32::NAN; want.len()];
+                        ks.install(|| {
+                            depthwise_nchw(
+                                &x,
+                                (n, c),
+                                &wt,
+                                mult,
+                                Some(&bias),
+                                relu_on,
+                                &g,
+                                &mut got,
+                            )
+                        });
+                        let plane = g.out_hw.0 * g.out_hw.1;
+                        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                            let mut b = b + bias[(i / plane) % (c * mult)];
+                            if relu_on {
+                                b = b.max(0.0);
+                            }
+                            assert!(
+                                (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                                "{a} {b} {g:?} {:?} relu {relu_on}",
+                                ks.backend()
+                            );
+                        }
+                    }
                 }
             }
             // im2col of one image times the weight matrix gives the dense conv.
@@ -360,7 +625,7 @@ mod tests {
             let (ho, wo) = g.out_hw;
             let kd = c * k.0 * k.1;
             let mut cols = vec![f32::NAN; kd * ho * wo];
-            im2col_nchw(&x[..c * hw.0 * hw.1], c, &g, &mut cols);
+            im2col_nchw(&x[..c * hw.0 * hw.1], c, &g, &mut cols, ho * wo);
             for oc in 0..o {
                 for pix in 0..ho * wo {
                     let s: f32 = (0..kd)
@@ -380,6 +645,9 @@ mod tests {
             (1, 37, 5),
             (3, 100, 70),
             (2, 1024, 65),
+            (5, 37, 9),
+            (8, 64, 4),
+            (4, 300, 13),
         ] {
             let x = vals(rows * k, 5);
             let w = vals(n * k, 9);

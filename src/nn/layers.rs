@@ -1,10 +1,14 @@
 //! Float layers with PyTorch's semantics, forward on NCHW `f32` tensors.
 
 use ndarray::{
-    linalg::general_mat_mul, s, Array1, Array2, Array4, ArrayD, ArrayView2, Axis, Ix4, IxDyn,
+    linalg::general_mat_mul, s, Array1, Array2, Array4, ArrayD, ArrayView2, ArrayViewMut2, Axis,
+    Ix4, IxDyn, ShapeBuilder,
 };
 
 use crate::error::{QuantError, Result};
+
+/// Columns below which a convolution's GEMM takes several images at once.
+const GEMM_COLS: usize = 512;
 
 fn shape_err(layer: &str, expected: String, x: &ArrayD<f32>) -> QuantError {
     QuantError::ShapeMismatch {
@@ -151,6 +155,15 @@ impl Conv2d {
     /// is smaller than the (dilated) kernel; [`QuantError::UnsupportedConfig`] if the
     /// groups do not divide the channels or a stride / dilation is zero.
     pub fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        self.forward_act(x, false)
+    }
+
+    /// [`forward`](Self::forward), then ReLU when `relu` (`ConvReLU2d`), applied while
+    /// each output block is still in cache.
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward).
+    pub(crate) fn forward_act(&self, x: &ArrayD<f32>, relu: bool) -> Result<ArrayD<f32>> {
         let g = self.groups;
         let (o, cg, kh, kw) = self.weight.dim();
         if g == 0
@@ -196,55 +209,121 @@ impl Conv2d {
         let xv = xs.as_slice().expect("standard layout");
         let wstd = self.weight.as_standard_layout();
         let wv = wstd.as_slice().expect("standard layout");
-        let mut out = Array4::<f32>::zeros((n, o, ho, wo));
+        let bias = self.bias.as_ref().map(|b| b.to_vec());
+        let plane = ho * wo;
         if cg == 1 && g > 1 {
-            // Depthwise (any channel multiplier): direct, bias included.
-            let bias = self.bias.as_ref().map(|b| b.to_vec());
+            // Depthwise (any channel multiplier): direct, bias (and ReLU) included.
+            let mut out = vec![0f32; n * o * plane];
             crate::kernels::f32::depthwise_nchw(
                 xv,
                 (n, c),
                 wv,
                 og,
                 bias.as_deref(),
+                relu,
                 &geom,
-                out.as_slice_mut().expect("fresh array"),
+                &mut out,
             );
-            return Ok(out.into_dyn());
+            return Ok(Array4::from_shape_vec((n, o, ho, wo), out)
+                .expect("n * o * ho * wo values")
+                .into_dyn());
+        }
+        // The output starts as the bias; the products accumulate onto it (beta = 1).
+        let mut out = Vec::with_capacity(n * o * plane);
+        for _ in 0..n {
+            for oc in 0..o {
+                let bv = bias.as_ref().map_or(0.0, |b| b[oc]);
+                out.extend(std::iter::repeat_n(bv, plane));
+            }
         }
         let wmat = ArrayView2::from_shape((o, kdim), wv).expect("[out, in / groups * kh * kw]");
         let pointwise = (kh, kw) == (1, 1)
             && self.stride == (1, 1)
             && self.padding == (0, 0)
             && (ho, wo) == (h, w);
-        let mut cols = if pointwise {
-            Vec::new()
+        // Small images' im2col columns go through the GEMM several images at a time (side
+        // by side), so each call has enough columns to amortize its packing. (Pointwise
+        // convolutions read the input in place: batching would add two copies.)
+        let nb = if pointwise {
+            1
         } else {
-            vec![0f32; kdim * ho * wo]
+            (GEMM_COLS / plane.max(1)).clamp(1, n.max(1))
         };
-        for b in 0..n {
-            for gi in 0..g {
-                let xg = &xv[(b * c + gi * cg) * h * w..(b * c + (gi + 1) * cg) * h * w];
-                let cols_view = if pointwise {
-                    ArrayView2::from_shape((kdim, ho * wo), xg).expect("[cg, h * w]")
-                } else {
-                    crate::kernels::f32::im2col_nchw(xg, cg, &geom, &mut cols);
-                    ArrayView2::from_shape((kdim, ho * wo), &cols[..]).expect("cols")
-                };
-                let wg = wmat.slice(s![gi * og..(gi + 1) * og, ..]);
-                let mut dst = out.slice_mut(s![b, gi * og..(gi + 1) * og, .., ..]);
-                let mut dst2 = dst
-                    .view_mut()
-                    .into_shape_with_order((og, ho * wo))
-                    .expect("a contiguous output block reshapes");
-                general_mat_mul(1.0, &wg, &cols_view, 0.0, &mut dst2);
-            }
+        if nb == 1 {
+            let cols_len = if pointwise { 0 } else { kdim * plane };
+            crate::kernels::f32::with_cols(cols_len, 0, |cols, _| {
+                for b in 0..n {
+                    for gi in 0..g {
+                        let xg = &xv[(b * c + gi * cg) * h * w..(b * c + (gi + 1) * cg) * h * w];
+                        let cols_view = if pointwise {
+                            ArrayView2::from_shape((kdim, plane), xg).expect("[cg, h * w]")
+                        } else {
+                            crate::kernels::f32::im2col_nchw(xg, cg, &geom, cols, plane);
+                            ArrayView2::from_shape((kdim, plane), &cols[..]).expect("cols")
+                        };
+                        let wg = wmat.slice(s![gi * og..(gi + 1) * og, ..]);
+                        let at = (b * o + gi * og) * plane;
+                        let block = &mut out[at..at + og * plane];
+                        let mut dst = ArrayViewMut2::from_shape((og, plane), &mut *block)
+                            .expect("og * plane");
+                        general_mat_mul(1.0, &wg, &cols_view, 1.0, &mut dst);
+                        if relu {
+                            for v in block.iter_mut() {
+                                *v = crate::kernels::f32::relu(*v);
+                            }
+                        }
+                    }
+                }
+            });
+        } else {
+            let ld = nb * plane;
+            crate::kernels::f32::with_cols(kdim * ld, og * ld, |cols, prod| {
+                for b0 in (0..n).step_by(nb) {
+                    let bn = nb.min(n - b0);
+                    let width = bn * plane;
+                    for gi in 0..g {
+                        for bi in 0..bn {
+                            let b = b0 + bi;
+                            let xg =
+                                &xv[(b * c + gi * cg) * h * w..(b * c + (gi + 1) * cg) * h * w];
+                            let dst = &mut cols[bi * plane..];
+                            if pointwise {
+                                for (r, xr) in xg.chunks_exact(plane).enumerate() {
+                                    dst[r * ld..r * ld + plane].copy_from_slice(xr);
+                                }
+                            } else {
+                                crate::kernels::f32::im2col_nchw(xg, cg, &geom, dst, ld);
+                            }
+                        }
+                        let cols_view =
+                            ArrayView2::from_shape((kdim, width).strides((ld, 1)), &cols[..])
+                                .expect("cols");
+                        let wg = wmat.slice(s![gi * og..(gi + 1) * og, ..]);
+                        let mut pv =
+                            ArrayViewMut2::from_shape((og, width).strides((ld, 1)), &mut prod[..])
+                                .expect("og rows of ld");
+                        general_mat_mul(1.0, &wg, &cols_view, 0.0, &mut pv);
+                        // Scatter onto the bias, image by image.
+                        for bi in 0..bn {
+                            let at = ((b0 + bi) * o + gi * og) * plane;
+                            let block = &mut out[at..at + og * plane];
+                            for (oc, orow) in block.chunks_exact_mut(plane).enumerate() {
+                                let src = &prod[oc * ld + bi * plane..oc * ld + (bi + 1) * plane];
+                                for (v, &p) in orow.iter_mut().zip(src) {
+                                    *v += p;
+                                    if relu {
+                                        *v = crate::kernels::f32::relu(*v);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            });
         }
-        if let Some(bias) = &self.bias {
-            for (mut plane, &bv) in out.axis_iter_mut(Axis(1)).zip(bias.iter()) {
-                plane.mapv_inplace(|v| v + bv);
-            }
-        }
-        Ok(out.into_dyn())
+        Ok(Array4::from_shape_vec((n, o, ho, wo), out)
+            .expect("n * o * ho * wo values")
+            .into_dyn())
     }
 }
 
@@ -293,43 +372,66 @@ impl Linear {
     /// # Errors
     /// [`QuantError::ShapeMismatch`] if the last dimension is not `in_features`.
     pub fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        self.forward_act(x, false)
+    }
+
+    /// [`forward`](Self::forward), then ReLU when `relu` (`LinearReLU`), in the same pass
+    /// as the bias.
+    ///
+    /// # Errors
+    /// As [`forward`](Self::forward).
+    pub(crate) fn forward_act(&self, x: &ArrayD<f32>, relu: bool) -> Result<ArrayD<f32>> {
+        /// Up to this many rows, a blocked matrix-vector product (the weight read once
+        /// per four rows) beats packing the weight for a GEMM.
+        const GEMV_ROWS: usize = 8;
         let (out_f, in_f) = self.weight.dim();
         if x.ndim() == 0 || x.shape()[x.ndim() - 1] != in_f {
             return Err(shape_err("Linear", format!("[..., {in_f}]"), x));
         }
-        let rows = x.len() / in_f;
+        let rows: usize = x.shape()[..x.ndim() - 1].iter().product();
         let xs = x.as_standard_layout();
-        let x2: ArrayView2<f32> = xs
-            .view()
-            .into_shape_with_order((rows, in_f))
-            .expect("a standard-layout input reshapes");
-        let mut y = if rows == 1 {
-            // One row: a matrix-vector product over the weight's rows (no packing).
+        let xv = xs.as_slice().expect("standard layout");
+        let bias = self.bias.as_ref().map(|b| b.to_vec());
+        let mut y;
+        if rows <= GEMV_ROWS {
             let wstd = self.weight.as_standard_layout();
-            let xv = x2.as_slice().expect("standard layout");
-            let mut y = Array2::<f32>::zeros((rows, out_f));
+            y = vec![0f32; rows * out_f];
             crate::kernels::f32::gemv_rows(
                 xv,
                 rows,
                 in_f,
                 wstd.as_slice().expect("standard layout"),
-                y.as_slice_mut().expect("fresh array"),
+                &mut y,
             );
-            y
+            if let Some(b) = &bias {
+                for row in y.chunks_exact_mut(out_f) {
+                    for (v, &bv) in row.iter_mut().zip(b) {
+                        *v += bv;
+                    }
+                }
+            }
         } else {
-            x2.dot(&self.weight.t())
-        };
-        if let Some(b) = &self.bias {
-            y += b;
+            // The output starts as the bias; the product accumulates onto it (beta = 1).
+            y = Vec::with_capacity(rows * out_f);
+            for _ in 0..rows {
+                match &bias {
+                    Some(b) => y.extend_from_slice(b),
+                    None => y.extend(std::iter::repeat_n(0.0, out_f)),
+                }
+            }
+            let x2 = ArrayView2::from_shape((rows, in_f), xv).expect("[rows, in_features]");
+            let mut dst =
+                ArrayViewMut2::from_shape((rows, out_f), &mut y[..]).expect("[rows, out]");
+            general_mat_mul(1.0, &x2, &self.weight.t(), 1.0, &mut dst);
+        }
+        if relu {
+            for v in &mut y {
+                *v = crate::kernels::f32::relu(*v);
+            }
         }
         let mut shape = x.shape().to_vec();
         *shape.last_mut().expect("ndim > 0") = out_f;
-        // `dot` may return a column-major product (e.g. for a single output feature);
-        // reshape in row-major order needs a standard layout.
-        Ok(y.as_standard_layout()
-            .into_owned()
-            .into_shape_with_order(IxDyn(&shape))
-            .expect("same element count"))
+        Ok(ArrayD::from_shape_vec(IxDyn(&shape), y).expect("rows * out_features values"))
     }
 }
 
@@ -607,6 +709,61 @@ mod tests {
             assert_eq!(y.shape(), r.shape());
             for (a, b) in y.iter().zip(r.iter()) {
                 assert!((a - b).abs() < 1e-4, "{a} vs {b} (groups {groups})");
+            }
+        }
+    }
+
+    #[test]
+    fn conv_batches_small_images_and_fuses_relu() {
+        // 10x10 outputs: 5 images per GEMM, so 7 images make a full and a partial batch;
+        // 1x1 (pointwise, read in place), depthwise, and ReLU on every path.
+        let x = Array::from_shape_fn((7, 4, 10, 10), |(a, b, c, d)| {
+            ((a * 11 + b * 7 + c * 3 + d) as f32 * 0.29).sin()
+        });
+        for (k, pad, groups, bias) in [(3, 1, 1, true), (1, 0, 1, false), (3, 1, 4, true)] {
+            let w = Array::from_shape_fn((8, 4 / groups, k, k), |(a, b, c, d)| {
+                ((a + 3 * b + 5 * c + 7 * d) as f32 * 0.13).cos()
+            });
+            let conv = Conv2d::new(w, bias.then(|| Array1::linspace(-0.5, 0.5, 8)))
+                .unwrap()
+                .with_padding(pad, pad)
+                .with_groups(groups);
+            let r = naive_conv(&conv, &x);
+            let xd = x.clone().into_dyn();
+            for relu in [false, true] {
+                let y = conv.forward_act(&xd, relu).unwrap();
+                assert_eq!(y.shape(), r.shape());
+                for (a, &b) in y.iter().zip(r.iter()) {
+                    let b = if relu { b.max(0.0) } else { b };
+                    assert!((a - b).abs() < 1e-4, "{a} vs {b} (k {k}, relu {relu})");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn linear_matches_a_direct_loop_on_both_paths() {
+        // Up to 8 rows take the matrix-vector kernels, more the GEMM.
+        for rows in [1usize, 3, 4, 8, 9, 17] {
+            for (bias, relu) in [(true, false), (false, true), (true, true)] {
+                let (i, o) = (37, 13);
+                let w = Array::from_shape_fn((o, i), |(a, b)| ((a * 5 + b) as f32 * 0.17).sin());
+                let fc =
+                    Linear::new(w.clone(), bias.then(|| Array1::linspace(-1.0, 1.0, o))).unwrap();
+                let x = Array::from_shape_fn((rows, i), |(a, b)| ((a + 3 * b) as f32 * 0.31).cos());
+                let y = fc.forward_act(&x.clone().into_dyn(), relu).unwrap();
+                assert_eq!(y.shape(), &[rows, o]);
+                for r in 0..rows {
+                    for j in 0..o {
+                        let mut want: f64 = (0..i).map(|t| (x[[r, t]] * w[[j, t]]) as f64).sum();
+                        want += fc.bias.as_ref().map_or(0.0, |b| b[j] as f64);
+                        if relu {
+                            want = want.max(0.0);
+                        }
+                        let got = y[[r, j]] as f64;
+                        assert!((got - want).abs() < 1e-4, "{got} vs {want} ({rows} rows)");
+                    }
+                }
             }
         }
     }

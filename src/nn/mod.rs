@@ -138,9 +138,9 @@ impl Layer {
     pub fn forward(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         match self {
             Layer::Conv2d(c) => c.forward(x),
-            Layer::ConvReLU2d(c) => Ok(c.forward(x)?.mapv_into(relu_scalar)),
+            Layer::ConvReLU2d(c) => c.forward_act(x, true),
             Layer::Linear(l) => l.forward(x),
-            Layer::LinearReLU(l) => Ok(l.forward(x)?.mapv_into(relu_scalar)),
+            Layer::LinearReLU(l) => l.forward_act(x, true),
             Layer::BatchNorm2d(b) => b.forward(x),
             Layer::ReLU => Ok(x.mapv(relu_scalar)),
             Layer::ReLU6 => Ok(x.mapv(|v| clamp_scalar(v, 0.0, 6.0))),
@@ -304,6 +304,26 @@ impl Sequential {
             } else {
                 format!("{prefix}.{name}")
             };
+            // Identity-like layers pass their input on without a copy; ReLU / ReLU6 on an
+            // intermediate (owned) value work in place.
+            match layer {
+                Layer::Dropout | Layer::Identity | Layer::QuantStub | Layer::DeQuantStub => {
+                    hook(&path, cur.as_ref().unwrap_or(x))?;
+                    continue;
+                }
+                Layer::ReLU | Layer::ReLU6 if cur.is_some() => {
+                    let mut y = cur.take().expect("checked");
+                    if matches!(layer, Layer::ReLU) {
+                        y.mapv_inplace(relu_scalar);
+                    } else {
+                        y.mapv_inplace(|v| clamp_scalar(v, 0.0, 6.0));
+                    }
+                    hook(&path, &y)?;
+                    cur = Some(y);
+                    continue;
+                }
+                _ => {}
+            }
             let input = cur.as_ref().unwrap_or(x);
             let y = match layer {
                 Layer::Sequential(s) => s.run(&path, input, hook)?,

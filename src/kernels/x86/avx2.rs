@@ -417,24 +417,6 @@ pub(super) unsafe fn avg_pool_nhwc(
     crate::kernels::pool::avg_pool_body(x, g, p, out)
 }
 
-/// [`crate::kernels::f32::dw_plane`] compiled with AVX2 and FMA enabled.
-///
-/// # Safety
-/// AVX2 and FMA must be available.
-#[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn dw_plane_f32(p: &crate::kernels::f32::DwPlane<'_>, o: &mut [f32]) {
-    crate::kernels::f32::dw_plane(p, o)
-}
-
-/// [`crate::kernels::f32::gemv_generic`] compiled with AVX2 and FMA enabled.
-///
-/// # Safety
-/// AVX2 and FMA must be available.
-#[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn gemv_f32(x: &[f32], rows: usize, k: usize, w: &[f32], out: &mut [f32]) {
-    crate::kernels::f32::gemv_generic(x, rows, k, w, out)
-}
-
 /// Transposes one 8x8 byte block (SSE2, part of x86-64's baseline).
 ///
 /// # Safety

@@ -222,18 +222,6 @@ impl Avx2 {
         unsafe { avx2::avg_pool_nhwc(x, g, p, out) }
     }
 
-    /// One depthwise `f32` output plane, compiled for AVX2 + FMA.
-    pub(crate) fn dw_plane_f32(self, p: &crate::kernels::f32::DwPlane<'_>, o: &mut [f32]) {
-        // SAFETY: the token proves AVX2 + FMA; the body is safe code (slices).
-        unsafe { avx2::dw_plane_f32(p, o) }
-    }
-
-    /// `kernels::f32::gemv_rows`' body compiled for AVX2 + FMA.
-    pub(crate) fn gemv_f32(self, x: &[f32], rows: usize, k: usize, w: &[f32], out: &mut [f32]) {
-        // SAFETY: the token proves AVX2 + FMA; the body is safe code (slices).
-        unsafe { avx2::gemv_f32(x, rows, k, w, out) }
-    }
-
     /// The vectorized quantized add (see `kernels::elementwise`), eight lanes at a time
     /// with FMA; the last `len % 8` elements through the scalar definition.
     pub(crate) fn add_u8(

@@ -1,0 +1,382 @@
+//! x86 bodies of the `f32` depthwise and matrix-vector kernels (see [`super`]): AVX2 + FMA
+//! (eight lanes) and AVX-512F (sixteen lanes), written with `std::arch` because LLVM's
+//! autovectorizer scalarizes the portable bodies' accumulators once they span several
+//! registers. Callers reach them through the safe wrappers here, which check the CPU
+//! features and the slice bounds the bodies rely on.
+//!
+//! They sum in the same order as the portable bodies but fuse each multiply-add (one
+//! rounding instead of two), so their results differ from the portable path's in the last
+//! bits; the tests compare every path against a float64 reference.
+
+use std::arch::x86_64::*;
+
+use super::DwArgs;
+
+/// Which vector width a wrapper may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Isa {
+    /// AVX2 + FMA.
+    Avx2,
+    /// AVX-512F.
+    Avx512,
+}
+
+impl Isa {
+    /// The ISA the kernel set `ks` selects, if this CPU has it.
+    pub(crate) fn of(ks: crate::kernels::KernelSet) -> Option<Isa> {
+        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        match ks.backend() {
+            crate::kernels::Backend::Portable => None,
+            crate::kernels::Backend::Avx512Vnni if is_x86_feature_detected!("avx512f") => {
+                Some(Isa::Avx512)
+            }
+            _ => avx2.then_some(Isa::Avx2),
+        }
+    }
+}
+
+/// Columns a depthwise kernel may read past an output row's last column (the padded
+/// plane must provide them).
+pub(crate) const DW_OVERREAD: usize = 32;
+
+/// One depthwise output plane (`ho * wo` values of `o`) with `isa`.
+///
+/// # Panics
+/// If `o` holds fewer than `ho * wo` values, `wk` fewer than `offs`, or a read could fall
+/// outside `pad` (the padded plane must hold [`DW_OVERREAD`] columns past every output
+/// row's last tap).
+pub(crate) fn dw_plane(isa: Isa, a: &DwArgs<'_>, o: &mut [f32]) {
+    if a.ho == 0 || a.wo == 0 || a.offs.is_empty() {
+        return;
+    }
+    assert!(o.len() >= a.ho * a.wo && a.wk.len() >= a.offs.len());
+    let max_off = a.offs.iter().copied().max().unwrap_or(0);
+    // Every load reads 8 or 16 lanes at `oy * step + off + c` with `c < wo`.
+    let last = (a.ho - 1) * a.step + max_off + a.wo - 1 + DW_OVERREAD;
+    assert!(last <= a.pad.len(), "depthwise pad too short");
+    match isa {
+        // SAFETY: `Isa::Avx512` is only produced after detecting AVX-512F; the bounds
+        // were asserted above.
+        Isa::Avx512 => unsafe { dw_plane_avx512(a, o) },
+        // SAFETY: `Isa::Avx2` is only produced after detecting AVX2 and FMA; the bounds
+        // were asserted above.
+        Isa::Avx2 => unsafe { dw_plane_avx2(a, o) },
+    }
+}
+
+/// # Safety
+/// AVX2 and FMA available; `o.len() >= ho * wo`; `wk.len() >= offs.len()`; for every
+/// `oy < ho`, tap offset `off` and `c < wo`, `pad[oy * step + off + c + 0..32]` in bounds.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dw_plane_avx2(a: &DwArgs<'_>, o: &mut [f32]) {
+    let (ho, wo, taps) = (a.ho, a.wo, a.offs.len());
+    let p = a.pad.as_ptr();
+    let zero = _mm256_setzero_ps();
+    let b = _mm256_set1_ps(a.bias);
+    let mut tmp = [0f32; 32];
+    for oy in 0..ho {
+        let base = oy * a.step;
+        let orow = &mut o[oy * wo..(oy + 1) * wo];
+        let mut c = 0;
+        while c < wo {
+            let (mut a0, mut a1, mut a2, mut a3) = (b, b, b, b);
+            for t in 0..taps {
+                // SAFETY: `t < taps <= wk.len()`; the loads lie in `pad` (contract).
+                unsafe {
+                    let wv = _mm256_set1_ps(*a.wk.get_unchecked(t));
+                    let s = p.add(base + *a.offs.get_unchecked(t) + c);
+                    a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(s), a0);
+                    a1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(s.add(8)), a1);
+                    a2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(s.add(16)), a2);
+                    a3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(s.add(24)), a3);
+                }
+            }
+            if a.relu {
+                // `max(0, x)` returns its second operand for NaN: NaN stays.
+                a0 = _mm256_max_ps(zero, a0);
+                a1 = _mm256_max_ps(zero, a1);
+                a2 = _mm256_max_ps(zero, a2);
+                a3 = _mm256_max_ps(zero, a3);
+            }
+            let n = (wo - c).min(32);
+            // SAFETY: `tmp` holds 32 values.
+            unsafe {
+                let t = tmp.as_mut_ptr();
+                _mm256_storeu_ps(t, a0);
+                _mm256_storeu_ps(t.add(8), a1);
+                _mm256_storeu_ps(t.add(16), a2);
+                _mm256_storeu_ps(t.add(24), a3);
+            }
+            orow[c..c + n].copy_from_slice(&tmp[..n]);
+            c += 32;
+        }
+    }
+}
+
+/// # Safety
+/// AVX-512F available; otherwise as [`dw_plane_avx2`].
+#[target_feature(enable = "avx512f")]
+unsafe fn dw_plane_avx512(a: &DwArgs<'_>, o: &mut [f32]) {
+    let (ho, wo, taps) = (a.ho, a.wo, a.offs.len());
+    let p = a.pad.as_ptr();
+    let zero = _mm512_setzero_ps();
+    let b = _mm512_set1_ps(a.bias);
+    for oy in 0..ho {
+        let base = oy * a.step;
+        let orow = &mut o[oy * wo..(oy + 1) * wo];
+        let mut c = 0;
+        // Two output rows' worth of independent sums would need another loop; 32 columns
+        // (two registers) per step, or 16 at a row's end.
+        while c < wo {
+            let (mut a0, mut a1) = (b, b);
+            let wide = wo - c > 16;
+            for t in 0..taps {
+                // SAFETY: `t < taps <= wk.len()`; the loads lie in `pad` (contract).
+                unsafe {
+                    let wv = _mm512_set1_ps(*a.wk.get_unchecked(t));
+                    let s = p.add(base + *a.offs.get_unchecked(t) + c);
+                    a0 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(s), a0);
+                    if wide {
+                        a1 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(s.add(16)), a1);
+                    }
+                }
+            }
+            if a.relu {
+                a0 = _mm512_max_ps(zero, a0);
+                a1 = _mm512_max_ps(zero, a1);
+            }
+            let n = (wo - c).min(32);
+            let n0 = n.min(16);
+            let m0: __mmask16 = if n0 == 16 { !0 } else { (1u16 << n0) - 1 };
+            // SAFETY: the masked stores write lanes `c..c + n` of `orow` (`n <= wo - c`).
+            unsafe {
+                _mm512_mask_storeu_ps(orow.as_mut_ptr().add(c), m0, a0);
+                if n > 16 {
+                    let m1: __mmask16 = if n == 32 { !0 } else { (1u16 << (n - 16)) - 1 };
+                    _mm512_mask_storeu_ps(orow.as_mut_ptr().add(c + 16), m1, a1);
+                }
+            }
+            c += if wide { 32 } else { 16 };
+        }
+    }
+}
+
+/// `rows` rows of `wo` values: row `i` of `dst` (at `i * wo`) from `src[off + i * step..]`,
+/// with vector moves (the im2col and padding rows are a few dozen values, where a `memcpy`
+/// call costs more than the copy).
+///
+/// # Panics
+/// If `dst` holds fewer than `rows * wo` values or a row lies outside `src`.
+pub(crate) fn copy_rows(
+    isa: Isa,
+    dst: &mut [f32],
+    src: &[f32],
+    (off, step): (usize, usize),
+    rows: usize,
+    wo: usize,
+) {
+    if rows == 0 || wo == 0 {
+        return;
+    }
+    assert!(dst.len() >= rows * wo && off + (rows - 1) * step + wo <= src.len());
+    match isa {
+        // SAFETY: AVX-512F detected (`Isa::of`); bounds asserted above.
+        Isa::Avx512 => unsafe { copy_rows_avx512(dst, src, off, step, rows, wo) },
+        // SAFETY: AVX2 detected (`Isa::of`); bounds asserted above.
+        Isa::Avx2 => unsafe { copy_rows_avx2(dst, src, off, step, rows, wo) },
+    }
+}
+
+/// # Safety
+/// AVX-512F available; `dst.len() >= rows * wo`; `off + (rows - 1) * step + wo <=
+/// src.len()`.
+#[target_feature(enable = "avx512f")]
+unsafe fn copy_rows_avx512(
+    dst: &mut [f32],
+    src: &[f32],
+    off: usize,
+    step: usize,
+    rows: usize,
+    wo: usize,
+) {
+    let (d0, s0) = (dst.as_mut_ptr(), src.as_ptr());
+    let tail = wo % 16;
+    let m: __mmask16 = ((1u32 << tail) - 1) as u16;
+    for r in 0..rows {
+        // SAFETY: lanes `r * wo..(r + 1) * wo` of `dst` and `off + r * step + 0..wo` of
+        // `src` are in bounds (contract); the masked pair touches only the tail lanes.
+        unsafe {
+            let (d, s) = (d0.add(r * wo), s0.add(off + r * step));
+            let mut i = 0;
+            while i + 16 <= wo {
+                _mm512_storeu_ps(d.add(i), _mm512_loadu_ps(s.add(i)));
+                i += 16;
+            }
+            if tail != 0 {
+                _mm512_mask_storeu_ps(d.add(i), m, _mm512_maskz_loadu_ps(m, s.add(i)));
+            }
+        }
+    }
+}
+
+/// # Safety
+/// AVX2 available; as [`copy_rows_avx512`] otherwise.
+#[target_feature(enable = "avx2")]
+unsafe fn copy_rows_avx2(
+    dst: &mut [f32],
+    src: &[f32],
+    off: usize,
+    step: usize,
+    rows: usize,
+    wo: usize,
+) {
+    let (d0, s0) = (dst.as_mut_ptr(), src.as_ptr());
+    let tail = wo % 8;
+    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    let m = _mm256_cmpgt_epi32(_mm256_set1_epi32(tail as i32), lanes);
+    for r in 0..rows {
+        // SAFETY: as in `copy_rows_avx512`; the masked pair touches only the tail lanes.
+        unsafe {
+            let (d, s) = (d0.add(r * wo), s0.add(off + r * step));
+            let mut i = 0;
+            while i + 8 <= wo {
+                _mm256_storeu_ps(d.add(i), _mm256_loadu_ps(s.add(i)));
+                i += 8;
+            }
+            if tail != 0 {
+                _mm256_maskstore_ps(d.add(i), m, _mm256_maskload_ps(s.add(i), m));
+            }
+        }
+    }
+}
+
+/// `out[r * n + j] = dot(x[r], w[j])` for `rows` rows of `x` (`[rows, k]`) and the `n`
+/// rows of `w` (`[n, k]`), with `isa`: four weight rows at a time against one or two input
+/// rows (AVX2) or up to four (AVX-512), so each weight row is streamed once per block.
+///
+/// # Panics
+/// If `x`, `w` or `out` are shorter than `rows * k`, `n * k`, `rows * n`.
+pub(crate) fn gemv(isa: Isa, x: &[f32], rows: usize, k: usize, w: &[f32], out: &mut [f32]) {
+    let n = w.len().checked_div(k).unwrap_or(0);
+    assert!(x.len() >= rows * k && out.len() >= rows * n);
+    let rb = match isa {
+        Isa::Avx2 => 2,
+        Isa::Avx512 => 4,
+    };
+    let mut r = 0;
+    while r < rows {
+        let take = (rows - r).min(rb);
+        let xs = &x[r * k..(r + take) * k];
+        let mut j = 0;
+        while j + 4 <= n {
+            let ws = &w[j * k..(j + 4) * k];
+            let mut res = [[0f32; 4]; 4];
+            // SAFETY: the ISA was detected (see `Isa::of`); `xs` holds `take * k` values
+            // and `ws` `4 * k`, as the bodies read.
+            unsafe {
+                match (isa, take) {
+                    (Isa::Avx2, 1) => dots_avx2::<1>(xs, ws, k, &mut res),
+                    (Isa::Avx2, _) => dots_avx2::<2>(xs, ws, k, &mut res),
+                    (Isa::Avx512, 1) => dots_avx512::<1>(xs, ws, k, &mut res),
+                    (Isa::Avx512, 2) => dots_avx512::<2>(xs, ws, k, &mut res),
+                    (Isa::Avx512, 3) => dots_avx512::<3>(xs, ws, k, &mut res),
+                    (Isa::Avx512, _) => dots_avx512::<4>(xs, ws, k, &mut res),
+                }
+            }
+            for (i, rr) in res.iter().enumerate().take(take) {
+                out[(r + i) * n + j..(r + i) * n + j + 4].copy_from_slice(rr);
+            }
+            j += 4;
+        }
+        // The last `n % 4` weight rows.
+        for jj in j..n {
+            let wr = &w[jj * k..(jj + 1) * k];
+            for i in 0..take {
+                let xr = &xs[i * k..(i + 1) * k];
+                out[(r + i) * n + jj] = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
+            }
+        }
+        r += take;
+    }
+}
+
+/// `res[i][q] = dot(x row i, w row q)` for `R` input rows and 4 weight rows of length `k`.
+///
+/// # Safety
+/// AVX2 and FMA available; `xs.len() >= R * k`, `ws.len() >= 4 * k`; `R <= 2`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dots_avx2<const R: usize>(xs: &[f32], ws: &[f32], k: usize, res: &mut [[f32; 4]; 4]) {
+    let mut acc = [[_mm256_setzero_ps(); 4]; R];
+    let full = k / 8 * 8;
+    let (xp, wp) = (xs.as_ptr(), ws.as_ptr());
+    let mut i = 0;
+    while i < full {
+        // SAFETY: `i + 8 <= k`; rows `q < 4` of `ws` and `r < R` of `xs` hold `k` values.
+        unsafe {
+            let wv = [
+                _mm256_loadu_ps(wp.add(i)),
+                _mm256_loadu_ps(wp.add(k + i)),
+                _mm256_loadu_ps(wp.add(2 * k + i)),
+                _mm256_loadu_ps(wp.add(3 * k + i)),
+            ];
+            for (r, a) in acc.iter_mut().enumerate() {
+                let xv = _mm256_loadu_ps(xp.add(r * k + i));
+                for q in 0..4 {
+                    a[q] = _mm256_fmadd_ps(xv, wv[q], a[q]);
+                }
+            }
+        }
+        i += 8;
+    }
+    for (r, a) in acc.iter().enumerate() {
+        for q in 0..4 {
+            let mut v = [0f32; 8];
+            // SAFETY: `v` holds 8 values.
+            unsafe { _mm256_storeu_ps(v.as_mut_ptr(), a[q]) };
+            let mut s = ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
+            for t in full..k {
+                s += xs[r * k + t] * ws[q * k + t];
+            }
+            res[r][q] = s;
+        }
+    }
+}
+
+/// As [`dots_avx2`] with sixteen lanes.
+///
+/// # Safety
+/// AVX-512F available; `xs.len() >= R * k`, `ws.len() >= 4 * k`; `R <= 4`.
+#[target_feature(enable = "avx512f")]
+unsafe fn dots_avx512<const R: usize>(xs: &[f32], ws: &[f32], k: usize, res: &mut [[f32; 4]; 4]) {
+    let mut acc = [[_mm512_setzero_ps(); 4]; R];
+    let full = k / 16 * 16;
+    let (xp, wp) = (xs.as_ptr(), ws.as_ptr());
+    let mut i = 0;
+    while i < full {
+        // SAFETY: `i + 16 <= k`; rows `q < 4` of `ws` and `r < R` of `xs` hold `k` values.
+        unsafe {
+            let wv = [
+                _mm512_loadu_ps(wp.add(i)),
+                _mm512_loadu_ps(wp.add(k + i)),
+                _mm512_loadu_ps(wp.add(2 * k + i)),
+                _mm512_loadu_ps(wp.add(3 * k + i)),
+            ];
+            for (r, a) in acc.iter_mut().enumerate() {
+                let xv = _mm512_loadu_ps(xp.add(r * k + i));
+                for q in 0..4 {
+                    a[q] = _mm512_fmadd_ps(xv, wv[q], a[q]);
+                }
+            }
+        }
+        i += 16;
+    }
+    for (r, a) in acc.iter().enumerate() {
+        for q in 0..4 {
+            let mut s = _mm512_reduce_add_ps(a[q]);
+            for t in full..k {
+                s += xs[r * k + t] * ws[q * k + t];
+            }
+            res[r][q] = s;
+        }
+    }
+}
