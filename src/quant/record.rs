@@ -211,6 +211,7 @@ pub static READERS: &[(&str, OpReader)] = &[
     ("BatchNorm2d", ops::BatchNormOp::read),
     ("Permute", ops::PermuteOp::read),
     ("Slice", ops::SliceOp::read),
+    ("Mean", ops::MeanOp::read),
     ("Float", super::convert::FloatOp::read),
 ];
 
