@@ -176,7 +176,7 @@ fn graph_op(sel: u8, r: &mut Bytes<'_>, x: &[ptq::graph::Dim]) -> Option<ptq::gr
             } else {
                 conv.with_padding(r.small(3), r.small(3))
             };
-            if sel % 26 == 0 {
+            if sel.is_multiple_of(26) {
                 Op::Conv2d(conv)
             } else {
                 Op::ConvReLU2d(conv)
