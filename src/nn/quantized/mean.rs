@@ -30,7 +30,7 @@ use crate::qparams::{dequantize_val, quantize_val};
 /// ```
 /// use ndarray::{ArrayD, IxDyn};
 /// use ptq::nn::quantized::{QMean, QTensor, TorchLayout};
-/// let x = QTensor::new(ArrayD::from_shape_vec(IxDyn(&[1, 2, 1, 2]), vec![1u8, 2, 10, 13])?, 0.1, 0)?;
+/// let x = QTensor::new(ArrayD::from_shape_vec(IxDyn(&[1, 2, 1, 2]), vec![1u8, 2, 10, 13]).unwrap(), 0.1, 0)?;
 /// let m = QMean::new(&[2, 3], false)?;
 /// let y = m.forward(&x, TorchLayout::Contiguous)?;
 /// assert_eq!(y.data().as_slice().unwrap(), &[2, 12]); // 1.5 -> 2, 11.5 -> 12 (ties to even)
