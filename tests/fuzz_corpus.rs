@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 #[path = "../fuzz/src/lib.rs"]
 mod ptq_fuzz;
-use ptq_fuzz::{onnx, qmodel, state_dict};
+use ptq_fuzz::{graph, onnx, qgraph, qmodel, state_dict};
 
 fn files(dir: &str) -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
@@ -31,6 +31,18 @@ fn seed_corpus_loads() {
     for f in o {
         assert!(onnx(&std::fs::read(&f).unwrap()), "{}", f.display());
     }
+    let qg = files("fuzz/corpus/qgraph");
+    assert!(qg.len() >= 8, "{qg:?}");
+    for f in qg {
+        assert!(qgraph(&std::fs::read(&f).unwrap()), "{}", f.display());
+    }
+    // Every graph seed builds, runs in float, converts, runs in int8 and round-trips
+    // through ptq-qmodel/2 bit-identically (the target asserts each step).
+    let g = files("fuzz/corpus/graph");
+    assert!(g.len() >= 8, "{g:?}");
+    for f in g {
+        assert!(graph(&std::fs::read(&f).unwrap()), "{}", f.display());
+    }
     let s = files("fuzz/corpus/state_dict");
     assert!(s.len() >= 3, "{s:?}");
     for f in s {
@@ -44,6 +56,8 @@ fn fuzzer_crashes_stay_fixed() {
         ("tests/fuzz_regressions/qmodel", qmodel as fn(&[u8]) -> bool),
         ("tests/fuzz_regressions/state_dict", state_dict),
         ("tests/fuzz_regressions/onnx", onnx),
+        ("tests/fuzz_regressions/qgraph", qgraph),
+        ("tests/fuzz_regressions/graph", graph),
     ] {
         for f in files(dir) {
             let data = std::fs::read(&f).unwrap();

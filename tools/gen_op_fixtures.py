@@ -1,10 +1,11 @@
 """Generate tests/fixtures/ops_*.safetensors: PyTorch's own quantized outputs for the int8
-elementwise, concat, activation, upsample and batch-norm ops of `ptq`
-(src/nn/quantized/{mul,cat,activation,upsample,norm}.rs), checked bit for bit by
-tests/int8_ops.rs.
+elementwise, concat, activation, upsample, batch-norm and mean ops of `ptq`
+(src/nn/quantized/{mul,cat,activation,upsample,norm,mean}.rs), checked bit for bit by
+tests/int8_ops.rs (mean: tests/int8_mean.rs).
 
 Pinned: torch 2.15.0 (CPU), quantized engine "fbgemm", torch.set_num_threads(1), numpy seed
-20261129. Run with:  /work/venv/bin/python tools/gen_op_fixtures.py
+20261129. Run with:  /work/venv/bin/python tools/gen_op_fixtures.py  (`... mean` writes only
+ops_mean.safetensors, from its own seed, identical to the full run's).
 
 Every case `cNNN` holds (only what the op needs):
   cNNN.a, cNNN.b, cNNN.x0.. u8   inputs' int_repr in logical (NCHW) order
@@ -401,9 +402,51 @@ def gen_bn():
     w.save()
 
 
+# ---------------------------------------------------------------------------------- mean
+def gen_mean():
+    """torch.mean(q, dims, keepdim) on quint8: the integer path (contiguous, innermost
+    dims) and the dequantize-mean-quantize path (channels_last, other dims)."""
+    global rng
+    rng = np.random.default_rng(20261130)  # its own stream: `mean` alone gives the same file
+    w = Writer("ops_mean")
+
+    def case(shape, dims, keepdim, layout, x=None):
+        x = x if x is not None else rand_q(shape)
+        x = to_layout(x, layout)
+        y = torch.mean(x, dims, keepdim)
+        assert (y.q_scale(), y.q_zero_point()) == (x.q_scale(), x.q_zero_point())
+        d = ",".join(str(v) for v in dims)
+        k = w.key(f"op=mean;dims={d};keepdim={int(keepdim)};layout={layout}")
+        w.qt(k, "x", x)
+        w.qt(k, "y", y)
+
+    for layout in ("nchw", "cl"):
+        for keepdim in (False, True):
+            for shape in [(1, 24, 2, 2), (2, 16, 3, 3), (2, 5, 7, 7), (1, 32, 12, 12),
+                          (1, 8, 20, 20), (2, 3, 5, 4), (1, 64, 1, 1), (2, 1, 5, 5)]:
+                case(shape, [2, 3], keepdim, layout)
+            case((2, 6, 5, 4), [3], keepdim, layout)
+            case((2, 6, 5, 4), [2], keepdim, layout)
+            case((2, 6, 5, 4), [1], keepdim, layout)
+            case((2, 6, 5, 4), [1, 2, 3], keepdim, layout)
+    case((4, 70), [1], False, "nchw")
+    case((2, 6, 9), [2], True, "nchw")
+    case((2, 6, 9), [1], False, "nchw")
+    # exact halves: ties to even in both paths
+    for layout in ("nchw", "cl"):
+        q = torch.tensor(np.array([1, 2, 3, 4, 5, 6, 250, 255], dtype=np.uint8).reshape(1, 4, 1, 2))
+        case(None, [2, 3], False, layout, x=torch._make_per_tensor_quantized_tensor(q, 0.05, 3))
+    w.save()
+
+
 if __name__ == "__main__":
+    import sys
+    if sys.argv[1:] == ["mean"]:
+        gen_mean()
+        sys.exit(0)
     gen_mul()
     gen_cat()
     gen_act()
     gen_upsample()
     gen_bn()
+    gen_mean()

@@ -1,7 +1,7 @@
 //! A stable-Rust fuzzer for ptq's loaders, for machines without nightly/libFuzzer.
 //!
 //! ```text
-//! cargo run --release --manifest-path fuzz/Cargo.toml --example mutate -- <state_dict|qmodel|onnx> <seconds> [seed]
+//! cargo run --release --manifest-path fuzz/Cargo.toml --example mutate -- <state_dict|qmodel|onnx|qgraph|graph> <seconds> [seed]
 //! ```
 //!
 //! Mutates the seed files of `fuzz/corpus/<target>/` with a deterministic PRNG (byte and
@@ -85,6 +85,19 @@ const VALUES: &[&str] = &[
     "BatchNorm2d",
     "ptq-qmodel/1",
     "ptq-qmodel/2",
+    "Input",
+    "Quantize",
+    "Dequantize",
+    "Mean",
+    "Concat",
+    "Upsample",
+    "Permute",
+    "Slice",
+    "0,1",
+    "1,0",
+    "0,0,0",
+    "5",
+    "99",
 ];
 
 /// Re-serializes a valid safetensors file with one metadata entry changed, removed or
@@ -213,8 +226,10 @@ fn main() {
         "state_dict" => ptq_fuzz::state_dict,
         "qmodel" => ptq_fuzz::qmodel,
         "onnx" => ptq_fuzz::onnx,
+        "qgraph" => ptq_fuzz::qgraph,
+        "graph" => ptq_fuzz::graph,
         t => {
-            eprintln!("unknown target {t:?}; use state_dict, qmodel or onnx");
+            eprintln!("unknown target {t:?}; use state_dict, qmodel, onnx, qgraph or graph");
             std::process::exit(2);
         }
     };

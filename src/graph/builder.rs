@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use super::op::{LayerNorm, Op, Pool2dSpec, UpsampleSpec};
-use super::shape::infer;
+use super::shape::{check_numel, infer};
 use super::{BatchNorm, Dim, Graph, Node, NodeId, Shape};
 use crate::error::{QuantError, Result};
 use crate::nn::{Conv2d, Linear, Module};
@@ -118,7 +118,9 @@ impl GraphBuilder {
                 ),
             });
         }
-        let id = self.push(name, Op::Input, Vec::new(), Shape(dims.to_vec()));
+        let shape = Shape(dims.to_vec());
+        check_numel(&shape).map_err(|e| e.in_context(name))?;
+        let id = self.push(name, Op::Input, Vec::new(), shape);
         self.inputs.push(id);
         Ok(id)
     }
@@ -136,6 +138,7 @@ impl GraphBuilder {
             .map(|&i| self.shape(i).map_err(|e| e.in_context(name)))
             .collect::<Result<Vec<_>>>()?;
         let shape = infer(&op, &shapes).map_err(|e| e.in_context(name))?;
+        check_numel(&shape).map_err(|e| e.in_context(name))?;
         Ok(self.push(name, op, inputs.to_vec(), shape))
     }
 
@@ -162,6 +165,7 @@ impl GraphBuilder {
                 ),
             });
         }
+        check_numel(&output_shape).map_err(|e| e.in_context(name))?;
         Ok(self.push(name, Op::Custom(module), vec![x], output_shape))
     }
 

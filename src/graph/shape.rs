@@ -227,6 +227,26 @@ fn check_params(op: &Op) -> Result<()> {
 
 /// Infers the output shape of `op` applied to `inputs`. Errors carry an empty context; the
 /// builder labels them with the node name.
+/// Every node's shape holds at most `isize::MAX` elements per batch item (ndarray's own
+/// limit), so that no shape arithmetic downstream overflows.
+pub(crate) fn check_numel(shape: &Shape) -> Result<()> {
+    let fits = shape
+        .0
+        .iter()
+        .filter_map(|d| d.fixed())
+        .try_fold(1usize, |a, d| a.checked_mul(d))
+        .is_some_and(|n| n <= isize::MAX as usize);
+    if fits {
+        Ok(())
+    } else {
+        Err(QuantError::ShapeMismatch {
+            context: String::new(),
+            expected: format!("at most {} elements per batch item", isize::MAX),
+            actual: format!("shape {shape}"),
+        })
+    }
+}
+
 pub(crate) fn infer(op: &Op, inputs: &[&Shape]) -> Result<Shape> {
     if let Some(n) = op.arity() {
         if inputs.len() != n {
@@ -348,7 +368,14 @@ pub(crate) fn infer(op: &Op, inputs: &[&Shape]) -> Result<Shape> {
                         .enumerate()
                         .all(|(i, (a, b))| i == *axis || a == b);
                 match (ok, s.0.get(*axis)) {
-                    (true, Some(Dim::Fixed(k))) => total += k,
+                    (true, Some(Dim::Fixed(k))) => {
+                        total = usize::checked_add(total, *k).ok_or_else(|| {
+                            mismatch(
+                                format!("a concatenated axis {axis} that fits in usize"),
+                                inputs,
+                            )
+                        })?
+                    }
                     _ => {
                         return Err(mismatch(
                             format!("shapes equal except along axis {axis}"),
@@ -552,7 +579,16 @@ pub(crate) fn reshape_shape(x: &Shape, target: &[isize]) -> Result<Shape> {
         ));
     }
     let total = x.fixed_numel();
-    let known: usize = out.iter().filter_map(|d| d.fixed()).product();
+    let known = out
+        .iter()
+        .filter_map(|d| d.fixed())
+        .try_fold(1usize, |a, d| a.checked_mul(d))
+        .ok_or_else(|| {
+            mismatch(
+                format!("a reshape target {target:?} whose size fits in usize"),
+                &[x],
+            )
+        })?;
     if let Some(i) = infer_at {
         if known == 0 || !total.is_multiple_of(known) {
             return Err(mismatch(

@@ -13,6 +13,9 @@
 //! buffers are ignored. A truncated or corrupt file is an error, never a panic: sizes and
 //! offsets in the header are validated against the file before any tensor is read.
 //!
+//! [`read_safetensors_tensors`] reads every tensor in its own element type ([`Tensor`]:
+//! integer tensors such as int8 weights, `i32` biases or `i64` indices stay integers).
+//!
 //! Quantized models are saved and loaded with [`QuantizedModel::save`] /
 //! [`QuantizedModel::load`] in the [`qmodel`] format.
 //!
@@ -79,37 +82,220 @@ pub fn parse_safetensors(bytes: &[u8], context: &str) -> Result<BTreeMap<String,
         .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
-        let d = view.data();
-        let values: Vec<f32> = match view.dtype() {
-            Dtype::F32 => d
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::F16 => d
-                .chunks_exact(2)
-                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => d
-                .chunks_exact(2)
-                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::F64 => d
-                .chunks_exact(8)
-                .map(|b| {
-                    f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32
-                })
-                .collect(),
+        let values: Vec<f32> = match float_values(view.dtype(), view.data()) {
+            Some(v) => v,
             // Integer buffers (num_batches_tracked) carry no weights.
-            Dtype::I64 | Dtype::I32 if name.ends_with("num_batches_tracked") => continue,
-            other => {
+            None if matches!(view.dtype(), Dtype::I64 | Dtype::I32)
+                && name.ends_with("num_batches_tracked") =>
+            {
+                continue
+            }
+            None => {
                 return Err(bad(format!(
-                    "tensor {name:?} has dtype {other:?}; expected F32, F16, BF16 or F64"
+                    "tensor {name:?} has dtype {:?}; expected F32, F16, BF16 or F64 \
+                     (read integer tensors with read_safetensors_tensors)",
+                    view.dtype()
                 )))
             }
         };
         let arr = ArrayD::from_shape_vec(IxDyn(view.shape()), values)
             .map_err(|e| bad(format!("tensor {name:?}: {e}")))?;
         out.insert(name, arr);
+    }
+    Ok(out)
+}
+
+/// The little-endian values of a floating-point tensor as `f32`; `None` for other dtypes.
+fn float_values(dtype: Dtype, d: &[u8]) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => d
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => d
+            .chunks_exact(2)
+            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => d
+            .chunks_exact(2)
+            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::F64 => d
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32)
+            .collect(),
+        _ => return None,
+    })
+}
+
+/// One tensor of a safetensors file in its own element type, as
+/// [`read_safetensors_tensors`] returns it: integer tensors (quantized weights, token ids,
+/// labels, `num_batches_tracked`) keep their integers; floating-point tensors are `f32`
+/// (`f16`, `bf16` and `f64` converted, as [`read_safetensors`] does).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Tensor {
+    /// `F32`, `F16`, `BF16` or `F64` in the file, as `f32`.
+    F32(ArrayD<f32>),
+    /// `I8` (e.g. int8 weights).
+    I8(ArrayD<i8>),
+    /// `U8` (e.g. quint8 activations, images).
+    U8(ArrayD<u8>),
+    /// `I32` (e.g. int32 biases).
+    I32(ArrayD<i32>),
+    /// `I64` (e.g. `num_batches_tracked`, indices).
+    I64(ArrayD<i64>),
+}
+
+impl Tensor {
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            Tensor::F32(a) => a.shape(),
+            Tensor::I8(a) => a.shape(),
+            Tensor::U8(a) => a.shape(),
+            Tensor::I32(a) => a.shape(),
+            Tensor::I64(a) => a.shape(),
+        }
+    }
+    /// The element type's safetensors name (`"F32"`, `"I8"`, `"U8"`, `"I32"`, `"I64"`).
+    pub fn dtype(&self) -> &'static str {
+        match self {
+            Tensor::F32(_) => "F32",
+            Tensor::I8(_) => "I8",
+            Tensor::U8(_) => "U8",
+            Tensor::I32(_) => "I32",
+            Tensor::I64(_) => "I64",
+        }
+    }
+    /// The `f32` values, if this is a floating-point tensor.
+    pub fn as_f32(&self) -> Option<&ArrayD<f32>> {
+        match self {
+            Tensor::F32(a) => Some(a),
+            _ => None,
+        }
+    }
+    /// The `i8` values, if this is an `I8` tensor.
+    pub fn as_i8(&self) -> Option<&ArrayD<i8>> {
+        match self {
+            Tensor::I8(a) => Some(a),
+            _ => None,
+        }
+    }
+    /// The `u8` values, if this is a `U8` tensor.
+    pub fn as_u8(&self) -> Option<&ArrayD<u8>> {
+        match self {
+            Tensor::U8(a) => Some(a),
+            _ => None,
+        }
+    }
+    /// The `i32` values, if this is an `I32` tensor.
+    pub fn as_i32(&self) -> Option<&ArrayD<i32>> {
+        match self {
+            Tensor::I32(a) => Some(a),
+            _ => None,
+        }
+    }
+    /// The `i64` values, if this is an `I64` tensor.
+    pub fn as_i64(&self) -> Option<&ArrayD<i64>> {
+        match self {
+            Tensor::I64(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+/// Reads every tensor of a safetensors file in its own element type (see [`Tensor`]):
+/// integer tensors stay integers, floating-point ones become `f32`.
+///
+/// # Errors
+/// [`QuantError::InvalidFile`] if the file cannot be read, is not a valid safetensors file
+/// (sizes and offsets are checked against the file before anything is read), or holds a
+/// tensor of another dtype (bool, u16, f8, ...), naming the tensor and its dtype.
+pub fn read_safetensors_tensors(path: impl AsRef<Path>) -> Result<BTreeMap<String, Tensor>> {
+    let path = path.as_ref();
+    let bytes = std::fs::read(path).map_err(|e| QuantError::InvalidFile {
+        context: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    parse_safetensors_tensors(&bytes, &path.display().to_string())
+}
+
+/// As [`read_safetensors_tensors`], from bytes in memory; `context` names the source in
+/// errors.
+///
+/// # Errors
+/// As [`read_safetensors_tensors`].
+///
+/// # Examples
+/// ```
+/// use safetensors::{serialize, tensor::TensorView, Dtype};
+/// let ids: Vec<u8> = [3i64, -1].iter().flat_map(|v| v.to_le_bytes()).collect();
+/// let w = [1u8, 255, 7, 128];
+/// let bytes = serialize(
+///     [
+///         ("ids", TensorView::new(Dtype::I64, vec![2], &ids).unwrap()),
+///         ("w", TensorView::new(Dtype::I8, vec![2, 2], &w).unwrap()),
+///     ],
+///     None,
+/// )
+/// .unwrap();
+/// let t = ptq::io::parse_safetensors_tensors(&bytes, "mem")?;
+/// assert_eq!(t["ids"].as_i64().unwrap().as_slice(), Some(&[3i64, -1][..]));
+/// assert_eq!(t["w"].as_i8().unwrap().as_slice(), Some(&[1i8, -1, 7, -128][..]));
+/// assert_eq!(t["w"].shape(), &[2, 2]);
+/// # Ok::<(), ptq::QuantError>(())
+/// ```
+pub fn parse_safetensors_tensors(bytes: &[u8], context: &str) -> Result<BTreeMap<String, Tensor>> {
+    let bad = |reason: String| QuantError::InvalidFile {
+        context: context.into(),
+        reason,
+    };
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let d = view.data();
+        let shape = IxDyn(view.shape());
+        let shaped = |e: ndarray::ShapeError| bad(format!("tensor {name:?}: {e}"));
+        let t = match view.dtype() {
+            Dtype::I8 => Tensor::I8(
+                ArrayD::from_shape_vec(shape, d.iter().map(|&b| b as i8).collect())
+                    .map_err(shaped)?,
+            ),
+            Dtype::U8 => Tensor::U8(ArrayD::from_shape_vec(shape, d.to_vec()).map_err(shaped)?),
+            Dtype::I32 => Tensor::I32(
+                ArrayD::from_shape_vec(
+                    shape,
+                    d.chunks_exact(4)
+                        .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                        .collect(),
+                )
+                .map_err(shaped)?,
+            ),
+            Dtype::I64 => Tensor::I64(
+                ArrayD::from_shape_vec(
+                    shape,
+                    d.chunks_exact(8)
+                        .map(|b| i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+                        .collect(),
+                )
+                .map_err(shaped)?,
+            ),
+            Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64 => Tensor::F32(
+                ArrayD::from_shape_vec(
+                    shape,
+                    float_values(view.dtype(), d).expect("a floating-point dtype"),
+                )
+                .map_err(shaped)?,
+            ),
+            other => {
+                return Err(bad(format!(
+                    "tensor {name:?} has dtype {other:?}; expected F32, F16, BF16, F64, I8, U8, I32 or I64"
+                )))
+            }
+        };
+        out.insert(name, t);
     }
     Ok(out)
 }

@@ -8,8 +8,8 @@ use ndarray::ArrayD;
 use super::exec::{QNode, QuantizedGraph};
 use super::ops::{
     AdaptiveAvgPoolOp, AddOp, AvgPoolOp, BatchNormOp, CatOp, ClampOp, ConvOp, DequantizeOp,
-    FlattenOp, HardswishOp, IdentityOp, InputOp, LinearOp, MaxPoolOp, MulOp, PermuteOp, QuantizeOp,
-    ReluOp, ReshapeOp, SigmoidOp, SliceOp, UpsampleOp,
+    FlattenOp, HardswishOp, IdentityOp, InputOp, LinearOp, MaxPoolOp, MeanOp, MulOp, PermuteOp,
+    QuantizeOp, ReluOp, ReshapeOp, SigmoidOp, SliceOp, UpsampleOp,
 };
 use super::prepare::{Domain, PreparedGraph};
 use super::{ExecCtx, OpRecordWriter, QuantOp, Value};
@@ -279,6 +279,15 @@ impl FromObserved for PermuteOp {
     }
 }
 
+impl FromObserved for MeanOp {
+    fn from_observed(o: &Observed<'_>) -> Result<Self> {
+        match &o.node.op {
+            Op::Mean { dims, keepdim } => MeanOp::new(dims, *keepdim, o.input(0)?),
+            _ => Err(internal(o.node, "MeanOp from another op")),
+        }
+    }
+}
+
 impl FromObserved for SliceOp {
     fn from_observed(o: &Observed<'_>) -> Result<Self> {
         match o.node.op {
@@ -314,13 +323,13 @@ fn int8_op(o: &Observed<'_>) -> Result<Box<dyn QuantOp>> {
         Op::BatchNorm2d(_) => b::<BatchNormOp>(o),
         Op::Permute { .. } => b::<PermuteOp>(o),
         Op::Slice { .. } => b::<SliceOp>(o),
+        Op::Mean { .. } => b::<MeanOp>(o),
         Op::QuantStub => Ok(Box::new(QuantizeOp::new(o.out()?))),
         Op::Input
         | Op::DeQuantStub
         | Op::BatchNorm1d(_)
         | Op::SiLU
         | Op::Gelu { .. }
-        | Op::Mean { .. }
         | Op::Softmax { .. }
         | Op::LayerNorm(_)
         | Op::Custom(_) => Err(QuantError::UnsupportedConfig {

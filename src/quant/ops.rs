@@ -23,8 +23,8 @@ use crate::error::{QuantError, Result};
 use crate::kernels::BiasMode;
 use crate::nn::quantized::{
     Conv2dParams, QAdaptiveAvgPool2d, QAdd, QAvgPool2d, QBatchNorm2d, QCat, QConv2d, QConvReLU2d,
-    QHardsigmoid, QHardswish, QLinear, QLinearReLU, QMaxPool2d, QMul, QReLU, QSigmoid, QTensor,
-    QUpsampleNearest2d, TorchLayout, UpsampleSize,
+    QHardsigmoid, QHardswish, QLinear, QLinearReLU, QMaxPool2d, QMean, QMul, QReLU, QSigmoid,
+    QTensor, QUpsampleNearest2d, TorchLayout, UpsampleSize,
 };
 use crate::qparams::{ActQParams, QParams};
 
@@ -1545,6 +1545,64 @@ impl QuantOp for SliceOp {
         rec.set("axis", self.axis);
         rec.set("start", self.start);
         rec.set("end", self.end);
+        rec.act("q", self.q);
+        Ok(())
+    }
+}
+
+/// `torch.mean(x, dims, keepdim)` on int8 values: keeps the input's qparams; PyTorch's
+/// integer or dequantize-average-requantize path by memory format (see [`QMean`]).
+#[derive(Debug, Clone)]
+pub struct MeanOp {
+    mean: QMean,
+    q: ActQParams,
+}
+
+impl MeanOp {
+    /// A mean over `dims` (strictly ascending).
+    ///
+    /// # Errors
+    /// As [`QMean::new`].
+    pub fn new(dims: &[usize], keepdim: bool, q: ActQParams) -> Result<Self> {
+        Ok(MeanOp {
+            mean: QMean::new(dims, keepdim)?,
+            q,
+        })
+    }
+    /// Reader for the file table.
+    ///
+    /// # Errors
+    /// Malformed records.
+    pub fn read(r: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
+        let v: String = r.parse("dims")?;
+        let dims = v
+            .split(',')
+            .map(|s| s.parse::<usize>().ok().filter(|&d| d < 16))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| r.bad(format!("mean dims {v:?}")))?;
+        let mean = MeanOp::new(&dims, r.flag("keepdim")?, r.act("q")?).map_err(|e| r.bad(e))?;
+        Ok(Box::new(mean))
+    }
+}
+
+impl QuantOp for MeanOp {
+    fn kind(&self) -> &'static str {
+        "Mean"
+    }
+    fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value> {
+        let x = one(inputs, "Mean")?.int8("Mean")?;
+        let t = nchw(x, ctx);
+        let y = self.mean.forward(&t, x.torch_layout())?;
+        let torch = self.mean.output_layout(t.data().shape(), x.torch_layout());
+        Ok(Value::Int8(QAct::new(y, Layout::Nchw, torch)?))
+    }
+    fn output_qparams(&self) -> Option<ActQParams> {
+        Some(self.q)
+    }
+    fn write(&self, rec: &mut OpRecordWriter<'_>) -> Result<()> {
+        let s: Vec<String> = self.mean.dims().iter().map(|d| d.to_string()).collect();
+        rec.set("dims", s.join(","));
+        rec.set("keepdim", u8::from(self.mean.keepdim()));
         rec.act("q", self.q);
         Ok(())
     }

@@ -108,11 +108,21 @@ pub fn role(graph: &Graph, node: &Node) -> Role {
             }
         }
         Op::AdaptiveAvgPool2d(_) => Role::Preserves,
+        // quantized::mean keeps the input's scale and zero point; int8 where ptq matches
+        // PyTorch bit for bit: the innermost dimensions (`x.mean([2, 3])`). Over other
+        // dimensions ATen's float sum adds in an order not modelled: float island.
+        Op::Mean { dims, .. } => {
+            let r = graph.node(node.inputs[0]).shape.rank();
+            if dims.iter().rev().enumerate().all(|(i, &d)| d + i + 1 == r) {
+                Role::Preserves
+            } else {
+                Role::FloatOnly
+            }
+        }
         // No int8 kernel: float islands with automatic borders.
         Op::BatchNorm1d(_)
         | Op::SiLU
         | Op::Gelu { .. }
-        | Op::Mean { .. }
         | Op::Softmax { .. }
         | Op::LayerNorm(_)
         | Op::Custom(_) => Role::FloatOnly,

@@ -215,6 +215,7 @@ pub static READERS: &[(&str, OpReader)] = &[
     ("BatchNorm2d", ops::BatchNormOp::read),
     ("Permute", ops::PermuteOp::read),
     ("Slice", ops::SliceOp::read),
+    ("Mean", ops::MeanOp::read),
     ("Float", super::convert::FloatOp::read),
 ];
 
@@ -344,9 +345,17 @@ fn load(bytes: &[u8], ctx: &str) -> Result<QuantizedGraph> {
             name: name.clone(),
             inputs: node_inputs.len(),
         };
+        let here = format!("node {i} ({name})");
         let op = reader(&mut rec).map_err(|e| match e {
+            // Name the node where the record reader did not.
+            QuantError::InvalidFile { context, reason } if !reason.contains(&here) => {
+                QuantError::InvalidFile {
+                    context,
+                    reason: format!("{here}: {reason}"),
+                }
+            }
             QuantError::InvalidFile { .. } => e,
-            other => other.in_context(&format!("{ctx}: node {i} ({name})")),
+            other => other.in_context(&format!("{ctx}: {here}")),
         })?;
         if op.kind() != kind {
             return Err(r.bad(format!(

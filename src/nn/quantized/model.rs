@@ -381,6 +381,12 @@ pub struct QuantizedModel {
 impl QuantizedModel {
     /// Builds a model from steps (as `convert` does). `float_weight_bytes` is the size of
     /// the float model's parameters, for [`QuantizedModel::float_weight_bytes`].
+    ///
+    /// Besides `convert` and [`QuantizedModel::load`], this is the way to assemble an int8
+    /// model from int8 weights you already have: build each layer with its validating
+    /// constructor (`QConv2d::from_quantized`, `QLinear::from_quantized`, ...) and list
+    /// them in order. Nothing is skipped: each layer checked its own parameters, and
+    /// `forward` checks every step's input shape.
     pub fn from_steps(steps: Vec<QStep>, float_weight_bytes: usize) -> Self {
         QuantizedModel {
             steps,
