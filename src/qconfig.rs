@@ -611,19 +611,23 @@ impl QConfigMap {
         self
     }
 
-    /// The config for the layer at `path` of type `type_name`.
-    pub fn qconfig_for(&self, path: &str, type_name: &str) -> Option<QConfig> {
+    /// The config set by name ([`set_name`](Self::set_name)) that covers `path`, if any.
+    pub(crate) fn by_name_for(&self, path: &str) -> Option<Option<QConfig>> {
         let covers = |n: &str| {
             path == n
                 || (path.len() > n.len() && path.starts_with(n) && path.as_bytes()[n.len()] == b'.')
         };
-        if let Some((_, q)) = self
-            .by_name
+        self.by_name
             .iter()
             .filter(|(n, _)| covers(n))
             .max_by_key(|(n, _)| n.len())
-        {
-            return *q;
+            .map(|(_, q)| *q)
+    }
+
+    /// The config for the layer at `path` of type `type_name`.
+    pub fn qconfig_for(&self, path: &str, type_name: &str) -> Option<QConfig> {
+        if let Some(q) = self.by_name_for(path) {
+            return q;
         }
         if let Some((_, q)) = self.by_type.iter().find(|(t, _)| t == type_name) {
             return *q;

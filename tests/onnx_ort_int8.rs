@@ -11,8 +11,9 @@ use ptq::graph::{find_fusable, fuse, Graph};
 use ptq::io::onnx::load_onnx;
 use ptq::io::read_safetensors;
 use ptq::nn::quantized::{QAdd, QTensor};
-use ptq::qconfig::{Arithmetic, QConfig, QConfigMap};
+use ptq::qconfig::{Arithmetic, ObserverSpec, QConfig, QConfigMap};
 use ptq::quant::{calibrate, convert, prepare, QuantizedGraph};
+use ptq::DType;
 
 fn fixture(name: &str) -> PathBuf {
     [
@@ -39,7 +40,11 @@ fn fused(model: &str) -> Graph {
 
 /// Calibrated exactly as `tools/gen_ort_int8_fixtures.py` has the example do it.
 fn quantized(g: Graph, qc: QConfig, calib: &ArrayD<f32>) -> QuantizedGraph {
-    let mut p = prepare(g, &QConfigMap::new(qc)).unwrap();
+    quantized_with(g, QConfigMap::new(qc), calib)
+}
+
+fn quantized_with(g: Graph, map: QConfigMap, calib: &ArrayD<f32>) -> QuantizedGraph {
+    let mut p = prepare(g, &map).unwrap();
     calibrate(
         &mut p,
         calib
@@ -70,6 +75,23 @@ fn compare(y: &ArrayD<f32>, q_ort: &ArrayD<f32>, scale: f32, zp: f32) -> (usize,
     (same, max)
 }
 
+/// The preset with every node whose activation the QDQ file quantizes pinned to that
+/// file's scale and zero point.
+fn pinned(
+    g: &Graph,
+    fx: &BTreeMap<String, ArrayD<f32>>,
+    m: &str,
+    qc: impl Fn(f32, i32) -> QConfig,
+) -> QConfigMap {
+    let mut map = QConfigMap::new(QConfig::onnxruntime());
+    for node in g.nodes() {
+        if let Some(v) = fx.get(&format!("{m}.act.{}", node.name)) {
+            map = map.set_name(&node.name, Some(qc(v[[0]], v[[1]] as i32)));
+        }
+    }
+    map
+}
+
 #[test]
 fn ptq_int8_outputs_equal_onnxruntimes_on_ptqs_qdq_export() {
     let fx = read_safetensors(fixture("ort_int8_outputs.safetensors")).unwrap();
@@ -85,15 +107,41 @@ fn ptq_int8_outputs_equal_onnxruntimes_on_ptqs_qdq_export() {
         assert_eq!(get("float_ops")[[0]], 0.0, "{m}");
         let (q_ort, scale, zp) = (get("q"), get("scale")[[0]], get("zero_point")[[0]]);
         let g = fused(&format!("{m}_ts13.onnx"));
-        let ort = quantized(g.clone(), QConfig::onnxruntime(), calib);
+        // Every activation's qparams pinned to the QDQ file's (fixed observers): the int8
+        // arithmetic is what is compared, not the last ulp of the float forward that
+        // calibration ran (it differs between f32 kernels and CPUs).
+        let map = pinned(&g, &fx, m, |s, z| QConfig {
+            activation: ObserverSpec::fixed(s, z, DType::QUInt8),
+            ..QConfig::onnxruntime()
+        });
+        let ort = quantized_with(g.clone(), map, calib);
+        let pinned_nodes = fx
+            .keys()
+            .filter(|k| k.starts_with(&format!("{m}.act.")))
+            .filter(|k| g.find(&k[m.len() + 5..]).is_some())
+            .count();
+        assert!(pinned_nodes >= 20, "{m}: {pinned_nodes} activations pinned");
+        for node in g.nodes() {
+            if let Some(v) = fx.get(&format!("{m}.act.{}", node.name)) {
+                if let Ok(Some(qp)) = ort.output_qparams(&node.name) {
+                    assert_eq!(
+                        (qp.scale(), qp.zero_point() as f32),
+                        (v[[0]], v[[1]]),
+                        "{m}: {}",
+                        node.name
+                    );
+                }
+            }
+        }
         let y = ort.forward(std::slice::from_ref(&x)).unwrap().remove(0);
         let (same, max) = compare(&y, q_ort, scale, zp);
         // the same observers with fbgemm's float bias, for contrast
-        let fb = QConfig {
+        let fb = pinned(&g, &fx, m, |s, z| QConfig {
+            activation: ObserverSpec::fixed(s, z, DType::QUInt8),
             arithmetic: Arithmetic::Fbgemm,
             ..QConfig::onnxruntime()
-        };
-        let yf = quantized(g, fb, calib)
+        });
+        let yf = quantized_with(g, fb, calib)
             .forward(std::slice::from_ref(&x))
             .unwrap()
             .remove(0);

@@ -9,7 +9,10 @@ optimizations, so its QLinearConv / QGemm / QLinearAdd / ... kernels run) then r
 (`<model>.q`, the output QuantizeLinear's uint8 values, as f32), their scale and zero point
 (`<model>.scale`, `<model>.zero_point`) and the ORT op counts of the optimized graph
 (`<model>.int8_ops`: number of QLinear* / QGemm nodes; `<model>.float_ops`: float
-Conv / Gemm / MatMul left).
+Conv / Gemm / MatMul left), and every activation QuantizeLinear's scale and zero point
+(`<model>.act.<tensor>` = [scale, zero point]; the tensor names are ptq's node names), which
+the Rust test pins with fixed observers so that it does not depend on the last ulp of ptq's
+float forward during calibration (that differs between f32 kernels and CPUs).
 
 Usage (from the repository root, after `cargo build --release --example quantize_onnx`):
     /work/venv/bin/python tools/gen_ort_int8_fixtures.py [--out tests/fixtures/onnx/ort_int8_outputs.safetensors]
@@ -69,6 +72,10 @@ def main():
             assert np.all((q >= 0) & (q <= 255))
             assert np.array_equal(((q - zp).astype(np.float32) * scale), y), m
             key = m.replace("_ts13", "")
+            for n in model.graph.node:
+                if n.op_type == "QuantizeLinear" and n.input[0] not in inits:
+                    s_, z_ = inits[n.input[1]], inits[n.input[2]]
+                    out[f"{key}.act.{n.input[0]}"] = np.array([s_, float(z_)], np.float32)
             out[key + ".q"] = q.astype(np.float32)
             out[key + ".scale"] = np.array([scale], np.float32)
             out[key + ".zero_point"] = np.array([zp], np.float32)

@@ -298,7 +298,16 @@ pub fn prepare(graph: Graph, map: &QConfigMap) -> Result<PreparedGraph> {
                 for k in 0..node.inputs.len() {
                     let src = node.inputs[k];
                     if input_domain(k) == Domain::Float {
-                        observe(src, q, &mut observers)?;
+                        // The quantize border of a float producer is observed with the
+                        // first int8 consumer's config, except that a graph input named
+                        // in the map (`set_name`) owns its border's observer, as a
+                        // PyTorch QuantStub does.
+                        let src_node = graph.node(src);
+                        let own = match role(&graph, src_node) {
+                            Role::Input => map.by_name_for(&src_node.name).flatten(),
+                            _ => None,
+                        };
+                        observe(src, own.as_ref().unwrap_or(q), &mut observers)?;
                     }
                 }
                 observe(node.id, q, &mut observers)?;
