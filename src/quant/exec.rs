@@ -251,15 +251,20 @@ impl QuantizedGraph {
                 }
             }
         }
-        self.outputs
-            .iter()
-            .map(|&o| {
-                values[o]
-                    .clone()
-                    .ok_or_else(|| QuantError::UnsupportedConfig {
-                        context: self.nodes[o].name.clone(),
-                        reason: "the output node has no value".into(),
-                    })
+        // Each output value is moved out at its last mention (copied only when the same
+        // node is listed as an output more than once).
+        (0..self.outputs.len())
+            .map(|j| {
+                let o = self.outputs[j];
+                let v = if self.outputs[j + 1..].contains(&o) {
+                    values[o].clone()
+                } else {
+                    values[o].take()
+                };
+                v.ok_or_else(|| QuantError::UnsupportedConfig {
+                    context: self.nodes[o].name.clone(),
+                    reason: "the output node has no value".into(),
+                })
             })
             .collect()
     }
@@ -273,8 +278,12 @@ impl QuantizedGraph {
     pub fn forward(&self, inputs: &[ArrayD<f32>]) -> Result<Vec<ArrayD<f32>>> {
         Ok(self
             .run(inputs, &mut |_, _, _, _| {})?
-            .iter()
-            .map(|v| v.to_f32().into_owned())
+            .into_iter()
+            .map(|v| match v {
+                // A float output is moved out, not copied.
+                Value::Float(x) => x,
+                Value::Int8(q) => q.nchw().dequantize(),
+            })
             .collect())
     }
 
