@@ -873,7 +873,7 @@ fn small_input_channel_convs_match_oracle_on_every_path() {
                         groups: 1,
                     };
                     let mut conv = random_conv(g, 500 + n);
-                    if n % 3 == 0 {
+                    if n.is_multiple_of(3) {
                         conv.w_zp.iter_mut().for_each(|z| *z = 0);
                     }
                     conv.check();
