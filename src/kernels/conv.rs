@@ -379,7 +379,9 @@ pub(crate) fn conv_gemm(
     if g == 1 && geom.c_in <= PADDED_MAX_C && geom.dilation.1 == 1 {
         if geom.padding == (0, 0) {
             pad_buf = Some(Vec::new());
-        } else if let Some(len) = padded_len(geom).filter(|&l| l <= x.len().max(1 << 16) * 4) {
+        } else if let Some(len) =
+            padded_len(geom).filter(|&l| l <= x.len().max(1 << 16).saturating_mul(4))
+        {
             let mut buf = PAD_BUF.with(|b| b.take());
             buf.clear();
             buf.resize(len, a_zp);
