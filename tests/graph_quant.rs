@@ -263,3 +263,35 @@ fn the_int8_graph_is_send_and_sync_and_serves_threads() {
         }
     });
 }
+
+/// Issue 9: a graph input read only by its quantize border is quantized straight from the
+/// caller's tensor; the result equals the path that keeps the input (`forward_with`), and
+/// NaN or infinity is still a typed error naming the input.
+#[test]
+fn input_quantized_at_the_border_matches_and_names_non_finite_input() {
+    let mut p = prepare(model(true), &QConfigMap::new(QConfig::minmax_per_channel())).unwrap();
+    calibrate(&mut p, batches()).unwrap();
+    let q = convert(p).unwrap();
+    let x = det(&[2, 3, 8, 8], 77);
+    let fast = q.forward(std::slice::from_ref(&x)).unwrap();
+    let mut seen = Vec::new();
+    let kept = q
+        .forward_with(std::slice::from_ref(&x), &mut |name, _| {
+            seen.push(name.to_string())
+        })
+        .unwrap();
+    assert_eq!(fast, kept);
+    assert_eq!(seen.first().map(String::as_str), Some("x"));
+    assert_eq!(
+        q.profile(std::slice::from_ref(&x)).unwrap().len(),
+        seen.len()
+    );
+    for bad in [f32::NAN, f32::INFINITY] {
+        let mut y = x.clone();
+        y[[1, 2, 3, 4]] = bad;
+        match q.forward(&[y]) {
+            Err(QuantError::NonFinite { context, .. }) => assert_eq!(context, "x"),
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -847,3 +847,40 @@ fn pool_kernels_match_the_layers_on_every_set() {
     }
     assert!(n > 300, "{n} cases");
 }
+
+/// Issue 9: convolutions with few input channels (stems) go through the im2col that
+/// copies whole kernel rows (`kw * c_in` contiguous NHWC bytes) in one move; every small
+/// channel count, 3x3 and 7x7 kernels, strides 1 and 2 and paddings 0..=3 (the kernel
+/// rows cut by the padding on either side, or wholly outside it) on every set, with
+/// asymmetric and all-zero weight zero points, against the naive oracle.
+#[test]
+fn small_input_channel_convs_match_oracle_on_every_path() {
+    let mut n = 0u64;
+    for c_in in 1..=5usize {
+        for k in [3usize, 7] {
+            for s in [1usize, 2] {
+                for p in 0..=3usize {
+                    let hw = (k + 2, k + 4);
+                    let g = ConvGeom {
+                        batch: 2,
+                        c_in,
+                        in_hw: hw,
+                        c_out: 8 * c_in + 3,
+                        kernel: (k, k),
+                        stride: (s, s),
+                        padding: (p, p),
+                        dilation: (1, 1),
+                        groups: 1,
+                    };
+                    let mut conv = random_conv(g, 500 + n);
+                    if n.is_multiple_of(3) {
+                        conv.w_zp.iter_mut().for_each(|z| *z = 0);
+                    }
+                    conv.check();
+                    n += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(n, 80);
+}

@@ -248,7 +248,7 @@ pub(crate) fn gemm_loop<K: GemmKernel>(
             src.fill(r0, rows_blk, kp, buf);
             if kp > k {
                 for row in buf[..rows_blk * kp].chunks_exact_mut(kp) {
-                    row[k..].fill(0);
+                    super::conv::fill_small(&mut row[k..], 0);
                 }
             }
             buf[rows_blk * kp..padded * kp].fill(0);

@@ -525,6 +525,14 @@ pub(crate) fn dw_pixel(
 /// When `src` or `dst` is shorter than `rows * cols`.
 pub(crate) fn transpose_u8(ks: KernelSet, src: &[u8], rows: usize, cols: usize, dst: &mut [u8]) {
     assert!(src.len() >= rows * cols && dst.len() >= rows * cols);
+    // Few rows (an NCHW image with 1..=4 channels going to NHWC): interleave the planes,
+    // writing `dst` in order.
+    match rows {
+        2 => return interleave::<2>(src, cols, dst),
+        3 => return interleave::<3>(src, cols, dst),
+        4 => return interleave::<4>(src, cols, dst),
+        _ => {}
+    }
     #[allow(unused_mut)]
     let (mut r8, mut c8) = (0, 0);
     #[cfg(target_arch = "x86_64")]
@@ -547,6 +555,17 @@ pub(crate) fn transpose_u8(ks: KernelSet, src: &[u8], rows: usize, cols: usize, 
     }
 }
 
+/// `dst[c * R + r] = src[r * cols + c]`: the transpose of `R` rows of `cols` bytes.
+#[inline(always)]
+fn interleave<const R: usize>(src: &[u8], cols: usize, dst: &mut [u8]) {
+    let planes: [&[u8]; R] = std::array::from_fn(|r| &src[r * cols..(r + 1) * cols]);
+    for (c, d) in dst[..R * cols].chunks_exact_mut(R).enumerate() {
+        for r in 0..R {
+            d[r] = planes[r][c];
+        }
+    }
+}
+
 /// Requantizes a row of already zero-point-corrected accumulators (columns `0..raw.len()`)
 /// on the process-wide backend; used by kernels that are not GEMMs (depthwise
 /// convolution).
@@ -557,6 +576,31 @@ pub(crate) fn requant_row(simd: Simd, raw: &[i32], rq: &RequantParams, out: &mut
         _ => {
             for (j, (&x, o)) in raw.iter().zip(out.iter_mut()).enumerate() {
                 *o = rq.requantize(x, j);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod transpose_tests {
+    use super::{transpose_u8, KernelSet};
+
+    /// Every row count (the interleave for 2..=4 rows, the 8x8 blocks and their edges)
+    /// against the index formula, on both sets.
+    #[test]
+    fn transpose_matches_the_formula_on_every_set() {
+        for ks in [KernelSet::portable(), KernelSet::best()] {
+            for rows in 1..=10usize {
+                for cols in [1usize, 3, 7, 8, 17, 64] {
+                    let src: Vec<u8> = (0..rows * cols).map(|i| (i * 37 % 251) as u8).collect();
+                    let mut dst = vec![0u8; rows * cols];
+                    transpose_u8(ks, &src, rows, cols, &mut dst);
+                    for r in 0..rows {
+                        for c in 0..cols {
+                            assert_eq!(dst[c * rows + r], src[r * cols + c], "{rows}x{cols}");
+                        }
+                    }
+                }
             }
         }
     }

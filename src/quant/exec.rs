@@ -66,6 +66,9 @@ pub struct QuantizedGraph {
 /// The kind tag of graph input nodes.
 pub(crate) const INPUT_KIND: &str = "Input";
 
+/// [`QuantOp::kind`] of the quantize border (`ops::QuantizeOp`).
+const QUANTIZE_KIND: &str = "Quantize";
+
 impl QuantizedGraph {
     /// Assembles a graph from nodes in topological order, checking that every input index
     /// points to an earlier node, that every op gets as many inputs as it takes, and that
@@ -184,9 +187,15 @@ impl QuantizedGraph {
     }
 
     /// Runs every node; calls `tap(index, value, time, transposes)` after each.
+    ///
+    /// A graph input read only by `Quantize` nodes (and not itself an output) is
+    /// quantized straight from the caller's tensor, in one pass that also checks
+    /// finiteness, instead of being checked, copied into the graph's values, then
+    /// quantized; unless `keep_inputs` (the tap then sees an empty placeholder for it).
     fn run(
         &self,
         inputs: &[ArrayD<f32>],
+        keep_inputs: bool,
         tap: &mut dyn FnMut(usize, &Value, Duration, usize),
     ) -> Result<Vec<Value>> {
         if inputs.len() != self.inputs.len() {
@@ -207,13 +216,37 @@ impl QuantizedGraph {
             uses[o] += 1;
         }
         let mut values: Vec<Option<Value>> = vec![None; self.nodes.len()];
-        for (k, &i) in self.inputs.iter().enumerate() {
-            crate::qparams::check_finite(&inputs[k], &self.nodes[i].name)?;
-            values[i] = Some(Value::Float(inputs[k].clone()));
+        // `direct[i]`: node `i` is graph input `direct[i] - 1` quantized where it is read.
+        let mut direct = vec![0usize; self.nodes.len()];
+        if !keep_inputs {
+            for (k, &i) in self.inputs.iter().enumerate() {
+                direct[i] = k + 1;
+            }
+            for &o in &self.outputs {
+                direct[o] = 0;
+            }
+            for n in &self.nodes {
+                if n.op.kind() != QUANTIZE_KIND || n.op.output_qparams().is_none() {
+                    for &j in &n.inputs {
+                        direct[j] = 0;
+                    }
+                }
+            }
         }
+        for (k, &i) in self.inputs.iter().enumerate() {
+            if direct[i] == 0 {
+                crate::qparams::check_finite(&inputs[k], &self.nodes[i].name)?;
+                values[i] = Some(Value::Float(inputs[k].clone()));
+            }
+        }
+        let placeholder = Value::Float(ArrayD::zeros(ndarray::IxDyn(&[0])));
         let mut ctx = ExecCtx::default();
         for (i, node) in self.nodes.iter().enumerate() {
             if node.op.kind() == INPUT_KIND {
+                if direct[i] > 0 {
+                    tap(i, &placeholder, Duration::ZERO, 0);
+                    continue;
+                }
                 if let Some(v) = &values[i] {
                     tap(i, v, Duration::ZERO, 0);
                     continue;
@@ -222,6 +255,23 @@ impl QuantizedGraph {
                     context: node.name.clone(),
                     reason: "an Input node that is not a graph input".into(),
                 });
+            }
+            if let (Some(q), [j]) = (node.op.output_qparams(), node.inputs.as_slice()) {
+                if node.op.kind() == QUANTIZE_KIND && direct[*j] > 0 {
+                    let x = &inputs[direct[*j] - 1];
+                    let t = Instant::now();
+                    let y = match QTensor::from_f32(x, q.scale(), q.zero_point()) {
+                        Ok(t) => Value::Int8(super::QAct::contiguous(t)),
+                        Err(e) => {
+                            // NaN or infinity: the error names the graph input.
+                            crate::qparams::check_finite(x, &self.nodes[*j].name)?;
+                            return Err(e.in_context(&node.name));
+                        }
+                    };
+                    tap(i, &y, t.elapsed(), 0);
+                    values[i] = Some(y);
+                    continue;
+                }
             }
             let args: Vec<&Value> = node
                 .inputs
@@ -251,15 +301,20 @@ impl QuantizedGraph {
                 }
             }
         }
-        self.outputs
-            .iter()
-            .map(|&o| {
-                values[o]
-                    .clone()
-                    .ok_or_else(|| QuantError::UnsupportedConfig {
-                        context: self.nodes[o].name.clone(),
-                        reason: "the output node has no value".into(),
-                    })
+        // Each output value is moved out at its last mention (copied only when the same
+        // node is listed as an output more than once).
+        (0..self.outputs.len())
+            .map(|j| {
+                let o = self.outputs[j];
+                let v = if self.outputs[j + 1..].contains(&o) {
+                    values[o].clone()
+                } else {
+                    values[o].take()
+                };
+                v.ok_or_else(|| QuantError::UnsupportedConfig {
+                    context: self.nodes[o].name.clone(),
+                    reason: "the output node has no value".into(),
+                })
             })
             .collect()
     }
@@ -272,9 +327,13 @@ impl QuantizedGraph {
     /// errors naming the node and both shapes.
     pub fn forward(&self, inputs: &[ArrayD<f32>]) -> Result<Vec<ArrayD<f32>>> {
         Ok(self
-            .run(inputs, &mut |_, _, _, _| {})?
-            .iter()
-            .map(|v| v.to_f32().into_owned())
+            .run(inputs, false, &mut |_, _, _, _| {})?
+            .into_iter()
+            .map(|v| match v {
+                // A float output is moved out, not copied.
+                Value::Float(x) => x,
+                Value::Int8(q) => q.nchw().dequantize(),
+            })
             .collect())
     }
 
@@ -290,7 +349,7 @@ impl QuantizedGraph {
         inputs: &[ArrayD<f32>],
     ) -> Result<Vec<std::result::Result<QTensor, ArrayD<f32>>>> {
         Ok(self
-            .run(inputs, &mut |_, _, _, _| {})?
+            .run(inputs, false, &mut |_, _, _, _| {})?
             .into_iter()
             .map(|v| match v {
                 Value::Int8(q) => Ok(q.into_nchw()),
@@ -310,7 +369,7 @@ impl QuantizedGraph {
         tap: &mut dyn FnMut(&str, &Value),
     ) -> Result<Vec<ArrayD<f32>>> {
         Ok(self
-            .run(inputs, &mut |i, v, _, _| tap(&self.nodes[i].name, v))?
+            .run(inputs, true, &mut |i, v, _, _| tap(&self.nodes[i].name, v))?
             .iter()
             .map(|v| v.to_f32().into_owned())
             .collect())
@@ -323,7 +382,7 @@ impl QuantizedGraph {
     /// As [`QuantizedGraph::forward`].
     pub fn profile(&self, inputs: &[ArrayD<f32>]) -> Result<Vec<NodeProfile>> {
         let mut out = Vec::with_capacity(self.nodes.len());
-        self.run(inputs, &mut |i, _, t, transposes| {
+        self.run(inputs, false, &mut |i, _, t, transposes| {
             out.push(NodeProfile {
                 name: self.nodes[i].name.clone(),
                 kind: self.nodes[i].op.kind(),
