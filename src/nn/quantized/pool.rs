@@ -584,27 +584,18 @@ impl QAdaptiveAvgPool2d {
     pub fn forward(&self, x: &QTensor) -> Result<QTensor> {
         const L: &str = "QAdaptiveAvgPool2d";
         let (b, c, h, w) = dims4(x, L)?;
-        if h == 0 || w == 0 {
-            return Err(QuantError::ShapeMismatch {
-                context: L.into(),
-                expected: "a non-empty spatial size".into(),
-                actual: format!("shape {:?}", x.data().shape()),
-            });
-        }
+        non_empty_spatial(h, w, x, L)?;
         let (oh, ow) = self.output;
         let n = out_numel([b, c, oh, ow], x.data().shape(), L)?;
         let nhwc = channels_last_kernel(self.layout, c, h, w);
         let zp = x.zero_point();
         let xv = x.to_vec();
         let mut y = vec![0u8; n];
-        let start = |i: usize, o: usize, n: usize| i * n / o;
-        let end = |i: usize, o: usize, n: usize| ((i + 1) * n).div_ceil(o);
         for (yp, xp) in y.chunks_mut(oh * ow).zip(xv.chunks(h * w)) {
             for oy in 0..oh {
-                let (h0, h1) = (start(oy, oh, h), end(oy, oh, h));
+                let (h0, h1) = adaptive_window(oy, oh, h);
                 for ox in 0..ow {
-                    let (w0, w1) = (start(ox, ow, w), end(ox, ow, w));
-                    let (kh, kw) = (h1 - h0, w1 - w0);
+                    let (w0, w1) = adaptive_window(ox, ow, w);
                     // i64: a window of 255s wraps i32 beyond 8.4 million elements.
                     let mut sum = 0i64;
                     for iy in h0..h1 {
@@ -612,14 +603,7 @@ impl QAdaptiveAvgPool2d {
                             sum += xp[iy * w + ix] as i64;
                         }
                     }
-                    let m = 1.0f32 / kh as f32 / kw as f32;
-                    let v = if nhwc {
-                        let acc = sum - (kh * kw) as i64 * zp as i64;
-                        cvt_round(acc as f32 * m) as i64 + zp as i64
-                    } else {
-                        cvt_round(sum as f32 * m) as i64
-                    };
-                    yp[oy * ow + ox] = v.clamp(0, 255) as u8;
+                    yp[oy * ow + ox] = window_average(sum, (h1 - h0, w1 - w0), zp, nhwc);
                 }
             }
         }
@@ -647,13 +631,7 @@ impl QAdaptiveAvgPool2d {
     pub fn forward_nhwc(&self, x: &QTensor) -> Result<QTensor> {
         const L: &str = "QAdaptiveAvgPool2d";
         let (b, h, w, c) = dims4(x, L)?;
-        if h == 0 || w == 0 {
-            return Err(QuantError::ShapeMismatch {
-                context: L.into(),
-                expected: "a non-empty spatial size".into(),
-                actual: format!("shape {:?}", x.data().shape()),
-            });
-        }
+        non_empty_spatial(h, w, x, L)?;
         let (oh, ow) = self.output;
         let n = out_numel([b, oh, ow, c], x.data().shape(), L)?;
         let nhwc = channels_last_kernel(self.layout, c, h, w);
@@ -661,28 +639,19 @@ impl QAdaptiveAvgPool2d {
         let std = x.data().as_standard_layout();
         let xv = std.as_slice().unwrap_or(&[]);
         let mut y = vec![0u8; n];
-        let start = |i: usize, o: usize, n: usize| i * n / o;
-        let end = |i: usize, o: usize, n: usize| ((i + 1) * n).div_ceil(o);
         let mut sum = vec![0i64; c];
         let mut s32 = vec![0i32; c];
         if c > 0 {
             for (yb, xb) in y.chunks_mut(oh * ow * c).zip(xv.chunks(h * w * c)) {
                 for oy in 0..oh {
-                    let (h0, h1) = (start(oy, oh, h), end(oy, oh, h));
+                    let (h0, h1) = adaptive_window(oy, oh, h);
                     for ox in 0..ow {
-                        let (w0, w1) = (start(ox, ow, w), end(ox, ow, w));
-                        let (kh, kw) = (h1 - h0, w1 - w0);
+                        let (w0, w1) = adaptive_window(ox, ow, w);
                         window_sums(xb, w, c, (h0, h1), (w0, w1), &mut s32, &mut sum);
-                        let m = 1.0f32 / kh as f32 / kw as f32;
+                        let k = (h1 - h0, w1 - w0);
                         let out = &mut yb[(oy * ow + ox) * c..][..c];
                         for (o, &s) in out.iter_mut().zip(&sum) {
-                            let v = if nhwc {
-                                let acc = s - (kh * kw) as i64 * zp as i64;
-                                cvt_round(acc as f32 * m) as i64 + zp as i64
-                            } else {
-                                cvt_round(s as f32 * m) as i64
-                            };
-                            *o = v.clamp(0, 255) as u8;
+                            *o = window_average(s, k, zp, nhwc);
                         }
                     }
                 }
@@ -690,6 +659,39 @@ impl QAdaptiveAvgPool2d {
         }
         QTensor::new(to4(y, [b, oh, ow, c], L)?, x.scale(), zp)
     }
+}
+
+/// Refuses an empty spatial size for the adaptive average pool (PyTorch errors too).
+fn non_empty_spatial(h: usize, w: usize, x: &QTensor, context: &str) -> Result<()> {
+    if h == 0 || w == 0 {
+        return Err(QuantError::ShapeMismatch {
+            context: context.into(),
+            expected: "a non-empty spatial size".into(),
+            actual: format!("shape {:?}", x.data().shape()),
+        });
+    }
+    Ok(())
+}
+
+/// The input rows (or columns) `[start, end)` that adaptive pooling output `i` of `o`
+/// averages over an input of size `n`: PyTorch's `floor(i*n/o)` .. `ceil((i+1)*n/o)`.
+fn adaptive_window(i: usize, o: usize, n: usize) -> (usize, usize) {
+    (i * n / o, ((i + 1) * n).div_ceil(o))
+}
+
+/// PyTorch's quantized adaptive average of a `kh x kw` window summing to `sum`: its
+/// channels-last kernel averages `sum - kh*kw*zp` and adds the zero point back, its
+/// contiguous kernel averages the raw sum; both multiply by `1/kh/kw` in f32 (two
+/// divisions, as PyTorch: not always the same bits as `1/(kh*kw)`).
+fn window_average(sum: i64, (kh, kw): (usize, usize), zp: i32, channels_last_kernel: bool) -> u8 {
+    let m = 1.0f32 / kh as f32 / kw as f32;
+    let v = if channels_last_kernel {
+        let acc = sum - (kh * kw) as i64 * zp as i64;
+        cvt_round(acc as f32 * m) as i64 + zp as i64
+    } else {
+        cvt_round(sum as f32 * m) as i64
+    };
+    v.clamp(0, 255) as u8
 }
 
 /// `torch.nn.Flatten` on a quantized tensor: dimensions `1..` merged (logical order).
