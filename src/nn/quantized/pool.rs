@@ -2,7 +2,7 @@
 
 use ndarray::{ArrayD, IxDyn};
 
-use super::tensor::dims4;
+use super::tensor::{check_nonempty, dims4};
 use super::{QTensor, TorchLayout};
 use crate::error::{QuantError, Result};
 use crate::kernels::conv::out_len as out_len_k;
@@ -61,18 +61,6 @@ fn out_numel(dims: [usize; 4], shape: &[usize], layer: &str) -> Result<usize> {
             expected: "an output whose size fits in memory".into(),
             actual: format!("input shape {shape:?} gives output {dims:?}"),
         })
-}
-
-/// Refuses an empty spatial size (PyTorch: "input dimensions must be non-zero").
-fn check_nonempty(h: usize, w: usize, shape: &[usize], layer: &str) -> Result<()> {
-    if h == 0 || w == 0 {
-        return Err(QuantError::ShapeMismatch {
-            context: layer.into(),
-            expected: "a non-empty spatial size".into(),
-            actual: format!("shape {shape:?}"),
-        });
-    }
-    Ok(())
 }
 
 fn check_pool(
@@ -584,7 +572,7 @@ impl QAdaptiveAvgPool2d {
     pub fn forward(&self, x: &QTensor) -> Result<QTensor> {
         const L: &str = "QAdaptiveAvgPool2d";
         let (b, c, h, w) = dims4(x, L)?;
-        non_empty_spatial(h, w, x, L)?;
+        check_nonempty(h, w, x.data().shape(), L)?;
         let (oh, ow) = self.output;
         let n = out_numel([b, c, oh, ow], x.data().shape(), L)?;
         let nhwc = channels_last_kernel(self.layout, c, h, w);
@@ -631,7 +619,7 @@ impl QAdaptiveAvgPool2d {
     pub fn forward_nhwc(&self, x: &QTensor) -> Result<QTensor> {
         const L: &str = "QAdaptiveAvgPool2d";
         let (b, h, w, c) = dims4(x, L)?;
-        non_empty_spatial(h, w, x, L)?;
+        check_nonempty(h, w, x.data().shape(), L)?;
         let (oh, ow) = self.output;
         let n = out_numel([b, oh, ow, c], x.data().shape(), L)?;
         let nhwc = channels_last_kernel(self.layout, c, h, w);
@@ -659,18 +647,6 @@ impl QAdaptiveAvgPool2d {
         }
         QTensor::new(to4(y, [b, oh, ow, c], L)?, x.scale(), zp)
     }
-}
-
-/// Refuses an empty spatial size for the adaptive average pool (PyTorch errors too).
-fn non_empty_spatial(h: usize, w: usize, x: &QTensor, context: &str) -> Result<()> {
-    if h == 0 || w == 0 {
-        return Err(QuantError::ShapeMismatch {
-            context: context.into(),
-            expected: "a non-empty spatial size".into(),
-            actual: format!("shape {:?}", x.data().shape()),
-        });
-    }
-    Ok(())
 }
 
 /// The input rows (or columns) `[start, end)` that adaptive pooling output `i` of `o`

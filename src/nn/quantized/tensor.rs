@@ -165,6 +165,18 @@ pub(crate) fn check_qparams(scale: f32, zero_point: i32, layer: &str) -> Result<
     Ok(())
 }
 
+/// Refuses an empty spatial size (PyTorch: "input dimensions must be non-zero").
+pub(crate) fn check_nonempty(h: usize, w: usize, shape: &[usize], layer: &str) -> Result<()> {
+    if h == 0 || w == 0 {
+        return Err(QuantError::ShapeMismatch {
+            context: layer.into(),
+            expected: "a non-empty spatial size".into(),
+            actual: format!("shape {shape:?}"),
+        });
+    }
+    Ok(())
+}
+
 /// Checks that `t` has rank 4 and returns its dimensions.
 pub(crate) fn dims4(t: &QTensor, layer: &str) -> Result<(usize, usize, usize, usize)> {
     match *t.data.shape() {

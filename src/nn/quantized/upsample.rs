@@ -3,7 +3,7 @@
 use ndarray::{ArrayD, IxDyn};
 
 use super::elementwise::{scalar_quantize, vec_quantize};
-use super::tensor::dims4;
+use super::tensor::{check_nonempty, dims4};
 use super::{QTensor, TorchLayout};
 use crate::error::{QuantError, Result};
 
@@ -120,6 +120,20 @@ impl QUpsampleNearest2d {
             .collect()
     }
 
+    /// The output size and, for each output row and column, its source row and column.
+    fn source_rows_cols(
+        &self,
+        h: usize,
+        w: usize,
+    ) -> Result<(usize, usize, Vec<usize>, Vec<usize>)> {
+        let (oh, ow) = self.output_size(h, w)?;
+        let (fh, fw) = match self.size {
+            UpsampleSize::Scale(sh, sw) => (Some(sh), Some(sw)),
+            UpsampleSize::Size(..) => (None, None),
+        };
+        Ok((oh, ow, self.indices(h, oh, fh), self.indices(w, ow, fw)))
+    }
+
     /// Upsamples an NCHW tensor; the output keeps the input's qparams.
     ///
     /// # Errors
@@ -127,20 +141,8 @@ impl QUpsampleNearest2d {
     /// spatial size, or an empty output.
     pub fn forward(&self, x: &QTensor) -> Result<QTensor> {
         let (b, c, h, w) = dims4(x, NAME)?;
-        if h == 0 || w == 0 {
-            return Err(QuantError::ShapeMismatch {
-                context: NAME.into(),
-                expected: "a non-empty spatial size".into(),
-                actual: format!("shape {:?}", x.data().shape()),
-            });
-        }
-        let (oh, ow) = self.output_size(h, w)?;
-        let (fh, fw) = match self.size {
-            UpsampleSize::Scale(sh, sw) => (Some(sh), Some(sw)),
-            UpsampleSize::Size(..) => (None, None),
-        };
-        let hi = self.indices(h, oh, fh);
-        let wi = self.indices(w, ow, fw);
+        check_nonempty(h, w, x.data().shape(), NAME)?;
+        let (oh, ow, hi, wi) = self.source_rows_cols(h, w)?;
         let src = x.data().as_standard_layout();
         let src = src.as_slice().unwrap_or(&[]);
         let mut out = Vec::with_capacity(b * c * oh * ow);
@@ -180,20 +182,8 @@ impl QUpsampleNearest2d {
     /// ```
     pub fn forward_nhwc(&self, x: &QTensor) -> Result<QTensor> {
         let (b, h, w, c) = dims4(x, NAME)?;
-        if h == 0 || w == 0 {
-            return Err(QuantError::ShapeMismatch {
-                context: NAME.into(),
-                expected: "a non-empty spatial size".into(),
-                actual: format!("shape {:?}", x.data().shape()),
-            });
-        }
-        let (oh, ow) = self.output_size(h, w)?;
-        let (fh, fw) = match self.size {
-            UpsampleSize::Scale(sh, sw) => (Some(sh), Some(sw)),
-            UpsampleSize::Size(..) => (None, None),
-        };
-        let hi = self.indices(h, oh, fh);
-        let wi = self.indices(w, ow, fw);
+        check_nonempty(h, w, x.data().shape(), NAME)?;
+        let (oh, ow, hi, wi) = self.source_rows_cols(h, w)?;
         let src = x.data().as_standard_layout();
         let src = src.as_slice().unwrap_or(&[]);
         let mut out = Vec::with_capacity(b * oh * ow * c);
@@ -343,13 +333,7 @@ impl QUpsampleBilinear2d {
     /// spatial size, or an empty output.
     pub fn forward(&self, x: &QTensor) -> Result<QTensor> {
         let (b, c, h, w) = dims4(x, BILINEAR)?;
-        if h == 0 || w == 0 {
-            return Err(QuantError::ShapeMismatch {
-                context: BILINEAR.into(),
-                expected: "a non-empty spatial size".into(),
-                actual: format!("shape {:?}", x.data().shape()),
-            });
-        }
+        check_nonempty(h, w, x.data().shape(), BILINEAR)?;
         let nearest = QUpsampleNearest2d {
             size: self.size,
             exact: false,
