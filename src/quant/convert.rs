@@ -7,9 +7,9 @@ use ndarray::ArrayD;
 
 use super::exec::{QNode, QuantizedGraph};
 use super::ops::{
-    AdaptiveAvgPoolOp, AddOp, AvgPoolOp, BatchNormOp, CatOp, ClampOp, ConvOp, DequantizeOp,
-    FlattenOp, HardswishOp, IdentityOp, InputOp, LayerNormOp, LinearOp, MaxPoolOp, MeanOp, MulOp,
-    PermuteOp, QuantizeOp, ReluOp, ReshapeOp, SigmoidOp, SliceOp, UpsampleOp,
+    AdaptiveAvgPoolOp, AddOp, AvgPoolOp, BatchNormOp, BilinearUpsampleOp, CatOp, ClampOp, ConvOp,
+    DequantizeOp, FlattenOp, HardswishOp, IdentityOp, InputOp, LayerNormOp, LinearOp, MaxPoolOp,
+    MeanOp, MulOp, PermuteOp, QuantizeOp, ReluOp, ReshapeOp, SigmoidOp, SliceOp, UpsampleOp,
 };
 use super::prepare::{Domain, PreparedGraph};
 use super::{ExecCtx, OpRecordWriter, QuantOp, Value};
@@ -232,18 +232,35 @@ impl FromObserved for SigmoidOp {
     }
 }
 
+/// The upsampling node's size or scale factors.
+fn upsample_size(o: &Observed<'_>) -> Result<(UpsampleSize, UpsampleMode)> {
+    let Op::Upsample(u) = &o.node.op else {
+        return Err(internal(o.node, "upsample op from another op"));
+    };
+    let size = match (u.size, u.scale_factor) {
+        (Some((h, w)), _) => UpsampleSize::Size(h, w),
+        (None, Some((h, w))) => UpsampleSize::Scale(h as f64, w as f64),
+        (None, None) => return Err(internal(o.node, "upsample without size or scale")),
+    };
+    Ok((size, u.mode))
+}
+
+impl FromObserved for BilinearUpsampleOp {
+    fn from_observed(o: &Observed<'_>) -> Result<Self> {
+        match upsample_size(o)? {
+            (size, UpsampleMode::Bilinear { align_corners }) => {
+                BilinearUpsampleOp::new(size, align_corners, o.input(0)?)
+            }
+            _ => Err(internal(o.node, "bilinear upsample of another mode")),
+        }
+    }
+}
+
 impl FromObserved for UpsampleOp {
     fn from_observed(o: &Observed<'_>) -> Result<Self> {
-        let Op::Upsample(u) = &o.node.op else {
-            return Err(internal(o.node, "UpsampleOp from another op"));
-        };
-        let size = match (u.size, u.scale_factor) {
-            (Some((h, w)), _) => UpsampleSize::Size(h, w),
-            (None, Some((h, w))) => UpsampleSize::Scale(h as f64, w as f64),
-            (None, None) => return Err(internal(o.node, "upsample without size or scale")),
-        };
+        let (size, mode) = upsample_size(o)?;
         let mut up = QUpsampleNearest2d::new(size)?;
-        match u.mode {
+        match mode {
             UpsampleMode::Nearest(NearestRule::Floor) => {}
             UpsampleMode::Nearest(NearestRule::Exact) => up = up.with_exact(),
             _ => return Err(internal(o.node, "int8 upsample of a mode without a kernel")),
@@ -344,7 +361,10 @@ fn int8_op(o: &Observed<'_>) -> Result<Box<dyn QuantOp>> {
         Op::Concat { .. } => b::<CatOp>(o),
         Op::Hardswish => b::<HardswishOp>(o),
         Op::Hardsigmoid | Op::Sigmoid => b::<SigmoidOp>(o),
-        Op::Upsample(_) => b::<UpsampleOp>(o),
+        Op::Upsample(u) => match u.mode {
+            UpsampleMode::Bilinear { .. } => b::<BilinearUpsampleOp>(o),
+            UpsampleMode::Nearest(_) => b::<UpsampleOp>(o),
+        },
         Op::BatchNorm2d(_) => b::<BatchNormOp>(o),
         Op::Permute { .. } => b::<PermuteOp>(o),
         Op::Slice { .. } => b::<SliceOp>(o),

@@ -24,7 +24,7 @@ use crate::kernels::BiasMode;
 use crate::nn::quantized::{
     Conv2dParams, QAdaptiveAvgPool2d, QAdd, QAvgPool2d, QBatchNorm2d, QCat, QConv2d, QConvReLU2d,
     QHardsigmoid, QHardswish, QLayerNorm, QLinear, QLinearReLU, QMaxPool2d, QMean, QMul, QReLU,
-    QSigmoid, QTensor, QUpsampleNearest2d, TorchLayout, UpsampleSize,
+    QSigmoid, QTensor, QUpsampleBilinear2d, QUpsampleNearest2d, TorchLayout, UpsampleSize,
 };
 use crate::qparams::{ActQParams, QParams};
 
@@ -1639,7 +1639,12 @@ impl LayerNormOp {
             .split(',')
             .map(|s| s.parse::<usize>().ok().filter(|&d| d > 0))
             .collect::<Option<Vec<_>>>()
-            .filter(|s| s.len() <= 16)
+            .filter(|s| {
+                s.len() <= 16
+                    && s.iter()
+                        .try_fold(1usize, |n, &d| n.checked_mul(d))
+                        .is_some_and(|n| n <= 1 << 32)
+            })
             .ok_or_else(|| r.bad(format!("normalized shape {v:?}")))?;
         let affine = |r: &mut OpRecordReader<'_, '_>, k: &str| -> Result<Option<Vec<f32>>> {
             Ok(if r.flag(&format!("has_{k}"))? {
@@ -1703,5 +1708,79 @@ impl QuantOp for LayerNormOp {
     fn weight_bytes(&self) -> usize {
         let (w, b) = self.ln.affine();
         4 * (w.map_or(0, <[f32]>::len) + b.map_or(0, <[f32]>::len))
+    }
+}
+
+/// Bilinear upsampling on int8 values (`quantized::upsample_bilinear2d`, what
+/// `nn.Upsample(mode="bilinear")` runs on a quantized tensor in PyTorch eager mode): keeps the
+/// input's qparams; the PyTorch kernel (NCHW or channels-last arithmetic) follows the memory
+/// format PyTorch would hold the input in.
+#[derive(Debug, Clone)]
+pub struct BilinearUpsampleOp {
+    size: UpsampleSize,
+    align_corners: bool,
+    q: ActQParams,
+}
+
+impl BilinearUpsampleOp {
+    /// Upsampling to `size` with PyTorch's `align_corners`; the input has qparams `q`.
+    ///
+    /// # Errors
+    /// As [`QUpsampleBilinear2d::new`] (non-positive or non-finite sizes).
+    pub fn new(size: UpsampleSize, align_corners: bool, q: ActQParams) -> Result<Self> {
+        QUpsampleBilinear2d::new(size, align_corners)?;
+        Ok(BilinearUpsampleOp {
+            size,
+            align_corners,
+            q,
+        })
+    }
+    /// Reader for the file table.
+    ///
+    /// # Errors
+    /// Malformed records.
+    pub fn read(r: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
+        let size = if r.flag("by_size")? {
+            let (h, w) = r.pair("size", 1)?;
+            UpsampleSize::Size(h, w)
+        } else {
+            UpsampleSize::Scale(r.parse("scale_h")?, r.parse("scale_w")?)
+        };
+        let op = BilinearUpsampleOp::new(size, r.flag("align_corners")?, r.act("q")?)
+            .map_err(|e| r.bad(e))?;
+        Ok(Box::new(op))
+    }
+}
+
+impl QuantOp for BilinearUpsampleOp {
+    fn kind(&self) -> &'static str {
+        "UpsampleBilinear"
+    }
+    fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value> {
+        let x = one(inputs, "UpsampleBilinear")?.int8("UpsampleBilinear")?;
+        let up =
+            QUpsampleBilinear2d::new(self.size, self.align_corners)?.with_layout(x.torch_layout());
+        let t = nchw(x, ctx);
+        let y = up.forward(&t)?;
+        Ok(Value::Int8(QAct::new(y, Layout::Nchw, x.torch_layout())?))
+    }
+    fn output_qparams(&self) -> Option<ActQParams> {
+        Some(self.q)
+    }
+    fn write(&self, rec: &mut OpRecordWriter<'_>) -> Result<()> {
+        match self.size {
+            UpsampleSize::Size(h, w) => {
+                rec.set("by_size", 1);
+                rec.pair("size", (h, w));
+            }
+            UpsampleSize::Scale(h, w) => {
+                rec.set("by_size", 0);
+                rec.set("scale_h", h);
+                rec.set("scale_w", w);
+            }
+        }
+        rec.set("align_corners", u8::from(self.align_corners));
+        rec.act("q", self.q);
+        Ok(())
     }
 }

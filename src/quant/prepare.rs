@@ -129,13 +129,19 @@ pub fn role(graph: &Graph, node: &Node) -> Role {
     }
 }
 
-/// [`role`] under the node's config: ops whose int8 arithmetic is PyTorch's own
-/// (`quantized::layer_norm`) stay float when the config asks for ONNX Runtime's
-/// arithmetic, as ORT runs them (DequantizeLinear -> float op -> QuantizeLinear).
+/// [`role`] under the node's config, for ops whose int8 arithmetic is PyTorch's own:
+/// `quantized::layer_norm` stays float when the config asks for ONNX Runtime's arithmetic,
+/// as ORT runs it (DequantizeLinear -> float op -> QuantizeLinear); bilinear upsampling
+/// runs in int8 on the input's qparams under PyTorch's arithmetic (eager mode runs
+/// `quantized::upsample_bilinear2d` on a quantized input) and in float otherwise.
 fn planned_role(graph: &Graph, node: &Node, qc: Option<&QConfig>) -> Role {
     let r = role(graph, node);
-    match (&node.op, qc) {
-        (Op::LayerNorm(_), Some(q)) if q.arithmetic != Arithmetic::Fbgemm => Role::FloatOnly,
+    let fbgemm = qc.is_some_and(|q| q.arithmetic == Arithmetic::Fbgemm);
+    match &node.op {
+        Op::LayerNorm(_) if !fbgemm => Role::FloatOnly,
+        Op::Upsample(u) if fbgemm && matches!(u.mode, UpsampleMode::Bilinear { .. }) => {
+            Role::Preserves
+        }
         _ => r,
     }
 }

@@ -217,6 +217,7 @@ pub static READERS: &[(&str, OpReader)] = &[
     ("Slice", ops::SliceOp::read),
     ("Mean", ops::MeanOp::read),
     ("LayerNorm", ops::LayerNormOp::read),
+    ("UpsampleBilinear", ops::BilinearUpsampleOp::read),
     ("Float", super::convert::FloatOp::read),
 ];
 
