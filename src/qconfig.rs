@@ -492,6 +492,30 @@ impl QConfig {
         self.weight.build()?;
         Ok(())
     }
+
+    /// Checks that the int8 kernels take this config (`quint8` per-tensor activations,
+    /// `qint8` weights) and that both specs build; errors name `context`.
+    pub(crate) fn check_int8(&self, context: &str) -> Result<()> {
+        let refuse = |reason: String| crate::error::QuantError::UnsupportedConfig {
+            context: context.into(),
+            reason,
+        };
+        let a = self.activation;
+        if a.dtype != DType::QUInt8 || a.qscheme.is_per_channel() {
+            return Err(refuse(format!(
+                "int8 activations must be quint8 per-tensor; the qconfig's activation spec is {} {}",
+                a.dtype,
+                a.qscheme.name()
+            )));
+        }
+        if self.weight.dtype != DType::QInt8 {
+            return Err(refuse(format!(
+                "int8 weights must be qint8; the qconfig's weight spec is {}",
+                self.weight.dtype
+            )));
+        }
+        self.validate().map_err(|e| e.in_context(context))
+    }
 }
 
 #[cfg(test)]
