@@ -635,6 +635,19 @@ impl QConfigMap {
         self
     }
 
+    /// `self` with the entry for type `from` also set for type `to`, unless `to` has an
+    /// entry of its own (for layer types that lower into graph ops of another name).
+    pub(crate) fn with_type_alias(mut self, from: &str, to: &str) -> Self {
+        if self.by_type.iter().any(|(t, _)| t == to) {
+            return self;
+        }
+        if let Some((_, q)) = self.by_type.iter().find(|(t, _)| t == from) {
+            let q = *q;
+            self.by_type.push((to.to_string(), q));
+        }
+        self
+    }
+
     /// The config set by name ([`set_name`](Self::set_name)) that covers `path`, if any.
     pub(crate) fn by_name_for(&self, path: &str) -> Option<Option<QConfig>> {
         let covers = |n: &str| {

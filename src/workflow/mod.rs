@@ -105,7 +105,7 @@ fn observed_paths(seq: &Sequential, prefix: &str, map: &QConfigMap) -> Vec<Strin
             Layer::Sequential(s) => out.extend(observed_paths(s, &path, map)),
             Layer::Residual(s) => {
                 out.extend(observed_paths(s, &path, map));
-                if map.qconfig_for(&path, "Add").is_some() {
+                if map.qconfig_for(&path, "Residual").is_some() {
                     out.push(path);
                 }
             }

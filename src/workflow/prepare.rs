@@ -121,7 +121,17 @@ fn batch_dims(x_shape: &[usize]) -> Vec<Dim> {
 
 fn lower_and_prepare(model: &Sequential, map: &QConfigMap, dims: &[Dim]) -> Result<PreparedGraph> {
     let graph = Graph::from_sequential_named(model, INPUT, dims)?;
-    crate::quant::prepare(graph, map)
+    crate::quant::prepare(graph, &graph_map(map))
+}
+
+/// `map` with its layer-type entries also set for the graph ops the layers lower into: a
+/// `Residual` block's add is an `Add` node, `ReLU6` a `Clamp`, a `BatchNorm2d` on vectors
+/// a `BatchNorm1d`.
+fn graph_map(map: &QConfigMap) -> QConfigMap {
+    map.clone()
+        .with_type_alias("Residual", "Add")
+        .with_type_alias("ReLU6", "Clamp")
+        .with_type_alias("BatchNorm2d", "BatchNorm1d")
 }
 
 /// The input shape a model fixes by itself: `[batch, in_features]` when the first layer
@@ -166,7 +176,7 @@ fn check_configs(seq: &Sequential, prefix: &str, map: &QConfigMap, any: &mut boo
             Layer::Sequential(s) => check_configs(s, &path, map, any)?,
             Layer::Residual(s) => {
                 check_configs(s, &path, map, any)?;
-                if let Some(q) = map.qconfig_for(&path, "Add") {
+                if let Some(q) = map.qconfig_for(&path, "Residual") {
                     q.check_int8(&path)?;
                     *any = true;
                 }
@@ -308,6 +318,19 @@ mod tests {
         // the flatten's output is observed.
         assert_eq!(observed(&p), vec![INPUT, "bn", "conv1", "fc", "flatten"]);
         assert!(!p.qconfigs().contains_key("res"));
+    }
+
+    #[test]
+    fn layer_type_entries_reach_the_ops_the_layers_lower_into() {
+        // "Residual" (the layer type) keeps the block's add in float as before: the add
+        // is an `Add` node of the graph.
+        let map = QConfigMap::new(QConfig::minmax_per_tensor()).set_type("Residual", None);
+        let p = built(&map);
+        assert!(!observed(&p).contains(&"res"));
+        assert!(!p.qconfigs().contains_key("res"));
+        // an entry for the op kind itself wins
+        let map = map.set_type("Add", Some(QConfig::minmax_per_tensor()));
+        assert!(observed(&built(&map)).contains(&"res"));
     }
 
     #[test]
