@@ -3,6 +3,11 @@
 //! (`tools/gen_digits_onnx.py`), imported, calibrated with `QConfig::onnxruntime()` and run
 //! in int8 by ptq; compared with ONNX Runtime running ptq's QDQ export of the same
 //! calibration (ORT's predictions and int8 output values are in the fixture).
+//!
+//! Every activation is pinned to the scale / zero point the QDQ file gave ORT (fixed
+//! observers, `act.<node>` in the fixture), so the test compares int8 arithmetic and cannot
+//! break when the float kernels change the last ulp of the calibration forward. The preset's
+//! own calibration is checked against the same qparams (within one scale step).
 
 use std::path::PathBuf;
 
@@ -10,8 +15,9 @@ use ndarray::{Array4, ArrayD, Axis, IxDyn};
 use ptq::graph::{find_fusable, fuse};
 use ptq::io::onnx::load_onnx;
 use ptq::io::read_safetensors;
-use ptq::qconfig::{QConfig, QConfigMap};
+use ptq::qconfig::{ObserverSpec, QConfig, QConfigMap};
 use ptq::quant::{calibrate, convert, prepare};
+use ptq::DType;
 
 fn root(parts: &[&str]) -> PathBuf {
     std::iter::once(env!("CARGO_MANIFEST_DIR"))
@@ -66,21 +72,6 @@ fn digits_top1_through_ptq_and_onnxruntime_agree() {
         .collect();
     let slices: Vec<&[&str]> = refs.iter().map(Vec::as_slice).collect();
     let float = fuse(&imp.graph, &slices).unwrap();
-    let mut p = prepare(float.clone(), &QConfigMap::new(QConfig::onnxruntime())).unwrap();
-    calibrate(
-        &mut p,
-        calib
-            .axis_chunks_iter(Axis(0), 32)
-            .map(|b| b.to_owned())
-            .collect::<Vec<_>>(),
-    )
-    .unwrap();
-    let q = convert(p).unwrap();
-    let x = std::slice::from_ref(&test);
-    let y_float = float.forward(x).unwrap().remove(0);
-    let y_int8 = q.forward(x).unwrap().remove(0);
-    assert_eq!(y_int8.shape(), &[n_test, 10]);
-
     let fx = read_safetensors(root(&[
         "tests",
         "fixtures",
@@ -88,6 +79,65 @@ fn digits_top1_through_ptq_and_onnxruntime_agree() {
         "digits_res_ort.safetensors",
     ]))
     .unwrap();
+    let quantize = |map: QConfigMap| {
+        let mut p = prepare(float.clone(), &map).unwrap();
+        calibrate(
+            &mut p,
+            calib
+                .axis_chunks_iter(Axis(0), 32)
+                .map(|b| b.to_owned())
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        convert(p).unwrap()
+    };
+    // the QDQ file's activation qparams, by ptq node name
+    let act: Vec<(&str, f32, i32)> = fx
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix("act.")?, v[[0]], v[[1]] as i32)))
+        .collect();
+    assert!(act.len() >= 10, "{} activations in the fixture", act.len());
+    let mut pinned = QConfigMap::new(QConfig::onnxruntime());
+    for &(name, s, z) in &act {
+        assert!(float.find(name).is_some(), "fixture names node `{name}`");
+        pinned = pinned.set_name(
+            name,
+            Some(QConfig {
+                activation: ObserverSpec::fixed(s, z, DType::QUInt8),
+                ..QConfig::onnxruntime()
+            }),
+        );
+    }
+    let q = quantize(pinned);
+    // the preset's own calibration lands on (nearly) the same qparams
+    let calibrated = quantize(QConfigMap::new(QConfig::onnxruntime()));
+    let mut checked = 0;
+    for &(name, s, z) in &act {
+        // a graph input stays float; its quantize border carries the qparams
+        let Some(pin) = q.output_qparams(name).unwrap() else {
+            println!("{name}: no int8 output");
+            continue;
+        };
+        assert_eq!((pin.scale(), pin.zero_point()), (s, z), "{name}");
+        checked += 1;
+        if let Ok(Some(own)) = calibrated.output_qparams(name) {
+            assert!(
+                (own.scale() - s).abs() <= 1e-5 * s && (own.zero_point() - z).abs() <= 1,
+                "{name}: calibrated ({}, {}) vs QDQ file ({s}, {z})",
+                own.scale(),
+                own.zero_point()
+            );
+        }
+    }
+    assert!(
+        checked + 1 >= act.len(),
+        "{checked} of {} pinned",
+        act.len()
+    );
+    let x = std::slice::from_ref(&test);
+    let y_float = float.forward(x).unwrap().remove(0);
+    let y_int8 = q.forward(x).unwrap().remove(0);
+    assert_eq!(y_int8.shape(), &[n_test, 10]);
     let to_usize = |a: &ArrayD<f32>| a.iter().map(|&v| v as usize).collect::<Vec<_>>();
     let (ort_float, ort_int8) = (to_usize(&fx["float_pred"]), to_usize(&fx["int8_pred"]));
     assert!(fx["int8_ops"][[0]] >= 8.0);

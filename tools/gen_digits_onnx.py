@@ -11,12 +11,18 @@ Writes:
                                                  exporter, opset 13, dynamic batch)
   tests/fixtures/onnx/digits_res_ort.safetensors ORT's float and int8 predictions and
                                                  ORT's int8 output values on the 500 test
-                                                 images, the output scale / zero point
+                                                 images, the output scale / zero point,
+                                                 and every activation's [scale, zero point]
+                                                 in the QDQ file (`act.<tensor>`, ptq's node
+                                                 names) so the Rust test can pin them
 Calibration (ptq, as the Rust test does it): the first 128 training images, in batches of 32.
 
 Usage (from the repository root, after `cargo build --release --example quantize_onnx`):
-    /work/venv/bin/python tools/gen_digits_onnx.py
+    /work/venv/bin/python tools/gen_digits_onnx.py [--keep-model]
+With --keep-model the committed digits_res_ts13.onnx is reused (no training, no export);
+only the ORT fixture is rewritten.
 """
+import argparse
 import collections
 import os
 import subprocess
@@ -76,10 +82,7 @@ class DigitsRes(nn.Module):
         return self.fc(torch.flatten(self.gap(x), 1))
 
 
-def main():
-    d = load_file(os.path.join("examples", "data", "digits.safetensors"))
-    xtr, ytr = upscale(d["train_x"]), d["train_y"].astype(np.int64)
-    xte, yte = upscale(d["test_x"]), d["test_y"].astype(np.int64)
+def train_and_export(xtr, ytr, xte, yte, path):
     model = DigitsRes()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     xt, yt = torch.from_numpy(xtr), torch.from_numpy(ytr)
@@ -95,10 +98,22 @@ def main():
     with torch.no_grad():
         torch_pred = model(torch.from_numpy(xte)).argmax(1).numpy()
     print(f"torch float top-1: {(torch_pred == yte).mean():.4f}")
-    path = os.path.join(FIX, "digits_res_ts13.onnx")
     torch.onnx.export(model, torch.from_numpy(xte[:2]), path, opset_version=13, dynamo=False,
                       input_names=["x"], output_names=["logits"],
                       dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}})
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--keep-model", action="store_true",
+                    help="reuse the committed ONNX model instead of training a new one")
+    a = ap.parse_args()
+    d = load_file(os.path.join("examples", "data", "digits.safetensors"))
+    xtr, ytr = upscale(d["train_x"]), d["train_y"].astype(np.int64)
+    xte, yte = upscale(d["test_x"]), d["test_y"].astype(np.int64)
+    path = os.path.join(FIX, "digits_res_ts13.onnx")
+    if not a.keep_model:
+        train_and_export(xtr, ytr, xte, yte, path)
     so = ort.SessionOptions()
     so.log_severity_level = 3
     s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
@@ -115,6 +130,11 @@ def main():
         name = m.graph.output[0].name
         base = name[: -len("_dequantized")] if name.endswith("_dequantized") else name
         scale, zp = np.float32(inits[base + "_scale"]), int(inits[base + "_zero_point"])
+        act = {}
+        for n in m.graph.node:
+            if n.op_type == "QuantizeLinear" and n.input[0] not in inits:
+                s_, z_ = inits[n.input[1]], inits[n.input[2]]
+                act[f"act.{n.input[0]}"] = np.array([s_, float(z_)], np.float32)
         so.optimized_model_filepath = os.path.join(td, "opt.onnx")
         s = ort.InferenceSession(qdq, so, providers=["CPUExecutionProvider"])
         y_int8 = s.run(None, {s.get_inputs()[0].name: xte})[0]
@@ -133,7 +153,7 @@ def main():
                                          if k.startswith("QLinear") or k == "QGemm")], np.float32),
                "float_ops": np.array([sum(ops.get(k, 0) for k in ("Conv", "Gemm", "MatMul",
                                                                   "FusedConv", "FusedGemm"))],
-                                     np.float32)},
+                                     np.float32), **act},
               out, metadata={"onnxruntime": ort.__version__, "torch": torch.__version__})
     print(f"wrote {path} ({os.path.getsize(path)} bytes), {out} ({os.path.getsize(out)} bytes)")
 

@@ -8,8 +8,8 @@ use ndarray::ArrayD;
 use super::exec::{QNode, QuantizedGraph};
 use super::ops::{
     AdaptiveAvgPoolOp, AddOp, AvgPoolOp, BatchNormOp, CatOp, ClampOp, ConvOp, DequantizeOp,
-    FlattenOp, HardswishOp, IdentityOp, InputOp, LinearOp, MaxPoolOp, MeanOp, MulOp, PermuteOp,
-    QuantizeOp, ReluOp, ReshapeOp, SigmoidOp, SliceOp, UpsampleOp,
+    FlattenOp, HardswishOp, IdentityOp, InputOp, LayerNormOp, LinearOp, MaxPoolOp, MeanOp, MulOp,
+    PermuteOp, QuantizeOp, ReluOp, ReshapeOp, SigmoidOp, SliceOp, UpsampleOp,
 };
 use super::prepare::{Domain, PreparedGraph};
 use super::{ExecCtx, OpRecordWriter, QuantOp, Value};
@@ -270,6 +270,31 @@ impl FromObserved for BatchNormOp {
     }
 }
 
+impl FromObserved for LayerNormOp {
+    fn from_observed(o: &Observed<'_>) -> Result<Self> {
+        let Op::LayerNorm(l) = &o.node.op else {
+            return Err(internal(o.node, "LayerNormOp from another op"));
+        };
+        let out = o.out()?;
+        let flat =
+            |a: &Option<ndarray::ArrayD<f32>>| a.as_ref().map(|a| a.iter().copied().collect());
+        let (w, b): (Option<Vec<f32>>, Option<Vec<f32>>) = (flat(&l.weight), flat(&l.bias));
+        // PyTorch keeps eps as a Python float (f64); the graph holds it as f32, so take the
+        // f64 that prints as the f32 does (1e-5f32 -> 1e-5, not 1.0000000000000000818e-5).
+        let eps = l.eps.to_string().parse::<f64>().unwrap_or(l.eps as f64);
+        let ln = crate::nn::quantized::QLayerNorm::new(
+            &l.normalized_shape,
+            w.as_deref().map(ndarray::ArrayView1::from),
+            b.as_deref().map(ndarray::ArrayView1::from),
+            eps,
+            out.scale(),
+            out.zero_point(),
+        )
+        .map_err(|e| e.in_context(&o.node.name))?;
+        LayerNormOp::new(ln)
+    }
+}
+
 impl FromObserved for PermuteOp {
     fn from_observed(o: &Observed<'_>) -> Result<Self> {
         match &o.node.op {
@@ -324,6 +349,7 @@ fn int8_op(o: &Observed<'_>) -> Result<Box<dyn QuantOp>> {
         Op::Permute { .. } => b::<PermuteOp>(o),
         Op::Slice { .. } => b::<SliceOp>(o),
         Op::Mean { .. } => b::<MeanOp>(o),
+        Op::LayerNorm(_) => b::<LayerNormOp>(o),
         Op::QuantStub => Ok(Box::new(QuantizeOp::new(o.out()?))),
         Op::Input
         | Op::DeQuantStub
@@ -331,7 +357,6 @@ fn int8_op(o: &Observed<'_>) -> Result<Box<dyn QuantOp>> {
         | Op::SiLU
         | Op::Gelu { .. }
         | Op::Softmax { .. }
-        | Op::LayerNorm(_)
         | Op::Custom(_) => Err(QuantError::UnsupportedConfig {
             context: o.node.name.clone(),
             reason: format!("{} has no int8 version", o.node.op.type_name()),

@@ -23,8 +23,8 @@ use crate::error::{QuantError, Result};
 use crate::kernels::BiasMode;
 use crate::nn::quantized::{
     Conv2dParams, QAdaptiveAvgPool2d, QAdd, QAvgPool2d, QBatchNorm2d, QCat, QConv2d, QConvReLU2d,
-    QHardsigmoid, QHardswish, QLinear, QLinearReLU, QMaxPool2d, QMean, QMul, QReLU, QSigmoid,
-    QTensor, QUpsampleNearest2d, TorchLayout, UpsampleSize,
+    QHardsigmoid, QHardswish, QLayerNorm, QLinear, QLinearReLU, QMaxPool2d, QMean, QMul, QReLU,
+    QSigmoid, QTensor, QUpsampleNearest2d, TorchLayout, UpsampleSize,
 };
 use crate::qparams::{ActQParams, QParams};
 
@@ -1605,5 +1605,103 @@ impl QuantOp for MeanOp {
         rec.set("keepdim", u8::from(self.mean.keepdim()));
         rec.act("q", self.q);
         Ok(())
+    }
+}
+
+/// `quantized.LayerNorm` (`torch.ops.quantized.layer_norm`): normalizes the trailing
+/// dimensions of the logical (NCHW) order; its own output qparams. PyTorch makes the input
+/// contiguous, so the output is contiguous too.
+#[derive(Debug, Clone)]
+pub struct LayerNormOp {
+    ln: QLayerNorm,
+    out: ActQParams,
+}
+
+impl LayerNormOp {
+    /// Wraps the kernel.
+    ///
+    /// # Errors
+    /// None in practice (the kernel's qparams are valid).
+    pub fn new(ln: QLayerNorm) -> Result<Self> {
+        let (s, z) = ln.output_qparams();
+        Ok(LayerNormOp {
+            ln,
+            out: ActQParams::new(s, z)?,
+        })
+    }
+    /// Reader for the file table.
+    ///
+    /// # Errors
+    /// Malformed records; the kernel's constructor errors.
+    pub fn read(r: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
+        let v: String = r.parse("normalized_shape")?;
+        let shape = v
+            .split(',')
+            .map(|s| s.parse::<usize>().ok().filter(|&d| d > 0))
+            .collect::<Option<Vec<_>>>()
+            .filter(|s| s.len() <= 16)
+            .ok_or_else(|| r.bad(format!("normalized shape {v:?}")))?;
+        let affine = |r: &mut OpRecordReader<'_, '_>, k: &str| -> Result<Option<Vec<f32>>> {
+            Ok(if r.flag(&format!("has_{k}"))? {
+                Some(r.f32s(k, 1)?.1)
+            } else {
+                None
+            })
+        };
+        let w = affine(r, "weight")?;
+        let b = affine(r, "bias")?;
+        let eps: f64 = r.parse("eps")?;
+        let out = r.act("out")?;
+        let ln = QLayerNorm::new(
+            &shape,
+            w.as_deref().map(ndarray::ArrayView1::from),
+            b.as_deref().map(ndarray::ArrayView1::from),
+            eps,
+            out.scale(),
+            out.zero_point(),
+        )?;
+        Ok(Box::new(LayerNormOp::new(ln)?))
+    }
+}
+
+impl QuantOp for LayerNormOp {
+    fn kind(&self) -> &'static str {
+        "LayerNorm"
+    }
+    fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value> {
+        let x = one(inputs, "LayerNorm")?.int8("LayerNorm")?;
+        let t = nchw(x, ctx);
+        let y = self.ln.forward(&t)?;
+        Ok(Value::Int8(QAct::new(
+            y,
+            Layout::Nchw,
+            TorchLayout::Contiguous,
+        )?))
+    }
+    fn output_qparams(&self) -> Option<ActQParams> {
+        Some(self.out)
+    }
+    fn write(&self, rec: &mut OpRecordWriter<'_>) -> Result<()> {
+        let s: Vec<String> = self
+            .ln
+            .normalized_shape()
+            .iter()
+            .map(|d| d.to_string())
+            .collect();
+        rec.set("normalized_shape", s.join(","));
+        let (w, b) = self.ln.affine();
+        for (k, v) in [("weight", w), ("bias", b)] {
+            rec.set(&format!("has_{k}"), u8::from(v.is_some()));
+            if let Some(v) = v {
+                rec.f32s(k, &[v.len()], v);
+            }
+        }
+        rec.set("eps", self.ln.eps());
+        rec.act("out", self.out);
+        Ok(())
+    }
+    fn weight_bytes(&self) -> usize {
+        let (w, b) = self.ln.affine();
+        4 * (w.map_or(0, <[f32]>::len) + b.map_or(0, <[f32]>::len))
     }
 }

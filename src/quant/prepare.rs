@@ -9,7 +9,7 @@ use ndarray::ArrayD;
 use crate::error::{QuantError, Result};
 use crate::graph::{Graph, NearestRule, Node, NodeId, Op, UpsampleMode};
 use crate::observer::Observer;
-use crate::qconfig::{QConfig, QConfigMap};
+use crate::qconfig::{Arithmetic, QConfig, QConfigMap};
 use crate::qparams::ActQParams;
 
 /// What an op does with quantization parameters when it runs in int8.
@@ -61,7 +61,10 @@ pub fn role(graph: &Graph, node: &Node) -> Role {
                 Role::FloatOnly
             }
         }
-        Op::Mul | Op::Concat { .. } | Op::Hardswish => Role::Requantizes,
+        // quantized.LayerNorm has its own output qparams (PyTorch's default module mapping
+        // converts nn.LayerNorm); with ONNX Runtime's arithmetic it stays float (see
+        // `planned_role`).
+        Op::Mul | Op::Concat { .. } | Op::Hardswish | Op::LayerNorm(_) => Role::Requantizes,
         Op::BatchNorm2d(_) => {
             if node.shape.rank() == 4 {
                 Role::Requantizes
@@ -120,12 +123,20 @@ pub fn role(graph: &Graph, node: &Node) -> Role {
             }
         }
         // No int8 kernel: float islands with automatic borders.
-        Op::BatchNorm1d(_)
-        | Op::SiLU
-        | Op::Gelu { .. }
-        | Op::Softmax { .. }
-        | Op::LayerNorm(_)
-        | Op::Custom(_) => Role::FloatOnly,
+        Op::BatchNorm1d(_) | Op::SiLU | Op::Gelu { .. } | Op::Softmax { .. } | Op::Custom(_) => {
+            Role::FloatOnly
+        }
+    }
+}
+
+/// [`role`] under the node's config: ops whose int8 arithmetic is PyTorch's own
+/// (`quantized::layer_norm`) stay float when the config asks for ONNX Runtime's
+/// arithmetic, as ORT runs them (DequantizeLinear -> float op -> QuantizeLinear).
+fn planned_role(graph: &Graph, node: &Node, qc: Option<&QConfig>) -> Role {
+    let r = role(graph, node);
+    match (&node.op, qc) {
+        (Op::LayerNorm(_), Some(q)) if q.arithmetic != Arithmetic::Fbgemm => Role::FloatOnly,
+        _ => r,
     }
 }
 
@@ -255,16 +266,14 @@ pub fn prepare(graph: Graph, map: &QConfigMap) -> Result<PreparedGraph> {
     };
     for node in graph.nodes() {
         let qc = map.qconfig_for(&node.name, node.op.type_name());
+        let node_role = planned_role(&graph, node, qc.as_ref());
         if let Some(q) = &qc {
-            if !matches!(
-                role(&graph, node),
-                Role::Input | Role::DeQuantStub | Role::FloatOnly
-            ) {
+            if !matches!(node_role, Role::Input | Role::DeQuantStub | Role::FloatOnly) {
                 q.check_int8(&node.name)?;
             }
         }
         let input_domain = |k: usize| plan[node.inputs[k].index()].output;
-        let (int8, output) = match (role(&graph, node), &qc) {
+        let (int8, output) = match (node_role, &qc) {
             (Role::Input, _) => (false, Domain::Float),
             (Role::QuantStub, Some(q)) => {
                 observe(node.id, q, &mut observers)?;

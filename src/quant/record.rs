@@ -216,6 +216,7 @@ pub static READERS: &[(&str, OpReader)] = &[
     ("Permute", ops::PermuteOp::read),
     ("Slice", ops::SliceOp::read),
     ("Mean", ops::MeanOp::read),
+    ("LayerNorm", ops::LayerNormOp::read),
     ("Float", super::convert::FloatOp::read),
 ];
 
