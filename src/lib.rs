@@ -64,8 +64,10 @@
 //! # Ok::<(), ptq::QuantError>(())
 //! ```
 //! Graphs also come from ONNX ([`load_onnx`]) or from a PyTorch `state_dict` loaded into a
-//! built graph ([`load_safetensors_graph`]); `Sequential` models have their own flow in
-//! [`workflow`].
+//! built graph ([`load_safetensors_graph`]). A [`Sequential`](nn::Sequential) model lowers
+//! into a graph ([`Graph::from_sequential`]); [`workflow`] runs this same flow on it, layer
+//! paths as node names, and wraps the result in a
+//! [`QuantizedModel`](nn::quantized::QuantizedModel).
 //!
 //! ## Threads
 //! Large convolutions and matrix products run on rayon's thread pool. By default it has
@@ -94,7 +96,7 @@
 //!   [`QuantizedGraph`] of int8 ops ([`quant::QuantOp`]), saved as `ptq-qmodel/2`.
 //! * [`nn`]: float layers, [`Sequential`](nn::Sequential) models of named children, fusion.
 //! * [`workflow`]: `prepare` -> `calibrate` -> `convert` for [`Sequential`](nn::Sequential)
-//!   models.
+//!   models, a convenience over [`quant`] (the model is lowered into a graph).
 //! * [`analysis`]: per-layer error (SQNR) of an int8 model against its float twin,
 //!   sensitivity analysis, automatic mixed precision, cross-layer equalization, high-bias
 //!   absorption and bias correction.

@@ -492,6 +492,30 @@ impl QConfig {
         self.weight.build()?;
         Ok(())
     }
+
+    /// Checks that the int8 kernels take this config (`quint8` per-tensor activations,
+    /// `qint8` weights) and that both specs build; errors name `context`.
+    pub(crate) fn check_int8(&self, context: &str) -> Result<()> {
+        let refuse = |reason: String| crate::error::QuantError::UnsupportedConfig {
+            context: context.into(),
+            reason,
+        };
+        let a = self.activation;
+        if a.dtype != DType::QUInt8 || a.qscheme.is_per_channel() {
+            return Err(refuse(format!(
+                "int8 activations must be quint8 per-tensor; the qconfig's activation spec is {} {}",
+                a.dtype,
+                a.qscheme.name()
+            )));
+        }
+        if self.weight.dtype != DType::QInt8 {
+            return Err(refuse(format!(
+                "int8 weights must be qint8; the qconfig's weight spec is {}",
+                self.weight.dtype
+            )));
+        }
+        self.validate().map_err(|e| e.in_context(context))
+    }
 }
 
 #[cfg(test)]
@@ -608,6 +632,19 @@ impl QConfigMap {
     pub fn set_name(mut self, name: &str, qconfig: Option<QConfig>) -> Self {
         self.by_name.retain(|(n, _)| n != name);
         self.by_name.push((name.to_string(), qconfig));
+        self
+    }
+
+    /// `self` with the entry for type `from` also set for type `to`, unless `to` has an
+    /// entry of its own (for layer types that lower into graph ops of another name).
+    pub(crate) fn with_type_alias(mut self, from: &str, to: &str) -> Self {
+        if self.by_type.iter().any(|(t, _)| t == to) {
+            return self;
+        }
+        if let Some((_, q)) = self.by_type.iter().find(|(t, _)| t == from) {
+            let q = *q;
+            self.by_type.push((to.to_string(), q));
+        }
         self
     }
 

@@ -1330,7 +1330,14 @@ fn quantized_graph_files() {
     use ptq::QuantizedGraph;
     let q = calibrated_graph();
     let bytes = q.to_bytes().unwrap();
-    let seq = quantize_model(
+    // a Sequential model saved by an earlier ptq (the step-list format)
+    let seq = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/legacy_v1_second.qmodel"
+    ))
+    .unwrap();
+    // a Sequential model saved now: its graph's file
+    let model = quantize_model(
         tiny_model(),
         &QConfigMap::new(QConfig::fbgemm()),
         [ArrayD::from_elem(IxDyn(&[2, 3]), 0.5f32)],
@@ -1371,6 +1378,9 @@ fn quantized_graph_files() {
                 &["ptq-qmodel/1", "QuantizedModel::load"],
                 || QuantizedGraph::from_bytes(&seq).map(drop),
             ),
+            ncase("a QuantizedModel file", "Ok", &[], || {
+                QuantizedGraph::from_bytes(&model).map(drop)
+            }),
             ncase(
                 "a newer format",
                 "InvalidFile",

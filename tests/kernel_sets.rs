@@ -701,48 +701,35 @@ fn changing_the_input_scale_rebuilds_the_requantization() {
     }
 }
 
-/// `ceil_mode` survives a `.qmodel` round trip (written only when set).
+/// `ceil_mode` survives a `.qmodel` round trip (written only when set; with ceil_mode the
+/// pools are float islands between int8 borders).
 #[test]
 fn ceil_mode_survives_qmodel_round_trip() {
-    use ptq::nn::quantized::{QOp, QStep, QuantizedModel};
-    let steps = vec![
-        QStep {
-            path: "quant".into(),
-            op: QOp::Quantize {
-                scale: 0.1,
-                zero_point: 3,
-            },
-        },
-        QStep {
-            path: "mp".into(),
-            op: QOp::MaxPool2d(
-                QMaxPool2d::new((2, 2), (2, 2), (0, 0), (1, 1))
-                    .unwrap()
-                    .with_ceil_mode(true),
-            ),
-        },
-        QStep {
-            path: "ap".into(),
-            op: QOp::AvgPool2d(
-                QAvgPool2d::new((2, 2), (2, 2), (1, 1), false)
-                    .unwrap()
-                    .with_ceil_mode(true),
-            ),
-        },
-        QStep {
-            path: "dequant".into(),
-            op: QOp::Dequantize,
-        },
-    ];
-    let m = QuantizedModel::from_steps(steps, 0);
-    let back = QuantizedModel::from_bytes(&m.to_bytes().unwrap()).unwrap();
-    match (&back.steps()[1].op, &back.steps()[2].op) {
-        (QOp::MaxPool2d(p), QOp::AvgPool2d(a)) => assert!(p.ceil_mode() && a.ceil_mode()),
-        other => panic!("{other:?}"),
-    }
+    use ptq::graph::{Dim, GraphBuilder, Pool2dSpec};
+    use ptq::nn::quantized::QuantizedModel;
+    use ptq::qconfig::{QConfig, QConfigMap};
+    let mut g = GraphBuilder::new();
+    let x = g
+        .input("x", &[Dim::Batch, 2.into(), 5.into(), 5.into()])
+        .unwrap();
+    let q = g.quant_stub("quant", x).unwrap();
+    let spec = Pool2dSpec::new(2, 2).with_stride(2, 2);
+    let mp = g.max_pool2d("mp", q, spec.with_ceil_mode(true)).unwrap();
+    let ap = spec
+        .with_padding(1, 1)
+        .with_count_include_pad(false)
+        .with_ceil_mode(true);
+    let ap = g.avg_pool2d("ap", mp, ap).unwrap();
+    let out = g.dequant_stub("dequant", ap).unwrap();
+    g.output(out).unwrap();
     let x = ArrayD::from_shape_fn(IxDyn(&[1, 2, 5, 5]), |d| {
         (d[1] * 25 + d[2] * 5 + d[3]) as f32 * 0.1
     });
+    let mut p =
+        ptq::quant::prepare(g.build().unwrap(), &QConfigMap::new(QConfig::fbgemm())).unwrap();
+    ptq::quant::calibrate(&mut p, [x.clone()]).unwrap();
+    let m = QuantizedModel::from_graph(ptq::quant::convert(p).unwrap()).unwrap();
+    let back = QuantizedModel::from_bytes(&m.to_bytes().unwrap()).unwrap();
     let (y1, y2) = (m.forward(&x).unwrap(), back.forward(&x).unwrap());
     // PyTorch: max pool 5 -> 3 (ceil); avg pool 3 -> 2 (ceil gives 3, but the third window
     // would start in the right padding, so it is dropped).

@@ -7,7 +7,7 @@
 //! * graphs: a converted `QuantizedGraph` run as usual (activations stay NHWC after a
 //!   convolution) against the same nodes each fed NCHW inputs, node by node, on a
 //!   hand-built graph mixing NCHW and NHWC inputs and on the torchvision zoo graphs;
-//! * the Sequential `QuantizedModel` against its own steps run one by one on NCHW data.
+//! * the Sequential `QuantizedModel` against its layers run one by one on NCHW data.
 
 use ndarray::{Array1, Array2, ArrayD, IxDyn};
 use ptq::graph::{
@@ -602,8 +602,9 @@ fn sequential_model_keeps_nhwc_and_matches_its_layers() {
         .push("fc", Layer::Linear(Linear::new(lw, None).unwrap()))
         .push("dequant", Layer::DeQuantStub);
     let batches: Vec<ArrayD<f32>> = (0..3).map(|i| data(&[2, 3, 11, 11], 200 + i)).collect();
-    let q = ptq::workflow::quantize_model(model, &QConfigMap::new(QConfig::fbgemm()), &batches)
-        .unwrap();
+    let q =
+        ptq::workflow::quantize_model(model.clone(), &QConfigMap::new(QConfig::fbgemm()), &batches)
+            .unwrap();
     // The hook reports every step's output in logical order; the last is the output.
     for x in [data(&[2, 3, 11, 11], 300), data(&[1, 3, 11, 11], 301)] {
         let mut outs: Vec<(String, ArrayD<f32>)> = Vec::new();
@@ -612,69 +613,131 @@ fn sequential_model_keeps_nhwc_and_matches_its_layers() {
             .unwrap();
         assert_eq!(&outs.last().unwrap().1, &y);
         // int8 end to end equals the NCHW reference computed with the layer types
-        let want = sequential_nchw_reference(&q, &x);
+        let want = sequential_nchw_reference(&model, &q, &x);
         assert_eq!(y, want);
     }
 }
 
-/// The Sequential model's steps run with each layer's NCHW `forward` (the executor before
-/// activations were kept NHWC).
+/// The Sequential model's layers run with the NCHW `forward` of the `nn::quantized` layers,
+/// built from the float layers' hyperparameters and the converted model's int8 weights,
+/// weight qparams and output qparams (PyTorch's memory format: channels-last after a
+/// convolution, as its add and pools see it).
 fn sequential_nchw_reference(
+    model: &ptq::nn::Sequential,
     q: &ptq::nn::quantized::QuantizedModel,
     x: &ArrayD<f32>,
 ) -> ArrayD<f32> {
-    use ptq::nn::quantized::{QFlatten, QOp, QReLU};
+    use ptq::nn::quantized::{Conv2dParams, QConv2d, QConvReLU2d, QFlatten, QLinear, QReLU};
+    use ptq::nn::{Layer, PoolKind, Sequential};
     enum A {
         F(ArrayD<f32>),
         Q(QTensor),
     }
-    fn run(steps: &[ptq::nn::quantized::QStep], mut a: A) -> A {
-        for s in steps {
+    fn run(q: &ptq::nn::quantized::QuantizedModel, seq: &Sequential, prefix: &str, mut a: A) -> A {
+        for (name, layer) in seq.children() {
+            let path = if prefix.is_empty() {
+                name.clone()
+            } else {
+                format!("{prefix}.{name}")
+            };
             let qv = |a: A| match a {
                 A::Q(t) => t,
-                A::F(_) => panic!("{}: float", s.path),
+                A::F(_) => panic!("{path}: float"),
             };
-            a = match &s.op {
-                QOp::Quantize { scale, zero_point } => match a {
-                    A::F(x) => A::Q(QTensor::from_f32(&x, *scale, *zero_point).unwrap()),
+            let out = || q.output_qparams(&path).unwrap().unwrap();
+            let weight = || q.weight(&path).unwrap().unwrap();
+            let cl = TorchLayout::ChannelsLast;
+            a = match layer {
+                Layer::QuantStub => match a {
+                    A::F(x) => {
+                        A::Q(QTensor::from_f32(&x, out().scale(), out().zero_point()).unwrap())
+                    }
                     A::Q(_) => panic!(),
                 },
-                QOp::Dequantize => A::F(qv(a).dequantize()),
-                QOp::Linear(l) => A::Q(l.forward(&qv(a)).unwrap()),
-                QOp::LinearReLU(l) => A::Q(l.forward(&qv(a)).unwrap()),
-                QOp::Conv2d(c) => A::Q(c.forward(&qv(a)).unwrap()),
-                QOp::ConvReLU2d(c) => A::Q(c.forward(&qv(a)).unwrap()),
-                QOp::ReLU => A::Q(QReLU.forward(&qv(a)).unwrap()),
-                QOp::ReLU6 { q6 } => {
+                Layer::DeQuantStub => A::F(qv(a).dequantize()),
+                Layer::Linear(l) => {
+                    let (w, wq) = weight();
+                    let w = w.into_dimensionality().unwrap();
+                    let bias = l.bias.as_ref().map(|b| b.view());
+                    let (s, z) = (out().scale(), out().zero_point());
+                    A::Q(
+                        QLinear::from_quantized(w.view(), &wq, bias, s, z)
+                            .unwrap()
+                            .forward(&qv(a))
+                            .unwrap(),
+                    )
+                }
+                Layer::Conv2d(c) | Layer::ConvReLU2d(c) => {
+                    let (w, wq) = weight();
+                    let w = w.into_dimensionality().unwrap();
+                    let bias = c.bias.as_ref().map(|b| b.view());
+                    let p = Conv2dParams {
+                        stride: c.stride,
+                        padding: c.padding,
+                        dilation: c.dilation,
+                        groups: c.groups,
+                    };
+                    let (s, z) = (out().scale(), out().zero_point());
+                    let t = qv(a);
+                    A::Q(if matches!(layer, Layer::ConvReLU2d(_)) {
+                        QConvReLU2d::from_quantized(w.view(), &wq, bias, p, s, z)
+                            .unwrap()
+                            .forward(&t)
+                            .unwrap()
+                    } else {
+                        QConv2d::from_quantized(w.view(), &wq, bias, p, s, z)
+                            .unwrap()
+                            .forward(&t)
+                            .unwrap()
+                    })
+                }
+                Layer::ReLU => A::Q(QReLU.forward(&qv(a)).unwrap()),
+                Layer::ReLU6 => {
                     let t = qv(a);
                     let lo = t.zero_point() as u8;
-                    let d = t.data().mapv(|v| v.clamp(lo, (*q6).max(lo)));
+                    let q6 = ptq::quantize_val(6.0, t.scale(), t.zero_point(), 0, 255) as u8;
+                    let d = t.data().mapv(|v| v.clamp(lo, q6.max(lo)));
                     A::Q(QTensor::new(d, t.scale(), t.zero_point()).unwrap())
                 }
-                QOp::MaxPool2d(p) => A::Q(p.forward(&qv(a)).unwrap()),
-                QOp::AvgPool2d(p) => A::Q(p.forward(&qv(a)).unwrap()),
-                QOp::AdaptiveAvgPool2d(p) => A::Q(p.forward(&qv(a)).unwrap()),
-                QOp::Flatten { start_dim } => {
+                Layer::Pool2d(p) => {
+                    let t = qv(a);
+                    A::Q(match p.kind {
+                        PoolKind::Max => QMaxPool2d::new(p.kernel, p.stride, p.padding, (1, 1))
+                            .unwrap()
+                            .forward(&t)
+                            .unwrap(),
+                        PoolKind::Avg => QAvgPool2d::new(p.kernel, p.stride, p.padding, true)
+                            .unwrap()
+                            .with_layout(cl)
+                            .forward(&t)
+                            .unwrap(),
+                    })
+                }
+                Layer::AdaptiveAvgPool2d(o) => A::Q(
+                    QAdaptiveAvgPool2d::new(*o)
+                        .unwrap()
+                        .with_layout(cl)
+                        .forward(&qv(a))
+                        .unwrap(),
+                ),
+                Layer::Flatten { start_dim } => {
                     assert_eq!(*start_dim, 1);
                     A::Q(QFlatten.forward(&qv(a)).unwrap())
                 }
-                QOp::Identity => a,
-                QOp::Residual {
-                    body,
-                    add: Some(add),
-                    skip_quant: None,
-                    body_quant: None,
-                } => {
+                Layer::Residual(body) => {
                     let skip = qv(a);
-                    let y = qv(run(body, A::Q(skip.clone())));
+                    let y = qv(run(q, body, &path, A::Q(skip.clone())));
+                    let add = QAdd::new(out().scale(), out().zero_point())
+                        .unwrap()
+                        .with_layout(cl);
                     A::Q(add.forward(&skip, &y).unwrap())
                 }
-                other => panic!("{}: {other:?} not in this test", s.path),
+                other => panic!("{path}: {} not in this test", other.type_name()),
             };
         }
         a
     }
-    match run(q.steps(), A::F(x.clone())) {
+    match run(q, model, "", A::F(x.clone())) {
         A::F(y) => y,
         A::Q(_) => panic!("int8 output"),
     }

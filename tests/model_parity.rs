@@ -228,7 +228,7 @@ fn bad_calibration_input_is_refused_with_the_place() {
     .unwrap_err();
     assert_eq!(
         err.to_string(),
-        "conv1: shape mismatch: expected [N, 1, H, W], got input of shape [2, 3, 8, 8]"
+        "conv1: shape mismatch: expected [N, 1, H, W], got input of shape [N, 3, 8, 8]"
     );
     // The quantized model refuses the same wrong shape, naming the layer.
     let (train, _) = digits::load_data().unwrap();

@@ -1,5 +1,7 @@
-//! Saving and loading quantized models: round trips give bit-identical outputs for every
-//! operation; damaged and hostile files give errors, never panics.
+//! Saving and loading quantized models (`QuantizedModel`, the Sequential flow's int8 model,
+//! saved as its graph's `ptq-qmodel/2` file): round trips give bit-identical outputs for
+//! every layer kind; damaged and hostile files give errors, never panics; the
+//! `ptq-qmodel/1` files of earlier versions are refused with an error naming the version.
 
 #[path = "../examples/common/digits.rs"]
 mod digits;
@@ -8,21 +10,11 @@ use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use ndarray::{Array1, Array2, Array4, ArrayD, IxDyn};
-use ptq::nn::quantized::{
-    Conv2dParams, QAdaptiveAvgPool2d, QAdd, QAvgPool2d, QConv2d, QConvReLU2d, QLinear, QLinearReLU,
-    QMaxPool2d, QOp, QStep, QuantizedModel, TorchLayout,
-};
+use ptq::nn::quantized::{Conv2dParams, QConv2d, QLinear, QuantizedModel};
 use ptq::nn::{BatchNorm2d, Conv2d, Layer, Linear, Module, Pool2d, PoolKind, Sequential};
 use ptq::qconfig::{QConfig, QConfigMap};
 use ptq::workflow::quantize_model;
 use ptq::{DType, QParams, QScheme, QuantError};
-
-fn step(path: &str, op: QOp) -> QStep {
-    QStep {
-        path: path.into(),
-        op,
-    }
-}
 
 fn wave(n: usize, seed: usize) -> impl Fn(usize) -> f32 {
     move |i| (((i * 31 + seed * 17 + n) as f32) * 0.37).sin()
@@ -72,237 +64,100 @@ fn cp(groups: usize, padding: usize, dilation: usize, stride: usize) -> Conv2dPa
     }
 }
 
-/// A model holding every operation: int8 convolutions (dense, grouped + dilated, depthwise
-/// symmetric and affine with a channel multiplier), fused ReLUs, ReLU, ReLU6, the pools,
-/// residuals with int8 adds (int8 and float bodies) and a float add, float islands
-/// (BatchNorm2d, convolutions, pools, linear layers, nested containers), flatten, identity
-/// and the borders.
-fn every_op_model() -> QuantizedModel {
-    let conv_dense = QConv2d::new(
-        fw4(8, 3, 3, 3, 1).view(),
-        Some(bias(8, 1).view()),
-        &per_channel(8, 1),
-        cp(1, 1, 1, 1),
-        0.05,
-        7,
-    )
-    .unwrap();
-    let conv_grouped = QConvReLU2d::new(
-        fw4(8, 4, 3, 3, 2).view(),
-        None,
-        &per_tensor(0.003, 5),
-        cp(2, 2, 2, 1),
-        0.04,
-        3,
-    )
-    .unwrap();
-    let dw_sym = QConv2d::new(
-        fw4(8, 1, 3, 3, 3).view(),
-        Some(bias(8, 3).view()),
-        &per_channel(8, 3),
-        cp(8, 1, 1, 1),
-        0.03,
-        128,
-    )
-    .unwrap();
-    let dw_affine = QConvReLU2d::new(
-        fw4(16, 1, 3, 3, 4).view(),
-        Some(bias(16, 4).view()),
-        &per_tensor(0.004, -9),
-        cp(8, 1, 1, 2),
-        0.05,
-        0,
-    )
-    .unwrap();
-    let conv_1x1 = QConv2d::new(
-        fw4(16, 16, 1, 1, 5).view(),
-        Some(bias(16, 5).view()),
-        &per_channel(16, 5),
-        cp(1, 0, 1, 1),
-        0.05,
-        100,
-    )
-    .unwrap();
-    let add_relu = QAdd::new(0.06, 20)
-        .unwrap()
-        .with_relu()
-        .with_layout(TorchLayout::Contiguous);
-    let add_plain = QAdd::new(0.07, 90).unwrap();
-    let float_conv = Conv2d::new(fw4(16, 16, 1, 1, 6), Some(bias(16, 6))).unwrap();
-    let float_grouped = Conv2d::new(fw4(16, 4, 3, 3, 7), None)
-        .unwrap()
-        .with_groups(4)
-        .with_padding(1, 1);
-    let mut bn = BatchNorm2d::identity(16);
-    bn.running_mean = bias(16, 8);
-    bn.running_var = bias(16, 9).mapv(|v| v.abs() + 0.5);
-    bn.weight = bias(16, 10).mapv(|v| v + 1.0);
-    bn.eps = 1e-3;
-    let mut avg = Pool2d::new(PoolKind::Avg, 3, 3);
-    avg.stride = (1, 1);
-    avg.padding = (1, 1);
-    let float_tail = Sequential::new()
-        .push(
-            "fc",
-            Layer::Linear(Linear::new(fw2(6, 5, 11), Some(bias(6, 11))).unwrap()),
-        )
-        .push("relu6", Layer::ReLU6)
-        .push("drop", Layer::Dropout)
-        .push(
-            "res",
-            Layer::Residual(
-                Sequential::new()
-                    .push(
-                        "fc",
-                        Layer::LinearReLU(Linear::new(fw2(6, 6, 12), None).unwrap()),
-                    )
-                    .push("id", Layer::Identity),
-            ),
-        )
-        .push("q", Layer::QuantStub)
-        .push("dq", Layer::DeQuantStub)
-        .push("relu", Layer::ReLU);
-    let steps = vec![
-        step(
-            "quant",
-            QOp::Quantize {
-                scale: 0.02,
-                zero_point: 10,
-            },
-        ),
-        step("conv1", QOp::Conv2d(conv_dense)),
-        step("conv2", QOp::ConvReLU2d(conv_grouped)),
-        step("dw1", QOp::Conv2d(dw_sym)),
-        step("dw2", QOp::ConvReLU2d(dw_affine)),
-        step("relu", QOp::ReLU),
-        step("relu6", QOp::ReLU6 { q6: 120 }),
-        step(
-            "max",
-            QOp::MaxPool2d(QMaxPool2d::new((3, 3), (1, 1), (1, 1), (1, 1)).unwrap()),
-        ),
-        step(
-            "block1",
-            QOp::Residual {
-                body: vec![
-                    step("block1.conv", QOp::Conv2d(conv_1x1)),
-                    step("block1.relu", QOp::ReLU),
-                ],
-                skip_quant: None,
-                body_quant: None,
-                add: Some(add_relu),
-            },
-        ),
-        step(
-            "block2",
-            QOp::Residual {
-                body: vec![
-                    step("block2.bn", QOp::Dequantize),
-                    step("block2.bn", QOp::Float(Layer::BatchNorm2d(bn))),
-                    step("block2.conv", QOp::Float(Layer::Conv2d(float_conv))),
-                    step("block2.gconv", QOp::Float(Layer::ConvReLU2d(float_grouped))),
-                    step("block2.pool", QOp::Float(Layer::Pool2d(avg))),
-                ],
-                skip_quant: None,
-                body_quant: None,
-                add: None,
-            },
-        ),
-        step(
-            "block3",
-            QOp::Residual {
-                body: vec![
-                    step("block3.relu", QOp::Float(Layer::ReLU)),
-                    step(
-                        "block3.max",
-                        QOp::Float(Layer::Pool2d(Pool2d {
-                            kind: PoolKind::Max,
-                            kernel: (3, 3),
-                            stride: (1, 1),
-                            padding: (1, 1),
-                        })),
-                    ),
-                ],
-                skip_quant: Some((0.08, 60)),
-                body_quant: Some((0.05, 30)),
-                add: Some(add_plain),
-            },
-        ),
-        step(
-            "avg",
-            QOp::AvgPool2d(
-                QAvgPool2d::new((2, 2), (1, 1), (1, 1), false)
-                    .unwrap()
-                    .with_layout(TorchLayout::Contiguous),
-            ),
-        ),
-        step(
-            "adaptive",
-            QOp::AdaptiveAvgPool2d(QAdaptiveAvgPool2d::new((2, 2)).unwrap()),
-        ),
-        step("flatten", QOp::Flatten { start_dim: 1 }),
-        step("drop", QOp::Identity),
-        step(
-            "fc1",
-            QOp::LinearReLU(
-                QLinearReLU::new(
-                    fw2(10, 64, 13).view(),
-                    Some(bias(10, 13).view()),
-                    &per_channel(10, 13),
-                    0.05,
-                    0,
-                )
-                .unwrap(),
-            ),
-        ),
-        step(
-            "fc2",
-            QOp::Linear(
-                QLinear::new(
-                    fw2(5, 10, 14).view(),
-                    None,
-                    &per_tensor(0.003, -3),
-                    0.04,
-                    128,
-                )
-                .unwrap(),
-            ),
-        ),
-        step("tail", QOp::Dequantize),
-        step("tail", QOp::Float(Layer::Sequential(float_tail))),
-        step("tail.flat", QOp::Float(Layer::Flatten { start_dim: 1 })),
-    ];
-    QuantizedModel::from_steps(steps, 12345)
+fn conv(o: usize, i: usize, k: usize, seed: usize) -> Conv2d {
+    Conv2d::new(fw4(o, i, k, k, seed), Some(bias(o, seed))).unwrap()
 }
 
-/// A model with the shape-changing operations in other configurations: flatten from
-/// dimension 2, float adaptive pooling, a float flatten feeding an int8 linear.
-fn second_model() -> QuantizedModel {
-    let steps = vec![
-        step(
-            "quant",
-            QOp::Quantize {
-                scale: 0.03,
-                zero_point: 0,
-            },
-        ),
-        step("pool", QOp::Dequantize),
-        step("pool", QOp::Float(Layer::AdaptiveAvgPool2d((2, 3)))),
-        step(
-            "flat",
-            QOp::Quantize {
-                scale: 0.02,
-                zero_point: 3,
-            },
-        ),
-        step("flat", QOp::Flatten { start_dim: 2 }),
-        step("fc", QOp::Dequantize),
-        step(
+/// A model holding every layer kind of a `Sequential`, quantized by the Sequential flow:
+/// int8 convolutions (dense, grouped + dilated, depthwise with a channel multiplier,
+/// strided), fused ReLUs, ReLU, ReLU6, the pools, a residual with an int8 add and one with
+/// a float add, an unfused batch norm, dropout, identity, flatten, linear layers, a float
+/// island (a nested container kept in float by the map) and the borders.
+fn every_op_model() -> QuantizedModel {
+    let body = Sequential::new()
+        .push(
+            "conv1",
+            Layer::ConvReLU2d(conv(8, 8, 3, 3).with_padding(1, 1)),
+        )
+        .push("conv2", Layer::Conv2d(conv(8, 8, 3, 4).with_padding(1, 1)));
+    let float_body = Sequential::new().push("conv", Layer::Conv2d(conv(8, 8, 1, 5)));
+    let mut mp = Pool2d::new(PoolKind::Max, 3, 3);
+    mp.padding = (1, 1);
+    let mut ap = Pool2d::new(PoolKind::Avg, 2, 2);
+    ap.stride = (1, 1);
+    ap.padding = (1, 1);
+    let island = Sequential::new()
+        .push(
             "fc",
-            QOp::Float(Layer::Linear(Linear::new(fw2(4, 6, 20), None).unwrap())),
-        ),
-        step("nothing", QOp::Float(Layer::Identity)),
-    ];
-    QuantizedModel::from_steps(steps, 0)
+            Layer::Linear(Linear::new(fw2(12, 16, 6), None).unwrap()),
+        )
+        .push("relu", Layer::ReLU);
+    let model = Sequential::new()
+        .push("quant", Layer::QuantStub)
+        .push(
+            "conv_dense",
+            Layer::Conv2d(conv(8, 3, 3, 1).with_padding(1, 1)),
+        )
+        .push(
+            "conv_grouped",
+            Layer::ConvReLU2d(
+                conv(8, 4, 3, 2)
+                    .with_groups(2)
+                    .with_padding(2, 2)
+                    .with_dilation(2, 2),
+            ),
+        )
+        .push("res", Layer::Residual(body))
+        .push("bn", Layer::BatchNorm2d(BatchNorm2d::identity(8)))
+        .push("relu", Layer::ReLU)
+        .push("pool", Layer::Pool2d(mp))
+        .push("float_res", Layer::Residual(float_body))
+        .push(
+            "dw",
+            Layer::ConvReLU2d(
+                conv(16, 1, 3, 7)
+                    .with_groups(8)
+                    .with_padding(1, 1)
+                    .with_stride(2, 2),
+            ),
+        )
+        .push("relu6", Layer::ReLU6)
+        .push("avg", Layer::Pool2d(ap))
+        .push("adapt", Layer::AdaptiveAvgPool2d((1, 1)))
+        .push("drop", Layer::Dropout)
+        .push("id", Layer::Identity)
+        .push("flatten", Layer::Flatten { start_dim: 1 })
+        .push(
+            "fc1",
+            Layer::LinearReLU(Linear::new(fw2(16, 16, 8), Some(bias(16, 8))).unwrap()),
+        )
+        .push("island", Layer::Sequential(island))
+        .push(
+            "fc2",
+            Layer::Linear(Linear::new(fw2(6, 12, 9), Some(bias(6, 9))).unwrap()),
+        )
+        .push("dequant", Layer::DeQuantStub);
+    let map = QConfigMap::new(QConfig::fbgemm())
+        .set_name("float_res", None)
+        .set_name("island", None);
+    let batches: Vec<ArrayD<f32>> = (0..3).map(|i| image_input(2, 3, 9, 9, 10 + i)).collect();
+    quantize_model(model, &map, &batches).unwrap()
+}
+
+/// A small model that is mostly float: int8 only between the stub and a flatten.
+fn second_model() -> QuantizedModel {
+    let model = Sequential::new()
+        .push("quant", Layer::QuantStub)
+        .push("pool", Layer::AdaptiveAvgPool2d((2, 3)))
+        .push("flat", Layer::Flatten { start_dim: 1 })
+        .push(
+            "fc",
+            Layer::Linear(Linear::new(fw2(4, 18, 20), None).unwrap()),
+        )
+        .push("nothing", Layer::Identity);
+    let map = QConfigMap::new(QConfig::minmax_per_tensor()).set_name("fc", None);
+    let batches = [image_input(2, 3, 5, 4, 3)];
+    quantize_model(model, &map, &batches).unwrap()
 }
 
 fn image_input(n: usize, c: usize, h: usize, w: usize, seed: usize) -> ArrayD<f32> {
@@ -340,6 +195,33 @@ fn every_operation_round_trips_bit_identically() {
     // The model runs (and its outputs are not trivial).
     let y = model.forward(&inputs[0]).unwrap();
     assert_eq!(y.shape(), &[2, 6]);
+    // every kind of node is there: int8 ops, float islands and borders
+    let kinds: std::collections::BTreeSet<&str> = model
+        .graph()
+        .nodes()
+        .iter()
+        .map(|n| n.op().kind())
+        .collect();
+    for k in [
+        "Quantize",
+        "Conv2d",
+        "ConvReLU2d",
+        "Add",
+        "BatchNorm2d",
+        "ReLU",
+        "MaxPool2d",
+        "Float",
+        "Dequantize",
+        "Clamp",
+        "AvgPool2d",
+        "AdaptiveAvgPool2d",
+        "Identity",
+        "Flatten",
+        "LinearReLU",
+        "Linear",
+    ] {
+        assert!(kinds.contains(k), "{k} missing from {kinds:?}");
+    }
     assert!(y.iter().any(|&v| v != 0.0));
     assert_round_trip(&model, &inputs);
     let second = second_model();
@@ -457,22 +339,70 @@ impl Module for Doubler {
 
 #[test]
 fn a_custom_layer_cannot_be_saved_and_the_error_names_it() {
-    let model = QuantizedModel::from_steps(
-        vec![step(
-            "head.double",
-            QOp::Float(Layer::Sequential(
-                Sequential::new().push("inner", Layer::Custom(Box::new(Doubler))),
-            )),
-        )],
-        0,
+    let model = Sequential::new()
+        .push("quant", Layer::QuantStub)
+        .push(
+            "fc",
+            Layer::Linear(Linear::new(fw2(3, 3, 1), None).unwrap()),
+        )
+        .push(
+            "head",
+            Layer::Sequential(Sequential::new().push("double", Layer::Custom(Box::new(Doubler)))),
+        );
+    let batches = [ArrayD::from_elem(IxDyn(&[2, 3]), 0.5f32)];
+    let int8 = quantize_model(model, &QConfigMap::new(QConfig::fbgemm()), &batches).unwrap();
+    // the custom layer runs as a float island
+    assert_eq!(
+        int8.forward(&batches[0]).unwrap(),
+        int8.graph().forward(&batches).unwrap()[0]
     );
-    match model.to_bytes().unwrap_err() {
+    match int8.to_bytes().unwrap_err() {
         QuantError::UnsupportedConfig { context, reason } => {
-            assert_eq!(context, "head.double.inner");
+            assert!(context.contains("head.double"), "{context}");
             assert!(reason.contains("Doubler"), "{reason}");
         }
         e => panic!("{e:?}"),
     }
+}
+
+/// A `ptq-qmodel/1` file (a step list, written by earlier versions for `Sequential`
+/// models) is refused with an error naming the version, by both loaders.
+#[test]
+fn legacy_files_are_refused_naming_their_version() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/legacy_v1_second.qmodel");
+    let bytes = std::fs::read(&path).unwrap();
+    for err in [
+        QuantizedModel::load(&path).unwrap_err(),
+        QuantizedModel::from_bytes(&bytes).unwrap_err(),
+        ptq::QuantizedGraph::from_bytes(&bytes).unwrap_err(),
+    ] {
+        assert!(matches!(err, QuantError::InvalidFile { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains("ptq-qmodel/1"), "{msg}");
+        assert!(msg.contains("convert the float model again"), "{msg}");
+    }
+    // A graph with two outputs is a QuantizedGraph, not a QuantizedModel.
+    let err = QuantizedModel::from_graph(two_output_graph()).unwrap_err();
+    assert!(err.to_string().contains("2 output(s)"), "{err}");
+}
+
+fn two_output_graph() -> ptq::QuantizedGraph {
+    use ptq::graph::{Dim, GraphBuilder};
+    let mut g = GraphBuilder::new();
+    let x = g.input("x", &[Dim::Batch, 3.into()]).unwrap();
+    let q = g.quant_stub("quant", x).unwrap();
+    let a = g
+        .linear("a", q, Linear::new(fw2(2, 3, 1), None).unwrap())
+        .unwrap();
+    let b = g
+        .linear("b", q, Linear::new(fw2(2, 3, 2), None).unwrap())
+        .unwrap();
+    g.output(a).unwrap();
+    g.output(b).unwrap();
+    let mut p = ptq::prepare(g.build().unwrap(), &QConfigMap::new(QConfig::fbgemm())).unwrap();
+    ptq::calibrate(&mut p, [ArrayD::from_elem(IxDyn(&[2, 3]), 0.5f32)]).unwrap();
+    ptq::convert(p).unwrap()
 }
 
 /// Re-writes a saved model with its metadata changed by `edit` and its tensors kept.
@@ -491,117 +421,86 @@ fn load_err(bytes: &[u8]) -> String {
     }
 }
 
+/// The index of node `name` in the saved file (its position in the graph).
+fn node(model: &QuantizedModel, name: &str) -> usize {
+    model.graph().find(name).unwrap()
+}
+
 #[test]
 fn hostile_metadata_is_refused_with_a_named_error() {
-    let bytes = every_op_model().to_bytes().unwrap();
+    let model = every_op_model();
+    let bytes = model.to_bytes().unwrap();
     let set = |k: &str, v: &str| {
         let (k, v) = (k.to_string(), v.to_string());
         rewrite(&bytes, move |m| {
+            assert!(m.contains_key(&k), "{k} not in the file");
             m.insert(k, v);
         })
     };
+    let conv = node(&model, "conv_grouped");
+    let quant = node(&model, "quant");
+    let fc1 = node(&model, "fc1");
+    let n = model.graph().nodes().len();
     let cases: Vec<(Vec<u8>, &str)> = vec![
-        (set("format", "ptq-qmodel/2"), "ptq-qmodel/2"),
-        (set("steps", "18446744073709551615"), "more than the file"),
-        (set("steps", "-1"), "does not parse"),
-        (set("1:op", "Conv3d"), "unknown operation"),
-        (set("1:stride", "0,1"), "outside [1, 1024]"),
-        (set("1:padding", "1,100000"), "outside [0, 1024]"),
-        (set("1:groups", "0"), "groups"),
-        (set("1:groups", "3"), "groups"),
-        (set("1:out_scale", "NaN"), "invalid scale"),
-        (set("1:out_scale", "1e-45"), "invalid scale"),
-        (set("1:out_scale", "-0.5"), "invalid scale"),
-        (set("0:out_zero_point", "256"), "zero point"),
-        (set("0:out_zero_point", "99999999999"), "zero point"),
-        (set("1:per_channel", "0"), "weight scales"),
-        (set("1:per_channel", "yes"), "not 0 or 1"),
-        (set("6:q6", "300"), "does not parse"),
-        (set("13:start_dim", "5000"), "outside"),
-        (set("11:layout", "sideways"), "no layout"),
-        (set("8:skip_quant", "0.1,-1"), "zero point"),
-        (set("8:body", "100000"), "more than the file"),
-        (set("19:L:kind", "Custom"), "unknown float layer"),
-        (set("9.1:L:eps", "-1"), "eps"),
+        (set("format", "ptq-qmodel/1"), "ptq-qmodel/1"),
+        (set("format", "ptq-qmodel/3"), "ptq-qmodel/3"),
+        (set("nodes", "18446744073709551615"), "more than the file"),
+        (set("nodes", "-1"), "does not parse"),
+        (set(&format!("{conv}:kind"), "Conv3d"), "unknown op kind"),
+        (set(&format!("{conv}:stride"), "0,1"), "outside [1, 1024]"),
         (
-            rewrite(&bytes, |m| {
-                m.remove("2:stride");
-            }),
-            "missing metadata key `2:stride`",
+            set(&format!("{conv}:padding"), "1,100000"),
+            "outside [0, 1024]",
+        ),
+        (set(&format!("{conv}:groups"), "0"), "groups"),
+        (set(&format!("{conv}:groups"), "3"), "groups"),
+        (set(&format!("{conv}:per_channel"), "yes"), "not 0 or 1"),
+        (set(&format!("{quant}:out"), "NaN,0"), "scale"),
+        (set(&format!("{quant}:out"), "0.1,256"), "zero point"),
+        (
+            set(&format!("{fc1}:inputs"), &format!("{n}")),
+            "node index below",
         ),
         (
-            rewrite(&bytes, |m| {
-                m.insert("steps".into(), "21".into());
+            rewrite(&bytes, move |m| {
+                m.remove(&format!("{conv}:stride"));
             }),
-            "missing metadata key `20:path`",
-        ),
-        (
-            rewrite(&bytes, |m| {
-                m.insert("steps".into(), "1".into());
-            }),
-            "tensors no step uses",
+            "missing metadata key",
         ),
     ];
     for (i, (file, want)) in cases.iter().enumerate() {
         let msg = load_err(file);
         assert!(msg.contains(want), "case {i}: {msg:?} lacks {want:?}");
     }
-    // Errors name the step and the layer path.
-    let msg = load_err(&set("1:stride", "0,1"));
-    assert!(msg.contains("step 1 (conv1)"), "{msg}");
-}
-
-#[test]
-fn deep_nesting_is_refused_without_recursing_further() {
-    let mut steps = vec![step("leaf", QOp::Identity)];
-    for i in 0..40 {
-        steps = vec![step(
-            &format!("r{i}"),
-            QOp::Residual {
-                body: steps,
-                skip_quant: None,
-                body_quant: None,
-                add: None,
-            },
-        )];
-    }
-    let model = QuantizedModel::from_steps(steps, 0);
-    let msg = load_err(&model.to_bytes().unwrap());
-    assert!(msg.contains("nest deeper than 32"), "{msg}");
+    // Errors name the node.
+    let msg = load_err(&set(&format!("{conv}:stride"), "0,1"));
+    assert!(msg.contains("conv_grouped"), "{msg}");
 }
 
 #[test]
 fn tensors_of_the_wrong_dtype_or_shape_are_refused() {
-    let l = QLinear::new(
-        fw2(3, 4, 1).view(),
-        Some(bias(3, 1).view()),
-        &per_tensor(0.01, 0),
-        0.1,
-        0,
+    let model = Sequential::new().push("q", Layer::QuantStub).push(
+        "fc",
+        Layer::Linear(Linear::new(fw2(3, 4, 1), Some(bias(3, 1))).unwrap()),
+    );
+    let batches = [ArrayD::from_elem(IxDyn(&[2, 4]), 0.5f32)];
+    let model = quantize_model(
+        model,
+        &QConfigMap::new(QConfig::minmax_per_tensor()),
+        &batches,
     )
     .unwrap();
-    let model = QuantizedModel::from_steps(
-        vec![
-            step(
-                "q",
-                QOp::Quantize {
-                    scale: 0.1,
-                    zero_point: 0,
-                },
-            ),
-            step("fc", QOp::Linear(l)),
-        ],
-        0,
-    );
+    let fc = node(&model, "fc");
     let bytes = model.to_bytes().unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let (_, md) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let meta = md.metadata().clone().unwrap();
     let with = |name: &str, dtype: safetensors::Dtype, shape: Vec<usize>, data: Vec<u8>| {
+        let name = name.replace("FC", &fc.to_string());
         let mut tensors: Vec<(String, safetensors::tensor::TensorView<'_>)> = st
             .tensors()
             .into_iter()
-            .filter(|(n, _)| n != name)
+            .filter(|(n, _)| *n != name)
             .collect();
         let view = safetensors::tensor::TensorView::new(dtype, shape, &data).unwrap();
         tensors.push((name.to_string(), view));
@@ -610,17 +509,20 @@ fn tensors_of_the_wrong_dtype_or_shape_are_refused() {
     use safetensors::Dtype;
     let cases = [
         (
-            with("1:weight", Dtype::U8, vec![3, 4], vec![0; 12]),
+            with("FC:weight", Dtype::U8, vec![3, 4], vec![0; 12]),
             "expected I8",
         ),
-        (with("1:weight", Dtype::I8, vec![12], vec![0; 12]), "rank 2"),
         (
-            with("1:bias", Dtype::F32, vec![4], vec![0; 16]),
+            with("FC:weight", Dtype::I8, vec![12], vec![0; 12]),
+            "rank 2",
+        ),
+        (
+            with("FC:bias", Dtype::F32, vec![4], vec![0; 16]),
             "4 elements for 3",
         ),
         (
             with(
-                "1:bias",
+                "FC:bias",
                 Dtype::F32,
                 vec![3],
                 [0f32, f32::NAN, 1.0]
@@ -631,12 +533,12 @@ fn tensors_of_the_wrong_dtype_or_shape_are_refused() {
             "NaN",
         ),
         (
-            with("1:weight_scales", Dtype::F32, vec![3], vec![0; 12]),
+            with("FC:weight_scales", Dtype::F32, vec![3], vec![0; 12]),
             "weight scales",
         ),
         (
             with(
-                "1:weight_zero_points",
+                "FC:weight_zero_points",
                 Dtype::I32,
                 vec![1],
                 200i32.to_le_bytes().to_vec(),
@@ -645,7 +547,7 @@ fn tensors_of_the_wrong_dtype_or_shape_are_refused() {
         ),
         (
             with(
-                "1:weight_scales",
+                "FC:weight_scales",
                 Dtype::F32,
                 vec![1],
                 0f32.to_le_bytes().to_vec(),
@@ -654,7 +556,7 @@ fn tensors_of_the_wrong_dtype_or_shape_are_refused() {
         ),
         (
             with("extra", Dtype::F32, vec![1], vec![0; 4]),
-            "tensors no step uses",
+            "no step uses",
         ),
     ];
     for (i, (file, want)) in cases.iter().enumerate() {
@@ -755,11 +657,14 @@ fn seed(path: &std::path::Path, bytes: Vec<u8>) {
     if path.extension().is_some_and(|e| e == "qmodel") {
         let old = QuantizedModel::from_bytes(&committed).unwrap_or_else(|e| panic!("{stale}: {e}"));
         let new = QuantizedModel::from_bytes(&bytes).unwrap();
-        assert_eq!(
-            format!("{:?}", old.steps()),
-            format!("{:?}", new.steps()),
-            "{stale}"
-        );
+        assert_eq!(old.to_string(), new.to_string(), "{stale}");
+        for n in new.graph().nodes() {
+            assert_eq!(
+                old.weight(n.name()).unwrap(),
+                new.weight(n.name()).unwrap(),
+                "{stale}"
+            );
+        }
     } else {
         assert!(committed == bytes, "{stale}");
     }

@@ -39,8 +39,19 @@ impl Graph {
     /// # Ok::<(), ptq::QuantError>(())
     /// ```
     pub fn from_sequential(seq: &Sequential, input: &[Dim]) -> Result<Graph> {
+        Graph::from_sequential_named(seq, "input", input)
+    }
+
+    /// As [`Graph::from_sequential`], with the input node named `input_name` (the
+    /// Sequential flow of [`crate::workflow`] names it [`crate::workflow::INPUT`], a name no
+    /// layer path can have).
+    pub(crate) fn from_sequential_named(
+        seq: &Sequential,
+        input_name: &str,
+        input: &[Dim],
+    ) -> Result<Graph> {
         let mut g = GraphBuilder::new();
-        let x = g.input("input", input)?;
+        let x = g.input(input_name, input)?;
         let y = lower(&mut g, seq, "", x)?;
         g.output(y)?;
         g.build()

@@ -1,21 +1,25 @@
-//! Saving and loading quantized models: the `ptq-qmodel/1` format.
+//! Saving and loading quantized models.
 //!
-//! A saved [`QuantizedModel`] is a safetensors file. Its tensors hold each int8 layer's
-//! `i8` weights with their `f32` scales and `i32` zero points, float biases, and the `f32`
-//! parameters of layers kept in float; its string metadata holds the format version
-//! (`format = ptq-qmodel/1`) and the architecture as flat `key = value` pairs, one family
-//! of keys per step (`3:op = Conv2d`, `3:stride = 1,1`, `3:out_scale = 0.0123`, ...;
-//! residual bodies are steps `3.0`, `3.1`, ...). Floats are written in Rust's shortest
-//! round-trip notation, so a loaded model gives bit-identical outputs.
+//! A [`QuantizedModel`] is saved as the `ptq-qmodel/2` file of its
+//! [`QuantizedGraph`](crate::quant::QuantizedGraph) (see [`crate::quant::record`]): a
+//! safetensors file whose tensors hold each int8 op's `i8` weights with their `f32` scales
+//! and `i32` zero points, float biases and the `f32` parameters of nodes kept in float, and
+//! whose string metadata holds the format version and every node as flat `key = value`
+//! pairs. Floats are written in Rust's shortest round-trip notation, so a loaded model
+//! gives bit-identical outputs.
 //!
-//! Loading trusts nothing in the file: the safetensors layer checks the header and that
-//! every tensor's offsets and byte size match its shape (with checked arithmetic) inside
-//! the file; this module then checks every tensor's dtype and rank, every shape against the
-//! others and the metadata, every count against the file's size, nesting depth, scales
-//! (finite, positive, normal), zero points (in range), hyperparameters (positive, at most
-//! [`MAX_HYPERPARAMETER`]), and that no tensor is left unused. Every failure is a
-//! [`QuantError`] naming the step and key; nothing is allocated beyond what the file's own
-//! bytes account for (plus the layers' packed forms).
+//! The `ptq-qmodel/1` files that earlier versions wrote for `Sequential` models (a list of
+//! steps) are not read any more: loading one is an error naming that version; convert the
+//! float model again and save it.
+//!
+//! This module also holds the container layer both use. Loading trusts nothing in the
+//! file: the safetensors layer checks the header and that every tensor's offsets and byte
+//! size match its shape (with checked arithmetic) inside the file; the readers then check
+//! every tensor's dtype and rank, every shape against the others and the metadata, every
+//! count against the file's size, scales (finite, positive, normal), zero points (in
+//! range), hyperparameters (positive, at most [`MAX_HYPERPARAMETER`]), and that no tensor
+//! is left unused. Every failure is a [`QuantError`] naming the node and key; nothing is
+//! allocated beyond what the file's own bytes account for (plus the ops' packed forms).
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -25,23 +29,114 @@ use safetensors::tensor::{Metadata, TensorView};
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{QuantError, Result};
-use crate::nn::quantized::{
-    Conv2dParams, QAdaptiveAvgPool2d, QAdd, QAvgPool2d, QConv2d, QConvReLU2d, QLinear, QLinearReLU,
-    QMaxPool2d, QOp, QStep, QuantizedModel, TorchLayout,
-};
-use crate::nn::{BatchNorm2d, Conv2d, Layer, Linear, Pool2d, PoolKind, Sequential};
+use crate::nn::quantized::{Conv2dParams, QConv2d, QLinear, QuantizedModel};
 use crate::qparams::{DType, QParams, QScheme};
 
-/// The format version written in the `format` metadata key.
-pub const FORMAT: &str = "ptq-qmodel/1";
+/// The format version [`QuantizedModel::save`] writes (that of
+/// [`QuantizedGraph::save`](crate::quant::QuantizedGraph::save)).
+pub const FORMAT: &str = crate::quant::record::FORMAT;
 
-/// The deepest nesting of residual bodies and float containers a file may hold.
-pub const MAX_DEPTH: usize = 32;
+/// The format of the `Sequential` model files earlier versions wrote; refused on load
+/// with an error naming it.
+pub const LEGACY_FORMAT: &str = "ptq-qmodel/1";
 
 /// The largest kernel size, stride, padding, dilation, adaptive-pool output size or
 /// flatten dimension a file may hold; larger values are refused as implausible (they
 /// would only serve to make a forward pass allocate without bound).
 pub const MAX_HYPERPARAMETER: usize = 1024;
+
+impl QuantizedModel {
+    /// Serializes the model to the bytes of a `ptq-qmodel/2` safetensors file (see
+    /// [`crate::io::qmodel`]).
+    ///
+    /// # Errors
+    /// [`QuantError::UnsupportedConfig`] naming the layer when the model holds a
+    /// [`Layer::Custom`](crate::nn::Layer::Custom) float layer, which has no file form.
+    ///
+    /// # Examples
+    /// ```
+    /// use ndarray::{Array1, Array2, ArrayD, IxDyn};
+    /// use ptq::nn::quantized::QuantizedModel;
+    /// use ptq::nn::{Layer, Linear, Sequential};
+    /// use ptq::qconfig::{QConfig, QConfigMap};
+    /// let model = Sequential::new()
+    ///     .push("quant", Layer::QuantStub)
+    ///     .push("fc", Layer::Linear(Linear::new(Array2::eye(2), Some(Array1::zeros(2)))?))
+    ///     .push("dequant", Layer::DeQuantStub);
+    /// let batches = vec![ArrayD::from_elem(IxDyn(&[3, 2]), 0.7f32)];
+    /// let model = ptq::workflow::quantize_model(model, &QConfigMap::new(QConfig::fbgemm()), &batches)?;
+    /// let bytes = model.to_bytes()?;
+    /// let loaded = QuantizedModel::from_bytes(&bytes)?;
+    /// assert_eq!(loaded.forward(&batches[0])?, model.forward(&batches[0])?);
+    /// assert!(QuantizedModel::from_bytes(&bytes[..bytes.len() - 1]).is_err());
+    /// # Ok::<(), ptq::QuantError>(())
+    /// ```
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        self.graph().to_bytes()
+    }
+
+    /// Writes the model to `path` (see [`QuantizedModel::to_bytes`]).
+    ///
+    /// # Errors
+    /// As [`QuantizedModel::to_bytes`], and [`QuantError::InvalidFile`] if the file cannot
+    /// be written.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let bytes = self.to_bytes()?;
+        std::fs::write(path, bytes).map_err(|e| QuantError::InvalidFile {
+            context: path.display().to_string(),
+            reason: format!("cannot write: {e}"),
+        })
+    }
+
+    /// Reads a model saved by [`QuantizedModel::save`] (or a one-input, one-output graph
+    /// saved by [`QuantizedGraph::save`](crate::quant::QuantizedGraph::save)); it gives
+    /// bit-identical outputs.
+    ///
+    /// # Errors
+    /// [`QuantError::InvalidFile`] for an unreadable, truncated, corrupt or hostile file,
+    /// or a `ptq-qmodel/1` file (see [`QuantizedModel::from_bytes`]).
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let ctx = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|e| QuantError::InvalidFile {
+            context: ctx.clone(),
+            reason: e.to_string(),
+        })?;
+        load_model(&bytes, &ctx)
+    }
+
+    /// Parses the bytes of a `ptq-qmodel/2` file. Nothing in the bytes is trusted.
+    ///
+    /// # Errors
+    /// As [`QuantizedGraph::from_bytes`](crate::quant::QuantizedGraph::from_bytes)
+    /// ([`QuantError::InvalidFile`] naming the node for anything wrong with the container,
+    /// the metadata or a tensor, the ops' own constructor errors), and
+    /// [`QuantError::InvalidFile`] naming the version for a `ptq-qmodel/1` file, or
+    /// [`QuantError::UnsupportedConfig`] for a graph without exactly one input and one
+    /// output.
+    ///
+    /// # Examples
+    /// ```
+    /// use ptq::nn::quantized::QuantizedModel;
+    /// let err = QuantizedModel::from_bytes(b"\x02\0\0\0\0\0\0\0{}").unwrap_err();
+    /// assert!(err.to_string().contains("invalid file"));
+    /// ```
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        load_model(bytes, "bytes")
+    }
+}
+
+fn load_model(bytes: &[u8], ctx: &str) -> Result<QuantizedModel> {
+    let r = open_reader(bytes, ctx)?;
+    if r.get("format")? == LEGACY_FORMAT {
+        return Err(r.bad(format!(
+            "this is a {LEGACY_FORMAT} file (a Sequential model saved by an earlier ptq); this \
+             version reads {FORMAT} only: convert the float model again and save it"
+        )));
+    }
+    QuantizedModel::from_graph(crate::quant::record::load(bytes, ctx)?)
+}
 
 // ---------------------------------------------------------------------------------------
 // Writing
@@ -55,13 +150,6 @@ pub(crate) struct Writer {
 
 fn pair((a, b): (usize, usize)) -> String {
     format!("{a},{b}")
-}
-
-fn layout_name(l: TorchLayout) -> &'static str {
-    match l {
-        TorchLayout::ChannelsLast => "channels_last",
-        TorchLayout::Contiguous => "contiguous",
-    }
 }
 
 impl Writer {
@@ -132,219 +220,9 @@ impl Writer {
         self.set(format!("{id}:groups"), p.groups);
     }
 
-    pub(crate) fn quant(&mut self, key: String, q: Option<(f32, i32)>) {
-        match q {
-            None => self.set(key, "none"),
-            Some((s, z)) => self.set(key, format!("{s},{z}")),
-        }
-    }
-
-    pub(crate) fn steps(&mut self, prefix: &str, steps: &[QStep]) -> Result<()> {
-        let count_key = if prefix.is_empty() {
-            "steps".to_string()
-        } else {
-            format!("{prefix}:body")
-        };
-        self.set(count_key, steps.len());
-        for (i, step) in steps.iter().enumerate() {
-            let id = if prefix.is_empty() {
-                i.to_string()
-            } else {
-                format!("{prefix}.{i}")
-            };
-            self.step(&id, step)?;
-        }
-        Ok(())
-    }
-
-    pub(crate) fn step(&mut self, id: &str, step: &QStep) -> Result<()> {
-        self.set(format!("{id}:path"), &step.path);
-        let op = |w: &mut Self, name: &str| w.set(format!("{id}:op"), name);
-        match &step.op {
-            QOp::Quantize { scale, zero_point } => {
-                op(self, "Quantize");
-                self.out_qparams(id, (*scale, *zero_point));
-            }
-            QOp::Dequantize => op(self, "Dequantize"),
-            QOp::Float(layer) => {
-                op(self, "Float");
-                self.layer(&format!("{id}:L"), layer, &step.path)?;
-            }
-            QOp::Linear(l) => {
-                op(self, "Linear");
-                self.linear(id, l);
-            }
-            QOp::LinearReLU(l) => {
-                op(self, "LinearReLU");
-                self.linear(id, l.inner());
-            }
-            QOp::Conv2d(c) => {
-                op(self, "Conv2d");
-                self.conv(id, c);
-            }
-            QOp::ConvReLU2d(c) => {
-                op(self, "ConvReLU2d");
-                self.conv(id, c.inner());
-            }
-            QOp::ReLU => op(self, "ReLU"),
-            QOp::ReLU6 { q6 } => {
-                op(self, "ReLU6");
-                self.set(format!("{id}:q6"), q6);
-            }
-            QOp::MaxPool2d(p) => {
-                op(self, "MaxPool2d");
-                self.set(format!("{id}:kernel"), pair(p.kernel()));
-                self.set(format!("{id}:stride"), pair(p.stride()));
-                self.set(format!("{id}:padding"), pair(p.padding()));
-                self.set(format!("{id}:dilation"), pair(p.dilation()));
-                if p.ceil_mode() {
-                    self.set(format!("{id}:ceil_mode"), 1u8);
-                }
-            }
-            QOp::AvgPool2d(p) => {
-                op(self, "AvgPool2d");
-                self.set(format!("{id}:kernel"), pair(p.kernel()));
-                self.set(format!("{id}:stride"), pair(p.stride()));
-                self.set(format!("{id}:padding"), pair(p.padding()));
-                self.set(
-                    format!("{id}:count_include_pad"),
-                    p.count_include_pad() as u8,
-                );
-                self.set(format!("{id}:layout"), layout_name(p.layout()));
-                if p.ceil_mode() {
-                    self.set(format!("{id}:ceil_mode"), 1u8);
-                }
-            }
-            QOp::AdaptiveAvgPool2d(p) => {
-                op(self, "AdaptiveAvgPool2d");
-                self.set(format!("{id}:output"), pair(p.output_size()));
-                self.set(format!("{id}:layout"), layout_name(p.layout()));
-            }
-            QOp::Flatten { start_dim } => {
-                op(self, "Flatten");
-                self.set(format!("{id}:start_dim"), start_dim);
-            }
-            QOp::Identity => op(self, "Identity"),
-            QOp::Residual {
-                body,
-                skip_quant,
-                body_quant,
-                add,
-            } => {
-                op(self, "Residual");
-                self.quant(format!("{id}:skip_quant"), *skip_quant);
-                self.quant(format!("{id}:body_quant"), *body_quant);
-                match add {
-                    None => self.set(format!("{id}:add"), "float"),
-                    Some(a) => {
-                        self.set(format!("{id}:add"), "int8");
-                        self.out_qparams(id, a.output_qparams());
-                        self.set(format!("{id}:add_relu"), a.is_relu() as u8);
-                        self.set(format!("{id}:layout"), layout_name(a.layout()));
-                    }
-                }
-                self.steps(id, body)?;
-            }
-        }
-        Ok(())
-    }
-
-    pub(crate) fn layer(&mut self, lp: &str, layer: &Layer, path: &str) -> Result<()> {
-        let kind = |w: &mut Self, k: &str| w.set(format!("{lp}:kind"), k);
-        match layer {
-            Layer::Conv2d(c) | Layer::ConvReLU2d(c) => {
-                kind(self, layer.type_name());
-                self.f32s(
-                    format!("{lp}:weight"),
-                    c.weight.shape(),
-                    &c.weight.iter().copied().collect::<Vec<_>>(),
-                );
-                let b = c.bias.as_ref().map(|b| b.to_vec());
-                self.bias(lp, b.as_deref());
-                self.conv_params(
-                    lp,
-                    Conv2dParams {
-                        stride: c.stride,
-                        padding: c.padding,
-                        dilation: c.dilation,
-                        groups: c.groups,
-                    },
-                );
-            }
-            Layer::Linear(l) | Layer::LinearReLU(l) => {
-                kind(self, layer.type_name());
-                self.f32s(
-                    format!("{lp}:weight"),
-                    l.weight.shape(),
-                    &l.weight.iter().copied().collect::<Vec<_>>(),
-                );
-                let b = l.bias.as_ref().map(|b| b.to_vec());
-                self.bias(lp, b.as_deref());
-            }
-            Layer::BatchNorm2d(b) => {
-                kind(self, "BatchNorm2d");
-                let c = b.channels();
-                for (name, v) in [
-                    ("weight", &b.weight),
-                    ("bias", &b.bias),
-                    ("running_mean", &b.running_mean),
-                    ("running_var", &b.running_var),
-                ] {
-                    self.f32s(format!("{lp}:{name}"), &[c], &v.to_vec());
-                }
-                self.set(format!("{lp}:eps"), b.eps);
-            }
-            Layer::Pool2d(p) => {
-                kind(self, "Pool2d");
-                let k = match p.kind {
-                    PoolKind::Max => "max",
-                    PoolKind::Avg => "avg",
-                };
-                self.set(format!("{lp}:pool"), k);
-                self.set(format!("{lp}:kernel"), pair(p.kernel));
-                self.set(format!("{lp}:stride"), pair(p.stride));
-                self.set(format!("{lp}:padding"), pair(p.padding));
-            }
-            Layer::AdaptiveAvgPool2d(o) => {
-                kind(self, "AdaptiveAvgPool2d");
-                self.set(format!("{lp}:output"), pair(*o));
-            }
-            Layer::Flatten { start_dim } => {
-                kind(self, "Flatten");
-                self.set(format!("{lp}:start_dim"), start_dim);
-            }
-            Layer::ReLU
-            | Layer::ReLU6
-            | Layer::Dropout
-            | Layer::Identity
-            | Layer::QuantStub
-            | Layer::DeQuantStub => kind(self, layer.type_name()),
-            Layer::Sequential(s) | Layer::Residual(s) => {
-                kind(self, layer.type_name());
-                self.set(format!("{lp}:n"), s.children().len());
-                for (i, (name, child)) in s.children().iter().enumerate() {
-                    let cp = format!("{lp}.{i}");
-                    self.set(format!("{cp}:name"), name);
-                    self.layer(&cp, child, &format!("{path}.{name}"))?;
-                }
-            }
-            Layer::Custom(m) => {
-                return Err(QuantError::UnsupportedConfig {
-                    context: path.to_string(),
-                    reason: format!(
-                        "the custom layer `{}` cannot be saved: only ptq's own layers have a file form; \
-                         replace it with built-in layers or rebuild the model after loading",
-                        m.type_name()
-                    ),
-                })
-            }
-        }
-        Ok(())
-    }
-
     pub(crate) fn finish(self) -> Result<Vec<u8>> {
         let bad = |e: safetensors::SafeTensorError| QuantError::InvalidFile {
-            context: "QuantizedModel::to_bytes".into(),
+            context: "QuantizedGraph::to_bytes".into(),
             reason: e.to_string(),
         };
         let mut views = Vec::with_capacity(self.tensors.len());
@@ -358,93 +236,6 @@ impl Writer {
     }
 }
 
-impl QuantizedModel {
-    /// Serializes the model to the bytes of a `ptq-qmodel/1` safetensors file (see
-    /// [`crate::io::qmodel`]).
-    ///
-    /// # Errors
-    /// [`QuantError::UnsupportedConfig`] naming the layer when the model holds a
-    /// [`Layer::Custom`] float layer, which has no file form.
-    ///
-    /// # Examples
-    /// ```
-    /// use ndarray::{array, ArrayD, IxDyn};
-    /// use ptq::nn::quantized::{QLinear, QOp, QStep, QuantizedModel};
-    /// use ptq::{DType, QParams};
-    /// let fc = QLinear::from_quantized(array![[1i8, -2], [3, 4]].view(),
-    ///     &QParams::per_tensor(0.1, 0, DType::QInt8)?, None, 0.05, 128)?;
-    /// let step = |path: &str, op| QStep { path: path.into(), op };
-    /// let model = QuantizedModel::from_steps(vec![
-    ///     step("quant", QOp::Quantize { scale: 0.02, zero_point: 10 }),
-    ///     step("fc", QOp::Linear(fc)),
-    ///     step("dequant", QOp::Dequantize),
-    /// ], 24);
-    /// let bytes = model.to_bytes()?;
-    /// let loaded = QuantizedModel::from_bytes(&bytes)?;
-    /// let x = ArrayD::from_elem(IxDyn(&[3, 2]), 0.7f32);
-    /// assert_eq!(loaded.forward(&x)?, model.forward(&x)?);
-    /// assert!(QuantizedModel::from_bytes(&bytes[..bytes.len() - 1]).is_err());
-    /// # Ok::<(), ptq::QuantError>(())
-    /// ```
-    pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        let mut w = Writer::default();
-        w.set("format".into(), FORMAT);
-        w.set("float_weight_bytes".into(), self.float_weight_bytes);
-        w.steps("", &self.steps)?;
-        w.finish()
-    }
-
-    /// Writes the model to `path` (see [`QuantizedModel::to_bytes`]).
-    ///
-    /// # Errors
-    /// As [`QuantizedModel::to_bytes`], and [`QuantError::InvalidFile`] if the file cannot
-    /// be written.
-    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
-        let path = path.as_ref();
-        let bytes = self.to_bytes()?;
-        std::fs::write(path, bytes).map_err(|e| QuantError::InvalidFile {
-            context: path.display().to_string(),
-            reason: format!("cannot write: {e}"),
-        })
-    }
-
-    /// Reads a model saved by [`QuantizedModel::save`]; it gives bit-identical outputs.
-    ///
-    /// # Errors
-    /// [`QuantError::InvalidFile`] for an unreadable, truncated, corrupt or hostile file
-    /// (see [`QuantizedModel::from_bytes`]).
-    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let ctx = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|e| QuantError::InvalidFile {
-            context: ctx.clone(),
-            reason: e.to_string(),
-        })?;
-        load_qmodel(&bytes, &ctx)
-    }
-
-    /// Parses the bytes of a `ptq-qmodel/1` file. Nothing in the bytes is trusted.
-    ///
-    /// # Errors
-    /// [`QuantError::InvalidFile`] (context: `"bytes: step <id> (<path>)"`) for anything
-    /// wrong with the container, the metadata or a tensor: not safetensors, another format
-    /// version, a missing or unparsable key, a tensor of the wrong dtype or shape, counts or
-    /// nesting beyond what the file can hold, an unused tensor; the layers' own
-    /// constructor errors ([`QuantError::InvalidScale`], [`QuantError::InvalidZeroPoint`],
-    /// [`QuantError::UnsupportedConfig`], [`QuantError::NonFinite`], ...) re-labelled with
-    /// the same context.
-    ///
-    /// # Examples
-    /// ```
-    /// use ptq::nn::quantized::QuantizedModel;
-    /// let err = QuantizedModel::from_bytes(b"\x02\0\0\0\0\0\0\0{}").unwrap_err();
-    /// assert!(err.to_string().contains("invalid file"));
-    /// ```
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
-        load_qmodel(bytes, "bytes")
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // Reading
 // ---------------------------------------------------------------------------------------
@@ -455,14 +246,6 @@ pub(crate) struct Reader<'a> {
     info: Metadata,
     data: &'a [u8],
     used: HashSet<String>,
-}
-
-fn parse_layout(s: &str) -> Option<TorchLayout> {
-    match s {
-        "channels_last" => Some(TorchLayout::ChannelsLast),
-        "contiguous" => Some(TorchLayout::Contiguous),
-        _ => None,
-    }
 }
 
 impl<'a> Reader<'a> {
@@ -506,15 +289,6 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// A flag that older files do not have (absent = false).
-    fn opt_flag(&self, key: &str) -> Result<bool> {
-        if self.meta.contains_key(key) {
-            self.flag(key)
-        } else {
-            Ok(false)
-        }
-    }
-
     pub(crate) fn hyper(&self, key: &str, v: usize, min: usize) -> Result<usize> {
         if v < min || v > MAX_HYPERPARAMETER {
             return Err(self.bad(format!(
@@ -533,11 +307,6 @@ impl<'a> Reader<'a> {
         Ok((self.hyper(key, a, min)?, self.hyper(key, b, min)?))
     }
 
-    pub(crate) fn layout(&self, key: &str) -> Result<TorchLayout> {
-        let v = self.get(key)?;
-        parse_layout(v).ok_or_else(|| self.bad(format!("metadata `{key}` = {v:?} is no layout")))
-    }
-
     /// A scale and zero point for `quint8` activations.
     pub(crate) fn act_qparams(&self, key_s: &str, s: f32, z: i64) -> Result<(f32, i32)> {
         let z = i32::try_from(z).unwrap_or(i32::MAX);
@@ -549,18 +318,6 @@ impl<'a> Reader<'a> {
         let s: f32 = self.parse(&format!("{id}:out_scale"))?;
         let z: i64 = self.parse(&format!("{id}:out_zero_point"))?;
         self.act_qparams(&format!("{id}:out_scale"), s, z)
-    }
-
-    pub(crate) fn quant(&self, key: &str) -> Result<Option<(f32, i32)>> {
-        let v = self.get(key)?;
-        if v == "none" {
-            return Ok(None);
-        }
-        let (s, z) = v
-            .split_once(',')
-            .and_then(|(s, z)| Some((s.parse::<f32>().ok()?, z.parse::<i64>().ok()?)))
-            .ok_or_else(|| self.bad(format!("metadata `{key}` = {v:?} is not `scale,zp`")))?;
-        self.act_qparams(key, s, z).map(Some)
     }
 
     /// The raw bytes and shape of tensor `name`, which must have `dtype` and `rank`.
@@ -727,231 +484,6 @@ impl<'a> Reader<'a> {
             .map_err(|e| self.bad(format!("tensor `{id}:weight`: {e}")))?;
         Ok((w, qp, bias, params, s, z))
     }
-
-    pub(crate) fn steps(&mut self, prefix: &str, depth: usize) -> Result<Vec<QStep>> {
-        if depth > MAX_DEPTH {
-            return Err(self.bad(format!(
-                "residual bodies nest deeper than {MAX_DEPTH} at step {prefix}"
-            )));
-        }
-        let n = if prefix.is_empty() {
-            self.count("steps")?
-        } else {
-            self.count(&format!("{prefix}:body"))?
-        };
-        let mut steps = Vec::new();
-        for i in 0..n {
-            let id = if prefix.is_empty() {
-                i.to_string()
-            } else {
-                format!("{prefix}.{i}")
-            };
-            let path = self.get(&format!("{id}:path"))?.to_string();
-            let place = format!("{}: step {id} ({path})", self.ctx);
-            let op = self
-                .op(&id, &path, depth)
-                .map_err(|e| e.in_context(&place))?;
-            steps.push(QStep { path, op });
-        }
-        Ok(steps)
-    }
-
-    pub(crate) fn op(&mut self, id: &str, path: &str, depth: usize) -> Result<QOp> {
-        let op = self.get(&format!("{id}:op"))?.to_string();
-        Ok(match op.as_str() {
-            "Quantize" => {
-                let (scale, zero_point) = self.out_qparams(id)?;
-                QOp::Quantize { scale, zero_point }
-            }
-            "Dequantize" => QOp::Dequantize,
-            "Float" => QOp::Float(self.layer(&format!("{id}:L"), path, depth + 1)?),
-            "Linear" | "LinearReLU" => {
-                let (w, qp, b, s, z) = self.linear(id)?;
-                let b = b.as_ref().map(|b| b.view());
-                if op == "Linear" {
-                    QOp::Linear(QLinear::from_quantized(w.view(), &qp, b, s, z)?)
-                } else {
-                    QOp::LinearReLU(QLinearReLU::from_quantized(w.view(), &qp, b, s, z)?)
-                }
-            }
-            "Conv2d" | "ConvReLU2d" => {
-                let (w, qp, b, p, s, z) = self.conv(id)?;
-                let b = b.as_ref().map(|b| b.view());
-                if op == "Conv2d" {
-                    QOp::Conv2d(QConv2d::from_quantized(w.view(), &qp, b, p, s, z)?)
-                } else {
-                    QOp::ConvReLU2d(QConvReLU2d::from_quantized(w.view(), &qp, b, p, s, z)?)
-                }
-            }
-            "ReLU" => QOp::ReLU,
-            "ReLU6" => QOp::ReLU6 {
-                q6: self.parse(&format!("{id}:q6"))?,
-            },
-            "MaxPool2d" => QOp::MaxPool2d(
-                QMaxPool2d::new(
-                    self.pair(&format!("{id}:kernel"), 1)?,
-                    self.pair(&format!("{id}:stride"), 1)?,
-                    self.pair(&format!("{id}:padding"), 0)?,
-                    self.pair(&format!("{id}:dilation"), 1)?,
-                )?
-                .with_ceil_mode(self.opt_flag(&format!("{id}:ceil_mode"))?),
-            ),
-            "AvgPool2d" => QOp::AvgPool2d(
-                QAvgPool2d::new(
-                    self.pair(&format!("{id}:kernel"), 1)?,
-                    self.pair(&format!("{id}:stride"), 1)?,
-                    self.pair(&format!("{id}:padding"), 0)?,
-                    self.flag(&format!("{id}:count_include_pad"))?,
-                )?
-                .with_layout(self.layout(&format!("{id}:layout"))?)
-                .with_ceil_mode(self.opt_flag(&format!("{id}:ceil_mode"))?),
-            ),
-            "AdaptiveAvgPool2d" => QOp::AdaptiveAvgPool2d(
-                QAdaptiveAvgPool2d::new(self.pair(&format!("{id}:output"), 1)?)?
-                    .with_layout(self.layout(&format!("{id}:layout"))?),
-            ),
-            "Flatten" => {
-                let key = format!("{id}:start_dim");
-                QOp::Flatten {
-                    start_dim: self.hyper(&key, self.parse(&key)?, 0)?,
-                }
-            }
-            "Identity" => QOp::Identity,
-            "Residual" => {
-                let skip_quant = self.quant(&format!("{id}:skip_quant"))?;
-                let body_quant = self.quant(&format!("{id}:body_quant"))?;
-                let add = match self.get(&format!("{id}:add"))? {
-                    "float" => None,
-                    "int8" => {
-                        let (s, z) = self.out_qparams(id)?;
-                        let mut add =
-                            QAdd::new(s, z)?.with_layout(self.layout(&format!("{id}:layout"))?);
-                        if self.flag(&format!("{id}:add_relu"))? {
-                            add = add.with_relu();
-                        }
-                        Some(add)
-                    }
-                    v => return Err(self.bad(format!("metadata `{id}:add` = {v:?}"))),
-                };
-                let body = self.steps(id, depth + 1)?;
-                QOp::Residual {
-                    body,
-                    skip_quant,
-                    body_quant,
-                    add,
-                }
-            }
-            other => return Err(self.bad(format!("unknown operation {other:?}"))),
-        })
-    }
-
-    pub(crate) fn layer(&mut self, lp: &str, path: &str, depth: usize) -> Result<Layer> {
-        if depth > MAX_DEPTH {
-            return Err(self.bad(format!("layers nest deeper than {MAX_DEPTH} at {lp}")));
-        }
-        let kind = self.get(&format!("{lp}:kind"))?.to_string();
-        Ok(match kind.as_str() {
-            "Conv2d" | "ConvReLU2d" => {
-                let (shape, w) = self.f32s(&format!("{lp}:weight"), 4)?;
-                let (o, cg, kh, kw) = (shape[0], shape[1], shape[2], shape[3]);
-                self.hyper(&format!("{lp}:weight kernel height"), kh, 1)?;
-                self.hyper(&format!("{lp}:weight kernel width"), kw, 1)?;
-                let bias = self.bias(lp, o)?;
-                let p = self.conv_params(lp, o)?;
-                let w = Array4::from_shape_vec((o, cg, kh, kw), w)
-                    .map_err(|e| self.bad(format!("tensor `{lp}:weight`: {e}")))?;
-                let mut c = Conv2d::new(w, bias)?;
-                c.stride = p.stride;
-                c.padding = p.padding;
-                c.dilation = p.dilation;
-                c.groups = p.groups;
-                if kind == "Conv2d" {
-                    Layer::Conv2d(c)
-                } else {
-                    Layer::ConvReLU2d(c)
-                }
-            }
-            "Linear" | "LinearReLU" => {
-                let (shape, w) = self.f32s(&format!("{lp}:weight"), 2)?;
-                let bias = self.bias(lp, shape[0])?;
-                let w = Array2::from_shape_vec((shape[0], shape[1]), w)
-                    .map_err(|e| self.bad(format!("tensor `{lp}:weight`: {e}")))?;
-                let l = Linear::new(w, bias)?;
-                if kind == "Linear" {
-                    Layer::Linear(l)
-                } else {
-                    Layer::LinearReLU(l)
-                }
-            }
-            "BatchNorm2d" => {
-                let mut vs = Vec::with_capacity(4);
-                for name in ["weight", "bias", "running_mean", "running_var"] {
-                    vs.push(self.f32s(&format!("{lp}:{name}"), 1)?.1);
-                }
-                let c = vs[0].len();
-                if vs.iter().any(|v| v.len() != c) {
-                    return Err(
-                        self.bad(format!("the BatchNorm2d tensors of {lp} differ in length"))
-                    );
-                }
-                let eps: f32 = self.parse(&format!("{lp}:eps"))?;
-                if !(eps.is_finite() && eps >= 0.0) {
-                    return Err(self.bad(format!("{lp}:eps = {eps} is not finite and >= 0")));
-                }
-                let mut it = vs.into_iter().map(Array1::from);
-                let mut next = || it.next().unwrap_or_else(|| Array1::zeros(c));
-                Layer::BatchNorm2d(BatchNorm2d {
-                    weight: next(),
-                    bias: next(),
-                    running_mean: next(),
-                    running_var: next(),
-                    eps,
-                })
-            }
-            "Pool2d" => {
-                let kind = match self.get(&format!("{lp}:pool"))? {
-                    "max" => PoolKind::Max,
-                    "avg" => PoolKind::Avg,
-                    v => return Err(self.bad(format!("metadata `{lp}:pool` = {v:?}"))),
-                };
-                Layer::Pool2d(Pool2d {
-                    kind,
-                    kernel: self.pair(&format!("{lp}:kernel"), 1)?,
-                    stride: self.pair(&format!("{lp}:stride"), 1)?,
-                    padding: self.pair(&format!("{lp}:padding"), 0)?,
-                })
-            }
-            "AdaptiveAvgPool2d" => Layer::AdaptiveAvgPool2d(self.pair(&format!("{lp}:output"), 1)?),
-            "Flatten" => {
-                let key = format!("{lp}:start_dim");
-                Layer::Flatten {
-                    start_dim: self.hyper(&key, self.parse(&key)?, 0)?,
-                }
-            }
-            "ReLU" => Layer::ReLU,
-            "ReLU6" => Layer::ReLU6,
-            "Dropout" => Layer::Dropout,
-            "Identity" => Layer::Identity,
-            "QuantStub" => Layer::QuantStub,
-            "DeQuantStub" => Layer::DeQuantStub,
-            "Sequential" | "Residual" => {
-                let n = self.count(&format!("{lp}:n"))?;
-                let mut s = Sequential::new();
-                for i in 0..n {
-                    let cp = format!("{lp}.{i}");
-                    let name = self.get(&format!("{cp}:name"))?.to_string();
-                    let child = self.layer(&cp, &format!("{path}.{name}"), depth + 1)?;
-                    s = s.push(name, child);
-                }
-                if kind == "Sequential" {
-                    Layer::Sequential(s)
-                } else {
-                    Layer::Residual(s)
-                }
-            }
-            other => return Err(self.bad(format!("unknown float layer {other:?} at {lp}"))),
-        })
-    }
 }
 
 /// Opens the safetensors container of a `.qmodel` file for reading; `ctx` names it in
@@ -998,19 +530,4 @@ impl Reader<'_> {
     pub(crate) fn has_tensor(&self, name: &str) -> bool {
         self.info.info(name).is_some()
     }
-}
-
-/// Parses a `ptq-qmodel/1` file; `ctx` names it in errors.
-fn load_qmodel(bytes: &[u8], ctx: &str) -> Result<QuantizedModel> {
-    let mut r = open_reader(bytes, ctx)?;
-    let format = r.get("format")?;
-    if format != FORMAT {
-        return Err(r.bad(format!(
-            "format {format:?} is not {FORMAT:?} (a newer ptq, or not a ptq model)"
-        )));
-    }
-    let float_weight_bytes: usize = r.parse("float_weight_bytes")?;
-    let steps = r.steps("", 0)?;
-    r.check_all_used()?;
-    Ok(QuantizedModel::from_steps(steps, float_weight_bytes))
 }

@@ -10,7 +10,7 @@ use crate::error::{QuantError, Result};
 use crate::graph::{Graph, NearestRule, Node, NodeId, Op, UpsampleMode};
 use crate::observer::Observer;
 use crate::qconfig::{Arithmetic, QConfig, QConfigMap};
-use crate::qparams::{ActQParams, DType};
+use crate::qparams::ActQParams;
 
 /// What an op does with quantization parameters when it runs in int8.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -247,30 +247,6 @@ impl fmt::Display for PreparedGraph {
     }
 }
 
-fn check_qconfig(qc: &QConfig, name: &str) -> Result<()> {
-    let a = qc.activation;
-    if a.dtype != DType::QUInt8 || a.qscheme.is_per_channel() {
-        return Err(QuantError::UnsupportedConfig {
-            context: name.into(),
-            reason: format!(
-                "int8 activations must be quint8 per-tensor; the qconfig's activation spec is {} {}",
-                a.dtype,
-                a.qscheme.name()
-            ),
-        });
-    }
-    if qc.weight.dtype != DType::QInt8 {
-        return Err(QuantError::UnsupportedConfig {
-            context: name.into(),
-            reason: format!(
-                "int8 weights must be qint8; the qconfig's weight spec is {}",
-                qc.weight.dtype
-            ),
-        });
-    }
-    qc.validate().map_err(|e| e.in_context(name))
-}
-
 /// Prepares a float graph for calibration: decides per node whether it runs in int8
 /// (under `map`, by node name or op kind, and by the op's int8 support) and adds one
 /// activation observer on every float output that int8 code will need quantized (quant
@@ -299,7 +275,7 @@ pub fn prepare(graph: Graph, map: &QConfigMap) -> Result<PreparedGraph> {
         let node_role = planned_role(&graph, node, qc.as_ref());
         if let Some(q) = &qc {
             if !matches!(node_role, Role::Input | Role::DeQuantStub | Role::FloatOnly) {
-                check_qconfig(q, &node.name)?;
+                q.check_int8(&node.name)?;
             }
         }
         let input_domain = |k: usize| plan[node.inputs[k].index()].output;

@@ -12,8 +12,8 @@
 //! be earlier nodes and as many as the op takes, graph inputs must be `Input` nodes, kind
 //! tags must be in the table, and every op's constructor validates its parameters. Every
 //! failure is a [`QuantError::InvalidFile`] (or the op's own error) naming the node.
-//! A `ptq-qmodel/1` file (a `Sequential` model) is refused with an error naming its
-//! version and pointing to `QuantizedModel::load`.
+//! A `ptq-qmodel/1` file (a `Sequential` model saved by an earlier ptq) is refused with an
+//! error naming its version.
 
 use std::path::Path;
 
@@ -309,13 +309,14 @@ fn parse_list(r: &Reader<'_>, key: &str, bound: usize) -> Result<Vec<usize>> {
         .collect()
 }
 
-fn load(bytes: &[u8], ctx: &str) -> Result<QuantizedGraph> {
+pub(crate) fn load(bytes: &[u8], ctx: &str) -> Result<QuantizedGraph> {
     let mut r = open_reader(bytes, ctx)?;
     let format = r.get("format")?.to_string();
-    if format == crate::io::qmodel::FORMAT {
+    if format == crate::io::qmodel::LEGACY_FORMAT {
         return Err(r.bad(format!(
-            "this is a {format} file (a Sequential model); load it with QuantizedModel::load, \
-             QuantizedGraph reads {FORMAT}"
+            "this is a {format} file (a Sequential model saved by an earlier ptq; neither \
+             QuantizedGraph nor QuantizedModel::load reads it any more): convert the float \
+             model again and save it as {FORMAT}"
         )));
     }
     if format != FORMAT {

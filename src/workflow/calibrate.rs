@@ -1,4 +1,5 @@
-//! `calibrate`: float forward passes that let the observers record ranges.
+//! `calibrate`: float forward passes through the lowered graph that let the observers
+//! record ranges.
 
 use std::borrow::Borrow;
 use std::collections::BTreeMap;
@@ -6,10 +7,11 @@ use std::fmt;
 
 use ndarray::ArrayD;
 
-use super::prepare::{Prepared, INPUT};
+use super::prepare::Prepared;
 use crate::error::{QuantError, Result};
-use crate::nn::Sequential;
+use crate::graph::{Graph, NodeId};
 use crate::observer::Observer;
+use crate::quant::PreparedGraph;
 
 /// Progress passed to the callback after each batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,8 +79,11 @@ impl fmt::Display for CalibrationReport {
     }
 }
 
-/// Runs every batch through the float model; each activation observer records the output
-/// it watches. Can be called several times (observers accumulate).
+/// Runs every batch through the float model (its lowered graph); each activation
+/// observer records the output it watches. Can be called several times (observers
+/// accumulate). The first non-empty batch fixes the input shape if [`prepare`](super::prepare)
+/// could not (see [`Prepared`]); every later batch must have that shape, except for the
+/// batch dimension.
 ///
 /// # Errors
 /// [`QuantError::EmptyCalibration`] if the iterator yields no non-empty batch;
@@ -111,51 +116,43 @@ where
     I: IntoIterator<Item = B>,
     B: Borrow<ArrayD<f32>>,
 {
-    let Prepared {
-        model, observers, ..
-    } = prepared;
-    let seen = run_batches(model, observers, batches.into_iter(), &mut progress)?;
-    report(seen, observers)
-}
-
-/// Activation observers by path.
-type Observers = BTreeMap<String, Box<dyn Observer>>;
-
-/// Runs batches through `model`, feeding `observers`; counts what it ran.
-fn run_batches<B: Borrow<ArrayD<f32>>>(
-    model: &Sequential,
-    observers: &mut Observers,
-    batches: impl Iterator<Item = B>,
-    progress: &mut dyn FnMut(&CalibrationProgress),
-) -> Result<CalibrationProgress> {
     let mut seen = CalibrationProgress {
         batches: 0,
         samples: 0,
     };
-    for (i, batch) in batches.enumerate() {
+    for (i, batch) in batches.into_iter().enumerate() {
         let x = batch.borrow();
         if x.is_empty() {
             continue;
         }
         crate::qparams::check_finite(x, &format!("calibration batch {i}"))?;
-        if let Some(obs) = observers.get_mut(INPUT) {
-            obs.observe(x.view()).map_err(|e| e.in_context(INPUT))?;
-        }
-        model.forward_with_hook(x, &mut |path, y| match observers.get_mut(path) {
-            Some(obs) => obs.observe(y.view()).map_err(|e| e.in_context(path)),
-            None => Ok(()),
-        })?;
+        let PreparedGraph {
+            graph, observers, ..
+        } = prepared.ensure_graph(x.shape())?;
+        run_batch(graph, observers, x)?;
         seen.batches += 1;
         seen.samples += x.shape().first().copied().unwrap_or(1);
         progress(&seen);
     }
-    Ok(seen)
+    report(seen, prepared)
 }
 
-fn report(
-    seen: CalibrationProgress,
-    observers: &BTreeMap<String, Box<dyn Observer>>,
-) -> Result<CalibrationReport> {
+/// Activation observers by the node whose output they watch.
+type Observers = BTreeMap<NodeId, Box<dyn Observer>>;
+
+/// Runs one (finite, non-empty) batch through `graph`, feeding `observers`.
+fn run_batch(graph: &Graph, observers: &mut Observers, x: &ArrayD<f32>) -> Result<()> {
+    graph.forward_with(
+        std::slice::from_ref(x),
+        &mut |node, y| match observers.get_mut(&node.id) {
+            Some(obs) => obs.observe(y.view()).map_err(|e| e.in_context(&node.name)),
+            None => Ok(()),
+        },
+    )?;
+    Ok(())
+}
+
+fn report(seen: CalibrationProgress, prepared: &Prepared) -> Result<CalibrationReport> {
     if seen.batches == 0 {
         return Err(QuantError::EmptyCalibration {
             reason: "the batch iterator yielded no non-empty batch".into(),
@@ -164,10 +161,10 @@ fn report(
     Ok(CalibrationReport {
         batches: seen.batches,
         samples: seen.samples,
-        ranges: observers
-            .iter()
+        ranges: prepared
+            .observers()
             .map(|(path, obs)| ObservedRange {
-                path: path.clone(),
+                path: path.to_string(),
                 observer: obs.kind(),
                 range: obs.observed_range(),
             })
@@ -218,23 +215,44 @@ where
 {
     let threads = threads.clamp(1, batches.len().max(1));
     let per = batches.len().div_ceil(threads).max(1);
-    let model = &prepared.model;
-    let template = &prepared.observers;
+    // The first non-empty batch fixes the input shape before the shards start.
+    if let Some(x) = batches.iter().map(|b| b.borrow()).find(|x| !x.is_empty()) {
+        prepared.ensure_graph(x.shape())?;
+    }
+    let Some(pg) = prepared.graph.as_mut() else {
+        return report(
+            CalibrationProgress {
+                batches: 0,
+                samples: 0,
+            },
+            prepared,
+        );
+    };
+    let graph = &pg.graph;
+    let template = &pg.observers;
     let shards: Vec<Result<(CalibrationProgress, Observers)>> = std::thread::scope(|s| {
         let handles: Vec<_> = batches
             .chunks(per)
-            .map(|chunk| {
+            .enumerate()
+            .map(|(k, chunk)| {
                 s.spawn(move || {
-                    let mut observers: Observers = template
-                        .iter()
-                        .map(|(k, o)| (k.clone(), o.fresh()))
-                        .collect();
-                    let seen = run_batches(
-                        model,
-                        &mut observers,
-                        chunk.iter().map(|b| b.borrow()),
-                        &mut |_| {},
-                    )?;
+                    let mut observers: Observers =
+                        template.iter().map(|(k, o)| (*k, o.fresh())).collect();
+                    let mut seen = CalibrationProgress {
+                        batches: 0,
+                        samples: 0,
+                    };
+                    for (j, b) in chunk.iter().enumerate() {
+                        let x = b.borrow();
+                        if x.is_empty() {
+                            continue;
+                        }
+                        let i = k * per + j;
+                        crate::qparams::check_finite(x, &format!("calibration batch {i}"))?;
+                        run_batch(graph, &mut observers, x)?;
+                        seen.batches += 1;
+                        seen.samples += x.shape().first().copied().unwrap_or(1);
+                    }
                     Ok((seen, observers))
                 })
             })
@@ -255,11 +273,12 @@ where
     for (progress, observers) in merged {
         seen.batches += progress.batches;
         seen.samples += progress.samples;
-        for (path, obs) in observers {
-            if let Some(mine) = prepared.observers.get_mut(&path) {
-                mine.merge(obs.as_ref()).map_err(|e| e.in_context(&path))?;
+        for (id, obs) in observers {
+            if let Some(mine) = pg.observers.get_mut(&id) {
+                let name = &pg.graph.node(id).name;
+                mine.merge(obs.as_ref()).map_err(|e| e.in_context(name))?;
             }
         }
     }
-    report(seen, &prepared.observers)
+    report(seen, prepared)
 }

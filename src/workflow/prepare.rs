@@ -1,67 +1,31 @@
-//! `prepare`: decide, layer by layer, what runs in int8 and where activations need
-//! observers, and build those observers.
-
-use std::collections::BTreeMap;
+//! `prepare` for a [`Sequential`]: lowered into a [`Graph`] (names preserved) and prepared by
+//! the graph flow ([`crate::quant::prepare`]).
 
 use crate::error::{QuantError, Result};
+use crate::graph::{Dim, Graph};
 use crate::nn::{Layer, Sequential};
 use crate::observer::Observer;
 use crate::qconfig::{QConfig, QConfigMap};
+use crate::quant::PreparedGraph;
 
-/// The path under which the model's own input is observed (when the first int8 layer
-/// receives the float input directly, without a `QuantStub`).
+/// The name of the lowered graph's input node: the path under which the model's own input
+/// is observed (when the first int8 layer receives the float input directly, without a
+/// `QuantStub`). No layer path can have it.
 pub const INPUT: &str = "<input>";
 
-/// Where an activation lives between two layers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Domain {
-    /// Float, produced by the layer at this path (or [`INPUT`]).
-    Float(String),
-    /// Quantized with the parameters of the observer at this path.
-    Quant(String),
-}
-
-/// One step of the plan `prepare` made: what each layer runs in, and in which domain its
-/// input and output live. `convert` turns it into int8 operations.
-#[derive(Debug, Clone, PartialEq)]
-pub enum PlanNode {
-    /// A leaf layer.
-    Leaf {
-        /// Dotted path.
-        path: String,
-        /// The layer's config (`None`: float).
-        qconfig: Option<QConfig>,
-        /// Whether the layer runs on quantized tensors.
-        int8: bool,
-        /// The domain the layer reads (before any conversion step).
-        input: Domain,
-        /// The domain it writes.
-        output: Domain,
-    },
-    /// A residual block `x + body(x)`.
-    Residual {
-        /// Dotted path.
-        path: String,
-        /// The add's config (`None`: float add).
-        qconfig: Option<QConfig>,
-        /// The block's input (the skip connection).
-        input: Domain,
-        /// The body.
-        body: Vec<PlanNode>,
-        /// The body's output domain.
-        body_output: Domain,
-        /// The add's output domain.
-        output: Domain,
-    },
-}
-
-/// A model ready for calibration: the float model, its plan, and its observers.
+/// A model ready for calibration: the float [`Sequential`] and, once its input shape is
+/// known, the graph it lowers into, prepared by [`crate::quant::prepare`] (the plan of
+/// which node runs in int8 and the activation observers).
+///
+/// Graphs have static shapes and a `Sequential` does not say its input shape, so the graph
+/// is built by [`prepare`] when the model starts with a `Linear` layer (its input is then
+/// `[batch, in_features]`), else from the first calibration batch's shape (dimension 0 is
+/// the batch).
 #[derive(Debug)]
 pub struct Prepared {
     pub(crate) model: Sequential,
-    pub(crate) plan: Vec<PlanNode>,
-    pub(crate) observers: BTreeMap<String, Box<dyn Observer>>,
-    pub(crate) qconfigs: BTreeMap<String, QConfig>,
+    pub(crate) map: QConfigMap,
+    pub(crate) graph: Option<PreparedGraph>,
 }
 
 impl Prepared {
@@ -70,175 +34,189 @@ impl Prepared {
         &self.model
     }
 
-    /// The plan: per layer, int8 or float, and the domains between layers.
-    pub fn plan(&self) -> &[PlanNode] {
-        &self.plan
+    /// The prepared graph (`None` until the input shape is known: see [`Prepared`]). Its
+    /// nodes carry the layers' dotted paths; its input node is named [`INPUT`].
+    pub fn graph(&self) -> Option<&PreparedGraph> {
+        self.graph.as_ref()
     }
 
-    /// The activation observers, by the path whose output they watch.
+    /// The activation observers, by the path whose output they watch, sorted by path
+    /// (none before the graph is built).
     pub fn observers(&self) -> impl Iterator<Item = (&str, &dyn Observer)> {
-        self.observers.iter().map(|(k, v)| (k.as_str(), v.as_ref()))
+        let mut v: Vec<(&str, &dyn Observer)> = match &self.graph {
+            Some(p) => p
+                .observers()
+                .map(|(id, o)| (p.graph().node(id).name.as_str(), o))
+                .collect(),
+            None => Vec::new(),
+        };
+        v.sort_by_key(|(path, _)| *path);
+        v.into_iter()
     }
 
-    /// The config of every layer that runs in int8 (and of every observed float border),
-    /// by path.
-    pub fn qconfigs(&self) -> &BTreeMap<String, QConfig> {
-        &self.qconfigs
-    }
-}
-
-/// What a leaf layer does with quantization parameters.
-enum Role {
-    /// Makes new parameters from its own output observer (QuantStub, Conv, Linear).
-    Requantizes,
-    /// Keeps its input's parameters (ReLU, pooling, Flatten, ...).
-    Preserves,
-    /// Turns int8 back to float (DeQuantStub).
-    Dequantizes,
-    /// Has no int8 version (BatchNorm2d not fused into a convolution, custom layers).
-    FloatOnly,
-}
-
-fn role(layer: &Layer) -> Role {
-    match layer {
-        Layer::QuantStub
-        | Layer::Conv2d(_)
-        | Layer::ConvReLU2d(_)
-        | Layer::Linear(_)
-        | Layer::LinearReLU(_) => Role::Requantizes,
-        Layer::ReLU
-        | Layer::ReLU6
-        | Layer::Pool2d(_)
-        | Layer::AdaptiveAvgPool2d(_)
-        | Layer::Flatten { .. }
-        | Layer::Dropout
-        | Layer::Identity => Role::Preserves,
-        Layer::DeQuantStub => Role::Dequantizes,
-        Layer::BatchNorm2d(_) | Layer::Custom(_) => Role::FloatOnly,
-        // Containers are walked, never planned as leaves.
-        Layer::Sequential(_) | Layer::Residual(_) => Role::FloatOnly,
-    }
-}
-
-struct Walk<'m> {
-    map: &'m QConfigMap,
-    observers: BTreeMap<String, Box<dyn Observer>>,
-    qconfigs: BTreeMap<String, QConfig>,
-}
-
-impl Walk<'_> {
-    /// Adds an observer on the output of `path` built from `qc`'s activation spec.
-    fn observe(&mut self, path: &str, qc: QConfig) -> Result<()> {
-        if !self.observers.contains_key(path) {
-            let obs = qc.activation.build().map_err(|e| e.in_context(path))?;
-            self.observers.insert(path.to_string(), obs);
-            self.qconfigs.entry(path.to_string()).or_insert(qc);
-        }
-        Ok(())
+    /// The config of every node that runs in int8, by path (empty before the graph is
+    /// built).
+    pub fn qconfigs(&self) -> std::collections::BTreeMap<String, QConfig> {
+        let Some(p) = &self.graph else {
+            return Default::default();
+        };
+        p.graph()
+            .nodes()
+            .iter()
+            .filter_map(|n| {
+                let plan = p.plan(n.id);
+                match (plan.int8, plan.qconfig) {
+                    (true, Some(q)) => Some((n.name.clone(), q)),
+                    _ => None,
+                }
+            })
+            .collect()
     }
 
-    /// Makes `domain` quantized for a consumer with config `qc`: a float activation gets
-    /// an observer on its producer's output.
-    fn quantized(&mut self, domain: &Domain, qc: QConfig) -> Result<Domain> {
-        match domain {
-            Domain::Quant(_) => Ok(domain.clone()),
-            Domain::Float(producer) => {
-                self.observe(producer, qc)?;
-                Ok(Domain::Quant(producer.clone()))
+    /// Builds the graph for inputs shaped like `x` (dimension 0: the batch) if it is not
+    /// built yet.
+    pub(crate) fn ensure_graph(&mut self, x_shape: &[usize]) -> Result<&mut PreparedGraph> {
+        if self.graph.is_none() {
+            if x_shape.is_empty() {
+                return Err(QuantError::ShapeMismatch {
+                    context: "calibration batch".into(),
+                    expected: "a batch dimension first".into(),
+                    actual: "a scalar".into(),
+                });
             }
+            self.graph = Some(lower_and_prepare(
+                &self.model,
+                &self.map,
+                &batch_dims(x_shape),
+            )?);
         }
+        let p = self
+            .graph
+            .as_mut()
+            .unwrap_or_else(|| unreachable!("built above"));
+        let g = p.graph();
+        let input = &g.node(g.inputs()[0]).shape;
+        if !input.admits(x_shape) {
+            // Name the layer that cannot take this shape, if one cannot.
+            Graph::from_sequential_named(&self.model, INPUT, &batch_dims(x_shape))?;
+            return Err(QuantError::ShapeMismatch {
+                context: INPUT.into(),
+                expected: format!(
+                    "{input} (the shape the model was prepared for: calibrate with one input \
+                     shape, any batch size)"
+                ),
+                actual: format!("a batch of shape {x_shape:?}"),
+            });
+        }
+        Ok(p)
     }
+}
 
-    fn sequential(
-        &mut self,
-        seq: &Sequential,
-        prefix: &str,
-        mut cur: Domain,
-    ) -> Result<(Vec<PlanNode>, Domain)> {
-        let mut nodes = Vec::new();
-        for (name, layer) in seq.children() {
-            let path = if prefix.is_empty() {
-                name.clone()
-            } else {
-                format!("{prefix}.{name}")
-            };
-            let qc = self.map.qconfig_for(&path, layer.type_name());
+/// `[batch, rest of x's shape]`.
+fn batch_dims(x_shape: &[usize]) -> Vec<Dim> {
+    let mut dims = vec![Dim::Batch];
+    dims.extend(x_shape[1..].iter().map(|&d| Dim::Fixed(d)));
+    dims
+}
+
+fn lower_and_prepare(model: &Sequential, map: &QConfigMap, dims: &[Dim]) -> Result<PreparedGraph> {
+    let graph = Graph::from_sequential_named(model, INPUT, dims)?;
+    crate::quant::prepare(graph, &graph_map(map))
+}
+
+/// `map` with its layer-type entries also set for the graph ops the layers lower into: a
+/// `Residual` block's add is an `Add` node, `ReLU6` a `Clamp`, a `BatchNorm2d` on vectors
+/// a `BatchNorm1d`.
+fn graph_map(map: &QConfigMap) -> QConfigMap {
+    map.clone()
+        .with_type_alias("Residual", "Add")
+        .with_type_alias("ReLU6", "Clamp")
+        .with_type_alias("BatchNorm2d", "BatchNorm1d")
+}
+
+/// The input shape a model fixes by itself: `[batch, in_features]` when the first layer
+/// that reads a specific shape is a `Linear` (shape-keeping layers before it allowed).
+fn known_input(seq: &Sequential) -> Option<Vec<Dim>> {
+    fn first(seq: &Sequential) -> Option<Option<Vec<Dim>>> {
+        for (_, layer) in seq.children() {
             match layer {
-                Layer::Sequential(s) => {
-                    let (sub, out) = self.sequential(s, &path, cur)?;
-                    nodes.extend(sub);
-                    cur = out;
+                Layer::Linear(l) | Layer::LinearReLU(l) => {
+                    return Some(Some(vec![Dim::Batch, Dim::Fixed(l.weight.ncols())]))
                 }
-                Layer::Residual(body) => {
-                    let input = cur.clone();
-                    let (sub, body_out) = self.sequential(body, &path, cur)?;
-                    let (input, body_output, output) = match qc {
-                        Some(q) => {
-                            let i = self.quantized(&input, q)?;
-                            let b = self.quantized(&body_out, q)?;
-                            self.observe(&path, q)?;
-                            (i, b, Domain::Quant(path.clone()))
-                        }
-                        None => (input, body_out, Domain::Float(path.clone())),
-                    };
-                    nodes.push(PlanNode::Residual {
-                        path: path.clone(),
-                        qconfig: qc,
-                        input,
-                        body: sub,
-                        body_output,
-                        output: output.clone(),
-                    });
-                    cur = output;
+                Layer::Sequential(s) | Layer::Residual(s) => {
+                    if let Some(found) = first(s) {
+                        return Some(found);
+                    }
                 }
-                leaf => {
-                    let (int8, input, output) = match (role(leaf), qc) {
-                        (Role::Requantizes, Some(q)) => {
-                            // A QuantStub quantizes float input itself; conv / linear need
-                            // quantized input, observed at the float producer if needed.
-                            let input = if matches!(leaf, Layer::QuantStub) {
-                                cur.clone()
-                            } else {
-                                self.quantized(&cur, q)?
-                            };
-                            self.observe(&path, q)?;
-                            self.qconfigs.insert(path.clone(), q);
-                            (true, input, Domain::Quant(path.clone()))
-                        }
-                        (Role::Preserves, Some(_)) => match &cur {
-                            Domain::Quant(_) => (true, cur.clone(), cur.clone()),
-                            Domain::Float(_) => (false, cur.clone(), Domain::Float(path.clone())),
-                        },
-                        (Role::Dequantizes, _) => (false, cur.clone(), Domain::Float(path.clone())),
-                        // QuantStub / conv / linear / preserving ops without a config, and
-                        // float-only layers, run in float.
-                        _ => (false, cur.clone(), Domain::Float(path.clone())),
-                    };
-                    nodes.push(PlanNode::Leaf {
-                        path: path.clone(),
-                        qconfig: qc,
-                        int8,
-                        input,
-                        output: output.clone(),
-                    });
-                    cur = output;
-                }
+                Layer::QuantStub
+                | Layer::DeQuantStub
+                | Layer::ReLU
+                | Layer::ReLU6
+                | Layer::Dropout
+                | Layer::Identity => {}
+                _ => return Some(None),
             }
         }
-        Ok((nodes, cur))
+        None
     }
+    first(seq).flatten()
 }
 
-/// Prepares a float model for calibration: plans which layers run in int8 under `map`,
-/// and builds one fresh activation observer for every activation that will need
-/// quantization parameters. Weights are observed at `convert`, as PyTorch does.
+/// Checks what can be checked before the input shape is known: some layer gets a config
+/// that can run in int8, and every config that would run a layer in int8 is one the
+/// kernels take (the graph's `prepare` checks it again, naming the node).
+fn check_configs(seq: &Sequential, prefix: &str, map: &QConfigMap, any: &mut bool) -> Result<()> {
+    for (name, layer) in seq.children() {
+        let path = if prefix.is_empty() {
+            name.clone()
+        } else {
+            format!("{prefix}.{name}")
+        };
+        match layer {
+            Layer::Sequential(s) => check_configs(s, &path, map, any)?,
+            Layer::Residual(s) => {
+                check_configs(s, &path, map, any)?;
+                if let Some(q) = map.qconfig_for(&path, "Residual") {
+                    q.check_int8(&path)?;
+                    *any = true;
+                }
+            }
+            Layer::QuantStub
+            | Layer::Conv2d(_)
+            | Layer::ConvReLU2d(_)
+            | Layer::Linear(_)
+            | Layer::LinearReLU(_)
+            | Layer::BatchNorm2d(_) => {
+                if let Some(q) = map.qconfig_for(&path, layer.type_name()) {
+                    q.check_int8(&path)?;
+                    *any = true;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Prepares a float model for calibration: lowers it into a [`Graph`] (every leaf keeps its
+/// dotted path as node name, a residual block becomes its body and an `Add` node named by
+/// the block's path) and runs the graph flow's [`crate::quant::prepare`], which plans which
+/// nodes run in int8 under `map` and builds one fresh activation observer for every
+/// activation that will need quantization parameters. Weights are observed at `convert`, as
+/// PyTorch does.
+///
+/// The graph is built here when the model's input shape is known (a model starting with a
+/// `Linear` layer), else by the first calibration batch (see [`Prepared`]).
 ///
 /// Run [`crate::nn::fuse`] first to fold batch norms and fuse ReLUs; an unfused
-/// `BatchNorm2d` stays in float.
+/// `BatchNorm2d` on images runs as a separate int8 batch norm (PyTorch's
+/// `nnq.BatchNorm2d`), one on vectors in float.
 ///
 /// # Errors
-/// [`QuantError::NothingToQuantize`] if `map` puts no layer in int8, and the observer
-/// specs' own errors (an invalid custom range, ...), named with the layer.
+/// [`QuantError::NothingToQuantize`] if `map` puts no layer in int8;
+/// [`QuantError::UnsupportedConfig`] naming the layer if a config that would run it in int8
+/// has activations that are not `quint8` per-tensor or weights that are not `qint8`, or an
+/// observer spec PyTorch rejects; shape errors naming the layer when the graph is built.
 ///
 /// # Examples
 /// ```
@@ -262,22 +240,21 @@ pub fn prepare(model: Sequential, map: &QConfigMap) -> Result<Prepared> {
             reason: "the QConfigMap has no global config and no entry with a config".into(),
         });
     }
-    let mut walk = Walk {
-        map,
-        observers: BTreeMap::new(),
-        qconfigs: BTreeMap::new(),
-    };
-    let (plan, _) = walk.sequential(&model, "", Domain::Float(INPUT.to_string()))?;
-    if walk.observers.is_empty() {
+    let mut any = false;
+    check_configs(&model, "", map, &mut any)?;
+    if !any {
         return Err(QuantError::NothingToQuantize {
             reason: "no layer of the model has a config that runs it in int8 (Conv2d, Linear, their ReLU fusions, QuantStub, residual adds)".into(),
         });
     }
+    let graph = match known_input(&model) {
+        Some(dims) => Some(lower_and_prepare(&model, map, &dims)?),
+        None => None,
+    };
     Ok(Prepared {
         model,
-        plan,
-        observers: walk.observers,
-        qconfigs: walk.qconfigs,
+        map: map.clone(),
+        graph,
     })
 }
 
@@ -285,7 +262,7 @@ pub fn prepare(model: Sequential, map: &QConfigMap) -> Result<Prepared> {
 mod tests {
     use super::*;
     use crate::nn::{BatchNorm2d, Conv2d, Linear};
-    use ndarray::{Array1, Array2, Array4};
+    use ndarray::{Array1, Array2, Array4, ArrayD, IxDyn};
 
     fn conv() -> Layer {
         Layer::Conv2d(Conv2d::new(Array4::zeros((4, 4, 1, 1)), Some(Array1::zeros(4))).unwrap())
@@ -311,50 +288,65 @@ mod tests {
         p.observers().map(|(k, _)| k).collect()
     }
 
+    fn built(map: &QConfigMap) -> Prepared {
+        let mut p = prepare(model(), map).unwrap();
+        // A convolution comes first: the graph waits for the input shape.
+        assert!(p.graph().is_none() && observed(&p).is_empty());
+        p.ensure_graph(&[2, 4, 1, 1]).unwrap();
+        p
+    }
+
     #[test]
-    fn float_islands_get_observers_where_int8_resumes() {
-        let p = prepare(model(), &QConfigMap::new(QConfig::minmax_per_channel())).unwrap();
+    fn float_inputs_get_observers_where_int8_starts() {
+        let p = built(&QConfigMap::new(QConfig::minmax_per_channel()));
         // conv1 reads the float model input: observed at <input>. The unfused batch norm
-        // runs in float, so its output is observed for the residual that follows.
+        // runs as an int8 batch norm with its own observer, as PyTorch's does.
         assert_eq!(
             observed(&p),
             vec![INPUT, "bn", "conv1", "fc", "res", "res.conv"]
         );
-        let leaf = |path: &str| {
-            fn find<'a>(nodes: &'a [PlanNode], path: &str) -> Option<&'a PlanNode> {
-                nodes.iter().find_map(|n| match n {
-                    PlanNode::Leaf { path: p, .. } if p == path => Some(n),
-                    PlanNode::Residual { body, .. } => find(body, path),
-                    _ => None,
-                })
-            }
-            find(p.plan(), path).cloned().unwrap()
-        };
-        assert!(
-            matches!(leaf("relu1"), PlanNode::Leaf { int8: true, output: Domain::Quant(ref s), .. } if s == "conv1")
-        );
-        assert!(matches!(leaf("bn"), PlanNode::Leaf { int8: false, .. }));
-        assert!(
-            matches!(leaf("flatten"), PlanNode::Leaf { int8: true, output: Domain::Quant(ref s), .. } if s == "res")
-        );
+        let q = p.qconfigs();
+        assert!(q.contains_key("relu1") && q.contains_key("flatten"));
     }
 
     #[test]
     fn a_layer_kept_in_float_moves_the_borders() {
         let map = QConfigMap::new(QConfig::minmax_per_tensor()).set_name("res", None);
-        let p = prepare(model(), &map).unwrap();
+        let p = built(&map);
         // The residual (add and body) runs in float, so does the flatten after it (a
         // shape op follows its input's domain); fc needs that float output quantized, so
-        // the flatten's output is observed with fc's config.
-        assert_eq!(observed(&p), vec![INPUT, "conv1", "fc", "flatten"]);
-        assert!(p.plan().iter().any(|n| matches!(
-            n,
-            PlanNode::Residual {
-                qconfig: None,
-                output: Domain::Float(_),
-                ..
-            }
-        )));
+        // the flatten's output is observed.
+        assert_eq!(observed(&p), vec![INPUT, "bn", "conv1", "fc", "flatten"]);
+        assert!(!p.qconfigs().contains_key("res"));
+    }
+
+    #[test]
+    fn layer_type_entries_reach_the_ops_the_layers_lower_into() {
+        // "Residual" (the layer type) keeps the block's add in float as before: the add
+        // is an `Add` node of the graph.
+        let map = QConfigMap::new(QConfig::minmax_per_tensor()).set_type("Residual", None);
+        let p = built(&map);
+        assert!(!observed(&p).contains(&"res"));
+        assert!(!p.qconfigs().contains_key("res"));
+        // an entry for the op kind itself wins
+        let map = map.set_type("Add", Some(QConfig::minmax_per_tensor()));
+        assert!(observed(&built(&map)).contains(&"res"));
+    }
+
+    #[test]
+    fn a_model_starting_with_a_linear_layer_is_lowered_at_prepare() {
+        let m = Sequential::new().push("quant", Layer::QuantStub).push(
+            "fc",
+            Layer::Linear(Linear::new(Array2::zeros((2, 3)), None).unwrap()),
+        );
+        let mut p = prepare(m, &QConfigMap::new(QConfig::fbgemm())).unwrap();
+        assert_eq!(observed(&p), vec!["fc", "quant"]);
+        let g = p.graph().unwrap().graph();
+        assert_eq!(g.node(g.inputs()[0]).shape.to_string(), "[N, 3]");
+        // the shape is fixed: a batch of another width is refused
+        let x = ArrayD::zeros(IxDyn(&[2, 5]));
+        let err = super::super::calibrate(&mut p, [x], |_| {}).unwrap_err();
+        assert!(matches!(err, QuantError::ShapeMismatch { .. }), "{err}");
     }
 
     #[test]

@@ -202,4 +202,4 @@ pub(crate) fn check_bias(
 }
 
 mod model;
-pub use model::{QOp, QStep, QuantizedModel, StepHook};
+pub use model::{QuantizedModel, StepHook};
