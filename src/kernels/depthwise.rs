@@ -91,24 +91,24 @@ impl DwWeights {
         2 * self.wv.len() + 4 * self.wsum.len()
     }
 
-    /// The VNNI packing: for row group `g` (kernel rows `4g..4g + 4`), kernel column
-    /// `kx` and channel block `cb` (64 channels), four registers `m`, whose 32-bit lane
-    /// `4k + i` holds the weights of kernel rows `4g..4g + 4` (0 past the kernel) of
-    /// channel `64 cb + 16 k + 4 m + i` (see [`vnni_channel`]).
+    /// The VNNI packing: for row group `g` (kernel rows `4g..4g + 4`) and kernel column
+    /// `kx`, one interleaved column of `vnni_layout(c).1` 32-bit lanes: lane `pos` holds
+    /// the weights of kernel rows `4g..4g + 4` (0 past the kernel) of channel
+    /// [`vnni_channel`]`(pos, c)`.
     pub(crate) fn vnni_packed(&self) -> &[i8] {
         self.vnni.get_or_init(|| {
             let (kh, kw) = self.kernel;
-            let (groups, nb) = (kh.div_ceil(4), self.c.div_ceil(VNNI_BLOCK));
-            let mut p = vec![0i8; groups * kw * nb * VNNI_BLOCK * 4];
+            let (groups, cp) = (kh.div_ceil(4), vnni_layout(self.c).1);
+            let mut p = vec![0i8; groups * kw * cp * 4];
             for g in 0..groups {
                 for kx in 0..kw {
-                    for pos in 0..nb * VNNI_BLOCK {
-                        let ch = vnni_channel(pos);
+                    for pos in 0..cp {
+                        let ch = vnni_channel(pos, self.c);
                         for r in 0..4 {
                             let ky = 4 * g + r;
                             if ch < self.c && ky < kh {
                                 let w = self.wv[(ky * kw + kx) * self.c + ch];
-                                p[((g * kw + kx) * nb * VNNI_BLOCK + pos) * 4 + r] = w as i8;
+                                p[((g * kw + kx) * cp + pos) * 4 + r] = w as i8;
                             }
                         }
                     }
@@ -130,7 +130,7 @@ impl DwWeights {
             for g in 0..groups {
                 for kx in 0..kw {
                     for pos in 0..nb * AVX2_BLOCK {
-                        let ch = avx2_channel(pos);
+                        let ch = avx2_channel(pos, self.c);
                         for r in 0..2 {
                             let ky = 2 * g + r;
                             if ch < self.c && ky < kh {
@@ -146,11 +146,31 @@ impl DwWeights {
     }
 }
 
-/// The channel a VNNI accumulator position holds: position `64 cb + 16 m + 4 k + i`
-/// (register `m`, 32-bit lane `4k + i`) is channel `64 cb + 16 k + 4 m + i`, the order in
-/// which in-lane byte and word interleaves leave four rows of 64 channels.
+/// How the VNNI kernel splits `c` channels: `(full, cp)`, blocks of 64 (four registers,
+/// interleaved in-lane) for channels `0..full` and one block of 16 (one register, in
+/// order) for `full..cp`. A last block of more than 16 channels is a partial block of 64
+/// (its loads and stores masked): its interleave costs what a whole block's does, while
+/// blocks of 16 would cost four times as many shuffles per channel.
 #[inline]
-pub(crate) fn vnni_channel(pos: usize) -> usize {
+pub(crate) fn vnni_layout(c: usize) -> (usize, usize) {
+    let full = if c % VNNI_BLOCK > 16 {
+        c.div_ceil(VNNI_BLOCK) * VNNI_BLOCK
+    } else {
+        c / VNNI_BLOCK * VNNI_BLOCK
+    };
+    (full, if full >= c { full } else { full + 16 })
+}
+
+/// The channel a VNNI accumulator position holds among `c` channels (see
+/// [`vnni_layout`]): in the blocks of 64, position `64 cb + 16 m + 4 k + i` (register `m`,
+/// 32-bit lane `4k + i`) is channel `64 cb + 16 k + 4 m + i`, the order in which in-lane
+/// byte and word interleaves leave four rows of 64 channels; the last block of 16 is in
+/// order. Positions of channels past `c` are unused (zero weights).
+#[inline]
+pub(crate) fn vnni_channel(pos: usize, c: usize) -> usize {
+    if pos >= vnni_layout(c).0 {
+        return pos;
+    }
     let (cb, r) = (pos / 64, pos % 64);
     let (m, k, i) = (r / 16, (r / 4) % 4, r % 4);
     cb * 64 + 16 * k + 4 * m + i
@@ -159,7 +179,7 @@ pub(crate) fn vnni_channel(pos: usize) -> usize {
 /// The channel an AVX2 accumulator position holds: position `16 cb + 8 h + 4 k + i`
 /// (register `h`, lane `4k + i`) is channel `16 cb + 8 k + 4 h + i`.
 #[inline]
-pub(crate) fn avx2_channel(pos: usize) -> usize {
+pub(crate) fn avx2_channel(pos: usize, _c: usize) -> usize {
     let (cb, r) = (pos / 16, pos % 16);
     let (h, k, i) = (r / 8, (r / 4) % 2, r % 4);
     cb * 16 + 8 * k + 4 * h + i
@@ -185,7 +205,7 @@ impl DwParams {
         a_zp: i32,
         rq: &RequantParams,
         len: usize,
-        chan: fn(usize) -> usize,
+        chan: fn(usize, usize) -> usize,
     ) {
         let c = w.c;
         self.corr.clear();
@@ -193,7 +213,7 @@ impl DwParams {
         self.bias_s.clear();
         self.mult.clear();
         for pos in 0..len {
-            let ch = chan(pos);
+            let ch = chan(pos, c);
             if ch < c {
                 self.corr.push(w.wsum[ch].wrapping_mul(a_zp).wrapping_neg());
                 self.bias_b.push(rq.bias_b[ch]);
@@ -312,13 +332,7 @@ pub(crate) fn depthwise(
             avx2_channel,
         ),
         #[cfg(target_arch = "x86_64")]
-        RowKernel::Vnni => params.fill(
-            w,
-            a_zp,
-            rq,
-            oc.div_ceil(VNNI_BLOCK) * VNNI_BLOCK,
-            vnni_channel,
-        ),
+        RowKernel::Vnni => params.fill(w, a_zp, rq, vnni_layout(oc).1, vnni_channel),
     }
     let xin: &[u8] = if mult > 1 {
         // Each input channel repeated `mult` times (grown, never zero-filled: every byte
@@ -446,7 +460,7 @@ fn run_row(
         #[cfg(target_arch = "x86_64")]
         RowKernel::Vnni => {
             let s = ks.simd.expect("VNNI kernel set");
-            let need = rows.len() / 4 * rg.wn * rg.c.div_ceil(VNNI_BLOCK) * VNNI_BLOCK * 4;
+            let need = rows.len() / 4 * rg.wn * vnni_layout(rg.c).1 * 4;
             if sc.bytes.len() < need {
                 sc.bytes.resize(need, 0);
             }
@@ -740,13 +754,15 @@ mod tests {
     /// The channel orders the SIMD kernels' registers hold are permutations of each block.
     #[test]
     fn accumulator_orders_are_permutations() {
-        for (f, b) in [
-            (vnni_channel as fn(usize) -> usize, VNNI_BLOCK),
-            (avx2_channel, AVX2_BLOCK),
-        ] {
-            let mut seen: Vec<usize> = (0..3 * b).map(f).collect();
-            seen.sort_unstable();
-            assert_eq!(seen, (0..3 * b).collect::<Vec<_>>());
+        for c in [1usize, 16, 17, 64, 80, 81, 96, 144, 200] {
+            for (f, cp) in [
+                (vnni_channel as fn(usize, usize) -> usize, vnni_layout(c).1),
+                (avx2_channel, c.div_ceil(16) * 16),
+            ] {
+                let mut seen: Vec<usize> = (0..cp).map(|p| f(p, c)).collect();
+                seen.sort_unstable();
+                assert_eq!(seen, (0..cp).collect::<Vec<_>>(), "{c}");
+            }
         }
         assert_eq!(KernelSet::portable().backend(), Backend::Portable);
     }
