@@ -39,6 +39,23 @@ pub(crate) const VNNI_BLOCK: usize = 64;
 /// Channels per block of the AVX2 kernel.
 pub(crate) const AVX2_BLOCK: usize = 16;
 
+/// 64 bytes aligned to 64 (a cache line, one AVX-512 register): the storage of the packed
+/// weights and of the interleaving scratch, so that no SIMD load or store splits a line.
+#[derive(Debug, Clone, Copy)]
+#[repr(C, align(64))]
+pub(crate) struct Aligned64(pub(crate) [u8; 64]);
+
+/// `n` bytes of zeros as [`Aligned64`] blocks.
+fn aligned_zeros(n: usize) -> Vec<Aligned64> {
+    vec![Aligned64([0; 64]); n.div_ceil(64)]
+}
+
+/// Sets byte `i` of an aligned buffer.
+#[inline]
+fn set_byte(p: &mut [Aligned64], i: usize, v: u8) {
+    p[i / 64].0[i % 64] = v;
+}
+
 /// Depthwise weights `w - w_zp` (`[tap][channel]`, `i16`), with the packings the SIMD
 /// kernels read, built on first use (once per layer).
 #[derive(Debug, Clone)]
@@ -50,8 +67,8 @@ pub(crate) struct DwWeights {
     wsum: Vec<i32>,
     /// Whether every `wv` fits `i8` (the VNNI kernel's operand).
     fits_i8: bool,
-    vnni: OnceLock<Vec<i8>>,
-    avx2: OnceLock<Vec<i16>>,
+    vnni: OnceLock<Vec<Aligned64>>,
+    avx2: OnceLock<Vec<Aligned64>>,
 }
 
 impl DwWeights {
@@ -95,11 +112,11 @@ impl DwWeights {
     /// `kx`, one interleaved column of `vnni_layout(c).1` 32-bit lanes: lane `pos` holds
     /// the weights of kernel rows `4g..4g + 4` (0 past the kernel) of channel
     /// [`vnni_channel`]`(pos, c)`.
-    pub(crate) fn vnni_packed(&self) -> &[i8] {
+    pub(crate) fn vnni_packed(&self) -> &[Aligned64] {
         self.vnni.get_or_init(|| {
             let (kh, kw) = self.kernel;
             let (groups, cp) = (kh.div_ceil(4), vnni_layout(self.c).1);
-            let mut p = vec![0i8; groups * kw * cp * 4];
+            let mut p = aligned_zeros(groups * kw * cp * 4);
             for g in 0..groups {
                 for kx in 0..kw {
                     for pos in 0..cp {
@@ -108,7 +125,7 @@ impl DwWeights {
                             let ky = 4 * g + r;
                             if ch < self.c && ky < kh {
                                 let w = self.wv[(ky * kw + kx) * self.c + ch];
-                                p[((g * kw + kx) * cp + pos) * 4 + r] = w as i8;
+                                set_byte(&mut p, ((g * kw + kx) * cp + pos) * 4 + r, w as i8 as u8);
                             }
                         }
                     }
@@ -122,11 +139,11 @@ impl DwWeights {
     /// and channel block `cb` (16 channels), two registers `h`, whose 32-bit lane `4k + i`
     /// holds the weights of kernel rows `2g, 2g + 1` (0 past the kernel) of channel
     /// `16 cb + 8 k + 4 h + i` (see [`avx2_channel`]).
-    pub(crate) fn avx2_packed(&self) -> &[i16] {
+    pub(crate) fn avx2_packed(&self) -> &[Aligned64] {
         self.avx2.get_or_init(|| {
             let (kh, kw) = self.kernel;
             let (groups, nb) = (kh.div_ceil(2), self.c.div_ceil(AVX2_BLOCK));
-            let mut p = vec![0i16; groups * kw * nb * AVX2_BLOCK * 2];
+            let mut p = aligned_zeros(groups * kw * nb * AVX2_BLOCK * 2 * 2);
             for g in 0..groups {
                 for kx in 0..kw {
                     for pos in 0..nb * AVX2_BLOCK {
@@ -135,7 +152,10 @@ impl DwWeights {
                             let ky = 2 * g + r;
                             if ch < self.c && ky < kh {
                                 let w = self.wv[(ky * kw + kx) * self.c + ch];
-                                p[((g * kw + kx) * nb * AVX2_BLOCK + pos) * 2 + r] = w;
+                                let i = ((g * kw + kx) * nb * AVX2_BLOCK + pos) * 2 + r;
+                                let [b0, b1] = w.to_le_bytes();
+                                set_byte(&mut p, 2 * i, b0);
+                                set_byte(&mut p, 2 * i + 1, b1);
                             }
                         }
                     }
@@ -270,12 +290,11 @@ impl RowKernel {
     }
 }
 
-/// Each thread's reusable buffers: the interleaved rows and, on the portable path, the
-/// accumulators.
+/// Each thread's reusable buffers: the interleaved rows (SIMD) or the accumulators
+/// (portable).
 #[derive(Default)]
 struct Scratch {
-    bytes: Vec<u8>,
-    words: Vec<i16>,
+    buf: Vec<Aligned64>,
     acc: Vec<i32>,
 }
 
@@ -452,19 +471,19 @@ fn run_row(
         RowKernel::Avx2 => {
             let s = ks.simd.expect("AVX2 kernel set");
             let need = rows.len() / 2 * rg.wn * rg.c.div_ceil(AVX2_BLOCK) * AVX2_BLOCK * 2;
-            if sc.words.len() < need {
-                sc.words.resize(need, 0);
+            if sc.buf.len() * 64 < 2 * need {
+                sc.buf = aligned_zeros(2 * need);
             }
-            s.dw_row_avx2(rows, rg, w.avx2_packed(), params, &mut sc.words, out);
+            s.dw_row_avx2(rows, rg, w.avx2_packed(), params, &mut sc.buf, out);
         }
         #[cfg(target_arch = "x86_64")]
         RowKernel::Vnni => {
             let s = ks.simd.expect("VNNI kernel set");
             let need = rows.len() / 4 * rg.wn * vnni_layout(rg.c).1 * 4;
-            if sc.bytes.len() < need {
-                sc.bytes.resize(need, 0);
+            if sc.buf.len() * 64 < need {
+                sc.buf = aligned_zeros(need);
             }
-            s.dw_row_vnni(rows, rg, w.vnni_packed(), params, &mut sc.bytes, out);
+            s.dw_row_vnni(rows, rg, w.vnni_packed(), params, &mut sc.buf, out);
         }
     }
 }

@@ -7,7 +7,7 @@
 use std::arch::x86_64::*;
 
 use super::Avx2;
-use crate::kernels::depthwise::{DwParams, RowGeom, AVX2_BLOCK};
+use crate::kernels::depthwise::{Aligned64, DwParams, RowGeom, AVX2_BLOCK};
 
 /// `i16` values of one channel block of one interleaved column (16 channels x 2 rows).
 const BLOCK_WORDS: usize = AVX2_BLOCK * 2;
@@ -25,9 +25,9 @@ impl Avx2 {
         self,
         rows: &[&[u8]],
         g: &RowGeom,
-        wq: &[i16],
+        wq: &[Aligned64],
         p: &DwParams,
-        buf: &mut [i16],
+        buf: &mut [Aligned64],
         out: &mut [u8],
     ) {
         let nb = g.c.div_ceil(AVX2_BLOCK);
@@ -36,14 +36,23 @@ impl Avx2 {
         assert!(g.c > 0 && g.ow > 0 && g.kw > 0 && rows.len().is_multiple_of(2));
         assert!(rows.iter().all(|r| r.len() >= g.w * g.c));
         assert_eq!(g.wn, (g.ow - 1) * g.sx + (g.kw - 1) * g.dx + 1);
-        assert!(wq.len() >= groups * g.kw * nb * BLOCK_WORDS);
+        assert!(wq.len() * 32 >= groups * g.kw * nb * BLOCK_WORDS);
         assert!(p.corr.len() >= cp && p.bias_b.len() >= cp);
         assert!(p.bias_s.len() >= cp && p.mult.len() >= cp);
-        assert!(buf.len() >= groups * g.wn * nb * BLOCK_WORDS);
+        assert!(buf.len() * 32 >= groups * g.wn * nb * BLOCK_WORDS);
         assert!(out.len() >= g.ow * g.c);
         // SAFETY: the token proves AVX2 + FMA; the asserts cover every access `dw_row`
         // makes (its `# Safety` list).
-        unsafe { dw_row(rows, g, wq, p, buf, out) }
+        unsafe {
+            dw_row(
+                rows,
+                g,
+                wq.as_ptr() as *const i16,
+                p,
+                buf.as_mut_ptr() as *mut i16,
+                out,
+            )
+        }
     }
 }
 
@@ -78,9 +87,9 @@ unsafe fn load16(src: *const u8, n: usize) -> __m128i {
 unsafe fn dw_row(
     rows: &[&[u8]],
     g: &RowGeom,
-    wq: &[i16],
+    wq: *const i16,
     p: &DwParams,
-    buf: &mut [i16],
+    buf: *mut i16,
     out: &mut [u8],
 ) {
     // SAFETY: the caller upholds this function's `# Safety` contract; every pointer below
@@ -93,7 +102,7 @@ unsafe fn dw_row(
         let nb = c.div_ceil(AVX2_BLOCK);
         let groups = rows.len() / 2;
         let col = nb * BLOCK_WORDS;
-        let bp = buf.as_mut_ptr();
+        let bp = buf;
         let zpw = _mm256_set1_epi16(g.a_zp as i16);
         // 1. Interleave: column j of group gi holds, per channel block, the two rows'
         //    values of each channel side by side (channel order: `avx2_channel`).
@@ -137,7 +146,7 @@ unsafe fn dw_row(
             let bs = [ld_f(&p.bias_s, 0), ld_f(&p.bias_s, 1)];
             let mult = [ld_f(&p.mult, 0), ld_f(&p.mult, 1)];
             let bsrc = bp.add(cb * BLOCK_WORDS) as *const i16;
-            let wsrc = wq.as_ptr().add(cb * BLOCK_WORDS);
+            let wsrc = wq.add(cb * BLOCK_WORDS);
             for ox in 0..g.ow {
                 let [mut a0, mut a1] = corr;
                 for gi in 0..groups {

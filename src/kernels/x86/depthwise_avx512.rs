@@ -6,7 +6,7 @@
 use std::arch::x86_64::*;
 
 use super::Avx2;
-use crate::kernels::depthwise::{vnni_layout, DwParams, RowGeom, VNNI_BLOCK};
+use crate::kernels::depthwise::{vnni_layout, Aligned64, DwParams, RowGeom, VNNI_BLOCK};
 
 impl Avx2 {
     /// One depthwise output row with AVX-512 VNNI: `rows` holds the input rows of the
@@ -21,9 +21,9 @@ impl Avx2 {
         self,
         rows: &[&[u8]],
         g: &RowGeom,
-        wq: &[i8],
+        wq: &[Aligned64],
         p: &DwParams,
-        buf: &mut [u8],
+        buf: &mut [Aligned64],
         out: &mut [u8],
     ) {
         assert!(self.vnni, "the VNNI depthwise kernel needs AVX-512 VNNI");
@@ -32,14 +32,23 @@ impl Avx2 {
         assert!(g.c > 0 && g.ow > 0 && g.kw > 0 && rows.len().is_multiple_of(4));
         assert!(rows.iter().all(|r| r.len() >= g.w * g.c));
         assert_eq!(g.wn, (g.ow - 1) * g.sx + (g.kw - 1) * g.dx + 1);
-        assert!(wq.len() >= groups * g.kw * cp * 4);
+        assert!(wq.len() * 64 >= groups * g.kw * cp * 4);
         assert!(p.corr.len() >= cp && p.bias_b.len() >= cp);
         assert!(p.bias_s.len() >= cp && p.mult.len() >= cp);
-        assert!(buf.len() >= groups * g.wn * cp * 4);
+        assert!(buf.len() * 64 >= groups * g.wn * cp * 4);
         assert!(out.len() >= g.ow * g.c);
         // SAFETY: `vnni` is only set after detecting AVX-512F/BW/VNNI; the asserts cover
         // every access `dw_row` makes (its `# Safety` list).
-        unsafe { dw_row(rows, g, wq, p, buf, out) }
+        unsafe {
+            dw_row(
+                rows,
+                g,
+                wq.as_ptr() as *const i8,
+                p,
+                buf.as_mut_ptr() as *mut u8,
+                out,
+            )
+        }
     }
 }
 
@@ -67,9 +76,9 @@ fn mask_n(n: usize) -> u64 {
 unsafe fn dw_row(
     rows: &[&[u8]],
     g: &RowGeom,
-    wq: &[i8],
+    wq: *const i8,
     p: &DwParams,
-    buf: &mut [u8],
+    buf: *mut u8,
     out: &mut [u8],
 ) {
     // SAFETY: the caller upholds this function's `# Safety` contract; every pointer below
@@ -82,7 +91,7 @@ unsafe fn dw_row(
         let (full, cp) = vnni_layout(c);
         let groups = rows.len() / 4;
         let col = cp * 4;
-        let bp = buf.as_mut_ptr();
+        let bp = buf;
         let zpv = _mm512_set1_epi8(g.a_zp as i8);
         // 1. Interleave: column j of group gi holds the four rows' bytes of each channel
         //    side by side (channel order: `vnni_channel`).
@@ -149,7 +158,7 @@ unsafe fn dw_row(
             let bs: [__m512; 4] = std::array::from_fn(|m| ld_f(&p.bias_s, base + 16 * m));
             let mult: [__m512; 4] = std::array::from_fn(|m| ld_f(&p.mult, base + 16 * m));
             let bsrc = bp.add(base * 4) as *const u8;
-            let wsrc = wq.as_ptr().add(base * 4);
+            let wsrc = wq.add(base * 4);
             for ox in 0..g.ow {
                 let mut acc = corr;
                 for gi in 0..groups {
@@ -196,7 +205,7 @@ unsafe fn dw_row(
                 ld_f(&p.mult, base),
             );
             let bsrc = bp.add(base * 4) as *const u8;
-            let wsrc = wq.as_ptr().add(base * 4);
+            let wsrc = wq.add(base * 4);
             for ox in 0..g.ow {
                 let mut acc = corr;
                 for gi in 0..groups {
