@@ -11,8 +11,10 @@
 //!    VNNI's `vpdpbusd`, 2 rows widened to `i16` for AVX2's `vpmaddwd`); columns in the
 //!    horizontal padding are written as the zero point, so the product loop has no
 //!    bounds logic at all;
-//! 2. for each block of channels (64 with VNNI, 16 with AVX2) and each output pixel,
-//!    accumulates every tap in registers from that buffer and the pre-packed weights;
+//! 2. for each block of channels (64 with VNNI, a last one of 16 where at most 16
+//!    remain; 16 with AVX2) and each output pixel, accumulates every tap in registers
+//!    from that buffer and the pre-packed weights (64-byte aligned, packed once per
+//!    layer);
 //! 3. requantizes in registers (the same `f32` arithmetic as every other kernel) and
 //!    stores the `u8` output.
 //!
