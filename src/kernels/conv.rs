@@ -1,8 +1,6 @@
-//! Convolution drivers on channels-last (`NHWC`) bytes: im2col + packed GEMM, and the
-//! direct depthwise loop. The layer types (`nn::quantized::QConv2d`) hold the parameters
-//! and call these.
-
-use rayon::prelude::*;
+//! Convolution drivers on channels-last (`NHWC`) bytes: im2col + packed GEMM (the direct
+//! depthwise convolution is in `kernels::depthwise`). The layer types
+//! (`nn::quantized::QConv2d`) hold the parameters and call these.
 
 use super::gemm::gemm;
 use super::{KernelSet, PackedWeights, RequantParams, RowSource};
@@ -96,23 +94,6 @@ impl ConvGeom {
     fn iy(&self, oy: usize, ky: usize) -> Option<usize> {
         let iy = (oy * self.stride.0 + ky * self.dilation.0).checked_sub(self.padding.0)?;
         (iy < self.in_hw.0).then_some(iy)
-    }
-
-    /// The kernel columns `lo..hi` whose input column lies inside the input for output
-    /// column `ox` (they form one range); an empty set is `(0, 0)` so that two empty sets
-    /// compare equal and never equal a non-empty one.
-    fn kx_range(&self, ox: usize) -> (usize, usize) {
-        let kw = self.kernel.1;
-        match (0..kw).find(|&kx| self.ix(ox, kx).is_some()) {
-            None => (0, 0),
-            Some(lo) => {
-                let hi = (lo..kw)
-                    .rev()
-                    .find(|&kx| self.ix(ox, kx).is_some())
-                    .map_or(lo + 1, |k| k + 1);
-                (lo, hi)
-            }
-        }
     }
 }
 
@@ -449,155 +430,7 @@ fn write_padded(x: &[u8], g: &ConvGeom, buf: &mut [u8]) {
     }
 }
 
-/// Direct depthwise convolution (one input channel per group, any channel multiplier),
-/// NHWC, exact `i32` sums (the caller guarantees they cannot overflow), then the shared
-/// requantization. `wv` holds `w - w_zp` as `[tap][out_channel]`.
-///
-/// A channel multiplier `m > 1` first repeats each input channel `m` times (an NHWC
-/// input of `c_out` channels, as many bytes as the output); every multiplier then runs
-/// the same vectorized multiplier-1 kernels (AVX-512 VNNI `vpdpwssd`, AVX2 `vpmaddwd`).
-///
-/// # Panics
-/// On slices inconsistent with `g` (the caller checked the shapes).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn depthwise(
-    ks: KernelSet,
-    x: &[u8],
-    g: &ConvGeom,
-    (oh, ow): (usize, usize),
-    a_zp: i32,
-    wv: &[i16],
-    rq: &RequantParams,
-    out: &mut [u8],
-) {
-    let c = g.c_in;
-    let oc = g.c_out;
-    if oc == 0 || ow == 0 || oh == 0 || g.batch == 0 || c == 0 {
-        return;
-    }
-    let mult = oc / c;
-    if mult > 1 {
-        let pixels = g.batch * g.in_hw.0 * g.in_hw.1;
-        let ge = ConvGeom {
-            c_in: oc,
-            groups: oc,
-            ..*g
-        };
-        // The expanded input lives in this thread's buffer (grown, never zero-filled:
-        // every byte is written below).
-        let mut xe = DW_EXPAND.with(|b| b.take());
-        if xe.len() < pixels * oc {
-            xe.resize(pixels * oc, 0);
-        }
-        let rows = xe[..pixels * oc]
-            .chunks_exact_mut(oc)
-            .zip(x.chunks_exact(c).take(pixels));
-        match mult {
-            2 => rows.for_each(|(d, s)| repeat_channels::<2>(d, s)),
-            3 => rows.for_each(|(d, s)| repeat_channels::<3>(d, s)),
-            4 => rows.for_each(|(d, s)| repeat_channels::<4>(d, s)),
-            _ => rows.for_each(|(d, s)| {
-                for (dd, &v) in d.chunks_exact_mut(mult).zip(s) {
-                    dd.fill(v);
-                }
-            }),
-        }
-        depthwise_m1(ks, &xe[..pixels * oc], &ge, (oh, ow), a_zp, wv, rq, out);
-        DW_EXPAND.with(|b| b.replace(xe));
-        return;
-    }
-    depthwise_m1(ks, x, g, (oh, ow), a_zp, wv, rq, out)
-}
-
-/// `d[i * M + j] = s[i]` for `j < M`: each input channel repeated `M` times.
-#[inline(always)]
-fn repeat_channels<const M: usize>(d: &mut [u8], s: &[u8]) {
-    for (dd, &v) in d.chunks_exact_mut(M).zip(s) {
-        dd.copy_from_slice(&[v; M]);
-    }
-}
-
-/// [`depthwise`] with channel multiplier 1 (`c_in == c_out`).
-#[allow(clippy::too_many_arguments)]
-fn depthwise_m1(
-    ks: KernelSet,
-    x: &[u8],
-    g: &ConvGeom,
-    (oh, ow): (usize, usize),
-    a_zp: i32,
-    wv: &[i16],
-    rq: &RequantParams,
-    out: &mut [u8],
-) {
-    let (h, w) = g.in_hw;
-    let c = g.c_in;
-    let oc = g.c_out;
-    debug_assert_eq!(c, oc);
-    let (kh, kw) = g.kernel;
-    let simd = ks.simd;
-    // Four columns share one tap list (shifted by the stride) only when all four have the
-    // same set of valid kernel columns.
-    let ranges: Vec<(usize, usize)> = (0..ow).map(|ox| g.kx_range(ox)).collect();
-    let row = |(r, orow): (usize, &mut [u8])| {
-        let b = r / oh;
-        let oy = r % oh;
-        DW_SCRATCH.with(|cell| {
-            let mut guard = cell.borrow_mut();
-            let DwScratch { acc, taps } = &mut *guard;
-            acc.resize(4 * oc, 0);
-            let mut ox = 0;
-            while ox < ow {
-                taps.clear();
-                for ky in 0..kh {
-                    let Some(iy) = g.iy(oy, ky) else { continue };
-                    for kx in 0..kw {
-                        if let Some(ix) = g.ix(ox, kx) {
-                            taps.push((((b * h + iy) * w + ix) * c, ky * kw + kx));
-                        }
-                    }
-                }
-                if ox + 4 <= ow && ranges[ox + 1..ox + 4].iter().all(|r| *r == ranges[ox]) {
-                    super::dw_pixels4(simd, x, taps, g.stride.1 * c, wv, a_zp, acc);
-                    for p in 0..4 {
-                        super::requant_row(
-                            simd,
-                            &acc[p * oc..(p + 1) * oc],
-                            rq,
-                            &mut orow[(ox + p) * oc..(ox + p + 1) * oc],
-                        );
-                    }
-                    ox += 4;
-                    continue;
-                }
-                super::dw_pixel(simd, x, taps, wv, a_zp, &mut acc[..oc]);
-                super::requant_row(simd, &acc[..oc], rq, &mut orow[ox * oc..(ox + 1) * oc]);
-                ox += 1;
-            }
-        });
-    };
-    let rows = g.batch * oh;
-    let work = rows
-        .saturating_mul(ow)
-        .saturating_mul(oc)
-        .saturating_mul(kh * kw);
-    if work >= 1 << 20 {
-        out.par_chunks_mut(ow * oc).enumerate().for_each(row);
-    } else {
-        out.chunks_mut(ow * oc).enumerate().for_each(row);
-    }
-}
-
-/// Each thread's reusable depthwise buffers: four pixels of accumulators and a tap list.
-#[derive(Default)]
-struct DwScratch {
-    acc: Vec<i32>,
-    taps: Vec<(usize, usize)>,
-}
-
 thread_local! {
     /// The calling thread's buffer for the padded input of a few-channel convolution.
     static PAD_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// The calling thread's buffer for a multiplier > 1 input with repeated channels.
-    static DW_EXPAND: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    static DW_SCRATCH: std::cell::RefCell<DwScratch> = std::cell::RefCell::new(DwScratch::default());
 }

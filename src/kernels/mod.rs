@@ -56,6 +56,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod conv;
+pub(crate) mod depthwise;
 pub mod elementwise;
 pub(crate) mod f32;
 #[allow(unsafe_code)]
@@ -440,83 +441,6 @@ fn qgemm_impl(
     Ok(gemm(simd, &src, a.rows, a.zero_point, w, rq, out, ldc))
 }
 
-/// One depthwise output pixel (channel multiplier 1), channels `c_start..`:
-/// `acc[c] = sum over taps of (x[off + c] - a_zp) * w[t * oc + c]` for the valid
-/// `(off, t)` taps, `oc = acc.len()`; channels in blocks of 32 so the partial sums stay in
-/// registers across taps.
-#[inline(always)]
-pub(crate) fn dw_pixel_body(
-    x: &[u8],
-    taps: &[(usize, usize)],
-    w: &[i16],
-    a_zp: i32,
-    acc: &mut [i32],
-    c_start: usize,
-) {
-    const CH: usize = 32;
-    let oc = acc.len();
-    let mut c0 = c_start;
-    while c0 + CH <= oc {
-        let mut a = [0i32; CH];
-        for &(xo, t) in taps {
-            let xs = &x[xo + c0..xo + c0 + CH];
-            let ws = &w[t * oc + c0..t * oc + c0 + CH];
-            for i in 0..CH {
-                a[i] += (xs[i] as i32 - a_zp) * ws[i] as i32;
-            }
-        }
-        acc[c0..c0 + CH].copy_from_slice(&a);
-        c0 += CH;
-    }
-    for (c, o) in acc.iter_mut().enumerate().skip(c0) {
-        *o = taps
-            .iter()
-            .map(|&(xo, t)| (x[xo + c] as i32 - a_zp) * w[t * oc + c] as i32)
-            .sum();
-    }
-}
-
-/// Four adjacent depthwise output pixels sharing one tap list: pixel `p` reads
-/// `x[off + p * pstride + c]`; `acc` holds `4 * oc` sums, pixel-major.
-pub(crate) fn dw_pixels4(
-    simd: Simd,
-    x: &[u8],
-    taps: &[(usize, usize)],
-    pstride: usize,
-    w: &[i16],
-    a_zp: i32,
-    acc: &mut [i32],
-) {
-    match simd {
-        #[cfg(target_arch = "x86_64")]
-        Some(s) => s.dw_pixels4(x, taps, pstride, w, a_zp, acc),
-        _ => {
-            let oc = acc.len() / 4;
-            for (p, a) in acc.chunks_mut(oc).enumerate() {
-                let t: Vec<(usize, usize)> =
-                    taps.iter().map(|&(o, t)| (o + p * pstride, t)).collect();
-                dw_pixel_body(x, &t, w, a_zp, a, 0);
-            }
-        }
-    }
-}
-
-/// [`dw_pixel_body`] on the fastest backend.
-pub(crate) fn dw_pixel(
-    simd: Simd,
-    x: &[u8],
-    taps: &[(usize, usize)],
-    w: &[i16],
-    a_zp: i32,
-    acc: &mut [i32],
-) {
-    match simd {
-        #[cfg(target_arch = "x86_64")]
-        Some(s) => s.dw_pixel(x, taps, w, a_zp, acc),
-        _ => dw_pixel_body(x, taps, w, a_zp, acc, 0),
-    }
-}
-
 /// Transposes a `rows x cols` byte matrix (row stride `cols`) into `dst` (row stride
 /// `rows`) with the set's kernel: 8x8 SSE2 blocks on x86-64 SIMD sets, plain loops on the
 /// portable set.
@@ -562,21 +486,6 @@ fn interleave<const R: usize>(src: &[u8], cols: usize, dst: &mut [u8]) {
     for (c, d) in dst[..R * cols].chunks_exact_mut(R).enumerate() {
         for r in 0..R {
             d[r] = planes[r][c];
-        }
-    }
-}
-
-/// Requantizes a row of already zero-point-corrected accumulators (columns `0..raw.len()`)
-/// on the process-wide backend; used by kernels that are not GEMMs (depthwise
-/// convolution).
-pub(crate) fn requant_row(simd: Simd, raw: &[i32], rq: &RequantParams, out: &mut [u8]) {
-    match simd {
-        #[cfg(target_arch = "x86_64")]
-        Some(s) => s.requant_row(raw, rq, out),
-        _ => {
-            for (j, (&x, o)) in raw.iter().zip(out.iter_mut()).enumerate() {
-                *o = rq.requantize(x, j);
-            }
         }
     }
 }

@@ -9,6 +9,8 @@
 
 mod avx2;
 mod avx512_vnni;
+mod depthwise_avx2;
+mod depthwise_avx512;
 
 pub(crate) use avx2::Avx2Kernel;
 pub(crate) use avx512_vnni::Vnni8x32;
@@ -116,84 +118,6 @@ impl Avx2 {
             unsafe {
                 avx2::requant_tile(acc.as_ptr(), rows, cols, rs, &p, j0, out.as_mut_ptr(), ldc)
             }
-        }
-    }
-
-    /// One depthwise output pixel, compiled for AVX2.
-    pub(crate) fn dw_pixel(
-        self,
-        x: &[u8],
-        taps: &[(usize, usize)],
-        w: &[i16],
-        a_zp: i32,
-        acc: &mut [i32],
-    ) {
-        let oc = acc.len();
-        assert!(taps
-            .iter()
-            .all(|&(off, t)| off + oc <= x.len() && (t + 1) * oc <= w.len()));
-        // SAFETY: the token proves AVX2; the assert covers every load: 16 channels at
-        // c + 16 <= oc from x[off..off + oc] and w[t * oc..(t + 1) * oc]; stores stay in
-        // `acc` (c + 16 <= oc).
-        unsafe { avx2::dw_pixel(x, taps, w, a_zp, acc) }
-    }
-
-    /// Four adjacent depthwise pixels (see `kernels::dw_pixels4`): AVX-512 VNNI for
-    /// whole blocks of 32 channels where enabled, AVX2 for the rest.
-    pub(crate) fn dw_pixels4(
-        self,
-        x: &[u8],
-        taps: &[(usize, usize)],
-        pstride: usize,
-        w: &[i16],
-        a_zp: i32,
-        acc: &mut [i32],
-    ) {
-        let oc = acc.len() / 4;
-        assert!(acc.len() == 4 * oc);
-        assert!(taps
-            .iter()
-            .all(|&(off, t)| off + 3 * pstride + oc <= x.len() && (t + 1) * oc <= w.len()));
-        let c0 = if self.vnni {
-            // SAFETY: `vnni` is only set after detecting AVX-512F/BW/VNNI; the assert
-            // covers every load (pixel p < 4 reads x[off + p * pstride..][..oc], weights
-            // w[t * oc..][..oc]); stores stay in `acc` (4 * oc values).
-            unsafe { avx512_vnni::dw_pixels4(x, taps, pstride, w, a_zp, acc) }
-        } else {
-            0
-        };
-        // SAFETY: the token proves AVX2; the assert covers every load (pixel p < 4 reads
-        // x[off + p * pstride..][..oc], weights w[t * oc..][..oc]); stores stay in `acc`
-        // (4 * oc values).
-        unsafe { avx2::dw_pixels4(x, taps, pstride, w, a_zp, acc, c0) }
-    }
-
-    /// Requantizes `raw.len()` corrected accumulators of columns `0..raw.len()`.
-    pub(crate) fn requant_row(self, raw: &[i32], rq: &RequantParams, out: &mut [u8]) {
-        let n = raw.len();
-        let n16 = n.div_ceil(16) * 16;
-        assert!(out.len() >= n && rq.mult.len() >= n16 && rq.bias_b.len() >= n16);
-        assert!(rq.bias_s.len() >= n16);
-        let p = ColParams {
-            col_off: std::ptr::null(),
-            w_zp: std::ptr::null(),
-            bias_b: rq.bias_b.as_ptr(),
-            bias_s: rq.bias_s.as_ptr(),
-            mult: rq.mult.as_ptr(),
-            a_zp: 0,
-            out_zp: rq.out_zp,
-            lo: rq.lo,
-        };
-        if self.vnni {
-            // SAFETY: `vnni` is only set after detecting AVX-512F/BW/VNNI; `raw` and `out`
-            // hold `n` elements and the float parameters at least `n` rounded up to 16
-            // (asserted); the body does not touch the null offset pointers.
-            unsafe { avx512_vnni::requant_row(raw.as_ptr(), n, &p, out.as_mut_ptr()) }
-        } else {
-            // SAFETY: the token proves AVX2 + FMA; `raw` and `out` hold `n` elements and
-            // the float parameters at least `n` rounded up to 8 (asserted); `requant_row`
-            // does not touch the null offset pointers.
-            unsafe { avx2::requant_row(raw.as_ptr(), n, &p, out.as_mut_ptr()) }
         }
     }
 }

@@ -44,7 +44,7 @@ enum ConvKind {
     Gemm(Vec<PackedWeights>),
     /// One input channel per group and several groups (true depthwise, any channel
     /// multiplier): direct loops; `w - w_zp` as `[tap][out_channel]`.
-    Depthwise(Vec<i16>),
+    Depthwise(crate::kernels::depthwise::DwWeights),
 }
 
 /// `torch.ao.nn.quantized.Conv2d` on fbgemm.
@@ -196,7 +196,11 @@ impl QConv2d {
                     wv[t * c_out + oc] = (qw.values[oc * taps + t] as i32 - zp(oc)) as i16;
                 }
             }
-            ConvKind::Depthwise(wv)
+            ConvKind::Depthwise(crate::kernels::depthwise::DwWeights::new(
+                wv,
+                c_out,
+                (kh, kw),
+            ))
         } else {
             let k = taps * cig;
             let mut packs = Vec::with_capacity(g);
@@ -250,7 +254,7 @@ impl QConv2d {
     pub fn weight_bytes(&self) -> usize {
         let w = match &self.kind {
             ConvKind::Gemm(p) => p.iter().map(|p| p.bytes()).sum(),
-            ConvKind::Depthwise(w) => 2 * w.len(),
+            ConvKind::Depthwise(w) => w.bytes(),
         };
         w + 4 * self.w_scales.len() + 4 * self.bias.as_ref().map_or(0, |b| b.len())
     }
@@ -450,7 +454,16 @@ impl QConv2d {
                 );
             }
             ConvKind::Depthwise(wv) => {
-                kconv::depthwise(ks, x_nhwc, geom, (oh, ow), a_zp, wv, &rqs[0], &mut out);
+                crate::kernels::depthwise::depthwise(
+                    ks,
+                    x_nhwc,
+                    geom,
+                    (oh, ow),
+                    a_zp,
+                    wv,
+                    &rqs[0],
+                    &mut out,
+                );
             }
         }
         Ok(out)
@@ -603,7 +616,8 @@ impl QConv2d {
                 }
                 zps
             }
-            ConvKind::Depthwise(wv) => {
+            ConvKind::Depthwise(dw) => {
+                let wv = dw.values();
                 // The zero point closest to 0 with every `d + zp` in [-128, 127].
                 let fit = |lo: i32, hi: i32| 0i32.clamp(-128 - lo, 127 - hi);
                 let range = |oc: usize| {

@@ -1,0 +1,231 @@
+//! The AVX-512 VNNI depthwise row kernel (see `kernels::depthwise`): four kernel rows
+//! interleaved per 32-bit lane so that one `vpdpbusd` adds four `u8 x i8` products per
+//! channel, exact in `i32`; 64 channels (four registers) per block and the last channels
+//! 16 at a time, the requantization in registers.
+
+use std::arch::x86_64::*;
+
+use super::Avx2;
+use crate::kernels::depthwise::{vnni_layout, Aligned64, DwParams, RowGeom, VNNI_BLOCK};
+
+impl Avx2 {
+    /// One depthwise output row with AVX-512 VNNI: `rows` holds the input rows of the
+    /// kernel rows (a multiple of 4, the last ones any row when their weights are 0), each
+    /// `g.w * g.c` bytes at least; `wq` the weights as `DwWeights::vnni_packed` lays them
+    /// out; `p` the parameters in VNNI accumulator order (`vnni_channel`); `buf` the
+    /// interleaving scratch; `out` receives `g.ow * g.c` bytes.
+    ///
+    /// # Panics
+    /// When the token lacks VNNI or a slice is shorter than the geometry says.
+    pub(crate) fn dw_row_vnni(
+        self,
+        rows: &[&[u8]],
+        g: &RowGeom,
+        wq: &[Aligned64],
+        p: &DwParams,
+        buf: &mut [Aligned64],
+        out: &mut [u8],
+    ) {
+        assert!(self.vnni, "the VNNI depthwise kernel needs AVX-512 VNNI");
+        let groups = rows.len() / 4;
+        let cp = vnni_layout(g.c).1;
+        assert!(g.c > 0 && g.ow > 0 && g.kw > 0 && rows.len().is_multiple_of(4));
+        assert!(rows.iter().all(|r| r.len() >= g.w * g.c));
+        assert_eq!(g.wn, (g.ow - 1) * g.sx + (g.kw - 1) * g.dx + 1);
+        assert!(wq.len() * 64 >= groups * g.kw * cp * 4);
+        assert!(p.corr.len() >= cp && p.bias_b.len() >= cp);
+        assert!(p.bias_s.len() >= cp && p.mult.len() >= cp);
+        assert!(buf.len() * 64 >= groups * g.wn * cp * 4);
+        assert!(out.len() >= g.ow * g.c);
+        // SAFETY: `vnni` is only set after detecting AVX-512F/BW/VNNI; the asserts cover
+        // every access `dw_row` makes (its `# Safety` list).
+        unsafe {
+            dw_row(
+                rows,
+                g,
+                wq.as_ptr() as *const i8,
+                p,
+                buf.as_mut_ptr() as *mut u8,
+                out,
+            )
+        }
+    }
+}
+
+/// The mask of the first `n` (at most 64) bytes.
+#[inline(always)]
+fn mask_n(n: usize) -> u64 {
+    if n >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << n) - 1
+    }
+}
+
+/// See [`Avx2::dw_row_vnni`]. With `(full, cp) = vnni_layout(c)`, channels `0..full` go
+/// in blocks of 64 (four registers, interleaved in-lane; the last may be partial), the
+/// rest in one block of 16 (one register, in order).
+///
+/// # Safety
+/// AVX-512F/BW/VNNI must be available; with `cp = vnni_layout(c).1` and
+/// `groups = rows.len() / 4`: every row readable for `g.w * g.c` bytes (loads past the
+/// channels are masked), `wq` for `groups * kw * cp * 4` bytes, the four parameter vectors
+/// for `cp` values, `buf` writable for `groups * wn * cp * 4` bytes, `out` for `ow * c`
+/// bytes (stores past the channels are masked), and `wn == (ow - 1) * sx + (kw - 1) * dx + 1`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn dw_row(
+    rows: &[&[u8]],
+    g: &RowGeom,
+    wq: *const i8,
+    p: &DwParams,
+    buf: *mut u8,
+    out: &mut [u8],
+) {
+    // SAFETY: the caller upholds this function's `# Safety` contract; every pointer below
+    // stays inside the ranges it lists (interleaved column j < wn of group gi at
+    // `(gi * wn + j) * cp * 4`, weights of (gi, kx) at `(gi * kw + kx) * cp * 4`, input
+    // bytes `ix * c + ch` and output bytes `ox * c + ch` for channels ch < c, the loads
+    // and stores of a partial block masked to its channels).
+    unsafe {
+        let c = g.c;
+        let (full, cp) = vnni_layout(c);
+        let groups = rows.len() / 4;
+        let col = cp * 4;
+        let bp = buf;
+        let zpv = _mm512_set1_epi8(g.a_zp as i8);
+        // 1. Interleave: column j of group gi holds the four rows' bytes of each channel
+        //    side by side (channel order: `vnni_channel`).
+        for gi in 0..groups {
+            let r: [*const u8; 4] = std::array::from_fn(|i| rows[4 * gi + i].as_ptr());
+            for j in 0..g.wn {
+                let dst = bp.add((gi * g.wn + j) * col);
+                let Some(ix) = j.checked_sub(g.pw).filter(|&ix| ix < g.w) else {
+                    for q in 0..cp / 16 {
+                        _mm512_storeu_si512(dst.add(64 * q) as *mut _, zpv);
+                    }
+                    continue;
+                };
+                let src = ix * c;
+                let mut ch = 0;
+                while ch < full {
+                    let m = mask_n(c - ch);
+                    let x: [__m512i; 4] = std::array::from_fn(|i| {
+                        _mm512_maskz_loadu_epi8(m, r[i].add(src + ch) as *const i8)
+                    });
+                    let l01 = _mm512_unpacklo_epi8(x[0], x[1]);
+                    let h01 = _mm512_unpackhi_epi8(x[0], x[1]);
+                    let l23 = _mm512_unpacklo_epi8(x[2], x[3]);
+                    let h23 = _mm512_unpackhi_epi8(x[2], x[3]);
+                    let d = dst.add(ch * 4);
+                    _mm512_storeu_si512(d as *mut _, _mm512_unpacklo_epi16(l01, l23));
+                    _mm512_storeu_si512(d.add(64) as *mut _, _mm512_unpackhi_epi16(l01, l23));
+                    _mm512_storeu_si512(d.add(128) as *mut _, _mm512_unpacklo_epi16(h01, h23));
+                    _mm512_storeu_si512(d.add(192) as *mut _, _mm512_unpackhi_epi16(h01, h23));
+                    ch += VNNI_BLOCK;
+                }
+                while ch < c {
+                    // 16 channels in the low 128-bit lane; the four results' low lanes
+                    // are channels 0-3, 4-7, 8-11, 12-15.
+                    let m = mask_n((c - ch).min(16));
+                    let x: [__m512i; 4] = std::array::from_fn(|i| {
+                        _mm512_maskz_loadu_epi8(m, r[i].add(src + ch) as *const i8)
+                    });
+                    let l01 = _mm512_unpacklo_epi8(x[0], x[1]);
+                    let h01 = _mm512_unpackhi_epi8(x[0], x[1]);
+                    let l23 = _mm512_unpacklo_epi8(x[2], x[3]);
+                    let h23 = _mm512_unpackhi_epi8(x[2], x[3]);
+                    let d = dst.add(ch * 4) as *mut __m128i;
+                    let low = _mm512_castsi512_si128;
+                    _mm_storeu_si128(d, low(_mm512_unpacklo_epi16(l01, l23)));
+                    _mm_storeu_si128(d.add(1), low(_mm512_unpackhi_epi16(l01, l23)));
+                    _mm_storeu_si128(d.add(2), low(_mm512_unpacklo_epi16(h01, h23)));
+                    _mm_storeu_si128(d.add(3), low(_mm512_unpackhi_epi16(h01, h23)));
+                    ch += 16;
+                }
+            }
+        }
+        // 2. Products, requantization and store, one channel block at a time.
+        let zp16 = _mm512_set1_epi16(p.out_zp as i16);
+        let lo8 = _mm512_set1_epi8(p.lo as u8 as i8);
+        let op = out.as_mut_ptr();
+        let ld_i = |v: &[i32], at: usize| _mm512_loadu_si512(v.as_ptr().add(at) as *const _);
+        let ld_f = |v: &[f32], at: usize| _mm512_loadu_ps(v.as_ptr().add(at));
+        let mut base = 0;
+        while base < full {
+            let mask = mask_n(c - base);
+            let corr: [__m512i; 4] = std::array::from_fn(|m| ld_i(&p.corr, base + 16 * m));
+            let bb: [__m512; 4] = std::array::from_fn(|m| ld_f(&p.bias_b, base + 16 * m));
+            let bs: [__m512; 4] = std::array::from_fn(|m| ld_f(&p.bias_s, base + 16 * m));
+            let mult: [__m512; 4] = std::array::from_fn(|m| ld_f(&p.mult, base + 16 * m));
+            let bsrc = bp.add(base * 4) as *const u8;
+            let wsrc = wq.add(base * 4);
+            for ox in 0..g.ow {
+                let mut acc = corr;
+                for gi in 0..groups {
+                    let srow = bsrc.add((gi * g.wn + ox * g.sx) * col);
+                    let wrow = wsrc.add(gi * g.kw * col);
+                    for kx in 0..g.kw {
+                        let s = srow.add(kx * g.dx * col);
+                        let w = wrow.add(kx * col);
+                        for (m, a) in acc.iter_mut().enumerate() {
+                            *a = _mm512_dpbusd_epi32(
+                                *a,
+                                _mm512_loadu_si512(s.add(64 * m) as *const _),
+                                _mm512_loadu_si512(w.add(64 * m) as *const _),
+                            );
+                        }
+                    }
+                }
+                let v: [__m512i; 4] = std::array::from_fn(|m| {
+                    let xf = _mm512_fmadd_ps(bb[m], bs[m], _mm512_cvtepi32_ps(acc[m]));
+                    _mm512_cvtps_epi32(_mm512_mul_ps(xf, mult[m]))
+                });
+                // The packs undo the interleave order: 64 channels in order.
+                let a = _mm512_adds_epi16(_mm512_packs_epi32(v[0], v[1]), zp16);
+                let b = _mm512_adds_epi16(_mm512_packs_epi32(v[2], v[3]), zp16);
+                let u = _mm512_max_epu8(_mm512_packus_epi16(a, b), lo8);
+                _mm512_mask_storeu_epi8(op.add(ox * c + base) as *mut i8, mask, u);
+            }
+            base += VNNI_BLOCK;
+        }
+        // The last channels, 16 at a time (in order): clamp(clamp(v, -512, 512) + out_zp,
+        // lo, 255) as every other requantization, stored masked to the channels.
+        let (min, max) = (_mm512_set1_epi32(-512), _mm512_set1_epi32(512));
+        let (zp32, lo32, hi32) = (
+            _mm512_set1_epi32(p.out_zp),
+            _mm512_set1_epi32(p.lo),
+            _mm512_set1_epi32(255),
+        );
+        while base < c {
+            let m = mask_n((c - base).min(16)) as __mmask16;
+            let corr = ld_i(&p.corr, base);
+            let (bb, bs, mult) = (
+                ld_f(&p.bias_b, base),
+                ld_f(&p.bias_s, base),
+                ld_f(&p.mult, base),
+            );
+            let bsrc = bp.add(base * 4) as *const u8;
+            let wsrc = wq.add(base * 4);
+            for ox in 0..g.ow {
+                let mut acc = corr;
+                for gi in 0..groups {
+                    let srow = bsrc.add((gi * g.wn + ox * g.sx) * col);
+                    let wrow = wsrc.add(gi * g.kw * col);
+                    for kx in 0..g.kw {
+                        acc = _mm512_dpbusd_epi32(
+                            acc,
+                            _mm512_loadu_si512(srow.add(kx * g.dx * col) as *const _),
+                            _mm512_loadu_si512(wrow.add(kx * col) as *const _),
+                        );
+                    }
+                }
+                let xf = _mm512_fmadd_ps(bb, bs, _mm512_cvtepi32_ps(acc));
+                let v = _mm512_cvtps_epi32(_mm512_mul_ps(xf, mult));
+                let v = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(v, min), max), zp32);
+                let v = _mm512_min_epi32(_mm512_max_epi32(v, lo32), hi32);
+                _mm512_mask_cvtepi32_storeu_epi8(op.add(ox * c + base) as *mut _, m, v);
+            }
+            base += 16;
+        }
+    }
+}
