@@ -380,3 +380,157 @@ unsafe fn dots_avx512<const R: usize>(xs: &[f32], ws: &[f32], k: usize, res: &mu
         }
     }
 }
+
+impl Isa {
+    /// Rows of a packed weight strip and columns of a product tile of [`gemm_tile`].
+    pub(crate) fn gemm_tile(self) -> (usize, usize) {
+        match self {
+            Isa::Avx2 => (6, 16),
+            Isa::Avx512 => (8, 32),
+        }
+    }
+}
+
+/// One `mr x nr` product tile (see [`Isa::gemm_tile`]) of [`super::gemm_bias`]: `c` rows
+/// (stride `ldc`) = `bias` (one per row) or, without it, their current values, plus
+/// `kc` steps of `a[p * mr + r] * b[p * ldb + j]` (one fused multiply-add each, in step
+/// order), then `max(0, v)` when `relu` (NaN kept).
+///
+/// # Panics
+/// If `kc == 0` or a slice is shorter than the tile reads or writes.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_tile(
+    isa: Isa,
+    kc: usize,
+    a: &[f32],
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    bias: Option<&[f32]>,
+    relu: bool,
+) {
+    let (mr, nr) = isa.gemm_tile();
+    assert!(kc > 0 && a.len() >= kc * mr && b.len() >= (kc - 1) * ldb + nr);
+    assert!(c.len() >= (mr - 1) * ldc + nr && bias.is_none_or(|v| v.len() >= mr));
+    let bp = bias.map_or(std::ptr::null(), |v| v.as_ptr());
+    let (ap, bb, cp) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+    match isa {
+        // SAFETY: AVX-512F detected (`Isa::of`); every read and write lies in the slices
+        // (asserted above for the 8 x 32 tile).
+        Isa::Avx512 => unsafe { tile_avx512(kc, ap, bb, ldb, cp, ldc, bp, relu) },
+        // SAFETY: AVX2 and FMA detected (`Isa::of`); bounds asserted above (6 x 16).
+        Isa::Avx2 => unsafe { tile_avx2(kc, ap, bb, ldb, cp, ldc, bp, relu) },
+    }
+}
+
+/// The 8 x 32 tile of [`gemm_tile`].
+///
+/// # Safety
+/// AVX-512F available; `a` readable for `8 * kc` values, `b` for `(kc - 1) * ldb + 32`,
+/// `c` readable and writable for `7 * ldc + 32`; `bias` null or readable for 8.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_avx512(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    bias: *const f32,
+    relu: bool,
+) {
+    const MR: usize = 8;
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    // SAFETY: the reads and writes below stay in the ranges of the contract.
+    unsafe {
+        for (r, t) in acc.iter_mut().enumerate() {
+            if bias.is_null() {
+                *t = [
+                    _mm512_loadu_ps(c.add(r * ldc)),
+                    _mm512_loadu_ps(c.add(r * ldc + 16)),
+                ];
+            } else {
+                let v = _mm512_set1_ps(*bias.add(r));
+                *t = [v, v];
+            }
+        }
+        for p in 0..kc {
+            let bp = b.add(p * ldb);
+            let (b0, b1) = (_mm512_loadu_ps(bp), _mm512_loadu_ps(bp.add(16)));
+            let ap = a.add(p * MR);
+            for (r, t) in acc.iter_mut().enumerate() {
+                let av = _mm512_set1_ps(*ap.add(r));
+                t[0] = _mm512_fmadd_ps(av, b0, t[0]);
+                t[1] = _mm512_fmadd_ps(av, b1, t[1]);
+            }
+        }
+        let zero = _mm512_setzero_ps();
+        for (r, t) in acc.iter().enumerate() {
+            let (mut v0, mut v1) = (t[0], t[1]);
+            if relu {
+                // `max(0, x)` returns its second operand for NaN: NaN stays.
+                v0 = _mm512_max_ps(zero, v0);
+                v1 = _mm512_max_ps(zero, v1);
+            }
+            _mm512_storeu_ps(c.add(r * ldc), v0);
+            _mm512_storeu_ps(c.add(r * ldc + 16), v1);
+        }
+    }
+}
+
+/// The 6 x 16 tile of [`gemm_tile`].
+///
+/// # Safety
+/// AVX2 and FMA available; `a` readable for `6 * kc` values, `b` for `(kc - 1) * ldb + 16`,
+/// `c` readable and writable for `5 * ldc + 16`; `bias` null or readable for 6.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_avx2(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    bias: *const f32,
+    relu: bool,
+) {
+    const MR: usize = 6;
+    let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+    // SAFETY: the reads and writes below stay in the ranges of the contract.
+    unsafe {
+        for (r, t) in acc.iter_mut().enumerate() {
+            if bias.is_null() {
+                *t = [
+                    _mm256_loadu_ps(c.add(r * ldc)),
+                    _mm256_loadu_ps(c.add(r * ldc + 8)),
+                ];
+            } else {
+                let v = _mm256_set1_ps(*bias.add(r));
+                *t = [v, v];
+            }
+        }
+        for p in 0..kc {
+            let bp = b.add(p * ldb);
+            let (b0, b1) = (_mm256_loadu_ps(bp), _mm256_loadu_ps(bp.add(8)));
+            let ap = a.add(p * MR);
+            for (r, t) in acc.iter_mut().enumerate() {
+                let av = _mm256_set1_ps(*ap.add(r));
+                t[0] = _mm256_fmadd_ps(av, b0, t[0]);
+                t[1] = _mm256_fmadd_ps(av, b1, t[1]);
+            }
+        }
+        let zero = _mm256_setzero_ps();
+        for (r, t) in acc.iter().enumerate() {
+            let (mut v0, mut v1) = (t[0], t[1]);
+            if relu {
+                v0 = _mm256_max_ps(zero, v0);
+                v1 = _mm256_max_ps(zero, v1);
+            }
+            _mm256_storeu_ps(c.add(r * ldc), v0);
+            _mm256_storeu_ps(c.add(r * ldc + 8), v1);
+        }
+    }
+}
