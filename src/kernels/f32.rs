@@ -496,15 +496,15 @@ pub(crate) fn gemv_rows(x: &[f32], rows: usize, k: usize, w: &[f32], out: &mut [
     }
 }
 
-/// Rows and columns of one product tile of [`gemm_bias`] with `isa` (the portable body's
-/// tile is small enough for LLVM to keep in registers).
-fn gemm_tile_dims(isa: Isa) -> (usize, usize) {
+/// Rows, lanes per vector, and the most vectors across one product tile of [`gemm_bias`]
+/// with `isa` (the portable body's tile is small enough for LLVM to keep in registers).
+fn gemm_tile_dims(isa: Isa) -> (usize, usize, usize) {
     #[cfg(target_arch = "x86_64")]
     if let Some(isa) = isa {
         return isa.gemm_tile();
     }
     let _ = isa;
-    (PMR, PNR)
+    (PMR, PNR, 1)
 }
 
 /// Portable tile rows.
@@ -522,14 +522,14 @@ fn gemm_tile_portable(
     ldb: usize,
     c: &mut [f32],
     ldc: usize,
+    load: bool,
     bias: Option<&[f32]>,
     relu_on: bool,
 ) {
     let mut acc = [[0f32; PNR]; PMR];
-    for (r, t) in acc.iter_mut().enumerate() {
-        match bias {
-            Some(bv) => *t = [bv[r]; PNR],
-            None => t.copy_from_slice(&c[r * ldc..r * ldc + PNR]),
+    if load {
+        for (r, t) in acc.iter_mut().enumerate() {
+            t.copy_from_slice(&c[r * ldc..r * ldc + PNR]);
         }
     }
     for p in 0..kc {
@@ -543,6 +543,7 @@ fn gemm_tile_portable(
     }
     for (r, t) in acc.iter().enumerate() {
         for (d, &v) in c[r * ldc..r * ldc + PNR].iter_mut().zip(t) {
+            let v = bias.map_or(v, |bv| v + bv[r]);
             *d = if relu_on { relu(v) } else { v };
         }
     }
@@ -563,7 +564,7 @@ impl PackedA {
     /// Packs `a` (`m` rows of `k` values, row `i` at `i * lda`) for this thread's kernel set.
     pub(crate) fn new(a: &[f32], m: usize, k: usize, lda: usize) -> Self {
         let isa = isa();
-        let (mr, _) = gemm_tile_dims(isa);
+        let (mr, _, _) = gemm_tile_dims(isa);
         let strips = m.div_ceil(mr);
         let mut data = vec![0f32; strips * k * mr];
         for (s, strip) in data.chunks_exact_mut((k * mr).max(1)).enumerate() {
@@ -584,37 +585,41 @@ impl PackedA {
     }
 }
 
-/// One product tile of [`gemm_bias`] with `isa` (see `x86::gemm_tile`).
+/// One product tile of [`gemm_bias`] with `isa`, `nv` vectors wide (see `x86::gemm_tile`).
 #[allow(clippy::too_many_arguments)]
 #[inline]
 fn gemm_tile(
     isa: Isa,
+    nv: usize,
     kc: usize,
     a: &[f32],
     b: &[f32],
     ldb: usize,
     c: &mut [f32],
     ldc: usize,
+    load: bool,
     bias: Option<&[f32]>,
     relu_on: bool,
 ) {
     #[cfg(target_arch = "x86_64")]
     if let Some(isa) = isa {
-        return x86::gemm_tile(isa, kc, a, b, ldb, c, ldc, bias, relu_on);
+        return x86::gemm_tile(isa, nv, kc, a, b, ldb, c, ldc, load, bias, relu_on);
     }
-    let _ = isa;
-    gemm_tile_portable(kc, a, b, ldb, c, ldc, bias, relu_on)
+    let _ = (isa, nv);
+    gemm_tile_portable(kc, a, b, ldb, c, ldc, load, bias, relu_on)
 }
 
-/// Steps of one block of [`gemm_bias`]: a `kc x nr` slice of `B` (32 KiB with AVX-512)
-/// stays in L1 while every weight strip passes over it.
-const KC: usize = 256;
+/// Steps of one block of [`gemm_bias`]: a `kc x nr` slice of `B` (36 KiB with AVX-512's
+/// 48 columns) stays in L1 while every weight strip passes over it.
+const KC: usize = 192;
 
-/// `C = bias + A B`, then ReLU when `relu`: `A` packed (`[m, k]`), `B` `[k, n]` read in place
+/// `C = A B + bias`, then ReLU when `relu`: `A` packed (`[m, k]`), `B` `[k, n]` read in place
 /// (row `p` at `p * ldb`), `C` `[m, n]` (row `i` at `i * ldc`, overwritten), `bias` one
-/// value per row of `C` (zeros without). Each value is the bias plus the products in step
-/// order (fused on x86). The steps go in blocks of about [`KC`]; columns in tiles of the
-/// kernel's width (the last, narrower one through a zero-padded copy).
+/// value per row of `C`. Each value is the products summed from zero in step order (fused
+/// on x86), then the bias added (as PyTorch's and `matrixmultiply`'s `beta = 1` sums
+/// round). The steps go in blocks of about [`KC`] (a block continues the previous one's
+/// sums); columns in tiles of the kernel's width (the last, narrower one as many vectors
+/// as it needs, through a zero-padded copy when it ends inside a vector).
 ///
 /// # Panics
 /// If a slice is shorter than the shapes say.
@@ -642,7 +647,8 @@ pub(crate) fn gemm_bias(
         return;
     }
     assert!(b.len() >= (k - 1) * ldb + n);
-    let (_, nr) = gemm_tile_dims(isa);
+    let (_, lanes, most) = gemm_tile_dims(isa);
+    let nr = lanes * most;
     let strips = m.div_ceil(mr);
     let mut bias_pad = vec![0f32; strips * mr];
     if let Some(bv) = bias {
@@ -650,62 +656,69 @@ pub(crate) fn gemm_bias(
     }
     let blocks = k.div_ceil(KC);
     let kcb = k.div_ceil(blocks);
-    // The last column tile's `B` columns (zero-padded to `nr`) and a whole `C` tile for
-    // partial tiles.
-    let mut btail = vec![0f32; if n.is_multiple_of(nr) { 0 } else { kcb * nr }];
+    // Columns go in tiles of `nr`; the last, narrower tile is as many whole vectors as it
+    // needs, its `B` columns copied zero-padded when they do not fill the last vector. A
+    // tile with rows past `m` goes through a whole-tile copy of `C`.
+    let rem = n % nr;
+    let ragged = !rem.is_multiple_of(lanes);
+    let mut btail = vec![
+        0f32;
+        if ragged {
+            kcb * rem.next_multiple_of(lanes)
+        } else {
+            0
+        }
+    ];
     let mut ctile = vec![0f32; mr * nr];
     for k0 in (0..k).step_by(kcb) {
         let kc = kcb.min(k - k0);
         let (first, last) = (k0 == 0, k0 + kc == k);
         for j0 in (0..n).step_by(nr) {
             let nb = nr.min(n - j0);
-            let (bp, ldbp): (&[f32], usize) = if nb == nr {
+            let nv = nb.div_ceil(lanes);
+            let width = nv * lanes;
+            let (bp, ldbp): (&[f32], usize) = if nb == width {
                 (&b[k0 * ldb + j0..], ldb)
             } else {
                 for p in 0..kc {
                     let src = &b[(k0 + p) * ldb + j0..(k0 + p) * ldb + j0 + nb];
-                    btail[p * nr..p * nr + nb].copy_from_slice(src);
+                    btail[p * width..p * width + nb].copy_from_slice(src);
                 }
-                (&btail[..], nr)
+                (&btail[..], width)
             };
             for s in 0..strips {
                 let mb = mr.min(m - s * mr);
                 let ap = &a.data[(s * k + k0) * mr..(s * k + k0 + kc) * mr];
-                let bias_s = first.then(|| &bias_pad[s * mr..(s + 1) * mr]);
+                let bias_s = (last && bias.is_some()).then(|| &bias_pad[s * mr..(s + 1) * mr]);
                 let at = s * mr * ldc + j0;
-                if mb == mr && nb == nr {
+                let r = last && relu_on;
+                if mb == mr && nb == width {
                     gemm_tile(
                         isa,
+                        nv,
                         kc,
                         ap,
                         bp,
                         ldbp,
                         &mut c[at..],
                         ldc,
+                        !first,
                         bias_s,
-                        last && relu_on,
+                        r,
                     );
                 } else {
                     if !first {
-                        for r in 0..mb {
-                            let src = &c[at + r * ldc..at + r * ldc + nb];
-                            ctile[r * nr..r * nr + nb].copy_from_slice(src);
+                        for i in 0..mb {
+                            let src = &c[at + i * ldc..at + i * ldc + nb];
+                            ctile[i * width..i * width + nb].copy_from_slice(src);
                         }
                     }
                     gemm_tile(
-                        isa,
-                        kc,
-                        ap,
-                        bp,
-                        ldbp,
-                        &mut ctile,
-                        nr,
-                        bias_s,
-                        last && relu_on,
+                        isa, nv, kc, ap, bp, ldbp, &mut ctile, width, !first, bias_s, r,
                     );
-                    for r in 0..mb {
-                        let dst = &mut c[at + r * ldc..at + r * ldc + nb];
-                        dst.copy_from_slice(&ctile[r * nr..r * nr + nb]);
+                    for i in 0..mb {
+                        let dst = &mut c[at + i * ldc..at + i * ldc + nb];
+                        dst.copy_from_slice(&ctile[i * width..i * width + nb]);
                     }
                 }
             }
@@ -902,6 +915,10 @@ mod tests {
             (4, 3, 16),
             (6, 7, 32),
             (8, 9, 33),
+            (8, 5, 48),
+            (9, 5, 96),
+            (7, 4, 112),
+            (10, 6, 8),
             (13, 20, 47),
             (16, 300, 64),
             (64, 576, 50),
