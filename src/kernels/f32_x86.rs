@@ -263,13 +263,15 @@ pub(crate) fn gemv(isa: Isa, x: &[f32], rows: usize, k: usize, w: &[f32], out: &
         Isa::Avx2 => 2,
         Isa::Avx512 => 4,
     };
-    let mut r = 0;
-    while r < rows {
-        let take = (rows - r).min(rb);
-        let xs = &x[r * k..(r + take) * k];
-        let mut j = 0;
-        while j + 4 <= n {
-            let ws = &w[j * k..(j + 4) * k];
+    // Weight blocks outside, input rows inside: each block of four weight rows is read
+    // from memory once and stays in cache while every input row passes over it.
+    let mut j = 0;
+    while j + 4 <= n {
+        let ws = &w[j * k..(j + 4) * k];
+        let mut r = 0;
+        while r < rows {
+            let take = (rows - r).min(rb);
+            let xs = &x[r * k..(r + take) * k];
             let mut res = [[0f32; 4]; 4];
             // SAFETY: the ISA was detected (see `Isa::of`); `xs` holds `take * k` values
             // and `ws` `4 * k`, as the bodies read.
@@ -286,17 +288,17 @@ pub(crate) fn gemv(isa: Isa, x: &[f32], rows: usize, k: usize, w: &[f32], out: &
             for (i, rr) in res.iter().enumerate().take(take) {
                 out[(r + i) * n + j..(r + i) * n + j + 4].copy_from_slice(rr);
             }
-            j += 4;
+            r += take;
         }
-        // The last `n % 4` weight rows.
-        for jj in j..n {
-            let wr = &w[jj * k..(jj + 1) * k];
-            for i in 0..take {
-                let xr = &xs[i * k..(i + 1) * k];
-                out[(r + i) * n + jj] = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
-            }
+        j += 4;
+    }
+    // The last `n % 4` weight rows.
+    for jj in j..n {
+        let wr = &w[jj * k..(jj + 1) * k];
+        for r in 0..rows {
+            let xr = &x[r * k..(r + 1) * k];
+            out[r * n + jj] = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
         }
-        r += take;
     }
 }
 
@@ -377,6 +379,194 @@ unsafe fn dots_avx512<const R: usize>(xs: &[f32], ws: &[f32], k: usize, res: &mu
                 s += xs[r * k + t] * ws[q * k + t];
             }
             res[r][q] = s;
+        }
+    }
+}
+
+impl Isa {
+    /// Rows of a packed weight strip, lanes of one vector, and the most vectors across a
+    /// product tile of [`gemm_tile`] (AVX-512: 8 x 48, 24 accumulators; AVX2: 6 x 16).
+    pub(crate) fn gemm_tile(self) -> (usize, usize, usize) {
+        match self {
+            Isa::Avx2 => (6, 8, 2),
+            Isa::Avx512 => (8, 16, 3),
+        }
+    }
+}
+
+/// One product tile of [`super::gemm_bias`], `mr` rows by `nv` vectors of columns (see
+/// [`Isa::gemm_tile`]; `1 <= nv <=` the most): `c` rows
+/// (stride `ldc`) = zero, or their current values when `load`, plus `kc` steps of
+/// `a[p * mr + r] * b[p * ldb + j]` (one fused multiply-add each, in step order), then
+/// plus `bias` (one per row) when given, then `max(0, v)` when `relu` (NaN kept).
+///
+/// # Panics
+/// If `kc == 0` or a slice is shorter than the tile reads or writes.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_tile(
+    isa: Isa,
+    nv: usize,
+    kc: usize,
+    a: &[f32],
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    load: bool,
+    bias: Option<&[f32]>,
+    relu: bool,
+) {
+    let (mr, lanes, most) = isa.gemm_tile();
+    assert!((1..=most).contains(&nv));
+    let nr = nv * lanes;
+    assert!(kc > 0 && a.len() >= kc * mr && b.len() >= (kc - 1) * ldb + nr);
+    assert!(c.len() >= (mr - 1) * ldc + nr && bias.is_none_or(|v| v.len() >= mr));
+    let bp = bias.map_or(std::ptr::null(), |v| v.as_ptr());
+    let (ap, bb, cp) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+    match isa {
+        // SAFETY (all arms): the ISA was detected (`Isa::of`); every read and write lies
+        // in the slices (asserted above for the `mr x nr` tile).
+        Isa::Avx512 => unsafe {
+            match nv {
+                1 => tile_avx512::<1>(kc, ap, bb, ldb, cp, ldc, load, bp, relu),
+                2 => tile_avx512::<2>(kc, ap, bb, ldb, cp, ldc, load, bp, relu),
+                _ => tile_avx512::<3>(kc, ap, bb, ldb, cp, ldc, load, bp, relu),
+            }
+        },
+        Isa::Avx2 => unsafe {
+            match nv {
+                1 => tile_avx2::<1>(kc, ap, bb, ldb, cp, ldc, load, bp, relu),
+                _ => tile_avx2::<2>(kc, ap, bb, ldb, cp, ldc, load, bp, relu),
+            }
+        },
+    }
+}
+
+/// The 8 x `16 NV` tile of [`gemm_tile`].
+///
+/// # Safety
+/// AVX-512F available; `a` readable for `8 * kc` values, `b` for `(kc - 1) * ldb + 16 NV`,
+/// `c` writable (and readable when `load`) for `7 * ldc + 16 NV`; `bias` null or
+/// readable for 8.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_avx512<const NV: usize>(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    load: bool,
+    bias: *const f32,
+    relu: bool,
+) {
+    const MR: usize = 8;
+    let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+    // SAFETY: the reads and writes below stay in the ranges of the contract.
+    unsafe {
+        for (r, t) in acc.iter_mut().enumerate() {
+            for (v, tv) in t.iter_mut().enumerate() {
+                if load {
+                    *tv = _mm512_loadu_ps(c.add(r * ldc + 16 * v));
+                }
+            }
+        }
+        for p in 0..kc {
+            let bp = b.add(p * ldb);
+            let mut bv = [_mm512_setzero_ps(); NV];
+            for (v, x) in bv.iter_mut().enumerate() {
+                *x = _mm512_loadu_ps(bp.add(16 * v));
+            }
+            let ap = a.add(p * MR);
+            for (r, t) in acc.iter_mut().enumerate() {
+                let av = _mm512_set1_ps(*ap.add(r));
+                for (tv, &x) in t.iter_mut().zip(&bv) {
+                    *tv = _mm512_fmadd_ps(av, x, *tv);
+                }
+            }
+        }
+        let zero = _mm512_setzero_ps();
+        for (r, t) in acc.iter().enumerate() {
+            let bv = if bias.is_null() {
+                zero
+            } else {
+                _mm512_set1_ps(*bias.add(r))
+            };
+            for (v, &tv) in t.iter().enumerate() {
+                let y = if bias.is_null() {
+                    tv
+                } else {
+                    _mm512_add_ps(tv, bv)
+                };
+                // `max(0, x)` returns its second operand for NaN: NaN stays.
+                let y = if relu { _mm512_max_ps(zero, y) } else { y };
+                _mm512_storeu_ps(c.add(r * ldc + 16 * v), y);
+            }
+        }
+    }
+}
+
+/// The 6 x `8 NV` tile of [`gemm_tile`].
+///
+/// # Safety
+/// AVX2 and FMA available; `a` readable for `6 * kc` values, `b` for `(kc - 1) * ldb +
+/// 8 NV`, `c` writable (and readable when `load`) for `5 * ldc + 8 NV`; `bias` null or
+/// readable for 6.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_avx2<const NV: usize>(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    load: bool,
+    bias: *const f32,
+    relu: bool,
+) {
+    const MR: usize = 6;
+    let mut acc = [[_mm256_setzero_ps(); NV]; MR];
+    // SAFETY: the reads and writes below stay in the ranges of the contract.
+    unsafe {
+        for (r, t) in acc.iter_mut().enumerate() {
+            for (v, tv) in t.iter_mut().enumerate() {
+                if load {
+                    *tv = _mm256_loadu_ps(c.add(r * ldc + 8 * v));
+                }
+            }
+        }
+        for p in 0..kc {
+            let bp = b.add(p * ldb);
+            let mut bv = [_mm256_setzero_ps(); NV];
+            for (v, x) in bv.iter_mut().enumerate() {
+                *x = _mm256_loadu_ps(bp.add(8 * v));
+            }
+            let ap = a.add(p * MR);
+            for (r, t) in acc.iter_mut().enumerate() {
+                let av = _mm256_set1_ps(*ap.add(r));
+                for (tv, &x) in t.iter_mut().zip(&bv) {
+                    *tv = _mm256_fmadd_ps(av, x, *tv);
+                }
+            }
+        }
+        let zero = _mm256_setzero_ps();
+        for (r, t) in acc.iter().enumerate() {
+            let bv = if bias.is_null() {
+                zero
+            } else {
+                _mm256_set1_ps(*bias.add(r))
+            };
+            for (v, &tv) in t.iter().enumerate() {
+                let y = if bias.is_null() {
+                    tv
+                } else {
+                    _mm256_add_ps(tv, bv)
+                };
+                let y = if relu { _mm256_max_ps(zero, y) } else { y };
+                _mm256_storeu_ps(c.add(r * ldc + 8 * v), y);
+            }
         }
     }
 }

@@ -2,13 +2,11 @@
 
 use ndarray::{
     linalg::general_mat_mul, s, Array1, Array2, Array4, ArrayD, ArrayView2, ArrayViewMut2, Axis,
-    Ix4, IxDyn, ShapeBuilder,
+    Ix4, IxDyn,
 };
 
 use crate::error::{QuantError, Result};
-
-/// Columns below which a convolution's GEMM takes several images at once.
-const GEMM_COLS: usize = 512;
+use crate::kernels::f32 as f32k;
 
 fn shape_err(layer: &str, expected: String, x: &ArrayD<f32>) -> QuantError {
     QuantError::ShapeMismatch {
@@ -197,7 +195,7 @@ impl Conv2d {
         })?;
         let og = o / g;
         let kdim = cg * kh * kw;
-        let geom = crate::kernels::f32::Geom {
+        let geom = f32k::Geom {
             in_hw: (h, w),
             out_hw: (ho, wo),
             kernel: (kh, kw),
@@ -228,98 +226,43 @@ impl Conv2d {
                 .expect("n * o * ho * wo values")
                 .into_dyn());
         }
-        // The output starts as the bias; the products accumulate onto it (beta = 1).
-        let mut out = Vec::with_capacity(n * o * plane);
-        for _ in 0..n {
-            for oc in 0..o {
-                let bv = bias.as_ref().map_or(0.0, |b| b[oc]);
-                out.extend(std::iter::repeat_n(bv, plane));
-            }
-        }
-        let wmat = ArrayView2::from_shape((o, kdim), wv).expect("[out, in / groups * kh * kw]");
         let pointwise = (kh, kw) == (1, 1)
             && self.stride == (1, 1)
             && self.padding == (0, 0)
             && (ho, wo) == (h, w);
-        // Small images' im2col columns go through the GEMM several images at a time (side
-        // by side), so each call has enough columns to amortize its packing. (Pointwise
-        // convolutions read the input in place: batching would add two copies.)
-        let nb = if pointwise {
-            1
-        } else {
-            (GEMM_COLS / plane.max(1)).clamp(1, n.max(1))
+        // Each group's weights packed once per call; each image's im2col columns (or, for
+        // a pointwise convolution, the input itself) are read in place by the GEMM, which
+        // starts from the bias and applies ReLU as it stores.
+        let packs: Vec<f32k::PackedA> = (0..g)
+            .map(|gi| f32k::PackedA::new(&wv[gi * og * kdim..], og, kdim, kdim))
+            .collect();
+        let mut out = vec![0f32; n * o * plane];
+        let cols_len = if pointwise { 0 } else { kdim * plane };
+        let image = |b: usize, ob: &mut [f32]| {
+            f32k::with_cols(cols_len, 0, |cols, _| {
+                for (gi, pack) in packs.iter().enumerate() {
+                    let xg = &xv[(b * c + gi * cg) * h * w..(b * c + (gi + 1) * cg) * h * w];
+                    let src: &[f32] = if pointwise {
+                        xg
+                    } else {
+                        f32k::im2col_nchw(xg, cg, &geom, cols, plane);
+                        cols
+                    };
+                    let bg = bias.as_deref().map(|bv| &bv[gi * og..(gi + 1) * og]);
+                    let dst = &mut ob[gi * og * plane..(gi + 1) * og * plane];
+                    f32k::gemm_bias(pack, src, plane, plane, bg, relu, dst, plane);
+                }
+            })
         };
-        if nb == 1 {
-            let cols_len = if pointwise { 0 } else { kdim * plane };
-            crate::kernels::f32::with_cols(cols_len, 0, |cols, _| {
-                for b in 0..n {
-                    for gi in 0..g {
-                        let xg = &xv[(b * c + gi * cg) * h * w..(b * c + (gi + 1) * cg) * h * w];
-                        let cols_view = if pointwise {
-                            ArrayView2::from_shape((kdim, plane), xg).expect("[cg, h * w]")
-                        } else {
-                            crate::kernels::f32::im2col_nchw(xg, cg, &geom, cols, plane);
-                            ArrayView2::from_shape((kdim, plane), &cols[..]).expect("cols")
-                        };
-                        let wg = wmat.slice(s![gi * og..(gi + 1) * og, ..]);
-                        let at = (b * o + gi * og) * plane;
-                        let block = &mut out[at..at + og * plane];
-                        let mut dst = ArrayViewMut2::from_shape((og, plane), &mut *block)
-                            .expect("og * plane");
-                        general_mat_mul(1.0, &wg, &cols_view, 1.0, &mut dst);
-                        if relu {
-                            for v in block.iter_mut() {
-                                *v = crate::kernels::f32::relu(*v);
-                            }
-                        }
-                    }
-                }
-            });
+        if n > 1 && rayon::current_num_threads() > 1 {
+            use rayon::prelude::*;
+            out.par_chunks_mut(o * plane)
+                .enumerate()
+                .for_each(|(b, ob)| image(b, ob));
         } else {
-            let ld = nb * plane;
-            crate::kernels::f32::with_cols(kdim * ld, og * ld, |cols, prod| {
-                for b0 in (0..n).step_by(nb) {
-                    let bn = nb.min(n - b0);
-                    let width = bn * plane;
-                    for gi in 0..g {
-                        for bi in 0..bn {
-                            let b = b0 + bi;
-                            let xg =
-                                &xv[(b * c + gi * cg) * h * w..(b * c + (gi + 1) * cg) * h * w];
-                            let dst = &mut cols[bi * plane..];
-                            if pointwise {
-                                for (r, xr) in xg.chunks_exact(plane).enumerate() {
-                                    dst[r * ld..r * ld + plane].copy_from_slice(xr);
-                                }
-                            } else {
-                                crate::kernels::f32::im2col_nchw(xg, cg, &geom, dst, ld);
-                            }
-                        }
-                        let cols_view =
-                            ArrayView2::from_shape((kdim, width).strides((ld, 1)), &cols[..])
-                                .expect("cols");
-                        let wg = wmat.slice(s![gi * og..(gi + 1) * og, ..]);
-                        let mut pv =
-                            ArrayViewMut2::from_shape((og, width).strides((ld, 1)), &mut prod[..])
-                                .expect("og rows of ld");
-                        general_mat_mul(1.0, &wg, &cols_view, 0.0, &mut pv);
-                        // Scatter onto the bias, image by image.
-                        for bi in 0..bn {
-                            let at = ((b0 + bi) * o + gi * og) * plane;
-                            let block = &mut out[at..at + og * plane];
-                            for (oc, orow) in block.chunks_exact_mut(plane).enumerate() {
-                                let src = &prod[oc * ld + bi * plane..oc * ld + (bi + 1) * plane];
-                                for (v, &p) in orow.iter_mut().zip(src) {
-                                    *v += p;
-                                    if relu {
-                                        *v = crate::kernels::f32::relu(*v);
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-            });
+            for (b, ob) in out.chunks_mut(o * plane).enumerate() {
+                image(b, ob);
+            }
         }
         Ok(Array4::from_shape_vec((n, o, ho, wo), out)
             .expect("n * o * ho * wo values")
