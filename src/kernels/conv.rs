@@ -286,11 +286,107 @@ impl Im2col<'_> {
 }
 
 impl RowSource for Im2col<'_> {
-    fn direct(&self, r0: usize, rows: usize, kp: usize) -> Option<&[u8]> {
-        let c = self.geom.c_in;
-        (self.is_pointwise() && kp == c)
-            .then(|| self.x.get(r0 * c..(r0 + rows) * c))
-            .flatten()
+    fn bytes(&self) -> &[u8] {
+        self.padded.unwrap_or(self.x)
+    }
+
+    fn segments(&self, kp: usize) -> Option<(usize, usize)> {
+        let g = self.geom;
+        let (kh, kw) = g.kernel;
+        // One group without horizontal dilation: a kernel row's `kw * c_in` bytes are
+        // contiguous in NHWC; otherwise each tap's `cig` channels are.
+        let (nseg, seg) = if self.cig == g.c_in && g.dilation.1 == 1 {
+            (kh, kw * g.c_in)
+        } else {
+            (kh * kw, self.cig)
+        };
+        (seg > 0 && seg.is_multiple_of(4) && nseg * seg == kp).then_some((nseg, seg))
+    }
+
+    fn offsets(&self, r0: usize, rows: usize, offs: &mut [usize], side: &mut Vec<u8>) {
+        let g = self.geom;
+        let (h, w) = g.in_hw;
+        let (oh, ow) = self.out_hw;
+        let (kh, kw) = g.kernel;
+        let c = g.c_in;
+        let (sy, sx) = g.stride;
+        let (py, px) = g.padding;
+        let (dy, dx) = g.dilation;
+        let zp = self.a_zp;
+        let Some((nseg, seg)) = self.segments(kh * kw * self.cig) else {
+            return;
+        };
+        if rows == 0 || oh == 0 || ow == 0 {
+            return;
+        }
+        let blen = self.bytes().len();
+        // side[..seg]: one run of the zero point, for segments wholly in the padding.
+        side.clear();
+        side.resize(seg, zp);
+        let merged = nseg == kh && seg == kw * c;
+        let mut b = r0 / (oh * ow);
+        let mut oy = (r0 / ow) % oh;
+        let mut ox = r0 % ow;
+        for o in offs.chunks_exact_mut(nseg).take(rows) {
+            if merged {
+                if self.padded.is_some() {
+                    // Every kernel row lies inside the padded copy.
+                    let hp = h + 2 * py;
+                    let wp = w + 2 * px;
+                    let base = ((b * hp + oy * sy) * wp + ox * sx) * c;
+                    for (ky, o) in o.iter_mut().enumerate() {
+                        *o = base + ky * dy * wp * c;
+                    }
+                } else {
+                    // Kernel columns `lo..hi` land inside the input.
+                    let start = ox * sx;
+                    let lo = px.saturating_sub(start).min(kw);
+                    let hi = (w + px).saturating_sub(start).min(kw);
+                    for (ky, o) in o.iter_mut().enumerate() {
+                        let iy = (oy * sy + ky * dy).checked_sub(py).filter(|&iy| iy < h);
+                        *o = match iy {
+                            Some(iy) if lo == 0 && hi == kw => ((b * h + iy) * w + start - px) * c,
+                            Some(iy) if hi > lo => {
+                                // Cut by the left or right padding: built in `side`.
+                                let at = side.len();
+                                side.resize(at + seg, zp);
+                                let p = ((b * h + iy) * w + start + lo - px) * c;
+                                side[at + lo * c..at + hi * c]
+                                    .copy_from_slice(&self.x[p..p + (hi - lo) * c]);
+                                blen + at
+                            }
+                            _ => blen,
+                        };
+                    }
+                }
+            } else {
+                for (t, o) in o.iter_mut().enumerate() {
+                    let (ky, kx) = (t / kw, t % kw);
+                    *o = match (g.iy(oy, ky), (ox * sx + kx * dx).checked_sub(px)) {
+                        (Some(iy), Some(ix)) if ix < w => ((b * h + iy) * w + ix) * c + self.c0,
+                        _ => blen,
+                    };
+                }
+            }
+            ox += 1;
+            if ox == ow {
+                ox = 0;
+                oy += 1;
+                if oy == oh {
+                    oy = 0;
+                    b += 1;
+                }
+            }
+        }
+    }
+
+    fn max_byte(&self) -> u8 {
+        let m = self.x.iter().fold(0u8, |a, &v| a.max(v));
+        if self.geom.padding == (0, 0) {
+            m
+        } else {
+            m.max(self.a_zp)
+        }
     }
 
     fn fill(&self, r0: usize, rows: usize, kp: usize, dst: &mut [u8]) {
@@ -600,4 +696,170 @@ thread_local! {
     /// The calling thread's buffer for a multiplier > 1 input with repeated channels.
     static DW_EXPAND: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     static DW_SCRATCH: std::cell::RefCell<DwScratch> = std::cell::RefCell::new(DwScratch::default());
+}
+
+#[cfg(test)]
+mod tests {
+    //! The im2col + GEMM convolution driver on every kernel set against the direct oracle
+    //! (`reference::qconv2d_naive`): rows read in place (whole kernel rows, one tap's
+    //! channels), segments cut by the padding, the padded copy of few-channel inputs, the
+    //! packed im2col fallback, several row blocks and threads.
+    use super::{conv_gemm, ConvGeom};
+    use crate::kernels::reference::qconv2d_naive;
+    use crate::kernels::{KernelSet, OutputQuant, PackedWeights, RequantParams};
+
+    fn lcg(s: &mut u64) -> u32 {
+        *s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (*s >> 33) as u32
+    }
+
+    /// Runs `g` through `conv_gemm` on every set (activations below `a_lim`, weight zero
+    /// points zero or not) and compares with the oracle, byte for byte.
+    fn check(g: ConvGeom, a_lim: u32, a_zp: u8, zp_zero: bool, seed: u64) {
+        let mut s = seed;
+        let (h, w) = g.in_hw;
+        let (kh, kw) = g.kernel;
+        let cig = g.c_in / g.groups;
+        let cog = g.c_out / g.groups;
+        let k = kh * kw * cig;
+        let x: Vec<u8> = (0..g.batch * g.c_in * h * w)
+            .map(|_| (lcg(&mut s) % a_lim) as u8)
+            .collect();
+        let wt: Vec<i8> = (0..g.c_out * k).map(|_| lcg(&mut s) as u8 as i8).collect();
+        let w_zp: Vec<i32> = (0..g.c_out)
+            .map(|j| if zp_zero { 0 } else { j as i32 % 5 - 2 })
+            .collect();
+        let scales: Vec<f32> = (0..g.c_out).map(|j| 0.002 + j as f32 * 1e-4).collect();
+        let bias: Vec<f32> = (0..g.c_out).map(|j| j as f32 * 0.3 - 4.0).collect();
+        let oq = OutputQuant {
+            scale: 0.2,
+            zero_point: 110,
+            relu: seed % 2 == 1,
+        };
+        let rq = RequantParams::new(g.c_out, 0.03, &scales, true, Some(&bias), oq).unwrap();
+        let want_nchw = qconv2d_naive(&x, &g, a_zp as i32, &wt, &w_zp, &rq);
+        let (oh, ow) = g.out_hw().unwrap();
+        // NHWC input; weights per group with `k` ordered (ky, kx, c).
+        let mut x_nhwc = vec![0u8; x.len()];
+        for b in 0..g.batch {
+            for c in 0..g.c_in {
+                for p in 0..h * w {
+                    x_nhwc[(b * h * w + p) * g.c_in + c] = x[(b * g.c_in + c) * h * w + p];
+                }
+            }
+        }
+        let mut packs = Vec::new();
+        let mut rqs = Vec::new();
+        for grp in 0..g.groups {
+            let mut wg = vec![0i8; cog * k];
+            for o in 0..cog {
+                let oc = grp * cog + o;
+                for ci in 0..cig {
+                    for t in 0..kh * kw {
+                        wg[o * k + t * cig + ci] = wt[(oc * cig + ci) * kh * kw + t];
+                    }
+                }
+            }
+            let cols = grp * cog..(grp + 1) * cog;
+            packs.push(PackedWeights::new(&wg, cog, k, &w_zp[cols.clone()]).unwrap());
+            rqs.push(
+                RequantParams::new(
+                    cog,
+                    0.03,
+                    &scales[cols.clone()],
+                    true,
+                    Some(&bias[cols]),
+                    oq,
+                )
+                .unwrap(),
+            );
+        }
+        let m = g.batch * oh * ow;
+        for ks in KernelSet::all_available() {
+            for threads in [1, 2] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut out = vec![0xA5u8; m * g.c_out];
+                pool.install(|| conv_gemm(ks, &x_nhwc, &g, (oh, ow), a_zp, &packs, &rqs, &mut out));
+                for (i, &v) in out.iter().enumerate() {
+                    let (r, oc) = (i / g.c_out, i % g.c_out);
+                    let (b, p) = (r / (oh * ow), r % (oh * ow));
+                    let want = want_nchw[(b * g.c_out + oc) * oh * ow + p];
+                    assert_eq!(
+                        v,
+                        want,
+                        "{g:?} on {:?}, {threads} threads, a < {a_lim}, zp_zero {zp_zero}: row {r} channel {oc}",
+                        ks.backend()
+                    );
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn geom(
+        batch: usize,
+        c_in: usize,
+        in_hw: (usize, usize),
+        c_out: usize,
+        kernel: (usize, usize),
+        stride: (usize, usize),
+        padding: (usize, usize),
+        dilation: (usize, usize),
+        groups: usize,
+    ) -> ConvGeom {
+        ConvGeom {
+            batch,
+            c_in,
+            in_hw,
+            c_out,
+            kernel,
+            stride,
+            padding,
+            dilation,
+            groups,
+        }
+    }
+
+    #[test]
+    fn conv_gemm_matches_the_oracle_on_every_set() {
+        let d = (1, 1);
+        let cases = [
+            // Whole kernel rows in place, cut by the padding at the borders.
+            geom(2, 16, (7, 9), 20, (3, 3), (1, 1), (1, 1), d, 1),
+            geom(1, 16, (6, 5), 33, (3, 3), (2, 2), (1, 1), d, 1),
+            geom(1, 32, (4, 4), 64, (3, 3), (1, 1), (1, 1), d, 1),
+            geom(1, 12, (5, 6), 16, (1, 3), (1, 2), (0, 2), d, 1),
+            // Padding wider than the kernel's reach: kernel rows wholly in the padding.
+            geom(1, 4, (2, 2), 8, (3, 3), (1, 1), (3, 3), d, 1),
+            geom(1, 12, (2, 3), 8, (3, 3), (1, 1), (3, 2), d, 1),
+            // Few channels: the padded copy of the input, read in place.
+            geom(2, 8, (5, 6), 16, (3, 3), (1, 1), (1, 1), d, 1),
+            geom(2, 4, (5, 6), 17, (5, 3), (1, 2), (2, 0), d, 1),
+            // One tap's channels in place: dilation, groups.
+            geom(1, 8, (7, 7), 16, (3, 3), (1, 1), (2, 2), (2, 2), 1),
+            geom(2, 8, (5, 5), 12, (3, 3), (1, 1), (1, 1), d, 2),
+            geom(1, 16, (6, 6), 8, (3, 3), (2, 1), (1, 1), (1, 2), 4),
+            // Packed im2col: segments not a multiple of 4 bytes.
+            geom(1, 3, (6, 6), 16, (3, 3), (2, 2), (1, 1), d, 1),
+            geom(1, 6, (5, 5), 8, (3, 3), (1, 1), (1, 1), d, 2),
+            // 1x1: NHWC rows are the GEMM's rows.
+            geom(1, 12, (3, 3), 16, (1, 1), (1, 1), (0, 0), d, 1),
+            geom(1, 12, (5, 5), 16, (1, 1), (2, 2), (0, 0), d, 1),
+            // Several row blocks of 256 rows (and threads).
+            geom(3, 16, (12, 11), 40, (3, 3), (1, 1), (1, 1), d, 1),
+            geom(2, 64, (20, 20), 16, (1, 1), (1, 1), (0, 0), d, 1),
+        ];
+        for (i, g) in cases.into_iter().enumerate() {
+            let seed = i as u64 + 1;
+            // Any activations (AVX2 splits those above 127 in packed blocks), and
+            // reduce_range ones with a zero point below 128 (AVX2 reads them in place).
+            check(g, 256, 77, i % 3 == 0, seed);
+            check(g, 128, 100, i % 3 != 0, seed + 100);
+        }
+    }
 }
