@@ -125,9 +125,10 @@ struct Im2col<'a> {
     c0: usize,
     cig: usize,
     a_zp: u8,
-    /// For few input channels (one group, no horizontal dilation): the input with its
-    /// padding written out (`[n, h + 2 * ph, w + 2 * pw, c]`, border bytes the zero
-    /// point), so that every kernel row is one in-bounds run of `kw * c` bytes.
+    /// The input with its padding written out (`[n, h + 2 * ph, w + 2 * pw, c]`, border
+    /// bytes the zero point; the input itself without padding), so that every kernel row
+    /// or tap is one in-bounds run of bytes: the GEMM then reads rows in place
+    /// ([`RowSource::segments`]), or copies whole kernel rows for few channels.
     padded: Option<&'a [u8]>,
 }
 
@@ -285,97 +286,62 @@ impl Im2col<'_> {
     }
 }
 
+impl Im2col<'_> {
+    /// One group without horizontal dilation: a kernel row's `kw * c_in` bytes are
+    /// contiguous in NHWC (else each tap's `cig` channels are).
+    fn merged(&self) -> bool {
+        self.cig == self.geom.c_in && self.geom.dilation.1 == 1
+    }
+}
+
 impl RowSource for Im2col<'_> {
     fn bytes(&self) -> &[u8] {
-        self.padded.unwrap_or(self.x)
+        self.padded.unwrap_or(&[])
     }
 
-    fn segments(&self, kp: usize) -> Option<(usize, usize)> {
+    fn segments(&self, kp: usize, deltas: &mut Vec<usize>) -> Option<usize> {
+        self.padded?;
         let g = self.geom;
         let (kh, kw) = g.kernel;
-        // One group without horizontal dilation: a kernel row's `kw * c_in` bytes are
-        // contiguous in NHWC; otherwise each tap's `cig` channels are.
-        let (nseg, seg) = if self.cig == g.c_in && g.dilation.1 == 1 {
-            (kh, kw * g.c_in)
+        let (dy, dx) = g.dilation;
+        let row = (g.in_hw.1 + 2 * g.padding.1) * g.c_in;
+        let seg = if self.merged() {
+            deltas.extend((0..kh).map(|ky| ky * dy * row));
+            kw * g.c_in
         } else {
-            (kh * kw, self.cig)
+            deltas.extend((0..kh * kw).map(|t| (t / kw) * dy * row + (t % kw) * dx * g.c_in));
+            self.cig
         };
-        (seg > 0 && seg.is_multiple_of(4) && nseg * seg == kp).then_some((nseg, seg))
+        (seg > 0 && seg.is_multiple_of(4) && deltas.len() * seg == kp).then_some(seg)
     }
 
-    fn offsets(&self, r0: usize, rows: usize, offs: &mut [usize], side: &mut Vec<u8>) {
+    fn row_offsets(&self, r0: usize, offs: &mut [usize]) {
         let g = self.geom;
-        let (h, w) = g.in_hw;
         let (oh, ow) = self.out_hw;
-        let (kh, kw) = g.kernel;
         let c = g.c_in;
         let (sy, sx) = g.stride;
-        let (py, px) = g.padding;
-        let (dy, dx) = g.dilation;
-        let zp = self.a_zp;
-        let Some((nseg, seg)) = self.segments(kh * kw * self.cig) else {
-            return;
-        };
-        if rows == 0 || oh == 0 || ow == 0 {
+        let hp = g.in_hw.0 + 2 * g.padding.0;
+        let wp = g.in_hw.1 + 2 * g.padding.1;
+        if offs.is_empty() || oh == 0 || ow == 0 {
             return;
         }
-        let blen = self.bytes().len();
-        // side[..seg]: one run of the zero point, for segments wholly in the padding.
-        side.clear();
-        side.resize(seg, zp);
-        let merged = nseg == kh && seg == kw * c;
         let mut b = r0 / (oh * ow);
         let mut oy = (r0 / ow) % oh;
         let mut ox = r0 % ow;
-        for o in offs.chunks_exact_mut(nseg).take(rows) {
-            if merged {
-                if self.padded.is_some() {
-                    // Every kernel row lies inside the padded copy.
-                    let hp = h + 2 * py;
-                    let wp = w + 2 * px;
-                    let base = ((b * hp + oy * sy) * wp + ox * sx) * c;
-                    for (ky, o) in o.iter_mut().enumerate() {
-                        *o = base + ky * dy * wp * c;
-                    }
-                } else {
-                    // Kernel columns `lo..hi` land inside the input.
-                    let start = ox * sx;
-                    let lo = px.saturating_sub(start).min(kw);
-                    let hi = (w + px).saturating_sub(start).min(kw);
-                    for (ky, o) in o.iter_mut().enumerate() {
-                        let iy = (oy * sy + ky * dy).checked_sub(py).filter(|&iy| iy < h);
-                        *o = match iy {
-                            Some(iy) if lo == 0 && hi == kw => ((b * h + iy) * w + start - px) * c,
-                            Some(iy) if hi > lo => {
-                                // Cut by the left or right padding: built in `side`.
-                                let at = side.len();
-                                side.resize(at + seg, zp);
-                                let p = ((b * h + iy) * w + start + lo - px) * c;
-                                side[at + lo * c..at + hi * c]
-                                    .copy_from_slice(&self.x[p..p + (hi - lo) * c]);
-                                blen + at
-                            }
-                            _ => blen,
-                        };
-                    }
-                }
-            } else {
-                for (t, o) in o.iter_mut().enumerate() {
-                    let (ky, kx) = (t / kw, t % kw);
-                    *o = match (g.iy(oy, ky), (ox * sx + kx * dx).checked_sub(px)) {
-                        (Some(iy), Some(ix)) if ix < w => ((b * h + iy) * w + ix) * c + self.c0,
-                        _ => blen,
-                    };
-                }
+        let mut done = 0;
+        // One output row of the image at a time: its starts are evenly spaced.
+        while done < offs.len() {
+            let run = (ow - ox).min(offs.len() - done);
+            let base = ((b * hp + oy * sy) * wp + ox * sx) * c + self.c0;
+            for (i, o) in offs[done..done + run].iter_mut().enumerate() {
+                *o = base + i * sx * c;
             }
-            ox += 1;
-            if ox == ow {
-                ox = 0;
-                oy += 1;
-                if oy == oh {
-                    oy = 0;
-                    b += 1;
-                }
+            done += run;
+            ox = 0;
+            oy += 1;
+            if oy == oh {
+                oy = 0;
+                b += 1;
             }
         }
     }
@@ -408,7 +374,7 @@ impl RowSource for Im2col<'_> {
             }
             return;
         }
-        if let Some(xp) = self.padded {
+        if let Some(xp) = self.padded.filter(|_| self.merged()) {
             self.fill_padded(xp, r0, rows, kp, dst);
             return;
         }
@@ -469,19 +435,27 @@ pub(crate) fn conv_gemm(
     let g = geom.groups;
     let cog = oc / g;
     let cig = geom.c_in / g;
-    // Few input channels: write the padding out once (a small copy of the input), so
-    // that im2col copies whole kernel rows without bounds logic.
+    // Write the padding out once (a copy of the input) where the GEMM can then read
+    // rows in place (kernel rows or taps of whole 4-byte groups), or where few input
+    // channels make im2col copy whole kernel rows without bounds logic.
+    let merged = g == 1 && geom.dilation.1 == 1;
+    let in_place = if merged {
+        (geom.kernel.1 * geom.c_in).is_multiple_of(4)
+    } else {
+        cig.is_multiple_of(4)
+    };
     let mut pad_buf = None;
-    if g == 1 && geom.c_in <= PADDED_MAX_C && geom.dilation.1 == 1 {
+    if in_place || (merged && geom.c_in <= PADDED_MAX_C) {
         if geom.padding == (0, 0) {
             pad_buf = Some(Vec::new());
         } else if let Some(len) =
             padded_len(geom).filter(|&l| l <= x.len().max(1 << 16).saturating_mul(4))
         {
             let mut buf = PAD_BUF.with(|b| b.take());
-            buf.clear();
-            buf.resize(len, a_zp);
-            write_padded(x, geom, &mut buf);
+            if buf.len() < len {
+                buf.resize(len, 0);
+            }
+            write_padded(x, geom, a_zp, &mut buf[..len]);
             pad_buf = Some(buf);
         }
     }
@@ -527,21 +501,28 @@ fn padded_len(g: &ConvGeom) -> Option<usize> {
         .checked_mul(g.c_in)
 }
 
-/// Copies the NHWC input `x` into the interior of `buf` (already filled with the zero
-/// point, [`padded_len`] bytes).
-fn write_padded(x: &[u8], g: &ConvGeom, buf: &mut [u8]) {
+/// Writes the padded copy of the NHWC input `x` into `buf` ([`padded_len`] bytes): each
+/// row's left padding, the input row, its right padding (the zero point around), and
+/// whole rows of the zero point above and below each image.
+fn write_padded(x: &[u8], g: &ConvGeom, a_zp: u8, buf: &mut [u8]) {
     let (h, w) = g.in_hw;
     let (ph, pw) = g.padding;
     let c = g.c_in;
     let (hp, wp) = (h + 2 * ph, w + 2 * pw);
-    let row = w * c;
-    if row == 0 {
+    let (row, prow, side) = (w * c, wp * c, pw * c);
+    if prow == 0 {
         return;
     }
-    for (r, src) in x.chunks_exact(row).take(g.batch * h).enumerate() {
-        let (b, iy) = (r / h, r % h);
-        let p = ((b * hp + iy + ph) * wp + pw) * c;
-        buf[p..p + row].copy_from_slice(src);
+    for (r, dst) in buf.chunks_exact_mut(prow).take(g.batch * hp).enumerate() {
+        let (b, iy) = (r / hp, r % hp);
+        if iy < ph || iy >= ph + h {
+            dst.fill(a_zp);
+            continue;
+        }
+        let s = (b * h + iy - ph) * row;
+        dst[..side].fill(a_zp);
+        dst[side..side + row].copy_from_slice(&x[s..s + row]);
+        dst[side + row..].fill(a_zp);
     }
 }
 
@@ -701,9 +682,10 @@ thread_local! {
 #[cfg(test)]
 mod tests {
     //! The im2col + GEMM convolution driver on every kernel set against the direct oracle
-    //! (`reference::qconv2d_naive`): rows read in place (whole kernel rows, one tap's
-    //! channels), segments cut by the padding, the padded copy of few-channel inputs, the
-    //! packed im2col fallback, several row blocks and threads.
+    //! (`reference::qconv2d_naive`): rows read in place from the input or its padded copy
+    //! (whole kernel rows, one tap's channels), the packed im2col fallback (kernel rows
+    //! copied from the padded copy, or gathered tap by tap), several row blocks and
+    //! threads.
     use super::{conv_gemm, ConvGeom};
     use crate::kernels::reference::qconv2d_naive;
     use crate::kernels::{KernelSet, OutputQuant, PackedWeights, RequantParams};
@@ -829,7 +811,7 @@ mod tests {
     fn conv_gemm_matches_the_oracle_on_every_set() {
         let d = (1, 1);
         let cases = [
-            // Whole kernel rows in place, cut by the padding at the borders.
+            // Whole kernel rows in place (in the padded copy).
             geom(2, 16, (7, 9), 20, (3, 3), (1, 1), (1, 1), d, 1),
             geom(1, 16, (6, 5), 33, (3, 3), (2, 2), (1, 1), d, 1),
             geom(1, 32, (4, 4), 64, (3, 3), (1, 1), (1, 1), d, 1),
@@ -837,14 +819,14 @@ mod tests {
             // Padding wider than the kernel's reach: kernel rows wholly in the padding.
             geom(1, 4, (2, 2), 8, (3, 3), (1, 1), (3, 3), d, 1),
             geom(1, 12, (2, 3), 8, (3, 3), (1, 1), (3, 2), d, 1),
-            // Few channels: the padded copy of the input, read in place.
+            // Few channels (4, 8): read in place too.
             geom(2, 8, (5, 6), 16, (3, 3), (1, 1), (1, 1), d, 1),
             geom(2, 4, (5, 6), 17, (5, 3), (1, 2), (2, 0), d, 1),
             // One tap's channels in place: dilation, groups.
             geom(1, 8, (7, 7), 16, (3, 3), (1, 1), (2, 2), (2, 2), 1),
             geom(2, 8, (5, 5), 12, (3, 3), (1, 1), (1, 1), d, 2),
             geom(1, 16, (6, 6), 8, (3, 3), (2, 1), (1, 1), (1, 2), 4),
-            // Packed im2col: segments not a multiple of 4 bytes.
+            // Packed im2col: kernel rows or taps not a multiple of 4 bytes.
             geom(1, 3, (6, 6), 16, (3, 3), (2, 2), (1, 1), d, 1),
             geom(1, 6, (5, 5), 8, (3, 3), (1, 1), (1, 1), d, 2),
             // 1x1: NHWC rows are the GEMM's rows.

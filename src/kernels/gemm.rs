@@ -31,13 +31,14 @@ pub(crate) const MAX_TILE: usize = 8 * 32;
 
 /// An int8 GEMM micro-kernel: `acc = A_tile * B_panels` over packed weights.
 ///
-/// Operands (the same for every kernel): each activation row is `nseg` segments of `seg`
-/// bytes (`seg % 4 == 0`, `nseg * seg == kp`), segment `s` of tile row `r` starting at
-/// `a[r * nseg + s]`: rows of a packed block (one segment of `kp` bytes), or pieces of a
-/// convolution's input read in place (one segment per kernel row). Weights are
-/// [`PackedWeights`] panels of [`NR`] columns, each `k` group of 4 holding `NR x 4` bytes.
-/// A tile covers `MR` rows and `NR / pack::NR` adjacent panels (`b` holds them
-/// contiguously, `kp * pack::NR` bytes each).
+/// Operands (the same for every kernel): each activation row is `nseg = deltas.len()`
+/// segments of `seg` bytes (`seg % 4 == 0`, `nseg * seg == kp`), segment `s` of tile row
+/// `r` starting at `a[r] + deltas[s]`: rows of a packed block (one segment of `kp`
+/// bytes), or a convolution's input read in place (one segment per kernel row or tap, at
+/// the same distances from every row's start). Weights are [`PackedWeights`] panels of
+/// [`NR`] columns, each `k` group of 4 holding `NR x 4` bytes. A tile covers `MR` rows and
+/// `NR / pack::NR` adjacent panels (`b` holds them contiguously, `kp * pack::NR` bytes
+/// each).
 pub(crate) trait GemmKernel: Copy + Send + Sync {
     /// Rows per tile: a multiple of [`MR`] (the packing granularity).
     const MR: usize;
@@ -71,10 +72,18 @@ pub(crate) trait GemmKernel: Copy + Send + Sync {
     ///
     /// # Safety
     /// The CPU must support the kernel's instruction set (guaranteed when `self` was made
-    /// by the kernel's detecting constructor); `seg % 4 == 0`; `a.len() >= MR * nseg` and
-    /// every `a[i]` readable for `seg` bytes; `b.len() >= NR * nseg * seg` (the panels,
+    /// by the kernel's detecting constructor); `seg % 4 == 0`; `a.len() >= MR` and
+    /// `a[r] + deltas[s]` readable for `seg` bytes (within one allocation) for every
+    /// `r < MR`, `s < deltas.len()`; `b.len() >= NR * deltas.len() * seg` (the panels,
     /// contiguous); `acc.len() >= MR * NR`. The kernel does not re-check these.
-    unsafe fn kernel(self, a: &[*const u8], nseg: usize, seg: usize, b: &[i8], acc: &mut [i32]);
+    unsafe fn kernel(
+        self,
+        a: &[*const u8],
+        deltas: &[usize],
+        seg: usize,
+        b: &[i8],
+        acc: &mut [i32],
+    );
 
     /// Requantizes the top-left `rows x cols` of one panel's slice of a tile (`acc` holds
     /// at least `rows` rows of [`NR`] `i32`, `[row][NR]`; global columns `j0..j0 + cols`,
@@ -108,7 +117,7 @@ pub(crate) trait GemmKernel: Copy + Send + Sync {
     unsafe fn kernel_requant(
         self,
         a: &[*const u8],
-        nseg: usize,
+        deltas: &[usize],
         seg: usize,
         b: &[i8],
         ep: &Epilogue<'_>,
@@ -119,7 +128,7 @@ pub(crate) trait GemmKernel: Copy + Send + Sync {
         acc: &mut [i32],
     ) {
         // SAFETY: forwarded from this function's contract (`acc` holds MR * NR values).
-        unsafe { self.kernel(a, nseg, seg, b, acc) };
+        unsafe { self.kernel(a, deltas, seg, b, acc) };
         for h in 0..Self::NR / NR {
             let c0 = h * NR;
             if c0 >= cols {
@@ -168,20 +177,18 @@ pub(crate) trait RowSource: Sync {
         &[]
     }
 
-    /// `Some((nseg, seg))` when every row of `kp` bytes is `nseg` runs of `seg` bytes
-    /// (`seg % 4 == 0`, `nseg * seg == kp`) that [`offsets`](Self::offsets) can place
-    /// without copying most of them; `None` when rows must be packed through
-    /// [`fill`](Self::fill).
-    fn segments(&self, _kp: usize) -> Option<(usize, usize)> {
+    /// `Some(seg)` when every row of `kp` bytes is `deltas.len()` runs of `seg` bytes of
+    /// [`bytes`](Self::bytes) (`seg % 4 == 0`, `deltas.len() * seg == kp`), run `s` at
+    /// `deltas[s]` past the row's start given by [`row_offsets`](Self::row_offsets);
+    /// `None` when rows must be packed through [`fill`](Self::fill). `deltas` arrives
+    /// empty.
+    fn segments(&self, _kp: usize, _deltas: &mut Vec<usize>) -> Option<usize> {
         None
     }
 
-    /// For rows `r0..r0 + rows`, writes where each segment starts into
-    /// `offs[i * nseg + s]`: an offset below `bytes().len()` is into
-    /// [`bytes`](Self::bytes), a larger one `o` is into `side` at `o - bytes().len()`
-    /// (segments the source had to build, e.g. cut by a convolution's padding; `side`
-    /// arrives empty). Only called when [`segments`](Self::segments) is `Some`.
-    fn offsets(&self, _r0: usize, _rows: usize, _offs: &mut [usize], _side: &mut Vec<u8>) {}
+    /// Where rows `r0..r0 + offs.len()` start in [`bytes`](Self::bytes). Only called
+    /// when [`segments`](Self::segments) is `Some`.
+    fn row_offsets(&self, _r0: usize, _offs: &mut [usize]) {}
 
     /// An upper bound of every byte a row can hold (the split decision of kernels that
     /// saturate); called at most once per GEMM.
@@ -208,12 +215,13 @@ impl RowSource for MatrixRows<'_> {
         self.data
     }
 
-    fn segments(&self, kp: usize) -> Option<(usize, usize)> {
-        (kp == self.k && kp > 0).then_some((1, kp))
+    fn segments(&self, kp: usize, deltas: &mut Vec<usize>) -> Option<usize> {
+        deltas.push(0);
+        (kp == self.k && kp > 0).then_some(kp)
     }
 
-    fn offsets(&self, r0: usize, rows: usize, offs: &mut [usize], _side: &mut Vec<u8>) {
-        for (i, o) in offs.iter_mut().take(rows).enumerate() {
+    fn row_offsets(&self, r0: usize, offs: &mut [usize]) {
+        for (i, o) in offs.iter_mut().enumerate() {
             *o = (r0 + i) * self.k;
         }
     }
@@ -231,13 +239,14 @@ struct Scratch {
     hi: Vec<u8>,
     rowsum: Vec<i32>,
     offs: Vec<usize>,
-    side: Vec<u8>,
     ptrs: Vec<*const u8>,
     hptrs: Vec<*const u8>,
 }
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+    /// The calling thread's buffer for a GEMM's segment distances.
+    static DELTAS: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Grows `v` to at least `len` elements (new ones zero) without touching existing ones.
@@ -284,13 +293,14 @@ pub(crate) fn gemm(
 
 /// One row block's activations, shared by the tiles of [`tiles`].
 struct Block<'a> {
-    /// Segment starts, `[row][segment]`, for the block's rows padded to a multiple of
-    /// [`MR`] (padding rows repeat the first row).
+    /// Row starts for the block's rows padded to a multiple of [`MR`] (padding rows
+    /// repeat the first row).
     a: &'a [*const u8],
     /// The same for `a >> 7` of every byte when the block is split (then `a` reads
     /// `a & 127`), else empty.
     hi: &'a [*const u8],
-    nseg: usize,
+    /// Segment distances from a row's start.
+    deltas: &'a [usize],
     seg: usize,
     /// Valid rows.
     rows: usize,
@@ -335,10 +345,17 @@ pub(crate) fn gemm_loop<K: GemmKernel>(
     let needs_split = kern.needs_split(w);
     // Rows read in place unless a kernel that may saturate meets activations above 127
     // (splitting rewrites the bytes, so those blocks are packed).
-    let segs = src
-        .segments(kp)
-        .filter(|&(nseg, seg)| nseg * seg == kp && seg.is_multiple_of(4) && seg > 0)
+    let mut deltas = DELTAS.with(|d| d.take());
+    deltas.clear();
+    let seg_in_place = src
+        .segments(kp, &mut deltas)
+        .filter(|&seg| seg > 0 && seg.is_multiple_of(4) && deltas.len() * seg == kp)
         .filter(|_| !needs_split || src.max_byte() <= 127);
+    if seg_in_place.is_none() {
+        deltas.clear();
+        deltas.push(0);
+    }
+    let deltas_ref = &deltas[..];
     let block = |bi: usize, out_blk: &mut [u8]| {
         let r0 = bi * mc;
         let rows_blk = mc.min(m - r0);
@@ -349,39 +366,38 @@ pub(crate) fn gemm_loop<K: GemmKernel>(
             hi,
             rowsum,
             offs,
-            side,
             ptrs,
             hptrs,
         } = &mut scratch;
         ptrs.clear();
         hptrs.clear();
-        let (nseg, seg, split) = if let Some((nseg, seg)) = segs {
-            grow(offs, rows_blk * nseg);
-            side.clear();
-            src.offsets(r0, rows_blk, &mut offs[..rows_blk * nseg], side);
+        let (seg, split) = if let Some(seg) = seg_in_place {
+            grow(offs, rows_blk);
+            let offs = &mut offs[..rows_blk];
+            src.row_offsets(r0, offs);
             let base = src.bytes();
-            // Bounds-checked slicing: every pointer is readable for `seg` bytes.
-            let at = |o: usize| -> &[u8] {
-                match o.checked_sub(base.len()) {
-                    None => &base[o..o + seg],
-                    Some(s) => &side[s..s + seg],
-                }
-            };
-            for &o in &offs[..rows_blk * nseg] {
-                ptrs.push(at(o).as_ptr());
-            }
-            for _ in rows_blk..padded {
-                ptrs.extend_from_within(..nseg);
-            }
+            // Every row must have all its segments inside `base`: its start below
+            // `base.len() - (max delta + seg)`, checked for the whole block at once; the
+            // pointers are made only after.
+            let span = deltas_ref.iter().max().map_or(0, |&d| d + seg);
+            let end = (base.len() + 1).saturating_sub(span);
+            assert!(
+                offs.iter().fold(true, |ok, &o| ok & (o < end)),
+                "a row lies outside its source"
+            );
+            let bp = base.as_ptr();
+            ptrs.extend(offs.iter().map(|&o| bp.wrapping_add(o)));
+            let first = ptrs[0];
+            ptrs.resize(padded, first);
             if !w.zp_zero {
                 grow(rowsum, padded);
-                for (i, s) in rowsum[..rows_blk].iter_mut().enumerate() {
-                    *s = offs[i * nseg..(i + 1) * nseg]
-                        .iter()
-                        .fold(0i32, |acc, &o| acc.wrapping_add(row_sum(at(o))));
+                for (s, &o) in rowsum[..rows_blk].iter_mut().zip(offs.iter()) {
+                    *s = deltas_ref.iter().fold(0i32, |acc, &d| {
+                        acc.wrapping_add(row_sum(&base[o + d..o + d + seg]))
+                    });
                 }
             }
-            (nseg, seg, false)
+            (seg, false)
         } else {
             grow(lo, padded * kp);
             src.fill(r0, rows_blk, kp, lo);
@@ -414,20 +430,16 @@ pub(crate) fn gemm_loop<K: GemmKernel>(
                     *h = *v >> 7;
                     *v &= 127;
                 }
-                hptrs.extend(
-                    hi[..padded * kp]
-                        .chunks_exact(kp.max(1))
-                        .map(|r| r.as_ptr()),
-                );
+                hptrs.extend((0..padded).map(|i| hi[i * kp..].as_ptr()));
             }
             // With `kp == 0` every row is one empty segment (the kernels read nothing).
             ptrs.extend((0..padded).map(|i| lo[i * kp..].as_ptr()));
-            (1, kp, split)
+            (kp, split)
         };
         let b = Block {
             a: ptrs,
             hi: if split { hptrs } else { &[] },
-            nseg,
+            deltas: deltas_ref,
             seg,
             rows: rows_blk,
             n,
@@ -449,6 +461,7 @@ pub(crate) fn gemm_loop<K: GemmKernel>(
             .enumerate()
             .for_each(|(bi, o)| block(bi, o));
     }
+    DELTAS.with(|d| d.replace(deltas));
     kern.path(split_seen.load(Ordering::Relaxed))
 }
 
@@ -472,14 +485,14 @@ fn tiles<K: GemmKernel>(
     let pn = K::NR / NR;
     let r_full = r0 + (r1 - r0) / K::MR * K::MR;
     let p_full = p0 + (p1 - p0) / pn * pn;
-    let (nseg, seg) = (b.nseg, b.seg);
-    assert!(seg.is_multiple_of(4) && b.a.len() >= r1 * nseg);
-    assert!(b.hi.is_empty() || b.hi.len() >= r1 * nseg);
+    let (deltas, seg) = (b.deltas, b.seg);
+    assert!(seg.is_multiple_of(4) && b.a.len() >= r1);
+    assert!(b.hi.is_empty() || b.hi.len() >= r1);
     let mut acc = [0i32; MAX_TILE];
     let mut acc2 = [0i32; MAX_TILE];
     for p in (p0..p_full).step_by(pn) {
         let panel = b.w.panels(p, pn);
-        assert_eq!(panel.len(), K::NR * nseg * seg);
+        assert_eq!(panel.len(), K::NR * deltas.len() * seg);
         let j0 = p * NR;
         let cols = K::NR.min(b.n.saturating_sub(j0));
         if cols == 0 {
@@ -490,7 +503,7 @@ fn tiles<K: GemmKernel>(
             if rows == 0 {
                 continue;
             }
-            let a = &b.a[t * nseg..(t + K::MR) * nseg];
+            let a = &b.a[t..t + K::MR];
             let rowsum = if b.rowsum.is_empty() {
                 b.rowsum
             } else {
@@ -506,23 +519,24 @@ fn tiles<K: GemmKernel>(
                     j0,
                 };
                 // SAFETY: `kern` exists only once its CPU features were detected; `seg`
-                // is a multiple of 4 (asserted); `a` holds MR rows of `nseg` pointers, each
-                // readable for `seg` bytes (built from bounds-checked slices by
-                // `gemm_loop`); `panel` holds the `pn` panels (NR * kp bytes, asserted);
-                // rows <= MR and cols <= NR; `acc` holds MAX_TILE >= MR * NR values.
+                // is a multiple of 4 (asserted); `a` holds MR row starts whose segments
+                // (at `deltas`, `seg` bytes each) lie inside one buffer (checked by
+                // `gemm_loop` before it made the pointers); `panel` holds the `pn` panels
+                // (NR * kp bytes, asserted); rows <= MR and cols <= NR; `acc` holds
+                // MAX_TILE >= MR * NR values.
                 unsafe {
                     kern.kernel_requant(
-                        a, nseg, seg, panel, &ep, rows, cols, out_t, b.ldc, &mut acc,
+                        a, deltas, seg, panel, &ep, rows, cols, out_t, b.ldc, &mut acc,
                     )
                 };
                 continue;
             }
-            let h = &b.hi[t * nseg..(t + K::MR) * nseg];
+            let h = &b.hi[t..t + K::MR];
             // SAFETY: as above; `acc` and `acc2` hold MAX_TILE >= MR * NR values
             // (checked at compile time) and `h` has the shape of `a`.
             unsafe {
-                kern.kernel(a, nseg, seg, panel, &mut acc);
-                kern.kernel(h, nseg, seg, panel, &mut acc2);
+                kern.kernel(a, deltas, seg, panel, &mut acc);
+                kern.kernel(h, deltas, seg, panel, &mut acc2);
             }
             for (x, y) in acc.iter_mut().zip(&acc2).take(K::MR * K::NR) {
                 *x = x.wrapping_add(y.wrapping_shl(7));

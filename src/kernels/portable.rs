@@ -29,17 +29,24 @@ impl GemmKernel for Portable {
     }
 
     /// # Safety
-    /// As [`GemmKernel::kernel`]: every `a[i]` readable for `seg` bytes (the rest is
-    /// plain Rust; too-short slices panic).
-    unsafe fn kernel(self, a: &[*const u8], nseg: usize, seg: usize, b: &[i8], acc: &mut [i32]) {
+    /// As [`GemmKernel::kernel`]: every `a[r] + deltas[s]` readable for `seg` bytes (the
+    /// rest is plain Rust; too-short slices panic).
+    unsafe fn kernel(
+        self,
+        a: &[*const u8],
+        deltas: &[usize],
+        seg: usize,
+        b: &[i8],
+        acc: &mut [i32],
+    ) {
         let acc = &mut acc[..MR * NR];
         acc.fill(0);
         let mut bq = b;
-        for s in 0..nseg {
+        for &d in deltas {
             let rows: [&[u8]; MR] = std::array::from_fn(|r| {
-                // SAFETY: the caller guarantees that `a[r * nseg + s]` (r < MR) is readable
-                // for `seg` bytes; nothing writes them during the call.
-                unsafe { std::slice::from_raw_parts(a[r * nseg + s], seg) }
+                // SAFETY: the caller guarantees that `a[r] + d` (r < MR) is readable for
+                // `seg` bytes inside one allocation; nothing writes them during the call.
+                unsafe { std::slice::from_raw_parts(a[r].add(d), seg) }
             });
             for q in (0..seg).step_by(4) {
                 for (r, ar) in rows.iter().enumerate() {

@@ -13,11 +13,11 @@ use crate::kernels::{KernelPath, MR};
 /// packed panel.
 ///
 /// # Safety
-/// AVX2 must be available; `a` readable for `MR * nseg` pointers, each readable for `seg`
-/// bytes (`[row][segment]`); `b` readable for `nseg * seg * NR` bytes; `acc` writable for
-/// `MR * NR` `i32`; `seg % 4 == 0`.
+/// AVX2 must be available; `a` readable for `MR` pointers, `a[r] + deltas[s]` readable
+/// for `seg` bytes inside one allocation for every row and segment; `b` readable for
+/// `deltas.len() * seg * NR` bytes; `acc` writable for `MR * NR` `i32`; `seg % 4 == 0`.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn tile(a: *const *const u8, nseg: usize, seg: usize, b: *const i8, acc: *mut i32) {
+unsafe fn tile(a: *const *const u8, deltas: &[usize], seg: usize, b: *const i8, acc: *mut i32) {
     // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
     // and the pointer ranges), which is all the operations below rely on.
     unsafe {
@@ -31,13 +31,11 @@ unsafe fn tile(a: *const *const u8, nseg: usize, seg: usize, b: *const i8, acc: 
         let mut c30 = _mm256_setzero_si256();
         let mut c31 = _mm256_setzero_si256();
         let mut bp = b;
-        for s in 0..nseg {
-            let a0 = *a.add(s);
-            let a1 = *a.add(nseg + s);
-            let a2 = *a.add(2 * nseg + s);
-            let a3 = *a.add(3 * nseg + s);
-            let mut q = 0;
-            while q < seg {
+        let (a0, a1, a2, a3) = (*a, *a.add(1), *a.add(2), *a.add(3));
+        for &d in deltas {
+            let mut q = d;
+            let end = d + seg;
+            while q < end {
                 let b0 = _mm256_loadu_si256(bp as *const __m256i);
                 let b1 = _mm256_loadu_si256(bp.add(32) as *const __m256i);
                 macro_rules! row {
@@ -501,13 +499,20 @@ impl GemmKernel for Avx2Kernel {
 
     /// # Safety
     /// As [`GemmKernel::kernel`]; the token proves AVX2 + FMA.
-    unsafe fn kernel(self, a: &[*const u8], nseg: usize, seg: usize, b: &[i8], acc: &mut [i32]) {
-        debug_assert!(seg.is_multiple_of(4) && a.len() >= MR * nseg && b.len() >= NR * nseg * seg);
-        debug_assert!(acc.len() >= MR * NR);
+    unsafe fn kernel(
+        self,
+        a: &[*const u8],
+        deltas: &[usize],
+        seg: usize,
+        b: &[i8],
+        acc: &mut [i32],
+    ) {
+        debug_assert!(seg.is_multiple_of(4) && a.len() >= MR);
+        debug_assert!(b.len() >= NR * deltas.len() * seg && acc.len() >= MR * NR);
         // SAFETY: `self` holds a token made only after detecting AVX2 + FMA; the caller
-        // guarantees what `tile` reads and writes (MR * nseg segment pointers, each
-        // readable for `seg` bytes, `nseg * seg * NR` panel bytes, MR * NR i32).
-        unsafe { tile(a.as_ptr(), nseg, seg, b.as_ptr(), acc.as_mut_ptr()) }
+        // guarantees what `tile` reads and writes (MR row starts whose segments at
+        // `deltas` are readable for `seg` bytes, the panel bytes, MR * NR i32).
+        unsafe { tile(a.as_ptr(), deltas, seg, b.as_ptr(), acc.as_mut_ptr()) }
     }
 
     fn requant_tile(

@@ -52,18 +52,20 @@ macro_rules! vnni_kernel {
             unsafe fn kernel(
                 self,
                 a: &[*const u8],
-                nseg: usize,
+                deltas: &[usize],
                 seg: usize,
                 b: &[i8],
                 acc: &mut [i32],
             ) {
-                debug_assert!(seg.is_multiple_of(4) && a.len() >= $mr * nseg);
-                debug_assert!(b.len() >= $pn * NR * nseg * seg && acc.len() >= $mr * $pn * NR);
+                debug_assert!(seg.is_multiple_of(4) && a.len() >= $mr);
+                debug_assert!(b.len() >= $pn * NR * deltas.len() * seg);
+                debug_assert!(acc.len() >= $mr * $pn * NR);
                 // SAFETY: `self` holds a token made only after detecting AVX-512F/BW/VNNI;
-                // the caller guarantees the ranges the body reads and writes (MR * nseg
-                // segment pointers of `seg` bytes, the panels, MR * NR i32).
+                // the caller guarantees the ranges the body reads and writes (MR row
+                // starts whose segments at `deltas` hold `seg` bytes, the panels,
+                // MR * NR i32).
                 unsafe {
-                    vnni_acc::<$mr, $pn>(a.as_ptr(), nseg, seg, b.as_ptr(), acc.as_mut_ptr())
+                    vnni_acc::<$mr, $pn>(a.as_ptr(), deltas, seg, b.as_ptr(), acc.as_mut_ptr())
                 }
             }
 
@@ -89,7 +91,7 @@ macro_rules! vnni_kernel {
             unsafe fn kernel_requant(
                 self,
                 a: &[*const u8],
-                nseg: usize,
+                deltas: &[usize],
                 seg: usize,
                 b: &[i8],
                 ep: &Epilogue<'_>,
@@ -99,8 +101,8 @@ macro_rules! vnni_kernel {
                 ldc: usize,
                 _acc: &mut [i32],
             ) {
-                debug_assert!(seg.is_multiple_of(4) && a.len() >= $mr * nseg);
-                debug_assert!(b.len() >= $pn * NR * nseg * seg);
+                debug_assert!(seg.is_multiple_of(4) && a.len() >= $mr);
+                debug_assert!(b.len() >= $pn * NR * deltas.len() * seg);
                 let (w, rq, j0) = (ep.w, ep.rq, ep.j0);
                 let jn = j0 + $pn * NR;
                 assert!(rows <= $mr && cols <= $pn * NR);
@@ -130,7 +132,7 @@ macro_rules! vnni_kernel {
                 unsafe {
                     vnni_rq::<$mr, $pn>(
                         a.as_ptr(),
-                        nseg,
+                        deltas,
                         seg,
                         b.as_ptr(),
                         &p,
@@ -164,21 +166,22 @@ vnni_kernel!(
     Vnni4x16, 4, 1, Vnni4x16, Vnni4x16
 );
 
-/// The dot products of an `R x (P * NR)` tile: `R` activation rows (segment pointers
-/// `a[r * nseg + s]`) times `P` adjacent packed panels (at `b + h * kp * NR`), one
+/// The dot products of an `R x (P * NR)` tile: `R` activation rows (segment `s` of row
+/// `r` at `a[r] + deltas[s]`) times `P` adjacent packed panels (at `b + h * kp * NR`), one
 /// `vpdpbusd` per row, panel and `k` group of 4 (`u8 x i8` products straight into `i32`
 /// lanes: exact, nothing saturates). Each row's broadcast serves every panel and each panel
 /// load every row; the `R * P` accumulators are independent chains. Expands to the
 /// accumulator array `[[__m512i; P]; R]`.
 macro_rules! vnni_dot {
-    ($r:ident, $p:ident, $a:ident, $nseg:ident, $seg:ident, $b:ident) => {{
-        let kp = $nseg * $seg;
+    ($r:ident, $p:ident, $a:ident, $deltas:ident, $seg:ident, $b:ident) => {{
+        let kp = $deltas.len() * $seg;
         let mut c = [[_mm512_setzero_si512(); $p]; $r];
         let mut bp = $b;
-        for s in 0..$nseg {
-            let ap: [*const u8; $r] = std::array::from_fn(|r| *$a.add(r * $nseg + s));
-            let mut q = 0;
-            while q < $seg {
+        let ap: [*const u8; $r] = std::array::from_fn(|r| *$a.add(r));
+        for &d in $deltas {
+            let mut q = d;
+            let end = d + $seg;
+            while q < end {
                 let bv: [__m512i; $p] =
                     std::array::from_fn(|h| _mm512_loadu_si512(bp.add(h * kp * NR) as *const _));
                 for r in 0..$r {
@@ -199,13 +202,14 @@ macro_rules! vnni_dot {
 /// `[panel][row][NR]`.
 ///
 /// # Safety
-/// AVX-512F/BW and AVX-512 VNNI must be available; `a` readable for `R * nseg` pointers,
-/// each readable for `seg` bytes; `b` readable for `P * nseg * seg * NR` bytes; `acc`
-/// writable for `R * P * NR` `i32`; `seg % 4 == 0`.
+/// AVX-512F/BW and AVX-512 VNNI must be available; `a` readable for `R` pointers,
+/// `a[r] + deltas[s]` readable for `seg` bytes inside one allocation for every row and
+/// segment; `b` readable for `P * deltas.len() * seg * NR` bytes; `acc` writable for
+/// `R * P * NR` `i32`; `seg % 4 == 0`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn vnni_acc<const R: usize, const P: usize>(
     a: *const *const u8,
-    nseg: usize,
+    deltas: &[usize],
     seg: usize,
     b: *const i8,
     acc: *mut i32,
@@ -213,7 +217,7 @@ unsafe fn vnni_acc<const R: usize, const P: usize>(
     // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
     // and the pointer ranges), which is all the operations below rely on.
     unsafe {
-        let c = vnni_dot!(R, P, a, nseg, seg, b);
+        let c = vnni_dot!(R, P, a, deltas, seg, b);
         for (r, row) in c.iter().enumerate() {
             for (h, v) in row.iter().enumerate() {
                 _mm512_storeu_si512(acc.add((h * R + r) * NR) as *mut _, *v);
@@ -239,7 +243,7 @@ unsafe fn vnni_acc<const R: usize, const P: usize>(
 #[allow(clippy::too_many_arguments)]
 unsafe fn vnni_rq<const R: usize, const P: usize>(
     a: *const *const u8,
-    nseg: usize,
+    deltas: &[usize],
     seg: usize,
     b: *const i8,
     p: &ColParams,
@@ -255,7 +259,7 @@ unsafe fn vnni_rq<const R: usize, const P: usize>(
     // and the pointer ranges); stores are masked to the `cols` valid columns of the
     // `rows` valid rows.
     unsafe {
-        let c = vnni_dot!(R, P, a, nseg, seg, b);
+        let c = vnni_dot!(R, P, a, deltas, seg, b);
         let azp = _mm512_set1_epi32(p.a_zp);
         let ld = |ptr: *const i32, h: usize| _mm512_loadu_si512(ptr.add(j0 + h * NR) as *const _);
         let ldf = |ptr: *const f32, h: usize| _mm512_loadu_ps(ptr.add(j0 + h * NR));
