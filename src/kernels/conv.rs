@@ -125,16 +125,16 @@ struct Im2col<'a> {
     c0: usize,
     cig: usize,
     a_zp: u8,
+    /// Bytes per kernel row in an im2col row ([`packed_row_bytes`]): `kw * c_in` rounded
+    /// up to whole 4-byte groups for one group without horizontal dilation (the padding
+    /// bytes meet zero weights), `kw * cig` otherwise (then only `kh * kw * cig` matters).
+    rstride: usize,
     /// The input with its padding written out (`[n, h + 2 * ph, w + 2 * pw, c]`, border
     /// bytes the zero point; the input itself without padding), so that every kernel row
     /// or tap is one in-bounds run of bytes: the GEMM then reads rows in place
     /// ([`RowSource::segments`]), or copies whole kernel rows for few channels.
     padded: Option<&'a [u8]>,
 }
-
-/// Input channels up to which a one-group convolution reads a padded copy of its input
-/// ([`Im2col::padded`]).
-const PADDED_MAX_C: usize = 8;
 
 /// `dst.copy_from_slice(src)` for the short runs of im2col (a few bytes to a few hundred)
 /// without a `memcpy` call: overlapping fixed-size moves.
@@ -196,7 +196,7 @@ impl Im2col<'_> {
         let wp = g.in_hw.1 + 2 * g.padding.1;
         let (sy, sx) = g.stride;
         let seg_len = kw * c;
-        let k = kh * seg_len;
+        let rs = self.rstride;
         let ky_step = g.dilation.0 * wp * c;
         if rows == 0 || oh == 0 || ow == 0 || kp == 0 || seg_len == 0 {
             return;
@@ -206,9 +206,11 @@ impl Im2col<'_> {
         let mut ox = r0 % ow;
         for d in dst.chunks_exact_mut(kp).take(rows) {
             let base = ((b * hp + oy * sy) * wp + ox * sx) * c;
-            for (ky, seg) in d[..k].chunks_exact_mut(seg_len).enumerate() {
+            for (ky, chunk) in d[..kh * rs].chunks_exact_mut(rs).enumerate() {
                 let p = base + ky * ky_step;
+                let (seg, pad) = chunk.split_at_mut(seg_len);
                 copy_small(seg, &xp[p..p + seg_len]);
+                fill_small(pad, 0);
             }
             ox += 1;
             if ox == ow {
@@ -238,7 +240,7 @@ impl Im2col<'_> {
         let (py, px) = g.padding;
         let dy = g.dilation.0;
         let seg_len = kw * c;
-        let k = kh * seg_len;
+        let rs = self.rstride;
         if rows == 0 || oh == 0 || ow == 0 || kp == 0 {
             return;
         }
@@ -250,7 +252,9 @@ impl Im2col<'_> {
             let start = ox * sx;
             let lo = px.saturating_sub(start).min(kw);
             let hi = (w + px).saturating_sub(start).min(kw);
-            for (ky, seg) in d[..k].chunks_exact_mut(seg_len).enumerate() {
+            for (ky, chunk) in d[..kh * rs].chunks_exact_mut(rs).enumerate() {
+                let (seg, pad) = chunk.split_at_mut(seg_len);
+                fill_small(pad, 0);
                 let iy = (oy * sy + ky * dy).checked_sub(py).filter(|&iy| iy < h);
                 match iy {
                     Some(iy) if hi > lo => {
@@ -282,7 +286,11 @@ impl Im2col<'_> {
     /// are the NHWC rows themselves.
     fn is_pointwise(&self) -> bool {
         let g = self.geom;
-        g.kernel == (1, 1) && g.stride == (1, 1) && g.padding == (0, 0) && self.cig == g.c_in
+        g.kernel == (1, 1)
+            && g.stride == (1, 1)
+            && g.padding == (0, 0)
+            && self.cig == g.c_in
+            && self.rstride == g.c_in
     }
 }
 
@@ -299,20 +307,21 @@ impl RowSource for Im2col<'_> {
         self.padded.unwrap_or(&[])
     }
 
-    fn segments(&self, kp: usize, deltas: &mut Vec<usize>) -> Option<usize> {
+    fn segments(&self, kp: usize, deltas: &mut Vec<usize>) -> Option<(usize, usize)> {
         self.padded?;
         let g = self.geom;
         let (kh, kw) = g.kernel;
         let (dy, dx) = g.dilation;
         let row = (g.in_hw.1 + 2 * g.padding.1) * g.c_in;
-        let seg = if self.merged() {
+        let (seg, real) = if self.merged() {
+            // Whole kernel rows; `padded` has room for the few bytes read past the last.
             deltas.extend((0..kh).map(|ky| ky * dy * row));
-            kw * g.c_in
+            (self.rstride, kw * g.c_in)
         } else {
             deltas.extend((0..kh * kw).map(|t| (t / kw) * dy * row + (t % kw) * dx * g.c_in));
-            self.cig
+            (self.cig, self.cig)
         };
-        (seg > 0 && seg.is_multiple_of(4) && deltas.len() * seg == kp).then_some(seg)
+        (seg > 0 && seg.is_multiple_of(4) && deltas.len() * seg == kp).then_some((seg, real))
     }
 
     fn row_offsets(&self, r0: usize, offs: &mut [usize]) {
@@ -410,6 +419,95 @@ impl RowSource for Im2col<'_> {
     }
 }
 
+/// Bytes per kernel row in a row of `g`'s im2col matrix (and in its packed weights,
+/// whose `k` is `kh` of them): with one group and no horizontal dilation a kernel row is
+/// `kw * c_in` contiguous NHWC bytes, rounded up to a multiple of 4 so that the GEMM can
+/// read it in place (the extra bytes meet zero weights); otherwise `kw * cig`, the taps
+/// in `(kx, c)` order.
+pub(crate) fn packed_row_bytes(g: &ConvGeom) -> usize {
+    let cig = g.c_in / g.groups.max(1);
+    if g.groups == 1 && g.dilation.1 == 1 {
+        (g.kernel.1 * cig).div_ceil(4) * 4
+    } else {
+        g.kernel.1 * cig
+    }
+}
+
+/// Packs `[c_out, cig, kh, kw]` int8 weights (`w`, PyTorch's layout) for
+/// [`conv_gemm`]: one matrix per group, `k` ordered `(ky, kx, c)` with each kernel row
+/// taking [`packed_row_bytes`] (zero weights in the rounding). `w_zp` holds one zero point
+/// or `c_out`.
+///
+/// # Errors
+/// As [`PackedWeights::new`].
+pub(crate) fn pack_conv_weights(
+    g: &ConvGeom,
+    w: &[i8],
+    w_zp: &[i32],
+) -> crate::error::Result<Vec<PackedWeights>> {
+    let (kh, kw) = g.kernel;
+    let groups = g.groups.max(1);
+    let (cig, cog) = (g.c_in / groups, g.c_out / groups);
+    let rs = packed_row_bytes(g);
+    let k = kh * rs;
+    let mut packs = Vec::with_capacity(groups);
+    for grp in 0..groups {
+        let mut wg = vec![0i8; cog * k];
+        for o in 0..cog {
+            let oc = grp * cog + o;
+            for ci in 0..cig {
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        wg[o * k + ky * rs + kx * cig + ci] =
+                            w[((oc * cig + ci) * kh + ky) * kw + kx];
+                    }
+                }
+            }
+        }
+        let zps = if w_zp.len() == 1 {
+            w_zp
+        } else {
+            &w_zp[grp * cog..(grp + 1) * cog]
+        };
+        packs.push(PackedWeights::with_real_depth(
+            &wg,
+            cog,
+            k,
+            zps,
+            kh * kw * cig,
+        )?);
+    }
+    Ok(packs)
+}
+
+/// The `[c_out, cig, kh, kw]` weights back from [`pack_conv_weights`]'s matrices, and
+/// their zero points (`c_out`).
+pub(crate) fn unpack_conv_weights(g: &ConvGeom, packs: &[PackedWeights]) -> (Vec<i8>, Vec<i32>) {
+    let (kh, kw) = g.kernel;
+    let groups = g.groups.max(1);
+    let (cig, cog) = (g.c_in / groups, g.c_out / groups);
+    let rs = packed_row_bytes(g);
+    let k = kh * rs;
+    let mut w = vec![0i8; g.c_out * cig * kh * kw];
+    let mut zps = Vec::with_capacity(g.c_out);
+    for (grp, packed) in packs.iter().enumerate() {
+        let wg = packed.unpack();
+        for o in 0..cog {
+            let oc = grp * cog + o;
+            for ci in 0..cig {
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        w[((oc * cig + ci) * kh + ky) * kw + kx] =
+                            wg[o * k + ky * rs + kx * cig + ci];
+                    }
+                }
+            }
+        }
+        zps.extend_from_slice(packed.zero_points());
+    }
+    (w, zps)
+}
+
 /// Grouped convolution through im2col + packed GEMM: `packs[g]` and `rqs[g]` are group
 /// `g`'s weights (`k` ordered `(ky, kx, c)`) and requantization; `x` is NHWC, `out` is
 /// NHWC with `c_out` channels.
@@ -435,33 +533,38 @@ pub(crate) fn conv_gemm(
     let g = geom.groups;
     let cog = oc / g;
     let cig = geom.c_in / g;
-    // Write the padding out once (a copy of the input) where the GEMM can then read
-    // rows in place (kernel rows or taps of whole 4-byte groups), or where few input
-    // channels make im2col copy whole kernel rows without bounds logic.
     let merged = g == 1 && geom.dilation.1 == 1;
-    let in_place = if merged {
-        (geom.kernel.1 * geom.c_in).is_multiple_of(4)
+    let rstride = packed_row_bytes(geom);
+    // Write the padding out once (a copy of the input) where the GEMM can then read
+    // rows in place: whole kernel rows (rounded up to 4-byte groups: the copy then has
+    // that many bytes to spare at its end) or taps of whole 4-byte groups.
+    let slack = if merged {
+        rstride - geom.kernel.1 * cig
     } else {
-        cig.is_multiple_of(4)
+        0
     };
+    let in_place = merged || cig.is_multiple_of(4);
     let mut pad_buf = None;
-    if in_place || (merged && geom.c_in <= PADDED_MAX_C) {
-        if geom.padding == (0, 0) {
-            pad_buf = Some(Vec::new());
-        } else if let Some(len) =
-            padded_len(geom).filter(|&l| l <= x.len().max(1 << 16).saturating_mul(4))
+    let unpadded = in_place && geom.padding == (0, 0) && slack == 0;
+    if in_place && !unpadded {
+        if let Some(len) = padded_len(geom)
+            .and_then(|l| l.checked_add(slack))
+            .filter(|&l| l <= x.len().max(1 << 16).saturating_mul(4))
         {
             let mut buf = PAD_BUF.with(|b| b.take());
             if buf.len() < len {
                 buf.resize(len, 0);
             }
-            write_padded(x, geom, a_zp, &mut buf[..len]);
+            write_padded(x, geom, a_zp, &mut buf[..len - slack]);
+            buf[len - slack..len].fill(a_zp);
             pad_buf = Some(buf);
         }
     }
-    let padded = pad_buf
-        .as_deref()
-        .map(|b| if geom.padding == (0, 0) { x } else { b });
+    let padded = if unpadded {
+        Some(x)
+    } else {
+        pad_buf.as_deref()
+    };
     for (grp, (packed, rq)) in packs.iter().zip(rqs).enumerate() {
         let src = Im2col {
             x,
@@ -470,6 +573,7 @@ pub(crate) fn conv_gemm(
             c0: grp * cig,
             cig,
             a_zp,
+            rstride,
             padded,
         };
         gemm(
@@ -688,7 +792,7 @@ mod tests {
     //! threads.
     use super::{conv_gemm, ConvGeom};
     use crate::kernels::reference::qconv2d_naive;
-    use crate::kernels::{KernelSet, OutputQuant, PackedWeights, RequantParams};
+    use crate::kernels::{KernelSet, OutputQuant, RequantParams};
 
     fn lcg(s: &mut u64) -> u32 {
         *s = s
@@ -732,21 +836,12 @@ mod tests {
                 }
             }
         }
-        let mut packs = Vec::new();
-        let mut rqs = Vec::new();
-        for grp in 0..g.groups {
-            let mut wg = vec![0i8; cog * k];
-            for o in 0..cog {
-                let oc = grp * cog + o;
-                for ci in 0..cig {
-                    for t in 0..kh * kw {
-                        wg[o * k + t * cig + ci] = wt[(oc * cig + ci) * kh * kw + t];
-                    }
-                }
-            }
-            let cols = grp * cog..(grp + 1) * cog;
-            packs.push(PackedWeights::new(&wg, cog, k, &w_zp[cols.clone()]).unwrap());
-            rqs.push(
+        let packs = super::pack_conv_weights(&g, &wt, &w_zp).unwrap();
+        let (w_back, zp_back) = super::unpack_conv_weights(&g, &packs);
+        assert_eq!((&w_back, &zp_back), (&wt, &w_zp));
+        let rqs: Vec<RequantParams> = (0..g.groups)
+            .map(|grp| {
+                let cols = grp * cog..(grp + 1) * cog;
                 RequantParams::new(
                     cog,
                     0.03,
@@ -755,9 +850,9 @@ mod tests {
                     Some(&bias[cols]),
                     oq,
                 )
-                .unwrap(),
-            );
-        }
+                .unwrap()
+            })
+            .collect();
         let m = g.batch * oh * ow;
         for ks in KernelSet::all_available() {
             for threads in [1, 2] {
@@ -826,9 +921,17 @@ mod tests {
             geom(1, 8, (7, 7), 16, (3, 3), (1, 1), (2, 2), (2, 2), 1),
             geom(2, 8, (5, 5), 12, (3, 3), (1, 1), (1, 1), d, 2),
             geom(1, 16, (6, 6), 8, (3, 3), (2, 1), (1, 1), (1, 2), 4),
-            // Packed im2col: kernel rows or taps not a multiple of 4 bytes.
+            // Kernel rows rounded up to 4-byte groups (stems, odd channel counts), read in
+            // place from the padded copy (which then always exists).
             geom(1, 3, (6, 6), 16, (3, 3), (2, 2), (1, 1), d, 1),
+            geom(2, 1, (7, 5), 16, (3, 3), (1, 1), (1, 1), d, 1),
+            geom(1, 5, (6, 7), 9, (3, 3), (2, 1), (0, 0), (2, 1), 1),
+            geom(1, 3, (4, 5), 16, (1, 1), (1, 1), (0, 0), d, 1),
+            geom(1, 3, (9, 9), 32, (7, 7), (2, 2), (3, 3), d, 1),
+            // Packed im2col: taps not a multiple of 4 bytes; a padded copy too large to
+            // write (kernel rows gathered from the input, rounded up as above).
             geom(1, 6, (5, 5), 8, (3, 3), (1, 1), (1, 1), d, 2),
+            geom(1, 3, (2, 3), 8, (3, 3), (1, 1), (150, 150), d, 1),
             // 1x1: NHWC rows are the GEMM's rows.
             geom(1, 12, (3, 3), 16, (1, 1), (1, 1), (0, 0), d, 1),
             geom(1, 12, (5, 5), 16, (1, 1), (2, 2), (0, 0), d, 1),

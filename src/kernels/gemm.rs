@@ -177,12 +177,13 @@ pub(crate) trait RowSource: Sync {
         &[]
     }
 
-    /// `Some(seg)` when every row of `kp` bytes is `deltas.len()` runs of `seg` bytes of
-    /// [`bytes`](Self::bytes) (`seg % 4 == 0`, `deltas.len() * seg == kp`), run `s` at
-    /// `deltas[s]` past the row's start given by [`row_offsets`](Self::row_offsets);
-    /// `None` when rows must be packed through [`fill`](Self::fill). `deltas` arrives
-    /// empty.
-    fn segments(&self, _kp: usize, _deltas: &mut Vec<usize>) -> Option<usize> {
+    /// `Some((seg, real))` when every row of `kp` bytes is `deltas.len()` runs of `seg`
+    /// bytes of [`bytes`](Self::bytes) (`seg % 4 == 0`, `deltas.len() * seg == kp`), run
+    /// `s` at `deltas[s]` past the row's start given by
+    /// [`row_offsets`](Self::row_offsets), of which the first `real` bytes are the row's
+    /// (the rest meet zero weights and stay out of the row sums); `None` when rows must
+    /// be packed through [`fill`](Self::fill). `deltas` arrives empty.
+    fn segments(&self, _kp: usize, _deltas: &mut Vec<usize>) -> Option<(usize, usize)> {
         None
     }
 
@@ -215,9 +216,9 @@ impl RowSource for MatrixRows<'_> {
         self.data
     }
 
-    fn segments(&self, kp: usize, deltas: &mut Vec<usize>) -> Option<usize> {
+    fn segments(&self, kp: usize, deltas: &mut Vec<usize>) -> Option<(usize, usize)> {
         deltas.push(0);
-        (kp == self.k && kp > 0).then_some(kp)
+        (kp == self.k && kp > 0).then_some((kp, kp))
     }
 
     fn row_offsets(&self, r0: usize, offs: &mut [usize]) {
@@ -349,7 +350,9 @@ pub(crate) fn gemm_loop<K: GemmKernel>(
     deltas.clear();
     let seg_in_place = src
         .segments(kp, &mut deltas)
-        .filter(|&seg| seg > 0 && seg.is_multiple_of(4) && deltas.len() * seg == kp)
+        .filter(|&(seg, real)| {
+            seg > 0 && seg.is_multiple_of(4) && real <= seg && deltas.len() * seg == kp
+        })
         .filter(|_| !needs_split || src.max_byte() <= 127);
     if seg_in_place.is_none() {
         deltas.clear();
@@ -371,7 +374,7 @@ pub(crate) fn gemm_loop<K: GemmKernel>(
         } = &mut scratch;
         ptrs.clear();
         hptrs.clear();
-        let (seg, split) = if let Some(seg) = seg_in_place {
+        let (seg, split) = if let Some((seg, real)) = seg_in_place {
             grow(offs, rows_blk);
             let offs = &mut offs[..rows_blk];
             src.row_offsets(r0, offs);
@@ -393,7 +396,7 @@ pub(crate) fn gemm_loop<K: GemmKernel>(
                 grow(rowsum, padded);
                 for (s, &o) in rowsum[..rows_blk].iter_mut().zip(offs.iter()) {
                     *s = deltas_ref.iter().fold(0i32, |acc, &d| {
-                        acc.wrapping_add(row_sum(&base[o + d..o + d + seg]))
+                        acc.wrapping_add(row_sum(&base[o + d..o + d + real]))
                     });
                 }
             }
