@@ -4,10 +4,12 @@
 //! ([`GemmKernel::MR`] rows x [`GemmKernel::NR`] columns) and computes one full tile of
 //! `i32` dot products from packed operands in a single `unsafe fn`
 //! ([`GemmKernel::kernel`]). Everything else is the driver's job, written once in
-//! [`gemm_loop`]: row blocking and threads, packing the activations (rows at stride `kp`,
+//! [`gemm_loop`]: row blocking and threads, reading the activation rows in place where
+//! the source allows it ([`RowSource::segments`]) or packing them (rows at stride `kp`,
 //! padded with zero rows to a multiple of [`MR`](super::MR)), row sums, the `a & 127` /
-//! `a >> 7` split some kernels need, the zero-point corrections and requantization, and
-//! the edge tiles. A SIMD kernel never sees a partial tile: rows or panels left over after
+//! `a >> 7` split some kernels need, the zero-point corrections and requantization (fused
+//! into the tile where the kernel can, [`GemmKernel::kernel_requant`]), and the edge
+//! tiles. A SIMD kernel never sees a partial tile: rows or panels left over after
 //! the last full tile go to the kernel's [`RowEdge`](GemmKernel::RowEdge) and
 //! [`ColEdge`](GemmKernel::ColEdge) kernels (smaller tiles over the same packed data), and
 //! only the valid part of each tile is requantized and stored.
