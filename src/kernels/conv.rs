@@ -106,15 +106,16 @@ struct Im2col<'a> {
     c0: usize,
     cig: usize,
     a_zp: u8,
-    /// For few input channels (one group, no horizontal dilation): the input with its
-    /// padding written out (`[n, h + 2 * ph, w + 2 * pw, c]`, border bytes the zero
-    /// point), so that every kernel row is one in-bounds run of `kw * c` bytes.
+    /// Bytes per kernel row in an im2col row ([`packed_row_bytes`]): `kw * c_in` rounded
+    /// up to whole 4-byte groups for one group without horizontal dilation (the padding
+    /// bytes meet zero weights), `kw * cig` otherwise (then only `kh * kw * cig` matters).
+    rstride: usize,
+    /// The input with its padding written out (`[n, h + 2 * ph, w + 2 * pw, c]`, border
+    /// bytes the zero point; the input itself without padding), so that every kernel row
+    /// or tap is one in-bounds run of bytes: the GEMM then reads rows in place
+    /// ([`RowSource::segments`]), or copies whole kernel rows for few channels.
     padded: Option<&'a [u8]>,
 }
-
-/// Input channels up to which a one-group convolution reads a padded copy of its input
-/// ([`Im2col::padded`]).
-const PADDED_MAX_C: usize = 8;
 
 /// `dst.copy_from_slice(src)` for the short runs of im2col (a few bytes to a few hundred)
 /// without a `memcpy` call: overlapping fixed-size moves.
@@ -176,7 +177,7 @@ impl Im2col<'_> {
         let wp = g.in_hw.1 + 2 * g.padding.1;
         let (sy, sx) = g.stride;
         let seg_len = kw * c;
-        let k = kh * seg_len;
+        let rs = self.rstride;
         let ky_step = g.dilation.0 * wp * c;
         if rows == 0 || oh == 0 || ow == 0 || kp == 0 || seg_len == 0 {
             return;
@@ -186,9 +187,11 @@ impl Im2col<'_> {
         let mut ox = r0 % ow;
         for d in dst.chunks_exact_mut(kp).take(rows) {
             let base = ((b * hp + oy * sy) * wp + ox * sx) * c;
-            for (ky, seg) in d[..k].chunks_exact_mut(seg_len).enumerate() {
+            for (ky, chunk) in d[..kh * rs].chunks_exact_mut(rs).enumerate() {
                 let p = base + ky * ky_step;
+                let (seg, pad) = chunk.split_at_mut(seg_len);
                 copy_small(seg, &xp[p..p + seg_len]);
+                fill_small(pad, 0);
             }
             ox += 1;
             if ox == ow {
@@ -218,7 +221,7 @@ impl Im2col<'_> {
         let (py, px) = g.padding;
         let dy = g.dilation.0;
         let seg_len = kw * c;
-        let k = kh * seg_len;
+        let rs = self.rstride;
         if rows == 0 || oh == 0 || ow == 0 || kp == 0 {
             return;
         }
@@ -230,7 +233,9 @@ impl Im2col<'_> {
             let start = ox * sx;
             let lo = px.saturating_sub(start).min(kw);
             let hi = (w + px).saturating_sub(start).min(kw);
-            for (ky, seg) in d[..k].chunks_exact_mut(seg_len).enumerate() {
+            for (ky, chunk) in d[..kh * rs].chunks_exact_mut(rs).enumerate() {
+                let (seg, pad) = chunk.split_at_mut(seg_len);
+                fill_small(pad, 0);
                 let iy = (oy * sy + ky * dy).checked_sub(py).filter(|&iy| iy < h);
                 match iy {
                     Some(iy) if hi > lo => {
@@ -262,16 +267,82 @@ impl Im2col<'_> {
     /// are the NHWC rows themselves.
     fn is_pointwise(&self) -> bool {
         let g = self.geom;
-        g.kernel == (1, 1) && g.stride == (1, 1) && g.padding == (0, 0) && self.cig == g.c_in
+        g.kernel == (1, 1)
+            && g.stride == (1, 1)
+            && g.padding == (0, 0)
+            && self.cig == g.c_in
+            && self.rstride == g.c_in
+    }
+}
+
+impl Im2col<'_> {
+    /// One group without horizontal dilation: a kernel row's `kw * c_in` bytes are
+    /// contiguous in NHWC (else each tap's `cig` channels are).
+    fn merged(&self) -> bool {
+        self.cig == self.geom.c_in && self.geom.dilation.1 == 1
     }
 }
 
 impl RowSource for Im2col<'_> {
-    fn direct(&self, r0: usize, rows: usize, kp: usize) -> Option<&[u8]> {
-        let c = self.geom.c_in;
-        (self.is_pointwise() && kp == c)
-            .then(|| self.x.get(r0 * c..(r0 + rows) * c))
-            .flatten()
+    fn bytes(&self) -> &[u8] {
+        self.padded.unwrap_or(&[])
+    }
+
+    fn segments(&self, kp: usize, deltas: &mut Vec<usize>) -> Option<(usize, usize)> {
+        self.padded?;
+        let g = self.geom;
+        let (kh, kw) = g.kernel;
+        let (dy, dx) = g.dilation;
+        let row = (g.in_hw.1 + 2 * g.padding.1) * g.c_in;
+        let (seg, real) = if self.merged() {
+            // Whole kernel rows; `padded` has room for the few bytes read past the last.
+            deltas.extend((0..kh).map(|ky| ky * dy * row));
+            (self.rstride, kw * g.c_in)
+        } else {
+            deltas.extend((0..kh * kw).map(|t| (t / kw) * dy * row + (t % kw) * dx * g.c_in));
+            (self.cig, self.cig)
+        };
+        (seg > 0 && seg.is_multiple_of(4) && deltas.len() * seg == kp).then_some((seg, real))
+    }
+
+    fn row_offsets(&self, r0: usize, offs: &mut [usize]) {
+        let g = self.geom;
+        let (oh, ow) = self.out_hw;
+        let c = g.c_in;
+        let (sy, sx) = g.stride;
+        let hp = g.in_hw.0 + 2 * g.padding.0;
+        let wp = g.in_hw.1 + 2 * g.padding.1;
+        if offs.is_empty() || oh == 0 || ow == 0 {
+            return;
+        }
+        let mut b = r0 / (oh * ow);
+        let mut oy = (r0 / ow) % oh;
+        let mut ox = r0 % ow;
+        let mut done = 0;
+        // One output row of the image at a time: its starts are evenly spaced.
+        while done < offs.len() {
+            let run = (ow - ox).min(offs.len() - done);
+            let base = ((b * hp + oy * sy) * wp + ox * sx) * c + self.c0;
+            for (i, o) in offs[done..done + run].iter_mut().enumerate() {
+                *o = base + i * sx * c;
+            }
+            done += run;
+            ox = 0;
+            oy += 1;
+            if oy == oh {
+                oy = 0;
+                b += 1;
+            }
+        }
+    }
+
+    fn max_byte(&self) -> u8 {
+        let m = self.x.iter().fold(0u8, |a, &v| a.max(v));
+        if self.geom.padding == (0, 0) {
+            m
+        } else {
+            m.max(self.a_zp)
+        }
     }
 
     fn fill(&self, r0: usize, rows: usize, kp: usize, dst: &mut [u8]) {
@@ -293,7 +364,7 @@ impl RowSource for Im2col<'_> {
             }
             return;
         }
-        if let Some(xp) = self.padded {
+        if let Some(xp) = self.padded.filter(|_| self.merged()) {
             self.fill_padded(xp, r0, rows, kp, dst);
             return;
         }
@@ -329,6 +400,95 @@ impl RowSource for Im2col<'_> {
     }
 }
 
+/// Bytes per kernel row in a row of `g`'s im2col matrix (and in its packed weights,
+/// whose `k` is `kh` of them): with one group and no horizontal dilation a kernel row is
+/// `kw * c_in` contiguous NHWC bytes, rounded up to a multiple of 4 so that the GEMM can
+/// read it in place (the extra bytes meet zero weights); otherwise `kw * cig`, the taps
+/// in `(kx, c)` order.
+pub(crate) fn packed_row_bytes(g: &ConvGeom) -> usize {
+    let cig = g.c_in / g.groups.max(1);
+    if g.groups == 1 && g.dilation.1 == 1 {
+        (g.kernel.1 * cig).div_ceil(4) * 4
+    } else {
+        g.kernel.1 * cig
+    }
+}
+
+/// Packs `[c_out, cig, kh, kw]` int8 weights (`w`, PyTorch's layout) for
+/// [`conv_gemm`]: one matrix per group, `k` ordered `(ky, kx, c)` with each kernel row
+/// taking [`packed_row_bytes`] (zero weights in the rounding). `w_zp` holds one zero point
+/// or `c_out`.
+///
+/// # Errors
+/// As [`PackedWeights::new`].
+pub(crate) fn pack_conv_weights(
+    g: &ConvGeom,
+    w: &[i8],
+    w_zp: &[i32],
+) -> crate::error::Result<Vec<PackedWeights>> {
+    let (kh, kw) = g.kernel;
+    let groups = g.groups.max(1);
+    let (cig, cog) = (g.c_in / groups, g.c_out / groups);
+    let rs = packed_row_bytes(g);
+    let k = kh * rs;
+    let mut packs = Vec::with_capacity(groups);
+    for grp in 0..groups {
+        let mut wg = vec![0i8; cog * k];
+        for o in 0..cog {
+            let oc = grp * cog + o;
+            for ci in 0..cig {
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        wg[o * k + ky * rs + kx * cig + ci] =
+                            w[((oc * cig + ci) * kh + ky) * kw + kx];
+                    }
+                }
+            }
+        }
+        let zps = if w_zp.len() == 1 {
+            w_zp
+        } else {
+            &w_zp[grp * cog..(grp + 1) * cog]
+        };
+        packs.push(PackedWeights::with_real_depth(
+            &wg,
+            cog,
+            k,
+            zps,
+            kh * kw * cig,
+        )?);
+    }
+    Ok(packs)
+}
+
+/// The `[c_out, cig, kh, kw]` weights back from [`pack_conv_weights`]'s matrices, and
+/// their zero points (`c_out`).
+pub(crate) fn unpack_conv_weights(g: &ConvGeom, packs: &[PackedWeights]) -> (Vec<i8>, Vec<i32>) {
+    let (kh, kw) = g.kernel;
+    let groups = g.groups.max(1);
+    let (cig, cog) = (g.c_in / groups, g.c_out / groups);
+    let rs = packed_row_bytes(g);
+    let k = kh * rs;
+    let mut w = vec![0i8; g.c_out * cig * kh * kw];
+    let mut zps = Vec::with_capacity(g.c_out);
+    for (grp, packed) in packs.iter().enumerate() {
+        let wg = packed.unpack();
+        for o in 0..cog {
+            let oc = grp * cog + o;
+            for ci in 0..cig {
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        w[((oc * cig + ci) * kh + ky) * kw + kx] =
+                            wg[o * k + ky * rs + kx * cig + ci];
+                    }
+                }
+            }
+        }
+        zps.extend_from_slice(packed.zero_points());
+    }
+    (w, zps)
+}
+
 /// Grouped convolution through im2col + packed GEMM: `packs[g]` and `rqs[g]` are group
 /// `g`'s weights (`k` ordered `(ky, kx, c)`) and requantization; `x` is NHWC, `out` is
 /// NHWC with `c_out` channels.
@@ -354,25 +514,38 @@ pub(crate) fn conv_gemm(
     let g = geom.groups;
     let cog = oc / g;
     let cig = geom.c_in / g;
-    // Few input channels: write the padding out once (a small copy of the input), so
-    // that im2col copies whole kernel rows without bounds logic.
+    let merged = g == 1 && geom.dilation.1 == 1;
+    let rstride = packed_row_bytes(geom);
+    // Write the padding out once (a copy of the input) where the GEMM can then read
+    // rows in place: whole kernel rows (rounded up to 4-byte groups: the copy then has
+    // that many bytes to spare at its end) or taps of whole 4-byte groups.
+    let slack = if merged {
+        rstride - geom.kernel.1 * cig
+    } else {
+        0
+    };
+    let in_place = merged || cig.is_multiple_of(4);
     let mut pad_buf = None;
-    if g == 1 && geom.c_in <= PADDED_MAX_C && geom.dilation.1 == 1 {
-        if geom.padding == (0, 0) {
-            pad_buf = Some(Vec::new());
-        } else if let Some(len) =
-            padded_len(geom).filter(|&l| l <= x.len().max(1 << 16).saturating_mul(4))
+    let unpadded = in_place && geom.padding == (0, 0) && slack == 0;
+    if in_place && !unpadded {
+        if let Some(len) = padded_len(geom)
+            .and_then(|l| l.checked_add(slack))
+            .filter(|&l| l <= x.len().max(1 << 16).saturating_mul(4))
         {
             let mut buf = PAD_BUF.with(|b| b.take());
-            buf.clear();
-            buf.resize(len, a_zp);
-            write_padded(x, geom, &mut buf);
+            if buf.len() < len {
+                buf.resize(len, 0);
+            }
+            write_padded(x, geom, a_zp, &mut buf[..len - slack]);
+            buf[len - slack..len].fill(a_zp);
             pad_buf = Some(buf);
         }
     }
-    let padded = pad_buf
-        .as_deref()
-        .map(|b| if geom.padding == (0, 0) { x } else { b });
+    let padded = if unpadded {
+        Some(x)
+    } else {
+        pad_buf.as_deref()
+    };
     for (grp, (packed, rq)) in packs.iter().zip(rqs).enumerate() {
         let src = Im2col {
             x,
@@ -381,6 +554,7 @@ pub(crate) fn conv_gemm(
             c0: grp * cig,
             cig,
             a_zp,
+            rstride,
             padded,
         };
         gemm(
@@ -412,25 +586,198 @@ fn padded_len(g: &ConvGeom) -> Option<usize> {
         .checked_mul(g.c_in)
 }
 
-/// Copies the NHWC input `x` into the interior of `buf` (already filled with the zero
-/// point, [`padded_len`] bytes).
-fn write_padded(x: &[u8], g: &ConvGeom, buf: &mut [u8]) {
+/// Writes the padded copy of the NHWC input `x` into `buf` ([`padded_len`] bytes): each
+/// row's left padding, the input row, its right padding (the zero point around), and
+/// whole rows of the zero point above and below each image.
+fn write_padded(x: &[u8], g: &ConvGeom, a_zp: u8, buf: &mut [u8]) {
     let (h, w) = g.in_hw;
     let (ph, pw) = g.padding;
     let c = g.c_in;
     let (hp, wp) = (h + 2 * ph, w + 2 * pw);
-    let row = w * c;
-    if row == 0 {
+    let (row, prow, side) = (w * c, wp * c, pw * c);
+    if prow == 0 {
         return;
     }
-    for (r, src) in x.chunks_exact(row).take(g.batch * h).enumerate() {
-        let (b, iy) = (r / h, r % h);
-        let p = ((b * hp + iy + ph) * wp + pw) * c;
-        buf[p..p + row].copy_from_slice(src);
+    for (r, dst) in buf.chunks_exact_mut(prow).take(g.batch * hp).enumerate() {
+        let (b, iy) = (r / hp, r % hp);
+        if iy < ph || iy >= ph + h {
+            dst.fill(a_zp);
+            continue;
+        }
+        let s = (b * h + iy - ph) * row;
+        dst[..side].fill(a_zp);
+        dst[side..side + row].copy_from_slice(&x[s..s + row]);
+        dst[side + row..].fill(a_zp);
     }
 }
 
 thread_local! {
     /// The calling thread's buffer for the padded input of a few-channel convolution.
     static PAD_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+#[cfg(test)]
+mod tests {
+    //! The im2col + GEMM convolution driver on every kernel set against the direct oracle
+    //! (`reference::qconv2d_naive`): rows read in place from the input or its padded copy
+    //! (whole kernel rows, one tap's channels), the packed im2col fallback (kernel rows
+    //! copied from the padded copy, or gathered tap by tap), several row blocks and
+    //! threads.
+    use super::{conv_gemm, ConvGeom};
+    use crate::kernels::reference::qconv2d_naive;
+    use crate::kernels::{KernelSet, OutputQuant, RequantParams};
+
+    fn lcg(s: &mut u64) -> u32 {
+        *s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (*s >> 33) as u32
+    }
+
+    /// Runs `g` through `conv_gemm` on every set (activations below `a_lim`, weight zero
+    /// points zero or not) and compares with the oracle, byte for byte.
+    fn check(g: ConvGeom, a_lim: u32, a_zp: u8, zp_zero: bool, seed: u64) {
+        let mut s = seed;
+        let (h, w) = g.in_hw;
+        let (kh, kw) = g.kernel;
+        let cig = g.c_in / g.groups;
+        let cog = g.c_out / g.groups;
+        let k = kh * kw * cig;
+        let x: Vec<u8> = (0..g.batch * g.c_in * h * w)
+            .map(|_| (lcg(&mut s) % a_lim) as u8)
+            .collect();
+        let wt: Vec<i8> = (0..g.c_out * k).map(|_| lcg(&mut s) as u8 as i8).collect();
+        let w_zp: Vec<i32> = (0..g.c_out)
+            .map(|j| if zp_zero { 0 } else { j as i32 % 5 - 2 })
+            .collect();
+        let scales: Vec<f32> = (0..g.c_out).map(|j| 0.002 + j as f32 * 1e-4).collect();
+        let bias: Vec<f32> = (0..g.c_out).map(|j| j as f32 * 0.3 - 4.0).collect();
+        let oq = OutputQuant {
+            scale: 0.2,
+            zero_point: 110,
+            relu: seed % 2 == 1,
+        };
+        let rq = RequantParams::new(g.c_out, 0.03, &scales, true, Some(&bias), oq).unwrap();
+        let want_nchw = qconv2d_naive(&x, &g, a_zp as i32, &wt, &w_zp, &rq);
+        let (oh, ow) = g.out_hw().unwrap();
+        // NHWC input; weights per group with `k` ordered (ky, kx, c).
+        let mut x_nhwc = vec![0u8; x.len()];
+        for b in 0..g.batch {
+            for c in 0..g.c_in {
+                for p in 0..h * w {
+                    x_nhwc[(b * h * w + p) * g.c_in + c] = x[(b * g.c_in + c) * h * w + p];
+                }
+            }
+        }
+        let packs = super::pack_conv_weights(&g, &wt, &w_zp).unwrap();
+        let (w_back, zp_back) = super::unpack_conv_weights(&g, &packs);
+        assert_eq!((&w_back, &zp_back), (&wt, &w_zp));
+        let rqs: Vec<RequantParams> = (0..g.groups)
+            .map(|grp| {
+                let cols = grp * cog..(grp + 1) * cog;
+                RequantParams::new(
+                    cog,
+                    0.03,
+                    &scales[cols.clone()],
+                    true,
+                    Some(&bias[cols]),
+                    oq,
+                )
+                .unwrap()
+            })
+            .collect();
+        let m = g.batch * oh * ow;
+        for ks in KernelSet::all_available() {
+            for threads in [1, 2] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut out = vec![0xA5u8; m * g.c_out];
+                pool.install(|| conv_gemm(ks, &x_nhwc, &g, (oh, ow), a_zp, &packs, &rqs, &mut out));
+                for (i, &v) in out.iter().enumerate() {
+                    let (r, oc) = (i / g.c_out, i % g.c_out);
+                    let (b, p) = (r / (oh * ow), r % (oh * ow));
+                    let want = want_nchw[(b * g.c_out + oc) * oh * ow + p];
+                    assert_eq!(
+                        v,
+                        want,
+                        "{g:?} on {:?}, {threads} threads, a < {a_lim}, zp_zero {zp_zero}: row {r} channel {oc}",
+                        ks.backend()
+                    );
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn geom(
+        batch: usize,
+        c_in: usize,
+        in_hw: (usize, usize),
+        c_out: usize,
+        kernel: (usize, usize),
+        stride: (usize, usize),
+        padding: (usize, usize),
+        dilation: (usize, usize),
+        groups: usize,
+    ) -> ConvGeom {
+        ConvGeom {
+            batch,
+            c_in,
+            in_hw,
+            c_out,
+            kernel,
+            stride,
+            padding,
+            dilation,
+            groups,
+        }
+    }
+
+    #[test]
+    fn conv_gemm_matches_the_oracle_on_every_set() {
+        let d = (1, 1);
+        let cases = [
+            // Whole kernel rows in place (in the padded copy).
+            geom(2, 16, (7, 9), 20, (3, 3), (1, 1), (1, 1), d, 1),
+            geom(1, 16, (6, 5), 33, (3, 3), (2, 2), (1, 1), d, 1),
+            geom(1, 32, (4, 4), 64, (3, 3), (1, 1), (1, 1), d, 1),
+            geom(1, 12, (5, 6), 16, (1, 3), (1, 2), (0, 2), d, 1),
+            // Padding wider than the kernel's reach: kernel rows wholly in the padding.
+            geom(1, 4, (2, 2), 8, (3, 3), (1, 1), (3, 3), d, 1),
+            geom(1, 12, (2, 3), 8, (3, 3), (1, 1), (3, 2), d, 1),
+            // Few channels (4, 8): read in place too.
+            geom(2, 8, (5, 6), 16, (3, 3), (1, 1), (1, 1), d, 1),
+            geom(2, 4, (5, 6), 17, (5, 3), (1, 2), (2, 0), d, 1),
+            // One tap's channels in place: dilation, groups.
+            geom(1, 8, (7, 7), 16, (3, 3), (1, 1), (2, 2), (2, 2), 1),
+            geom(2, 8, (5, 5), 12, (3, 3), (1, 1), (1, 1), d, 2),
+            geom(1, 16, (6, 6), 8, (3, 3), (2, 1), (1, 1), (1, 2), 4),
+            // Kernel rows rounded up to 4-byte groups (stems, odd channel counts), read in
+            // place from the padded copy (which then always exists).
+            geom(1, 3, (6, 6), 16, (3, 3), (2, 2), (1, 1), d, 1),
+            geom(2, 1, (7, 5), 16, (3, 3), (1, 1), (1, 1), d, 1),
+            geom(1, 5, (6, 7), 9, (3, 3), (2, 1), (0, 0), (2, 1), 1),
+            geom(1, 3, (4, 5), 16, (1, 1), (1, 1), (0, 0), d, 1),
+            geom(1, 3, (9, 9), 32, (7, 7), (2, 2), (3, 3), d, 1),
+            // Packed im2col: taps not a multiple of 4 bytes; a padded copy too large to
+            // write (kernel rows gathered from the input, rounded up as above).
+            geom(1, 6, (5, 5), 8, (3, 3), (1, 1), (1, 1), d, 2),
+            geom(1, 3, (2, 3), 8, (3, 3), (1, 1), (150, 150), d, 1),
+            // 1x1: NHWC rows are the GEMM's rows.
+            geom(1, 12, (3, 3), 16, (1, 1), (1, 1), (0, 0), d, 1),
+            geom(1, 12, (5, 5), 16, (1, 1), (2, 2), (0, 0), d, 1),
+            // Several row blocks of 256 rows (and threads).
+            geom(3, 16, (12, 11), 40, (3, 3), (1, 1), (1, 1), d, 1),
+            geom(2, 64, (20, 20), 16, (1, 1), (1, 1), (0, 0), d, 1),
+        ];
+        for (i, g) in cases.into_iter().enumerate() {
+            let seed = i as u64 + 1;
+            // Any activations (AVX2 splits those above 127 in packed blocks), and
+            // reduce_range ones with a zero point below 128 (AVX2 reads them in place).
+            check(g, 256, 77, i % 3 == 0, seed);
+            check(g, 128, 100, i % 3 != 0, seed + 100);
+        }
+    }
 }

@@ -4,10 +4,12 @@
 //! ([`GemmKernel::MR`] rows x [`GemmKernel::NR`] columns) and computes one full tile of
 //! `i32` dot products from packed operands in a single `unsafe fn`
 //! ([`GemmKernel::kernel`]). Everything else is the driver's job, written once in
-//! [`gemm_loop`]: row blocking and threads, packing the activations (rows at stride `kp`,
+//! [`gemm_loop`]: row blocking and threads, reading the activation rows in place where
+//! the source allows it ([`RowSource::segments`]) or packing them (rows at stride `kp`,
 //! padded with zero rows to a multiple of [`MR`](super::MR)), row sums, the `a & 127` /
-//! `a >> 7` split some kernels need, the zero-point corrections and requantization, and
-//! the edge tiles. A SIMD kernel never sees a partial tile: rows or panels left over after
+//! `a >> 7` split some kernels need, the zero-point corrections and requantization (fused
+//! into the tile where the kernel can, [`GemmKernel::kernel_requant`]), and the edge
+//! tiles. A SIMD kernel never sees a partial tile: rows or panels left over after
 //! the last full tile go to the kernel's [`RowEdge`](GemmKernel::RowEdge) and
 //! [`ColEdge`](GemmKernel::ColEdge) kernels (smaller tiles over the same packed data), and
 //! only the valid part of each tile is requantized and stored.
@@ -29,13 +31,16 @@ const PAR_MIN_MACS: usize = 1 << 21;
 /// The largest tile (`MR * NR` `i32`) a kernel may declare.
 pub(crate) const MAX_TILE: usize = 8 * 32;
 
-/// An int8 GEMM micro-kernel: `acc = A_tile * B_panels` over packed operands.
+/// An int8 GEMM micro-kernel: `acc = A_tile * B_panels` over packed weights.
 ///
-/// Operands (the same for every kernel): activations are `u8` rows at stride `kp` (`k`
-/// padded with zeros to a multiple of 4); weights are [`PackedWeights`] panels of [`NR`]
-/// columns, each `k` group of 4 holding `NR x 4` bytes. A tile covers `MR` rows and
-/// `NR / pack::NR` adjacent panels. The result is stored panel-major: `acc` is
-/// `[panel][row][pack::NR]` (for one panel simply `[row][NR]`).
+/// Operands (the same for every kernel): each activation row is `nseg = deltas.len()`
+/// segments of `seg` bytes (`seg % 4 == 0`, `nseg * seg == kp`), segment `s` of tile row
+/// `r` starting at `a[r] + deltas[s]`: rows of a packed block (one segment of `kp`
+/// bytes), or a convolution's input read in place (one segment per kernel row or tap, at
+/// the same distances from every row's start). Weights are [`PackedWeights`] panels of
+/// [`NR`] columns, each `k` group of 4 holding `NR x 4` bytes. A tile covers `MR` rows and
+/// `NR / pack::NR` adjacent panels (`b` holds them contiguously, `kp * pack::NR` bytes
+/// each).
 pub(crate) trait GemmKernel: Copy + Send + Sync {
     /// Rows per tile: a multiple of [`MR`] (the packing granularity).
     const MR: usize;
@@ -69,10 +74,18 @@ pub(crate) trait GemmKernel: Copy + Send + Sync {
     ///
     /// # Safety
     /// The CPU must support the kernel's instruction set (guaranteed when `self` was made
-    /// by the kernel's detecting constructor); `kp % 4 == 0`; `a.len() >= MR * kp` (rows
-    /// at stride `kp`), `b.len() >= NR * kp` (the panels, contiguous),
-    /// `acc.len() >= MR * NR`. The kernel does not re-check these lengths.
-    unsafe fn kernel(self, a: &[u8], kp: usize, b: &[i8], acc: &mut [i32]);
+    /// by the kernel's detecting constructor); `seg % 4 == 0`; `a.len() >= MR` and
+    /// `a[r] + deltas[s]` readable for `seg` bytes (within one allocation) for every
+    /// `r < MR`, `s < deltas.len()`; `b.len() >= NR * deltas.len() * seg` (the panels,
+    /// contiguous); `acc.len() >= MR * NR`. The kernel does not re-check these.
+    unsafe fn kernel(
+        self,
+        a: &[*const u8],
+        deltas: &[usize],
+        seg: usize,
+        b: &[i8],
+        acc: &mut [i32],
+    );
 
     /// Requantizes the top-left `rows x cols` of one panel's slice of a tile (`acc` holds
     /// at least `rows` rows of [`NR`] `i32`, `[row][NR]`; global columns `j0..j0 + cols`,
@@ -93,20 +106,97 @@ pub(crate) trait GemmKernel: Copy + Send + Sync {
         out: &mut [u8],
         ldc: usize,
     );
+
+    /// One tile computed and requantized: the top-left `rows x cols` of
+    /// [`kernel`](Self::kernel)'s result (in `acc`, a scratch of at least `MR * NR`
+    /// values) go through [`requant_tile`](Self::requant_tile) into `out[r * ldc + c]`
+    /// (`ep` holds the columns' parameters from `ep.j0`). Kernels that can requantize
+    /// straight from their registers override it and leave `acc` alone.
+    ///
+    /// # Safety
+    /// As [`kernel`](Self::kernel); `rows <= MR`, `cols <= NR`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn kernel_requant(
+        self,
+        a: &[*const u8],
+        deltas: &[usize],
+        seg: usize,
+        b: &[i8],
+        ep: &Epilogue<'_>,
+        rows: usize,
+        cols: usize,
+        out: &mut [u8],
+        ldc: usize,
+        acc: &mut [i32],
+    ) {
+        // SAFETY: forwarded from this function's contract (`acc` holds MR * NR values).
+        unsafe { self.kernel(a, deltas, seg, b, acc) };
+        for h in 0..Self::NR / NR {
+            let c0 = h * NR;
+            if c0 >= cols {
+                break;
+            }
+            self.requant_tile(
+                &acc[h * Self::MR * NR..(h + 1) * Self::MR * NR],
+                rows,
+                NR.min(cols - c0),
+                ep.rowsum,
+                ep.a_zp,
+                ep.w,
+                ep.rq,
+                ep.j0 + c0,
+                &mut out[c0..],
+                ldc,
+            );
+        }
+    }
 }
 
-/// A source of activation rows for the GEMM driver: a plain matrix or an on-the-fly
-/// im2col of a convolution input.
+/// What a tile's requantization needs beside its accumulators.
+pub(crate) struct Epilogue<'a> {
+    /// The tile's activation row sums (at least its valid rows), or empty when every
+    /// weight zero point is 0.
+    pub(crate) rowsum: &'a [i32],
+    /// Activation zero point.
+    pub(crate) a_zp: i32,
+    /// The packed weights (column offsets, zero points).
+    pub(crate) w: &'a PackedWeights,
+    /// Requantization parameters.
+    pub(crate) rq: &'a RequantParams,
+    /// The tile's first global column (a multiple of [`NR`]).
+    pub(crate) j0: usize,
+}
+
+/// A source of activation rows for the GEMM driver: a plain matrix or a convolution's
+/// input (im2col rows).
 pub(crate) trait RowSource: Sync {
     /// Writes the first `k` bytes (the packed weights' `k`) of rows `r0..r0 + rows` at
     /// stride `kp` into `dst`; the driver zeroes the padding bytes `k..kp` itself.
     fn fill(&self, r0: usize, rows: usize, kp: usize, dst: &mut [u8]);
 
-    /// Rows `r0..r0 + rows` already laid out at stride `kp` in memory (`rows * kp` bytes),
-    /// which the kernels can then read in place without a packing copy; `None` when the
-    /// source must be packed through [`fill`](Self::fill).
-    fn direct(&self, _r0: usize, _rows: usize, _kp: usize) -> Option<&[u8]> {
+    /// The bytes rows are read from in place (see [`segments`](Self::segments)).
+    fn bytes(&self) -> &[u8] {
+        &[]
+    }
+
+    /// `Some((seg, real))` when every row of `kp` bytes is `deltas.len()` runs of `seg`
+    /// bytes of [`bytes`](Self::bytes) (`seg % 4 == 0`, `deltas.len() * seg == kp`), run
+    /// `s` at `deltas[s]` past the row's start given by
+    /// [`row_offsets`](Self::row_offsets), of which the first `real` bytes are the row's
+    /// (the rest meet zero weights and stay out of the row sums); `None` when rows must
+    /// be packed through [`fill`](Self::fill). `deltas` arrives empty.
+    fn segments(&self, _kp: usize, _deltas: &mut Vec<usize>) -> Option<(usize, usize)> {
         None
+    }
+
+    /// Where rows `r0..r0 + offs.len()` start in [`bytes`](Self::bytes). Only called
+    /// when [`segments`](Self::segments) is `Some`.
+    fn row_offsets(&self, _r0: usize, _offs: &mut [usize]) {}
+
+    /// An upper bound of every byte a row can hold (the split decision of kernels that
+    /// saturate); called at most once per GEMM.
+    fn max_byte(&self) -> u8 {
+        255
     }
 }
 
@@ -124,10 +214,23 @@ impl RowSource for MatrixRows<'_> {
         }
     }
 
-    fn direct(&self, r0: usize, rows: usize, kp: usize) -> Option<&[u8]> {
-        (kp == self.k)
-            .then(|| self.data.get(r0 * kp..(r0 + rows) * kp))
-            .flatten()
+    fn bytes(&self) -> &[u8] {
+        self.data
+    }
+
+    fn segments(&self, kp: usize, deltas: &mut Vec<usize>) -> Option<(usize, usize)> {
+        deltas.push(0);
+        (kp == self.k && kp > 0).then_some((kp, kp))
+    }
+
+    fn row_offsets(&self, r0: usize, offs: &mut [usize]) {
+        for (i, o) in offs.iter_mut().enumerate() {
+            *o = (r0 + i) * self.k;
+        }
+    }
+
+    fn max_byte(&self) -> u8 {
+        self.data.iter().fold(0, |a, &v| a.max(v))
     }
 }
 
@@ -138,10 +241,15 @@ struct Scratch {
     lo: Vec<u8>,
     hi: Vec<u8>,
     rowsum: Vec<i32>,
+    offs: Vec<usize>,
+    ptrs: Vec<*const u8>,
+    hptrs: Vec<*const u8>,
 }
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+    /// The calling thread's buffer for a GEMM's segment distances.
+    static DELTAS: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Grows `v` to at least `len` elements (new ones zero) without touching existing ones.
@@ -186,14 +294,18 @@ pub(crate) fn gemm(
     path
 }
 
-/// One packed row block, shared by the tiles of [`tiles`].
+/// One row block's activations, shared by the tiles of [`tiles`].
 struct Block<'a> {
-    lo: &'a [u8],
-    /// `a >> 7` of every byte when the block is split (then `lo` holds `a & 127`), else
-    /// empty.
-    hi: &'a [u8],
-    kp: usize,
-    /// Valid rows (the packed block has `lo.len() / kp` rows, a multiple of [`MR`]).
+    /// Row starts for the block's rows padded to a multiple of [`MR`] (padding rows
+    /// repeat the first row).
+    a: &'a [*const u8],
+    /// The same for `a >> 7` of every byte when the block is split (then `a` reads
+    /// `a & 127`), else empty.
+    hi: &'a [*const u8],
+    /// Segment distances from a row's start.
+    deltas: &'a [usize],
+    seg: usize,
+    /// Valid rows.
     rows: usize,
     n: usize,
     /// The rows' activation sums; empty when every weight zero point is 0.
@@ -207,7 +319,8 @@ struct Block<'a> {
 /// The GEMM driver, generic over the micro-kernel:
 /// `out[i * ldc + j] = requant(sum_k (a[i][k] - a_zp) * (w[j][k] - w_zp[j]), j)` for the
 /// `m` rows of `src`, over row blocks of at most 256 rows (on rayon's pool when large).
-/// Arguments are checked by the caller.
+/// Rows are read in place where the source allows it ([`RowSource::segments`]), else
+/// packed. Arguments are checked by the caller.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_loop<K: GemmKernel>(
     kern: K,
@@ -220,6 +333,9 @@ pub(crate) fn gemm_loop<K: GemmKernel>(
     ldc: usize,
 ) -> KernelPath {
     let (n, k, kp) = (w.n, w.k, w.kp);
+    if m == 0 || n == 0 {
+        return kern.path(false);
+    }
     let split_seen = AtomicBool::new(false);
     let panels = round_up(n.max(1), NR) / NR;
     let threads = rayon::current_num_threads().max(1);
@@ -230,35 +346,77 @@ pub(crate) fn gemm_loop<K: GemmKernel>(
         round_up(m.div_ceil(threads), MR).min(256)
     };
     let needs_split = kern.needs_split(w);
+    // Rows read in place unless a kernel that may saturate meets activations above 127
+    // (splitting rewrites the bytes, so those blocks are packed).
+    let mut deltas = DELTAS.with(|d| d.take());
+    deltas.clear();
+    let seg_in_place = src
+        .segments(kp, &mut deltas)
+        .filter(|&(seg, real)| {
+            seg > 0 && seg.is_multiple_of(4) && real <= seg && deltas.len() * seg == kp
+        })
+        .filter(|_| !needs_split || src.max_byte() <= 127);
+    if seg_in_place.is_none() {
+        deltas.clear();
+        deltas.push(0);
+    }
+    let deltas_ref = &deltas[..];
     let block = |bi: usize, out_blk: &mut [u8]| {
         let r0 = bi * mc;
         let rows_blk = mc.min(m - r0);
         let padded = round_up(rows_blk, MR);
         let mut scratch = SCRATCH.with(|b| b.take());
-        // Rows the kernels can read in place (a plain matrix, a 1x1 convolution), unless
-        // the block may have to be split (that rewrites the bytes).
-        let direct = if needs_split || r0 + padded > m {
-            None
+        let Scratch {
+            lo,
+            hi,
+            rowsum,
+            offs,
+            ptrs,
+            hptrs,
+        } = &mut scratch;
+        ptrs.clear();
+        hptrs.clear();
+        let (seg, split) = if let Some((seg, real)) = seg_in_place {
+            grow(offs, rows_blk);
+            let offs = &mut offs[..rows_blk];
+            src.row_offsets(r0, offs);
+            let base = src.bytes();
+            // Every row must have all its segments inside `base`: its start below
+            // `base.len() - (max delta + seg)`, checked for the whole block at once; the
+            // pointers are made only after.
+            let span = deltas_ref.iter().max().map_or(0, |&d| d + seg);
+            let end = (base.len() + 1).saturating_sub(span);
+            assert!(
+                offs.iter().fold(true, |ok, &o| ok & (o < end)),
+                "a row lies outside its source"
+            );
+            let bp = base.as_ptr();
+            ptrs.extend(offs.iter().map(|&o| bp.wrapping_add(o)));
+            let first = ptrs[0];
+            ptrs.resize(padded, first);
+            if !w.zp_zero {
+                grow(rowsum, padded);
+                for (s, &o) in rowsum[..rows_blk].iter_mut().zip(offs.iter()) {
+                    *s = deltas_ref.iter().fold(0i32, |acc, &d| {
+                        acc.wrapping_add(row_sum(&base[o + d..o + d + real]))
+                    });
+                }
+            }
+            (seg, false)
         } else {
-            src.direct(r0, padded, kp)
-        };
-        if direct.is_none() {
-            let buf = &mut scratch.lo;
-            grow(buf, padded * kp);
-            src.fill(r0, rows_blk, kp, buf);
+            grow(lo, padded * kp);
+            src.fill(r0, rows_blk, kp, lo);
             if kp > k {
-                for row in buf[..rows_blk * kp].chunks_exact_mut(kp) {
+                for row in lo[..rows_blk * kp].chunks_exact_mut(kp) {
                     super::conv::fill_small(&mut row[k..], 0);
                 }
             }
-            buf[rows_blk * kp..padded * kp].fill(0);
-        }
-        let split = {
-            let lo = direct.unwrap_or_else(|| &scratch.lo[..padded * kp]);
+            lo[rows_blk * kp..padded * kp].fill(0);
+            let lo = &mut lo[..padded * kp];
             // Row sums (of the unsplit bytes) only where a weight zero point needs them.
             if !w.zp_zero {
-                grow(&mut scratch.rowsum, padded);
-                let sums = &mut scratch.rowsum[..padded];
+                grow(rowsum, padded);
+                let sums = &mut rowsum[..padded];
                 if kp == 0 {
                     sums.fill(0);
                 } else {
@@ -268,33 +426,29 @@ pub(crate) fn gemm_loop<K: GemmKernel>(
                 }
             }
             // Only a kernel that may saturate needs to know whether any activation
-            // exceeds 127 (then `lo` is the packed buffer: `direct` is off for it).
-            needs_split && lo.iter().fold(0u8, |a, &v| a | v) > 127
-        };
-        if split {
-            split_seen.store(true, Ordering::Relaxed);
-            grow(&mut scratch.hi, padded * kp);
-            let lo = &mut scratch.lo[..padded * kp];
-            for (h, v) in scratch.hi.iter_mut().zip(lo.iter_mut()) {
-                *h = *v >> 7;
-                *v &= 127;
+            // exceeds 127.
+            let split = needs_split && lo.iter().fold(0u8, |a, &v| a | v) > 127;
+            if split {
+                split_seen.store(true, Ordering::Relaxed);
+                grow(hi, padded * kp);
+                for (h, v) in hi.iter_mut().zip(lo.iter_mut()) {
+                    *h = *v >> 7;
+                    *v &= 127;
+                }
+                hptrs.extend((0..padded).map(|i| hi[i * kp..].as_ptr()));
             }
-        }
+            // With `kp == 0` every row is one empty segment (the kernels read nothing).
+            ptrs.extend((0..padded).map(|i| lo[i * kp..].as_ptr()));
+            (kp, split)
+        };
         let b = Block {
-            lo: direct.unwrap_or_else(|| &scratch.lo[..padded * kp]),
-            hi: if split {
-                &scratch.hi[..padded * kp]
-            } else {
-                &[]
-            },
-            kp,
+            a: ptrs,
+            hi: if split { hptrs } else { &[] },
+            deltas: deltas_ref,
+            seg,
             rows: rows_blk,
             n,
-            rowsum: if w.zp_zero {
-                &[]
-            } else {
-                &scratch.rowsum[..padded]
-            },
+            rowsum: if w.zp_zero { &[] } else { &rowsum[..padded] },
             a_zp,
             w,
             rq,
@@ -303,17 +457,16 @@ pub(crate) fn gemm_loop<K: GemmKernel>(
         tiles(kern, &b, out_blk, 0, padded, 0, panels);
         SCRATCH.with(|b| b.replace(scratch));
     };
-    if m > 0 && n > 0 {
-        let blocks = m.div_ceil(mc);
-        if blocks == 1 {
-            block(0, out);
-        } else {
-            out.par_chunks_mut(mc * ldc)
-                .take(blocks)
-                .enumerate()
-                .for_each(|(bi, o)| block(bi, o));
-        }
+    let blocks = m.div_ceil(mc);
+    if blocks == 1 {
+        block(0, out);
+    } else {
+        out.par_chunks_mut(mc * ldc)
+            .take(blocks)
+            .enumerate()
+            .for_each(|(bi, o)| block(bi, o));
     }
+    DELTAS.with(|d| d.replace(deltas));
     kern.path(split_seen.load(Ordering::Relaxed))
 }
 
@@ -337,52 +490,78 @@ fn tiles<K: GemmKernel>(
     let pn = K::NR / NR;
     let r_full = r0 + (r1 - r0) / K::MR * K::MR;
     let p_full = p0 + (p1 - p0) / pn * pn;
-    let kp = b.kp;
+    let (deltas, seg) = (b.deltas, b.seg);
+    assert!(seg.is_multiple_of(4) && b.a.len() >= r1);
+    assert!(b.hi.is_empty() || b.hi.len() >= r1);
     let mut acc = [0i32; MAX_TILE];
     let mut acc2 = [0i32; MAX_TILE];
     for p in (p0..p_full).step_by(pn) {
         let panel = b.w.panels(p, pn);
+        assert_eq!(panel.len(), K::NR * deltas.len() * seg);
+        let j0 = p * NR;
+        let cols = K::NR.min(b.n.saturating_sub(j0));
+        if cols == 0 {
+            continue;
+        }
         for t in (r0..r_full).step_by(K::MR) {
-            let a = &b.lo[t * kp..(t + K::MR) * kp];
-            // SAFETY: `kern` exists only once its CPU features were detected; `kp` is a
-            // multiple of 4 (packing); `a` holds MR rows of `kp` bytes and `panel` the
-            // `pn` panels (NR * kp bytes) by the slicing above; `acc` holds
-            // MAX_TILE >= MR * NR values (checked at compile time).
-            unsafe { kern.kernel(a, kp, panel, &mut acc) };
-            if !b.hi.is_empty() {
-                let h = &b.hi[t * kp..(t + K::MR) * kp];
-                // SAFETY: as above, `h` has the shape of `a`.
-                unsafe { kern.kernel(h, kp, panel, &mut acc2) };
-                for (x, y) in acc.iter_mut().zip(&acc2).take(K::MR * K::NR) {
-                    *x = x.wrapping_add(y.wrapping_shl(7));
-                }
-            }
-            // Requantize the valid rows of each panel.
             let rows = K::MR.min(b.rows.saturating_sub(t));
             if rows == 0 {
                 continue;
             }
+            let a = &b.a[t..t + K::MR];
             let rowsum = if b.rowsum.is_empty() {
                 b.rowsum
             } else {
                 &b.rowsum[t..t + rows]
             };
+            let out_t = &mut out[t * b.ldc + j0..];
+            if b.hi.is_empty() {
+                let ep = Epilogue {
+                    rowsum,
+                    a_zp: b.a_zp,
+                    w: b.w,
+                    rq: b.rq,
+                    j0,
+                };
+                // SAFETY: `kern` exists only once its CPU features were detected; `seg`
+                // is a multiple of 4 (asserted); `a` holds MR row starts whose segments
+                // (at `deltas`, `seg` bytes each) lie inside one buffer (checked by
+                // `gemm_loop` before it made the pointers); `panel` holds the `pn` panels
+                // (NR * kp bytes, asserted); rows <= MR and cols <= NR; `acc` holds
+                // MAX_TILE >= MR * NR values.
+                unsafe {
+                    kern.kernel_requant(
+                        a, deltas, seg, panel, &ep, rows, cols, out_t, b.ldc, &mut acc,
+                    )
+                };
+                continue;
+            }
+            let h = &b.hi[t..t + K::MR];
+            // SAFETY: as above; `acc` and `acc2` hold MAX_TILE >= MR * NR values
+            // (checked at compile time) and `h` has the shape of `a`.
+            unsafe {
+                kern.kernel(a, deltas, seg, panel, &mut acc);
+                kern.kernel(h, deltas, seg, panel, &mut acc2);
+            }
+            for (x, y) in acc.iter_mut().zip(&acc2).take(K::MR * K::NR) {
+                *x = x.wrapping_add(y.wrapping_shl(7));
+            }
+            // Requantize the valid rows of each panel.
             for h in 0..pn {
-                let j0 = (p + h) * NR;
-                if j0 >= b.n {
+                let c0 = h * NR;
+                if c0 >= cols {
                     break;
                 }
-                let cols = NR.min(b.n - j0);
                 kern.requant_tile(
                     &acc[h * K::MR * NR..(h + 1) * K::MR * NR],
                     rows,
-                    cols,
+                    NR.min(cols - c0),
                     rowsum,
                     b.a_zp,
                     b.w,
                     b.rq,
-                    j0,
-                    &mut out[t * b.ldc + j0..],
+                    j0 + c0,
+                    &mut out_t[c0..],
                     b.ldc,
                 );
             }

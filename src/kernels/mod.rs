@@ -17,9 +17,10 @@
 //! `PTQ_NO_AVX512=1` keeps the AVX2 kernel.
 //!
 //! # Structure
-//! Activations are packed per block of at most 256 rows (copied, or built on the fly by a
-//! convolution's im2col), padded to [`MR`] rows and `k` to a multiple of 4, with their row
-//! sums. One generic driver runs every micro-kernel (one trait, in the style of
+//! Activations are read in place per block of at most 256 rows where their rows are whole
+//! 4-byte groups (a plain matrix; a convolution's kernel rows or taps in a zero-point-padded
+//! copy of its input), else packed (copied, or built by a convolution's im2col) with `k`
+//! padded to a multiple of 4; row sums only where a weight zero point needs them. One generic driver runs every micro-kernel (one trait, in the style of
 //! `matrixmultiply`'s `GemmKernel`): each kernel computes full tiles only (portable and
 //! AVX2: 4 rows x 16 columns; AVX-512 VNNI: 8 x 32), the driver hands the rows and panels
 //! left over to smaller edge tiles and requantizes the valid part of every tile straight to

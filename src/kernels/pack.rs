@@ -49,6 +49,21 @@ impl PackedWeights {
     /// # Ok::<(), ptq::QuantError>(())
     /// ```
     pub fn new(w: &[i8], n: usize, k: usize, w_zp: &[i32]) -> Result<Self> {
+        Self::with_real_depth(w, n, k, w_zp, k)
+    }
+
+    /// As [`PackedWeights::new`] for a matrix whose `k` includes `k - k_real` padding
+    /// positions (zero weights, e.g. each kernel row of a convolution rounded up to whole
+    /// 4-byte groups): the column offsets count only the `k_real` real ones, so the GEMM
+    /// is exact whatever activations meet the padding, as long as the activation row sums
+    /// leave them out too.
+    pub(crate) fn with_real_depth(
+        w: &[i8],
+        n: usize,
+        k: usize,
+        w_zp: &[i32],
+        k_real: usize,
+    ) -> Result<Self> {
         const CTX: &str = "PackedWeights";
         if n.checked_mul(k) != Some(w.len()) {
             return Err(QuantError::ShapeMismatch {
@@ -81,7 +96,7 @@ impl PackedWeights {
                 narrow &= (-64..=63).contains(&v);
                 data[panel * kp * NR + (kk / 4) * NR * 4 + c * 4 + kk % 4] = v;
             }
-            col_offsets[j] = sum.wrapping_sub(zp.wrapping_mul(k as i32));
+            col_offsets[j] = sum.wrapping_sub(zp.wrapping_mul(k_real as i32));
             zps[j] = zp;
         }
         Ok(PackedWeights {

@@ -29,19 +29,35 @@ impl GemmKernel for Portable {
     }
 
     /// # Safety
-    /// None beyond the trait's length contract (plain Rust; too-short slices panic).
-    unsafe fn kernel(self, a: &[u8], kp: usize, b: &[i8], acc: &mut [i32]) {
+    /// As [`GemmKernel::kernel`]: every `a[r] + deltas[s]` readable for `seg` bytes (the
+    /// rest is plain Rust; too-short slices panic).
+    unsafe fn kernel(
+        self,
+        a: &[*const u8],
+        deltas: &[usize],
+        seg: usize,
+        b: &[i8],
+        acc: &mut [i32],
+    ) {
         let acc = &mut acc[..MR * NR];
         acc.fill(0);
-        for q in (0..kp).step_by(4) {
-            let bq = &b[q * NR..q * NR + 4 * NR];
-            for r in 0..MR {
-                let ar = &a[r * kp + q..r * kp + q + 4];
-                for c in 0..NR {
-                    let bc = &bq[4 * c..4 * c + 4];
-                    let s: i32 = (0..4).map(|t| ar[t] as i32 * bc[t] as i32).sum();
-                    acc[r * NR + c] = acc[r * NR + c].wrapping_add(s);
+        let mut bq = b;
+        for &d in deltas {
+            let rows: [&[u8]; MR] = std::array::from_fn(|r| {
+                // SAFETY: the caller guarantees that `a[r] + d` (r < MR) is readable for
+                // `seg` bytes inside one allocation; nothing writes them during the call.
+                unsafe { std::slice::from_raw_parts(a[r].add(d), seg) }
+            });
+            for q in (0..seg).step_by(4) {
+                for (r, ar) in rows.iter().enumerate() {
+                    let ar = &ar[q..q + 4];
+                    for c in 0..NR {
+                        let bc = &bq[4 * c..4 * c + 4];
+                        let s: i32 = (0..4).map(|t| ar[t] as i32 * bc[t] as i32).sum();
+                        acc[r * NR + c] = acc[r * NR + c].wrapping_add(s);
+                    }
                 }
+                bq = &bq[4 * NR..];
             }
         }
     }

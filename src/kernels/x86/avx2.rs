@@ -9,13 +9,15 @@ use crate::kernels::pack::{PackedWeights, NR};
 use crate::kernels::requant::RequantParams;
 use crate::kernels::{KernelPath, MR};
 
-/// `MR x NR` tile of `i32` dot products of packed activations and one packed panel.
+/// `MR x NR` tile of `i32` dot products of activation rows (segment pointers) and one
+/// packed panel.
 ///
 /// # Safety
-/// AVX2 must be available; `a` must be readable for `MR * kp` bytes (rows at stride `kp`),
-/// `b` for `kp * NR` bytes, `acc` writable for `MR * NR` `i32`; `kp % 4 == 0`.
+/// AVX2 must be available; `a` readable for `MR` pointers, `a[r] + deltas[s]` readable
+/// for `seg` bytes inside one allocation for every row and segment; `b` readable for
+/// `deltas.len() * seg * NR` bytes; `acc` writable for `MR * NR` `i32`; `seg % 4 == 0`.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn tile(a: *const u8, kp: usize, b: *const i8, acc: *mut i32) {
+unsafe fn tile(a: *const *const u8, deltas: &[usize], seg: usize, b: *const i8, acc: *mut i32) {
     // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
     // and the pointer ranges), which is all the operations below rely on.
     unsafe {
@@ -28,30 +30,30 @@ unsafe fn tile(a: *const u8, kp: usize, b: *const i8, acc: *mut i32) {
         let mut c21 = _mm256_setzero_si256();
         let mut c30 = _mm256_setzero_si256();
         let mut c31 = _mm256_setzero_si256();
-        let a0 = a;
-        let a1 = a.add(kp);
-        let a2 = a.add(2 * kp);
-        let a3 = a.add(3 * kp);
         let mut bp = b;
-        let mut q = 0;
-        while q < kp {
-            let b0 = _mm256_loadu_si256(bp as *const __m256i);
-            let b1 = _mm256_loadu_si256(bp.add(32) as *const __m256i);
-            macro_rules! row {
-                ($ap:expr, $c0:ident, $c1:ident) => {{
-                    let av = _mm256_set1_epi32(($ap.add(q) as *const i32).read_unaligned());
-                    let t0 = _mm256_madd_epi16(_mm256_maddubs_epi16(av, b0), ones);
-                    let t1 = _mm256_madd_epi16(_mm256_maddubs_epi16(av, b1), ones);
-                    $c0 = _mm256_add_epi32($c0, t0);
-                    $c1 = _mm256_add_epi32($c1, t1);
-                }};
+        let (a0, a1, a2, a3) = (*a, *a.add(1), *a.add(2), *a.add(3));
+        for &d in deltas {
+            let mut q = d;
+            let end = d + seg;
+            while q < end {
+                let b0 = _mm256_loadu_si256(bp as *const __m256i);
+                let b1 = _mm256_loadu_si256(bp.add(32) as *const __m256i);
+                macro_rules! row {
+                    ($ap:expr, $c0:ident, $c1:ident) => {{
+                        let av = _mm256_set1_epi32(($ap.add(q) as *const i32).read_unaligned());
+                        let t0 = _mm256_madd_epi16(_mm256_maddubs_epi16(av, b0), ones);
+                        let t1 = _mm256_madd_epi16(_mm256_maddubs_epi16(av, b1), ones);
+                        $c0 = _mm256_add_epi32($c0, t0);
+                        $c1 = _mm256_add_epi32($c1, t1);
+                    }};
+                }
+                row!(a0, c00, c01);
+                row!(a1, c10, c11);
+                row!(a2, c20, c21);
+                row!(a3, c30, c31);
+                bp = bp.add(4 * NR);
+                q += 4;
             }
-            row!(a0, c00, c01);
-            row!(a1, c10, c11);
-            row!(a2, c20, c21);
-            row!(a3, c30, c31);
-            bp = bp.add(4 * NR);
-            q += 4;
         }
         let o = acc as *mut __m256i;
         _mm256_storeu_si256(o, c00);
@@ -323,13 +325,20 @@ impl GemmKernel for Avx2Kernel {
 
     /// # Safety
     /// As [`GemmKernel::kernel`]; the token proves AVX2 + FMA.
-    unsafe fn kernel(self, a: &[u8], kp: usize, b: &[i8], acc: &mut [i32]) {
-        debug_assert!(kp.is_multiple_of(4) && a.len() >= MR * kp && b.len() >= NR * kp);
-        debug_assert!(acc.len() >= MR * NR);
+    unsafe fn kernel(
+        self,
+        a: &[*const u8],
+        deltas: &[usize],
+        seg: usize,
+        b: &[i8],
+        acc: &mut [i32],
+    ) {
+        debug_assert!(seg.is_multiple_of(4) && a.len() >= MR);
+        debug_assert!(b.len() >= NR * deltas.len() * seg && acc.len() >= MR * NR);
         // SAFETY: `self` holds a token made only after detecting AVX2 + FMA; the caller
-        // guarantees the lengths `tile` reads and writes (MR rows of `kp` bytes, `kp * NR`
-        // panel bytes, MR * NR i32).
-        unsafe { tile(a.as_ptr(), kp, b.as_ptr(), acc.as_mut_ptr()) }
+        // guarantees what `tile` reads and writes (MR row starts whose segments at
+        // `deltas` are readable for `seg` bytes, the panel bytes, MR * NR i32).
+        unsafe { tile(a.as_ptr(), deltas, seg, b.as_ptr(), acc.as_mut_ptr()) }
     }
 
     fn requant_tile(

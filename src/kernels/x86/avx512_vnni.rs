@@ -10,14 +10,13 @@
 use std::arch::x86_64::*;
 
 use super::{Avx2, ColParams};
-use crate::kernels::gemm::GemmKernel;
+use crate::kernels::gemm::{Epilogue, GemmKernel};
 use crate::kernels::pack::{PackedWeights, NR};
 use crate::kernels::requant::RequantParams;
-use crate::kernels::{KernelPath, MR};
+use crate::kernels::KernelPath;
 
 macro_rules! vnni_kernel {
-    ($(#[$doc:meta])* $name:ident, $mr:expr, $nr:expr, $row:ident, $col:ident,
-     |$a:ident, $kp:ident, $b:ident, $acc:ident| $call:expr) => {
+    ($(#[$doc:meta])* $name:ident, $mr:expr, $pn:expr, $row:ident, $col:ident) => {
         $(#[$doc])*
         #[derive(Debug, Clone, Copy)]
         pub(crate) struct $name(Avx2);
@@ -32,7 +31,7 @@ macro_rules! vnni_kernel {
 
         impl GemmKernel for $name {
             const MR: usize = $mr;
-            const NR: usize = $nr;
+            const NR: usize = $pn * NR;
             type RowEdge = $row;
             type ColEdge = $col;
 
@@ -50,13 +49,24 @@ macro_rules! vnni_kernel {
 
             /// # Safety
             /// As [`GemmKernel::kernel`]; the token proves AVX-512F/BW/VNNI.
-            unsafe fn kernel(self, $a: &[u8], $kp: usize, $b: &[i8], $acc: &mut [i32]) {
-                debug_assert!($kp.is_multiple_of(4) && $a.len() >= $mr * $kp && $b.len() >= $nr * $kp);
-                debug_assert!($acc.len() >= $mr * $nr);
+            unsafe fn kernel(
+                self,
+                a: &[*const u8],
+                deltas: &[usize],
+                seg: usize,
+                b: &[i8],
+                acc: &mut [i32],
+            ) {
+                debug_assert!(seg.is_multiple_of(4) && a.len() >= $mr);
+                debug_assert!(b.len() >= $pn * NR * deltas.len() * seg);
+                debug_assert!(acc.len() >= $mr * $pn * NR);
                 // SAFETY: `self` holds a token made only after detecting AVX-512F/BW/VNNI;
-                // the caller guarantees the slice lengths the body reads and writes
-                // (MR rows of `kp` bytes, NR / 16 panels of `kp * 16` bytes, MR * NR i32).
-                unsafe { $call }
+                // the caller guarantees the ranges the body reads and writes (MR row
+                // starts whose segments at `deltas` hold `seg` bytes, the panels,
+                // MR * NR i32).
+                unsafe {
+                    vnni_acc::<$mr, $pn>(a.as_ptr(), deltas, seg, b.as_ptr(), acc.as_mut_ptr())
+                }
             }
 
             fn requant_tile(
@@ -75,188 +85,223 @@ macro_rules! vnni_kernel {
                 self.0
                     .requant_tile(acc, rows, cols, rowsum, a_zp, w, rq, j0, out, ldc)
             }
+
+            /// # Safety
+            /// As [`GemmKernel::kernel_requant`]; the token proves AVX-512F/BW/VNNI.
+            unsafe fn kernel_requant(
+                self,
+                a: &[*const u8],
+                deltas: &[usize],
+                seg: usize,
+                b: &[i8],
+                ep: &Epilogue<'_>,
+                rows: usize,
+                cols: usize,
+                out: &mut [u8],
+                ldc: usize,
+                _acc: &mut [i32],
+            ) {
+                debug_assert!(seg.is_multiple_of(4) && a.len() >= $mr);
+                debug_assert!(b.len() >= $pn * NR * deltas.len() * seg);
+                let (w, rq, j0) = (ep.w, ep.rq, ep.j0);
+                let jn = j0 + $pn * NR;
+                assert!(rows <= $mr && cols <= $pn * NR);
+                assert!(ep.rowsum.is_empty() || (ep.rowsum.len() >= rows && w.w_zp.len() >= jn));
+                assert!(w.col_offsets.len() >= jn && rq.mult.len() >= jn);
+                assert!(rq.bias_b.len() >= jn && rq.bias_s.len() >= jn);
+                assert!(rows == 0 || out.len() >= (rows - 1) * ldc + cols);
+                let p = ColParams {
+                    col_off: w.col_offsets.as_ptr(),
+                    w_zp: w.w_zp.as_ptr(),
+                    bias_b: rq.bias_b.as_ptr(),
+                    bias_s: rq.bias_s.as_ptr(),
+                    mult: rq.mult.as_ptr(),
+                    a_zp: ep.a_zp,
+                    out_zp: rq.out_zp,
+                    lo: rq.lo,
+                };
+                let rs = if ep.rowsum.is_empty() {
+                    std::ptr::null()
+                } else {
+                    ep.rowsum.as_ptr()
+                };
+                // SAFETY: `self` holds a token made only after detecting AVX-512F/BW/VNNI;
+                // the caller guarantees the operand ranges (as `kernel`); the asserts
+                // cover the column parameters (j0..j0 + NR), the `rows` row sums unless
+                // null, and every write (`out[r * ldc + c]`, r < rows, c < cols).
+                unsafe {
+                    vnni_rq::<$mr, $pn>(
+                        a.as_ptr(),
+                        deltas,
+                        seg,
+                        b.as_ptr(),
+                        &p,
+                        j0,
+                        rs,
+                        rows,
+                        cols,
+                        out.as_mut_ptr(),
+                        ldc,
+                    )
+                }
+            }
         }
     };
 }
 
 vnni_kernel!(
     /// Eight rows times two panels (`MR = 8`, `NR = 32`): the AVX-512 VNNI GEMM kernel.
-    Vnni8x32, 2 * MR, 2 * NR, Vnni4x32, Vnni8x16,
-    |a, kp, b, acc| tile8x2_vnni(a.as_ptr(), kp, b.as_ptr(), b.as_ptr().add(kp * NR), acc.as_mut_ptr())
+    Vnni8x32, 8, 2, Vnni4x32, Vnni8x16
 );
 vnni_kernel!(
     /// Four rows times two panels: [`Vnni8x32`]'s row edge.
-    Vnni4x32, MR, 2 * NR, Vnni4x32, Vnni4x16,
-    |a, kp, b, acc| tile4x2_vnni(a.as_ptr(), kp, b.as_ptr(), b.as_ptr().add(kp * NR), acc.as_mut_ptr())
+    Vnni4x32, 4, 2, Vnni4x32, Vnni4x16
 );
 vnni_kernel!(
     /// Eight rows times one panel: [`Vnni8x32`]'s column edge.
-    Vnni8x16, 2 * MR, NR, Vnni4x16, Vnni8x16,
-    |a, kp, b, acc| tile8_vnni(a.as_ptr(), kp, b.as_ptr(), acc.as_mut_ptr())
+    Vnni8x16, 8, 1, Vnni4x16, Vnni8x16
 );
 vnni_kernel!(
     /// Four rows times one panel: the smallest AVX-512 VNNI tile.
-    Vnni4x16, MR, NR, Vnni4x16, Vnni4x16,
-    |a, kp, b, acc| tile_vnni(a.as_ptr(), kp, b.as_ptr(), acc.as_mut_ptr())
+    Vnni4x16, 4, 1, Vnni4x16, Vnni4x16
 );
 
-/// The same tile with AVX-512 VNNI: one `vpdpbusd` per row and `k` group adds
-/// `u8 x i8` products straight into `i32` lanes (no `i16` intermediate, so it cannot
-/// saturate). A 512-bit register holds exactly one `k` group of a 16-column panel.
-///
-/// # Safety
-/// AVX-512F/BW and AVX-512 VNNI must be available; `a` readable for `MR * kp` bytes (rows at
-/// stride `kp`), `b` for `kp * NR`, `acc` writable for `MR * NR` `i32`; `kp % 4 == 0`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn tile_vnni(a: *const u8, kp: usize, b: *const i8, acc: *mut i32) {
-    // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
-    // and the pointer ranges), which is all the operations below rely on.
-    unsafe {
-        let mut c0 = _mm512_setzero_si512();
-        let mut c1 = _mm512_setzero_si512();
-        let mut c2 = _mm512_setzero_si512();
-        let mut c3 = _mm512_setzero_si512();
-        let a1 = a.add(kp);
-        let a2 = a.add(2 * kp);
-        let a3 = a.add(3 * kp);
-        let mut bp = b;
-        let mut q = 0;
-        while q < kp {
-            let bv = _mm512_loadu_si512(bp as *const _);
-            let b0 = _mm512_set1_epi32((a.add(q) as *const i32).read_unaligned());
-            let b1 = _mm512_set1_epi32((a1.add(q) as *const i32).read_unaligned());
-            let b2 = _mm512_set1_epi32((a2.add(q) as *const i32).read_unaligned());
-            let b3 = _mm512_set1_epi32((a3.add(q) as *const i32).read_unaligned());
-            c0 = _mm512_dpbusd_epi32(c0, b0, bv);
-            c1 = _mm512_dpbusd_epi32(c1, b1, bv);
-            c2 = _mm512_dpbusd_epi32(c2, b2, bv);
-            c3 = _mm512_dpbusd_epi32(c3, b3, bv);
-            bp = bp.add(4 * NR);
-            q += 4;
+/// The dot products of an `R x (P * NR)` tile: `R` activation rows (segment `s` of row
+/// `r` at `a[r] + deltas[s]`) times `P` adjacent packed panels (at `b + h * kp * NR`), one
+/// `vpdpbusd` per row, panel and `k` group of 4 (`u8 x i8` products straight into `i32`
+/// lanes: exact, nothing saturates). Each row's broadcast serves every panel and each panel
+/// load every row; the `R * P` accumulators are independent chains. Expands to the
+/// accumulator array `[[__m512i; P]; R]`.
+macro_rules! vnni_dot {
+    ($r:ident, $p:ident, $a:ident, $deltas:ident, $seg:ident, $b:ident) => {{
+        let kp = $deltas.len() * $seg;
+        let mut c = [[_mm512_setzero_si512(); $p]; $r];
+        let mut bp = $b;
+        let ap: [*const u8; $r] = std::array::from_fn(|r| *$a.add(r));
+        for &d in $deltas {
+            let mut q = d;
+            let end = d + $seg;
+            while q < end {
+                let bv: [__m512i; $p] =
+                    std::array::from_fn(|h| _mm512_loadu_si512(bp.add(h * kp * NR) as *const _));
+                for r in 0..$r {
+                    let av = _mm512_set1_epi32((ap[r].add(q) as *const i32).read_unaligned());
+                    for h in 0..$p {
+                        c[r][h] = _mm512_dpbusd_epi32(c[r][h], av, bv[h]);
+                    }
+                }
+                bp = bp.add(4 * NR);
+                q += 4;
+            }
         }
-        _mm512_storeu_si512(acc as *mut _, c0);
-        _mm512_storeu_si512(acc.add(NR) as *mut _, c1);
-        _mm512_storeu_si512(acc.add(2 * NR) as *mut _, c2);
-        _mm512_storeu_si512(acc.add(3 * NR) as *mut _, c3);
-    }
+        c
+    }};
 }
 
-/// Eight rows (two `MR` tiles) of [`tile_vnni`]: eight independent accumulator chains
-/// hide `vpdpbusd`'s latency, and each panel load serves eight rows.
+/// `acc = A * B` for an `R x (P * NR)` tile (see `vnni_dot!`), stored
+/// `[panel][row][NR]`.
 ///
 /// # Safety
-/// AVX-512F/BW and AVX-512 VNNI must be available; `a` readable for `2 * MR * kp` bytes,
-/// `b` for `kp * NR`, `acc` writable for `2 * MR * NR` `i32`; `kp % 4 == 0`.
+/// AVX-512F/BW and AVX-512 VNNI must be available; `a` readable for `R` pointers,
+/// `a[r] + deltas[s]` readable for `seg` bytes inside one allocation for every row and
+/// segment; `b` readable for `P * deltas.len() * seg * NR` bytes; `acc` writable for
+/// `R * P * NR` `i32`; `seg % 4 == 0`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn tile8_vnni(a: *const u8, kp: usize, b: *const i8, acc: *mut i32) {
+unsafe fn vnni_acc<const R: usize, const P: usize>(
+    a: *const *const u8,
+    deltas: &[usize],
+    seg: usize,
+    b: *const i8,
+    acc: *mut i32,
+) {
     // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
     // and the pointer ranges), which is all the operations below rely on.
     unsafe {
-        let mut c = [_mm512_setzero_si512(); 8];
-        let mut bp = b;
-        let mut q = 0;
-        while q < kp {
-            let bv = _mm512_loadu_si512(bp as *const _);
-            macro_rules! row {
-                ($r:literal) => {
-                    c[$r] = _mm512_dpbusd_epi32(
-                        c[$r],
-                        _mm512_set1_epi32((a.add($r * kp + q) as *const i32).read_unaligned()),
-                        bv,
-                    );
-                };
+        let c = vnni_dot!(R, P, a, deltas, seg, b);
+        for (r, row) in c.iter().enumerate() {
+            for (h, v) in row.iter().enumerate() {
+                _mm512_storeu_si512(acc.add((h * R + r) * NR) as *mut _, *v);
             }
-            row!(0);
-            row!(1);
-            row!(2);
-            row!(3);
-            row!(4);
-            row!(5);
-            row!(6);
-            row!(7);
-            bp = bp.add(4 * NR);
-            q += 4;
-        }
-        for (r, v) in c.iter().enumerate() {
-            _mm512_storeu_si512(acc.add(r * NR) as *mut _, *v);
         }
     }
 }
 
-/// Eight rows times two panels with AVX-512 VNNI: sixteen accumulator chains, each row's
-/// broadcast serving both panels. `acc` is `[panel][row][NR]`.
+/// An `R x (P * NR)` tile (see `vnni_dot!`, `P` is 1 or 2) requantized straight from the
+/// accumulator registers into `out[r * ldc + c]` for `r < rows`, `c < cols`: the
+/// zero-point corrections and `requant::requant_one`'s `f32` arithmetic on sixteen lanes
+/// (`cvtdq2ps`, FMA, multiply, `cvtps2dq`: the same instructions as `requant_tile`, so
+/// the same bits), then the clamp through saturating packs (`i32 -> i16` signed, add the
+/// output zero point with `i16` saturation, `i16 -> u8` unsigned, `max` with the ReLU
+/// bound): `clamp(v + out_zp, lo, 255)` for every `i32` `v`, as `requant_one`.
 ///
 /// # Safety
-/// AVX-512F/BW and AVX-512 VNNI must be available; `a` readable for `2 * MR * kp` bytes,
-/// `b0` and `b1` for `kp * NR`, `acc` writable for `4 * MR * NR` `i32`; `kp % 4 == 0`.
+/// As [`vnni_acc`] for `a` and `b`; `p`'s column parameters readable for columns
+/// `j0..j0 + P * NR` (and `p.w_zp` unless `rowsum` is null); `rowsum` null or readable for
+/// `rows` `i32`; `rows <= R`, `cols <= P * NR`; `out` writable at `r * ldc + c` for
+/// `r < rows`, `c < cols`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn tile8x2_vnni(a: *const u8, kp: usize, b0: *const i8, b1: *const i8, acc: *mut i32) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn vnni_rq<const R: usize, const P: usize>(
+    a: *const *const u8,
+    deltas: &[usize],
+    seg: usize,
+    b: *const i8,
+    p: &ColParams,
+    j0: usize,
+    rowsum: *const i32,
+    rows: usize,
+    cols: usize,
+    out: *mut u8,
+    ldc: usize,
+) {
+    const { assert!(P == 1 || P == 2) };
     // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
-    // and the pointer ranges), which is all the operations below rely on.
+    // and the pointer ranges); stores are masked to the `cols` valid columns of the
+    // `rows` valid rows.
     unsafe {
-        let mut c = [_mm512_setzero_si512(); 8];
-        let mut d = [_mm512_setzero_si512(); 8];
-        let mut q = 0;
-        while q < kp {
-            let v0 = _mm512_loadu_si512(b0.add(q * NR) as *const _);
-            let v1 = _mm512_loadu_si512(b1.add(q * NR) as *const _);
-            macro_rules! row {
-                ($r:literal) => {
-                    let av = _mm512_set1_epi32((a.add($r * kp + q) as *const i32).read_unaligned());
-                    c[$r] = _mm512_dpbusd_epi32(c[$r], av, v0);
-                    d[$r] = _mm512_dpbusd_epi32(d[$r], av, v1);
-                };
+        let c = vnni_dot!(R, P, a, deltas, seg, b);
+        let azp = _mm512_set1_epi32(p.a_zp);
+        let ld = |ptr: *const i32, h: usize| _mm512_loadu_si512(ptr.add(j0 + h * NR) as *const _);
+        let ldf = |ptr: *const f32, h: usize| _mm512_loadu_ps(ptr.add(j0 + h * NR));
+        let coff: [__m512i; P] = std::array::from_fn(|h| _mm512_mullo_epi32(azp, ld(p.col_off, h)));
+        let bb: [__m512; P] = std::array::from_fn(|h| ldf(p.bias_b, h));
+        let bs: [__m512; P] = std::array::from_fn(|h| ldf(p.bias_s, h));
+        let mult: [__m512; P] = std::array::from_fn(|h| ldf(p.mult, h));
+        let zp16 = _mm512_set1_epi16(p.out_zp as i16);
+        let lo8 = _mm512_set1_epi8(p.lo as u8 as i8);
+        // After the packs, dword 4L + h of the register holds columns 4L..4L + 4 of
+        // panel h (128-bit lane L): gather them in column order.
+        let idx = if P == 2 {
+            _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0)
+        } else {
+            _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        };
+        let mask: __mmask64 = (1u64 << cols) - 1;
+        let store = |r: usize, v: [__m512i; P]| {
+            let t = _mm512_adds_epi16(_mm512_packs_epi32(v[0], v[P - 1]), zp16);
+            let u = _mm512_max_epu8(_mm512_packus_epi16(t, t), lo8);
+            let u = _mm512_permutexvar_epi32(idx, u);
+            _mm512_mask_storeu_epi8(out.add(r * ldc) as *mut _, mask, u);
+        };
+        if rowsum.is_null() {
+            for (r, row) in c.iter().enumerate().take(rows) {
+                let v: [__m512i; P] = std::array::from_fn(|h| {
+                    let x = _mm512_sub_epi32(row[h], coff[h]);
+                    rq16(x, bb[h], bs[h], mult[h])
+                });
+                store(r, v);
             }
-            row!(0);
-            row!(1);
-            row!(2);
-            row!(3);
-            row!(4);
-            row!(5);
-            row!(6);
-            row!(7);
-            q += 4;
-        }
-        for r in 0..8 {
-            _mm512_storeu_si512(acc.add(r * NR) as *mut _, c[r]);
-            _mm512_storeu_si512(acc.add((8 + r) * NR) as *mut _, d[r]);
-        }
-    }
-}
-
-/// Four rows times two panels with AVX-512 VNNI (eight chains), for row blocks of four.
-/// `acc` is `[panel][row][NR]`.
-///
-/// # Safety
-/// As [`tile8x2_vnni`], with `a` readable for `MR * kp` bytes and `acc` writable for
-/// `2 * MR * NR` `i32`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn tile4x2_vnni(a: *const u8, kp: usize, b0: *const i8, b1: *const i8, acc: *mut i32) {
-    // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
-    // and the pointer ranges), which is all the operations below rely on.
-    unsafe {
-        let mut c = [_mm512_setzero_si512(); 4];
-        let mut d = [_mm512_setzero_si512(); 4];
-        let mut q = 0;
-        while q < kp {
-            let v0 = _mm512_loadu_si512(b0.add(q * NR) as *const _);
-            let v1 = _mm512_loadu_si512(b1.add(q * NR) as *const _);
-            macro_rules! row {
-                ($r:literal) => {
-                    let av = _mm512_set1_epi32((a.add($r * kp + q) as *const i32).read_unaligned());
-                    c[$r] = _mm512_dpbusd_epi32(c[$r], av, v0);
-                    d[$r] = _mm512_dpbusd_epi32(d[$r], av, v1);
-                };
+        } else {
+            let wzp: [__m512i; P] = std::array::from_fn(|h| ld(p.w_zp, h));
+            for (r, row) in c.iter().enumerate().take(rows) {
+                let rs = _mm512_set1_epi32(*rowsum.add(r));
+                let v: [__m512i; P] = std::array::from_fn(|h| {
+                    let x = _mm512_sub_epi32(row[h], coff[h]);
+                    let x = _mm512_sub_epi32(x, _mm512_mullo_epi32(wzp[h], rs));
+                    rq16(x, bb[h], bs[h], mult[h])
+                });
+                store(r, v);
             }
-            row!(0);
-            row!(1);
-            row!(2);
-            row!(3);
-            q += 4;
-        }
-        for r in 0..4 {
-            _mm512_storeu_si512(acc.add(r * NR) as *mut _, c[r]);
-            _mm512_storeu_si512(acc.add((4 + r) * NR) as *mut _, d[r]);
         }
     }
 }

@@ -169,7 +169,6 @@ impl QConv2d {
         }
         check_qparams(out_scale, out_zp, NAME)?;
         let bias = check_bias(bias, c_out, NAME)?;
-        let cog = c_out / g;
         let taps = kh
             .checked_mul(kw)
             .ok_or_else(|| unsupported(format!("kernel {kh} x {kw} is too large")))?;
@@ -202,25 +201,19 @@ impl QConv2d {
                 (kh, kw),
             ))
         } else {
-            let k = taps * cig;
-            let mut packs = Vec::with_capacity(g);
-            for grp in 0..g {
-                let mut wg = vec![0i8; cog * k];
-                for o in 0..cog {
-                    let oc = grp * cog + o;
-                    for ci in 0..cig {
-                        for t in 0..taps {
-                            wg[o * k + t * cig + ci] = qw.values[(oc * cig + ci) * taps + t];
-                        }
-                    }
-                }
-                let zps: Vec<i32> = if qw.zero_points.len() == 1 {
-                    qw.zero_points.clone()
-                } else {
-                    qw.zero_points[grp * cog..(grp + 1) * cog].to_vec()
-                };
-                packs.push(PackedWeights::new(&wg, cog, k, &zps).map_err(|e| e.in_context(NAME))?);
-            }
+            let geom = ConvGeom {
+                batch: 0,
+                c_in: cig * g,
+                in_hw: (0, 0),
+                c_out,
+                kernel: (kh, kw),
+                stride: params.stride,
+                padding: params.padding,
+                dilation: params.dilation,
+                groups: g,
+            };
+            let packs = kconv::pack_conv_weights(&geom, &qw.values, &qw.zero_points)
+                .map_err(|e| e.in_context(NAME))?;
             ConvKind::Gemm(packs)
         };
         Ok(QConv2d {
@@ -599,21 +592,8 @@ impl QConv2d {
         let mut values = vec![0i8; c_out * cig * taps];
         let zps: Vec<i32> = match &self.kind {
             ConvKind::Gemm(packs) => {
-                let cog = c_out / self.params.groups;
-                let k = taps * cig;
-                let mut zps = Vec::with_capacity(c_out);
-                for (grp, packed) in packs.iter().enumerate() {
-                    let wg = packed.unpack();
-                    for o in 0..cog {
-                        let oc = grp * cog + o;
-                        for ci in 0..cig {
-                            for t in 0..taps {
-                                values[(oc * cig + ci) * taps + t] = wg[o * k + t * cig + ci];
-                            }
-                        }
-                    }
-                    zps.extend_from_slice(packed.zero_points());
-                }
+                let (w, zps) = kconv::unpack_conv_weights(&self.geom(0, 0, 0), packs);
+                values = w;
                 zps
             }
             ConvKind::Depthwise(dw) => {
