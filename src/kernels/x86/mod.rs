@@ -9,6 +9,7 @@
 
 mod avx2;
 mod avx512_vnni;
+mod layout;
 
 pub(crate) use avx2::Avx2Kernel;
 pub(crate) use avx512_vnni::Vnni8x32;
