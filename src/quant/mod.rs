@@ -666,6 +666,103 @@ mod graph_tests {
         assert_eq!(outs["add"], add.forward(&y1, &y2).unwrap());
     }
 
+    /// The executor hands a value to its last reader: identity, the flatten and reshape of
+    /// a one-pixel NHWC tensor return the very buffer they were given, clamp works in
+    /// place; a value that a later node still reads is copied.
+    #[test]
+    fn last_readers_reuse_their_input_buffers() {
+        let g = every_op_graph();
+        let mut ptrs = std::collections::HashMap::new();
+        g.forward_with(&[input()], &mut |name, v| {
+            if let Value::Int8(q) = v {
+                ptrs.insert(name.to_string(), q.raw().data().as_ptr() as usize);
+            }
+        })
+        .unwrap();
+        assert_eq!(ptrs["identity"], ptrs["adaptive"]);
+        assert_eq!(ptrs["flatten"], ptrs["identity"]);
+        assert_eq!(ptrs["reshape"], ptrs["flatten"]);
+        assert_eq!(ptrs["clamp"], ptrs["relu"]);
+        // add_relu is read again by hardswish after relu: relu writes a new buffer
+        assert_ne!(ptrs["relu"], ptrs["add_relu"]);
+    }
+
+    /// A value read twice by one node, and a value that is also a graph output, are
+    /// borrowed, never consumed: the results equal the ops run one by one on borrowed
+    /// inputs.
+    #[test]
+    fn values_read_twice_or_returned_are_not_consumed() {
+        let a = |s, z| ActQParams::new(s, z).unwrap();
+        let (qin, qadd) = (a(0.02, 100), a(0.05, 10));
+        let nodes = vec![
+            node("x", &[], InputOp),
+            node("quant", &[0], QuantizeOp::new(qin)),
+            node("relu", &[1], ReluOp::new(qin)),
+            node("add", &[2, 2], AddOp::new(qadd, false)),
+            node("id", &[3], IdentityOp::new(Some(qadd))),
+            node("dequant", &[4], DequantizeOp),
+        ];
+        let g = QuantizedGraph::new(nodes, vec![0], vec![5, 2, 5], 0).unwrap();
+        let x = input();
+        let got = g.forward(std::slice::from_ref(&x)).unwrap();
+        let mut ctx = ExecCtx::default();
+        let q = QuantizeOp::new(qin)
+            .forward(&[&Value::Float(x.clone())], &mut ctx)
+            .unwrap();
+        let r = ReluOp::new(qin).forward(&[&q], &mut ctx).unwrap();
+        let s = AddOp::new(qadd, false)
+            .forward(&[&r, &r], &mut ctx)
+            .unwrap();
+        let y = DequantizeOp.forward(&[&s], &mut ctx).unwrap();
+        assert_eq!(
+            got,
+            vec![
+                y.to_f32().into_owned(),
+                r.to_f32().into_owned(),
+                y.into_f32()
+            ]
+        );
+    }
+
+    /// The quantize border writes NHWC when the executor asks (every reader a
+    /// convolution): the same values as the logical-order quantization, PyTorch's
+    /// contiguous memory format kept; non-finite input is still refused, naming the graph
+    /// input.
+    #[test]
+    fn the_quantize_border_writes_nhwc_for_convolutions() {
+        let q = ActQParams::new(0.02, 100).unwrap();
+        let x = input();
+        let mut ctx = ExecCtx {
+            want_nhwc: true,
+            ..Default::default()
+        };
+        let y = ops::quantize_act(&x, q, &mut ctx).unwrap();
+        assert_eq!(
+            (y.layout(), y.torch_layout()),
+            (Layout::Nhwc, TorchLayout::Contiguous)
+        );
+        assert_eq!(ctx.transposes, 1);
+        assert_eq!(
+            y.nchw().into_owned(),
+            QTensor::from_f32(&x, 0.02, 100).unwrap()
+        );
+        let g = every_op_graph();
+        let prof = g.profile(&[x.clone()]).unwrap();
+        let quant = prof.iter().find(|p| p.name == "quant").unwrap();
+        assert_eq!(quant.transposes, 1);
+        let conv1 = prof.iter().find(|p| p.name == "conv1").unwrap();
+        assert_eq!(conv1.transposes, 0);
+        for at in [0, 100, x.len() - 1] {
+            let mut bad = x.clone();
+            bad.as_slice_mut().unwrap()[at] = f32::NAN;
+            let err = g.forward(&[bad]).unwrap_err();
+            assert!(
+                matches!(&err, QuantError::NonFinite { context, nan: 1, .. } if context == "x"),
+                "{err}"
+            );
+        }
+    }
+
     #[test]
     fn save_load_round_trip_is_bit_identical_for_every_op() {
         let g = every_op_graph();
