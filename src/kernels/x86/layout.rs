@@ -1,15 +1,23 @@
-//! The float borders of an int8 model with the layout change folded in: `f32` NCHW ->
-//! `u8` NHWC quantization and `u8` NHWC -> `f32` NCHW dequantization, one pass each.
+//! The quantize border of an int8 model with the layout change folded in: `f32` NCHW ->
+//! `u8` NHWC quantization in one pass (the dequantize border, `u8` NHWC -> `f32` NCHW, is
+//! `elementwise::dequantize_nhwc_to_nchw`: a transpose into cache-resident scratch then the
+//! plain dequantization, which writes the floats in order and measured faster than
+//! dequantizing transposed blocks, whose sixteen interleaved store streams stall).
 //!
-//! Both work on one image plane in blocks of 16 channels x 16 pixels held in sixteen
-//! SSE registers: quantize (dequantize) a block's rows and transpose the bytes in
+//! It works on one image plane in blocks of 16 channels x 16 pixels held in sixteen
+//! SSE registers: quantize a block's rows and transpose the bytes in
 //! registers (four rounds of `unpack{lo,hi}_epi8`, as `x86::transpose16x16`). A channel
 //! count that is not a multiple of 16 ends in a partial block (its missing rows are
 //! zeros, its stores cut short); the pixels past the last multiple of 16 are left to the
-//! caller. The arithmetic per element is `elementwise::quantize_u8`'s and
-//! `elementwise::dequantize_u8`'s, lane for lane.
+//! caller. The arithmetic per element is `elementwise::quantize_u8`'s, lane for lane. The
+//! sixteen rows a block reads are prefetched a few lines ahead (the hardware prefetcher
+//! does not follow sixteen interleaved streams: without it the kernel ran at half speed
+//! on data out of cache).
 
 use std::arch::x86_64::*;
+
+/// How many pixels ahead of a block its rows are prefetched.
+const AHEAD: usize = 64;
 
 /// Transposes sixteen rows of sixteen bytes held in registers.
 #[inline(always)]
@@ -40,20 +48,6 @@ unsafe fn store_bytes(v: __m128i, dst: *mut u8, n: usize) {
     unsafe {
         _mm_storeu_si128(tmp.as_mut_ptr() as *mut __m128i, v);
         std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, n);
-    }
-}
-
-/// Loads `n <= 16` bytes from `src` into the low lanes of a register (the rest zero).
-///
-/// # Safety
-/// `src` readable for `n` bytes.
-#[inline(always)]
-unsafe fn load_bytes(src: *const u8, n: usize) -> __m128i {
-    let mut tmp = [0u8; 16];
-    // SAFETY: the caller guarantees `src` is readable for `n <= 16` bytes; `tmp` holds 16.
-    unsafe {
-        std::ptr::copy_nonoverlapping(src, tmp.as_mut_ptr(), n);
-        _mm_loadu_si128(tmp.as_ptr() as *const __m128i)
     }
 }
 
@@ -123,7 +117,11 @@ pub(super) unsafe fn quantize_plane_nhwc_512(
                 let rows = (c - c0).min(16);
                 let mut a = [_mm_setzero_si128(); 16];
                 for (i, v) in a.iter_mut().enumerate().take(rows) {
-                    *v = quantize16_512(src.add((c0 + i) * hw + p0), &k, &mut bad);
+                    let row = src.add((c0 + i) * hw + p0);
+                    // the 16 rows are read side by side: the hardware prefetcher does not
+                    // follow them, so fetch each a few lines ahead
+                    _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(AHEAD) as *const i8);
+                    *v = quantize16_512(row, &k, &mut bad);
                 }
                 let t = transpose16(a);
                 if rows == 16 {
@@ -140,55 +138,6 @@ pub(super) unsafe fn quantize_plane_nhwc_512(
             p0 += 16;
         }
         bad == 0
-    }
-}
-
-/// Dequantizes pixels `0..hw / 16 * 16` of one `[hw][c]` byte plane into the `[c][hw]`
-/// `f32` plane `dst`.
-///
-/// # Safety
-/// AVX-512F/BW must be available; `src` readable for `hw * c` bytes, `dst` writable for
-/// `c * hw` `f32`.
-#[target_feature(enable = "avx512f,avx512bw")]
-pub(super) unsafe fn dequantize_plane_nchw_512(
-    src: *const u8,
-    c: usize,
-    hw: usize,
-    scale: f32,
-    zp: u8,
-    dst: *mut f32,
-) {
-    // SAFETY: the caller upholds this function's `# Safety` contract. Block (p0, c0) reads
-    // pixel rows p0 + j < hw at channels c0..c0 + min(16, c - c0) <= c and writes channel
-    // rows c0 + i < c at pixels p0..p0 + 16 <= hw.
-    unsafe {
-        let s = _mm512_set1_ps(scale);
-        let z = _mm512_set1_epi32(zp as i32);
-        let hw16 = hw / 16 * 16;
-        let mut p0 = 0;
-        while p0 < hw16 {
-            let mut c0 = 0;
-            while c0 < c {
-                let rows = (c - c0).min(16);
-                let mut a = [_mm_setzero_si128(); 16];
-                for (j, v) in a.iter_mut().enumerate() {
-                    let p = src.add((p0 + j) * c + c0);
-                    *v = if rows == 16 {
-                        _mm_loadu_si128(p as *const __m128i)
-                    } else {
-                        load_bytes(p, rows)
-                    };
-                }
-                let t = transpose16(a);
-                for (i, v) in t.iter().enumerate().take(rows) {
-                    let q = _mm512_cvtepu8_epi32(*v);
-                    let f = _mm512_cvtepi32_ps(_mm512_sub_epi32(q, z));
-                    _mm512_storeu_ps(dst.add((c0 + i) * hw + p0), _mm512_mul_ps(f, s));
-                }
-                c0 += 16;
-            }
-            p0 += 16;
-        }
     }
 }
 
@@ -257,6 +206,7 @@ pub(super) unsafe fn quantize_plane_nhwc_256(
                 let mut a = [_mm_setzero_si128(); 16];
                 for (i, v) in a.iter_mut().enumerate().take(rows) {
                     let row = src.add((c0 + i) * hw + p0);
+                    _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(AHEAD) as *const i8);
                     let r0 = quantize8_256(row, &k, &mut bad);
                     let r1 = quantize8_256(row.add(8), &k, &mut bad);
                     let w0 = _mm_packs_epi32(
@@ -284,57 +234,6 @@ pub(super) unsafe fn quantize_plane_nhwc_256(
             p0 += 16;
         }
         _mm256_testz_si256(bad, bad) == 1
-    }
-}
-
-/// [`dequantize_plane_nchw_512`] with AVX2 (two registers of eight lanes a row).
-///
-/// # Safety
-/// AVX2 must be available; `src` readable for `hw * c` bytes, `dst` writable for `c * hw`
-/// `f32`.
-#[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn dequantize_plane_nchw_256(
-    src: *const u8,
-    c: usize,
-    hw: usize,
-    scale: f32,
-    zp: u8,
-    dst: *mut f32,
-) {
-    // SAFETY: the caller upholds this function's `# Safety` contract; the ranges are those
-    // of `dequantize_plane_nchw_512`.
-    unsafe {
-        let s = _mm256_set1_ps(scale);
-        let z = _mm256_set1_epi32(zp as i32);
-        let hw16 = hw / 16 * 16;
-        let mut p0 = 0;
-        while p0 < hw16 {
-            let mut c0 = 0;
-            while c0 < c {
-                let rows = (c - c0).min(16);
-                let mut a = [_mm_setzero_si128(); 16];
-                for (j, v) in a.iter_mut().enumerate() {
-                    let p = src.add((p0 + j) * c + c0);
-                    *v = if rows == 16 {
-                        _mm_loadu_si128(p as *const __m128i)
-                    } else {
-                        load_bytes(p, rows)
-                    };
-                }
-                let t = transpose16(a);
-                for (i, v) in t.iter().enumerate().take(rows) {
-                    let d = dst.add((c0 + i) * hw + p0);
-                    let lo = _mm256_cvtepu8_epi32(*v);
-                    let hi = _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(*v));
-                    let f0 = _mm256_cvtepi32_ps(_mm256_sub_epi32(lo, z));
-                    let f1 = _mm256_cvtepi32_ps(_mm256_sub_epi32(hi, z));
-                    _mm256_storeu_ps(d, _mm256_mul_ps(f0, s));
-                    _mm256_storeu_ps(d.add(8), _mm256_mul_ps(f1, s));
-                }
-                c0 += 16;
-            }
-            p0 += 16;
-        }
     }
 }
 
@@ -417,36 +316,6 @@ impl super::Avx2 {
         finite
     }
 
-    /// Dequantizes one `[hw][c]` byte plane into the `[c][hw]` `f32` plane `dst` (every
-    /// value written).
-    fn dequantize_plane_nchw(
-        self,
-        src: &[u8],
-        c: usize,
-        hw: usize,
-        scale: f32,
-        zp: u8,
-        dst: &mut [MaybeUninit<f32>],
-    ) {
-        assert!(src.len() == c * hw && dst.len() == c * hw);
-        let d = dst.as_mut_ptr() as *mut f32;
-        if self.vnni {
-            // SAFETY: `vnni` is only set after detecting AVX-512F/BW; `src` holds `hw * c`
-            // bytes and `dst` `c * hw` floats (asserted).
-            unsafe { dequantize_plane_nchw_512(src.as_ptr(), c, hw, scale, zp, d) }
-        } else {
-            // SAFETY: the token proves AVX2 + FMA; `src` holds `hw * c` bytes and `dst`
-            // `c * hw` floats (asserted).
-            unsafe { dequantize_plane_nchw_256(src.as_ptr(), c, hw, scale, zp, d) }
-        }
-        let z = zp as i32;
-        for p in hw / 16 * 16..hw {
-            for ch in 0..c {
-                dst[ch * hw + p].write((src[p * c + ch] as i32 - z) as f32 * scale);
-            }
-        }
-    }
-
     /// `elementwise::quantize_nchw_to_nhwc` into `dst`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn quantize_nchw_to_nhwc(
@@ -492,53 +361,6 @@ impl super::Avx2 {
         };
         ok.then_some(v)
     }
-
-    /// `elementwise::dequantize_nhwc_to_nchw` into `dst`.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn dequantize_nhwc_to_nchw(
-        self,
-        src: &[u8],
-        b: usize,
-        c: usize,
-        hw: usize,
-        scale: f32,
-        zp: u8,
-        dst: &mut [f32],
-    ) {
-        assert!(src.len() == b * c * hw && dst.len() == src.len());
-        // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and only initialized values
-        // are written through the view.
-        let d = unsafe { &mut *(dst as *mut [f32] as *mut [MaybeUninit<f32>]) };
-        for_planes(src, d, c * hw, |s, d| {
-            self.dequantize_plane_nchw(s, c, hw, scale, zp, d);
-            true
-        });
-    }
-
-    /// `elementwise::dequantize_nhwc_to_nchw` into a new vector (not zero-filled first).
-    pub(crate) fn dequantize_nhwc_to_nchw_vec(
-        self,
-        src: &[u8],
-        b: usize,
-        c: usize,
-        hw: usize,
-        scale: f32,
-        zp: u8,
-    ) -> Vec<f32> {
-        let n = b * c * hw;
-        assert_eq!(src.len(), n);
-        // SAFETY: `for_planes` hands every plane of the `n` values to
-        // `dequantize_plane_nchw`, which writes all of its values.
-        let (v, _) = unsafe {
-            filled_vec(n, |d| {
-                for_planes(src, d, c * hw, |s, d| {
-                    self.dequantize_plane_nchw(s, c, hw, scale, zp, d);
-                    true
-                })
-            })
-        };
-        v
-    }
 }
 
 #[cfg(test)]
@@ -546,7 +368,7 @@ mod tests {
     use super::*;
     use crate::kernels::KernelSet;
 
-    /// The AVX-512 bodies run here whenever the CPU has AVX-512F/BW, even without the
+    /// The AVX-512 body runs here whenever the CPU has AVX-512F/BW, even without the
     /// VNNI that the kernel sets require to select them (so they are tested on such
     /// machines too), against the portable set; the AVX2 bodies likewise.
     #[test]
@@ -565,7 +387,6 @@ mod tests {
             let x: Vec<f32> = (0..n)
                 .map(|i| ((i * 7919) % 2003) as f32 * 0.37 - 350.0)
                 .collect();
-            let q: Vec<u8> = (0..n).map(|i| (i * 37 % 256) as u8).collect();
             let (scale, zp) = (0.7f32, 77u8);
             let mut want_q = vec![0u8; n];
             let p = KernelSet::portable();
@@ -579,17 +400,6 @@ mod tests {
                 zp,
                 &mut want_q
             ));
-            let mut want_f = vec![0f32; n];
-            crate::kernels::elementwise::dequantize_nhwc_to_nchw(
-                p,
-                &q,
-                1,
-                c,
-                hw,
-                scale,
-                zp,
-                &mut want_f,
-            );
             let hw16 = hw / 16 * 16;
             let (inv, zpf) = (1.0 / scale, zp as f32);
             let mut bodies: Vec<(&str, bool)> = vec![("avx2", avx2)];
@@ -599,14 +409,11 @@ mod tests {
                     continue;
                 }
                 let mut got = vec![0u8; n];
-                let mut f = vec![0f32; n];
                 // SAFETY: the features were detected; the buffers hold `c * hw` values.
                 let finite = unsafe {
                     if name == "avx512" {
-                        dequantize_plane_nchw_512(q.as_ptr(), c, hw, scale, zp, f.as_mut_ptr());
                         quantize_plane_nhwc_512(x.as_ptr(), c, hw, inv, zpf, got.as_mut_ptr())
                     } else {
-                        dequantize_plane_nchw_256(q.as_ptr(), c, hw, scale, zp, f.as_mut_ptr());
                         quantize_plane_nhwc_256(x.as_ptr(), c, hw, inv, zpf, got.as_mut_ptr())
                     }
                 };
@@ -614,11 +421,6 @@ mod tests {
                 for p in 0..hw16 {
                     for ch in 0..c {
                         assert_eq!(got[p * c + ch], want_q[p * c + ch], "{name} {c}x{hw}");
-                        assert_eq!(
-                            f[ch * hw + p].to_bits(),
-                            want_f[ch * hw + p].to_bits(),
-                            "{name} {c}x{hw}"
-                        );
                     }
                 }
                 let mut bad = x.clone();
