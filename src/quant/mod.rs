@@ -747,7 +747,7 @@ mod graph_tests {
             QTensor::from_f32(&x, 0.02, 100).unwrap()
         );
         let g = every_op_graph();
-        let prof = g.profile(&[x.clone()]).unwrap();
+        let prof = g.profile(std::slice::from_ref(&x)).unwrap();
         let quant = prof.iter().find(|p| p.name == "quant").unwrap();
         assert_eq!(quant.transposes, 1);
         let conv1 = prof.iter().find(|p| p.name == "conv1").unwrap();
