@@ -294,11 +294,18 @@ pub fn quantize_nchw_to_nhwc(
     let inv = 1.0f32 / scale;
     let zpf = zero_point as f32;
     #[cfg(target_arch = "x86_64")]
-    if let Some(s) = ks.simd {
+    if let (Some(s), true) = (ks.simd, c >= 16) {
         return s.quantize_nchw_to_nhwc(src, b, c, hw, inv, zpf, dst);
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = ks;
+    if ks.simd.is_some() {
+        // Few channels (an RGB stem): quantize in memory order, then interleave the
+        // planes from cache (the 16-channel blocks would be mostly empty).
+        return for_planes(src, dst, c * hw, |s, d, tmp| {
+            let ok = quantize_u8(ks, s, scale, zero_point, tmp);
+            super::transpose_u8(ks, tmp, c, hw, d);
+            ok
+        });
+    }
     quantize_nchw_to_nhwc_portable(src, b, c, hw, inv, zpf, dst)
 }
 
@@ -354,7 +361,7 @@ pub fn quantize_nchw_to_nhwc_vec(
 ) -> Option<Vec<u8>> {
     check_border("quantize_nchw_to_nhwc", src.len(), src.len(), b, c, hw);
     #[cfg(target_arch = "x86_64")]
-    if let Some(s) = ks.simd {
+    if let (Some(s), true) = (ks.simd, c >= 16) {
         return s.quantize_nchw_to_nhwc_vec(src, b, c, hw, 1.0f32 / scale, zero_point as f32);
     }
     let mut v = vec![0u8; src.len()];
