@@ -219,6 +219,222 @@ pub fn dequantize_u8_to_vec(ks: KernelSet, src: &[u8], scale: f32, zero_point: u
     v
 }
 
+/// Checks the lengths of a `b x c x hw` border conversion.
+fn check_border(kind: &str, src: usize, dst: usize, b: usize, c: usize, hw: usize) {
+    let n = b
+        .checked_mul(c)
+        .and_then(|n| n.checked_mul(hw))
+        .unwrap_or_else(|| panic!("{kind}: {b} x {c} x {hw} overflows"));
+    assert!(
+        src == n && dst == n,
+        "{kind}: {b} x {c} x {hw} needs {n} values, got {src} in and {dst} out"
+    );
+}
+
+/// Tensors of at least this many elements spread their images over rayon's pool.
+const PAR_MIN: usize = 1 << 18;
+
+/// Runs `f(src_plane, dst_plane, scratch)` over the `b` planes of `plane` elements, with
+/// one plane of byte scratch per worker (in parallel for large tensors with more than one
+/// image); true when every call returned true.
+fn for_planes<S: Sync, D: Send>(
+    src: &[S],
+    dst: &mut [D],
+    plane: usize,
+    f: impl Fn(&[S], &mut [D], &mut [u8]) -> bool + Sync,
+) -> bool {
+    use rayon::prelude::*;
+    if plane == 0 {
+        return true;
+    }
+    if src.len() > plane && src.len() >= PAR_MIN {
+        dst.par_chunks_mut(plane)
+            .zip(src.par_chunks(plane))
+            .map_init(|| vec![0u8; plane], |tmp, (d, s)| f(s, d, tmp))
+            .reduce(|| true, |a, b| a & b)
+    } else {
+        let mut tmp = vec![0u8; plane];
+        dst.chunks_mut(plane)
+            .zip(src.chunks(plane))
+            .fold(true, |ok, (d, s)| f(s, d, &mut tmp) & ok)
+    }
+}
+
+/// [`quantize_u8`] of `b` NCHW images (`c` channels of `hw` pixels) written in NHWC
+/// order: `dst[(i * hw + p) * c + ch] = quantize(src[(i * c + ch) * hw + p])`, in one pass
+/// (the quantize border before a convolution). The portable set runs the plain loops;
+/// the SIMD sets quantize blocks of 16 channels x 16 pixels and transpose them in
+/// registers. Returns whether every input was finite; when it was not, `dst` is
+/// unspecified and the caller must report the NaN or infinity.
+///
+/// # Panics
+/// When `src` or `dst` does not hold `b * c * hw` values.
+///
+/// # Examples
+/// ```
+/// use ptq::kernels::{elementwise::quantize_nchw_to_nhwc, KernelSet};
+/// // one image, 2 channels of 3 pixels
+/// let x = [0.0f32, 0.1, 0.2, 1.0, 1.1, 1.2];
+/// let mut q = [0u8; 6];
+/// assert!(quantize_nchw_to_nhwc(KernelSet::best(), &x, 1, 2, 3, 0.1, 0, &mut q));
+/// assert_eq!(q, [0, 10, 1, 11, 2, 12]);
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn quantize_nchw_to_nhwc(
+    ks: KernelSet,
+    src: &[f32],
+    b: usize,
+    c: usize,
+    hw: usize,
+    scale: f32,
+    zero_point: u8,
+    dst: &mut [u8],
+) -> bool {
+    check_border("quantize_nchw_to_nhwc", src.len(), dst.len(), b, c, hw);
+    let inv = 1.0f32 / scale;
+    let zpf = zero_point as f32;
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(s), true) = (ks.simd, c >= 16) {
+        return s.quantize_nchw_to_nhwc(src, b, c, hw, inv, zpf, dst);
+    }
+    if ks.simd.is_some() {
+        // Few channels (an RGB stem): quantize in memory order, then interleave the
+        // planes from cache (the 16-channel blocks would be mostly empty).
+        return for_planes(src, dst, c * hw, |s, d, tmp| {
+            let ok = quantize_u8(ks, s, scale, zero_point, tmp);
+            super::transpose_u8(ks, tmp, c, hw, d);
+            ok
+        });
+    }
+    quantize_nchw_to_nhwc_portable(src, b, c, hw, inv, zpf, dst)
+}
+
+/// The plain loops of [`quantize_nchw_to_nhwc`].
+fn quantize_nchw_to_nhwc_portable(
+    src: &[f32],
+    b: usize,
+    c: usize,
+    hw: usize,
+    inv: f32,
+    zpf: f32,
+    dst: &mut [u8],
+) -> bool {
+    let plane = c * hw;
+    let mut finite = true;
+    if plane == 0 {
+        return true;
+    }
+    for (s, d) in src.chunks(plane).zip(dst.chunks_mut(plane)).take(b) {
+        for (p, px) in d.chunks_mut(c).enumerate() {
+            for (ch, o) in px.iter_mut().enumerate() {
+                let v = s[ch * hw + p];
+                finite &= v.is_finite();
+                *o = crate::qparams::quantize_val_8bit(v, inv, zpf, 0.0, 255.0) as u8;
+            }
+        }
+    }
+    finite
+}
+
+/// [`quantize_nchw_to_nhwc`] into a new vector (not zero-filled first on SIMD sets);
+/// `None` when an input is NaN or infinite.
+///
+/// # Panics
+/// When `src` does not hold `b * c * hw` values.
+///
+/// # Examples
+/// ```
+/// use ptq::kernels::{elementwise::quantize_nchw_to_nhwc_vec, KernelSet};
+/// let x = [0.0f32, 0.1, 1.0, 1.1];
+/// let ks = KernelSet::best();
+/// assert_eq!(quantize_nchw_to_nhwc_vec(ks, &x, 1, 2, 2, 0.1, 0), Some(vec![0, 10, 1, 11]));
+/// assert_eq!(quantize_nchw_to_nhwc_vec(ks, &[f32::NAN], 1, 1, 1, 0.1, 0), None);
+/// ```
+pub fn quantize_nchw_to_nhwc_vec(
+    ks: KernelSet,
+    src: &[f32],
+    b: usize,
+    c: usize,
+    hw: usize,
+    scale: f32,
+    zero_point: u8,
+) -> Option<Vec<u8>> {
+    check_border("quantize_nchw_to_nhwc", src.len(), src.len(), b, c, hw);
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(s), true) = (ks.simd, c >= 16) {
+        return s.quantize_nchw_to_nhwc_vec(src, b, c, hw, 1.0f32 / scale, zero_point as f32);
+    }
+    let mut v = vec![0u8; src.len()];
+    quantize_nchw_to_nhwc(ks, src, b, c, hw, scale, zero_point, &mut v).then_some(v)
+}
+
+/// [`dequantize_u8`] of `b` NHWC images (`hw` pixels of `c` channels) written in NCHW
+/// order: `dst[(i * c + ch) * hw + p] = dequantize(src[(i * hw + p) * c + ch])` (the
+/// dequantize border after a convolution). Image by image: the bytes are transposed into
+/// one image of scratch, which is dequantized in memory order while it is in cache, so
+/// the floats are written sequentially. Every set gives the same bits.
+///
+/// # Panics
+/// When `src` or `dst` does not hold `b * c * hw` values.
+///
+/// # Examples
+/// ```
+/// use ptq::kernels::{elementwise::dequantize_nhwc_to_nchw, KernelSet};
+/// let q = [0u8, 10, 1, 11, 2, 12];
+/// let mut f = [0f32; 6];
+/// dequantize_nhwc_to_nchw(KernelSet::best(), &q, 1, 2, 3, 0.5, 0, &mut f);
+/// assert_eq!(f, [0.0, 0.5, 1.0, 5.0, 5.5, 6.0]);
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn dequantize_nhwc_to_nchw(
+    ks: KernelSet,
+    src: &[u8],
+    b: usize,
+    c: usize,
+    hw: usize,
+    scale: f32,
+    zero_point: u8,
+    dst: &mut [f32],
+) {
+    check_border("dequantize_nhwc_to_nchw", src.len(), dst.len(), b, c, hw);
+    for_planes(src, dst, c * hw, |s, d, tmp| {
+        super::transpose_u8(ks, s, hw, c, tmp);
+        dequantize_u8(ks, tmp, scale, zero_point, d);
+        true
+    });
+}
+
+/// [`dequantize_nhwc_to_nchw`] into a new vector.
+///
+/// # Panics
+/// When `src` does not hold `b * c * hw` values.
+///
+/// # Examples
+/// ```
+/// use ptq::kernels::{elementwise::dequantize_nhwc_to_nchw_vec, KernelSet};
+/// let f = dequantize_nhwc_to_nchw_vec(KernelSet::best(), &[0, 10, 1, 11], 1, 2, 2, 0.5, 0);
+/// assert_eq!(f, vec![0.0, 0.5, 5.0, 5.5]);
+/// ```
+pub fn dequantize_nhwc_to_nchw_vec(
+    ks: KernelSet,
+    src: &[u8],
+    b: usize,
+    c: usize,
+    hw: usize,
+    scale: f32,
+    zero_point: u8,
+) -> Vec<f32> {
+    check_border("dequantize_nhwc_to_nchw", src.len(), src.len(), b, c, hw);
+    // Transposing the bytes first then dequantizing into a vector that is not zero-filled
+    // measured faster here than zero-filling the floats for the image-by-image pass.
+    let mut t = vec![0u8; src.len()];
+    for_planes(src, &mut t, c * hw, |s, d, _| {
+        super::transpose_u8(ks, s, hw, c, d);
+        true
+    });
+    dequantize_u8_to_vec(ks, &t, scale, zero_point)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -360,6 +576,82 @@ mod tests {
                         .zip(&want)
                         .all(|(a, b)| a.to_bits() == b.to_bits());
                     assert!(same, "{:?} len {len} scale {scale}", ks.backend());
+                }
+            }
+        }
+    }
+
+    /// The border conversions with the layout change, on every set, against the plain
+    /// definition (index formula + the 8-bit formula): every channel count around the
+    /// 16-channel blocks, pixel counts with and without a tail, one and several images
+    /// (the parallel split), awkward floats, and non-finite input anywhere.
+    #[test]
+    fn layout_borders_match_the_definition_on_every_set() {
+        let pool = awkward_floats();
+        for &(b, c, hw) in &[
+            (1usize, 1usize, 1usize),
+            (1, 3, 12544 / 16),
+            (2, 3, 17),
+            (1, 15, 16),
+            (2, 16, 16),
+            (3, 17, 33),
+            (1, 31, 5),
+            (2, 32, 49),
+            (8, 128, 784 / 4),
+            (1, 40, 64),
+            (0, 8, 8),
+            (2, 0, 8),
+            (2, 8, 0),
+            (5, 64, 1024),
+        ] {
+            let n = b * c * hw;
+            let x: Vec<f32> = (0..n).map(|i| pool[(i * 7 + 3) % pool.len()]).collect();
+            let q: Vec<u8> = (0..n).map(|i| (i * 37 % 256) as u8).collect();
+            for &(scale, zp) in &[(0.1f32, 10u8), (0.05, 128), (3.7, 255), (1e-3, 0)] {
+                let inv = 1.0f32 / scale;
+                let mut want_q = vec![0u8; n];
+                let mut want_f = vec![0f32; n];
+                for i in 0..b {
+                    for ch in 0..c {
+                        for p in 0..hw {
+                            let (nchw, nhwc) = ((i * c + ch) * hw + p, (i * hw + p) * c + ch);
+                            want_q[nhwc] = crate::qparams::quantize_val_8bit(
+                                x[nchw], inv, zp as f32, 0.0, 255.0,
+                            ) as u8;
+                            want_f[nchw] = (q[nhwc] as i32 - zp as i32) as f32 * scale;
+                        }
+                    }
+                }
+                for ks in KernelSet::all_available() {
+                    let what = format!("{:?} {b}x{c}x{hw} scale {scale}", ks.backend());
+                    let mut got = vec![0u8; n];
+                    assert!(quantize_nchw_to_nhwc(ks, &x, b, c, hw, scale, zp, &mut got));
+                    assert_eq!(got, want_q, "{what}");
+                    let got = quantize_nchw_to_nhwc_vec(ks, &x, b, c, hw, scale, zp);
+                    assert_eq!(got.as_ref(), Some(&want_q), "{what} vec");
+                    let mut got = vec![0f32; n];
+                    dequantize_nhwc_to_nchw(ks, &q, b, c, hw, scale, zp, &mut got);
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&got), bits(&want_f), "{what}");
+                    let got = dequantize_nhwc_to_nchw_vec(ks, &q, b, c, hw, scale, zp);
+                    assert_eq!(bits(&got), bits(&want_f), "{what} vec");
+                }
+            }
+        }
+        // NaN / infinity in the block part, the partial channel block and the pixel tail
+        let (b, c, hw) = (2, 20, 18);
+        for ks in KernelSet::all_available() {
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                for at in [0, 5, 16 * 18 + 3, 19 * 18 + 17, 2 * 20 * 18 - 1] {
+                    let mut x = vec![0.5f32; b * c * hw];
+                    x[at] = bad;
+                    let mut q = vec![0u8; x.len()];
+                    let what = format!("{:?} {bad} at {at}", ks.backend());
+                    assert!(
+                        !quantize_nchw_to_nhwc(ks, &x, b, c, hw, 0.1, 3, &mut q),
+                        "{what}"
+                    );
+                    assert_eq!(quantize_nchw_to_nhwc_vec(ks, &x, b, c, hw, 0.1, 3), None);
                 }
             }
         }

@@ -1,5 +1,6 @@
 //! The int8 graph and its executor.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -61,6 +62,45 @@ pub struct QuantizedGraph {
     pub(crate) inputs: Vec<usize>,
     pub(crate) outputs: Vec<usize>,
     pub(crate) float_weight_bytes: usize,
+    /// `moves[i][k]`: node `i` is the last reader of its input `k` (read there once, by no
+    /// later node, and not a graph output), so the executor hands the value over.
+    moves: Vec<Vec<bool>>,
+    /// `nhwc_out[i]`: every reader of node `i` wants NHWC ([`QuantOp::wants_nhwc`]) and
+    /// the node is not a graph output.
+    nhwc_out: Vec<bool>,
+}
+
+/// The executor's plan, fixed when the graph is built: which inputs each node may
+/// consume (its last read of them) and which nodes should write NHWC.
+fn plan(nodes: &[QNode], outputs: &[usize]) -> (Vec<Vec<bool>>, Vec<bool>) {
+    let mut last = vec![usize::MAX; nodes.len()];
+    let mut nhwc_out = vec![true; nodes.len()];
+    let mut read = vec![false; nodes.len()];
+    for (i, n) in nodes.iter().enumerate() {
+        for &j in &n.inputs {
+            last[j] = i;
+            read[j] = true;
+            nhwc_out[j] &= n.op.wants_nhwc();
+        }
+    }
+    for &o in outputs {
+        last[o] = usize::MAX;
+        nhwc_out[o] = false;
+    }
+    for (j, r) in read.iter().enumerate() {
+        nhwc_out[j] &= *r;
+    }
+    let moves = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            n.inputs
+                .iter()
+                .map(|&j| last[j] == i && n.inputs.iter().filter(|&&k| k == j).count() == 1)
+                .collect()
+        })
+        .collect();
+    (moves, nhwc_out)
 }
 
 /// The kind tag of graph input nodes.
@@ -123,11 +163,14 @@ impl QuantizedGraph {
                 reason: "the graph has no output".into(),
             });
         }
+        let (moves, nhwc_out) = plan(&nodes, &outputs);
         Ok(QuantizedGraph {
             nodes,
             inputs,
             outputs,
             float_weight_bytes,
+            moves,
+            nhwc_out,
         })
     }
 
@@ -256,40 +299,50 @@ impl QuantizedGraph {
                     reason: "an Input node that is not a graph input".into(),
                 });
             }
+            ctx.want_nhwc = self.nhwc_out[i];
+            let before = ctx.transposes;
             if let (Some(q), [j]) = (node.op.output_qparams(), node.inputs.as_slice()) {
                 if node.op.kind() == QUANTIZE_KIND && direct[*j] > 0 {
                     let x = &inputs[direct[*j] - 1];
                     let t = Instant::now();
-                    let y = match QTensor::from_f32(x, q.scale(), q.zero_point()) {
-                        Ok(t) => Value::Int8(super::QAct::contiguous(t)),
+                    let y = match super::ops::quantize_act(x, q, &mut ctx) {
+                        Ok(a) => Value::Int8(a),
                         Err(e) => {
                             // NaN or infinity: the error names the graph input.
                             crate::qparams::check_finite(x, &self.nodes[*j].name)?;
                             return Err(e.in_context(&node.name));
                         }
                     };
-                    tap(i, &y, t.elapsed(), 0);
+                    tap(i, &y, t.elapsed(), ctx.transposes - before);
                     values[i] = Some(y);
                     continue;
                 }
             }
-            let args: Vec<&Value> = node
+            // Inputs read here for the last time are handed over; the rest are borrowed.
+            let mut owned: Vec<Option<Value>> = node
                 .inputs
                 .iter()
-                .map(|&j| {
-                    values[j]
-                        .as_ref()
-                        .ok_or_else(|| QuantError::UnsupportedConfig {
+                .zip(&self.moves[i])
+                .map(|(&j, &last)| if last { values[j].take() } else { None })
+                .collect();
+            let args: Vec<Cow<'_, Value>> = node
+                .inputs
+                .iter()
+                .zip(owned.iter_mut())
+                .map(|(&j, o)| match o.take() {
+                    Some(v) => Ok(Cow::Owned(v)),
+                    None => values[j].as_ref().map(Cow::Borrowed).ok_or_else(|| {
+                        QuantError::UnsupportedConfig {
                             context: node.name.clone(),
                             reason: format!("input node {j} has no value"),
-                        })
+                        }
+                    }),
                 })
                 .collect::<Result<_>>()?;
-            let before = ctx.transposes;
             let t = Instant::now();
             let y = node
                 .op
-                .forward(&args, &mut ctx)
+                .forward_owned(args, &mut ctx)
                 .map_err(|e| e.in_context(&node.name))?;
             let dt = t.elapsed();
             tap(i, &y, dt, ctx.transposes - before);
@@ -332,7 +385,7 @@ impl QuantizedGraph {
             .map(|v| match v {
                 // A float output is moved out, not copied.
                 Value::Float(x) => x,
-                Value::Int8(q) => q.nchw().dequantize(),
+                Value::Int8(q) => q.dequantize(),
             })
             .collect())
     }
@@ -370,8 +423,8 @@ impl QuantizedGraph {
     ) -> Result<Vec<ArrayD<f32>>> {
         Ok(self
             .run(inputs, true, &mut |i, v, _, _| tap(&self.nodes[i].name, v))?
-            .iter()
-            .map(|v| v.to_f32().into_owned())
+            .into_iter()
+            .map(Value::into_f32)
             .collect())
     }
 

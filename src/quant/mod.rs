@@ -193,6 +193,50 @@ impl QAct {
         }
     }
 
+    /// The values as floats in logical (NCHW) order: PyTorch's `dequantize`, with the
+    /// transpose of an NHWC tensor folded into the same pass.
+    pub fn dequantize(&self) -> ArrayD<f32> {
+        let s = self.tensor.data().shape();
+        match (
+            self.needs_transpose(Layout::Nchw),
+            self.tensor.data().as_slice(),
+        ) {
+            (true, Some(src)) => {
+                let (b, h, w, c) = (s[0], s[1], s[2], s[3]);
+                let ks = crate::kernels::KernelSet::current();
+                let zp = self.tensor.zero_point() as u8;
+                let f = crate::kernels::elementwise::dequantize_nhwc_to_nchw_vec(
+                    ks,
+                    src,
+                    b,
+                    c,
+                    h * w,
+                    self.tensor.scale(),
+                    zp,
+                );
+                ArrayD::from_shape_vec(IxDyn(&[b, c, h, w]), f)
+                    .unwrap_or_else(|_| unreachable!("a transpose keeps the element count"))
+            }
+            (false, _) => {
+                let y = self.tensor.dequantize();
+                match self.layout {
+                    // One channel or one pixel: the same values, in the logical shape.
+                    Layout::Nhwc => y
+                        .into_shape_with_order(IxDyn(&self.shape()))
+                        .unwrap_or_else(|_| unreachable!("a reshape keeps the element count")),
+                    Layout::Nchw => y,
+                }
+            }
+            (true, None) => self.nchw().dequantize(),
+        }
+    }
+
+    /// Consumes the activation; returns the tensor, its layout and PyTorch's memory
+    /// format.
+    pub(crate) fn into_parts(self) -> (QTensor, Layout, TorchLayout) {
+        (self.tensor, self.layout, self.torch)
+    }
+
     /// Consumes the activation; returns the tensor in logical (NCHW) order.
     pub fn into_nchw(self) -> QTensor {
         match self.layout {
@@ -274,7 +318,15 @@ impl Value {
     pub fn to_f32(&self) -> Cow<'_, ArrayD<f32>> {
         match self {
             Value::Float(x) => Cow::Borrowed(x),
-            Value::Int8(q) => Cow::Owned(q.nchw().dequantize()),
+            Value::Int8(q) => Cow::Owned(q.dequantize()),
+        }
+    }
+
+    /// The value as floats in logical order, moved out when it is float already.
+    pub fn into_f32(self) -> ArrayD<f32> {
+        match self {
+            Value::Float(x) => x,
+            Value::Int8(q) => q.dequantize(),
         }
     }
 
@@ -287,12 +339,16 @@ impl Value {
     }
 }
 
-/// Per-run state handed to every op (room for scratch buffers and settings; today it
-/// only counts the layout transposes the executor and the ops made).
+/// Per-run state handed to every op: counts the layout transposes the executor and the
+/// ops made, and carries the executor's hints for the node it runs.
 #[derive(Debug, Default)]
 pub struct ExecCtx {
     /// Number of NCHW <-> NHWC transposes of int8 activations made so far.
     pub transposes: usize,
+    /// Every reader of the running node's output wants a rank-4 int8 activation held
+    /// NHWC ([`QuantOp::wants_nhwc`]): an op that can write either layout at the same
+    /// cost (the quantize border) writes NHWC. Only a hint: an op may ignore it.
+    pub want_nhwc: bool,
 }
 
 /// An operation of a [`QuantizedGraph`]: int8 kernels, quantize / dequantize borders, and
@@ -306,6 +362,27 @@ pub trait QuantOp: Debug + Send + Sync {
     /// # Errors
     /// Shape errors naming the op, and int8/float mismatches of the inputs.
     fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value>;
+
+    /// Runs the op on inputs some of which it may consume: the executor hands an input
+    /// over as [`Cow::Owned`] at its last use (no other node and no graph output reads it
+    /// later), so a pass-through op (identity, a flatten that moves no bytes) returns it
+    /// without a copy and an elementwise op may write its output over it. Every other
+    /// input comes [`Cow::Borrowed`]. The result must equal [`QuantOp::forward`]'s on the
+    /// same values, which is what the default does.
+    ///
+    /// # Errors
+    /// As [`QuantOp::forward`].
+    fn forward_owned(&self, inputs: Vec<Cow<'_, Value>>, ctx: &mut ExecCtx) -> Result<Value> {
+        let refs: Vec<&Value> = inputs.iter().map(|v| v.as_ref()).collect();
+        self.forward(&refs, ctx)
+    }
+
+    /// Whether the op reads rank-4 int8 inputs held NHWC without transposing them (the
+    /// convolutions); an op whose every reader says so writes NHWC where it can choose
+    /// ([`ExecCtx::want_nhwc`]).
+    fn wants_nhwc(&self) -> bool {
+        false
+    }
 
     /// The parameters of the int8 output (`None` if the output is float).
     fn output_qparams(&self) -> Option<ActQParams>;
@@ -587,6 +664,103 @@ mod graph_tests {
         let add = crate::nn::quantized::QAdd::new(0.06, 30).unwrap();
         let y2 = outs["conv2"].clone();
         assert_eq!(outs["add"], add.forward(&y1, &y2).unwrap());
+    }
+
+    /// The executor hands a value to its last reader: identity, the flatten and reshape of
+    /// a one-pixel NHWC tensor return the very buffer they were given, clamp works in
+    /// place; a value that a later node still reads is copied.
+    #[test]
+    fn last_readers_reuse_their_input_buffers() {
+        let g = every_op_graph();
+        let mut ptrs = std::collections::HashMap::new();
+        g.forward_with(&[input()], &mut |name, v| {
+            if let Value::Int8(q) = v {
+                ptrs.insert(name.to_string(), q.raw().data().as_ptr() as usize);
+            }
+        })
+        .unwrap();
+        assert_eq!(ptrs["identity"], ptrs["adaptive"]);
+        assert_eq!(ptrs["flatten"], ptrs["identity"]);
+        assert_eq!(ptrs["reshape"], ptrs["flatten"]);
+        assert_eq!(ptrs["clamp"], ptrs["relu"]);
+        // add_relu is read again by hardswish after relu: relu writes a new buffer
+        assert_ne!(ptrs["relu"], ptrs["add_relu"]);
+    }
+
+    /// A value read twice by one node, and a value that is also a graph output, are
+    /// borrowed, never consumed: the results equal the ops run one by one on borrowed
+    /// inputs.
+    #[test]
+    fn values_read_twice_or_returned_are_not_consumed() {
+        let a = |s, z| ActQParams::new(s, z).unwrap();
+        let (qin, qadd) = (a(0.02, 100), a(0.05, 10));
+        let nodes = vec![
+            node("x", &[], InputOp),
+            node("quant", &[0], QuantizeOp::new(qin)),
+            node("relu", &[1], ReluOp::new(qin)),
+            node("add", &[2, 2], AddOp::new(qadd, false)),
+            node("id", &[3], IdentityOp::new(Some(qadd))),
+            node("dequant", &[4], DequantizeOp),
+        ];
+        let g = QuantizedGraph::new(nodes, vec![0], vec![5, 2, 5], 0).unwrap();
+        let x = input();
+        let got = g.forward(std::slice::from_ref(&x)).unwrap();
+        let mut ctx = ExecCtx::default();
+        let q = QuantizeOp::new(qin)
+            .forward(&[&Value::Float(x.clone())], &mut ctx)
+            .unwrap();
+        let r = ReluOp::new(qin).forward(&[&q], &mut ctx).unwrap();
+        let s = AddOp::new(qadd, false)
+            .forward(&[&r, &r], &mut ctx)
+            .unwrap();
+        let y = DequantizeOp.forward(&[&s], &mut ctx).unwrap();
+        assert_eq!(
+            got,
+            vec![
+                y.to_f32().into_owned(),
+                r.to_f32().into_owned(),
+                y.into_f32()
+            ]
+        );
+    }
+
+    /// The quantize border writes NHWC when the executor asks (every reader a
+    /// convolution): the same values as the logical-order quantization, PyTorch's
+    /// contiguous memory format kept; non-finite input is still refused, naming the graph
+    /// input.
+    #[test]
+    fn the_quantize_border_writes_nhwc_for_convolutions() {
+        let q = ActQParams::new(0.02, 100).unwrap();
+        let x = input();
+        let mut ctx = ExecCtx {
+            want_nhwc: true,
+            ..Default::default()
+        };
+        let y = ops::quantize_act(&x, q, &mut ctx).unwrap();
+        assert_eq!(
+            (y.layout(), y.torch_layout()),
+            (Layout::Nhwc, TorchLayout::Contiguous)
+        );
+        assert_eq!(ctx.transposes, 1);
+        assert_eq!(
+            y.nchw().into_owned(),
+            QTensor::from_f32(&x, 0.02, 100).unwrap()
+        );
+        let g = every_op_graph();
+        let prof = g.profile(std::slice::from_ref(&x)).unwrap();
+        let quant = prof.iter().find(|p| p.name == "quant").unwrap();
+        assert_eq!(quant.transposes, 1);
+        let conv1 = prof.iter().find(|p| p.name == "conv1").unwrap();
+        assert_eq!(conv1.transposes, 0);
+        for at in [0, 100, x.len() - 1] {
+            let mut bad = x.clone();
+            bad.as_slice_mut().unwrap()[at] = f32::NAN;
+            let err = g.forward(&[bad]).unwrap_err();
+            assert!(
+                matches!(&err, QuantError::NonFinite { context, nan: 1, .. } if context == "x"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -69,6 +69,44 @@ fn same_layout(
     Ok(Value::Int8(QAct::new(y, x.layout(), x.torch_layout())?))
 }
 
+/// Quantizes a float tensor with `q`: into NHWC in one pass (counted as a transpose when
+/// it moves bytes) when the executor says every reader wants NHWC and `x` is a rank-4
+/// contiguous tensor, else in logical order. The activation keeps PyTorch's memory format
+/// of a fresh `quantize_per_tensor` (contiguous) either way.
+///
+/// # Errors
+/// [`QuantError::NonFinite`] for NaN or infinite input.
+pub(crate) fn quantize_act(x: &ArrayD<f32>, q: ActQParams, ctx: &mut ExecCtx) -> Result<QAct> {
+    if let (true, &[b, c, h, w], Some(src)) = (ctx.want_nhwc, x.shape(), x.as_slice()) {
+        let ks = crate::kernels::KernelSet::current();
+        let zp = q.zero_point() as u8;
+        let v = crate::kernels::elementwise::quantize_nchw_to_nhwc_vec(
+            ks,
+            src,
+            b,
+            c,
+            h * w,
+            q.scale(),
+            zp,
+        );
+        // (non-finite input: `from_f32` below reports it)
+        if let Some(v) = v {
+            if c > 1 && h * w > 1 {
+                ctx.transposes += 1;
+            }
+            let data = ArrayD::from_shape_vec(IxDyn(&[b, h, w, c]), v)
+                .unwrap_or_else(|_| unreachable!("a transpose keeps the element count"));
+            let t = QTensor::new(data, q.scale(), q.zero_point())?;
+            return QAct::new(t, Layout::Nhwc, TorchLayout::Contiguous);
+        }
+    }
+    Ok(QAct::contiguous(QTensor::from_f32(
+        x,
+        q.scale(),
+        q.zero_point(),
+    )?))
+}
+
 /// A graph input (float); the executor fills it, it never runs.
 #[derive(Debug, Clone, Default)]
 pub struct InputOp;
@@ -129,13 +167,9 @@ impl QuantOp for QuantizeOp {
     fn kind(&self) -> &'static str {
         "Quantize"
     }
-    fn forward(&self, inputs: &[&Value], _: &mut ExecCtx) -> Result<Value> {
+    fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value> {
         match one(inputs, "Quantize")? {
-            Value::Float(x) => Ok(Value::Int8(QAct::contiguous(QTensor::from_f32(
-                x,
-                self.q.scale(),
-                self.q.zero_point(),
-            )?))),
+            Value::Float(x) => Ok(Value::Int8(quantize_act(x, self.q, ctx)?)),
             Value::Int8(_) => Err(QuantError::UnsupportedConfig {
                 context: "Quantize".into(),
                 reason: "the input is already int8".into(),
@@ -171,8 +205,20 @@ impl QuantOp for DequantizeOp {
     }
     fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value> {
         match one(inputs, "Dequantize")? {
-            Value::Int8(q) => Ok(Value::Float(nchw(q, ctx).dequantize())),
+            Value::Int8(q) => {
+                // An NHWC tensor is transposed in the same pass.
+                if q.needs_transpose(Layout::Nchw) {
+                    ctx.transposes += 1;
+                }
+                Ok(Value::Float(q.dequantize()))
+            }
             Value::Float(x) => Ok(Value::Float(x.clone())),
+        }
+    }
+    fn forward_owned(&self, mut inputs: Vec<Cow<'_, Value>>, ctx: &mut ExecCtx) -> Result<Value> {
+        match inputs.as_slice() {
+            [Cow::Owned(Value::Float(_))] => Ok(inputs.swap_remove(0).into_owned()),
+            _ => self.forward(&inputs.iter().map(|v| v.as_ref()).collect::<Vec<_>>(), ctx),
         }
     }
     fn output_qparams(&self) -> Option<ActQParams> {
@@ -289,6 +335,9 @@ impl QuantOp for ConvOp {
             Layout::Nhwc,
             TorchLayout::ChannelsLast,
         )?))
+    }
+    fn wants_nhwc(&self) -> bool {
+        true
     }
     fn output_qparams(&self) -> Option<ActQParams> {
         Some(self.out)
@@ -547,6 +596,12 @@ impl QuantOp for ReluOp {
         let y = QReLU.forward(x.raw())?;
         Ok(Value::Int8(QAct::new(y, x.layout(), x.torch_layout())?))
     }
+    fn forward_owned(&self, inputs: Vec<Cow<'_, Value>>, _: &mut ExecCtx) -> Result<Value> {
+        let x = one_owned(inputs, "ReLU")?;
+        // QReLU's `max(q, zero_point)`, in place when the input dies here.
+        let zp = x.as_ref().int8("ReLU")?.raw().zero_point() as u8;
+        map_in_place(x, "ReLU", |q| q.max(zp))
+    }
     fn output_qparams(&self) -> Option<ActQParams> {
         Some(self.q)
     }
@@ -596,17 +651,15 @@ impl QuantOp for ClampOp {
     fn kind(&self) -> &'static str {
         "Clamp"
     }
-    fn forward(&self, inputs: &[&Value], _: &mut ExecCtx) -> Result<Value> {
-        let x = one(inputs, "Clamp")?.int8("Clamp")?;
-        let q = x.qparams();
+    fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value> {
+        let x = one(inputs, "Clamp")?;
+        self.forward_owned(vec![Cow::Borrowed(x)], ctx)
+    }
+    fn forward_owned(&self, inputs: Vec<Cow<'_, Value>>, _: &mut ExecCtx) -> Result<Value> {
+        let x = one_owned(inputs, "Clamp")?;
+        let q = x.as_ref().int8("Clamp")?.qparams();
         let (lo, hi) = (q.quantize(self.min), q.quantize(self.max));
-        let t = x.raw();
-        let y = QTensor::new(
-            t.data().mapv(|v| v.clamp(lo, hi.max(lo))),
-            t.scale(),
-            t.zero_point(),
-        )?;
-        Ok(Value::Int8(QAct::new(y, x.layout(), x.torch_layout())?))
+        map_in_place(x, "Clamp", |v| v.clamp(lo, hi.max(lo)))
     }
     fn output_qparams(&self) -> Option<ActQParams> {
         Some(self.q)
@@ -810,6 +863,99 @@ fn reshaped(x: &QTensor, shape: &[usize], kind: &str) -> Result<QAct> {
     )?))
 }
 
+/// A reshape of the logical (NCHW) values of `input` to the shape `to` computes from the
+/// logical shape: without a copy when the executor handed the value over and its bytes
+/// are already in logical order (held NCHW, or NHWC with one channel or one pixel),
+/// else through [`reshaped`] (transposing an NHWC tensor first).
+fn reshape_value(
+    input: Cow<'_, Value>,
+    kind: &str,
+    ctx: &mut ExecCtx,
+    to: impl FnOnce(&[usize]) -> Result<Vec<usize>>,
+) -> Result<Value> {
+    let x = input.as_ref().int8(kind)?;
+    let shape = to(&x.shape())?;
+    match input {
+        Cow::Owned(Value::Int8(x)) if !x.needs_transpose(Layout::Nchw) => {
+            let (t, _, _) = x.into_parts();
+            let (scale, zp) = (t.scale(), t.zero_point());
+            let data = t.into_data();
+            let data = if data.is_standard_layout() {
+                data.into_shape_with_order(IxDyn(&shape)).map_err(|_| {
+                    QuantError::ShapeMismatch {
+                        context: kind.into(),
+                        expected: format!("a shape with as many elements as {shape:?}"),
+                        actual: "another element count".into(),
+                    }
+                })?
+            } else {
+                let t = QTensor::new(data, scale, zp)?;
+                return Ok(Value::Int8(reshaped(&t, &shape, kind)?));
+            };
+            Ok(Value::Int8(QAct::contiguous(QTensor::new(
+                data, scale, zp,
+            )?)))
+        }
+        other => {
+            let x = other.as_ref().int8(kind)?;
+            Ok(Value::Int8(reshaped(&nchw(x, ctx), &shape, kind)?))
+        }
+    }
+}
+
+/// The single input of a one-input op given to [`QuantOp::forward_owned`].
+fn one_owned<'a>(mut inputs: Vec<Cow<'a, Value>>, kind: &str) -> Result<Cow<'a, Value>> {
+    match inputs.len() {
+        1 => Ok(inputs.swap_remove(0)),
+        n => Err(QuantError::UnsupportedConfig {
+            context: kind.into(),
+            reason: format!("takes one input, got {n}"),
+        }),
+    }
+}
+
+/// Applies `f` to every byte of an int8 input in place when the executor handed it over
+/// (else to a copy); the result keeps the qparams, layout and PyTorch memory format.
+fn map_in_place(input: Cow<'_, Value>, kind: &str, f: impl Fn(u8) -> u8) -> Result<Value> {
+    match input {
+        Cow::Owned(Value::Int8(x)) => {
+            let (t, layout, torch) = x.into_parts();
+            let (scale, zp) = (t.scale(), t.zero_point());
+            let mut data = t.into_data();
+            data.mapv_inplace(f);
+            Ok(Value::Int8(QAct::new(
+                QTensor::new(data, scale, zp)?,
+                layout,
+                torch,
+            )?))
+        }
+        other => {
+            let x = other.as_ref().int8(kind)?;
+            let t = x.raw();
+            let y = QTensor::new(t.data().mapv(f), t.scale(), t.zero_point())?;
+            Ok(Value::Int8(QAct::new(y, x.layout(), x.torch_layout())?))
+        }
+    }
+}
+
+/// The shape `torch.flatten(start_dim, end_dim)` gives a tensor of shape `s`.
+fn flatten_shape(s: &[usize], start_dim: usize, end_dim: isize) -> Result<Vec<usize>> {
+    let r = s.len() as isize;
+    let end = if end_dim < 0 { r + end_dim } else { end_dim };
+    if start_dim as isize >= r.max(1) || end < start_dim as isize || end >= r {
+        return Err(QuantError::ShapeMismatch {
+            context: "Flatten".into(),
+            expected: format!("a tensor with dimensions {start_dim}..={end_dim} to flatten"),
+            actual: format!("shape {s:?}"),
+        });
+    }
+    let end = end as usize;
+    let mut shape = s[..start_dim].to_vec();
+    shape.push(s[start_dim..=end].iter().product());
+    shape.extend_from_slice(&s[end + 1..]);
+    Ok(shape)
+}
+
 /// `torch.flatten(x, start_dim, end_dim)` on int8 values (logical order).
 #[derive(Debug, Clone)]
 pub struct FlattenOp {
@@ -846,30 +992,14 @@ impl QuantOp for FlattenOp {
         "Flatten"
     }
     fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value> {
-        let x = one(inputs, "Flatten")?.int8("Flatten")?;
-        let t = nchw(x, ctx);
-        let s = t.data().shape();
-        let r = s.len() as isize;
-        let end = if self.end_dim < 0 {
-            r + self.end_dim
-        } else {
-            self.end_dim
-        };
-        if self.start_dim as isize >= r.max(1) || end < self.start_dim as isize || end >= r {
-            return Err(QuantError::ShapeMismatch {
-                context: "Flatten".into(),
-                expected: format!(
-                    "a tensor with dimensions {}..={} to flatten",
-                    self.start_dim, self.end_dim
-                ),
-                actual: format!("shape {s:?}"),
-            });
-        }
-        let end = end as usize;
-        let mut shape = s[..self.start_dim].to_vec();
-        shape.push(s[self.start_dim..=end].iter().product());
-        shape.extend_from_slice(&s[end + 1..]);
-        Ok(Value::Int8(reshaped(&t, &shape, "Flatten")?))
+        let x = one(inputs, "Flatten")?;
+        self.forward_owned(vec![Cow::Borrowed(x)], ctx)
+    }
+    fn forward_owned(&self, inputs: Vec<Cow<'_, Value>>, ctx: &mut ExecCtx) -> Result<Value> {
+        let x = one_owned(inputs, "Flatten")?;
+        reshape_value(x, "Flatten", ctx, |s| {
+            flatten_shape(s, self.start_dim, self.end_dim)
+        })
     }
     fn output_qparams(&self) -> Option<ActQParams> {
         Some(self.q)
@@ -950,10 +1080,14 @@ impl QuantOp for ReshapeOp {
         "Reshape"
     }
     fn forward(&self, inputs: &[&Value], ctx: &mut ExecCtx) -> Result<Value> {
-        let x = one(inputs, "Reshape")?.int8("Reshape")?;
-        let t = nchw(x, ctx);
-        let shape = resolve_shape(t.data().shape(), &self.shape, "Reshape")?;
-        Ok(Value::Int8(reshaped(&t, &shape, "Reshape")?))
+        let x = one(inputs, "Reshape")?;
+        self.forward_owned(vec![Cow::Borrowed(x)], ctx)
+    }
+    fn forward_owned(&self, inputs: Vec<Cow<'_, Value>>, ctx: &mut ExecCtx) -> Result<Value> {
+        let x = one_owned(inputs, "Reshape")?;
+        reshape_value(x, "Reshape", ctx, |s| {
+            resolve_shape(s, &self.shape, "Reshape")
+        })
     }
     fn output_qparams(&self) -> Option<ActQParams> {
         Some(self.q)
@@ -997,6 +1131,16 @@ impl QuantOp for IdentityOp {
     }
     fn forward(&self, inputs: &[&Value], _: &mut ExecCtx) -> Result<Value> {
         Ok(one(inputs, "Identity")?.clone())
+    }
+    fn forward_owned(&self, mut inputs: Vec<Cow<'_, Value>>, _: &mut ExecCtx) -> Result<Value> {
+        match inputs.len() {
+            // moved when the executor handed it over, copied otherwise
+            1 => Ok(inputs.swap_remove(0).into_owned()),
+            n => Err(QuantError::UnsupportedConfig {
+                context: "Identity".into(),
+                reason: format!("takes one input, got {n}"),
+            }),
+        }
     }
     fn output_qparams(&self) -> Option<ActQParams> {
         self.q

@@ -1,0 +1,440 @@
+//! The quantize border of an int8 model with the layout change folded in: `f32` NCHW ->
+//! `u8` NHWC quantization in one pass (the dequantize border, `u8` NHWC -> `f32` NCHW, is
+//! `elementwise::dequantize_nhwc_to_nchw`: a transpose into cache-resident scratch then the
+//! plain dequantization, which writes the floats in order and measured faster than
+//! dequantizing transposed blocks, whose sixteen interleaved store streams stall).
+//!
+//! It works on one image plane in blocks of 16 channels x 16 pixels held in sixteen
+//! SSE registers: quantize a block's rows and transpose the bytes in
+//! registers (four rounds of `unpack{lo,hi}_epi8`, as `x86::transpose16x16`). A channel
+//! count that is not a multiple of 16 ends in a partial block (its missing rows are
+//! zeros, its stores cut short); the pixels past the last multiple of 16 are left to the
+//! caller. The arithmetic per element is `elementwise::quantize_u8`'s, lane for lane. The
+//! sixteen rows a block reads are prefetched a few lines ahead (the hardware prefetcher
+//! does not follow sixteen interleaved streams: without it the kernel ran at half speed
+//! on data out of cache).
+
+use std::arch::x86_64::*;
+
+/// How many pixels ahead of a block its rows are prefetched.
+const AHEAD: usize = 64;
+
+/// Transposes sixteen rows of sixteen bytes held in registers.
+#[inline(always)]
+fn transpose16(mut a: [__m128i; 16]) -> [__m128i; 16] {
+    // SAFETY: SSE2 is part of x86-64; these intrinsics only move register bytes.
+    unsafe {
+        for _ in 0..4 {
+            let mut b = [_mm_setzero_si128(); 16];
+            for i in 0..8 {
+                b[2 * i] = _mm_unpacklo_epi8(a[i], a[i + 8]);
+                b[2 * i + 1] = _mm_unpackhi_epi8(a[i], a[i + 8]);
+            }
+            a = b;
+        }
+    }
+    a
+}
+
+/// Stores the first `n <= 16` bytes of `v` at `dst`.
+///
+/// # Safety
+/// `dst` writable for `n` bytes.
+#[inline(always)]
+unsafe fn store_bytes(v: __m128i, dst: *mut u8, n: usize) {
+    let mut tmp = [0u8; 16];
+    // SAFETY: `tmp` holds 16 bytes; the caller guarantees `dst` is writable for `n <= 16`
+    // bytes, which do not overlap the local `tmp`.
+    unsafe {
+        _mm_storeu_si128(tmp.as_mut_ptr() as *mut __m128i, v);
+        std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, n);
+    }
+}
+
+/// The quantization constants, broadcast to sixteen lanes.
+struct Q512 {
+    inv: __m512,
+    zp: __m512,
+    lim_lo: __m512,
+    lim_hi: __m512,
+    magic: __m512,
+    hi: __m512,
+    exp: __m512i,
+}
+
+/// Quantizes sixteen floats to sixteen bytes; sets bits of `bad` for non-finite lanes.
+///
+/// # Safety
+/// AVX-512F/BW must be available; `src` readable for 16 `f32`.
+#[inline(always)]
+unsafe fn quantize16_512(src: *const f32, k: &Q512, bad: &mut __mmask16) -> __m128i {
+    // SAFETY: the caller upholds the contract (features, 16 readable floats).
+    unsafe {
+        let x = _mm512_loadu_ps(src);
+        let e = _mm512_and_si512(_mm512_castps_si512(x), k.exp);
+        *bad |= _mm512_cmpeq_epi32_mask(e, k.exp);
+        let t = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x, k.inv), k.lim_lo), k.lim_hi);
+        let v = _mm512_add_ps(_mm512_sub_ps(_mm512_add_ps(t, k.magic), k.magic), k.zp);
+        let v = _mm512_min_ps(_mm512_max_ps(v, _mm512_setzero_ps()), k.hi);
+        _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(v))
+    }
+}
+
+/// Quantizes pixels `0..hw / 16 * 16` of one `[c][hw]` `f32` plane into the `[hw][c]`
+/// byte plane `dst`; returns whether those inputs were all finite.
+///
+/// # Safety
+/// AVX-512F/BW must be available; `src` readable for `c * hw` `f32`, `dst` writable for
+/// `hw * c` bytes.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(super) unsafe fn quantize_plane_nhwc_512(
+    src: *const f32,
+    c: usize,
+    hw: usize,
+    inv: f32,
+    zpf: f32,
+    dst: *mut u8,
+) -> bool {
+    // SAFETY: the caller upholds this function's `# Safety` contract. Block (p0, c0) reads
+    // rows c0 + i < c at pixels p0..p0 + 16 <= hw and writes pixel rows p0 + j < hw at
+    // channels c0..c0 + min(16, c - c0) <= c.
+    unsafe {
+        let k = Q512 {
+            inv: _mm512_set1_ps(inv),
+            zp: _mm512_set1_ps(zpf),
+            lim_lo: _mm512_set1_ps(-4_194_304.0),
+            lim_hi: _mm512_set1_ps(4_194_304.0),
+            magic: _mm512_set1_ps(12_582_912.0),
+            hi: _mm512_set1_ps(255.0),
+            exp: _mm512_set1_epi32(0x7f80_0000),
+        };
+        let mut bad: __mmask16 = 0;
+        let hw16 = hw / 16 * 16;
+        let mut p0 = 0;
+        while p0 < hw16 {
+            let mut c0 = 0;
+            while c0 < c {
+                let rows = (c - c0).min(16);
+                let mut a = [_mm_setzero_si128(); 16];
+                for (i, v) in a.iter_mut().enumerate().take(rows) {
+                    let row = src.add((c0 + i) * hw + p0);
+                    // the 16 rows are read side by side: the hardware prefetcher does not
+                    // follow them, so fetch each a few lines ahead
+                    _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(AHEAD) as *const i8);
+                    *v = quantize16_512(row, &k, &mut bad);
+                }
+                let t = transpose16(a);
+                if rows == 16 {
+                    for (j, v) in t.iter().enumerate() {
+                        _mm_storeu_si128(dst.add((p0 + j) * c + c0) as *mut __m128i, *v);
+                    }
+                } else {
+                    for (j, v) in t.iter().enumerate() {
+                        store_bytes(*v, dst.add((p0 + j) * c + c0), rows);
+                    }
+                }
+                c0 += 16;
+            }
+            p0 += 16;
+        }
+        bad == 0
+    }
+}
+
+/// The quantization constants, broadcast to eight lanes.
+struct Q256 {
+    inv: __m256,
+    zp: __m256,
+    lim_lo: __m256,
+    lim_hi: __m256,
+    magic: __m256,
+    hi: __m256,
+    exp: __m256i,
+}
+
+/// Quantizes eight floats to eight `i32` in `0..=255`; ors the non-finite lanes into `bad`.
+///
+/// # Safety
+/// AVX2 must be available; `src` readable for 8 `f32`.
+#[inline(always)]
+unsafe fn quantize8_256(src: *const f32, k: &Q256, bad: &mut __m256i) -> __m256i {
+    // SAFETY: the caller upholds the contract (features, 8 readable floats).
+    unsafe {
+        let x = _mm256_loadu_ps(src);
+        let e = _mm256_and_si256(_mm256_castps_si256(x), k.exp);
+        *bad = _mm256_or_si256(*bad, _mm256_cmpeq_epi32(e, k.exp));
+        let t = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(x, k.inv), k.lim_lo), k.lim_hi);
+        let v = _mm256_add_ps(_mm256_sub_ps(_mm256_add_ps(t, k.magic), k.magic), k.zp);
+        let v = _mm256_min_ps(_mm256_max_ps(v, _mm256_setzero_ps()), k.hi);
+        _mm256_cvttps_epi32(v)
+    }
+}
+
+/// [`quantize_plane_nhwc_512`] with AVX2 (two registers of eight lanes a row).
+///
+/// # Safety
+/// AVX2 must be available; `src` readable for `c * hw` `f32`, `dst` writable for `hw * c`
+/// bytes.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn quantize_plane_nhwc_256(
+    src: *const f32,
+    c: usize,
+    hw: usize,
+    inv: f32,
+    zpf: f32,
+    dst: *mut u8,
+) -> bool {
+    // SAFETY: the caller upholds this function's `# Safety` contract; the ranges are those
+    // of `quantize_plane_nhwc_512`.
+    unsafe {
+        let k = Q256 {
+            inv: _mm256_set1_ps(inv),
+            zp: _mm256_set1_ps(zpf),
+            lim_lo: _mm256_set1_ps(-4_194_304.0),
+            lim_hi: _mm256_set1_ps(4_194_304.0),
+            magic: _mm256_set1_ps(12_582_912.0),
+            hi: _mm256_set1_ps(255.0),
+            exp: _mm256_set1_epi32(0x7f80_0000),
+        };
+        let mut bad = _mm256_setzero_si256();
+        let hw16 = hw / 16 * 16;
+        let mut p0 = 0;
+        while p0 < hw16 {
+            let mut c0 = 0;
+            while c0 < c {
+                let rows = (c - c0).min(16);
+                let mut a = [_mm_setzero_si128(); 16];
+                for (i, v) in a.iter_mut().enumerate().take(rows) {
+                    let row = src.add((c0 + i) * hw + p0);
+                    _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(AHEAD) as *const i8);
+                    let r0 = quantize8_256(row, &k, &mut bad);
+                    let r1 = quantize8_256(row.add(8), &k, &mut bad);
+                    let w0 = _mm_packs_epi32(
+                        _mm256_castsi256_si128(r0),
+                        _mm256_extracti128_si256::<1>(r0),
+                    );
+                    let w1 = _mm_packs_epi32(
+                        _mm256_castsi256_si128(r1),
+                        _mm256_extracti128_si256::<1>(r1),
+                    );
+                    *v = _mm_packus_epi16(w0, w1);
+                }
+                let t = transpose16(a);
+                if rows == 16 {
+                    for (j, v) in t.iter().enumerate() {
+                        _mm_storeu_si128(dst.add((p0 + j) * c + c0) as *mut __m128i, *v);
+                    }
+                } else {
+                    for (j, v) in t.iter().enumerate() {
+                        store_bytes(*v, dst.add((p0 + j) * c + c0), rows);
+                    }
+                }
+                c0 += 16;
+            }
+            p0 += 16;
+        }
+        _mm256_testz_si256(bad, bad) == 1
+    }
+}
+
+use std::mem::MaybeUninit;
+
+use rayon::prelude::*;
+
+/// Tensors of at least this many elements spread their images over rayon's pool.
+const PAR_MIN: usize = 1 << 18;
+
+/// Runs `f(src_plane, dst_plane)` over the `b` planes of `plane` elements (in parallel
+/// for large tensors with more than one image); true when every call returned true.
+fn for_planes<S: Sync, D: Send>(
+    src: &[S],
+    dst: &mut [D],
+    plane: usize,
+    f: impl Fn(&[S], &mut [D]) -> bool + Sync,
+) -> bool {
+    if plane == 0 {
+        return true;
+    }
+    if src.len() > plane && src.len() >= PAR_MIN {
+        dst.par_chunks_mut(plane)
+            .zip(src.par_chunks(plane))
+            .map(|(d, s)| f(s, d))
+            .reduce(|| true, |a, b| a & b)
+    } else {
+        dst.chunks_mut(plane)
+            .zip(src.chunks(plane))
+            .fold(true, |ok, (d, s)| f(s, d) & ok)
+    }
+}
+
+/// A vector of `n` values every one of which `fill` writes (`fill` returns its flag).
+///
+/// # Safety
+/// `fill` must initialize every element of the slice it is given.
+unsafe fn filled_vec<T>(
+    n: usize,
+    fill: impl FnOnce(&mut [MaybeUninit<T>]) -> bool,
+) -> (Vec<T>, bool) {
+    let mut v: Vec<T> = Vec::with_capacity(n);
+    let ok = fill(&mut v.spare_capacity_mut()[..n]);
+    // SAFETY: the caller guarantees `fill` initialized all `n <= capacity` elements.
+    unsafe { v.set_len(n) };
+    (v, ok)
+}
+
+impl super::Avx2 {
+    /// Quantizes one `[c][hw]` `f32` plane into the `[hw][c]` byte plane `dst` (every
+    /// byte written); returns whether the inputs were all finite.
+    fn quantize_plane_nhwc(
+        self,
+        src: &[f32],
+        c: usize,
+        hw: usize,
+        inv: f32,
+        zpf: f32,
+        dst: &mut [MaybeUninit<u8>],
+    ) -> bool {
+        assert!(src.len() == c * hw && dst.len() == c * hw);
+        let d = dst.as_mut_ptr() as *mut u8;
+        let mut finite = if self.vnni {
+            // SAFETY: `vnni` is only set after detecting AVX-512F/BW; `src` holds `c * hw`
+            // floats and `dst` `hw * c` bytes (asserted).
+            unsafe { quantize_plane_nhwc_512(src.as_ptr(), c, hw, inv, zpf, d) }
+        } else {
+            // SAFETY: the token proves AVX2 + FMA; `src` holds `c * hw` floats and `dst`
+            // `hw * c` bytes (asserted).
+            unsafe { quantize_plane_nhwc_256(src.as_ptr(), c, hw, inv, zpf, d) }
+        };
+        for p in hw / 16 * 16..hw {
+            for ch in 0..c {
+                let x = src[ch * hw + p];
+                finite &= x.is_finite();
+                let q = crate::qparams::quantize_val_8bit(x, inv, zpf, 0.0, 255.0) as u8;
+                dst[p * c + ch].write(q);
+            }
+        }
+        finite
+    }
+
+    /// `elementwise::quantize_nchw_to_nhwc` into `dst`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn quantize_nchw_to_nhwc(
+        self,
+        src: &[f32],
+        b: usize,
+        c: usize,
+        hw: usize,
+        inv: f32,
+        zpf: f32,
+        dst: &mut [u8],
+    ) -> bool {
+        assert!(src.len() == b * c * hw && dst.len() == src.len());
+        // SAFETY: `MaybeUninit<u8>` has the layout of `u8`, and only initialized bytes
+        // are written through the view.
+        let d = unsafe { &mut *(dst as *mut [u8] as *mut [MaybeUninit<u8>]) };
+        for_planes(src, d, c * hw, |s, d| {
+            self.quantize_plane_nhwc(s, c, hw, inv, zpf, d)
+        })
+    }
+
+    /// `elementwise::quantize_nchw_to_nhwc` into a new vector (not zero-filled first);
+    /// `None` when an input is not finite.
+    pub(crate) fn quantize_nchw_to_nhwc_vec(
+        self,
+        src: &[f32],
+        b: usize,
+        c: usize,
+        hw: usize,
+        inv: f32,
+        zpf: f32,
+    ) -> Option<Vec<u8>> {
+        let n = b * c * hw;
+        assert_eq!(src.len(), n);
+        // SAFETY: `for_planes` hands every plane of the `n` values to
+        // `quantize_plane_nhwc`, which writes all of its bytes.
+        let (v, ok) = unsafe {
+            filled_vec(n, |d| {
+                for_planes(src, d, c * hw, |s, d| {
+                    self.quantize_plane_nhwc(s, c, hw, inv, zpf, d)
+                })
+            })
+        };
+        ok.then_some(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::KernelSet;
+
+    /// The AVX-512 body runs here whenever the CPU has AVX-512F/BW, even without the
+    /// VNNI that the kernel sets require to select them (so they are tested on such
+    /// machines too), against the portable set; the AVX2 bodies likewise.
+    #[test]
+    fn plane_bodies_match_the_portable_set() {
+        let avx512 = is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw");
+        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        for &(c, hw) in &[
+            (1usize, 16usize),
+            (3, 48),
+            (16, 16),
+            (17, 35),
+            (40, 64),
+            (128, 784),
+        ] {
+            let n = c * hw;
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919) % 2003) as f32 * 0.37 - 350.0)
+                .collect();
+            let (scale, zp) = (0.7f32, 77u8);
+            let mut want_q = vec![0u8; n];
+            let p = KernelSet::portable();
+            assert!(crate::kernels::elementwise::quantize_nchw_to_nhwc(
+                p,
+                &x,
+                1,
+                c,
+                hw,
+                scale,
+                zp,
+                &mut want_q
+            ));
+            let hw16 = hw / 16 * 16;
+            let (inv, zpf) = (1.0 / scale, zp as f32);
+            let mut bodies: Vec<(&str, bool)> = vec![("avx2", avx2)];
+            bodies.push(("avx512", avx512));
+            for (name, ok) in bodies {
+                if !ok {
+                    continue;
+                }
+                let mut got = vec![0u8; n];
+                // SAFETY: the features were detected; the buffers hold `c * hw` values.
+                let finite = unsafe {
+                    if name == "avx512" {
+                        quantize_plane_nhwc_512(x.as_ptr(), c, hw, inv, zpf, got.as_mut_ptr())
+                    } else {
+                        quantize_plane_nhwc_256(x.as_ptr(), c, hw, inv, zpf, got.as_mut_ptr())
+                    }
+                };
+                assert!(finite);
+                for p in 0..hw16 {
+                    for ch in 0..c {
+                        assert_eq!(got[p * c + ch], want_q[p * c + ch], "{name} {c}x{hw}");
+                    }
+                }
+                let mut bad = x.clone();
+                bad[(c - 1) * hw + hw16 - 1] = f32::NAN;
+                // SAFETY: as above.
+                let finite = unsafe {
+                    if name == "avx512" {
+                        quantize_plane_nhwc_512(bad.as_ptr(), c, hw, inv, zpf, got.as_mut_ptr())
+                    } else {
+                        quantize_plane_nhwc_256(bad.as_ptr(), c, hw, inv, zpf, got.as_mut_ptr())
+                    }
+                };
+                assert!(!finite, "{name} {c}x{hw}");
+            }
+        }
+    }
+}
