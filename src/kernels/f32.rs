@@ -17,10 +17,11 @@
 //!
 //! Summation orders differ from PyTorch's (as any two float libraries do); results agree
 //! to float rounding (the float parity tests allow 1e-5 relative). Every kernel set
-//! (portable, AVX2) computes the depthwise sums in the same order: mul and add are separate
-//! operations in the shared bodies (no FMA contraction), so the paths agree bit for bit.
-//! The GEMM's x86 tiles fuse each multiply-add, so they differ from the portable tile in
-//! the last bits.
+//! (portable, AVX2, AVX-512) computes the depthwise and GEMM sums in the same order with
+//! fused multiply-adds (`f32::mul_add` in the portable bodies: one instruction where the
+//! target has FMA, a correctly rounded library call elsewhere), so convolutions agree bit
+//! for bit across sets. The few-row Linear kernel's x86 bodies sum in vector lanes and
+//! differ from the portable body in the last bits.
 
 use std::cell::RefCell;
 
@@ -270,7 +271,7 @@ fn dw_plane(p: &DwArgs<'_>, o: &mut [f32]) {
                 let at = base + off + c;
                 let s: &[f32; L] = p.pad[at..at + L].try_into().expect("L values");
                 for i in 0..L {
-                    a[i] += wv * s[i];
+                    a[i] = wv.mul_add(s[i], a[i]);
                 }
             }
             store_row(orow, c, &mut a, p.relu);
@@ -512,8 +513,10 @@ const PMR: usize = 4;
 /// Portable tile columns.
 const PNR: usize = 16;
 
-/// Portable body of one `PMR x PNR` tile (see `x86::gemm_tile` for the contract): separate
-/// multiply and add, in step order.
+/// Portable body of one `PMR x PNR` tile (see `x86::gemm_tile` for the contract): fused
+/// multiply-adds in step order, so its sums are bit-identical to the AVX2 and AVX-512 tiles'
+/// (`f32::mul_add` is one instruction where the target has FMA, a correctly rounded
+/// library call elsewhere).
 #[allow(clippy::too_many_arguments)]
 fn gemm_tile_portable(
     kc: usize,
@@ -537,7 +540,7 @@ fn gemm_tile_portable(
         let ap = &a[p * PMR..(p + 1) * PMR];
         for (t, &av) in acc.iter_mut().zip(ap) {
             for j in 0..PNR {
-                t[j] += av * bp[j];
+                t[j] = av.mul_add(bp[j], t[j]);
             }
         }
     }
