@@ -179,7 +179,11 @@ fn bias_mode_survives_save_and_load() {
     assert_eq!(q.forward(x).unwrap(), back.forward(x).unwrap());
     let text = String::from_utf8_lossy(&bytes);
     assert_eq!(text.matches("bias_mode").count(), 21, "20 convs + 1 gemm");
-    assert_eq!(text.matches(":arithmetic").count(), 8, "8 adds");
+    assert_eq!(
+        text.matches(":arithmetic").count(),
+        9,
+        "8 adds + 1 global average pool"
+    );
     let fb = QConfig {
         arithmetic: Arithmetic::Fbgemm,
         ..QConfig::onnxruntime()
@@ -241,4 +245,63 @@ fn qadd_with_onnxruntime_arithmetic_equals_qlinearadd() {
     // the two arithmetics do part near rounding boundaries
     assert!(pytorch_differs > 0);
     println!("{checked} pairs identical; PyTorch's arithmetic differs on {pytorch_differs}");
+}
+
+/// ORT's `QLinearGlobalAveragePool` (`tools/gen_ort_gap_fixture.py`: 32 cases, spatial
+/// sizes 1x1 to 14x14, scales 1e-4 to 1e9, inputs near the zero point for ties) against
+/// ptq's int8 global average pool with ORT arithmetic, in both layouts; PyTorch's
+/// arithmetic (the fbgemm presets) differs on some of them.
+#[test]
+fn global_average_pool_equals_onnxruntimes_qlinear_global_average_pool() {
+    use ptq::nn::quantized::TorchLayout;
+    use ptq::qparams::ActQParams;
+    use ptq::quant::ops::AdaptiveAvgPoolOp;
+    use ptq::quant::{ExecCtx, Layout, QAct, QuantOp, Value};
+    let fx = read_safetensors(fixture("ort_gap.safetensors")).unwrap();
+    let (mut cases, mut values, mut pytorch_differs) = (0, 0, 0);
+    while let Some(x) = fx.get(&format!("{cases}.x")) {
+        let (y, qp) = (&fx[&format!("{cases}.y")], &fx[&format!("{cases}.qp")]);
+        let q = ActQParams::new(qp[[0]], qp[[1]] as i32).unwrap();
+        let xt = QTensor::new(x.mapv(|v| v as u8), q.scale(), q.zero_point()).unwrap();
+        let run = |op: &AdaptiveAvgPoolOp, layout: Layout| {
+            let held = match layout {
+                Layout::Nchw => QAct::new(xt.clone(), Layout::Nchw, TorchLayout::Contiguous),
+                Layout::Nhwc => {
+                    let t = QTensor::new(
+                        xt.data()
+                            .view()
+                            .permuted_axes(ndarray::IxDyn(&[0, 2, 3, 1]))
+                            .as_standard_layout()
+                            .to_owned(),
+                        q.scale(),
+                        q.zero_point(),
+                    )
+                    .unwrap();
+                    QAct::new(t, Layout::Nhwc, TorchLayout::ChannelsLast)
+                }
+            }
+            .unwrap();
+            let v = Value::Int8(held);
+            match op.forward(&[&v], &mut ExecCtx::default()).unwrap() {
+                Value::Int8(a) => a.nchw().data().mapv(f32::from),
+                _ => panic!("int8 output"),
+            }
+        };
+        let ort = AdaptiveAvgPoolOp::new((1, 1), q)
+            .unwrap()
+            .with_onnxruntime_arithmetic(true);
+        for layout in [Layout::Nchw, Layout::Nhwc] {
+            assert_eq!(&run(&ort, layout), y, "case {cases} {layout:?}");
+        }
+        let torch = AdaptiveAvgPoolOp::new((1, 1), q).unwrap();
+        pytorch_differs += run(&torch, Layout::Nchw)
+            .iter()
+            .zip(y)
+            .filter(|(a, b)| a != b)
+            .count();
+        values += y.len();
+        cases += 1;
+    }
+    println!("{cases} cases, {values} values identical; PyTorch's arithmetic differs on {pytorch_differs}");
+    assert_eq!(cases, 32);
 }

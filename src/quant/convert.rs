@@ -173,7 +173,8 @@ impl FromObserved for AvgPoolOp {
 impl FromObserved for AdaptiveAvgPoolOp {
     fn from_observed(o: &Observed<'_>) -> Result<Self> {
         match &o.node.op {
-            Op::AdaptiveAvgPool2d(s) => AdaptiveAvgPoolOp::new(*s, o.input(0)?),
+            Op::AdaptiveAvgPool2d(s) => Ok(AdaptiveAvgPoolOp::new(*s, o.input(0)?)?
+                .with_onnxruntime_arithmetic(o.qconfig.arithmetic == Arithmetic::OnnxRuntime)),
             _ => Err(internal(o.node, "AdaptiveAvgPoolOp from another op")),
         }
     }

@@ -232,6 +232,17 @@ impl QuantOp for DequantizeOp {
 /// Writes `bias_mode = int32` for ONNX Runtime's integer bias; nothing for fbgemm's float
 /// bias, so fbgemm files are unchanged and files written before the key existed load as
 /// fbgemm's.
+/// The record's `arithmetic` (absent or `fbgemm`: PyTorch's; `onnxruntime`: ORT's).
+fn read_onnxruntime_arithmetic(r: &OpRecordReader<'_, '_>) -> Result<bool> {
+    match r.opt("arithmetic") {
+        None | Some("fbgemm") => Ok(false),
+        Some("onnxruntime") => Ok(true),
+        Some(v) => Err(r.bad(format!(
+            "metadata `arithmetic` = {v:?} is not \"fbgemm\" or \"onnxruntime\""
+        ))),
+    }
+}
+
 fn write_bias_mode(rec: &mut OpRecordWriter<'_>, mode: BiasMode) {
     if mode == BiasMode::Int32 {
         rec.set("bias_mode", "int32");
@@ -491,15 +502,7 @@ impl AddOp {
     /// # Errors
     /// Malformed records.
     pub fn read(r: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
-        let ort = match r.opt("arithmetic") {
-            None | Some("fbgemm") => false,
-            Some("onnxruntime") => true,
-            Some(v) => {
-                return Err(r.bad(format!(
-                    "metadata `arithmetic` = {v:?} is not \"fbgemm\" or \"onnxruntime\""
-                )))
-            }
-        };
+        let ort = read_onnxruntime_arithmetic(r)?;
         Ok(Box::new(
             AddOp::new(r.act("out")?, r.flag("relu")?).with_onnxruntime_arithmetic(ort),
         ))
@@ -801,6 +804,7 @@ impl QuantOp for AvgPoolOp {
 pub struct AdaptiveAvgPoolOp {
     pool: QAdaptiveAvgPool2d,
     q: ActQParams,
+    onnxruntime: bool,
 }
 
 impl AdaptiveAvgPoolOp {
@@ -812,16 +816,74 @@ impl AdaptiveAvgPoolOp {
         Ok(AdaptiveAvgPoolOp {
             pool: QAdaptiveAvgPool2d::new(output)?,
             q,
+            onnxruntime: false,
         })
+    }
+    /// With `on`, a global pool (output 1x1) computes as ONNX Runtime's
+    /// `QLinearGlobalAveragePool` (MLAS): `acc = sum(q) - zp * N` in integers, then
+    /// `round_half_even(acc as f32 * (scale / (scale * N as f32))) + zp`, clamped (saved as
+    /// `arithmetic = onnxruntime`). Other output sizes keep PyTorch's arithmetic.
+    pub fn with_onnxruntime_arithmetic(mut self, on: bool) -> Self {
+        self.onnxruntime = on;
+        self
     }
     /// Reader for the file table.
     ///
     /// # Errors
     /// Malformed records; the kernel's constructor errors.
     pub fn read(r: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
-        Ok(Box::new(AdaptiveAvgPoolOp::new(
-            r.pair("output", 1)?,
-            r.act("q")?,
+        let ort = read_onnxruntime_arithmetic(r)?;
+        Ok(Box::new(
+            AdaptiveAvgPoolOp::new(r.pair("output", 1)?, r.act("q")?)?
+                .with_onnxruntime_arithmetic(ort),
+        ))
+    }
+
+    /// ORT's global average pool over `[n, h, w, c]` (NHWC) or `[n, c, h, w]` data.
+    fn global_onnxruntime(&self, x: &QAct) -> Result<Value> {
+        let t = x.raw();
+        let d = t.data().shape();
+        let (n, c, hw) = match x.layout() {
+            Layout::Nhwc => (d[0], d[3], d[1] * d[2]),
+            Layout::Nchw => (d[0], d[1], d[2] * d[3]),
+        };
+        if hw == 0 || hw >= 1 << 24 {
+            return Err(QuantError::ShapeMismatch {
+                context: "AdaptiveAvgPool2d".into(),
+                expected: "1 to 2^24 - 1 input pixels (ONNX Runtime's limit)".into(),
+                actual: format!("shape {d:?}"),
+            });
+        }
+        let (s, zp) = (self.q.scale(), self.q.zero_point());
+        let scale = s / (s * hw as f32);
+        let data = t.data().as_standard_layout();
+        let v = data.as_slice().unwrap_or(&[]);
+        let mut out = vec![0u8; n * c];
+        for (b, o) in out.chunks_mut(c.max(1)).enumerate().take(n) {
+            for (ch, y) in o.iter_mut().enumerate() {
+                let sum: i64 = match x.layout() {
+                    Layout::Nhwc => (0..hw).map(|p| v[(b * hw + p) * c + ch] as i64).sum(),
+                    Layout::Nchw => v[(b * c + ch) * hw..(b * c + ch + 1) * hw]
+                        .iter()
+                        .map(|&q| q as i64)
+                        .sum(),
+                };
+                let acc = (sum - zp as i64 * hw as i64) as i32;
+                let r = (acc as f32 * scale).round_ties_even() + zp as f32;
+                *y = r.clamp(0.0, 255.0) as u8;
+            }
+        }
+        let y = ArrayD::from_shape_vec(IxDyn(&[n, c, 1, 1]), out).map_err(|e| {
+            QuantError::ShapeMismatch {
+                context: "AdaptiveAvgPool2d".into(),
+                expected: format!("{n} x {c} outputs"),
+                actual: e.to_string(),
+            }
+        })?;
+        Ok(Value::Int8(QAct::new(
+            QTensor::new(y, s, zp)?,
+            Layout::Nchw,
+            x.torch_layout(),
         )?))
     }
 }
@@ -832,6 +894,9 @@ impl QuantOp for AdaptiveAvgPoolOp {
     }
     fn forward(&self, inputs: &[&Value], _: &mut ExecCtx) -> Result<Value> {
         let x = one(inputs, "AdaptiveAvgPool2d")?.int8("AdaptiveAvgPool2d")?;
+        if self.onnxruntime && self.pool.output_size() == (1, 1) && x.shape().len() == 4 {
+            return self.global_onnxruntime(x);
+        }
         let pool = self.pool.with_layout(x.torch_layout());
         same_layout(x, |t| pool.forward(t), |t| pool.forward_nhwc(t))
     }
@@ -841,6 +906,9 @@ impl QuantOp for AdaptiveAvgPoolOp {
     fn write(&self, rec: &mut OpRecordWriter<'_>) -> Result<()> {
         rec.pair("output", self.pool.output_size());
         rec.act("q", self.q);
+        if self.onnxruntime {
+            rec.set("arithmetic", "onnxruntime");
+        }
         Ok(())
     }
 }
