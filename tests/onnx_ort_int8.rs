@@ -305,3 +305,46 @@ fn global_average_pool_equals_onnxruntimes_qlinear_global_average_pool() {
     println!("{cases} cases, {values} values identical; PyTorch's arithmetic differs on {pytorch_differs}");
     assert_eq!(cases, 32);
 }
+
+/// What ORT runs for ptq's QDQ export of a hardsigmoid (DequantizeLinear -> HardSigmoid ->
+/// QuantizeLinear to 1/256; `tools/gen_ort_gap_fixture.py`: every u8 input for 24 input
+/// scales / zero points) against ptq's int8 hardsigmoid with ORT arithmetic.
+#[test]
+fn hardsigmoid_equals_onnxruntimes_qdq_hardsigmoid() {
+    use ptq::nn::quantized::TorchLayout;
+    use ptq::quant::ops::SigmoidOp;
+    use ptq::quant::{ExecCtx, Layout, QAct, QuantOp, Value};
+    let fx = read_safetensors(fixture("ort_gap.safetensors")).unwrap();
+    let (mut cases, mut pytorch_differs) = (0, 0);
+    while let Some(want) = fx.get(&format!("hs.{cases}.y")) {
+        let qp = &fx[&format!("hs.{cases}.qp")];
+        let x = ndarray::ArrayD::from_shape_fn(ndarray::IxDyn(&[1, 256]), |i| i[1] as u8);
+        let v = Value::Int8(
+            QAct::new(
+                QTensor::new(x, qp[[0]], qp[[1]] as i32).unwrap(),
+                Layout::Nchw,
+                TorchLayout::Contiguous,
+            )
+            .unwrap(),
+        );
+        let run = |op: SigmoidOp| match op.forward(&[&v], &mut ExecCtx::default()).unwrap() {
+            Value::Int8(a) => a
+                .nchw()
+                .data()
+                .iter()
+                .map(|&q| q as f32)
+                .collect::<Vec<_>>(),
+            _ => panic!("int8 output"),
+        };
+        let ort = run(SigmoidOp::new(true).with_onnxruntime_arithmetic(true));
+        assert_eq!(&ort[..], want.as_slice().unwrap(), "case {cases} {qp}");
+        pytorch_differs += run(SigmoidOp::new(true))
+            .iter()
+            .zip(want.iter())
+            .filter(|(a, b)| a != b)
+            .count();
+        cases += 1;
+    }
+    println!("{cases} x 256 values identical; PyTorch's hardsigmoid differs on {pytorch_differs}");
+    assert_eq!(cases, 24);
+}

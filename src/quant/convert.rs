@@ -229,7 +229,9 @@ impl FromObserved for HardswishOp {
 
 impl FromObserved for SigmoidOp {
     fn from_observed(o: &Observed<'_>) -> Result<Self> {
-        Ok(SigmoidOp::new(matches!(o.node.op, Op::Hardsigmoid)))
+        let hard = matches!(o.node.op, Op::Hardsigmoid);
+        Ok(SigmoidOp::new(hard)
+            .with_onnxruntime_arithmetic(hard && o.qconfig.arithmetic == Arithmetic::OnnxRuntime))
     }
 }
 

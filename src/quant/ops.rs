@@ -1425,19 +1425,35 @@ pub fn sigmoid_qparams() -> ActQParams {
 #[derive(Debug, Clone)]
 pub struct SigmoidOp {
     hard: bool,
+    onnxruntime: bool,
 }
 
 impl SigmoidOp {
     /// `Hardsigmoid` if `hard`, else `Sigmoid`.
     pub fn new(hard: bool) -> Self {
-        SigmoidOp { hard }
+        SigmoidOp {
+            hard,
+            onnxruntime: false,
+        }
+    }
+    /// With `on`, a hardsigmoid computes what ONNX Runtime runs for ptq's QDQ export
+    /// (DequantizeLinear -> HardSigmoid(alpha = 1/6 as f32, beta = 0.5) -> QuantizeLinear to
+    /// 1/256): `round_half_even(clamp(alpha * ((q - zp) * scale) + 0.5, 0, 1) * 256)` in f32,
+    /// as a 256-entry table (saved as `arithmetic = onnxruntime`). Sigmoid keeps PyTorch's
+    /// arithmetic.
+    pub fn with_onnxruntime_arithmetic(mut self, on: bool) -> Self {
+        self.onnxruntime = on;
+        self
     }
     /// Reader for the file table (`Hardsigmoid`).
     ///
     /// # Errors
-    /// None.
-    pub fn read_hard(_: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
-        Ok(Box::new(SigmoidOp::new(true)))
+    /// Malformed `arithmetic`.
+    pub fn read_hard(r: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
+        let ort = read_onnxruntime_arithmetic(r)?;
+        Ok(Box::new(
+            SigmoidOp::new(true).with_onnxruntime_arithmetic(ort),
+        ))
     }
     /// Reader for the file table (`Sigmoid`).
     ///
@@ -1446,6 +1462,19 @@ impl SigmoidOp {
     pub fn read_soft(_: &mut OpRecordReader<'_, '_>) -> Result<Box<dyn QuantOp>> {
         Ok(Box::new(SigmoidOp::new(false)))
     }
+}
+
+/// ORT's float hardsigmoid between a dequantize with `(scale, zp)` and a quantize to
+/// `(1/256, 0)`, for every u8 input.
+fn onnxruntime_hardsigmoid_table(scale: f32, zp: i32) -> [u8; 256] {
+    let alpha = (1.0f64 / 6.0) as f32;
+    let mut t = [0u8; 256];
+    for (q, y) in t.iter_mut().enumerate() {
+        let x = (q as i32 - zp) as f32 * scale;
+        let h = (alpha * x + 0.5).clamp(0.0, 1.0);
+        *y = (h * 256.0).round_ties_even().clamp(0.0, 255.0) as u8;
+    }
+    t
 }
 
 impl QuantOp for SigmoidOp {
@@ -1459,7 +1488,17 @@ impl QuantOp for SigmoidOp {
     fn forward(&self, inputs: &[&Value], _: &mut ExecCtx) -> Result<Value> {
         let x = one(inputs, self.kind())?.int8(self.kind())?;
         let l = x.torch_layout();
-        if self.hard {
+        if self.hard && self.onnxruntime {
+            let t = x.raw();
+            let table = onnxruntime_hardsigmoid_table(t.scale(), t.zero_point());
+            let q = sigmoid_qparams();
+            let y = QTensor::new(
+                t.data().mapv(|v| table[v as usize]),
+                q.scale(),
+                q.zero_point(),
+            )?;
+            Ok(Value::Int8(QAct::new(y, x.layout(), l)?))
+        } else if self.hard {
             let f = QHardsigmoid::new().with_layout(l);
             same_layout(x, |t| f.forward(t), |t| f.forward_nhwc(t))
         } else {
@@ -1470,7 +1509,10 @@ impl QuantOp for SigmoidOp {
     fn output_qparams(&self) -> Option<ActQParams> {
         Some(sigmoid_qparams())
     }
-    fn write(&self, _: &mut OpRecordWriter<'_>) -> Result<()> {
+    fn write(&self, rec: &mut OpRecordWriter<'_>) -> Result<()> {
+        if self.onnxruntime {
+            rec.set("arithmetic", "onnxruntime");
+        }
         Ok(())
     }
 }
