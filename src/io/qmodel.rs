@@ -81,12 +81,7 @@ impl QuantizedModel {
     /// As [`QuantizedModel::to_bytes`], and [`QuantError::InvalidFile`] if the file cannot
     /// be written.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
-        let path = path.as_ref();
-        let bytes = self.to_bytes()?;
-        std::fs::write(path, bytes).map_err(|e| QuantError::InvalidFile {
-            context: path.display().to_string(),
-            reason: format!("cannot write: {e}"),
-        })
+        self.graph().save(path)
     }
 
     /// Reads a model saved by [`QuantizedModel::save`] (or a one-input, one-output graph
@@ -97,12 +92,7 @@ impl QuantizedModel {
     /// [`QuantError::InvalidFile`] for an unreadable, truncated, corrupt or hostile file,
     /// or a `ptq-qmodel/1` file (see [`QuantizedModel::from_bytes`]).
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let ctx = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|e| QuantError::InvalidFile {
-            context: ctx.clone(),
-            reason: e.to_string(),
-        })?;
+        let (bytes, ctx) = crate::quant::record::read_file(path.as_ref())?;
         load_model(&bytes, &ctx)
     }
 

@@ -243,6 +243,14 @@ fn read_onnxruntime_arithmetic(r: &OpRecordReader<'_, '_>) -> Result<bool> {
     }
 }
 
+/// Writes `arithmetic = onnxruntime` when `on` (PyTorch's arithmetic writes nothing, so
+/// older files read as fbgemm); read back by [`read_onnxruntime_arithmetic`].
+fn write_onnxruntime_arithmetic(rec: &mut OpRecordWriter<'_>, on: bool) {
+    if on {
+        rec.set("arithmetic", "onnxruntime");
+    }
+}
+
 fn write_bias_mode(rec: &mut OpRecordWriter<'_>, mode: BiasMode) {
     if mode == BiasMode::Int32 {
         rec.set("bias_mode", "int32");
@@ -560,9 +568,7 @@ impl QuantOp for AddOp {
     fn write(&self, rec: &mut OpRecordWriter<'_>) -> Result<()> {
         rec.act("out", self.out);
         rec.set("relu", self.relu as u8);
-        if self.onnxruntime {
-            rec.set("arithmetic", "onnxruntime");
-        }
+        write_onnxruntime_arithmetic(rec, self.onnxruntime);
         Ok(())
     }
     fn arity(&self) -> usize {
@@ -858,21 +864,32 @@ impl AdaptiveAvgPoolOp {
         let scale = s / (s * hw as f32);
         let data = t.data().as_standard_layout();
         let v = data.as_slice().unwrap_or(&[]);
-        let mut out = vec![0u8; n * c];
-        for (b, o) in out.chunks_mut(c.max(1)).enumerate().take(n) {
-            for (ch, y) in o.iter_mut().enumerate() {
-                let sum: i64 = match x.layout() {
-                    Layout::Nhwc => (0..hw).map(|p| v[(b * hw + p) * c + ch] as i64).sum(),
-                    Layout::Nchw => v[(b * c + ch) * hw..(b * c + ch + 1) * hw]
-                        .iter()
-                        .map(|&q| q as i64)
-                        .sum(),
-                };
-                let acc = (sum - zp as i64 * hw as i64) as i32;
-                let r = (acc as f32 * scale).round_ties_even() + zp as f32;
-                *y = r.clamp(0.0, 255.0) as u8;
+        let mut sums = vec![0i64; n * c];
+        match x.layout() {
+            // one pass over each image's pixels, every channel's sum in its lane
+            Layout::Nhwc => {
+                for (b, s) in sums.chunks_mut(c.max(1)).enumerate().take(n) {
+                    for px in v[b * hw * c..(b + 1) * hw * c].chunks(c.max(1)) {
+                        for (a, &q) in s.iter_mut().zip(px) {
+                            *a += q as i64;
+                        }
+                    }
+                }
+            }
+            Layout::Nchw => {
+                for (a, plane) in sums.iter_mut().zip(v.chunks(hw)) {
+                    *a = plane.iter().map(|&q| q as i64).sum();
+                }
             }
         }
+        let out: Vec<u8> = sums
+            .iter()
+            .map(|&sum| {
+                let acc = (sum - zp as i64 * hw as i64) as i32;
+                let r = (acc as f32 * scale).round_ties_even() + zp as f32;
+                r.clamp(0.0, 255.0) as u8
+            })
+            .collect();
         let y = ArrayD::from_shape_vec(IxDyn(&[n, c, 1, 1]), out).map_err(|e| {
             QuantError::ShapeMismatch {
                 context: "AdaptiveAvgPool2d".into(),
@@ -906,9 +923,7 @@ impl QuantOp for AdaptiveAvgPoolOp {
     fn write(&self, rec: &mut OpRecordWriter<'_>) -> Result<()> {
         rec.pair("output", self.pool.output_size());
         rec.act("q", self.q);
-        if self.onnxruntime {
-            rec.set("arithmetic", "onnxruntime");
-        }
+        write_onnxruntime_arithmetic(rec, self.onnxruntime);
         Ok(())
     }
 }
@@ -1510,9 +1525,7 @@ impl QuantOp for SigmoidOp {
         Some(sigmoid_qparams())
     }
     fn write(&self, rec: &mut OpRecordWriter<'_>) -> Result<()> {
-        if self.onnxruntime {
-            rec.set("arithmetic", "onnxruntime");
-        }
+        write_onnxruntime_arithmetic(rec, self.onnxruntime);
         Ok(())
     }
 }

@@ -274,12 +274,7 @@ impl QuantizedGraph {
     /// As [`QuantizedGraph::from_bytes`], and [`QuantError::InvalidFile`] if the file
     /// cannot be read.
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let ctx = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|e| QuantError::InvalidFile {
-            context: ctx.clone(),
-            reason: e.to_string(),
-        })?;
+        let (bytes, ctx) = read_file(path.as_ref())?;
         load(&bytes, &ctx)
     }
 
@@ -307,6 +302,16 @@ fn parse_list(r: &Reader<'_>, key: &str, bound: usize) -> Result<Vec<usize>> {
             ))),
         })
         .collect()
+}
+
+/// The bytes of a saved model file and the path as error context.
+pub(crate) fn read_file(path: &Path) -> Result<(Vec<u8>, String)> {
+    let ctx = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|e| QuantError::InvalidFile {
+        context: ctx.clone(),
+        reason: e.to_string(),
+    })?;
+    Ok((bytes, ctx))
 }
 
 pub(crate) fn load(bytes: &[u8], ctx: &str) -> Result<QuantizedGraph> {
