@@ -335,9 +335,10 @@ fn equalization_handles_flatten_pools_and_depthwise_and_skips_what_does_not_comm
     );
     assert_eq!(report.pairs.len(), 3); // c1 -> dw, dw -> c2, c2 -> fc (through flatten)
     assert_eq!(report.skipped.len(), 1);
+    // (first, the node where the chain stopped, why): the ReLU6 (a clamp) stops fc's chain.
     assert_eq!(
         (report.skipped[0].0.as_str(), report.skipped[0].1.as_str()),
-        ("fc", "fc2")
+        ("fc", "relu6")
     );
     assert!(report.skipped[0].2.contains("ReLU6"));
     assert!(matches!(

@@ -3,12 +3,16 @@
 //! correction ([`correct_bias`]).
 
 use std::borrow::Borrow;
+use std::collections::HashMap;
 use std::fmt;
 
-use ndarray::{ArrayD, Axis};
+use ndarray::ArrayD;
 
-use super::weighted::{equalizing_scales, pair_block, DeltaLayer, Weighted, WeightedMut};
+use super::graph::One;
+use super::sensitivity::lower_for;
+use super::weighted::{equalizing_scales, Weighted, WeightedMut};
 use crate::error::{QuantError, Result};
+use crate::graph::{Graph, Op};
 use crate::nn::{Layer, Sequential};
 use crate::qconfig::QConfigMap;
 
@@ -49,7 +53,9 @@ pub fn range_spread(ranges: &[f32]) -> f32 {
 pub struct EqualizationReport {
     /// Equalized pairs, in model order.
     pub pairs: Vec<EqualizedPair>,
-    /// `(first, second, reason)` for every adjacent pair that was left alone.
+    /// `(first, node where the chain stopped, reason)` for every convolution / linear
+    /// layer whose chain to the next one stopped at a layer that does not commute with
+    /// per-channel scaling (ReLU6, an unfused batch norm, an add, ...) or at a fan-out.
     pub skipped: Vec<(String, String, String)>,
     /// Sweeps over the chain that were run.
     pub sweeps: usize,
@@ -92,85 +98,12 @@ impl fmt::Display for EqualizationReport {
     }
 }
 
-/// A pair found in the model: child indices and how `second`'s inputs map to channels.
-struct Pair {
-    a: usize,
-    b: usize,
-    /// Inputs of `second` per channel of `first` (1, or H*W through Flatten).
-    block: usize,
-}
-
-fn is_weighted(l: &Layer) -> bool {
-    Weighted::of_layer(l).is_some()
-}
-
-/// Output channels of a weighted layer.
-fn out_channels(l: &Layer) -> usize {
-    Weighted::of_layer(l).map_or(0, |w| w.out_channels())
-}
-
-/// Finds the equalizable pairs among the top-level children and explains the others.
-fn find_pairs(model: &Sequential, skipped: &mut Vec<(String, String, String)>) -> Vec<Pair> {
-    let ch = model.children();
-    let mut pairs = Vec::new();
-    for a in 0..ch.len() {
-        if !is_weighted(&ch[a].1) {
-            continue;
-        }
-        let mut flatten = false;
-        let mut b = a + 1;
-        let mut blocked = None;
-        while b < ch.len() {
-            match &ch[b].1 {
-                l if is_weighted(l) => break,
-                Layer::ReLU
-                | Layer::Identity
-                | Layer::Dropout
-                | Layer::Pool2d(_)
-                | Layer::AdaptiveAvgPool2d(_) => {}
-                Layer::Flatten { start_dim: 1 } => flatten = true,
-                other => {
-                    blocked = Some(format!(
-                        "{} between them does not commute with per-channel scaling",
-                        other.type_name()
-                    ));
-                    break;
-                }
-            }
-            b += 1;
-        }
-        if b >= ch.len() {
-            continue;
-        }
-        if let Some(why) = blocked {
-            // Report it only when a weighted layer follows at all.
-            if let Some((nb, _)) = ch[b..].iter().find(|(_, l)| is_weighted(l)) {
-                skipped.push((ch[a].0.clone(), nb.clone(), why));
-            }
-            continue;
-        }
-        let (Some(wa), Some(wb)) = (Weighted::of_layer(&ch[a].1), Weighted::of_layer(&ch[b].1))
-        else {
-            continue;
-        };
-        let block = match pair_block(wa, wb, flatten) {
-            Ok(block) => block,
-            Err(why) => {
-                skipped.push((ch[a].0.clone(), ch[b].0.clone(), why));
-                continue;
-            }
-        };
-        pairs.push(Pair { a, b, block });
-    }
-    pairs
-}
-
 /// Cross-layer equalization (Nagel et al., "Data-Free Quantization Through Weight
 /// Equalization and Bias Correction", ICCV 2019).
 ///
-/// For every pair `W1 -> (ReLU, max/avg pooling, Dropout, Identity, Flatten(1)) -> W2`
-/// among the model's top-level children, with `W1`, `W2` a Conv2d / Linear (fused ReLU
-/// variants included), output channel `i` of `W1` is divided by
+/// For every chain `W1 -> (ReLU, max/avg pooling, Dropout, Identity, Flatten(1)) -> W2`
+/// in the model, nested `Sequential` children and residual bodies included, with `W1`,
+/// `W2` a Conv2d / Linear (fused ReLU variants included), output channel `i` of `W1` is divided by
 /// `s_i = sqrt(r1_i * r2_i) / r2_i` and input channel `i` of `W2` multiplied by it, where
 /// `r1_i` is `max |W1[i, ..]|` and `r2_i` is `max |W2[:, i, ..]|`. Afterwards both ranges
 /// are `sqrt(r1_i * r2_i)`: per-tensor weight scales no longer starve the small channels.
@@ -181,13 +114,15 @@ fn find_pairs(model: &Sequential, skipped: &mut Vec<(String, String, String)>) -
 /// `1e-4` relative. A channel whose range is 0 on either side keeps scale 1.
 ///
 /// Grouped and depthwise convolutions are handled (a grouped second layer's input channel
-/// `i` lives in group `i / (in / groups)`). Layers nested in `Sequential` or `Residual`
-/// children are left alone, as is any pair with another layer between them (e.g. a
-/// BatchNorm2d not fused yet, or ReLU6, whose clipping does not commute with scaling);
-/// such pairs are listed in [`EqualizationReport::skipped`]. Run it after
-/// [`fuse`](crate::nn::fuse). To equalize inside residual blocks, lower the model with
-/// [`Graph::from_sequential`](crate::graph::Graph::from_sequential) and use
-/// [`graph::equalize`](super::graph::equalize).
+/// `i` lives in group `i / (in / groups)`). A chain stops at any other layer between
+/// them (e.g. a BatchNorm2d not fused yet, or ReLU6, whose clipping does not commute with
+/// scaling) and at a residual block's input or add (its skip connection would see the
+/// scales); those are listed in [`EqualizationReport::skipped`]. Run it after
+/// [`fuse`](crate::nn::fuse).
+///
+/// The model is lowered into a graph (names preserved) and equalized by
+/// [`graph::equalize`](super::graph::equalize); the new weights are written back into a
+/// copy of the model by layer path.
 ///
 /// # Errors
 /// [`QuantError::UnsupportedConfig`] if `max_sweeps` is 0.
@@ -216,66 +151,81 @@ fn find_pairs(model: &Sequential, skipped: &mut Vec<(String, String, String)>) -
 /// # Ok::<(), ptq::QuantError>(())
 /// ```
 pub fn equalize(model: &Sequential, max_sweeps: usize) -> Result<(Sequential, EqualizationReport)> {
-    if max_sweeps == 0 {
-        return Err(QuantError::UnsupportedConfig {
-            context: "equalize".into(),
-            reason: "max_sweeps must be at least 1".into(),
-        });
+    let graph = Graph::structure_of_sequential(model)?;
+    let (eq, report) = super::graph::equalize(&graph, max_sweeps)?;
+    Ok((with_weights_of(model, &eq), report))
+}
+
+/// `model` with the weights and biases of every convolution / linear layer replaced by
+/// those of the graph node of the same name (the transforms' results written back).
+fn with_weights_of(model: &Sequential, graph: &Graph) -> Sequential {
+    fn walk(seq: &mut Sequential, prefix: &str, ops: &HashMap<&str, &Op>) {
+        for (name, layer) in seq.children_mut() {
+            let path = if prefix.is_empty() {
+                name.clone()
+            } else {
+                format!("{prefix}.{name}")
+            };
+            match (layer, ops.get(path.as_str())) {
+                (Layer::Sequential(s) | Layer::Residual(s), _) => walk(s, &path, ops),
+                (
+                    Layer::Conv2d(c) | Layer::ConvReLU2d(c),
+                    Some(Op::Conv2d(g) | Op::ConvReLU2d(g)),
+                ) => *c = g.clone(),
+                (
+                    Layer::Linear(l) | Layer::LinearReLU(l),
+                    Some(Op::Linear(g) | Op::LinearReLU(g)),
+                ) => *l = g.clone(),
+                _ => {}
+            }
+        }
     }
-    let mut out = model.clone();
-    let mut report = EqualizationReport::default();
-    let pairs: Vec<(usize, usize, usize)> = find_pairs(&out, &mut report.skipped)
-        .into_iter()
-        .map(|p| (p.a, p.b, p.block))
+    let ops: HashMap<&str, &Op> = graph
+        .nodes()
+        .iter()
+        .map(|n| (n.name.as_str(), &n.op))
         .collect();
-    equalize_pairs(&mut out, &pairs, max_sweeps, &mut report);
-    Ok((out, report))
+    let mut out = model.clone();
+    walk(&mut out, "", &ops);
+    out
 }
 
-/// Where the weighted layers of a model are, by index (a `Sequential`'s child index, a
-/// graph's node index), so one equalization loop serves both.
-pub(crate) trait WeightedAt {
-    /// The name and weighted layer at `i` (`None` if it has no weights).
-    fn weighted(&self, i: usize) -> Option<(&str, Weighted<'_>)>;
-    /// The weighted layer at `i`, mutably.
-    fn weighted_mut(&mut self, i: usize) -> Option<WeightedMut<'_>>;
+/// The name and weighted layer of node `i` (`None` if it has no weights).
+pub(crate) fn weighted(graph: &Graph, i: usize) -> Option<(&str, Weighted<'_>)> {
+    let n = graph.nodes().get(i)?;
+    Weighted::of_op(&n.op).map(|w| (n.name.as_str(), w))
 }
 
-impl WeightedAt for Sequential {
-    fn weighted(&self, i: usize) -> Option<(&str, Weighted<'_>)> {
-        let (name, l) = self.children().get(i)?;
-        Weighted::of_layer(l).map(|w| (name.as_str(), w))
-    }
-    fn weighted_mut(&mut self, i: usize) -> Option<WeightedMut<'_>> {
-        WeightedMut::of_layer(&mut self.children_mut().get_mut(i)?.1)
-    }
+/// The weighted layer of node `i`, mutably.
+pub(crate) fn weighted_mut(graph: &mut Graph, i: usize) -> Option<WeightedMut<'_>> {
+    WeightedMut::of_op(&mut graph.nodes_mut().get_mut(i)?.op)
 }
 
 /// Equalizes `pairs` `(first, second, block)` of `model` in place: up to `max_sweeps`
 /// sweeps over all pairs (in order), stopping once no scale moves more than `1e-4`;
 /// appends one [`EqualizedPair`] per pair to `report` and sets its sweep count.
-pub(crate) fn equalize_pairs<M: WeightedAt>(
-    model: &mut M,
+pub(crate) fn equalize_pairs(
+    model: &mut Graph,
     pairs: &[(usize, usize, usize)],
     max_sweeps: usize,
     report: &mut EqualizationReport,
 ) {
-    let ranges = |m: &M, a: usize, b: usize, block: usize| -> Option<(Vec<f32>, Vec<f32>)> {
-        let (_, wa) = m.weighted(a)?;
-        let (_, wb) = m.weighted(b)?;
+    let ranges = |m: &Graph, a: usize, b: usize, block: usize| -> Option<(Vec<f32>, Vec<f32>)> {
+        let (_, wa) = weighted(m, a)?;
+        let (_, wb) = weighted(m, b)?;
         Some((wa.out_ranges(), wb.in_ranges(wa.out_channels(), block)))
     };
     let pairs: Vec<(usize, usize, usize)> = pairs
         .iter()
         .copied()
-        .filter(|&(a, b, _)| model.weighted(a).is_some() && model.weighted(b).is_some())
+        .filter(|&(a, b, _)| weighted(model, a).is_some() && weighted(model, b).is_some())
         .collect();
     let first = report.pairs.len();
     let mut totals: Vec<Vec<f32>> = Vec::new();
     for &(a, b, block) in &pairs {
         let (Some((na, _)), Some((nb, _)), Some((r1, r2))) = (
-            model.weighted(a),
-            model.weighted(b),
+            weighted(model, a),
+            weighted(model, b),
             ranges(model, a, b, block),
         ) else {
             continue;
@@ -303,10 +253,10 @@ pub(crate) fn equalize_pairs<M: WeightedAt>(
                 *t *= si;
                 moved = moved.max((si - 1.0).abs());
             }
-            if let Some(mut w) = model.weighted_mut(a) {
+            if let Some(mut w) = weighted_mut(model, a) {
                 w.scale_out(&s);
             }
-            if let Some(mut w) = model.weighted_mut(b) {
+            if let Some(mut w) = weighted_mut(model, b) {
                 w.scale_in(&s, block);
             }
         }
@@ -341,7 +291,7 @@ pub struct BiasCorrection {
 /// over calibration data instead of batch-norm statistics).
 ///
 /// Quantizing a layer's weights to `W_q` shifts the mean of its output by
-/// `E[(W_q - W) x]`, which biases every later layer. For every top-level Conv2d / Linear
+/// `E[(W_q - W) x]`, which biases every later layer. For every Conv2d / Linear
 /// (and fused variant) that `map` quantizes, this computes that shift on the batches
 /// (running the layer with weights `W_q - W` and no bias on the float model's own inputs
 /// to the layer, and averaging per output channel over the batch and all positions, so
@@ -349,12 +299,17 @@ pub struct BiasCorrection {
 /// `W_q` comes from the layer's weight observer, exactly as `convert` will compute it.
 /// Apply it as the last step before `prepare`, after [`equalize`].
 ///
-/// Layers nested in `Sequential` / `Residual` children are not corrected (on a graph,
-/// [`graph::correct_bias`](super::graph::correct_bias) corrects every node).
+/// Nested `Sequential` children and residual bodies are corrected too. The model is
+/// lowered into a graph for inputs shaped like the first batch and corrected by
+/// [`graph::correct_bias`](super::graph::correct_bias); the new biases are written back
+/// into a copy of the model by layer path. Layers that `prepare` would keep in float
+/// (an asymmetrically padded convolution, a Linear on more than two dimensions) are not
+/// corrected.
 ///
 /// # Errors
-/// [`QuantError::EmptyCalibration`] for no batches; the model's forward errors and the
-/// weight specs' errors, named with the layer.
+/// [`QuantError::EmptyCalibration`] for no batches; shape errors naming the layer when
+/// the model does not take the first batch's shape (or a later batch differs from it);
+/// the model's forward errors and the weight specs' errors, named with the layer.
 ///
 /// # Examples
 /// ```
@@ -379,56 +334,15 @@ where
     I: IntoIterator<Item = B>,
     B: Borrow<ArrayD<f32>>,
 {
-    let mut out = model.clone();
-    // Per child index: the delta layer (weights W_q - W, no bias) and the running sums.
-    let mut deltas: Vec<Option<(DeltaLayer, Vec<f64>, f64)>> = Vec::new();
-    for (name, layer) in out.children() {
-        let (Some(qc), Some(w)) = (
-            map.qconfig_for(name, layer.type_name()),
-            Weighted::of_layer(layer),
-        ) else {
-            deltas.push(None);
-            continue;
-        };
-        let d = w.weight_error(&qc, name)?;
-        let c = d.out_channels();
-        deltas.push(Some((d, vec![0.0; c], 0.0)));
-    }
-    let mut any = false;
-    for batch in batches {
-        any = true;
-        let mut cur = batch.borrow().clone();
-        for ((name, layer), d) in out.children().iter().zip(deltas.iter_mut()) {
-            if let Some((dl, sums, count)) = d {
-                *count += dl.accumulate(&cur, sums).map_err(|e| e.in_context(name))? as f64;
-            }
-            cur = layer.forward(&cur).map_err(|e| e.in_context(name))?;
-        }
-    }
-    if !any {
+    let mut batches = batches.into_iter().peekable();
+    let Some(first) = batches.peek() else {
         return Err(QuantError::EmptyCalibration {
             reason: "correct_bias needs at least one batch".into(),
         });
-    }
-    let mut report = Vec::new();
-    for ((name, layer), d) in out.children_mut().iter_mut().zip(deltas) {
-        let Some((_, sums, count)) = d else { continue };
-        if count == 0.0 {
-            continue;
-        }
-        let shift: Vec<f32> = sums.iter().map(|s| (s / count) as f32).collect();
-        let Some(mut w) = WeightedMut::of_layer(layer) else {
-            continue;
-        };
-        for (b, s) in w.bias_or_zeros().iter_mut().zip(&shift) {
-            *b -= s;
-        }
-        report.push(BiasCorrection {
-            path: name.clone(),
-            shift,
-        });
-    }
-    Ok((out, report))
+    };
+    let graph = lower_for(model, first.borrow())?;
+    let (corrected, report) = super::graph::correct_bias(&graph, map, batches.map(One))?;
+    Ok((with_weights_of(model, &corrected), report))
 }
 
 /// One pair's high-bias absorption.
@@ -440,19 +354,6 @@ pub struct AbsorbedBias {
     pub second: String,
     /// Per channel of `first`, the amount `c_i` moved (0 where nothing could move).
     pub absorbed: Vec<f32>,
-}
-
-/// Whether a constant per-channel shift passes through a layer between the pair.
-fn shift_commutes(l: &Layer) -> bool {
-    match l {
-        Layer::ReLU
-        | Layer::Identity
-        | Layer::Dropout
-        | Layer::AdaptiveAvgPool2d(_)
-        | Layer::Flatten { start_dim: 1 } => true,
-        Layer::Pool2d(p) => matches!(p.kind, crate::nn::PoolKind::Max) || p.padding == (0, 0),
-        _ => false,
-    }
 }
 
 /// High-bias absorption (Nagel et al. 2019, section 4.1), with the bound taken from data.
@@ -468,8 +369,14 @@ fn shift_commutes(l: &Layer) -> bool {
 /// between the layers shrinks by `c`. (Nagel et al. bound `c` with batch-norm statistics,
 /// `beta - 3 gamma`, which batch-norm folding has removed; the data give the bound here.)
 ///
+/// Like [`equalize`], this runs on the lowered graph
+/// ([`graph::absorb_high_bias`](super::graph::absorb_high_bias)), residual bodies
+/// included, and writes the biases back by layer path.
+///
 /// # Errors
-/// [`QuantError::EmptyCalibration`] for no batches, and the model's forward errors.
+/// [`QuantError::EmptyCalibration`] for no batches; shape errors naming the layer when
+/// the model does not take the first batch's shape (or a later batch differs from it);
+/// the model's forward errors.
 ///
 /// # Examples
 /// ```
@@ -496,76 +403,13 @@ where
     I: IntoIterator<Item = B>,
     B: Borrow<ArrayD<f32>>,
 {
-    let mut out = model.clone();
-    let mut skipped = Vec::new();
-    let pairs: Vec<Pair> = find_pairs(&out, &mut skipped)
-        .into_iter()
-        .filter(|p| {
-            let ch = out.children();
-            let relu = matches!(ch[p.a].1, Layer::ConvReLU2d(_) | Layer::LinearReLU(_))
-                || matches!(ch.get(p.a + 1), Some((_, Layer::ReLU)));
-            let between = ch[p.a + 1..p.b].iter().all(|(_, l)| shift_commutes(l));
-            let second = match &ch[p.b].1 {
-                Layer::Conv2d(c) | Layer::ConvReLU2d(c) => c.padding == (0, 0),
-                _ => true,
-            };
-            relu && between && second
-        })
-        .collect();
-    // Per pair, the running per-channel minimum of the first layer's output.
-    let mut mins: Vec<Vec<f32>> = pairs
-        .iter()
-        .map(|p| vec![f32::INFINITY; out_channels(&out.children()[p.a].1)])
-        .collect();
-    let mut any = false;
-    for batch in batches {
-        any = true;
-        let mut cur = batch.borrow().clone();
-        for (idx, (name, layer)) in out.children().iter().enumerate() {
-            cur = layer.forward(&cur).map_err(|e| e.in_context(name))?;
-            for (k, p) in pairs.iter().enumerate() {
-                if p.a == idx {
-                    let axis = if cur.ndim() == 4 { 1 } else { cur.ndim() - 1 };
-                    for (c, lane) in cur.axis_iter(Axis(axis)).enumerate() {
-                        let m = lane.iter().copied().fold(f32::INFINITY, f32::min);
-                        mins[k][c] = mins[k][c].min(m);
-                    }
-                }
-            }
-        }
-    }
-    if !any {
+    let mut batches = batches.into_iter().peekable();
+    let Some(first) = batches.peek() else {
         return Err(QuantError::EmptyCalibration {
             reason: "absorb_high_bias needs at least one batch".into(),
         });
-    }
-    let mut report = Vec::new();
-    for (p, m) in pairs.iter().zip(mins) {
-        let c: Vec<f32> = m
-            .iter()
-            .map(|&v| if v.is_finite() { v.max(0.0) } else { 0.0 })
-            .collect();
-        let ch = out.children_mut();
-        let (head, tail) = ch.split_at_mut(p.b);
-        let first = &mut head[p.a].1;
-        let second = &mut tail[0].1;
-        let Some(mut w1) = WeightedMut::of_layer(first) else {
-            continue;
-        };
-        let Some(b1) = w1.bias() else {
-            continue;
-        };
-        b1.iter_mut().zip(&c).for_each(|(v, ci)| *v -= ci);
-        // The second layer's bias takes W2 c.
-        let Some(mut w2) = WeightedMut::of_layer(second) else {
-            continue;
-        };
-        w2.absorb_input_shift(&c, p.block);
-        report.push(AbsorbedBias {
-            first: head[p.a].0.clone(),
-            second: tail[0].0.clone(),
-            absorbed: c,
-        });
-    }
-    Ok((out, report))
+    };
+    let graph = lower_for(model, first.borrow())?;
+    let (absorbed, report) = super::graph::absorb_high_bias(&graph, batches.map(One))?;
+    Ok((with_weights_of(model, &absorbed), report))
 }

@@ -75,10 +75,10 @@ use std::collections::HashMap;
 
 use ndarray::{ArrayD, Axis};
 
-use super::equalize::{equalize_pairs, WeightedAt};
+use super::equalize::{equalize_pairs, weighted, weighted_mut};
 use super::mixed::search;
-use super::sensitivity::{sensitivity_of, Subject};
-use super::weighted::{pair_block, DeltaLayer, Weighted, WeightedMut};
+use super::sensitivity::{check_data, sensitivity_of, Subject};
+use super::weighted::{pair_block, DeltaLayer, Weighted};
 use super::{
     weight_error, AbsorbedBias, BiasCorrection, Energy, EqualizationReport, LayerError,
     LayerReport, MixedPrecisionOptions, MixedPrecisionResult, SensitivityReport,
@@ -86,46 +86,77 @@ use super::{
 use crate::error::{QuantError, Result};
 use crate::graph::{Graph, NodeId, Op};
 use crate::qconfig::{QConfig, QConfigMap};
-use crate::quant::{calibrate, convert, prepare, role, QuantizedGraph, Role};
+use crate::quant::{role, QuantizedGraph, Role};
 
-/// The graph's single input, or an error naming the tool.
-fn single_input(graph: &Graph, tool: &str) -> Result<()> {
-    if graph.inputs().len() != 1 {
-        return Err(QuantError::UnsupportedConfig {
+/// One batch for a graph: one tensor per graph input, in the order of
+/// [`Graph::inputs`]. A single [`ArrayD`] is a batch for a one-input graph; a `Vec` (or an
+/// array) of them holds a batch for a graph with several inputs. References to either
+/// are batches too, so `&data` with `data: Vec<ArrayD<f32>>` (one-input graph) or
+/// `data: Vec<Vec<ArrayD<f32>>>` (several inputs) works wherever a tool takes batches.
+pub trait GraphBatch {
+    /// The tensors, one per graph input.
+    fn inputs(&self) -> &[ArrayD<f32>];
+}
+
+impl GraphBatch for ArrayD<f32> {
+    fn inputs(&self) -> &[ArrayD<f32>] {
+        std::slice::from_ref(self)
+    }
+}
+
+impl GraphBatch for Vec<ArrayD<f32>> {
+    fn inputs(&self) -> &[ArrayD<f32>] {
+        self
+    }
+}
+
+impl GraphBatch for [ArrayD<f32>] {
+    fn inputs(&self) -> &[ArrayD<f32>] {
+        self
+    }
+}
+
+impl<const N: usize> GraphBatch for [ArrayD<f32>; N] {
+    fn inputs(&self) -> &[ArrayD<f32>] {
+        self
+    }
+}
+
+impl<T: GraphBatch + ?Sized> GraphBatch for &T {
+    fn inputs(&self) -> &[ArrayD<f32>] {
+        (**self).inputs()
+    }
+}
+
+/// A batch for a one-input graph held as anything that borrows an array (the batches of
+/// the `Sequential` tools).
+pub(crate) struct One<B>(pub(crate) B);
+
+impl<B: Borrow<ArrayD<f32>>> GraphBatch for One<B> {
+    fn inputs(&self) -> &[ArrayD<f32>] {
+        std::slice::from_ref(self.0.borrow())
+    }
+}
+
+/// `batch`'s tensors if it holds one per input of `graph`, else an error naming the tool.
+pub(crate) fn batch_inputs<'b>(
+    graph: &Graph,
+    batch: &'b impl GraphBatch,
+    tool: &str,
+) -> Result<&'b [ArrayD<f32>]> {
+    let xs = batch.inputs();
+    if xs.len() != graph.inputs().len() {
+        return Err(QuantError::ShapeMismatch {
             context: tool.into(),
-            reason: format!(
-                "the graph has {} inputs; this tool takes batches for a single-input graph",
+            expected: format!(
+                "a batch of {} tensor(s), one per graph input (the graph has {} inputs)",
+                graph.inputs().len(),
                 graph.inputs().len()
             ),
+            actual: format!("{} tensor(s)", xs.len()),
         });
     }
-    Ok(())
-}
-
-/// The graph's single input and single output, or an error naming the tool.
-fn single_io(graph: &Graph, tool: &str) -> Result<()> {
-    single_input(graph, tool)?;
-    if graph.outputs().len() != 1 {
-        return Err(QuantError::UnsupportedConfig {
-            context: tool.into(),
-            reason: format!(
-                "the graph has {} outputs; the metric sees one output per batch",
-                graph.outputs().len()
-            ),
-        });
-    }
-    Ok(())
-}
-
-fn first(mut v: Vec<ArrayD<f32>>) -> Result<ArrayD<f32>> {
-    if v.is_empty() {
-        return Err(QuantError::ShapeMismatch {
-            context: "analysis::graph".into(),
-            expected: "one output".into(),
-            actual: "no output".into(),
-        });
-    }
-    Ok(v.swap_remove(0))
+    Ok(xs)
 }
 
 /// The nodes that compute new int8 values when quantized (convolutions, linear layers,
@@ -152,67 +183,6 @@ pub fn quantizable_nodes(graph: &Graph) -> Vec<String> {
         .collect()
 }
 
-impl Subject for Graph {
-    type Int8 = QuantizedGraph;
-    fn candidates(&self) -> Vec<(String, &'static str)> {
-        self.nodes()
-            .iter()
-            .filter(|n| role(self, n) == Role::Requantizes)
-            .map(|n| (n.name.clone(), n.op.type_name()))
-            .collect()
-    }
-    fn no_candidates() -> &'static str {
-        "the graph has no node with an int8 version that computes new values (conv, linear, add, ...)"
-    }
-    fn forward_float(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
-        first(self.forward(std::slice::from_ref(x))?)
-    }
-    fn forward_int8(model: &QuantizedGraph, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
-        first(model.forward(std::slice::from_ref(x))?)
-    }
-    fn quantize(
-        &self,
-        map: &QConfigMap,
-        calibration: &[ArrayD<f32>],
-    ) -> Result<Option<QuantizedGraph>> {
-        let mut prepared = match prepare(self.clone(), map) {
-            Ok(p) => p,
-            Err(QuantError::NothingToQuantize { .. }) => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        calibrate(&mut prepared, calibration)?;
-        convert(prepared).map(Some)
-    }
-    fn equalized(&self, sweeps: usize, calibration: &[ArrayD<f32>]) -> Result<Self> {
-        let (eq, _) = equalize(self, sweeps.max(1))?;
-        Ok(absorb_high_bias(&eq, calibration)?.0)
-    }
-    fn bias_corrected(&self, map: &QConfigMap, calibration: &[ArrayD<f32>]) -> Result<Self> {
-        Ok(correct_bias(self, map, calibration)?.0)
-    }
-    fn names_under(&self, name: &str) -> Vec<String> {
-        self.nodes()
-            .iter()
-            .filter(|n| {
-                n.name.len() > name.len()
-                    && n.name.starts_with(name)
-                    && n.name.as_bytes()[name.len()] == b'.'
-            })
-            .map(|n| n.name.clone())
-            .collect()
-    }
-}
-
-impl WeightedAt for Graph {
-    fn weighted(&self, i: usize) -> Option<(&str, Weighted<'_>)> {
-        let n = self.nodes().get(i)?;
-        Weighted::of_op(&n.op).map(|w| (n.name.as_str(), w))
-    }
-    fn weighted_mut(&mut self, i: usize) -> Option<WeightedMut<'_>> {
-        WeightedMut::of_op(&mut self.nodes_mut().get_mut(i)?.op)
-    }
-}
-
 /// Runs the float graph and its int8 twin side by side on `batches` and reports, for every
 /// node of the float graph (matched by name), the SQNR of the int8 graph's output of that
 /// node (dequantized; float islands as they are) against the float one, accumulated over
@@ -227,23 +197,18 @@ impl WeightedAt for Graph {
 ///
 /// # Examples
 /// See the [module](self) example.
-pub fn activation_sqnr<I, B>(
-    float: &Graph,
-    int8: &QuantizedGraph,
-    batches: I,
-) -> Result<LayerReport>
+pub fn activation_sqnr<I>(float: &Graph, int8: &QuantizedGraph, batches: I) -> Result<LayerReport>
 where
-    I: IntoIterator<Item = B>,
-    B: Borrow<ArrayD<f32>>,
+    I: IntoIterator,
+    I::Item: GraphBatch,
 {
-    single_input(float, "activation_sqnr")?;
     let mut energy: HashMap<String, Energy> = HashMap::new();
     let mut any = false;
     for batch in batches {
-        let x = batch.borrow();
+        let x = batch_inputs(float, &batch, "activation_sqnr")?;
         any = true;
         let mut reference: HashMap<String, ArrayD<f32>> = HashMap::new();
-        float.forward_with(std::slice::from_ref(x), &mut |node, y| {
+        float.forward_with(x, &mut |node, y| {
             if !matches!(
                 node.op,
                 Op::Input | Op::QuantStub | Op::DeQuantStub | Op::Identity | Op::Dropout
@@ -252,7 +217,7 @@ where
             }
             Ok(())
         })?;
-        int8.forward_with(std::slice::from_ref(x), &mut |name, v| {
+        int8.forward_with(x, &mut |name, v| {
             if let Some(r) = reference.get(name) {
                 let y = v.to_f32();
                 if r.shape() == y.shape() {
@@ -369,18 +334,25 @@ pub fn weight_sqnr(graph: &Graph, map: &QConfigMap) -> Result<LayerReport> {
 /// println!("{report}");
 /// # Ok::<(), ptq::QuantError>(())
 /// ```
-pub fn sensitivity<M>(
+pub fn sensitivity<B, M>(
     graph: &Graph,
     qconfig: QConfig,
-    calibration: &[ArrayD<f32>],
-    eval: &[ArrayD<f32>],
+    calibration: &[B],
+    eval: &[B],
     mut metric: M,
 ) -> Result<SensitivityReport>
 where
+    B: GraphBatch,
     M: FnMut(&[ArrayD<f32>]) -> f64,
 {
-    single_io(graph, "sensitivity")?;
-    sensitivity_of(graph, qconfig, calibration, eval, &mut metric)
+    check_batches(graph, calibration, eval, "sensitivity")?;
+    sensitivity_of(
+        &graph_subject(graph),
+        qconfig,
+        calibration,
+        eval,
+        &mut metric,
+    )
 }
 
 /// Automatic mixed precision on a graph: the fewest nodes of [`quantizable_nodes`] to keep
@@ -423,19 +395,56 @@ where
 /// assert!(found.model.weight("fc1")?.is_some());
 /// # Ok::<(), ptq::QuantError>(())
 /// ```
-pub fn auto_mixed_precision<M>(
+pub fn auto_mixed_precision<B, M>(
     graph: &Graph,
     qconfig: QConfig,
-    calibration: &[ArrayD<f32>],
-    eval: &[ArrayD<f32>],
+    calibration: &[B],
+    eval: &[B],
     mut metric: M,
     options: &MixedPrecisionOptions,
 ) -> Result<MixedPrecisionResult<QuantizedGraph>>
 where
+    B: GraphBatch,
     M: FnMut(&[ArrayD<f32>]) -> f64,
 {
-    single_io(graph, "auto_mixed_precision")?;
-    search(graph, qconfig, calibration, eval, &mut metric, options)
+    check_batches(graph, calibration, eval, "auto_mixed_precision")?;
+    search(
+        &graph_subject(graph),
+        qconfig,
+        calibration,
+        eval,
+        &mut metric,
+        options,
+    )
+}
+
+/// The graph's [`Subject`]: its [`quantizable_nodes`].
+fn graph_subject(graph: &Graph) -> Subject<'_> {
+    Subject {
+        graph,
+        candidates: graph
+            .nodes()
+            .iter()
+            .filter(|n| role(graph, n) == Role::Requantizes)
+            .map(|n| (n.name.clone(), n.op.type_name()))
+            .collect(),
+        no_candidates: "the graph has no node with an int8 version that computes new values (conv, linear, add, ...)",
+    }
+}
+
+/// The data checks of the metric tools: some calibration and evaluation batches, each
+/// with one tensor per graph input.
+fn check_batches<B: GraphBatch>(
+    graph: &Graph,
+    calibration: &[B],
+    eval: &[B],
+    tool: &str,
+) -> Result<()> {
+    check_data(calibration, eval)?;
+    for b in calibration.iter().chain(eval) {
+        batch_inputs(graph, b, tool)?;
+    }
+    Ok(())
 }
 
 /// An equalizable chain `a -> between.. -> b` of a graph.
@@ -599,16 +608,15 @@ pub fn equalize(graph: &Graph, max_sweeps: usize) -> Result<(Graph, Equalization
 ///
 /// # Examples
 /// See the [module](self) example.
-pub fn correct_bias<I, B>(
+pub fn correct_bias<I>(
     graph: &Graph,
     map: &QConfigMap,
     batches: I,
 ) -> Result<(Graph, Vec<BiasCorrection>)>
 where
-    I: IntoIterator<Item = B>,
-    B: Borrow<ArrayD<f32>>,
+    I: IntoIterator,
+    I::Item: GraphBatch,
 {
-    single_input(graph, "correct_bias")?;
     let mut out = graph.clone();
     // The corrected nodes: id, delta layer, per-channel sums, values per channel.
     let mut deltas: Vec<(NodeId, DeltaLayer, Vec<f64>, f64)> = Vec::new();
@@ -631,7 +639,8 @@ where
     let mut any = false;
     for batch in batches {
         any = true;
-        graph.forward_with(std::slice::from_ref(batch.borrow()), &mut |node, y| {
+        let x = batch_inputs(graph, &batch, "correct_bias")?;
+        graph.forward_with(x, &mut |node, y| {
             for &k in by_input.get(&node.id).map_or(&[][..], |v| v.as_slice()) {
                 let (id, d, sums, count) = &mut deltas[k];
                 let name = &graph.node(*id).name;
@@ -651,7 +660,7 @@ where
             continue;
         }
         let shift: Vec<f32> = sums.iter().map(|s| (s / count) as f32).collect();
-        let Some(mut w) = out.weighted_mut(id.index()) else {
+        let Some(mut w) = weighted_mut(&mut out, id.index()) else {
             continue;
         };
         for (b, s) in w.bias_or_zeros().iter_mut().zip(&shift) {
@@ -699,12 +708,11 @@ where
 /// assert!(a[0].iter().zip(b[0].iter()).all(|(u, v)| (u - v).abs() < 1e-5));
 /// # Ok::<(), ptq::QuantError>(())
 /// ```
-pub fn absorb_high_bias<I, B>(graph: &Graph, batches: I) -> Result<(Graph, Vec<AbsorbedBias>)>
+pub fn absorb_high_bias<I>(graph: &Graph, batches: I) -> Result<(Graph, Vec<AbsorbedBias>)>
 where
-    I: IntoIterator<Item = B>,
-    B: Borrow<ArrayD<f32>>,
+    I: IntoIterator,
+    I::Item: GraphBatch,
 {
-    single_input(graph, "absorb_high_bias")?;
     let mut out = graph.clone();
     let mut skipped = Vec::new();
     let pairs: Vec<GraphPair> = find_graph_pairs(graph, &mut skipped)
@@ -738,16 +746,15 @@ where
     let mut mins: HashMap<NodeId, Vec<f32>> = pairs
         .iter()
         .map(|p| {
-            let c = graph
-                .weighted(p.a.index())
-                .map_or(0, |(_, w)| w.out_channels());
+            let c = weighted(graph, p.a.index()).map_or(0, |(_, w)| w.out_channels());
             (p.a, vec![f32::INFINITY; c])
         })
         .collect();
     let mut any = false;
     for batch in batches {
         any = true;
-        graph.forward_with(std::slice::from_ref(batch.borrow()), &mut |node, y| {
+        let x = batch_inputs(graph, &batch, "absorb_high_bias")?;
+        graph.forward_with(x, &mut |node, y| {
             if let Some(m) = mins.get_mut(&node.id) {
                 let axis = if y.ndim() == 4 {
                     1
@@ -775,7 +782,7 @@ where
             .map(|&v| if v.is_finite() { v.max(0.0) } else { 0.0 })
             .collect();
         {
-            let Some(mut w1) = out.weighted_mut(p.a.index()) else {
+            let Some(mut w1) = weighted_mut(&mut out, p.a.index()) else {
                 continue;
             };
             let Some(b1) = w1.bias() else {
@@ -783,7 +790,7 @@ where
             };
             b1.iter_mut().zip(&c).for_each(|(v, ci)| *v -= ci);
         }
-        if let Some(mut w2) = out.weighted_mut(p.b.index()) {
+        if let Some(mut w2) = weighted_mut(&mut out, p.b.index()) {
             w2.absorb_input_shift(&c, p.block);
         }
         report.push(AbsorbedBias {

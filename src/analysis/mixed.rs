@@ -7,11 +7,16 @@ use ndarray::ArrayD;
 
 #[cfg(doc)]
 use super::equalize::{absorb_high_bias, correct_bias, equalize};
-use super::sensitivity::{check_data, eval_float, eval_int8, set_exact, Subject};
+use super::graph::GraphBatch;
+use super::sensitivity::{
+    check_data, eval_float, eval_int8, lower_for, sequential_subject, set_exact, Subject,
+};
 use crate::error::{QuantError, Result};
+use crate::graph::Graph;
 use crate::nn::quantized::QuantizedModel;
 use crate::nn::Sequential;
 use crate::qconfig::{QConfig, QConfigMap};
+use crate::quant::QuantizedGraph;
 
 /// Options of [`auto_mixed_precision`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -189,18 +194,31 @@ pub fn auto_mixed_precision<M>(
 where
     M: FnMut(&[ArrayD<f32>]) -> f64,
 {
-    search(model, qconfig, calibration, eval, &mut metric, options)
+    check_data(calibration, eval)?;
+    let graph = lower_for(model, &calibration[0])?;
+    let subject = sequential_subject(model, &graph);
+    let found = search(&subject, qconfig, calibration, eval, &mut metric, options)?;
+    Ok(MixedPrecisionResult {
+        model: QuantizedModel::from_graph(found.model)?,
+        float_layers: found.float_layers,
+        variant: found.variant,
+        float_metric: found.float_metric,
+        target: found.target,
+        metric: found.metric,
+        target_met: found.target_met,
+        steps: found.steps,
+    })
 }
 
-/// [`auto_mixed_precision`] for any [`Subject`].
-pub(crate) fn search<S: Subject, M>(
-    model: &S,
+/// [`auto_mixed_precision`] over a [`Subject`]'s candidates.
+pub(crate) fn search<B: GraphBatch, M>(
+    model: &Subject<'_>,
     qconfig: QConfig,
-    calibration: &[ArrayD<f32>],
-    eval: &[ArrayD<f32>],
+    calibration: &[B],
+    eval: &[B],
     metric: &mut M,
     options: &MixedPrecisionOptions,
-) -> Result<MixedPrecisionResult<S::Int8>>
+) -> Result<MixedPrecisionResult<QuantizedGraph>>
 where
     M: FnMut(&[ArrayD<f32>]) -> f64,
 {
@@ -211,25 +229,27 @@ where
             reason: format!("allowed_drop {} must be 0 or more", options.allowed_drop),
         });
     }
-    let layers: Vec<String> = model.candidates().into_iter().map(|(p, _)| p).collect();
+    let layers: Vec<String> = model.candidates.iter().map(|(p, _)| p.clone()).collect();
     if layers.is_empty() {
         return Err(QuantError::NothingToQuantize {
-            reason: S::no_candidates().into(),
+            reason: model.no_candidates.into(),
         });
     }
-    let float_metric = eval_float(model, eval, metric)?;
+    let float_metric = eval_float(model.graph, eval, metric)?;
     let target = float_metric - options.allowed_drop;
 
-    let mut variants: Vec<(&'static str, S, bool)> = vec![("plain", model.clone(), false)];
+    let mut variants: Vec<(&'static str, Graph, bool)> =
+        vec![("plain", model.graph.clone(), false)];
     let equalized = if options.try_equalization {
-        let eq = model.equalized(options.equalization_sweeps.max(1), calibration)?;
+        let (eq, _) = super::graph::equalize(model.graph, options.equalization_sweeps.max(1))?;
+        let (eq, _) = super::graph::absorb_high_bias(&eq, calibration)?;
         variants.push(("equalized", eq.clone(), false));
         Some(eq)
     } else {
         None
     };
     if options.try_bias_correction {
-        variants.push(("bias-corrected", model.clone(), true));
+        variants.push(("bias-corrected", model.graph.clone(), true));
         if let Some(eq) = equalized {
             variants.push(("equalized+bias-corrected", eq, true));
         }
@@ -243,7 +263,7 @@ where
                 let map = map_for(model, qconfig, float);
                 let m = build(base, &map, calibration, *bias)?;
                 let value = match m {
-                    Some(m) => eval_int8::<S, M>(&m, eval, metric)?,
+                    Some(m) => eval_int8(&m, eval, metric)?,
                     None => float_metric,
                 };
                 steps.push(SearchStep {
@@ -361,20 +381,20 @@ where
     })
 }
 
-fn map_for<S: Subject>(model: &S, qconfig: QConfig, float: &[String]) -> QConfigMap {
+fn map_for(model: &Subject<'_>, qconfig: QConfig, float: &[String]) -> QConfigMap {
     set_exact(model, QConfigMap::new(qconfig), float, None, Some(qconfig))
 }
 
-fn build<S: Subject>(
-    base: &S,
+fn build<B: GraphBatch>(
+    base: &Graph,
     map: &QConfigMap,
-    calibration: &[ArrayD<f32>],
+    calibration: &[B],
     bias: bool,
-) -> Result<Option<S::Int8>> {
+) -> Result<Option<QuantizedGraph>> {
     if bias {
-        base.bias_corrected(map, calibration)?
-            .quantize(map, calibration)
+        let (corrected, _) = super::graph::correct_bias(base, map, calibration)?;
+        Subject::quantize(&corrected, map, calibration)
     } else {
-        base.quantize(map, calibration)
+        Subject::quantize(base, map, calibration)
     }
 }

@@ -31,6 +31,7 @@ use std::fmt;
 use ndarray::ArrayD;
 
 use crate::error::{QuantError, Result};
+use crate::graph::Graph;
 use crate::nn::quantized::QuantizedModel;
 use crate::nn::{Layer, Sequential};
 use crate::qconfig::QConfigMap;
@@ -220,62 +221,22 @@ where
     I: IntoIterator<Item = B>,
     B: Borrow<ArrayD<f32>>,
 {
-    let types = leaf_types(float);
-    let mut energy: BTreeMap<String, Energy> = BTreeMap::new();
-    let mut any = false;
-    for batch in batches {
-        let x = batch.borrow();
-        any = true;
-        let mut reference: BTreeMap<String, ArrayD<f32>> = BTreeMap::new();
-        float.forward_with_hook(x, &mut |path, y| {
-            reference.insert(path.to_string(), y.clone());
-            Ok(())
-        })?;
-        let mut ours: BTreeMap<String, ArrayD<f32>> = BTreeMap::new();
-        int8.forward_with_hook(x, &mut |path, y| {
-            ours.insert(path.to_string(), y.clone());
-        })?;
-        for (path, y) in &ours {
-            if let Some(r) = reference.get(path) {
-                if r.shape() == y.shape() {
-                    energy.entry(path.clone()).or_default().add(r, y);
-                }
-            }
-        }
-    }
-    if !any {
+    let mut batches = batches.into_iter().peekable();
+    let Some(first) = batches.peek() else {
         return Err(QuantError::EmptyCalibration {
             reason: "activation_sqnr needs at least one batch".into(),
         });
-    }
-    let order: Vec<String> = {
-        let mut v: Vec<String> = float.named_layers().into_iter().map(|(p, _)| p).collect();
-        v.extend(types.keys().filter(|k| types[*k] == "Residual").cloned());
-        v
     };
-    let layers = order
-        .into_iter()
-        .filter(|p| {
-            !matches!(
-                types.get(p),
-                Some(&"Identity" | &"QuantStub" | &"DeQuantStub" | &"Dropout") | None
-            )
-        })
-        .filter_map(|p| {
-            energy.get(&p).map(|e| LayerError {
-                layer: types[&p],
-                sqnr_db: e.sqnr_db(),
-                max_abs_error: e.max_abs,
-                elements: e.elements,
-                worst_channel_sqnr_db: None,
-                path: p,
-            })
-        })
-        .collect();
-    Ok(LayerReport {
-        what: "activations",
-        layers,
-    })
+    let lowered = sensitivity::lower_for(float, first.borrow())?;
+    let mut report = graph::activation_sqnr(&lowered, int8.graph(), batches.map(graph::One))?;
+    // The rows typed as the model names its layers ("ReLU6", "Residual").
+    let types = leaf_types(float);
+    for row in &mut report.layers {
+        if let Some(t) = types.get(&row.path) {
+            row.layer = t;
+        }
+    }
+    Ok(report)
 }
 
 /// For every Conv2d / Linear (and fused variant) that `map` quantizes, the SQNR of its
@@ -301,22 +262,7 @@ where
 /// # Ok::<(), ptq::QuantError>(())
 /// ```
 pub fn weight_sqnr(model: &Sequential, map: &QConfigMap) -> Result<LayerReport> {
-    let mut layers = Vec::new();
-    for (path, layer) in model.named_layers() {
-        let w = match layer {
-            Layer::Conv2d(c) | Layer::ConvReLU2d(c) => c.weight.view().into_dyn(),
-            Layer::Linear(l) | Layer::LinearReLU(l) => l.weight.view().into_dyn(),
-            _ => continue,
-        };
-        let Some(qc) = map.qconfig_for(&path, layer.type_name()) else {
-            continue;
-        };
-        layers.push(weight_error(path, layer.type_name(), w, &qc)?);
-    }
-    Ok(LayerReport {
-        what: "weights",
-        layers,
-    })
+    graph::weight_sqnr(&Graph::structure_of_sequential(model)?, map)
 }
 
 /// The error of quantizing one weight with `qc`'s weight observer (as `convert` does):

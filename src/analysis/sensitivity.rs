@@ -1,49 +1,81 @@
 //! Per-layer sensitivity: the metric with only one layer quantized, and with only one
-//! layer left in float.
+//! layer left in float. One implementation on graphs; the `Sequential` entry point lowers
+//! the model ([`Graph::from_sequential`]) and runs it.
 
 use std::fmt;
 
 use ndarray::ArrayD;
 
+use super::graph::GraphBatch;
 use crate::error::{QuantError, Result};
-use crate::nn::quantized::QuantizedModel;
+use crate::graph::Graph;
 use crate::nn::{Layer, Sequential};
 use crate::qconfig::{QConfig, QConfigMap};
-use crate::workflow::{calibrate, convert, prepare};
+use crate::quant::{calibrate_inputs, convert, prepare, QuantizedGraph};
 
-/// What the sensitivity analysis and the mixed-precision search need of a model: one
-/// implementation of both algorithms serves `Sequential` and `Graph` models.
-pub(crate) trait Subject: Clone {
-    /// The int8 model `convert` makes.
-    type Int8;
-    /// `(name, type)` of every candidate (layer or node), in model order.
-    fn candidates(&self) -> Vec<(String, &'static str)>;
+/// What the sensitivity analysis and the mixed-precision search run on: a float graph and
+/// the nodes they may keep in float or quantize alone, `(name, type)` in graph order.
+pub(crate) struct Subject<'a> {
+    pub(crate) graph: &'a Graph,
+    pub(crate) candidates: Vec<(String, &'static str)>,
     /// Why there is no candidate.
-    fn no_candidates() -> &'static str;
-    /// The float model's output on one batch.
-    fn forward_float(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>>;
-    /// The int8 model's output on one batch.
-    fn forward_int8(model: &Self::Int8, x: &ArrayD<f32>) -> Result<ArrayD<f32>>;
-    /// `prepare` -> `calibrate` -> `convert` with `map`; `None` when `map` quantizes
-    /// nothing.
-    fn quantize(&self, map: &QConfigMap, calibration: &[ArrayD<f32>])
-        -> Result<Option<Self::Int8>>;
-    /// Cross-layer equalization followed by high-bias absorption on `calibration`.
-    fn equalized(&self, sweeps: usize, calibration: &[ArrayD<f32>]) -> Result<Self>;
-    /// Bias correction of the layers `map` quantizes.
-    fn bias_corrected(&self, map: &QConfigMap, calibration: &[ArrayD<f32>]) -> Result<Self>;
+    pub(crate) no_candidates: &'static str,
+}
+
+impl Subject<'_> {
+    /// The float graph's outputs on every batch, batch-major (batch 0's outputs in graph
+    /// order, then batch 1's, ...).
+    pub(crate) fn forward_float<B: GraphBatch>(
+        graph: &Graph,
+        eval: &[B],
+    ) -> Result<Vec<ArrayD<f32>>> {
+        let mut outs = Vec::new();
+        for b in eval {
+            outs.extend(graph.forward(b.inputs())?);
+        }
+        Ok(outs)
+    }
+
+    /// `prepare` -> `calibrate` -> `convert` of `graph` with `map`; `None` when `map`
+    /// quantizes nothing.
+    pub(crate) fn quantize<B: GraphBatch>(
+        graph: &Graph,
+        map: &QConfigMap,
+        calibration: &[B],
+    ) -> Result<Option<QuantizedGraph>> {
+        let mut prepared = match prepare(graph.clone(), map) {
+            Ok(p) => p,
+            Err(QuantError::NothingToQuantize { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        calibrate_inputs(
+            &mut prepared,
+            calibration.iter().map(|b| b.inputs().to_vec()),
+        )?;
+        convert(prepared).map(Some)
+    }
+
     /// Names of the nodes a [`QConfigMap::set_name`] entry for `name` also covers
-    /// (`"block"` covers `"block.fc"`); none for `Sequential` leaves.
-    fn names_under(&self, _name: &str) -> Vec<String> {
-        Vec::new()
+    /// (`"block"` covers `"block.fc"`).
+    fn names_under(&self, name: &str) -> Vec<String> {
+        self.graph
+            .nodes()
+            .iter()
+            .filter(|n| {
+                n.name.len() > name.len()
+                    && n.name.starts_with(name)
+                    && n.name.as_bytes()[name.len()] == b'.'
+            })
+            .map(|n| n.name.clone())
+            .collect()
     }
 }
 
-/// `map` with exactly the layers `names` set to `q`: every other layer that an entry for
-/// one of them would also cover (a graph's residual add `"block"` covers its body
-/// `"block.fc"`) keeps `other`.
-pub(crate) fn set_exact<S: Subject>(
-    model: &S,
+/// `map` with exactly the nodes `names` set to `q`: every other node that an entry for
+/// one of them would also cover (a residual add `"block"` covers its body `"block.fc"`)
+/// keeps `other`.
+pub(crate) fn set_exact(
+    model: &Subject<'_>,
     mut map: QConfigMap,
     names: &[String],
     q: Option<QConfig>,
@@ -62,78 +94,67 @@ pub(crate) fn set_exact<S: Subject>(
     map
 }
 
-impl Subject for Sequential {
-    type Int8 = QuantizedModel;
-    fn candidates(&self) -> Vec<(String, &'static str)> {
-        quantizable_layers(self)
-            .into_iter()
-            .map(|p| {
-                let t = self.get(&p).map_or("?", |l| l.type_name());
-                (p, t)
-            })
-            .collect()
-    }
-    fn no_candidates() -> &'static str {
-        "the model has no Conv2d or Linear layer"
-    }
-    fn forward_float(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
-        self.forward(x)
-    }
-    fn forward_int8(model: &QuantizedModel, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
-        model.forward(x)
-    }
-    fn quantize(
-        &self,
-        map: &QConfigMap,
-        calibration: &[ArrayD<f32>],
-    ) -> Result<Option<QuantizedModel>> {
-        let mut prepared = match prepare(self.clone(), map) {
-            Ok(p) => p,
-            Err(QuantError::NothingToQuantize { .. }) => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        calibrate(&mut prepared, calibration, |_| {})?;
-        convert(prepared).map(Some)
-    }
-    fn equalized(&self, sweeps: usize, calibration: &[ArrayD<f32>]) -> Result<Self> {
-        let (eq, _) = super::equalize(self, sweeps.max(1))?;
-        Ok(super::absorb_high_bias(&eq, calibration)?.0)
-    }
-    fn bias_corrected(&self, map: &QConfigMap, calibration: &[ArrayD<f32>]) -> Result<Self> {
-        Ok(super::correct_bias(self, map, calibration)?.0)
-    }
-}
-
-/// Runs the int8 model on every evaluation batch and hands the outputs to `metric`.
-pub(crate) fn eval_int8<S: Subject, M>(
-    model: &S::Int8,
-    eval: &[ArrayD<f32>],
+/// Runs the int8 graph on every evaluation batch and hands the outputs (batch-major) to
+/// `metric`.
+pub(crate) fn eval_int8<B: GraphBatch, M>(
+    model: &QuantizedGraph,
+    eval: &[B],
     metric: &mut M,
 ) -> Result<f64>
 where
     M: FnMut(&[ArrayD<f32>]) -> f64,
 {
-    let outs = eval
-        .iter()
-        .map(|x| S::forward_int8(model, x))
-        .collect::<Result<Vec<_>>>()?;
+    let mut outs = Vec::new();
+    for b in eval {
+        outs.extend(model.forward(b.inputs())?);
+    }
     Ok(metric(&outs))
 }
 
-/// The float model's metric.
-pub(crate) fn eval_float<S: Subject, M>(
-    model: &S,
-    eval: &[ArrayD<f32>],
-    metric: &mut M,
-) -> Result<f64>
+/// The float graph's metric.
+pub(crate) fn eval_float<B: GraphBatch, M>(graph: &Graph, eval: &[B], metric: &mut M) -> Result<f64>
 where
     M: FnMut(&[ArrayD<f32>]) -> f64,
 {
-    let outs = eval
-        .iter()
-        .map(|x| model.forward_float(x))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(metric(&outs))
+    Ok(metric(&Subject::forward_float(graph, eval)?))
+}
+
+/// The graph a `Sequential` tool runs on: the model lowered for inputs shaped like
+/// `first` (dimension 0: the batch), its input named [`crate::workflow::INPUT`] as in the
+/// `Sequential` flow.
+pub(crate) fn lower_for(model: &Sequential, first: &ArrayD<f32>) -> Result<Graph> {
+    if first.ndim() == 0 {
+        return Err(QuantError::ShapeMismatch {
+            context: crate::workflow::INPUT.into(),
+            expected: "a batch dimension first".into(),
+            actual: "a scalar".into(),
+        });
+    }
+    let mut dims = vec![crate::graph::Dim::Batch];
+    dims.extend(
+        first.shape()[1..]
+            .iter()
+            .map(|&d| crate::graph::Dim::Fixed(d)),
+    );
+    Graph::from_sequential_named(model, crate::workflow::INPUT, &dims)
+}
+
+/// The `Sequential` model's [`Subject`]: its [`quantizable_layers`], typed by the graph.
+pub(crate) fn sequential_subject<'a>(model: &Sequential, graph: &'a Graph) -> Subject<'a> {
+    let candidates = quantizable_layers(model)
+        .into_iter()
+        .map(|p| {
+            let t = graph
+                .find(&p)
+                .map_or("?", |id| graph.node(id).op.type_name());
+            (p, t)
+        })
+        .collect();
+    Subject {
+        graph,
+        candidates,
+        no_candidates: "the model has no Conv2d or Linear layer",
+    }
 }
 
 /// The dotted paths of the layers whose weights are quantized (Conv2d, Linear and their
@@ -267,44 +288,47 @@ pub fn sensitivity<M>(
 where
     M: FnMut(&[ArrayD<f32>]) -> f64,
 {
-    sensitivity_of(model, qconfig, calibration, eval, &mut metric)
+    check_data(calibration, eval)?;
+    let graph = lower_for(model, &calibration[0])?;
+    let subject = sequential_subject(model, &graph);
+    sensitivity_of(&subject, qconfig, calibration, eval, &mut metric)
 }
 
-/// [`sensitivity`] for any [`Subject`].
-pub(crate) fn sensitivity_of<S: Subject, M>(
-    model: &S,
+/// [`sensitivity`] over a [`Subject`]'s candidates.
+pub(crate) fn sensitivity_of<B: GraphBatch, M>(
+    model: &Subject<'_>,
     qconfig: QConfig,
-    calibration: &[ArrayD<f32>],
-    eval: &[ArrayD<f32>],
+    calibration: &[B],
+    eval: &[B],
     metric: &mut M,
 ) -> Result<SensitivityReport>
 where
     M: FnMut(&[ArrayD<f32>]) -> f64,
 {
     check_data(calibration, eval)?;
-    let layers = model.candidates();
+    let layers = model.candidates.clone();
     if layers.is_empty() {
         return Err(QuantError::NothingToQuantize {
-            reason: S::no_candidates().into(),
+            reason: model.no_candidates.into(),
         });
     }
-    let float_metric = eval_float(model, eval, metric)?;
-    let all = model.quantize(&QConfigMap::new(qconfig), calibration)?;
+    let float_metric = eval_float(model.graph, eval, metric)?;
+    let all = Subject::quantize(model.graph, &QConfigMap::new(qconfig), calibration)?;
     let int8_metric = match &all {
-        Some(m) => eval_int8::<S, M>(m, eval, metric)?,
+        Some(m) => eval_int8(m, eval, metric)?,
         None => float_metric,
     };
     let mut rows = Vec::new();
     for (path, layer) in layers {
         let one = std::slice::from_ref(&path);
         let only = set_exact(model, QConfigMap::empty(), one, Some(qconfig), None);
-        let only_int8 = match model.quantize(&only, calibration)? {
-            Some(m) => eval_int8::<S, M>(&m, eval, metric)?,
+        let only_int8 = match Subject::quantize(model.graph, &only, calibration)? {
+            Some(m) => eval_int8(&m, eval, metric)?,
             None => float_metric,
         };
         let but = set_exact(model, QConfigMap::new(qconfig), one, None, Some(qconfig));
-        let only_float = match model.quantize(&but, calibration)? {
-            Some(m) => eval_int8::<S, M>(&m, eval, metric)?,
+        let only_float = match Subject::quantize(model.graph, &but, calibration)? {
+            Some(m) => eval_int8(&m, eval, metric)?,
             None => float_metric,
         };
         rows.push(LayerSensitivity {
@@ -327,7 +351,7 @@ where
     })
 }
 
-pub(crate) fn check_data(calibration: &[ArrayD<f32>], eval: &[ArrayD<f32>]) -> Result<()> {
+pub(crate) fn check_data<B>(calibration: &[B], eval: &[B]) -> Result<()> {
     if calibration.is_empty() {
         return Err(QuantError::EmptyCalibration {
             reason: "no calibration batch".into(),

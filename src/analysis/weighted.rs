@@ -7,7 +7,7 @@ use ndarray::{Array1, ArrayD, ArrayViewD, Axis};
 
 use crate::error::{QuantError, Result};
 use crate::graph::Op;
-use crate::nn::{Conv2d, Layer, Linear};
+use crate::nn::{Conv2d, Linear};
 use crate::qconfig::QConfig;
 use crate::qparams::fake_quantize;
 
@@ -25,15 +25,6 @@ pub(crate) enum WeightedMut<'a> {
 }
 
 impl<'a> Weighted<'a> {
-    /// The weighted layer of a `Sequential` child (fused ReLU variants included).
-    pub(crate) fn of_layer(l: &'a Layer) -> Option<Self> {
-        match l {
-            Layer::Conv2d(c) | Layer::ConvReLU2d(c) => Some(Weighted::Conv(c)),
-            Layer::Linear(x) | Layer::LinearReLU(x) => Some(Weighted::Linear(x)),
-            _ => None,
-        }
-    }
-
     /// The weighted layer of a graph op (fused ReLU variants included).
     pub(crate) fn of_op(op: &'a Op) -> Option<Self> {
         match op {
@@ -132,15 +123,6 @@ impl<'a> Weighted<'a> {
 }
 
 impl<'a> WeightedMut<'a> {
-    /// The weighted layer of a `Sequential` child, mutably.
-    pub(crate) fn of_layer(l: &'a mut Layer) -> Option<Self> {
-        match l {
-            Layer::Conv2d(c) | Layer::ConvReLU2d(c) => Some(WeightedMut::Conv(c)),
-            Layer::Linear(x) | Layer::LinearReLU(x) => Some(WeightedMut::Linear(x)),
-            _ => None,
-        }
-    }
-
     /// The weighted layer of a graph op, mutably.
     pub(crate) fn of_op(op: &'a mut Op) -> Option<Self> {
         match op {

@@ -71,7 +71,7 @@ fn lower(g: &mut GraphBuilder, seq: &Sequential, prefix: &str, mut x: NodeId) ->
 }
 
 fn lower_layer(g: &mut GraphBuilder, layer: &Layer, path: &str, x: NodeId) -> Result<NodeId> {
-    let op = match layer {
+    match layer {
         Layer::Sequential(s) => return lower(g, s, path, x),
         Layer::Residual(body) => {
             let y = lower(g, body, path, x)?;
@@ -94,12 +94,26 @@ fn lower_layer(g: &mut GraphBuilder, layer: &Layer, path: &str, x: NodeId) -> Re
             }
             return g.custom(path, x, m.box_clone(), Shape(dims));
         }
+        _ => {}
+    }
+    let op = leaf_op(layer, g.shape(x)?.rank()).ok_or_else(|| QuantError::UnsupportedConfig {
+        context: path.into(),
+        reason: format!("{} is not a leaf layer", layer.type_name()),
+    })?;
+    g.node(path, op, &[x])
+}
+
+/// The op a leaf layer lowers into, on an input of rank `rank` (`None` for containers
+/// and custom modules, which the callers lower themselves).
+fn leaf_op(layer: &Layer, rank: usize) -> Option<Op> {
+    Some(match layer {
+        Layer::Sequential(_) | Layer::Residual(_) | Layer::Custom(_) => return None,
         Layer::Conv2d(c) => Op::Conv2d(c.clone()),
         Layer::ConvReLU2d(c) => Op::ConvReLU2d(c.clone()),
         Layer::Linear(l) => Op::Linear(l.clone()),
         Layer::LinearReLU(l) => Op::LinearReLU(l.clone()),
         Layer::BatchNorm2d(b) => {
-            if g.shape(x)?.rank() == 4 {
+            if rank == 4 {
                 Op::BatchNorm2d(b.clone())
             } else {
                 Op::BatchNorm1d(b.clone())
@@ -125,6 +139,104 @@ fn lower_layer(g: &mut GraphBuilder, layer: &Layer, path: &str, x: NodeId) -> Re
         Layer::Identity => Op::Identity,
         Layer::QuantStub => Op::QuantStub,
         Layer::DeQuantStub => Op::DeQuantStub,
-    };
-    g.node(path, op, &[x])
+    })
+}
+
+impl Graph {
+    /// The topology of a [`Sequential`] as a graph, for the data-free analysis tools that
+    /// need no shapes (equalization reads weights and which node reads which): the nodes
+    /// and names of [`Graph::from_sequential`], with placeholder shapes that carry only
+    /// the rank each layer gives (the input's rank from the first layer that fixes it:
+    /// 2 before a `Linear`, else 4; sizes 1). The graph is never run and never leaves the
+    /// crate.
+    pub(crate) fn structure_of_sequential(seq: &Sequential) -> Result<Graph> {
+        let mut nodes = Vec::new();
+        let rank = input_rank(seq).unwrap_or(4);
+        let x = push(&mut nodes, "<input>".into(), Op::Input, Vec::new(), rank);
+        let (y, _) = structure(&mut nodes, seq, "", x, rank);
+        Graph::from_parts(nodes, vec![x], vec![y])
+    }
+}
+
+/// The rank of a model's input, from the first layer that fixes it.
+fn input_rank(seq: &Sequential) -> Option<usize> {
+    for (_, layer) in seq.children() {
+        match layer {
+            Layer::Linear(_) | Layer::LinearReLU(_) => return Some(2),
+            Layer::Conv2d(_)
+            | Layer::ConvReLU2d(_)
+            | Layer::Pool2d(_)
+            | Layer::AdaptiveAvgPool2d(_)
+            | Layer::BatchNorm2d(_) => return Some(4),
+            Layer::Sequential(s) | Layer::Residual(s) => {
+                if let Some(r) = input_rank(s) {
+                    return Some(r);
+                }
+            }
+            Layer::Flatten { .. } | Layer::Custom(_) => return None,
+            _ => {}
+        }
+    }
+    None
+}
+
+fn push(
+    nodes: &mut Vec<super::Node>,
+    name: String,
+    op: Op,
+    inputs: Vec<NodeId>,
+    rank: usize,
+) -> NodeId {
+    let id = NodeId(nodes.len() as u32);
+    let mut dims = vec![Dim::Fixed(1); rank.max(1)];
+    dims[0] = Dim::Batch;
+    nodes.push(super::Node {
+        id,
+        name,
+        op,
+        inputs,
+        shape: Shape(dims),
+    });
+    id
+}
+
+/// [`lower`] without shapes: returns the last node and its rank.
+fn structure(
+    nodes: &mut Vec<super::Node>,
+    seq: &Sequential,
+    prefix: &str,
+    mut x: NodeId,
+    mut rank: usize,
+) -> (NodeId, usize) {
+    for (name, layer) in seq.children() {
+        let path = if prefix.is_empty() {
+            name.clone()
+        } else {
+            format!("{prefix}.{name}")
+        };
+        let op = match layer {
+            Layer::Sequential(s) => {
+                (x, rank) = structure(nodes, s, &path, x, rank);
+                continue;
+            }
+            Layer::Residual(body) => {
+                let (y, r) = structure(nodes, body, &path, x, rank);
+                x = push(nodes, path, Op::Add, vec![y, x], r);
+                rank = r;
+                continue;
+            }
+            Layer::Custom(m) => Op::Custom(m.box_clone()),
+            leaf => leaf_op(leaf, rank).unwrap_or(Op::Identity),
+        };
+        rank = match layer {
+            Layer::Conv2d(_)
+            | Layer::ConvReLU2d(_)
+            | Layer::Pool2d(_)
+            | Layer::AdaptiveAvgPool2d(_) => 4,
+            Layer::Flatten { start_dim } => (start_dim + 1).min(rank),
+            _ => rank,
+        };
+        x = push(nodes, path, op, vec![x], rank);
+    }
+    (x, rank)
 }
