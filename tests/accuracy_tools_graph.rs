@@ -701,3 +701,220 @@ fn equalization_keeps_squeeze_excite_and_shufflenet_graphs_float_exact() {
         }
     }
 }
+
+/// A graph with two inputs and two outputs:
+/// `a -> quant_a -> fc_a (LinearReLU) -> fc_a2 -> add <- fc_b (LinearReLU) <- quant_b <- b`,
+/// `add -> fc_out1 -> dequant1` (output 0) and `fc_b -> fc_out2 -> dequant2` (output 1).
+/// `fc_b`'s channel 0 is always 0 and `fc_out2` has a huge weight on it, so per-tensor
+/// weights break `fc_out2` alone (its other weights round to 0).
+fn two_in_two_out() -> Graph {
+    use ndarray::{Array1, Array2};
+    use ptq::nn::Linear;
+    let mut seed = 5u64;
+    let mut r = move || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((seed >> 40) as f32 / 16777216.0) * 2.0 - 1.0
+    };
+    let fc_a = Linear::new(
+        Array2::from_shape_fn((8, 4), |_| r()),
+        Some(Array1::from_shape_fn(8, |i| 2.0 + i as f32 * 0.5)),
+    )
+    .unwrap();
+    let fc_a2 = Linear::new(
+        Array2::from_shape_fn((8, 8), |(o, _)| r() * 10f32.powi(o as i32 % 3 - 1)),
+        Some(Array1::from_shape_fn(8, |_| r())),
+    )
+    .unwrap();
+    let mut wb = Array2::from_shape_fn((8, 6), |_| r());
+    wb.row_mut(0).fill(0.0);
+    let mut bb = Array1::from_shape_fn(8, |_| r().abs());
+    bb[0] = 0.0;
+    let fc_b = Linear::new(wb, Some(bb)).unwrap();
+    let fc_out1 = Linear::new(Array2::from_shape_fn((3, 8), |_| r()), None).unwrap();
+    let mut w2 = Array2::from_shape_fn((2, 8), |_| r());
+    w2.column_mut(0).fill(1000.0);
+    let fc_out2 = Linear::new(w2, Some(Array1::zeros(2))).unwrap();
+    let mut g = GraphBuilder::new();
+    let a = g.input("a", &[Dim::Batch, 4.into()]).unwrap();
+    let b = g.input("b", &[Dim::Batch, 6.into()]).unwrap();
+    let qa = g.quant_stub("quant_a", a).unwrap();
+    let qb = g.quant_stub("quant_b", b).unwrap();
+    let ya = g.node("fc_a", Op::LinearReLU(fc_a), &[qa]).unwrap();
+    let ya = g.linear("fc_a2", ya, fc_a2).unwrap();
+    let yb = g.node("fc_b", Op::LinearReLU(fc_b), &[qb]).unwrap();
+    let s = g.add("add", ya, yb).unwrap();
+    let o1 = g.linear("fc_out1", s, fc_out1).unwrap();
+    let o1 = g.dequant_stub("dequant1", o1).unwrap();
+    let o2 = g.linear("fc_out2", yb, fc_out2).unwrap();
+    let o2 = g.dequant_stub("dequant2", o2).unwrap();
+    g.output(o1).unwrap();
+    g.output(o2).unwrap();
+    g.build().unwrap()
+}
+
+/// Batches for [`two_in_two_out`]: one `[a, b]` pair each.
+fn two_input_batches(n: u64, offset: u64) -> Vec<Vec<ArrayD<f32>>> {
+    (0..n)
+        .map(|i| {
+            let k = (i + offset) as f32;
+            vec![
+                ArrayD::from_shape_fn(IxDyn(&[16, 4]), |j| {
+                    ((j[0] * 4 + j[1]) as f32 * 0.37 + k).sin()
+                }),
+                ArrayD::from_shape_fn(IxDyn(&[16, 6]), |j| {
+                    ((j[0] * 6 + j[1]) as f32 * 0.61 + 2.0 * k).cos()
+                }),
+            ]
+        })
+        .collect()
+}
+
+#[test]
+fn the_tools_take_graphs_with_two_inputs_and_two_outputs() {
+    let g = two_in_two_out();
+    let calib = two_input_batches(4, 0);
+    let eval = two_input_batches(2, 10);
+    let map = QConfigMap::new(QConfig::minmax_per_tensor());
+    let reference: Vec<ArrayD<f32>> = eval.iter().flat_map(|b| g.forward(b).unwrap()).collect();
+    assert_eq!(reference.len(), 4);
+
+    // activation_sqnr: a row per node, both outputs' last nodes included, each equal to
+    // the SQNR of that graph output over all batches.
+    let mut p = prepare(g.clone(), &map).unwrap();
+    ptq::quant::calibrate_inputs(&mut p, calib.iter().cloned()).unwrap();
+    let int8 = convert(p).unwrap();
+    let report = ga::activation_sqnr(&g, &int8, &eval).unwrap();
+    for (k, node) in ["fc_out1", "fc_out2"].iter().enumerate() {
+        let (mut signal, mut noise) = (0.0f64, 0.0f64);
+        for b in &eval {
+            let (f, q) = (g.forward(b).unwrap(), int8.forward(b).unwrap());
+            for (x, y) in f[k].iter().zip(q[k].iter()) {
+                signal += (*x as f64).powi(2);
+                noise += ((x - y) as f64).powi(2);
+            }
+        }
+        let want = 10.0 * (signal / noise).log10();
+        let row = report.get(node).unwrap();
+        assert!(
+            (row.sqnr_db - want).abs() < 1e-6,
+            "{node}: {} vs {want}",
+            row.sqnr_db
+        );
+    }
+    assert!(report.get("add").is_some() && report.get("fc_b").is_some());
+    // the broken layer is the worst row
+    assert_eq!(report.worst().unwrap().path, "fc_out2", "{report}");
+
+    // A batch without one tensor per input is refused, naming both counts.
+    let err = ga::activation_sqnr(&g, &int8, [eval[0][0].clone()]).unwrap_err();
+    assert!(
+        matches!(&err, QuantError::ShapeMismatch { .. }) && err.to_string().contains("2 inputs"),
+        "{err}"
+    );
+
+    // Equalization: fc_a -> fc_a2 (inside input a's branch); fc_b has two readers.
+    let (eq, er) = ga::equalize(&g, 20).unwrap();
+    assert_eq!(er.pairs.len(), 1);
+    assert_eq!(
+        (er.pairs[0].first.as_str(), er.pairs[0].second.as_str()),
+        ("fc_a", "fc_a2")
+    );
+    assert!(er
+        .skipped
+        .iter()
+        .any(|(a, at, _)| a == "fc_b" && at == "fc_b"));
+    for b in &eval {
+        for (x, y) in g.forward(b).unwrap().iter().zip(eq.forward(b).unwrap()) {
+            assert!(max_abs_diff(x, &y) <= 1e-4 * (1.0 + max_abs(x)));
+        }
+    }
+
+    // High-bias absorption reads input a's branch: fc_a's biases (>= 2) move into fc_a2.
+    let (abs, ar) = ga::absorb_high_bias(&g, &calib).unwrap();
+    assert_eq!(ar.len(), 1);
+    assert!(
+        ar[0].absorbed.iter().any(|&c| c > 0.5),
+        "{:?}",
+        ar[0].absorbed
+    );
+    for b in &calib {
+        for (x, y) in g.forward(b).unwrap().iter().zip(abs.forward(b).unwrap()) {
+            assert!(max_abs_diff(x, &y) <= 1e-4 * (1.0 + max_abs(x)));
+        }
+    }
+
+    // Bias correction: fc_b's shift is E[(W_q - W) b] over input b of every batch.
+    let (_, shifts) = ga::correct_bias(&g, &map, &calib).unwrap();
+    let names: Vec<&str> = shifts.iter().map(|s| s.path.as_str()).collect();
+    assert_eq!(names, ["fc_a", "fc_a2", "fc_b", "fc_out1", "fc_out2"]);
+    let w = param(&g, "fc_b.weight");
+    let mut obs = QConfig::minmax_per_tensor().weight.build().unwrap();
+    obs.observe(w.view()).unwrap();
+    let wq = ptq::qparams::fake_quantize(&w, &obs.qparams().unwrap()).unwrap();
+    let dw = (&wq - &w).into_dimensionality::<ndarray::Ix2>().unwrap();
+    let mut want = vec![0.0f64; 8];
+    let mut rows = 0.0;
+    for b in &calib {
+        let x = b[1].view().into_dimensionality::<ndarray::Ix2>().unwrap();
+        let d = x.dot(&dw.t());
+        for row in d.outer_iter() {
+            for (w, v) in want.iter_mut().zip(row) {
+                *w += *v as f64;
+            }
+            rows += 1.0;
+        }
+    }
+    let fc_b = shifts.iter().find(|s| s.path == "fc_b").unwrap();
+    for (got, w) in fc_b.shift.iter().zip(&want) {
+        assert!(
+            (*got as f64 - w / rows).abs() < 1e-5,
+            "{got} vs {}",
+            w / rows
+        );
+    }
+
+    // Sensitivity and the search: the metric sees both outputs of every batch
+    // (batch-major), here the lower of the two outputs' SQNR.
+    let mut calls = 0;
+    let metric = |outs: &[ArrayD<f32>]| {
+        calls += 1;
+        assert_eq!(outs.len(), reference.len());
+        reference
+            .iter()
+            .zip(outs)
+            .map(|(r, y)| sqnr(r, y).unwrap().min(60.0))
+            .fold(f64::INFINITY, f64::min)
+    };
+    let sens = ga::sensitivity(&g, QConfig::minmax_per_tensor(), &calib, &eval, metric).unwrap();
+    assert_eq!(calls, 2 + 2 * sens.layers.len());
+    assert_eq!(sens.ranking()[0], "fc_out2", "{sens}");
+    assert_eq!(sens.layers.len(), ga::quantizable_nodes(&g).len());
+    let options = MixedPrecisionOptions {
+        allowed_drop: 35.0,
+        try_equalization: false,
+        try_bias_correction: false,
+        ..Default::default()
+    };
+    let metric = |outs: &[ArrayD<f32>]| {
+        reference
+            .iter()
+            .zip(outs)
+            .map(|(r, y)| sqnr(r, y).unwrap().min(60.0))
+            .fold(f64::INFINITY, f64::min)
+    };
+    let found = ga::auto_mixed_precision(
+        &g,
+        QConfig::minmax_per_tensor(),
+        &calib,
+        &eval,
+        metric,
+        &options,
+    )
+    .unwrap();
+    assert!(found.target_met, "{found}");
+    assert_eq!(found.float_layers, ["fc_out2"], "{found}");
+    assert_eq!(found.model.forward(&eval[0]).unwrap().len(), 2);
+    println!("{report}\n{sens}\n{found}");
+}

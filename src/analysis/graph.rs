@@ -18,8 +18,13 @@
 //!   with several readers (fan-out) or several inputs (add, concat, mul): scaling there
 //!   would change what the other branch sees.
 //!
-//! Data-driven tools take batches for the graph's single input; the metric-driven ones
-//! ([`sensitivity`], [`auto_mixed_precision`]) also need a single output.
+//! Graphs may have several inputs and outputs. Data-driven tools take batches as
+//! [`GraphBatch`]es: an array per batch for a one-input graph, a `Vec` of arrays (one per
+//! graph input, in [`Graph::inputs`] order) otherwise. [`activation_sqnr`] reports every
+//! node, so every output gets its own row; the metric of [`sensitivity`] and
+//! [`auto_mixed_precision`] sees all outputs of all evaluation batches, batch-major
+//! (batch 0's outputs in [`Graph::outputs`] order, then batch 1's, ...: with `k` outputs,
+//! `outs.chunks(k)` gives one batch's).
 //!
 //! # Examples
 //! The whole flow on a reduced torchvision ResNet-18 (the residual blocks' convolutions
@@ -192,8 +197,8 @@ pub fn quantizable_nodes(graph: &Graph) -> Vec<String> {
 /// prepared (after fusion and any equalization), so that the names match.
 ///
 /// # Errors
-/// [`QuantError::EmptyCalibration`] for no batches; [`QuantError::UnsupportedConfig`] for a
-/// graph with several inputs; either graph's forward errors.
+/// [`QuantError::EmptyCalibration`] for no batches; [`QuantError::ShapeMismatch`] for a
+/// batch without one tensor per graph input; either graph's forward errors.
 ///
 /// # Examples
 /// See the [module](self) example.
@@ -305,11 +310,14 @@ pub fn weight_sqnr(graph: &Graph, map: &QConfigMap) -> Result<LayerReport> {
 /// [`analysis::sensitivity`](super::sensitivity) does for `Sequential` models. A node
 /// quantized alone gets automatic quantize / dequantize borders around it.
 ///
+/// `metric` receives the outputs of every evaluation batch, batch-major (see the
+/// [module](self) docs: one array per batch for a one-output graph).
+///
 /// # Errors
 /// [`QuantError::EmptyCalibration`] for no calibration or no evaluation batch,
 /// [`QuantError::NothingToQuantize`] if the graph has no candidate node,
-/// [`QuantError::UnsupportedConfig`] unless the graph has one input and one output, and
-/// the flow's own errors.
+/// [`QuantError::ShapeMismatch`] for a batch without one tensor per graph input, and the
+/// flow's own errors.
 ///
 /// # Examples
 /// ```
@@ -602,9 +610,9 @@ pub fn equalize(graph: &Graph, max_sweeps: usize) -> Result<(Graph, Equalization
 /// with the map `prepare` will get.
 ///
 /// # Errors
-/// [`QuantError::EmptyCalibration`] for no batches; [`QuantError::UnsupportedConfig`] for
-/// a graph with several inputs; the graph's forward errors and the weight specs' errors,
-/// named with the node.
+/// [`QuantError::EmptyCalibration`] for no batches; [`QuantError::ShapeMismatch`] for a
+/// batch without one tensor per graph input; the graph's forward errors and the weight
+/// specs' errors, named with the node.
 ///
 /// # Examples
 /// See the [module](self) example.
@@ -685,8 +693,8 @@ where
 /// pre-activations stay above `c` (all of the batches).
 ///
 /// # Errors
-/// [`QuantError::EmptyCalibration`] for no batches; [`QuantError::UnsupportedConfig`] for
-/// a graph with several inputs; the graph's forward errors.
+/// [`QuantError::EmptyCalibration`] for no batches; [`QuantError::ShapeMismatch`] for a
+/// batch without one tensor per graph input; the graph's forward errors.
 ///
 /// # Examples
 /// ```
