@@ -746,3 +746,79 @@ fn activation_sqnr_matches_a_hand_computed_requantization() {
     assert!((fc.max_abs_error - 0.003).abs() < 1e-5);
     assert_eq!(fc.elements, 128);
 }
+
+#[test]
+fn sequential_tools_reach_inside_residual_blocks_and_write_back_by_path() {
+    // stem -> block(conv1 -> relu -> conv2) + skip -> relu: the lowered graph's chain
+    // block.conv1 -> block.conv2 is equalized and its layers bias-corrected, and the
+    // results land in the Sequential's nested layers.
+    let mut seed = 21;
+    let conv = |o: usize, i: usize, seed: &mut u64| {
+        Conv2d::new(
+            Array4::from_shape_fn((o, i, 3, 3), |(oc, _, _, _)| {
+                lcg(seed) * 10f32.powi(oc as i32 % 3 - 1)
+            }),
+            Some(Array1::from_shape_fn(o, |_| lcg(seed) * 0.1)),
+        )
+        .unwrap()
+        .with_padding(1, 1)
+    };
+    let body = Sequential::new()
+        .push("conv1", Layer::ConvReLU2d(conv(4, 4, &mut seed)))
+        .push("conv2", Layer::Conv2d(conv(4, 4, &mut seed)));
+    let model = Sequential::new()
+        .push("quant", Layer::QuantStub)
+        .push("stem", Layer::ConvReLU2d(conv(4, 3, &mut seed)))
+        .push("block", Layer::Residual(body))
+        .push("relu", Layer::ReLU)
+        .push("dequant", Layer::DeQuantStub);
+    let data: Vec<ArrayD<f32>> = (0..2)
+        .map(|_| ArrayD::from_shape_fn(IxDyn(&[2, 3, 6, 6]), |_| lcg(&mut seed)))
+        .collect();
+    let weight = |m: &Sequential, path: &str| match m.get(path).unwrap() {
+        Layer::Conv2d(c) | Layer::ConvReLU2d(c) => (c.weight.clone(), c.bias.clone().unwrap()),
+        _ => unreachable!(),
+    };
+
+    let (eq, report) = equalize(&model, 20).unwrap();
+    let pairs: Vec<(&str, &str)> = report
+        .pairs
+        .iter()
+        .map(|p| (p.first.as_str(), p.second.as_str()))
+        .collect();
+    assert_eq!(pairs, [("block.conv1", "block.conv2")]);
+    // stem feeds the block's body and its skip: not equalized, and said so
+    assert!(report
+        .skipped
+        .iter()
+        .any(|(a, _, why)| a == "stem" && why.contains("2 readers")));
+    let p = &report.pairs[0];
+    let (w1, _) = weight(&eq, "block.conv1");
+    let (w1_before, _) = weight(&model, "block.conv1");
+    for (o, s) in p.scales.iter().enumerate() {
+        let got = w1.index_axis(ndarray::Axis(0), o).to_owned();
+        let want = w1_before.index_axis(ndarray::Axis(0), o).mapv(|v| v / s);
+        assert!(
+            max_abs_diff(&got.into_dyn(), &want.into_dyn())
+                <= 1e-6 * w1_before.iter().fold(0.0f32, |m, v| m.max(v.abs()))
+        );
+    }
+    assert_eq!(weight(&eq, "stem").0, weight(&model, "stem").0);
+    for x in &data {
+        let (a, b) = (model.forward(x).unwrap(), eq.forward(x).unwrap());
+        let scale = a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        assert!(max_abs_diff(&a, &b) <= 1e-5 * scale.max(1.0));
+    }
+
+    let map = QConfigMap::new(QConfig::minmax_per_tensor());
+    let (corrected, shifts) = correct_bias(&model, &map, &data).unwrap();
+    let paths: Vec<&str> = shifts.iter().map(|s| s.path.as_str()).collect();
+    assert_eq!(paths, ["stem", "block.conv1", "block.conv2"]);
+    for s in &shifts {
+        let (_, before) = weight(&model, &s.path);
+        let (_, after) = weight(&corrected, &s.path);
+        for ((b, a), d) in before.iter().zip(after.iter()).zip(&s.shift) {
+            assert_eq!(*a, b - d, "{}", s.path);
+        }
+    }
+}

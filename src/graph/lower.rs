@@ -2,7 +2,7 @@
 
 use ndarray::{ArrayD, IxDyn};
 
-use super::op::{Op, Pool2dSpec};
+use super::op::Op;
 use super::{Dim, Graph, GraphBuilder, NodeId, Shape};
 use crate::error::{QuantError, Result};
 use crate::nn::{Layer, PoolKind, Sequential};
@@ -121,15 +121,10 @@ fn leaf_op(layer: &Layer, rank: usize) -> Option<Op> {
         }
         Layer::ReLU => Op::ReLU,
         Layer::ReLU6 => Op::Clamp { min: 0.0, max: 6.0 },
-        Layer::Pool2d(p) => {
-            let spec = Pool2dSpec::new(p.kernel.0, p.kernel.1)
-                .with_stride(p.stride.0, p.stride.1)
-                .with_padding(p.padding.0, p.padding.1);
-            match p.kind {
-                PoolKind::Max => Op::MaxPool2d(spec),
-                PoolKind::Avg => Op::AvgPool2d(spec),
-            }
-        }
+        Layer::Pool2d(p) => match p.kind {
+            PoolKind::Max => Op::MaxPool2d(p.spec()),
+            PoolKind::Avg => Op::AvgPool2d(p.spec()),
+        },
         Layer::AdaptiveAvgPool2d(o) => Op::AdaptiveAvgPool2d(*o),
         Layer::Flatten { start_dim } => Op::Flatten {
             start_dim: *start_dim,

@@ -504,7 +504,7 @@ impl Pool2d {
             .view()
             .into_dimensionality::<Ix4>()
             .map_err(|_| shape_err(name, "[N, C, H, W]".into(), x))?;
-        let (n, c, h, w) = x4.dim();
+        let (_, _, h, w) = x4.dim();
         if h + 2 * ph < kh || w + 2 * pw < kw {
             return Err(shape_err(
                 name,
@@ -512,35 +512,19 @@ impl Pool2d {
                 x,
             ));
         }
-        let (ho, wo) = ((h + 2 * ph - kh) / sh + 1, (w + 2 * pw - kw) / sw + 1);
-        let mut out = Array4::<f32>::zeros((n, c, ho, wo));
-        for ((b, ci, oy, ox), v) in out.indexed_iter_mut() {
-            let mut acc = match self.kind {
-                PoolKind::Max => f32::NEG_INFINITY,
-                PoolKind::Avg => 0.0,
-            };
-            for ky in 0..kh {
-                for kx in 0..kw {
-                    let iy = (oy * sh + ky) as isize - ph as isize;
-                    let ix = (ox * sw + kx) as isize - pw as isize;
-                    if iy < 0 || ix < 0 || iy as usize >= h || ix as usize >= w {
-                        continue;
-                    }
-                    let xv = x4[[b, ci, iy as usize, ix as usize]];
-                    acc = match self.kind {
-                        // NaN wins, as in ATen's `val > max || isnan(val)`.
-                        PoolKind::Max if xv > acc || xv.is_nan() => xv,
-                        PoolKind::Max => acc,
-                        PoolKind::Avg => acc + xv,
-                    };
-                }
-            }
-            *v = match self.kind {
-                PoolKind::Max => acc,
-                PoolKind::Avg => acc / (kh * kw) as f32,
-            };
+        // One float implementation per op: the graph's (same window walk and sums).
+        let spec = self.spec();
+        match self.kind {
+            PoolKind::Max => crate::graph::ops::max_pool2d(x, &spec),
+            PoolKind::Avg => crate::graph::ops::avg_pool2d(x, &spec),
         }
-        Ok(out.into_dyn())
+    }
+
+    /// The graph op this layer is (`Op::MaxPool2d` / `Op::AvgPool2d` spec).
+    pub(crate) fn spec(&self) -> crate::graph::Pool2dSpec {
+        crate::graph::Pool2dSpec::new(self.kernel.0, self.kernel.1)
+            .with_stride(self.stride.0, self.stride.1)
+            .with_padding(self.padding.0, self.padding.1)
     }
 }
 
@@ -584,12 +568,7 @@ pub fn flatten(x: &ArrayD<f32>, start_dim: usize) -> Result<ArrayD<f32>> {
             x,
         ));
     }
-    let mut shape = x.shape()[..start_dim].to_vec();
-    shape.push(x.shape()[start_dim..].iter().product());
-    Ok(x.as_standard_layout()
-        .into_owned()
-        .into_shape_with_order(IxDyn(&shape))
-        .expect("same element count"))
+    crate::graph::ops::flatten(x, start_dim, -1)
 }
 
 #[cfg(test)]
