@@ -830,6 +830,7 @@ mod tests {
             .push("dequant", Layer::DeQuantStub);
         let g = Graph::from_sequential(&seq, &[Dim::Batch, 3.into()]).unwrap();
         assert_eq!(quantizable_nodes(&g), ["block.fc", "block"]);
+        let g = graph_subject(&g);
         let qc = QConfig::minmax_per_tensor();
         let block = ["block".to_string()];
         let but = set_exact(&g, QConfigMap::new(qc), &block, None, Some(qc));
