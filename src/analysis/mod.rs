@@ -4,8 +4,12 @@
 //! float model easier to quantize: cross-layer equalization ([`equalize`]) with high-bias
 //! absorption ([`absorb_high_bias`]), and bias correction ([`correct_bias`]).
 //!
-//! Every tool works on graphs too, with the same reports keyed by node name: see
-//! [`graph`] (`ptq::analysis::graph::{equalize, correct_bias, sensitivity, ...}`).
+//! Every tool is implemented once, on graphs ([`graph`]:
+//! `ptq::analysis::graph::{equalize, correct_bias, sensitivity, ...}`, graphs with several
+//! inputs and outputs included); the functions here take a [`Sequential`], lower it into a
+//! graph (layer paths become node names; for the data-driven tools, for inputs shaped like
+//! the first batch) and map the results back: the same reports keyed by layer path, and
+//! the transforms' new weights written into a copy of the model by path.
 //!
 //! The measuring tools run beside the flow and never change it. Errors are reported as SQNR
 //! (signal-to-quantization-noise ratio, `10 log10(sum x^2 / sum (x - x')^2)` in dB: higher

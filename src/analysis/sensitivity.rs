@@ -252,7 +252,10 @@ impl fmt::Display for SensitivityReport {
 /// from `calibration` through the public flow (`prepare` with a [`QConfigMap`] that keeps
 /// layers in float, `calibrate`, `convert`). A layer quantized alone gets automatic
 /// quantize / dequantize borders around it. Cost: `1 + 2 * layers` convert + eval runs
-/// plus one float evaluation.
+/// plus one float evaluation. The model is lowered into a graph for inputs shaped like
+/// the first calibration batch and measured by
+/// [`graph::sensitivity`](super::graph::sensitivity)'s implementation, over the layers of
+/// [`quantizable_layers`].
 ///
 /// # Errors
 /// [`QuantError::EmptyCalibration`] for no calibration or no evaluation batch,
