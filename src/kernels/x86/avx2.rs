@@ -253,34 +253,50 @@ unsafe fn requant_rows<const R: usize>(
     // SAFETY: the caller upholds this function's `# Safety` contract; partial rows are
     // stored through a stack buffer.
     unsafe {
+        // No closures here: they would not inherit this function's target features.
         let azp = _mm256_set1_epi32(p.a_zp);
-        let ld = |ptr: *const i32, h: usize| _mm256_loadu_si256(ptr.add(j0 + 8 * h) as *const _);
-        let ldf = |ptr: *const f32, h: usize| _mm256_loadu_ps(ptr.add(j0 + 8 * h));
-        let coff: [__m256i; 2] = std::array::from_fn(|h| _mm256_mullo_epi32(azp, ld(p.col_off, h)));
-        let bb: [__m256; 2] = std::array::from_fn(|h| ldf(p.bias_b, h));
-        let bs: [__m256; 2] = std::array::from_fn(|h| ldf(p.bias_s, h));
-        let mult: [__m256; 2] = std::array::from_fn(|h| ldf(p.mult, h));
+        let (c0, c1) = (p.col_off.add(j0), p.col_off.add(j0 + 8));
+        let coff0 = _mm256_mullo_epi32(azp, _mm256_loadu_si256(c0 as *const __m256i));
+        let coff1 = _mm256_mullo_epi32(azp, _mm256_loadu_si256(c1 as *const __m256i));
+        let (bb0, bb1) = (
+            _mm256_loadu_ps(p.bias_b.add(j0)),
+            _mm256_loadu_ps(p.bias_b.add(j0 + 8)),
+        );
+        let (bs0, bs1) = (
+            _mm256_loadu_ps(p.bias_s.add(j0)),
+            _mm256_loadu_ps(p.bias_s.add(j0 + 8)),
+        );
+        let (m0, m1) = (
+            _mm256_loadu_ps(p.mult.add(j0)),
+            _mm256_loadu_ps(p.mult.add(j0 + 8)),
+        );
         let zp16 = _mm256_set1_epi16(p.out_zp as i16);
         let lo8 = _mm256_set1_epi8(p.lo as u8 as i8);
         // After the packs, dword 4L + h holds columns 8h + 4L..8h + 4L + 4 (128-bit lane
         // L, half h): gather them in column order.
         let idx = _mm256_setr_epi32(0, 4, 1, 5, 0, 0, 0, 0);
-        let wzp: [__m256i; 2] = if rowsum.is_null() {
-            [_mm256_setzero_si256(); 2]
+        let has_rs = !rowsum.is_null();
+        let (wzp0, wzp1) = if has_rs {
+            (
+                _mm256_loadu_si256(p.w_zp.add(j0) as *const __m256i),
+                _mm256_loadu_si256(p.w_zp.add(j0 + 8) as *const __m256i),
+            )
         } else {
-            std::array::from_fn(|h| ld(p.w_zp, h))
+            (_mm256_setzero_si256(), _mm256_setzero_si256())
         };
         for (r, row) in c.iter().enumerate().take(rows) {
-            let v: [__m256i; 2] = std::array::from_fn(|h| {
-                let mut x = _mm256_sub_epi32(row[h], coff[h]);
-                if !rowsum.is_null() {
-                    let rs = _mm256_set1_epi32(*rowsum.add(r));
-                    x = _mm256_sub_epi32(x, _mm256_mullo_epi32(wzp[h], rs));
-                }
-                let xf = _mm256_fmadd_ps(bb[h], bs[h], _mm256_cvtepi32_ps(x));
-                _mm256_cvtps_epi32(_mm256_mul_ps(xf, mult[h]))
-            });
-            let t = _mm256_adds_epi16(_mm256_packs_epi32(v[0], v[1]), zp16);
+            let mut x0 = _mm256_sub_epi32(row[0], coff0);
+            let mut x1 = _mm256_sub_epi32(row[1], coff1);
+            if has_rs {
+                let rs = _mm256_set1_epi32(*rowsum.add(r));
+                x0 = _mm256_sub_epi32(x0, _mm256_mullo_epi32(wzp0, rs));
+                x1 = _mm256_sub_epi32(x1, _mm256_mullo_epi32(wzp1, rs));
+            }
+            let f0 = _mm256_fmadd_ps(bb0, bs0, _mm256_cvtepi32_ps(x0));
+            let f1 = _mm256_fmadd_ps(bb1, bs1, _mm256_cvtepi32_ps(x1));
+            let v0 = _mm256_cvtps_epi32(_mm256_mul_ps(f0, m0));
+            let v1 = _mm256_cvtps_epi32(_mm256_mul_ps(f1, m1));
+            let t = _mm256_adds_epi16(_mm256_packs_epi32(v0, v1), zp16);
             let u = _mm256_max_epu8(_mm256_packus_epi16(t, t), lo8);
             let u = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(u, idx));
             let dst = out.add(r * ldc);
