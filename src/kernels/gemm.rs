@@ -150,6 +150,61 @@ pub(crate) trait GemmKernel: Copy + Send + Sync {
             );
         }
     }
+
+    /// [`kernel_requant`](Self::kernel_requant) for a split block: `a` reads the low seven
+    /// bits (`a & 127`) and `hi` the top bit (`a >> 7`) of the same rows, and the tile's
+    /// sums are `A_lo * B + 128 * A_hi * B`. The default runs [`kernel`](Self::kernel) on
+    /// both (into `acc` and `acc2`), combines them and requantizes each panel; kernels
+    /// that can do it in one pass override it.
+    ///
+    /// # Safety
+    /// As [`kernel_requant`](Self::kernel_requant), for `hi` as for `a`; `acc2` holds at
+    /// least `MR * NR` values too.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn kernel_split_requant(
+        self,
+        a: &[*const u8],
+        hi: &[*const u8],
+        deltas: &[usize],
+        seg: usize,
+        b: &[i8],
+        ep: &Epilogue<'_>,
+        rows: usize,
+        cols: usize,
+        out: &mut [u8],
+        ldc: usize,
+        acc: &mut [i32],
+        acc2: &mut [i32],
+    ) {
+        // SAFETY: forwarded from this function's contract (`acc` and `acc2` hold
+        // MR * NR values, `hi` has the shape of `a`).
+        unsafe {
+            self.kernel(a, deltas, seg, b, acc);
+            self.kernel(hi, deltas, seg, b, acc2);
+        }
+        for (x, y) in acc.iter_mut().zip(acc2.iter()).take(Self::MR * Self::NR) {
+            *x = x.wrapping_add(y.wrapping_shl(7));
+        }
+        // Requantize the valid rows of each panel.
+        for h in 0..Self::NR / NR {
+            let c0 = h * NR;
+            if c0 >= cols {
+                break;
+            }
+            self.requant_tile(
+                &acc[h * Self::MR * NR..(h + 1) * Self::MR * NR],
+                rows,
+                NR.min(cols - c0),
+                ep.rowsum,
+                ep.a_zp,
+                ep.w,
+                ep.rq,
+                ep.j0 + c0,
+                &mut out[c0..],
+                ldc,
+            );
+        }
+    }
 }
 
 /// What a tile's requantization needs beside its accumulators.
@@ -515,14 +570,14 @@ fn tiles<K: GemmKernel>(
                 &b.rowsum[t..t + rows]
             };
             let out_t = &mut out[t * b.ldc + j0..];
+            let ep = Epilogue {
+                rowsum,
+                a_zp: b.a_zp,
+                w: b.w,
+                rq: b.rq,
+                j0,
+            };
             if b.hi.is_empty() {
-                let ep = Epilogue {
-                    rowsum,
-                    a_zp: b.a_zp,
-                    w: b.w,
-                    rq: b.rq,
-                    j0,
-                };
                 // SAFETY: `kern` exists only once its CPU features were detected; `seg`
                 // is a multiple of 4 (asserted); `a` holds MR row starts whose segments
                 // (at `deltas`, `seg` bytes each) lie inside one buffer (checked by
@@ -534,36 +589,17 @@ fn tiles<K: GemmKernel>(
                         a, deltas, seg, panel, &ep, rows, cols, out_t, b.ldc, &mut acc,
                     )
                 };
-                continue;
-            }
-            let h = &b.hi[t..t + K::MR];
-            // SAFETY: as above; `acc` and `acc2` hold MAX_TILE >= MR * NR values
-            // (checked at compile time) and `h` has the shape of `a`.
-            unsafe {
-                kern.kernel(a, deltas, seg, panel, &mut acc);
-                kern.kernel(h, deltas, seg, panel, &mut acc2);
-            }
-            for (x, y) in acc.iter_mut().zip(&acc2).take(K::MR * K::NR) {
-                *x = x.wrapping_add(y.wrapping_shl(7));
-            }
-            // Requantize the valid rows of each panel.
-            for h in 0..pn {
-                let c0 = h * NR;
-                if c0 >= cols {
-                    break;
-                }
-                kern.requant_tile(
-                    &acc[h * K::MR * NR..(h + 1) * K::MR * NR],
-                    rows,
-                    NR.min(cols - c0),
-                    rowsum,
-                    b.a_zp,
-                    b.w,
-                    b.rq,
-                    j0 + c0,
-                    &mut out_t[c0..],
-                    b.ldc,
-                );
+            } else {
+                let h = &b.hi[t..t + K::MR];
+                // SAFETY: as above; `acc` and `acc2` hold MAX_TILE >= MR * NR values
+                // (checked at compile time) and `h` has the shape of `a` (rows of the
+                // same packed block, `a >> 7` where `a` holds `a & 127`).
+                unsafe {
+                    kern.kernel_split_requant(
+                        a, h, deltas, seg, panel, &ep, rows, cols, out_t, b.ldc, &mut acc,
+                        &mut acc2,
+                    )
+                };
             }
         }
     }

@@ -180,10 +180,20 @@ fn pinned_edges<K: GemmKernel>(kern: K) {
     // Extreme operands: every activation 255 and every weight -128 (the largest
     // magnitudes, where `vpmaddubsw` would saturate without the split), zero points at the
     // far ends.
-    for (m, k, n) in [(5, 260, 33), (8, 64, 16), (1, 4, 1)] {
+    // Depths around multiples of 512 (128 groups of 4: where the AVX2 split tile flushes
+    // its `i16` sums of the top bits, which reach -32768 here with weights -128) and beyond.
+    for (m, k, n, wv) in [
+        (5, 260, 33, -128),
+        (8, 64, 16, -128),
+        (1, 4, 1, -128),
+        (4, 512, 16, -128),
+        (6, 516, 17, -128),
+        (3, 1030, 16, -128),
+        (4, 1024, 20, 127),
+    ] {
         let mut c = pinned(m, k, n, 255, -128, 127, 99);
         c.a.iter_mut().for_each(|v| *v = 255);
-        c.w.iter_mut().for_each(|v| *v = -128);
+        c.w.iter_mut().for_each(|v| *v = wv);
         c.a_zp = 0;
         c.w_zp.iter_mut().for_each(|z| *z = 127);
         check(kern, &c);
@@ -192,6 +202,11 @@ fn pinned_edges<K: GemmKernel>(kern: K) {
         check(kern, &c);
         c.w_zp.iter_mut().for_each(|z| *z = 0);
         check(kern, &c);
+    }
+    // Long rows of random full-range operands (split blocks on the AVX2 kernel, flushed
+    // several times per tile).
+    for (i, &(m, k, n)) in [(9, 1540, 33), (4, 2052, 16)].iter().enumerate() {
+        check(kern, &pinned(m, k, n, 255, -128, 127, 40 + i as u32));
     }
 }
 
@@ -260,7 +275,9 @@ kernel_suite!(portable, Some(Portable), true);
 #[cfg(target_arch = "x86_64")]
 mod x86_suites {
     use super::*;
-    use crate::kernels::x86::{Avx2, Avx2Kernel, Vnni4x16, Vnni4x32, Vnni8x16, Vnni8x32};
+    use crate::kernels::x86::{
+        Avx2, Avx2Kernel, Avx2TwoPass, Vnni4x16, Vnni4x32, Vnni8x16, Vnni8x32,
+    };
 
     fn vnni_token() -> Option<Avx2> {
         Avx2::detect(true).filter(|s| s.vnni())
@@ -294,6 +311,12 @@ mod x86_suites {
         avx512_vnni_4x16,
         vnni_token().and_then(Vnni4x16::new),
         vnni_available()
+    );
+
+    kernel_suite!(
+        avx2_two_pass_split,
+        Avx2::detect(false).map(|s| Avx2TwoPass(Avx2Kernel::new(s))),
+        crate::kernels::avx2_available()
     );
 
     /// The AVX2 kernel reports the split path exactly when it needed it.

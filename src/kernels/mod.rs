@@ -30,8 +30,11 @@
 //! AVX2's `vpmaddubsw` adds two `u8 x i8` products into a saturating `i16`. The sum is exact
 //! when the activations are at most 127 (`reduce_range`, fbgemm's default) or every weight
 //! lies in `[-64, 63]`; then [`KernelPath::Avx2Fast`] runs. Otherwise the activations are
-//! split into `a & 127` and `a >> 7` and the two exact products are combined
-//! ([`KernelPath::Avx2Split`], about half the speed). The library never saturates: every
+//! split into `a & 127` and `a >> 7` ([`KernelPath::Avx2Split`]): one pass of the tile takes
+//! the low bits through the same exact sequence and sums the top bits' products in `i16`
+//! (they cannot overflow within 128 groups of 4), adding them times 128 into the `i32` sums
+//! (10 instructions per row and `k` group where the fast path takes 6; the packing for the
+//! split adds to that). The library never saturates: every
 //! path returns the exact integer result, identical to the portable kernel and to
 //! [`reference::qgemm_naive`].
 //!

@@ -14,6 +14,8 @@ mod depthwise_avx512;
 mod layout;
 
 pub(crate) use avx2::Avx2Kernel;
+#[cfg(test)]
+pub(crate) use avx2::Avx2TwoPass;
 pub(crate) use avx512_vnni::Vnni8x32;
 #[cfg(test)]
 pub(crate) use avx512_vnni::{Vnni4x16, Vnni4x32, Vnni8x16};
