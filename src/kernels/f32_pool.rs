@@ -121,10 +121,9 @@ pub(crate) fn max_pool_nchw(x: &[f32], planes: usize, g: &PoolGeom, out: &mut [f
     if oh * ow == 0 {
         return;
     }
-    if g.kernel == (2, 2) && g.stride == (2, 2) && g.dilation == (1, 1) && g.pad == (0, 0) {
-        if 2 * oh <= h && 2 * ow <= w {
-            return max_pool_2x2(x, planes, g, out);
-        }
+    let plain_2x2 = g.kernel == (2, 2) && g.stride == (2, 2) && g.dilation == (1, 1);
+    if plain_2x2 && g.pad == (0, 0) && 2 * oh <= h && 2 * ow <= w {
+        return max_pool_2x2(x, planes, g, out);
     }
     let (kw, sw, dw, pl) = (g.kernel.1, g.stride.1, g.dilation.1, g.pad.1);
     let taps: Vec<(isize, (usize, usize))> = (0..kw)
