@@ -372,6 +372,124 @@ pub(crate) fn depthwise_nchw(
     }
 }
 
+/// A leading dimension for `cols` values a row that keeps successive rows off the same
+/// L1 sets: a multiple of 16 values whose count of 64-byte lines is odd (a row of 1024
+/// values, 4 KiB, would map every row of a GEMM block to one set).
+fn spread_ld(cols: usize) -> usize {
+    let ld = cols.next_multiple_of(16);
+    if (ld / 16).is_multiple_of(2) {
+        ld + 16
+    } else {
+        ld
+    }
+}
+
+/// Columns one GEMM of [`conv_nchw`] aims for: images with smaller output planes are
+/// unfolded side by side until they fill about this many.
+const CONV_COLS: usize = 384;
+
+/// Convolution on NCHW `f32` data: `x` is `[n, c, h, w]`, `weight` `[o, c / groups, kh,
+/// kw]`, `out` `[n, o, ho, wo]` (overwritten): each output the products summed in `(ci,
+/// ky, kx)` order from zero with fused multiply-adds, then the bias added, then ReLU when
+/// `relu` (NaN kept). Depthwise convolutions (one input channel per group) run
+/// [`depthwise_nchw`]; the others unfold the input ([`im2col_nchw`]; a pointwise
+/// convolution reads its input as it is) and run [`gemm_bias`] per group, several images
+/// side by side when their output planes are small. Images are split across rayon's pool.
+///
+/// # Panics
+/// If a slice is shorter than the shapes say, or `groups` does not divide `c` and `o`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv_nchw(
+    x: &[f32],
+    (n, c): (usize, usize),
+    weight: &[f32],
+    (o, groups): (usize, usize),
+    bias: Option<&[f32]>,
+    relu: bool,
+    g: &Geom,
+    out: &mut [f32],
+) {
+    let (h, w) = g.in_hw;
+    let (ho, wo) = g.out_hw;
+    let (kh, kw) = g.kernel;
+    let cg = c / groups;
+    let og = o / groups;
+    let plane = ho * wo;
+    if n * o * plane == 0 {
+        return;
+    }
+    if cg == 1 && groups > 1 {
+        return depthwise_nchw(x, (n, c), weight, og, bias, relu, g, out);
+    }
+    let kdim = cg * kh * kw;
+    let pointwise =
+        (kh, kw) == (1, 1) && g.stride == (1, 1) && g.padding == (0, 0) && (ho, wo) == (h, w);
+    // Each group's weights packed once per call.
+    let packs: Vec<PackedA> = (0..groups)
+        .map(|gi| PackedA::new(&weight[gi * og * kdim..], og, kdim, kdim))
+        .collect();
+    // Images per GEMM, and the row stride of their unfolded columns / products.
+    let nb = CONV_COLS.div_ceil(plane).clamp(1, n);
+    let ld = spread_ld(nb * plane);
+    // A pointwise convolution of one image whose plane does not alias reads the input in
+    // place and writes the output in place.
+    let in_place = pointwise && nb == 1 && ld == plane;
+    let direct_out = nb == 1;
+    let cols_len = if in_place { 0 } else { kdim * ld };
+    let prod_len = if direct_out { 0 } else { og * ld };
+    let chunk = |b0: usize, ob: &mut [f32]| {
+        let imgs = ob.len() / (o * plane);
+        with_cols(cols_len, prod_len, |cols, prod| {
+            for (gi, pack) in packs.iter().enumerate() {
+                let src: &[f32] = if in_place {
+                    &x[(b0 * c + gi * cg) * h * w..(b0 * c + (gi + 1) * cg) * h * w]
+                } else {
+                    for i in 0..imgs {
+                        let b = b0 + i;
+                        let xg = &x[(b * c + gi * cg) * h * w..(b * c + (gi + 1) * cg) * h * w];
+                        let dst = &mut cols[i * plane..];
+                        if pointwise {
+                            for (ci, xc) in xg.chunks_exact(plane).enumerate() {
+                                dst[ci * ld..ci * ld + plane].copy_from_slice(xc);
+                            }
+                        } else {
+                            im2col_nchw(xg, cg, g, dst, ld);
+                        }
+                    }
+                    cols
+                };
+                let bg = bias.map(|bv| &bv[gi * og..(gi + 1) * og]);
+                let ldb = if in_place { plane } else { ld };
+                if direct_out {
+                    let dst = &mut ob[gi * og * plane..(gi + 1) * og * plane];
+                    gemm_bias(pack, src, ldb, plane, bg, relu, dst, plane);
+                } else {
+                    gemm_bias(pack, src, ldb, imgs * plane, bg, relu, prod, ld);
+                    for i in 0..imgs {
+                        for r in 0..og {
+                            let at = (i * o + gi * og + r) * plane;
+                            ob[at..at + plane].copy_from_slice(
+                                &prod[r * ld + i * plane..r * ld + (i + 1) * plane],
+                            );
+                        }
+                    }
+                }
+            }
+        })
+    };
+    let per = nb * o * plane;
+    if n > nb && rayon::current_num_threads() > 1 {
+        out[..n * o * plane]
+            .par_chunks_mut(per)
+            .enumerate()
+            .for_each(|(i, ob)| chunk(i * nb, ob));
+    } else {
+        for (i, ob) in out[..n * o * plane].chunks_mut(per).enumerate() {
+            chunk(i * nb, ob);
+        }
+    }
+}
+
 /// Unfolds one image's group of channels (`x`: `[cg, h, w]`) into `cols`
 /// `[cg * kh * kw, ho * wo]`, row `r` starting at `r * ld` (`ld >= ho * wo`); taps in the
 /// padding read 0.
@@ -872,6 +990,84 @@ mod tests {
                         .sum();
                     let b = want[oc * ho * wo + pix];
                     assert!((s - b).abs() <= 1e-5 * (1.0 + b.abs()), "{s} {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn conv_matches_naive_and_is_identical_on_every_set() {
+        // (n, c, o, groups, in_hw, kernel, stride, pad): small planes batched side by side,
+        // planes whose rows would alias (32x32, 16x16), pointwise in place and copied,
+        // grouped, strided, and depthwise.
+        for &(n, c, o, groups, hw, k, s, p) in &[
+            (
+                5usize,
+                4usize,
+                6usize,
+                1usize,
+                (8usize, 8usize),
+                3usize,
+                1usize,
+                1usize,
+            ),
+            (3, 3, 8, 1, (32, 32), 3, 1, 1),
+            (2, 8, 16, 1, (16, 16), 1, 1, 0),
+            (2, 8, 16, 1, (28, 28), 1, 1, 0),
+            (1, 8, 16, 1, (32, 32), 1, 1, 0),
+            (7, 6, 4, 2, (4, 4), 3, 1, 1),
+            (3, 3, 5, 1, (11, 13), 3, 2, 1),
+            (2, 6, 12, 6, (9, 9), 3, 2, 1),
+            (40, 2, 3, 1, (2, 3), 1, 1, 0),
+        ] {
+            let out = |i: usize| (i + 2 * p - k) / s + 1;
+            let g = Geom {
+                in_hw: hw,
+                out_hw: (out(hw.0), out(hw.1)),
+                kernel: (k, k),
+                stride: (s, s),
+                padding: (p, p),
+                dilation: (1, 1),
+            };
+            let x = vals(n * c * hw.0 * hw.1, 4);
+            let wt = vals(o * (c / groups) * k * k, 6);
+            let bias = vals(o, 8);
+            let want = naive_conv(&x, (n, c), &wt, o, groups, &g);
+            let plane = g.out_hw.0 * g.out_hw.1;
+            let mut first: Option<Vec<u32>> = None;
+            for ks in super::super::KernelSet::all_available() {
+                for relu_on in [false, true] {
+                    let mut got = vec![f32::NAN; want.len()];
+                    ks.install(|| {
+                        conv_nchw(
+                            &x,
+                            (n, c),
+                            &wt,
+                            (o, groups),
+                            Some(&bias),
+                            relu_on,
+                            &g,
+                            &mut got,
+                        )
+                    });
+                    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                        let mut b = b + bias[(i / plane) % o];
+                        if relu_on {
+                            b = b.max(0.0);
+                        }
+                        assert!(
+                            (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                            "{a} {b} {g:?} n {n} {:?}",
+                            ks.backend()
+                        );
+                    }
+                    if !relu_on {
+                        let bits: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
+                        match &first {
+                            Some(f) => assert!(f == &bits, "{g:?}: {:?} differs", ks.backend()),
+                            None => first = Some(bits),
+                        }
+                    }
                 }
             }
         }

@@ -4,9 +4,11 @@
 //! registers. Callers reach them through the safe wrappers here, which check the CPU
 //! features and the slice bounds the bodies rely on.
 //!
-//! They sum in the same order as the portable bodies but fuse each multiply-add (one
-//! rounding instead of two), so their results differ from the portable path's in the last
-//! bits; the tests compare every path against a float64 reference.
+//! The depthwise and GEMM bodies sum in the same order as the portable ones with the same
+//! fused multiply-adds (the portable bodies call `f32::mul_add`), so convolutions agree bit
+//! for bit on every kernel set; the matrix-vector bodies sum in vector lanes and differ from
+//! the portable body in the last bits. The tests compare every path against a float64
+//! reference.
 
 use std::arch::x86_64::*;
 
@@ -69,47 +71,59 @@ pub(crate) fn dw_plane(isa: Isa, a: &DwArgs<'_>, o: &mut [f32]) {
 /// `oy < ho`, tap offset `off` and `c < wo`, `pad[oy * step + off + c + 0..32]` in bounds.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dw_plane_avx2(a: &DwArgs<'_>, o: &mut [f32]) {
-    let (ho, wo, taps) = (a.ho, a.wo, a.offs.len());
+    // Two rows of 32 columns (eight sums in flight), the last odd row alone.
+    let mut oy = 0;
+    // SAFETY (both calls): the contract of this function, rows `oy..oy + R` below `ho`.
+    unsafe {
+        while oy + 2 <= a.ho {
+            dw_rows_avx2::<2>(a, o, oy);
+            oy += 2;
+        }
+        if oy < a.ho {
+            dw_rows_avx2::<1>(a, o, oy);
+        }
+    }
+}
+
+/// Output rows `oy0..oy0 + R` of [`dw_plane_avx2`], 32 columns per step.
+///
+/// # Safety
+/// As [`dw_plane_avx2`], and `oy0 + R <= ho`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dw_rows_avx2<const R: usize>(a: &DwArgs<'_>, o: &mut [f32], oy0: usize) {
+    let (wo, taps) = (a.wo, a.offs.len());
     let p = a.pad.as_ptr();
     let zero = _mm256_setzero_ps();
     let b = _mm256_set1_ps(a.bias);
     let mut tmp = [0f32; 32];
-    for oy in 0..ho {
-        let base = oy * a.step;
-        let orow = &mut o[oy * wo..(oy + 1) * wo];
-        let mut c = 0;
-        while c < wo {
-            let (mut a0, mut a1, mut a2, mut a3) = (b, b, b, b);
-            for t in 0..taps {
-                // SAFETY: `t < taps <= wk.len()`; the loads lie in `pad` (contract).
-                unsafe {
-                    let wv = _mm256_set1_ps(*a.wk.get_unchecked(t));
-                    let s = p.add(base + *a.offs.get_unchecked(t) + c);
-                    a0 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(s), a0);
-                    a1 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(s.add(8)), a1);
-                    a2 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(s.add(16)), a2);
-                    a3 = _mm256_fmadd_ps(wv, _mm256_loadu_ps(s.add(24)), a3);
+    let mut c = 0;
+    while c < wo {
+        let mut acc = [[b; 4]; R];
+        for t in 0..taps {
+            // SAFETY: `t < taps <= wk.len()`; the loads lie in `pad` (contract).
+            unsafe {
+                let wv = _mm256_set1_ps(*a.wk.get_unchecked(t));
+                let off = *a.offs.get_unchecked(t) + c;
+                for (r, ar) in acc.iter_mut().enumerate() {
+                    let s = p.add((oy0 + r) * a.step + off);
+                    for (v, av) in ar.iter_mut().enumerate() {
+                        *av = _mm256_fmadd_ps(wv, _mm256_loadu_ps(s.add(8 * v)), *av);
+                    }
                 }
             }
-            if a.relu {
-                // `max(0, x)` returns its second operand for NaN: NaN stays.
-                a0 = _mm256_max_ps(zero, a0);
-                a1 = _mm256_max_ps(zero, a1);
-                a2 = _mm256_max_ps(zero, a2);
-                a3 = _mm256_max_ps(zero, a3);
-            }
-            let n = (wo - c).min(32);
-            // SAFETY: `tmp` holds 32 values.
-            unsafe {
-                let t = tmp.as_mut_ptr();
-                _mm256_storeu_ps(t, a0);
-                _mm256_storeu_ps(t.add(8), a1);
-                _mm256_storeu_ps(t.add(16), a2);
-                _mm256_storeu_ps(t.add(24), a3);
-            }
-            orow[c..c + n].copy_from_slice(&tmp[..n]);
-            c += 32;
         }
+        let n = (wo - c).min(32);
+        for (r, ar) in acc.iter().enumerate() {
+            for (v, &av) in ar.iter().enumerate() {
+                // `max(0, x)` returns its second operand for NaN: NaN stays.
+                let y = if a.relu { _mm256_max_ps(zero, av) } else { av };
+                // SAFETY: `tmp` holds 32 values.
+                unsafe { _mm256_storeu_ps(tmp.as_mut_ptr().add(8 * v), y) };
+            }
+            let at = (oy0 + r) * wo + c;
+            o[at..at + n].copy_from_slice(&tmp[..n]);
+        }
+        c += 32;
     }
 }
 
@@ -117,47 +131,79 @@ unsafe fn dw_plane_avx2(a: &DwArgs<'_>, o: &mut [f32]) {
 /// AVX-512F available; otherwise as [`dw_plane_avx2`].
 #[target_feature(enable = "avx512f")]
 unsafe fn dw_plane_avx512(a: &DwArgs<'_>, o: &mut [f32]) {
-    let (ho, wo, taps) = (a.ho, a.wo, a.offs.len());
+    // Independent sums in flight hide the FMA latency: 4 rows of 32 columns, or 8 rows
+    // of 16 for narrow planes; the rows left over one at a time.
+    let ho = a.ho;
+    let mut oy = 0;
+    // SAFETY (all calls): the contract of this function, rows `oy..oy + R` below `ho`.
+    unsafe {
+        if a.wo <= 16 {
+            while oy + 8 <= ho {
+                dw_rows_avx512::<8, 1>(a, o, oy);
+                oy += 8;
+            }
+        } else {
+            while oy + 4 <= ho {
+                dw_rows_avx512::<4, 2>(a, o, oy);
+                oy += 4;
+            }
+        }
+        while oy < ho {
+            dw_rows_avx512::<1, 2>(a, o, oy);
+            oy += 1;
+        }
+    }
+}
+
+/// Output rows `oy0..oy0 + R` of [`dw_plane_avx512`], `16 NV` columns per step (the
+/// last step of a row masked).
+///
+/// # Safety
+/// As [`dw_plane_avx512`], and `oy0 + R <= ho`.
+#[target_feature(enable = "avx512f")]
+unsafe fn dw_rows_avx512<const R: usize, const NV: usize>(
+    a: &DwArgs<'_>,
+    o: &mut [f32],
+    oy0: usize,
+) {
+    let (wo, taps) = (a.wo, a.offs.len());
     let p = a.pad.as_ptr();
     let zero = _mm512_setzero_ps();
     let b = _mm512_set1_ps(a.bias);
-    for oy in 0..ho {
-        let base = oy * a.step;
-        let orow = &mut o[oy * wo..(oy + 1) * wo];
-        let mut c = 0;
-        // Two output rows' worth of independent sums would need another loop; 32 columns
-        // (two registers) per step, or 16 at a row's end.
-        while c < wo {
-            let (mut a0, mut a1) = (b, b);
-            let wide = wo - c > 16;
-            for t in 0..taps {
-                // SAFETY: `t < taps <= wk.len()`; the loads lie in `pad` (contract).
-                unsafe {
-                    let wv = _mm512_set1_ps(*a.wk.get_unchecked(t));
-                    let s = p.add(base + *a.offs.get_unchecked(t) + c);
-                    a0 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(s), a0);
-                    if wide {
-                        a1 = _mm512_fmadd_ps(wv, _mm512_loadu_ps(s.add(16)), a1);
+    let op = o.as_mut_ptr();
+    let mut c = 0;
+    while c < wo {
+        let mut acc = [[b; NV]; R];
+        for t in 0..taps {
+            // SAFETY: `t < taps <= wk.len()`; the loads lie in `pad` (contract: every
+            // load reads 16 lanes from `oy * step + off + c`, `c < wo`, within the
+            // over-read the plane provides).
+            unsafe {
+                let wv = _mm512_set1_ps(*a.wk.get_unchecked(t));
+                let off = *a.offs.get_unchecked(t) + c;
+                for (r, ar) in acc.iter_mut().enumerate() {
+                    let s = p.add((oy0 + r) * a.step + off);
+                    for (v, av) in ar.iter_mut().enumerate() {
+                        *av = _mm512_fmadd_ps(wv, _mm512_loadu_ps(s.add(16 * v)), *av);
                     }
                 }
             }
-            if a.relu {
-                a0 = _mm512_max_ps(zero, a0);
-                a1 = _mm512_max_ps(zero, a1);
-            }
-            let n = (wo - c).min(32);
-            let n0 = n.min(16);
-            let m0: __mmask16 = if n0 == 16 { !0 } else { (1u16 << n0) - 1 };
-            // SAFETY: the masked stores write lanes `c..c + n` of `orow` (`n <= wo - c`).
-            unsafe {
-                _mm512_mask_storeu_ps(orow.as_mut_ptr().add(c), m0, a0);
-                if n > 16 {
-                    let m1: __mmask16 = if n == 32 { !0 } else { (1u16 << (n - 16)) - 1 };
-                    _mm512_mask_storeu_ps(orow.as_mut_ptr().add(c + 16), m1, a1);
-                }
-            }
-            c += if wide { 32 } else { 16 };
         }
+        for (r, ar) in acc.iter().enumerate() {
+            for (v, &av) in ar.iter().enumerate() {
+                let c0 = c + 16 * v;
+                if c0 >= wo {
+                    break;
+                }
+                // `max(0, x)` returns its second operand for NaN: NaN stays.
+                let y = if a.relu { _mm512_max_ps(zero, av) } else { av };
+                let n = (wo - c0).min(16);
+                let m: __mmask16 = if n == 16 { !0 } else { (1u16 << n) - 1 };
+                // SAFETY: lanes `c0..c0 + n` of output row `oy0 + r` (`n <= wo - c0`).
+                unsafe { _mm512_mask_storeu_ps(op.add((oy0 + r) * wo + c0), m, y) };
+            }
+        }
+        c += 16 * NV;
     }
 }
 

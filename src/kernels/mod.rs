@@ -63,6 +63,7 @@ pub mod conv;
 pub(crate) mod depthwise;
 pub mod elementwise;
 pub(crate) mod f32;
+pub(crate) mod f32_pool;
 #[allow(unsafe_code)]
 pub(crate) mod gemm;
 #[cfg(test)]

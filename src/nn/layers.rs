@@ -1,8 +1,8 @@
 //! Float layers with PyTorch's semantics, forward on NCHW `f32` tensors.
 
 use ndarray::{
-    linalg::general_mat_mul, s, Array1, Array2, Array4, ArrayD, ArrayView2, ArrayViewMut2, Axis,
-    Ix4, IxDyn,
+    linalg::general_mat_mul, Array1, Array2, Array4, ArrayD, ArrayView2, ArrayViewMut2, Axis, Ix4,
+    IxDyn,
 };
 
 use crate::error::{QuantError, Result};
@@ -193,8 +193,6 @@ impl Conv2d {
                 x,
             )
         })?;
-        let og = o / g;
-        let kdim = cg * kh * kw;
         let geom = f32k::Geom {
             in_hw: (h, w),
             out_hw: (ho, wo),
@@ -208,62 +206,17 @@ impl Conv2d {
         let wstd = self.weight.as_standard_layout();
         let wv = wstd.as_slice().expect("standard layout");
         let bias = self.bias.as_ref().map(|b| b.to_vec());
-        let plane = ho * wo;
-        if cg == 1 && g > 1 {
-            // Depthwise (any channel multiplier): direct, bias (and ReLU) included.
-            let mut out = vec![0f32; n * o * plane];
-            crate::kernels::f32::depthwise_nchw(
-                xv,
-                (n, c),
-                wv,
-                og,
-                bias.as_deref(),
-                relu,
-                &geom,
-                &mut out,
-            );
-            return Ok(Array4::from_shape_vec((n, o, ho, wo), out)
-                .expect("n * o * ho * wo values")
-                .into_dyn());
-        }
-        let pointwise = (kh, kw) == (1, 1)
-            && self.stride == (1, 1)
-            && self.padding == (0, 0)
-            && (ho, wo) == (h, w);
-        // Each group's weights packed once per call; each image's im2col columns (or, for
-        // a pointwise convolution, the input itself) are read in place by the GEMM, which
-        // starts from the bias and applies ReLU as it stores.
-        let packs: Vec<f32k::PackedA> = (0..g)
-            .map(|gi| f32k::PackedA::new(&wv[gi * og * kdim..], og, kdim, kdim))
-            .collect();
-        let mut out = vec![0f32; n * o * plane];
-        let cols_len = if pointwise { 0 } else { kdim * plane };
-        let image = |b: usize, ob: &mut [f32]| {
-            f32k::with_cols(cols_len, 0, |cols, _| {
-                for (gi, pack) in packs.iter().enumerate() {
-                    let xg = &xv[(b * c + gi * cg) * h * w..(b * c + (gi + 1) * cg) * h * w];
-                    let src: &[f32] = if pointwise {
-                        xg
-                    } else {
-                        f32k::im2col_nchw(xg, cg, &geom, cols, plane);
-                        cols
-                    };
-                    let bg = bias.as_deref().map(|bv| &bv[gi * og..(gi + 1) * og]);
-                    let dst = &mut ob[gi * og * plane..(gi + 1) * og * plane];
-                    f32k::gemm_bias(pack, src, plane, plane, bg, relu, dst, plane);
-                }
-            })
-        };
-        if n > 1 && rayon::current_num_threads() > 1 {
-            use rayon::prelude::*;
-            out.par_chunks_mut(o * plane)
-                .enumerate()
-                .for_each(|(b, ob)| image(b, ob));
-        } else {
-            for (b, ob) in out.chunks_mut(o * plane).enumerate() {
-                image(b, ob);
-            }
-        }
+        let mut out = vec![0f32; n * o * ho * wo];
+        f32k::conv_nchw(
+            xv,
+            (n, c),
+            wv,
+            (o, g),
+            bias.as_deref(),
+            relu,
+            &geom,
+            &mut out,
+        );
         Ok(Array4::from_shape_vec((n, o, ho, wo), out)
             .expect("n * o * ho * wo values")
             .into_dyn())
@@ -547,12 +500,14 @@ pub fn adaptive_avg_pool2d(x: &ArrayD<f32>, out: (usize, usize)) -> Result<Array
         .map_err(|_| shape_err("AdaptiveAvgPool2d", "[N, C, H, W]".into(), x))?;
     let (n, c, h, w) = x4.dim();
     let mut y = Array4::<f32>::zeros((n, c, out.0, out.1));
-    for ((b, ci, oy, ox), v) in y.indexed_iter_mut() {
-        let (y0, y1) = (oy * h / out.0, ((oy + 1) * h).div_ceil(out.0));
-        let (x0, x1) = (ox * w / out.1, ((ox + 1) * w).div_ceil(out.1));
-        let win = x4.slice(s![b, ci, y0..y1, x0..x1]);
-        *v = win.sum() / win.len().max(1) as f32;
-    }
+    let xs = x4.as_standard_layout();
+    crate::kernels::f32_pool::adaptive_avg_nchw(
+        xs.as_slice().expect("standard layout"),
+        n * c,
+        (h, w),
+        out,
+        y.as_slice_mut().expect("standard layout"),
+    );
     Ok(y.into_dyn())
 }
 

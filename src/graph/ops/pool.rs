@@ -6,6 +6,21 @@ use ndarray::{Array4, ArrayD, Ix4};
 use crate::error::{QuantError, Result};
 use crate::graph::op::Pool2dSpec;
 use crate::graph::shape::pool2d_out;
+use crate::kernels::f32_pool::{self, AvgDivisor, PoolGeom};
+
+/// The kernels' geometry of `spec` on an `in_hw` input with an `out_hw` output.
+fn geom(spec: &Pool2dSpec, in_hw: (usize, usize), out_hw: (usize, usize)) -> PoolGeom {
+    let (pt, pl, pb, pr) = spec.padding;
+    PoolGeom {
+        in_hw,
+        out_hw,
+        kernel: spec.kernel,
+        stride: spec.stride,
+        pad: (pt, pl),
+        pad_end: (pb, pr),
+        dilation: spec.dilation,
+    }
+}
 
 fn as4<'a>(x: &'a ArrayD<f32>, what: &str) -> Result<ndarray::ArrayView4<'a, f32>> {
     x.view()
@@ -27,31 +42,14 @@ pub fn max_pool2d(x: &ArrayD<f32>, spec: &Pool2dSpec) -> Result<ArrayD<f32>> {
     let x4 = as4(x, "MaxPool2d")?;
     let (n, c, h, w) = x4.dim();
     let (oh, ow) = pool2d_out(spec, h, w, true).map_err(|e| e.in_context("MaxPool2d"))?;
-    let (kh, kw) = spec.kernel;
-    let (sh, sw) = spec.stride;
-    let (dh, dw) = spec.dilation;
-    let (pt, pl, _, _) = spec.padding;
     let mut out = Array4::<f32>::zeros((n, c, oh, ow));
-    for ((b, ci, oy, ox), v) in out.indexed_iter_mut() {
-        let mut m = f32::NEG_INFINITY;
-        for ky in 0..kh {
-            let iy = (oy * sh + ky * dh) as isize - pt as isize;
-            if iy < 0 || iy as usize >= h {
-                continue;
-            }
-            for kx in 0..kw {
-                let ix = (ox * sw + kx * dw) as isize - pl as isize;
-                if ix < 0 || ix as usize >= w {
-                    continue;
-                }
-                let xv = x4[[b, ci, iy as usize, ix as usize]];
-                if xv > m || xv.is_nan() {
-                    m = xv;
-                }
-            }
-        }
-        *v = m;
-    }
+    let xs = x4.as_standard_layout();
+    f32_pool::max_pool_nchw(
+        xs.as_slice().expect("standard layout"),
+        n * c,
+        &geom(spec, (h, w), (oh, ow)),
+        out.as_slice_mut().expect("standard layout"),
+    );
     Ok(out.into_dyn())
 }
 
@@ -65,31 +63,20 @@ pub fn avg_pool2d(x: &ArrayD<f32>, spec: &Pool2dSpec) -> Result<ArrayD<f32>> {
     let x4 = as4(x, "AvgPool2d")?;
     let (n, c, h, w) = x4.dim();
     let (oh, ow) = pool2d_out(spec, h, w, false).map_err(|e| e.in_context("AvgPool2d"))?;
-    let (kh, kw) = spec.kernel;
-    let (sh, sw) = spec.stride;
-    let (pt, pl, pb, pr) = spec.padding;
     let mut out = Array4::<f32>::zeros((n, c, oh, ow));
-    for ((b, ci, oy, ox), v) in out.indexed_iter_mut() {
-        let hs = (oy * sh) as isize - pt as isize;
-        let ws = (ox * sw) as isize - pl as isize;
-        let he = (hs + kh as isize).min((h + pb) as isize);
-        let we = (ws + kw as isize).min((w + pr) as isize);
-        let pool_size = (he - hs) * (we - ws);
-        let (hs, ws) = (hs.max(0), ws.max(0));
-        let (he, we) = (he.min(h as isize), we.min(w as isize));
-        let mut acc = 0.0f32;
-        for iy in hs..he {
-            for ix in ws..we {
-                acc += x4[[b, ci, iy as usize, ix as usize]];
-            }
-        }
-        let div = match spec.divisor_override {
-            Some(d) => d as isize,
-            None if spec.count_include_pad => pool_size,
-            None => (he - hs).max(0) * (we - ws).max(0),
-        };
-        *v = acc / div as f32;
-    }
+    let div = match spec.divisor_override {
+        Some(d) => AvgDivisor::Fixed(d),
+        None if spec.count_include_pad => AvgDivisor::IncludePad,
+        None => AvgDivisor::ExcludePad,
+    };
+    let xs = x4.as_standard_layout();
+    f32_pool::avg_pool_nchw(
+        xs.as_slice().expect("standard layout"),
+        n * c,
+        &geom(spec, (h, w), (oh, ow)),
+        div,
+        out.as_slice_mut().expect("standard layout"),
+    );
     Ok(out.into_dyn())
 }
 
