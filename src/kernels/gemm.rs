@@ -165,6 +165,12 @@ pub(crate) struct Epilogue<'a> {
     pub(crate) rq: &'a RequantParams,
     /// The tile's first global column (a multiple of [`NR`]).
     pub(crate) j0: usize,
+    /// Packed weights the driver reads next (a part of the next panels), which a kernel
+    /// may prefetch into the L2 cache while it computes this tile: a layer whose weights
+    /// exceed L2 (ResNet-18's `layer4` at batch 1: 2.4 MB) then streams them from L3
+    /// during the row tiles instead of stalling on the first tile of each panel. Empty
+    /// when there is nothing to prefetch; only a hint.
+    pub(crate) prefetch: &'a [i8],
 }
 
 /// A source of activation rows for the GEMM driver: a plain matrix or a convolution's
@@ -471,7 +477,11 @@ pub(crate) fn gemm_loop<K: GemmKernel>(
 }
 
 /// Rows `r0..r1` (packed rows, multiples of [`MR`]) times panels `p0..p1` of a block with
-/// kernel `K`; what is left after its last full tile goes to its edge kernels.
+/// kernel `K`. Panels (groups of `K::NR / NR`) are the outer loop: each one's full row
+/// tiles, then the rows left after them through the row edge kernel while the panel's
+/// weights are still in cache; the panels left after the last full group go to the
+/// column edge kernel. Each tile is handed a share of the next panels' weights to
+/// prefetch ([`Epilogue::prefetch`]).
 #[allow(clippy::too_many_arguments)]
 fn tiles<K: GemmKernel>(
     kern: K,
@@ -495,6 +505,17 @@ fn tiles<K: GemmKernel>(
     assert!(b.hi.is_empty() || b.hi.len() >= r1);
     let mut acc = [0i32; MAX_TILE];
     let mut acc2 = [0i32; MAX_TILE];
+    let n_tiles = (r_full - r0) / K::MR;
+    if n_tiles == 0 && r1 > r0 {
+        // Fewer rows than one tile: the row edge kernel over all panels (with its
+        // prefetches).
+        assert!(
+            K::RowEdge::MR < K::MR,
+            "row edge kernel must have fewer rows"
+        );
+        tiles(kern.row_edge(), b, out, r0, r1, p0, p1);
+        return;
+    }
     for p in (p0..p_full).step_by(pn) {
         let panel = b.w.panels(p, pn);
         assert_eq!(panel.len(), K::NR * deltas.len() * seg);
@@ -503,7 +524,14 @@ fn tiles<K: GemmKernel>(
         if cols == 0 {
             continue;
         }
-        for t in (r0..r_full).step_by(K::MR) {
+        // The next panels this loop reads, shared out over its row tiles in whole lines.
+        let next = if p + pn < p1 {
+            b.w.panels(p + pn, pn.min(p1 - p - pn))
+        } else {
+            &[]
+        };
+        let share = round_up(next.len().div_ceil(n_tiles.max(1)), 64);
+        for (i, t) in (r0..r_full).step_by(K::MR).enumerate() {
             let rows = K::MR.min(b.rows.saturating_sub(t));
             if rows == 0 {
                 continue;
@@ -516,12 +544,14 @@ fn tiles<K: GemmKernel>(
             };
             let out_t = &mut out[t * b.ldc + j0..];
             if b.hi.is_empty() {
+                let lo = (i * share).min(next.len());
                 let ep = Epilogue {
                     rowsum,
                     a_zp: b.a_zp,
                     w: b.w,
                     rq: b.rq,
                     j0,
+                    prefetch: &next[lo..(lo + share).min(next.len())],
                 };
                 // SAFETY: `kern` exists only once its CPU features were detected; `seg`
                 // is a multiple of 4 (asserted); `a` holds MR row starts whose segments
@@ -566,13 +596,13 @@ fn tiles<K: GemmKernel>(
                 );
             }
         }
-    }
-    if r_full < r1 {
-        assert!(
-            K::RowEdge::MR < K::MR,
-            "row edge kernel must have fewer rows"
-        );
-        tiles(kern.row_edge(), b, out, r_full, r1, p0, p_full);
+        if r_full < r1 {
+            assert!(
+                K::RowEdge::MR < K::MR,
+                "row edge kernel must have fewer rows"
+            );
+            tiles(kern.row_edge(), b, out, r_full, r1, p, p + pn);
+        }
     }
     if p_full < p1 {
         assert!(
