@@ -199,6 +199,17 @@ pub(crate) trait RowSource: Sync {
     /// when [`segments`](Self::segments) is `Some`.
     fn row_offsets(&self, _r0: usize, _offs: &mut [usize]) {}
 
+    /// For a source read in place from bytes written per row block (a convolution's
+    /// padded input: only the rows a block reads, into a buffer that stays in cache,
+    /// instead of a padded copy of the whole input): writes into `buf` (any length on
+    /// entry; exactly the window's on return) the bytes that rows `r0..r0 + rows` read,
+    /// and returns where the window starts in the addresses
+    /// [`row_offsets`](Self::row_offsets) gives. `None` (the default): rows are read from
+    /// [`bytes`](Self::bytes).
+    fn window(&self, _r0: usize, _rows: usize, _buf: &mut Vec<u8>) -> Option<usize> {
+        None
+    }
+
     /// An upper bound of every byte a row can hold (the split decision of kernels that
     /// saturate); called at most once per GEMM.
     fn max_byte(&self) -> u8 {
@@ -250,6 +261,8 @@ struct Scratch {
     offs: Vec<usize>,
     ptrs: Vec<*const u8>,
     hptrs: Vec<*const u8>,
+    /// The block's window of bytes read in place ([`RowSource::window`]).
+    win: Vec<u8>,
 }
 
 thread_local! {
@@ -379,6 +392,7 @@ pub(crate) fn gemm_loop<K: GemmKernel>(
             offs,
             ptrs,
             hptrs,
+            win,
         } = &mut scratch;
         ptrs.clear();
         hptrs.clear();
@@ -386,7 +400,17 @@ pub(crate) fn gemm_loop<K: GemmKernel>(
             grow(offs, rows_blk);
             let offs = &mut offs[..rows_blk];
             src.row_offsets(r0, offs);
-            let base = src.bytes();
+            let base = match src.window(r0, rows_blk, win) {
+                Some(start) => {
+                    for o in offs.iter_mut() {
+                        *o = o
+                            .checked_sub(start)
+                            .expect("a row starts before its window");
+                    }
+                    &win[..]
+                }
+                None => src.bytes(),
+            };
             // Every row must have all its segments inside `base`: its start below
             // `base.len() - (max delta + seg)`, checked for the whole block at once; the
             // pointers are made only after.
