@@ -28,8 +28,11 @@ use super::{debug_report, KernelPath, Simd, MR};
 /// Below this many multiply-accumulates a GEMM runs on the calling thread only.
 const PAR_MIN_MACS: usize = 1 << 21;
 
+/// From this depth (packed `k`) on, AVX-512 VNNI GEMMs use twelve-row tiles.
+const DEEP_K: usize = 256;
+
 /// The largest tile (`MR * NR` `i32`) a kernel may declare.
-pub(crate) const MAX_TILE: usize = 8 * 32;
+pub(crate) const MAX_TILE: usize = 12 * 32;
 
 /// An int8 GEMM micro-kernel: `acc = A_tile * B_panels` over packed weights.
 ///
@@ -292,6 +295,13 @@ pub(crate) fn gemm(
 ) -> KernelPath {
     let path = match simd {
         #[cfg(target_arch = "x86_64")]
+        // Twelve-row tiles where the products are deep enough for their fewer weight
+        // loads to pay (ResNet-18's 3x3 convolutions); eight rows otherwise (a shallow
+        // tile's time goes to requantization, and twelve rows' registers spill there).
+        Some(s) if s.vnni() && w.kp >= DEEP_K => {
+            let k = super::x86::Vnni12x32::new(s).expect("the set's token has AVX-512 VNNI");
+            gemm_loop(k, src, m, a_zp, w, rq, out, ldc)
+        }
         Some(s) if s.vnni() => {
             let k = super::x86::Vnni8x32::new(s).expect("the set's token has AVX-512 VNNI");
             gemm_loop(k, src, m, a_zp, w, rq, out, ldc)
@@ -359,10 +369,12 @@ pub(crate) fn gemm_loop<K: GemmKernel>(
     let panels = round_up(n.max(1), NR) / NR;
     let threads = rayon::current_num_threads().max(1);
     let macs = m.saturating_mul(n).saturating_mul(k.max(1));
+    // Row blocks of at most 256 rows, whole tiles of the kernel.
+    let mc_max = 256 / K::MR * K::MR;
     let mc = if threads == 1 || macs < PAR_MIN_MACS {
-        round_up(m.max(1), MR).min(256)
+        round_up(m.max(1), MR).min(mc_max)
     } else {
-        round_up(m.div_ceil(threads), MR).min(256)
+        round_up(m.div_ceil(threads), MR).min(mc_max)
     };
     let needs_split = kern.needs_split(w);
     // Rows read in place unless a kernel that may saturate meets activations above 127

@@ -3,7 +3,7 @@
 //! convolution with `vpdpwssd` (pairs of `i16` products accumulated in `i32`, exact here).
 //!
 //! The GEMM kernel is [`Vnni8x32`]: eight rows times two packed panels, sixteen
-//! accumulator chains. Its edges (four rows left: [`Vnni4x32`]; one panel left:
+//! accumulator chains ([`Vnni12x32`], twelve rows, for deep products). Its edges (four rows left: [`Vnni4x32`]; one panel left:
 //! [`Vnni8x16`], then [`Vnni4x16`]) are smaller tiles over the same packed data, chosen by
 //! the generic driver (`kernels::gemm::gemm_loop`).
 
@@ -153,6 +153,16 @@ macro_rules! vnni_kernel {
 vnni_kernel!(
     /// Eight rows times two panels (`MR = 8`, `NR = 32`): the AVX-512 VNNI GEMM kernel.
     Vnni8x32, 8, 2, Vnni4x32, Vnni8x16
+);
+vnni_kernel!(
+    /// Twelve rows times two panels (24 accumulators): the kernel for deep products
+    /// (each weight load serves 12 rows instead of 8; its edges are [`Vnni8x32`] and
+    /// [`Vnni12x16`]).
+    Vnni12x32, 12, 2, Vnni8x32, Vnni12x16
+);
+vnni_kernel!(
+    /// Twelve rows times one panel: [`Vnni12x32`]'s column edge.
+    Vnni12x16, 12, 1, Vnni8x16, Vnni12x16
 );
 vnni_kernel!(
     /// Four rows times two panels: [`Vnni8x32`]'s row edge.

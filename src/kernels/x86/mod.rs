@@ -14,9 +14,9 @@ mod depthwise_avx512;
 mod layout;
 
 pub(crate) use avx2::Avx2Kernel;
-pub(crate) use avx512_vnni::Vnni8x32;
 #[cfg(test)]
-pub(crate) use avx512_vnni::{Vnni4x16, Vnni4x32, Vnni8x16};
+pub(crate) use avx512_vnni::{Vnni12x16, Vnni4x16, Vnni4x32, Vnni8x16};
+pub(crate) use avx512_vnni::{Vnni12x32, Vnni8x32};
 
 use crate::kernels::pack::{PackedWeights, NR};
 use crate::kernels::requant::RequantParams;
