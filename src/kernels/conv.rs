@@ -110,11 +110,16 @@ struct Im2col<'a> {
     /// up to whole 4-byte groups for one group without horizontal dilation (the padding
     /// bytes meet zero weights), `kw * cig` otherwise (then only `kh * kw * cig` matters).
     rstride: usize,
-    /// The input with its padding written out (`[n, h + 2 * ph, w + 2 * pw, c]`, border
-    /// bytes the zero point; the input itself without padding), so that every kernel row
-    /// or tap is one in-bounds run of bytes: the GEMM then reads rows in place
+    /// The input itself where it needs no padding (nor slack bytes), so that every
+    /// kernel row or tap is one in-bounds run of bytes: the GEMM then reads rows in place
     /// ([`RowSource::segments`]), or copies whole kernel rows for few channels.
     padded: Option<&'a [u8]>,
+    /// Rows are read in place from the padded input (`[n, h + 2 * ph, w + 2 * pw, c]`,
+    /// border bytes the zero point, then `slack` bytes of it) written per row block:
+    /// only the padded rows a block reads ([`RowSource::window`]).
+    windowed: bool,
+    /// Bytes after the padded input's end that the last kernel row's rounding reads.
+    slack: usize,
 }
 
 /// `dst.copy_from_slice(src)` for the short runs of im2col (a few bytes to a few hundred)
@@ -289,7 +294,9 @@ impl RowSource for Im2col<'_> {
     }
 
     fn segments(&self, kp: usize, deltas: &mut Vec<usize>) -> Option<(usize, usize)> {
-        self.padded?;
+        if self.padded.is_none() && !self.windowed {
+            return None;
+        }
         let g = self.geom;
         let (kh, kw) = g.kernel;
         let (dy, dx) = g.dilation;
@@ -334,6 +341,30 @@ impl RowSource for Im2col<'_> {
                 b += 1;
             }
         }
+    }
+
+    fn window(&self, r0: usize, rows: usize, buf: &mut Vec<u8>) -> Option<usize> {
+        if !self.windowed || rows == 0 {
+            return None;
+        }
+        let g = self.geom;
+        let (oh, ow) = self.out_hw;
+        let hp = g.in_hw.0 + 2 * g.padding.0;
+        let row_bytes = (g.in_hw.1 + 2 * g.padding.1) * g.c_in;
+        // The padded row of output row `r`'s first kernel row.
+        let first_row = |r: usize| (r / (oh * ow)) * hp + ((r / ow) % oh) * g.stride.0;
+        let first = first_row(r0);
+        let end = first_row(r0 + rows - 1) + (g.kernel.0 - 1) * g.dilation.0 + 1;
+        let len = (end - first) * row_bytes + self.slack;
+        if buf.len() < len {
+            buf.resize(len, 0);
+        } else {
+            buf.truncate(len);
+        }
+        let (rows_part, slack) = buf.split_at_mut(len - self.slack);
+        write_padded_rows(self.x, g, self.a_zp, first, rows_part);
+        slack.fill(self.a_zp);
+        Some(first * row_bytes)
     }
 
     fn max_byte(&self) -> u8 {
@@ -516,36 +547,24 @@ pub(crate) fn conv_gemm(
     let cig = geom.c_in / g;
     let merged = g == 1 && geom.dilation.1 == 1;
     let rstride = packed_row_bytes(geom);
-    // Write the padding out once (a copy of the input) where the GEMM can then read
-    // rows in place: whole kernel rows (rounded up to 4-byte groups: the copy then has
-    // that many bytes to spare at its end) or taps of whole 4-byte groups.
+    // Where the GEMM can read rows in place (whole kernel rows, rounded up to 4-byte
+    // groups: then `slack` bytes past the padded input's end are read; or taps of whole
+    // 4-byte groups), the padded rows each row block reads are written out per block
+    // (in cache) unless the input needs no padding; not when the padding would dwarf
+    // the input (then rows are packed from the input).
     let slack = if merged {
         rstride - geom.kernel.1 * cig
     } else {
         0
     };
     let in_place = merged || cig.is_multiple_of(4);
-    let mut pad_buf = None;
     let unpadded = in_place && geom.padding == (0, 0) && slack == 0;
-    if in_place && !unpadded {
-        if let Some(len) = padded_len(geom)
+    let windowed = in_place
+        && !unpadded
+        && padded_len(geom)
             .and_then(|l| l.checked_add(slack))
-            .filter(|&l| l <= x.len().max(1 << 16).saturating_mul(4))
-        {
-            let mut buf = PAD_BUF.with(|b| b.take());
-            if buf.len() < len {
-                buf.resize(len, 0);
-            }
-            write_padded(x, geom, a_zp, &mut buf[..len - slack]);
-            buf[len - slack..len].fill(a_zp);
-            pad_buf = Some(buf);
-        }
-    }
-    let padded = if unpadded {
-        Some(x)
-    } else {
-        pad_buf.as_deref()
-    };
+            .is_some_and(|l| l <= x.len().max(1 << 16).saturating_mul(4));
+    let padded = unpadded.then_some(x);
     for (grp, (packed, rq)) in packs.iter().zip(rqs).enumerate() {
         let src = Im2col {
             x,
@@ -556,6 +575,8 @@ pub(crate) fn conv_gemm(
             a_zp,
             rstride,
             padded,
+            windowed,
+            slack,
         };
         gemm(
             ks.simd,
@@ -567,11 +588,6 @@ pub(crate) fn conv_gemm(
             &mut out[grp * cog..],
             oc,
         );
-    }
-    if let Some(buf) = pad_buf {
-        if buf.capacity() > 0 {
-            PAD_BUF.with(|b| b.replace(buf));
-        }
     }
 }
 
@@ -586,10 +602,11 @@ fn padded_len(g: &ConvGeom) -> Option<usize> {
         .checked_mul(g.c_in)
 }
 
-/// Writes the padded copy of the NHWC input `x` into `buf` ([`padded_len`] bytes): each
+/// Writes padded rows `first..` of the NHWC input `x` (rows of the padded input
+/// `[n, h + 2 ph, w + 2 pw, c]`, image after image) into `buf`, as many as it holds: each
 /// row's left padding, the input row, its right padding (the zero point around), and
 /// whole rows of the zero point above and below each image.
-fn write_padded(x: &[u8], g: &ConvGeom, a_zp: u8, buf: &mut [u8]) {
+fn write_padded_rows(x: &[u8], g: &ConvGeom, a_zp: u8, first: usize, buf: &mut [u8]) {
     let (h, w) = g.in_hw;
     let (ph, pw) = g.padding;
     let c = g.c_in;
@@ -598,7 +615,7 @@ fn write_padded(x: &[u8], g: &ConvGeom, a_zp: u8, buf: &mut [u8]) {
     if prow == 0 {
         return;
     }
-    for (r, dst) in buf.chunks_exact_mut(prow).take(g.batch * hp).enumerate() {
+    for (r, dst) in (first..).zip(buf.chunks_exact_mut(prow)) {
         let (b, iy) = (r / hp, r % hp);
         if iy < ph || iy >= ph + h {
             dst.fill(a_zp);
@@ -609,11 +626,6 @@ fn write_padded(x: &[u8], g: &ConvGeom, a_zp: u8, buf: &mut [u8]) {
         dst[side..side + row].copy_from_slice(&x[s..s + row]);
         dst[side + row..].fill(a_zp);
     }
-}
-
-thread_local! {
-    /// The calling thread's buffer for the padded input of a few-channel convolution.
-    static PAD_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 #[cfg(test)]

@@ -28,8 +28,11 @@ use super::{debug_report, KernelPath, Simd, MR};
 /// Below this many multiply-accumulates a GEMM runs on the calling thread only.
 const PAR_MIN_MACS: usize = 1 << 21;
 
+/// From this depth (packed `k`) on, AVX-512 VNNI GEMMs use twelve-row tiles.
+const DEEP_K: usize = 256;
+
 /// The largest tile (`MR * NR` `i32`) a kernel may declare.
-pub(crate) const MAX_TILE: usize = 8 * 32;
+pub(crate) const MAX_TILE: usize = 12 * 32;
 
 /// An int8 GEMM micro-kernel: `acc = A_tile * B_panels` over packed weights.
 ///
@@ -220,6 +223,12 @@ pub(crate) struct Epilogue<'a> {
     pub(crate) rq: &'a RequantParams,
     /// The tile's first global column (a multiple of [`NR`]).
     pub(crate) j0: usize,
+    /// Packed weights the driver reads next (a part of the next panels), which a kernel
+    /// may prefetch into the L2 cache while it computes this tile: a layer whose weights
+    /// exceed L2 (ResNet-18's `layer4` at batch 1: 2.4 MB) then streams them from L3
+    /// during the row tiles instead of stalling on the first tile of each panel. Empty
+    /// when there is nothing to prefetch; only a hint.
+    pub(crate) prefetch: &'a [i8],
 }
 
 /// A source of activation rows for the GEMM driver: a plain matrix or a convolution's
@@ -247,6 +256,17 @@ pub(crate) trait RowSource: Sync {
     /// Where rows `r0..r0 + offs.len()` start in [`bytes`](Self::bytes). Only called
     /// when [`segments`](Self::segments) is `Some`.
     fn row_offsets(&self, _r0: usize, _offs: &mut [usize]) {}
+
+    /// For a source read in place from bytes written per row block (a convolution's
+    /// padded input: only the rows a block reads, into a buffer that stays in cache,
+    /// instead of a padded copy of the whole input): writes into `buf` (any length on
+    /// entry; exactly the window's on return) the bytes that rows `r0..r0 + rows` read,
+    /// and returns where the window starts in the addresses
+    /// [`row_offsets`](Self::row_offsets) gives. `None` (the default): rows are read from
+    /// [`bytes`](Self::bytes).
+    fn window(&self, _r0: usize, _rows: usize, _buf: &mut Vec<u8>) -> Option<usize> {
+        None
+    }
 
     /// An upper bound of every byte a row can hold (the split decision of kernels that
     /// saturate); called at most once per GEMM.
@@ -299,6 +319,8 @@ struct Scratch {
     offs: Vec<usize>,
     ptrs: Vec<*const u8>,
     hptrs: Vec<*const u8>,
+    /// The block's window of bytes read in place ([`RowSource::window`]).
+    win: Vec<u8>,
 }
 
 thread_local! {
@@ -328,6 +350,13 @@ pub(crate) fn gemm(
 ) -> KernelPath {
     let path = match simd {
         #[cfg(target_arch = "x86_64")]
+        // Twelve-row tiles where the products are deep enough for their fewer weight
+        // loads to pay (ResNet-18's 3x3 convolutions); eight rows otherwise (a shallow
+        // tile's time goes to requantization, and twelve rows' registers spill there).
+        Some(s) if s.vnni() && w.kp >= DEEP_K => {
+            let k = super::x86::Vnni12x32::new(s).expect("the set's token has AVX-512 VNNI");
+            gemm_loop(k, src, m, a_zp, w, rq, out, ldc)
+        }
         Some(s) if s.vnni() => {
             let k = super::x86::Vnni8x32::new(s).expect("the set's token has AVX-512 VNNI");
             gemm_loop(k, src, m, a_zp, w, rq, out, ldc)
@@ -395,10 +424,12 @@ pub(crate) fn gemm_loop<K: GemmKernel>(
     let panels = round_up(n.max(1), NR) / NR;
     let threads = rayon::current_num_threads().max(1);
     let macs = m.saturating_mul(n).saturating_mul(k.max(1));
+    // Row blocks of at most 256 rows, whole tiles of the kernel.
+    let mc_max = 256 / K::MR * K::MR;
     let mc = if threads == 1 || macs < PAR_MIN_MACS {
-        round_up(m.max(1), MR).min(256)
+        round_up(m.max(1), MR).min(mc_max)
     } else {
-        round_up(m.div_ceil(threads), MR).min(256)
+        round_up(m.div_ceil(threads), MR).min(mc_max)
     };
     let needs_split = kern.needs_split(w);
     // Rows read in place unless a kernel that may saturate meets activations above 127
@@ -428,6 +459,7 @@ pub(crate) fn gemm_loop<K: GemmKernel>(
             offs,
             ptrs,
             hptrs,
+            win,
         } = &mut scratch;
         ptrs.clear();
         hptrs.clear();
@@ -435,7 +467,17 @@ pub(crate) fn gemm_loop<K: GemmKernel>(
             grow(offs, rows_blk);
             let offs = &mut offs[..rows_blk];
             src.row_offsets(r0, offs);
-            let base = src.bytes();
+            let base = match src.window(r0, rows_blk, win) {
+                Some(start) => {
+                    for o in offs.iter_mut() {
+                        *o = o
+                            .checked_sub(start)
+                            .expect("a row starts before its window");
+                    }
+                    &win[..]
+                }
+                None => src.bytes(),
+            };
             // Every row must have all its segments inside `base`: its start below
             // `base.len() - (max delta + seg)`, checked for the whole block at once; the
             // pointers are made only after.
@@ -526,7 +568,11 @@ pub(crate) fn gemm_loop<K: GemmKernel>(
 }
 
 /// Rows `r0..r1` (packed rows, multiples of [`MR`]) times panels `p0..p1` of a block with
-/// kernel `K`; what is left after its last full tile goes to its edge kernels.
+/// kernel `K`. Panels (groups of `K::NR / NR`) are the outer loop: each one's full row
+/// tiles, then the rows left after them through the row edge kernel while the panel's
+/// weights are still in cache; the panels left after the last full group go to the
+/// column edge kernel. Each tile is handed a share of the next panels' weights to
+/// prefetch ([`Epilogue::prefetch`]).
 #[allow(clippy::too_many_arguments)]
 fn tiles<K: GemmKernel>(
     kern: K,
@@ -550,6 +596,17 @@ fn tiles<K: GemmKernel>(
     assert!(b.hi.is_empty() || b.hi.len() >= r1);
     let mut acc = [0i32; MAX_TILE];
     let mut acc2 = [0i32; MAX_TILE];
+    let n_tiles = (r_full - r0) / K::MR;
+    if n_tiles == 0 && r1 > r0 {
+        // Fewer rows than one tile: the row edge kernel over all panels (with its
+        // prefetches).
+        assert!(
+            K::RowEdge::MR < K::MR,
+            "row edge kernel must have fewer rows"
+        );
+        tiles(kern.row_edge(), b, out, r0, r1, p0, p1);
+        return;
+    }
     for p in (p0..p_full).step_by(pn) {
         let panel = b.w.panels(p, pn);
         assert_eq!(panel.len(), K::NR * deltas.len() * seg);
@@ -558,7 +615,14 @@ fn tiles<K: GemmKernel>(
         if cols == 0 {
             continue;
         }
-        for t in (r0..r_full).step_by(K::MR) {
+        // The next panels this loop reads, shared out over its row tiles in whole lines.
+        let next = if p + pn < p1 {
+            b.w.panels(p + pn, pn.min(p1 - p - pn))
+        } else {
+            &[]
+        };
+        let share = round_up(next.len().div_ceil(n_tiles.max(1)), 64);
+        for (i, t) in (r0..r_full).step_by(K::MR).enumerate() {
             let rows = K::MR.min(b.rows.saturating_sub(t));
             if rows == 0 {
                 continue;
@@ -570,12 +634,14 @@ fn tiles<K: GemmKernel>(
                 &b.rowsum[t..t + rows]
             };
             let out_t = &mut out[t * b.ldc + j0..];
+            let lo = (i * share).min(next.len());
             let ep = Epilogue {
                 rowsum,
                 a_zp: b.a_zp,
                 w: b.w,
                 rq: b.rq,
                 j0,
+                prefetch: &next[lo..(lo + share).min(next.len())],
             };
             if b.hi.is_empty() {
                 // SAFETY: `kern` exists only once its CPU features were detected; `seg`
@@ -602,13 +668,13 @@ fn tiles<K: GemmKernel>(
                 };
             }
         }
-    }
-    if r_full < r1 {
-        assert!(
-            K::RowEdge::MR < K::MR,
-            "row edge kernel must have fewer rows"
-        );
-        tiles(kern.row_edge(), b, out, r_full, r1, p0, p_full);
+        if r_full < r1 {
+            assert!(
+                K::RowEdge::MR < K::MR,
+                "row edge kernel must have fewer rows"
+            );
+            tiles(kern.row_edge(), b, out, r_full, r1, p, p + pn);
+        }
     }
     if p_full < p1 {
         assert!(

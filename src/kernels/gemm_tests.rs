@@ -276,7 +276,7 @@ kernel_suite!(portable, Some(Portable), true);
 mod x86_suites {
     use super::*;
     use crate::kernels::x86::{
-        Avx2, Avx2Kernel, Avx2TwoPass, Vnni4x16, Vnni4x32, Vnni8x16, Vnni8x32,
+        Avx2, Avx2Kernel, Avx2TwoPass, Vnni12x16, Vnni12x32, Vnni4x16, Vnni4x32, Vnni8x16, Vnni8x32,
     };
 
     fn vnni_token() -> Option<Avx2> {
@@ -291,6 +291,16 @@ mod x86_suites {
         avx2,
         Avx2::detect(false).map(Avx2Kernel::new),
         crate::kernels::avx2_available()
+    );
+    kernel_suite!(
+        avx512_vnni_12x32,
+        vnni_token().and_then(Vnni12x32::new),
+        vnni_available()
+    );
+    kernel_suite!(
+        avx512_vnni_12x16,
+        vnni_token().and_then(Vnni12x16::new),
+        vnni_available()
     );
     kernel_suite!(
         avx512_vnni_8x32,

@@ -355,6 +355,16 @@ impl QuantOp for ConvOp {
             TorchLayout::ChannelsLast,
         )?))
     }
+    fn forward_owned(&self, inputs: Vec<Cow<'_, Value>>, ctx: &mut ExecCtx) -> Result<Value> {
+        let y = self.forward(&inputs.iter().map(|v| v.as_ref()).collect::<Vec<_>>(), ctx)?;
+        // The input, read for the last time, leaves its bytes to a later output.
+        for v in inputs {
+            if let Cow::Owned(Value::Int8(x)) = v {
+                crate::nn::quantized::recycle_tensor(x.into_parts().0);
+            }
+        }
+        Ok(y)
+    }
     fn wants_nhwc(&self) -> bool {
         true
     }

@@ -3,7 +3,7 @@
 //! convolution with `vpdpwssd` (pairs of `i16` products accumulated in `i32`, exact here).
 //!
 //! The GEMM kernel is [`Vnni8x32`]: eight rows times two packed panels, sixteen
-//! accumulator chains. Its edges (four rows left: [`Vnni4x32`]; one panel left:
+//! accumulator chains ([`Vnni12x32`], twelve rows, for deep products). Its edges (four rows left: [`Vnni4x32`]; one panel left:
 //! [`Vnni8x16`], then [`Vnni4x16`]) are smaller tiles over the same packed data, chosen by
 //! the generic driver (`kernels::gemm::gemm_loop`).
 
@@ -135,6 +135,7 @@ macro_rules! vnni_kernel {
                         deltas,
                         seg,
                         b.as_ptr(),
+                        ep.prefetch,
                         &p,
                         j0,
                         rs,
@@ -152,6 +153,16 @@ macro_rules! vnni_kernel {
 vnni_kernel!(
     /// Eight rows times two panels (`MR = 8`, `NR = 32`): the AVX-512 VNNI GEMM kernel.
     Vnni8x32, 8, 2, Vnni4x32, Vnni8x16
+);
+vnni_kernel!(
+    /// Twelve rows times two panels (24 accumulators): the kernel for deep products
+    /// (each weight load serves 12 rows instead of 8; its edges are [`Vnni8x32`] and
+    /// [`Vnni12x16`]).
+    Vnni12x32, 12, 2, Vnni8x32, Vnni12x16
+);
+vnni_kernel!(
+    /// Twelve rows times one panel: [`Vnni12x32`]'s column edge.
+    Vnni12x16, 12, 1, Vnni8x16, Vnni12x16
 );
 vnni_kernel!(
     /// Four rows times two panels: [`Vnni8x32`]'s row edge.
@@ -173,15 +184,25 @@ vnni_kernel!(
 /// load every row; the `R * P` accumulators are independent chains. Expands to the
 /// accumulator array `[[__m512i; P]; R]`.
 macro_rules! vnni_dot {
-    ($r:ident, $p:ident, $a:ident, $deltas:ident, $seg:ident, $b:ident) => {{
+    ($r:ident, $p:ident, $a:ident, $deltas:ident, $seg:ident, $b:ident, $pf:ident, $init:expr) => {{
         let kp = $deltas.len() * $seg;
-        let mut c = [[_mm512_setzero_si512(); $p]; $r];
+        let mut c: [[__m512i; $p]; $r] = $init;
         let mut bp = $b;
         let ap: [*const u8; $r] = std::array::from_fn(|r| *$a.add(r));
+        // Prefetch `$pf` into L2 in whole lines spread over the `kp / 4` steps.
+        let (mut pfp, pf_end) = ($pf.as_ptr(), $pf.as_ptr().wrapping_add($pf.len()));
+        let pf_step = 64 * ($pf.len().div_ceil(64)).div_ceil((kp / 4).max(1));
         for &d in $deltas {
             let mut q = d;
             let end = d + $seg;
             while q < end {
+                if pfp < pf_end {
+                    let stop = pfp.wrapping_add(pf_step);
+                    while pfp < stop {
+                        _mm_prefetch::<_MM_HINT_T1>(pfp as *const i8);
+                        pfp = pfp.wrapping_add(64);
+                    }
+                }
                 let bv: [__m512i; $p] =
                     std::array::from_fn(|h| _mm512_loadu_si512(bp.add(h * kp * NR) as *const _));
                 for r in 0..$r {
@@ -217,7 +238,17 @@ unsafe fn vnni_acc<const R: usize, const P: usize>(
     // SAFETY: the caller upholds this function's `# Safety` contract (the CPU features
     // and the pointer ranges), which is all the operations below rely on.
     unsafe {
-        let c = vnni_dot!(R, P, a, deltas, seg, b);
+        let none: &[i8] = &[];
+        let c = vnni_dot!(
+            R,
+            P,
+            a,
+            deltas,
+            seg,
+            b,
+            none,
+            [[_mm512_setzero_si512(); P]; R]
+        );
         for (r, row) in c.iter().enumerate() {
             for (h, v) in row.iter().enumerate() {
                 _mm512_storeu_si512(acc.add((h * R + r) * NR) as *mut _, *v);
@@ -226,7 +257,8 @@ unsafe fn vnni_acc<const R: usize, const P: usize>(
     }
 }
 
-/// An `R x (P * NR)` tile (see `vnni_dot!`, `P` is 1 or 2) requantized straight from the
+/// An `R x (P * NR)` tile (see `vnni_dot!`, `P` is 1 or 2; `prefetch` is brought into L2
+/// meanwhile, a line per `k` step or more) requantized straight from the
 /// accumulator registers into `out[r * ldc + c]` for `r < rows`, `c < cols`: the
 /// zero-point corrections and `requant::requant_one`'s `f32` arithmetic on sixteen lanes
 /// (`cvtdq2ps`, FMA, multiply, `cvtps2dq`: the same instructions as `requant_tile`, so
@@ -246,6 +278,7 @@ unsafe fn vnni_rq<const R: usize, const P: usize>(
     deltas: &[usize],
     seg: usize,
     b: *const i8,
+    prefetch: &[i8],
     p: &ColParams,
     j0: usize,
     rowsum: *const i32,
@@ -259,11 +292,29 @@ unsafe fn vnni_rq<const R: usize, const P: usize>(
     // and the pointer ranges); stores are masked to the `cols` valid columns of the
     // `rows` valid rows.
     unsafe {
-        let c = vnni_dot!(R, P, a, deltas, seg, b);
         let azp = _mm512_set1_epi32(p.a_zp);
         let ld = |ptr: *const i32, h: usize| _mm512_loadu_si512(ptr.add(j0 + h * NR) as *const _);
         let ldf = |ptr: *const f32, h: usize| _mm512_loadu_ps(ptr.add(j0 + h * NR));
-        let coff: [__m512i; P] = std::array::from_fn(|h| _mm512_mullo_epi32(azp, ld(p.col_off, h)));
+        // The zero-point corrections start the sums (`-a_zp * col_offset[j]`, and
+        // `-w_zp[j] * rowsum[r]` for the valid rows): wrapping `i32` additions, so the
+        // same bits as subtracting them after.
+        let ncoff: [__m512i; P] = std::array::from_fn(|h| {
+            _mm512_sub_epi32(
+                _mm512_setzero_si512(),
+                _mm512_mullo_epi32(azp, ld(p.col_off, h)),
+            )
+        });
+        let mut init = [ncoff; R];
+        if !rowsum.is_null() {
+            let wzp: [__m512i; P] = std::array::from_fn(|h| ld(p.w_zp, h));
+            for (r, row) in init.iter_mut().enumerate().take(rows) {
+                let rs = _mm512_set1_epi32(*rowsum.add(r));
+                for (x, w) in row.iter_mut().zip(&wzp) {
+                    *x = _mm512_sub_epi32(*x, _mm512_mullo_epi32(*w, rs));
+                }
+            }
+        }
+        let c = vnni_dot!(R, P, a, deltas, seg, b, prefetch, init);
         let bb: [__m512; P] = std::array::from_fn(|h| ldf(p.bias_b, h));
         let bs: [__m512; P] = std::array::from_fn(|h| ldf(p.bias_s, h));
         let mult: [__m512; P] = std::array::from_fn(|h| ldf(p.mult, h));
@@ -277,31 +328,12 @@ unsafe fn vnni_rq<const R: usize, const P: usize>(
             _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
         };
         let mask: __mmask64 = (1u64 << cols) - 1;
-        let store = |r: usize, v: [__m512i; P]| {
+        for (r, row) in c.iter().enumerate().take(rows) {
+            let v: [__m512i; P] = std::array::from_fn(|h| rq16(row[h], bb[h], bs[h], mult[h]));
             let t = _mm512_adds_epi16(_mm512_packs_epi32(v[0], v[P - 1]), zp16);
             let u = _mm512_max_epu8(_mm512_packus_epi16(t, t), lo8);
             let u = _mm512_permutexvar_epi32(idx, u);
             _mm512_mask_storeu_epi8(out.add(r * ldc) as *mut _, mask, u);
-        };
-        if rowsum.is_null() {
-            for (r, row) in c.iter().enumerate().take(rows) {
-                let v: [__m512i; P] = std::array::from_fn(|h| {
-                    let x = _mm512_sub_epi32(row[h], coff[h]);
-                    rq16(x, bb[h], bs[h], mult[h])
-                });
-                store(r, v);
-            }
-        } else {
-            let wzp: [__m512i; P] = std::array::from_fn(|h| ld(p.w_zp, h));
-            for (r, row) in c.iter().enumerate().take(rows) {
-                let rs = _mm512_set1_epi32(*rowsum.add(r));
-                let v: [__m512i; P] = std::array::from_fn(|h| {
-                    let x = _mm512_sub_epi32(row[h], coff[h]);
-                    let x = _mm512_sub_epi32(x, _mm512_mullo_epi32(wzp[h], rs));
-                    rq16(x, bb[h], bs[h], mult[h])
-                });
-                store(r, v);
-            }
         }
     }
 }

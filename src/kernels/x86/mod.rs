@@ -16,9 +16,9 @@ mod layout;
 pub(crate) use avx2::Avx2Kernel;
 #[cfg(test)]
 pub(crate) use avx2::Avx2TwoPass;
-pub(crate) use avx512_vnni::Vnni8x32;
 #[cfg(test)]
-pub(crate) use avx512_vnni::{Vnni4x16, Vnni4x32, Vnni8x16};
+pub(crate) use avx512_vnni::{Vnni12x16, Vnni4x16, Vnni4x32, Vnni8x16};
+pub(crate) use avx512_vnni::{Vnni12x32, Vnni8x32};
 
 use crate::kernels::pack::{PackedWeights, NR};
 use crate::kernels::requant::RequantParams;

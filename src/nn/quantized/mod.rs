@@ -41,6 +41,7 @@ pub use activation::{
 };
 pub use add::QAdd;
 pub use cat::QCat;
+pub(crate) use conv::recycle_tensor;
 pub use conv::{Conv2dParams, QConv2d, QConvReLU2d};
 pub use linear::{QLinear, QLinearReLU};
 pub use mean::QMean;
