@@ -169,29 +169,38 @@ impl DwWeights {
 }
 
 /// How the VNNI kernel splits `c` channels: `(full, cp)`, blocks of 64 (four registers,
-/// interleaved in-lane) for channels `0..full` and one block of 16 (one register, in
-/// order) for `full..cp`. A last block of more than 16 channels is a partial block of 64
-/// (its loads and stores masked): its interleave costs what a whole block's does, while
-/// blocks of 16 would cost four times as many shuffles per channel.
+/// interleaved in-lane) for channels `0..full` and one last block of `cp - full` (32: two
+/// registers; 16: one) for `full..c`. A last block of more than 32 channels is a partial
+/// block of 64 (its loads and stores masked): a block of 32 and one of 16 would cost more
+/// shuffles and requantization steps than the lanes a partial block wastes.
 #[inline]
 pub(crate) fn vnni_layout(c: usize) -> (usize, usize) {
-    let full = if c % VNNI_BLOCK > 16 {
-        c.div_ceil(VNNI_BLOCK) * VNNI_BLOCK
-    } else {
-        c / VNNI_BLOCK * VNNI_BLOCK
-    };
-    (full, if full >= c { full } else { full + 16 })
+    let (n64, r) = (c / VNNI_BLOCK * VNNI_BLOCK, c % VNNI_BLOCK);
+    match r {
+        0 => (n64, n64),
+        1..=16 => (n64, n64 + 16),
+        17..=32 => (n64, n64 + 32),
+        _ => (n64 + VNNI_BLOCK, n64 + VNNI_BLOCK),
+    }
 }
 
 /// The channel a VNNI accumulator position holds among `c` channels (see
 /// [`vnni_layout`]): in the blocks of 64, position `64 cb + 16 m + 4 k + i` (register `m`,
 /// 32-bit lane `4k + i`) is channel `64 cb + 16 k + 4 m + i`, the order in which in-lane
-/// byte and word interleaves leave four rows of 64 channels; the last block of 16 is in
+/// byte and word interleaves leave four rows of 64 channels; in a last block of 32,
+/// position `full + 16 m + 4 k + i` is channel `full + 16 (k % 2) + 8 (k / 2) + 4 m + i`
+/// (the 256-bit interleaves' order, two results per register); a last block of 16 is in
 /// order. Positions of channels past `c` are unused (zero weights).
 #[inline]
 pub(crate) fn vnni_channel(pos: usize, c: usize) -> usize {
-    if pos >= vnni_layout(c).0 {
-        return pos;
+    let (full, cp) = vnni_layout(c);
+    if pos >= full {
+        if cp - full != 32 {
+            return pos;
+        }
+        let r = pos - full;
+        let (m, k, i) = (r / 16, (r / 4) % 4, r % 4);
+        return full + 16 * (k % 2) + 8 * (k / 2) + 4 * m + i;
     }
     let (cb, r) = (pos / 64, pos % 64);
     let (m, k, i) = (r / 16, (r / 4) % 4, r % 4);
@@ -686,7 +695,7 @@ mod tests {
     fn row_kernels_match_the_oracle_on_every_set() {
         let mut n = 0u64;
         let vnni = KernelSet::avx512_vnni().is_some();
-        for c in [1usize, 15, 16, 17, 40, 63, 64, 65, 128, 144] {
+        for c in [1usize, 15, 16, 17, 32, 40, 63, 64, 65, 96, 128, 144] {
             for (kernel, stride, padding, dilation) in [
                 ((3, 3), (1, 1), (1, 1), (1, 1)),
                 ((3, 3), (2, 2), (1, 1), (1, 1)),
