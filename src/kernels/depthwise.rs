@@ -408,8 +408,16 @@ pub(crate) fn depthwise(
     let row_len = wi * oc;
     let pr = &params;
     let zr = &zrow[..row_len];
-    let run = |(r, orow): (usize, &mut [u8])| {
+    // The input row kernel row ky of output row r reads, if any.
+    let in_row = |r: usize, ky: usize| {
         let (b, oy) = (r / oh, r % oh);
+        (oy * sy + ky * dy)
+            .checked_sub(ph)
+            .filter(|&iy| iy < h)
+            .map(|iy| (b * h + iy) * row_len)
+    };
+    let nout = g.batch * oh;
+    let run = |(r, orow): (usize, &mut [u8])| {
         // Kernel row ky reads input row oy * sy + ky * dy - ph, or the zero-point row.
         let mut rows_buf: [&[u8]; 16] = [zr; 16];
         let mut rows_vec: Vec<&[u8]>;
@@ -420,19 +428,31 @@ pub(crate) fn depthwise(
             &mut rows_vec
         };
         for (ky, slot) in rows.iter_mut().enumerate().take(kh) {
-            let iy = (oy * sy + ky * dy).checked_sub(ph).filter(|&iy| iy < h);
-            if let Some(iy) = iy {
-                let s = (b * h + iy) * row_len;
+            if let Some(s) = in_row(r, ky) {
                 *slot = &xin[s..s + row_len];
+            }
+        }
+        // The rows the next output row reads first (at most two), to prefetch.
+        let mut next: [&[u8]; 2] = [zr; 2];
+        let mut n_next = 0;
+        if r + 1 < nout {
+            for ky in (0..kh).rev() {
+                let Some(s) = in_row(r + 1, ky) else {
+                    continue;
+                };
+                if n_next == 2 || (0..kh).any(|k| in_row(r, k) == Some(s)) {
+                    break;
+                }
+                next[n_next] = &xin[s..s + row_len];
+                n_next += 1;
             }
         }
         SCRATCH.with(|cell| {
             let mut guard = cell.borrow_mut();
             let sc = &mut *guard;
-            run_row(ks, kernel, rows, &rg, w, rq, pr, sc, orow);
+            run_row(ks, kernel, rows, &next[..n_next], &rg, w, rq, pr, sc, orow);
         });
     };
-    let nout = g.batch * oh;
     let work = nout
         .saturating_mul(ow)
         .saturating_mul(oc)
@@ -466,6 +486,7 @@ fn run_row(
     ks: KernelSet,
     kernel: RowKernel,
     rows: &[&[u8]],
+    next: &[&[u8]],
     rg: &RowGeom,
     w: &DwWeights,
     rq: &RequantParams,
@@ -475,7 +496,7 @@ fn run_row(
 ) {
     match kernel {
         RowKernel::Portable => {
-            let _ = (ks, params);
+            let _ = (ks, params, next);
             row_portable(rows, rg, w, rq, &mut sc.acc, out)
         }
         #[cfg(target_arch = "x86_64")]
@@ -485,7 +506,7 @@ fn run_row(
             if sc.buf.len() * 64 < 2 * need {
                 sc.buf = aligned_zeros(2 * need);
             }
-            s.dw_row_avx2(rows, rg, w.avx2_packed(), params, &mut sc.buf, out);
+            s.dw_row_avx2(rows, next, rg, w.avx2_packed(), params, &mut sc.buf, out);
         }
         #[cfg(target_arch = "x86_64")]
         RowKernel::Vnni => {
@@ -494,7 +515,7 @@ fn run_row(
             if sc.buf.len() * 64 < need {
                 sc.buf = aligned_zeros(need);
             }
-            s.dw_row_vnni(rows, rg, w.vnni_packed(), params, &mut sc.buf, out);
+            s.dw_row_vnni(rows, next, rg, w.vnni_packed(), params, &mut sc.buf, out);
         }
     }
 }

@@ -17,13 +17,16 @@ impl Avx2 {
     /// (an even count, the last any row when its weights are 0), each `g.w * g.c` bytes
     /// at least; `wq` the weights as `DwWeights::avx2_packed` lays them out; `p` the
     /// parameters in AVX2 accumulator order; `buf` the interleaving scratch; `out`
-    /// receives `g.ow * g.c` bytes.
+    /// receives `g.ow * g.c` bytes. The first two rows of `next` (the rows the next output
+    /// row reads that this one does not) are prefetched.
     ///
     /// # Panics
     /// When a slice is shorter than the geometry says.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn dw_row_avx2(
         self,
         rows: &[&[u8]],
+        next: &[&[u8]],
         g: &RowGeom,
         wq: &[Aligned64],
         p: &DwParams,
@@ -34,7 +37,7 @@ impl Avx2 {
         let groups = rows.len() / 2;
         let cp = nb * AVX2_BLOCK;
         assert!(g.c > 0 && g.ow > 0 && g.kw > 0 && rows.len().is_multiple_of(2));
-        assert!(rows.iter().all(|r| r.len() >= g.w * g.c));
+        assert!(rows.iter().chain(next).all(|r| r.len() >= g.w * g.c));
         assert_eq!(g.wn, (g.ow - 1) * g.sx + (g.kw - 1) * g.dx + 1);
         assert!(wq.len() * 32 >= groups * g.kw * nb * BLOCK_WORDS);
         assert!(p.corr.len() >= cp && p.bias_b.len() >= cp);
@@ -46,6 +49,7 @@ impl Avx2 {
         unsafe {
             dw_row(
                 rows,
+                next,
                 g,
                 wq.as_ptr() as *const i16,
                 p,
@@ -79,13 +83,15 @@ unsafe fn load16(src: *const u8, n: usize) -> __m128i {
 ///
 /// # Safety
 /// AVX2 and FMA must be available; with `nb = ceil(c / 16)` and
-/// `groups = rows.len() / 2`: every row readable for `g.w * g.c` bytes, `wq` for
+/// `groups = rows.len() / 2`: every row of `rows` and `next` readable for `g.w * g.c`
+/// bytes, `wq` for
 /// `groups * kw * nb * 32` values, the four parameter vectors for `nb * 16` values, `buf`
 /// writable for `groups * wn * nb * 32` values, `out` for `ow * c` bytes, and
 /// `wn == (ow - 1) * sx + (kw - 1) * dx + 1`.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dw_row(
     rows: &[&[u8]],
+    next: &[&[u8]],
     g: &RowGeom,
     wq: *const i16,
     p: &DwParams,
@@ -117,6 +123,15 @@ unsafe fn dw_row(
                         }
                     }
                     Some(ix) => {
+                        if gi == 0 {
+                            for n in next.iter().take(2) {
+                                for q in (0..c).step_by(64) {
+                                    _mm_prefetch::<_MM_HINT_T1>(
+                                        n.as_ptr().add(ix * c + q) as *const i8
+                                    );
+                                }
+                            }
+                        }
                         for cb in 0..nb {
                             let off = ix * c + cb * AVX2_BLOCK;
                             let n = c - cb * AVX2_BLOCK;

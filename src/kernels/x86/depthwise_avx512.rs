@@ -15,13 +15,16 @@ impl Avx2 {
     /// kernel rows (a multiple of 4, the last ones any row when their weights are 0), each
     /// `g.w * g.c` bytes at least; `wq` the weights as `DwWeights::vnni_packed` lays them
     /// out; `p` the parameters in VNNI accumulator order (`vnni_channel`); `buf` the
-    /// interleaving scratch; `out` receives `g.ow * g.c` bytes.
+    /// interleaving scratch; `out` receives `g.ow * g.c` bytes. The first two rows of
+    /// `next` (the rows the next output row reads that this one does not) are prefetched.
     ///
     /// # Panics
     /// When the token lacks VNNI or a slice is shorter than the geometry says.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn dw_row_vnni(
         self,
         rows: &[&[u8]],
+        next: &[&[u8]],
         g: &RowGeom,
         wq: &[Aligned64],
         p: &DwParams,
@@ -32,7 +35,7 @@ impl Avx2 {
         let groups = rows.len() / 4;
         let cp = vnni_layout(g.c).1;
         assert!(g.c > 0 && g.ow > 0 && g.kw > 0 && rows.len().is_multiple_of(4));
-        assert!(rows.iter().all(|r| r.len() >= g.w * g.c));
+        assert!(rows.iter().chain(next).all(|r| r.len() >= g.w * g.c));
         assert_eq!(g.wn, (g.ow - 1) * g.sx + (g.kw - 1) * g.dx + 1);
         assert!(wq.len() * 64 >= groups * g.kw * cp * 4);
         assert!(p.corr.len() >= cp && p.bias_b.len() >= cp);
@@ -44,6 +47,7 @@ impl Avx2 {
         unsafe {
             dw_row(
                 rows,
+                next,
                 g,
                 wq.as_ptr() as *const i8,
                 p,
@@ -66,150 +70,182 @@ fn mask_n(n: usize) -> u64 {
 
 /// See [`Avx2::dw_row_vnni`]. With `(full, cp) = vnni_layout(c)`, channels `0..full` go
 /// in blocks of 64 (four registers, interleaved in-lane; the last may be partial), the
-/// rest in one block of `cp - full` (32: two registers; 16: one, in order).
+/// rest in one block of `cp - full` (32: two registers; 16: one, in order). Each block is
+/// interleaved and then multiplied before the next (its columns stay in L1), and the rows
+/// of `next` (those the next output row reads) are prefetched into L2 on the way.
 ///
 /// # Safety
 /// AVX-512F/BW/VNNI must be available; with `cp = vnni_layout(c).1` and
-/// `groups = rows.len() / 4`: every row readable for `g.w * g.c` bytes (loads past the
-/// channels are masked), `wq` for `groups * kw * cp * 4` bytes, the four parameter vectors
-/// for `cp` values, `buf` writable for `groups * wn * cp * 4` bytes, `out` for `ow * c`
-/// bytes (stores past the channels are masked), and `wn == (ow - 1) * sx + (kw - 1) * dx + 1`.
+/// `groups = rows.len() / 4`: every row of `rows` and `next` readable for `g.w * g.c`
+/// bytes (loads past the channels are masked), `wq` for `groups * kw * cp * 4` bytes, the
+/// four parameter vectors for `cp` values, `buf` writable for `groups * wn * cp * 4`
+/// bytes, `out` for `ow * c` bytes (stores past the channels are masked), and
+/// `wn == (ow - 1) * sx + (kw - 1) * dx + 1`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn dw_row(
     rows: &[&[u8]],
+    next: &[&[u8]],
     g: &RowGeom,
     wq: *const i8,
     p: &DwParams,
     buf: *mut u8,
     out: &mut [u8],
 ) {
-    // SAFETY: the caller upholds this function's `# Safety` contract; every pointer below
-    // stays inside the ranges it lists (interleaved column j < wn of group gi at
-    // `(gi * wn + j) * cp * 4`, input bytes `ix * c + ch` for channels ch < c, the loads
-    // of a partial block masked to its channels); `products` gets the same contract.
+    // SAFETY: the caller upholds this function's `# Safety` contract, which `interleave`
+    // and `products` share.
     unsafe {
-        let c = g.c;
-        let (full, cp) = vnni_layout(c);
         let groups = rows.len() / 4;
-        let col = cp * 4;
-        let bp = buf;
-        let zpv = _mm512_set1_epi8(g.a_zp as i8);
-        // 1. Interleave: column j of group gi holds the four rows' bytes of each channel
-        //    side by side (channel order: `vnni_channel`).
-        for gi in 0..groups {
-            let r: [*const u8; 4] = std::array::from_fn(|i| rows[4 * gi + i].as_ptr());
-            for j in 0..g.wn {
-                let dst = bp.add((gi * g.wn + j) * col);
-                let Some(ix) = j.checked_sub(g.pw).filter(|&ix| ix < g.w) else {
-                    for q in 0..cp / 16 {
-                        _mm512_storeu_si512(dst.add(64 * q) as *mut _, zpv);
-                    }
-                    continue;
-                };
-                let src = ix * c;
-                let mut ch = 0;
-                while ch < full {
-                    let m = mask_n(c - ch);
-                    let x: [__m512i; 4] = std::array::from_fn(|i| {
-                        _mm512_maskz_loadu_epi8(m, r[i].add(src + ch) as *const i8)
-                    });
-                    let l01 = _mm512_unpacklo_epi8(x[0], x[1]);
-                    let h01 = _mm512_unpackhi_epi8(x[0], x[1]);
-                    let l23 = _mm512_unpacklo_epi8(x[2], x[3]);
-                    let h23 = _mm512_unpackhi_epi8(x[2], x[3]);
-                    let d = dst.add(ch * 4);
-                    _mm512_storeu_si512(d as *mut _, _mm512_unpacklo_epi16(l01, l23));
-                    _mm512_storeu_si512(d.add(64) as *mut _, _mm512_unpackhi_epi16(l01, l23));
-                    _mm512_storeu_si512(d.add(128) as *mut _, _mm512_unpacklo_epi16(h01, h23));
-                    _mm512_storeu_si512(d.add(192) as *mut _, _mm512_unpackhi_epi16(h01, h23));
-                    ch += VNNI_BLOCK;
-                }
-                if cp - full == 32 {
-                    // 32 channels in 256 bits: the four results hold channels
-                    // (0-3 | 16-19), (4-7 | 20-23), (8-11 | 24-27), (12-15 | 28-31) and
-                    // are stored as [q0 | q2], [q1 | q3] (see `vnni_channel`).
-                    let m = mask_n(c - ch);
-                    let x: [__m256i; 4] = std::array::from_fn(|i| {
-                        _mm512_castsi512_si256(_mm512_maskz_loadu_epi8(
-                            m,
-                            r[i].add(src + ch) as *const i8,
-                        ))
-                    });
-                    let l01 = _mm256_unpacklo_epi8(x[0], x[1]);
-                    let h01 = _mm256_unpackhi_epi8(x[0], x[1]);
-                    let l23 = _mm256_unpacklo_epi8(x[2], x[3]);
-                    let h23 = _mm256_unpackhi_epi8(x[2], x[3]);
-                    let d = dst.add(ch * 4) as *mut __m256i;
-                    _mm256_storeu_si256(d, _mm256_unpacklo_epi16(l01, l23));
-                    _mm256_storeu_si256(d.add(2), _mm256_unpackhi_epi16(l01, l23));
-                    _mm256_storeu_si256(d.add(1), _mm256_unpacklo_epi16(h01, h23));
-                    _mm256_storeu_si256(d.add(3), _mm256_unpackhi_epi16(h01, h23));
-                } else if cp > full {
-                    // 16 channels in 128 bits: the four results hold channels 0-3, 4-7,
-                    // 8-11, 12-15 (in order).
-                    let m = mask_n(c - ch);
-                    let x: [__m128i; 4] = std::array::from_fn(|i| {
-                        _mm512_castsi512_si128(_mm512_maskz_loadu_epi8(
-                            m,
-                            r[i].add(src + ch) as *const i8,
-                        ))
-                    });
-                    let l01 = _mm_unpacklo_epi8(x[0], x[1]);
-                    let h01 = _mm_unpackhi_epi8(x[0], x[1]);
-                    let l23 = _mm_unpacklo_epi8(x[2], x[3]);
-                    let h23 = _mm_unpackhi_epi8(x[2], x[3]);
-                    let d = dst.add(ch * 4) as *mut __m128i;
-                    _mm_storeu_si128(d, _mm_unpacklo_epi16(l01, l23));
-                    _mm_storeu_si128(d.add(1), _mm_unpackhi_epi16(l01, l23));
-                    _mm_storeu_si128(d.add(2), _mm_unpacklo_epi16(h01, h23));
-                    _mm_storeu_si128(d.add(3), _mm_unpackhi_epi16(h01, h23));
-                }
-            }
+        let (full, cp) = vnni_layout(g.c);
+        let mut base = 0;
+        while base < full {
+            interleave::<4>(rows, next, g, base, buf);
+            products::<4>(g, groups, wq, p, buf, base, out);
+            base += VNNI_BLOCK;
         }
-        // 2. Products, requantization and store, one channel block at a time, with the
-        //    common windows unrolled.
-        match (groups, g.kw) {
-            (1, 3) => products::<1, 3>(g, groups, wq, p, bp, out),
-            (2, 5) => products::<2, 5>(g, groups, wq, p, bp, out),
-            (1, 1) => products::<1, 1>(g, groups, wq, p, bp, out),
-            _ => products::<0, 0>(g, groups, wq, p, bp, out),
+        match cp - full {
+            32 => {
+                interleave::<2>(rows, next, g, base, buf);
+                products::<2>(g, groups, wq, p, buf, base, out);
+            }
+            16 => {
+                interleave::<1>(rows, next, g, base, buf);
+                products::<1>(g, groups, wq, p, buf, base, out);
+            }
+            _ => {}
         }
     }
 }
 
-/// The products, requantization and stores of one row from the interleaved buffer `bp`:
-/// `G` row groups and `KW` kernel columns known at compile time, or `G == 0` for any
-/// (then `groups` and `g.kw` count).
+/// Interleaves the block of `16 * R` channels from `base`: column `j` of row group `gi`
+/// holds, at `(gi * wn + j) * cp * 4 + base * 4`, the four rows' bytes of each channel
+/// side by side (channel order: `vnni_channel`); columns in the horizontal padding hold
+/// the zero point. Prefetches the block's bytes of the rows of `next` into L2.
 ///
 /// # Safety
-/// As [`dw_row`], with `bp` the interleaved buffer it filled.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn products<const G: usize, const KW: usize>(
+/// As [`dw_row`], with `base` a block start of `vnni_layout(g.c)` of `R` registers.
+#[inline(always)]
+unsafe fn interleave<const R: usize>(
+    rows: &[&[u8]],
+    next: &[&[u8]],
+    g: &RowGeom,
+    base: usize,
+    buf: *mut u8,
+) {
+    // SAFETY: input bytes `ix * c + ch` for channels ch < c (the loads masked to them),
+    // interleaved bytes inside column j < wn of group gi (`cp * 4` bytes from
+    // `(gi * wn + j) * cp * 4`, of which this block owns `64 R` from `base * 4`);
+    // prefetches never fault.
+    unsafe {
+        let c = g.c;
+        let col = vnni_layout(c).1 * 4;
+        let m = mask_n(c - base);
+        let zpv = _mm512_set1_epi8(g.a_zp as i8);
+        for (gi, r4) in rows.chunks_exact(4).enumerate() {
+            let r: [*const u8; 4] = std::array::from_fn(|i| r4[i].as_ptr().add(base));
+            let pf: [Option<*const u8>; 2] = std::array::from_fn(|i| {
+                next.get(i)
+                    .filter(|_| gi == 0)
+                    .map(|n| n.as_ptr().add(base))
+            });
+            let mut dst = buf.add(gi * g.wn * col + base * 4);
+            for j in 0..g.wn {
+                let Some(ix) = j.checked_sub(g.pw).filter(|&ix| ix < g.w) else {
+                    for q in 0..R {
+                        _mm512_storeu_si512(dst.add(64 * q) as *mut _, zpv);
+                    }
+                    dst = dst.add(col);
+                    continue;
+                };
+                let src = ix * c;
+                for n in pf.into_iter().flatten() {
+                    _mm_prefetch::<_MM_HINT_T1>(n.add(src) as *const i8);
+                }
+                match R {
+                    4 => {
+                        let x: [__m512i; 4] = std::array::from_fn(|i| {
+                            _mm512_maskz_loadu_epi8(m, r[i].add(src) as *const i8)
+                        });
+                        let l01 = _mm512_unpacklo_epi8(x[0], x[1]);
+                        let h01 = _mm512_unpackhi_epi8(x[0], x[1]);
+                        let l23 = _mm512_unpacklo_epi8(x[2], x[3]);
+                        let h23 = _mm512_unpackhi_epi8(x[2], x[3]);
+                        let d = dst as *mut __m512i;
+                        _mm512_storeu_si512(d as *mut _, _mm512_unpacklo_epi16(l01, l23));
+                        _mm512_storeu_si512(d.add(1) as *mut _, _mm512_unpackhi_epi16(l01, l23));
+                        _mm512_storeu_si512(d.add(2) as *mut _, _mm512_unpacklo_epi16(h01, h23));
+                        _mm512_storeu_si512(d.add(3) as *mut _, _mm512_unpackhi_epi16(h01, h23));
+                    }
+                    2 => {
+                        // 32 channels in 256 bits: the four results hold channels
+                        // (0-3 | 16-19), (4-7 | 20-23), (8-11 | 24-27), (12-15 | 28-31)
+                        // and are stored as [q0 | q2], [q1 | q3] (see `vnni_channel`).
+                        let x: [__m256i; 4] = std::array::from_fn(|i| {
+                            _mm512_castsi512_si256(_mm512_maskz_loadu_epi8(
+                                m,
+                                r[i].add(src) as *const i8,
+                            ))
+                        });
+                        let l01 = _mm256_unpacklo_epi8(x[0], x[1]);
+                        let h01 = _mm256_unpackhi_epi8(x[0], x[1]);
+                        let l23 = _mm256_unpacklo_epi8(x[2], x[3]);
+                        let h23 = _mm256_unpackhi_epi8(x[2], x[3]);
+                        let d = dst as *mut __m256i;
+                        _mm256_storeu_si256(d, _mm256_unpacklo_epi16(l01, l23));
+                        _mm256_storeu_si256(d.add(2), _mm256_unpackhi_epi16(l01, l23));
+                        _mm256_storeu_si256(d.add(1), _mm256_unpacklo_epi16(h01, h23));
+                        _mm256_storeu_si256(d.add(3), _mm256_unpackhi_epi16(h01, h23));
+                    }
+                    _ => {
+                        // 16 channels in 128 bits: the four results hold channels 0-3,
+                        // 4-7, 8-11, 12-15 (in order).
+                        let x: [__m128i; 4] = std::array::from_fn(|i| {
+                            _mm512_castsi512_si128(_mm512_maskz_loadu_epi8(
+                                m,
+                                r[i].add(src) as *const i8,
+                            ))
+                        });
+                        let l01 = _mm_unpacklo_epi8(x[0], x[1]);
+                        let h01 = _mm_unpackhi_epi8(x[0], x[1]);
+                        let l23 = _mm_unpacklo_epi8(x[2], x[3]);
+                        let h23 = _mm_unpackhi_epi8(x[2], x[3]);
+                        let d = dst as *mut __m128i;
+                        _mm_storeu_si128(d, _mm_unpacklo_epi16(l01, l23));
+                        _mm_storeu_si128(d.add(1), _mm_unpackhi_epi16(l01, l23));
+                        _mm_storeu_si128(d.add(2), _mm_unpacklo_epi16(h01, h23));
+                        _mm_storeu_si128(d.add(3), _mm_unpackhi_epi16(h01, h23));
+                    }
+                }
+                dst = dst.add(col);
+            }
+        }
+    }
+}
+
+/// The products, requantization and stores of the block of `16 * R` channels from
+/// `base` over one row, from the interleaved buffer `bp`, with the common windows
+/// unrolled at compile time.
+///
+/// # Safety
+/// As [`dw_row`], with `bp` holding the block's interleaved columns.
+#[inline(always)]
+unsafe fn products<const R: usize>(
     g: &RowGeom,
     groups: usize,
     wq: *const i8,
     p: &DwParams,
     bp: *const u8,
+    base: usize,
     out: &mut [u8],
 ) {
-    // SAFETY: the caller upholds `dw_row`'s contract: interleaved column j < wn of group
-    // gi at `(gi * wn + j) * cp * 4`, weights of (gi, kx) at `(gi * kw + kx) * cp * 4`,
-    // output bytes `ox * c + ch` for channels ch < c (the stores of a partial block
-    // masked to its channels), and `ox * sx + kx * dx < wn` for ox < ow, kx < kw.
+    // SAFETY: as `dw_row`; `block` gets the same contract.
     unsafe {
-        let c = g.c;
-        let (full, cp) = vnni_layout(c);
+        let mask = mask_n(g.c - base);
         let op = out.as_mut_ptr();
-        let mut base = 0;
-        while base < full {
-            block::<4, G, KW>(g, groups, wq, p, bp, base, mask_n(c - base), op);
-            base += VNNI_BLOCK;
-        }
-        match cp - full {
-            32 => block::<2, G, KW>(g, groups, wq, p, bp, base, mask_n(c - base), op),
-            16 => block::<1, G, KW>(g, groups, wq, p, bp, base, mask_n(c - base), op),
-            _ => {}
+        match (groups, g.kw) {
+            (1, 3) => block::<R, 1, 3>(g, groups, wq, p, bp, base, mask, op),
+            (2, 5) => block::<R, 2, 5>(g, groups, wq, p, bp, base, mask, op),
+            (1, 1) => block::<R, 1, 1>(g, groups, wq, p, bp, base, mask, op),
+            _ => block::<R, 0, 0>(g, groups, wq, p, bp, base, mask, op),
         }
     }
 }
