@@ -142,22 +142,24 @@ unsafe fn interleave<const R: usize>(
         let zpv = _mm512_set1_epi8(g.a_zp as i8);
         for (gi, r4) in rows.chunks_exact(4).enumerate() {
             let r: [*const u8; 4] = std::array::from_fn(|i| r4[i].as_ptr().add(base));
-            let pf: [Option<*const u8>; 2] = std::array::from_fn(|i| {
-                next.get(i)
-                    .filter(|_| gi == 0)
-                    .map(|n| n.as_ptr().add(base))
-            });
-            let mut dst = buf.add(gi * g.wn * col + base * 4);
-            for j in 0..g.wn {
-                let Some(ix) = j.checked_sub(g.pw).filter(|&ix| ix < g.w) else {
-                    for q in 0..R {
-                        _mm512_storeu_si512(dst.add(64 * q) as *mut _, zpv);
-                    }
-                    dst = dst.add(col);
-                    continue;
-                };
-                let src = ix * c;
-                for n in pf.into_iter().flatten() {
+            // The rows to prefetch (while interleaving the first group only).
+            let mut pf = [std::ptr::null::<u8>(); 2];
+            let npf = if gi == 0 { next.len().min(2) } else { 0 };
+            for (p, n) in pf.iter_mut().zip(next).take(npf) {
+                *p = n.as_ptr().add(base);
+            }
+            let gbuf = buf.add(gi * g.wn * col + base * 4);
+            // Columns in the horizontal padding: the zero point.
+            let (lo, hi) = (g.pw.min(g.wn), (g.pw + g.w).min(g.wn));
+            for j in (0..lo).chain(hi..g.wn) {
+                for q in 0..R {
+                    _mm512_storeu_si512(gbuf.add(j * col + 64 * q) as *mut _, zpv);
+                }
+            }
+            for j in lo..hi {
+                let dst = gbuf.add(j * col);
+                let src = (j - g.pw) * c;
+                for &n in &pf[..npf] {
                     _mm_prefetch::<_MM_HINT_T1>(n.add(src) as *const i8);
                 }
                 match R {
@@ -215,7 +217,6 @@ unsafe fn interleave<const R: usize>(
                         _mm_storeu_si128(d.add(3), _mm_unpackhi_epi16(h01, h23));
                     }
                 }
-                dst = dst.add(col);
             }
         }
     }
