@@ -11,10 +11,10 @@
 //!    VNNI's `vpdpbusd`, 2 rows widened to `i16` for AVX2's `vpmaddwd`); columns in the
 //!    horizontal padding are written as the zero point, so the product loop has no
 //!    bounds logic at all;
-//! 2. for each block of channels (64 with VNNI, a last one of 16 where at most 16
+//! 2. for each block of channels (64 with VNNI, a last one of 32 or 16 where at most 32
 //!    remain; 16 with AVX2) and each output pixel, accumulates every tap in registers
 //!    from that buffer and the pre-packed weights (64-byte aligned, packed once per
-//!    layer);
+//!    layer; the 3x3, 5x5 and 1x1 windows unrolled at compile time);
 //! 3. requantizes in registers (the same `f32` arithmetic as every other kernel) and
 //!    stores the `u8` output.
 //!
