@@ -11,10 +11,10 @@
 //!    VNNI's `vpdpbusd`, 2 rows widened to `i16` for AVX2's `vpmaddwd`); columns in the
 //!    horizontal padding are written as the zero point, so the product loop has no
 //!    bounds logic at all;
-//! 2. for each block of channels (64 with VNNI, a last one of 16 where at most 16
+//! 2. for each block of channels (64 with VNNI, a last one of 32 or 16 where at most 32
 //!    remain; 16 with AVX2) and each output pixel, accumulates every tap in registers
 //!    from that buffer and the pre-packed weights (64-byte aligned, packed once per
-//!    layer);
+//!    layer; the 3x3, 5x5 and 1x1 windows unrolled at compile time);
 //! 3. requantizes in registers (the same `f32` arithmetic as every other kernel) and
 //!    stores the `u8` output.
 //!
@@ -169,29 +169,38 @@ impl DwWeights {
 }
 
 /// How the VNNI kernel splits `c` channels: `(full, cp)`, blocks of 64 (four registers,
-/// interleaved in-lane) for channels `0..full` and one block of 16 (one register, in
-/// order) for `full..cp`. A last block of more than 16 channels is a partial block of 64
-/// (its loads and stores masked): its interleave costs what a whole block's does, while
-/// blocks of 16 would cost four times as many shuffles per channel.
+/// interleaved in-lane) for channels `0..full` and one last block of `cp - full` (32: two
+/// registers; 16: one) for `full..c`. A last block of more than 32 channels is a partial
+/// block of 64 (its loads and stores masked): a block of 32 and one of 16 would cost more
+/// shuffles and requantization steps than the lanes a partial block wastes.
 #[inline]
 pub(crate) fn vnni_layout(c: usize) -> (usize, usize) {
-    let full = if c % VNNI_BLOCK > 16 {
-        c.div_ceil(VNNI_BLOCK) * VNNI_BLOCK
-    } else {
-        c / VNNI_BLOCK * VNNI_BLOCK
-    };
-    (full, if full >= c { full } else { full + 16 })
+    let (n64, r) = (c / VNNI_BLOCK * VNNI_BLOCK, c % VNNI_BLOCK);
+    match r {
+        0 => (n64, n64),
+        1..=16 => (n64, n64 + 16),
+        17..=32 => (n64, n64 + 32),
+        _ => (n64 + VNNI_BLOCK, n64 + VNNI_BLOCK),
+    }
 }
 
 /// The channel a VNNI accumulator position holds among `c` channels (see
 /// [`vnni_layout`]): in the blocks of 64, position `64 cb + 16 m + 4 k + i` (register `m`,
 /// 32-bit lane `4k + i`) is channel `64 cb + 16 k + 4 m + i`, the order in which in-lane
-/// byte and word interleaves leave four rows of 64 channels; the last block of 16 is in
+/// byte and word interleaves leave four rows of 64 channels; in a last block of 32,
+/// position `full + 16 m + 4 k + i` is channel `full + 16 (k % 2) + 8 (k / 2) + 4 m + i`
+/// (the 256-bit interleaves' order, two results per register); a last block of 16 is in
 /// order. Positions of channels past `c` are unused (zero weights).
 #[inline]
 pub(crate) fn vnni_channel(pos: usize, c: usize) -> usize {
-    if pos >= vnni_layout(c).0 {
-        return pos;
+    let (full, cp) = vnni_layout(c);
+    if pos >= full {
+        if cp - full != 32 {
+            return pos;
+        }
+        let r = pos - full;
+        let (m, k, i) = (r / 16, (r / 4) % 4, r % 4);
+        return full + 16 * (k % 2) + 8 * (k / 2) + 4 * m + i;
     }
     let (cb, r) = (pos / 64, pos % 64);
     let (m, k, i) = (r / 16, (r / 4) % 4, r % 4);
@@ -399,8 +408,16 @@ pub(crate) fn depthwise(
     let row_len = wi * oc;
     let pr = &params;
     let zr = &zrow[..row_len];
-    let run = |(r, orow): (usize, &mut [u8])| {
+    // The input row kernel row ky of output row r reads, if any.
+    let in_row = |r: usize, ky: usize| {
         let (b, oy) = (r / oh, r % oh);
+        (oy * sy + ky * dy)
+            .checked_sub(ph)
+            .filter(|&iy| iy < h)
+            .map(|iy| (b * h + iy) * row_len)
+    };
+    let nout = g.batch * oh;
+    let run = |(r, orow): (usize, &mut [u8])| {
         // Kernel row ky reads input row oy * sy + ky * dy - ph, or the zero-point row.
         let mut rows_buf: [&[u8]; 16] = [zr; 16];
         let mut rows_vec: Vec<&[u8]>;
@@ -411,19 +428,31 @@ pub(crate) fn depthwise(
             &mut rows_vec
         };
         for (ky, slot) in rows.iter_mut().enumerate().take(kh) {
-            let iy = (oy * sy + ky * dy).checked_sub(ph).filter(|&iy| iy < h);
-            if let Some(iy) = iy {
-                let s = (b * h + iy) * row_len;
+            if let Some(s) = in_row(r, ky) {
                 *slot = &xin[s..s + row_len];
+            }
+        }
+        // The rows the next output row reads first (at most two), to prefetch.
+        let mut next: [&[u8]; 2] = [zr; 2];
+        let mut n_next = 0;
+        if r + 1 < nout {
+            for ky in (0..kh).rev() {
+                let Some(s) = in_row(r + 1, ky) else {
+                    continue;
+                };
+                if n_next == 2 || (0..kh).any(|k| in_row(r, k) == Some(s)) {
+                    break;
+                }
+                next[n_next] = &xin[s..s + row_len];
+                n_next += 1;
             }
         }
         SCRATCH.with(|cell| {
             let mut guard = cell.borrow_mut();
             let sc = &mut *guard;
-            run_row(ks, kernel, rows, &rg, w, rq, pr, sc, orow);
+            run_row(ks, kernel, rows, &next[..n_next], &rg, w, rq, pr, sc, orow);
         });
     };
-    let nout = g.batch * oh;
     let work = nout
         .saturating_mul(ow)
         .saturating_mul(oc)
@@ -457,6 +486,7 @@ fn run_row(
     ks: KernelSet,
     kernel: RowKernel,
     rows: &[&[u8]],
+    next: &[&[u8]],
     rg: &RowGeom,
     w: &DwWeights,
     rq: &RequantParams,
@@ -466,7 +496,7 @@ fn run_row(
 ) {
     match kernel {
         RowKernel::Portable => {
-            let _ = (ks, params);
+            let _ = (ks, params, next);
             row_portable(rows, rg, w, rq, &mut sc.acc, out)
         }
         #[cfg(target_arch = "x86_64")]
@@ -476,7 +506,7 @@ fn run_row(
             if sc.buf.len() * 64 < 2 * need {
                 sc.buf = aligned_zeros(2 * need);
             }
-            s.dw_row_avx2(rows, rg, w.avx2_packed(), params, &mut sc.buf, out);
+            s.dw_row_avx2(rows, next, rg, w.avx2_packed(), params, &mut sc.buf, out);
         }
         #[cfg(target_arch = "x86_64")]
         RowKernel::Vnni => {
@@ -485,7 +515,7 @@ fn run_row(
             if sc.buf.len() * 64 < need {
                 sc.buf = aligned_zeros(need);
             }
-            s.dw_row_vnni(rows, rg, w.vnni_packed(), params, &mut sc.buf, out);
+            s.dw_row_vnni(rows, next, rg, w.vnni_packed(), params, &mut sc.buf, out);
         }
     }
 }
@@ -686,7 +716,7 @@ mod tests {
     fn row_kernels_match_the_oracle_on_every_set() {
         let mut n = 0u64;
         let vnni = KernelSet::avx512_vnni().is_some();
-        for c in [1usize, 15, 16, 17, 40, 63, 64, 65, 128, 144] {
+        for c in [1usize, 15, 16, 17, 32, 40, 63, 64, 65, 96, 128, 144] {
             for (kernel, stride, padding, dilation) in [
                 ((3, 3), (1, 1), (1, 1), (1, 1)),
                 ((3, 3), (2, 2), (1, 1), (1, 1)),

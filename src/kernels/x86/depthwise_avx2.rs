@@ -17,13 +17,16 @@ impl Avx2 {
     /// (an even count, the last any row when its weights are 0), each `g.w * g.c` bytes
     /// at least; `wq` the weights as `DwWeights::avx2_packed` lays them out; `p` the
     /// parameters in AVX2 accumulator order; `buf` the interleaving scratch; `out`
-    /// receives `g.ow * g.c` bytes.
+    /// receives `g.ow * g.c` bytes. The first two rows of `next` (the rows the next output
+    /// row reads that this one does not) are prefetched.
     ///
     /// # Panics
     /// When a slice is shorter than the geometry says.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn dw_row_avx2(
         self,
         rows: &[&[u8]],
+        next: &[&[u8]],
         g: &RowGeom,
         wq: &[Aligned64],
         p: &DwParams,
@@ -34,7 +37,7 @@ impl Avx2 {
         let groups = rows.len() / 2;
         let cp = nb * AVX2_BLOCK;
         assert!(g.c > 0 && g.ow > 0 && g.kw > 0 && rows.len().is_multiple_of(2));
-        assert!(rows.iter().all(|r| r.len() >= g.w * g.c));
+        assert!(rows.iter().chain(next).all(|r| r.len() >= g.w * g.c));
         assert_eq!(g.wn, (g.ow - 1) * g.sx + (g.kw - 1) * g.dx + 1);
         assert!(wq.len() * 32 >= groups * g.kw * nb * BLOCK_WORDS);
         assert!(p.corr.len() >= cp && p.bias_b.len() >= cp);
@@ -46,6 +49,7 @@ impl Avx2 {
         unsafe {
             dw_row(
                 rows,
+                next,
                 g,
                 wq.as_ptr() as *const i16,
                 p,
@@ -79,13 +83,15 @@ unsafe fn load16(src: *const u8, n: usize) -> __m128i {
 ///
 /// # Safety
 /// AVX2 and FMA must be available; with `nb = ceil(c / 16)` and
-/// `groups = rows.len() / 2`: every row readable for `g.w * g.c` bytes, `wq` for
+/// `groups = rows.len() / 2`: every row of `rows` and `next` readable for `g.w * g.c`
+/// bytes, `wq` for
 /// `groups * kw * nb * 32` values, the four parameter vectors for `nb * 16` values, `buf`
 /// writable for `groups * wn * nb * 32` values, `out` for `ow * c` bytes, and
 /// `wn == (ow - 1) * sx + (kw - 1) * dx + 1`.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dw_row(
     rows: &[&[u8]],
+    next: &[&[u8]],
     g: &RowGeom,
     wq: *const i16,
     p: &DwParams,
@@ -117,6 +123,15 @@ unsafe fn dw_row(
                         }
                     }
                     Some(ix) => {
+                        if gi == 0 {
+                            for n in next.iter().take(2) {
+                                for q in (0..c).step_by(64) {
+                                    _mm_prefetch::<_MM_HINT_T1>(
+                                        n.as_ptr().add(ix * c + q) as *const i8
+                                    );
+                                }
+                            }
+                        }
                         for cb in 0..nb {
                             let off = ix * c + cb * AVX2_BLOCK;
                             let n = c - cb * AVX2_BLOCK;
@@ -130,7 +145,46 @@ unsafe fn dw_row(
                 }
             }
         }
-        // 2. Products, requantization and store, one channel block at a time.
+        // 2. Products, requantization and store, one channel block at a time, with the
+        //    common windows unrolled.
+        match (groups, g.kw) {
+            (2, 3) => products::<2, 3>(g, groups, wq, p, bp, out),
+            (3, 5) => products::<3, 5>(g, groups, wq, p, bp, out),
+            (1, 3) => products::<1, 3>(g, groups, wq, p, bp, out),
+            (1, 1) => products::<1, 1>(g, groups, wq, p, bp, out),
+            _ => products::<0, 0>(g, groups, wq, p, bp, out),
+        }
+    }
+}
+
+/// The products, requantization and stores of one row from the interleaved buffer `bp`:
+/// `G` row groups and `KW` kernel columns known at compile time, or `G == 0` for any
+/// (then `groups` and `g.kw` count).
+///
+/// # Safety
+/// As [`dw_row`], with `bp` the interleaved buffer it filled.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn products<const G: usize, const KW: usize>(
+    g: &RowGeom,
+    groups: usize,
+    wq: *const i16,
+    p: &DwParams,
+    bp: *const i16,
+    out: &mut [u8],
+) {
+    // SAFETY: the caller upholds `dw_row`'s contract: interleaved column j < wn of group
+    // gi at `(gi * wn + j) * nb * 32`, weights of (gi, kx) at `(gi * kw + kx) * nb * 32`,
+    // output bytes `ox * c + cb * 16 + t` for t below the block's channel count, and
+    // `ox * sx + kx * dx < wn` for ox < ow, kx < kw.
+    unsafe {
+        let c = g.c;
+        let nb = c.div_ceil(AVX2_BLOCK);
+        let col = nb * BLOCK_WORDS;
+        let (groups, kw) = if G > 0 { (G, KW) } else { (groups, g.kw) };
+        let gstride = g.wn * col;
+        let xstride = g.dx * col;
+        let step = g.sx * col;
         let zp16 = _mm256_set1_epi16(p.out_zp as i16);
         let lo8 = _mm_set1_epi8(p.lo as u8 as i8);
         let op = out.as_mut_ptr();
@@ -145,16 +199,15 @@ unsafe fn dw_row(
             let bb = [ld_f(&p.bias_b, 0), ld_f(&p.bias_b, 1)];
             let bs = [ld_f(&p.bias_s, 0), ld_f(&p.bias_s, 1)];
             let mult = [ld_f(&p.mult, 0), ld_f(&p.mult, 1)];
-            let bsrc = bp.add(cb * BLOCK_WORDS) as *const i16;
             let wsrc = wq.add(cb * BLOCK_WORDS);
-            for ox in 0..g.ow {
+            let mut srow = bp.add(cb * BLOCK_WORDS);
+            let mut dst = op.add(base);
+            for _ in 0..g.ow {
                 let [mut a0, mut a1] = corr;
                 for gi in 0..groups {
-                    let srow = bsrc.add((gi * g.wn + ox * g.sx) * col);
-                    let wrow = wsrc.add(gi * g.kw * col);
-                    for kx in 0..g.kw {
-                        let s = srow.add(kx * g.dx * col) as *const __m256i;
-                        let w = wrow.add(kx * col) as *const __m256i;
+                    for kx in 0..kw {
+                        let s = srow.add(gi * gstride + kx * xstride) as *const __m256i;
+                        let w = wsrc.add((gi * kw + kx) * col) as *const __m256i;
                         a0 = _mm256_add_epi32(
                             a0,
                             _mm256_madd_epi16(_mm256_loadu_si256(s), _mm256_loadu_si256(w)),
@@ -177,7 +230,6 @@ unsafe fn dw_row(
                 let w16 = _mm256_adds_epi16(_mm256_packs_epi32(rq(a0, 0), rq(a1, 1)), zp16);
                 let b8 = _mm256_permute4x64_epi64::<0b00_00_10_00>(_mm256_packus_epi16(w16, w16));
                 let r = _mm_max_epu8(_mm256_castsi256_si128(b8), lo8);
-                let dst = op.add(ox * c + base);
                 if n >= 16 {
                     _mm_storeu_si128(dst as *mut __m128i, r);
                 } else {
@@ -185,6 +237,8 @@ unsafe fn dw_row(
                     _mm_storeu_si128(t.as_mut_ptr() as *mut __m128i, r);
                     std::ptr::copy_nonoverlapping(t.as_ptr(), dst, n);
                 }
+                srow = srow.add(step);
+                dst = dst.add(c);
             }
         }
     }
