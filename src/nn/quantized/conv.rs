@@ -470,7 +470,7 @@ const RECYCLE_MIN: usize = 1 << 16;
 /// At most this many recycled buffers are kept per thread ...
 const RECYCLE_MAX_COUNT: usize = 8;
 /// ... holding at most this many bytes together.
-const RECYCLE_MAX_BYTES: usize = 256 << 20;
+const RECYCLE_MAX_BYTES: usize = 64 << 20;
 
 thread_local! {
     /// The calling thread's recycled activation buffers ([`recycle_output`]).
