@@ -237,6 +237,345 @@ pub(super) unsafe fn quantize_plane_nhwc_256(
     }
 }
 
+/// Loads the first `n <= 16` bytes at `src` into the low lanes of a register (the rest
+/// zero).
+///
+/// # Safety
+/// `src` readable for `n` bytes.
+#[inline(always)]
+unsafe fn load_bytes(src: *const u8, n: usize) -> __m128i {
+    let mut tmp = [0u8; 16];
+    // SAFETY: the caller guarantees `src` is readable for `n <= 16` bytes; `tmp` holds 16.
+    unsafe {
+        std::ptr::copy_nonoverlapping(src, tmp.as_mut_ptr(), n);
+        _mm_loadu_si128(tmp.as_ptr() as *const __m128i)
+    }
+}
+
+/// The `pshufb` masks that interleave three registers of sixteen bytes (`r`, `g`, `b`:
+/// pixels 0..16 of three channels) into 48 bytes of pixel triples: `MASK3[o][ch]` moves
+/// channel `ch`'s bytes into output register `o` (byte `k` of the 48 is pixel `k / 3`,
+/// channel `k % 3`; `0x80` writes zero).
+const MASK3: [[[u8; 16]; 3]; 3] = {
+    let mut m = [[[0x80u8; 16]; 3]; 3];
+    let mut k = 0;
+    while k < 48 {
+        m[k / 16][k % 3][k % 16] = (k / 3) as u8;
+        k += 1;
+    }
+    m
+};
+
+/// The inverse of [`MASK3`]: `UNMASK3[ch][o]` picks channel `ch`'s bytes out of input
+/// register `o` of 48 interleaved bytes into their pixel lanes.
+const UNMASK3: [[[u8; 16]; 3]; 3] = {
+    let mut m = [[[0x80u8; 16]; 3]; 3];
+    let mut k = 0;
+    while k < 48 {
+        m[k % 3][k / 16][k / 3] = (k % 16) as u8;
+        k += 1;
+    }
+    m
+};
+
+/// Interleaves three channel registers of sixteen pixels into three registers of pixel
+/// triples (see [`MASK3`]).
+///
+/// # Safety
+/// SSSE3 must be available.
+#[inline(always)]
+unsafe fn interleave3(ch: [__m128i; 3]) -> [__m128i; 3] {
+    // SAFETY: the caller guarantees SSSE3 (`pshufb`); the masks are 16 bytes each.
+    unsafe {
+        std::array::from_fn(|o| {
+            let m = |c: usize| _mm_loadu_si128(MASK3[o][c].as_ptr() as *const __m128i);
+            _mm_or_si128(
+                _mm_or_si128(_mm_shuffle_epi8(ch[0], m(0)), _mm_shuffle_epi8(ch[1], m(1))),
+                _mm_shuffle_epi8(ch[2], m(2)),
+            )
+        })
+    }
+}
+
+/// The inverse of [`interleave3`].
+///
+/// # Safety
+/// SSSE3 must be available.
+#[inline(always)]
+unsafe fn deinterleave3(px: [__m128i; 3]) -> [__m128i; 3] {
+    // SAFETY: as in `interleave3`.
+    unsafe {
+        std::array::from_fn(|c| {
+            let m = |o: usize| _mm_loadu_si128(UNMASK3[c][o].as_ptr() as *const __m128i);
+            _mm_or_si128(
+                _mm_or_si128(_mm_shuffle_epi8(px[0], m(0)), _mm_shuffle_epi8(px[1], m(1))),
+                _mm_shuffle_epi8(px[2], m(2)),
+            )
+        })
+    }
+}
+
+/// Quantizes pixels `0..hw / 16 * 16` of one three-channel `[3][hw]` `f32` plane (an RGB
+/// image) into the `[hw][3]` byte plane `dst`: sixteen pixels of each channel into a
+/// register, interleaved by `pshufb`. Returns whether those inputs were all finite.
+///
+/// # Safety
+/// AVX-512F/BW must be available; `src` readable for `3 * hw` `f32`, `dst` writable for
+/// `3 * hw` bytes.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(super) unsafe fn quantize_plane_c3_512(
+    src: *const f32,
+    hw: usize,
+    inv: f32,
+    zpf: f32,
+    dst: *mut u8,
+) -> bool {
+    // SAFETY: the caller upholds this function's `# Safety` contract; step p0 reads
+    // pixels p0..p0 + 16 <= hw of the three channel rows and writes bytes
+    // 3 * p0..3 * (p0 + 16) <= 3 * hw.
+    unsafe {
+        let k = Q512 {
+            inv: _mm512_set1_ps(inv),
+            zp: _mm512_set1_ps(zpf),
+            lim_lo: _mm512_set1_ps(-4_194_304.0),
+            lim_hi: _mm512_set1_ps(4_194_304.0),
+            magic: _mm512_set1_ps(12_582_912.0),
+            hi: _mm512_set1_ps(255.0),
+            exp: _mm512_set1_epi32(0x7f80_0000),
+        };
+        let mut bad: __mmask16 = 0;
+        let mut p0 = 0;
+        while p0 + 16 <= hw {
+            let ch: [__m128i; 3] =
+                std::array::from_fn(|c| quantize16_512(src.add(c * hw + p0), &k, &mut bad));
+            for (o, v) in interleave3(ch).iter().enumerate() {
+                _mm_storeu_si128(dst.add(3 * p0 + 16 * o) as *mut __m128i, *v);
+            }
+            p0 += 16;
+        }
+        bad == 0
+    }
+}
+
+/// Quantizes sixteen floats to sixteen bytes with AVX2 (two registers of eight lanes).
+///
+/// # Safety
+/// AVX2 must be available; `src` readable for 16 `f32`.
+#[inline(always)]
+unsafe fn quantize16_256(src: *const f32, k: &Q256, bad: &mut __m256i) -> __m128i {
+    // SAFETY: the caller upholds the contract (features, 16 readable floats).
+    unsafe {
+        let r0 = quantize8_256(src, k, bad);
+        let r1 = quantize8_256(src.add(8), k, bad);
+        let w0 = _mm_packs_epi32(
+            _mm256_castsi256_si128(r0),
+            _mm256_extracti128_si256::<1>(r0),
+        );
+        let w1 = _mm_packs_epi32(
+            _mm256_castsi256_si128(r1),
+            _mm256_extracti128_si256::<1>(r1),
+        );
+        _mm_packus_epi16(w0, w1)
+    }
+}
+
+/// [`quantize_plane_c3_512`] with AVX2.
+///
+/// # Safety
+/// AVX2 must be available; `src` readable for `3 * hw` `f32`, `dst` writable for
+/// `3 * hw` bytes.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn quantize_plane_c3_256(
+    src: *const f32,
+    hw: usize,
+    inv: f32,
+    zpf: f32,
+    dst: *mut u8,
+) -> bool {
+    // SAFETY: as in `quantize_plane_c3_512`.
+    unsafe {
+        let k = Q256 {
+            inv: _mm256_set1_ps(inv),
+            zp: _mm256_set1_ps(zpf),
+            lim_lo: _mm256_set1_ps(-4_194_304.0),
+            lim_hi: _mm256_set1_ps(4_194_304.0),
+            magic: _mm256_set1_ps(12_582_912.0),
+            hi: _mm256_set1_ps(255.0),
+            exp: _mm256_set1_epi32(0x7f80_0000),
+        };
+        let mut bad = _mm256_setzero_si256();
+        let mut p0 = 0;
+        while p0 + 16 <= hw {
+            let ch: [__m128i; 3] =
+                std::array::from_fn(|c| quantize16_256(src.add(c * hw + p0), &k, &mut bad));
+            for (o, v) in interleave3(ch).iter().enumerate() {
+                _mm_storeu_si128(dst.add(3 * p0 + 16 * o) as *mut __m128i, *v);
+            }
+            p0 += 16;
+        }
+        _mm256_testz_si256(bad, bad) == 1
+    }
+}
+
+/// Dequantizes sixteen bytes to sixteen floats (AVX-512): `(q - zp) as f32 * scale`.
+///
+/// # Safety
+/// AVX-512F must be available.
+#[inline(always)]
+unsafe fn dequant16_512(v: __m128i, zp: __m512i, scale: __m512) -> __m512 {
+    // SAFETY: the caller guarantees AVX-512F; register operations only.
+    unsafe {
+        let i = _mm512_sub_epi32(_mm512_cvtepu8_epi32(v), zp);
+        _mm512_mul_ps(_mm512_cvtepi32_ps(i), scale)
+    }
+}
+
+/// Dequantizes eight bytes (the low half of `v`) to eight floats (AVX2).
+///
+/// # Safety
+/// AVX2 must be available.
+#[inline(always)]
+unsafe fn dequant8_256(v: __m128i, zp: __m256i, scale: __m256) -> __m256 {
+    // SAFETY: the caller guarantees AVX2; register operations only.
+    unsafe {
+        let i = _mm256_sub_epi32(_mm256_cvtepu8_epi32(v), zp);
+        _mm256_mul_ps(_mm256_cvtepi32_ps(i), scale)
+    }
+}
+
+/// Dequantizes sixteen bytes into `d[0..16]` (AVX2).
+///
+/// # Safety
+/// AVX2 must be available; `d` writable for 16 `f32`.
+#[inline(always)]
+unsafe fn dequant16_256(d: *mut f32, v: __m128i, zp: __m256i, scale: __m256) {
+    // SAFETY: the caller upholds the contract (features, 16 writable floats).
+    unsafe {
+        _mm256_storeu_ps(d, dequant8_256(v, zp, scale));
+        _mm256_storeu_ps(d.add(8), dequant8_256(_mm_srli_si128::<8>(v), zp, scale));
+    }
+}
+
+/// Dequantizes pixels `0..hw / 16 * 16` of one `[hw][c]` byte plane into the `[c][hw]`
+/// `f32` plane `dst`: blocks of 16 pixels x 16 channels transposed in registers, channel
+/// blocks outermost so that the sixteen rows written advance in order (a partial last
+/// channel block reads and writes only its rows). Three channels (an RGB output) are
+/// de-interleaved by `pshufb` instead.
+///
+/// # Safety
+/// AVX-512F/BW must be available; `src` readable for `hw * c` bytes, `dst` writable for
+/// `c * hw` `f32`.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(super) unsafe fn dequantize_plane_nchw_512(
+    src: *const u8,
+    c: usize,
+    hw: usize,
+    scale: f32,
+    zp: u8,
+    dst: *mut f32,
+) {
+    // SAFETY: the caller upholds this function's `# Safety` contract. Block (c0, p0)
+    // reads pixel rows p0 + j < hw at channels c0..c0 + rows <= c and writes channel rows
+    // c0 + i < c at pixels p0..p0 + 16 <= hw.
+    unsafe {
+        let s = _mm512_set1_ps(scale);
+        let z = _mm512_set1_epi32(zp as i32);
+        let hw16 = hw / 16 * 16;
+        if c == 3 {
+            let mut p0 = 0;
+            while p0 < hw16 {
+                let px: [__m128i; 3] = std::array::from_fn(|o| {
+                    _mm_loadu_si128(src.add(3 * p0 + 16 * o) as *const __m128i)
+                });
+                for (ch, v) in deinterleave3(px).iter().enumerate() {
+                    _mm512_storeu_ps(dst.add(ch * hw + p0), dequant16_512(*v, z, s));
+                }
+                p0 += 16;
+            }
+            return;
+        }
+        let mut c0 = 0;
+        while c0 < c {
+            let rows = (c - c0).min(16);
+            let mut p0 = 0;
+            while p0 < hw16 {
+                let mut a = [_mm_setzero_si128(); 16];
+                for (j, v) in a.iter_mut().enumerate() {
+                    let at = src.add((p0 + j) * c + c0);
+                    *v = if rows == 16 {
+                        _mm_loadu_si128(at as *const __m128i)
+                    } else {
+                        load_bytes(at, rows)
+                    };
+                }
+                let t = transpose16(a);
+                for (i, v) in t.iter().enumerate().take(rows) {
+                    _mm512_storeu_ps(dst.add((c0 + i) * hw + p0), dequant16_512(*v, z, s));
+                }
+                p0 += 16;
+            }
+            c0 += 16;
+        }
+    }
+}
+
+/// [`dequantize_plane_nchw_512`] with AVX2.
+///
+/// # Safety
+/// AVX2 must be available; `src` readable for `hw * c` bytes, `dst` writable for
+/// `c * hw` `f32`.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn dequantize_plane_nchw_256(
+    src: *const u8,
+    c: usize,
+    hw: usize,
+    scale: f32,
+    zp: u8,
+    dst: *mut f32,
+) {
+    // SAFETY: as in `dequantize_plane_nchw_512`.
+    unsafe {
+        let s = _mm256_set1_ps(scale);
+        let z = _mm256_set1_epi32(zp as i32);
+        let hw16 = hw / 16 * 16;
+        if c == 3 {
+            let mut p0 = 0;
+            while p0 < hw16 {
+                let px: [__m128i; 3] = std::array::from_fn(|o| {
+                    _mm_loadu_si128(src.add(3 * p0 + 16 * o) as *const __m128i)
+                });
+                for (ch, v) in deinterleave3(px).iter().enumerate() {
+                    dequant16_256(dst.add(ch * hw + p0), *v, z, s);
+                }
+                p0 += 16;
+            }
+            return;
+        }
+        let mut c0 = 0;
+        while c0 < c {
+            let rows = (c - c0).min(16);
+            let mut p0 = 0;
+            while p0 < hw16 {
+                let mut a = [_mm_setzero_si128(); 16];
+                for (j, v) in a.iter_mut().enumerate() {
+                    let at = src.add((p0 + j) * c + c0);
+                    *v = if rows == 16 {
+                        _mm_loadu_si128(at as *const __m128i)
+                    } else {
+                        load_bytes(at, rows)
+                    };
+                }
+                let t = transpose16(a);
+                for (i, v) in t.iter().enumerate().take(rows) {
+                    dequant16_256(dst.add((c0 + i) * hw + p0), *v, z, s);
+                }
+                p0 += 16;
+            }
+            c0 += 16;
+        }
+    }
+}
+
 use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
@@ -296,7 +635,16 @@ impl super::Avx2 {
     ) -> bool {
         assert!(src.len() == c * hw && dst.len() == c * hw);
         let d = dst.as_mut_ptr() as *mut u8;
-        let mut finite = if self.vnni {
+        let mut finite = if c == 3 {
+            if self.vnni {
+                // SAFETY: `vnni` is only set after detecting AVX-512F/BW; `src` holds
+                // `3 * hw` floats and `dst` `3 * hw` bytes (asserted).
+                unsafe { quantize_plane_c3_512(src.as_ptr(), hw, inv, zpf, d) }
+            } else {
+                // SAFETY: the token proves AVX2 (and so SSSE3); sizes as above.
+                unsafe { quantize_plane_c3_256(src.as_ptr(), hw, inv, zpf, d) }
+            }
+        } else if self.vnni {
             // SAFETY: `vnni` is only set after detecting AVX-512F/BW; `src` holds `c * hw`
             // floats and `dst` `hw * c` bytes (asserted).
             unsafe { quantize_plane_nhwc_512(src.as_ptr(), c, hw, inv, zpf, d) }
@@ -314,6 +662,81 @@ impl super::Avx2 {
             }
         }
         finite
+    }
+
+    /// Dequantizes one `[hw][c]` byte plane into the `[c][hw]` `f32` plane `dst` (every
+    /// value written).
+    fn dequantize_plane_nchw(
+        self,
+        src: &[u8],
+        c: usize,
+        hw: usize,
+        scale: f32,
+        zp: u8,
+        dst: &mut [MaybeUninit<f32>],
+    ) -> bool {
+        assert!(src.len() == c * hw && dst.len() == c * hw);
+        let d = dst.as_mut_ptr() as *mut f32;
+        if self.vnni {
+            // SAFETY: `vnni` is only set after detecting AVX-512F/BW; `src` holds `hw * c`
+            // bytes and `dst` `c * hw` floats (asserted).
+            unsafe { dequantize_plane_nchw_512(src.as_ptr(), c, hw, scale, zp, d) }
+        } else {
+            // SAFETY: the token proves AVX2 + FMA; sizes as above.
+            unsafe { dequantize_plane_nchw_256(src.as_ptr(), c, hw, scale, zp, d) }
+        }
+        let z = zp as i32;
+        for p in hw / 16 * 16..hw {
+            for ch in 0..c {
+                dst[ch * hw + p].write((src[p * c + ch] as i32 - z) as f32 * scale);
+            }
+        }
+        true
+    }
+
+    /// `elementwise::dequantize_nhwc_to_nchw` into `dst`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn dequantize_nhwc_to_nchw(
+        self,
+        src: &[u8],
+        b: usize,
+        c: usize,
+        hw: usize,
+        scale: f32,
+        zp: u8,
+        dst: &mut [f32],
+    ) {
+        assert!(src.len() == b * c * hw && dst.len() == src.len());
+        // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and only initialized values
+        // are written through the view.
+        let d = unsafe { &mut *(dst as *mut [f32] as *mut [MaybeUninit<f32>]) };
+        for_planes(src, d, c * hw, |s, d| {
+            self.dequantize_plane_nchw(s, c, hw, scale, zp, d)
+        });
+    }
+
+    /// `elementwise::dequantize_nhwc_to_nchw` into a new vector (not zero-filled first).
+    pub(crate) fn dequantize_nhwc_to_nchw_vec(
+        self,
+        src: &[u8],
+        b: usize,
+        c: usize,
+        hw: usize,
+        scale: f32,
+        zp: u8,
+    ) -> Vec<f32> {
+        let n = b * c * hw;
+        assert_eq!(src.len(), n);
+        // SAFETY: `for_planes` hands every plane of the `n` values to
+        // `dequantize_plane_nchw`, which writes all of its values.
+        let (v, _) = unsafe {
+            filled_vec(n, |d| {
+                for_planes(src, d, c * hw, |s, d| {
+                    self.dequantize_plane_nchw(s, c, hw, scale, zp, d)
+                })
+            })
+        };
+        v
     }
 
     /// `elementwise::quantize_nchw_to_nhwc` into `dst`.
@@ -434,6 +857,81 @@ mod tests {
                     }
                 };
                 assert!(!finite, "{name} {c}x{hw}");
+            }
+        }
+    }
+
+    /// The dequantize bodies (16-channel blocks, partial blocks, the RGB `pshufb` path)
+    /// and the RGB quantize bodies, called directly so that the AVX-512 ones run on any
+    /// CPU with AVX-512F/BW, against the index formula and the 8-bit formulas.
+    #[test]
+    fn dequantize_and_rgb_bodies_match_the_definition() {
+        let avx512 = is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw");
+        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        for &(c, hw) in &[
+            (1usize, 16usize),
+            (3, 16),
+            (3, 47),
+            (3, 784),
+            (15, 32),
+            (16, 16),
+            (17, 35),
+            (40, 64),
+            (128, 784),
+        ] {
+            let n = c * hw;
+            let hw16 = hw / 16 * 16;
+            let q: Vec<u8> = (0..n).map(|i| (i * 7919 % 256) as u8).collect();
+            let (scale, zp) = (0.0371f32, 131u8);
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919) % 2003) as f32 * 0.0137 - 13.5)
+                .collect();
+            let inv = 1.0f32 / scale;
+            for (name, ok) in [("avx2", avx2), ("avx512", avx512)] {
+                if !ok {
+                    continue;
+                }
+                let mut got = vec![f32::NAN; n];
+                // SAFETY: the features were detected; the buffers hold `c * hw` values.
+                unsafe {
+                    if name == "avx512" {
+                        dequantize_plane_nchw_512(q.as_ptr(), c, hw, scale, zp, got.as_mut_ptr())
+                    } else {
+                        dequantize_plane_nchw_256(q.as_ptr(), c, hw, scale, zp, got.as_mut_ptr())
+                    }
+                }
+                for ch in 0..c {
+                    for p in 0..hw16 {
+                        let want = (q[p * c + ch] as i32 - zp as i32) as f32 * scale;
+                        let g = got[ch * hw + p];
+                        assert_eq!(g.to_bits(), want.to_bits(), "{name} {c}x{hw} {ch} {p}");
+                    }
+                }
+                if c != 3 {
+                    continue;
+                }
+                let mut got = vec![0u8; n];
+                // SAFETY: as above.
+                let finite = unsafe {
+                    if name == "avx512" {
+                        quantize_plane_c3_512(x.as_ptr(), hw, inv, zp as f32, got.as_mut_ptr())
+                    } else {
+                        quantize_plane_c3_256(x.as_ptr(), hw, inv, zp as f32, got.as_mut_ptr())
+                    }
+                };
+                assert!(finite);
+                for ch in 0..3 {
+                    for p in 0..hw16 {
+                        let want = crate::qparams::quantize_val_8bit(
+                            x[ch * hw + p],
+                            inv,
+                            zp as f32,
+                            0.0,
+                            255.0,
+                        ) as u8;
+                        assert_eq!(got[p * 3 + ch], want, "{name} rgb {hw} {ch} {p}");
+                    }
+                }
             }
         }
     }
