@@ -80,8 +80,40 @@ unsafe fn quantize16_512(src: *const f32, k: &Q512, bad: &mut __mmask16) -> __m1
     }
 }
 
+/// The 4x4 byte transpose inside each 32-bit-lane quad of a 128-bit lane: byte `4j + i`
+/// takes byte `4i + j`.
+const T4X4: [u8; 16] = [0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15];
+
+/// Sixteen floats times `inv`, clamped to `[-2^22, 2^22]` and rounded half to even
+/// (`cvtps2dq` in the default rounding mode) into `i32` lanes; the largest absolute-value
+/// bit pattern seen is kept in `maxbits` (a lane is NaN or infinite iff its pattern is at
+/// least `0x7f80_0000`).
+///
+/// # Safety
+/// AVX-512F must be available; `src` readable for 16 `f32`.
+#[inline(always)]
+unsafe fn round16_512(src: *const f32, k: &Q512, maxbits: &mut __m512i) -> __m512i {
+    // SAFETY: the caller upholds the contract (features, 16 readable floats).
+    unsafe {
+        let x = _mm512_loadu_ps(src);
+        let abs = _mm512_andnot_si512(_mm512_set1_epi32(i32::MIN), _mm512_castps_si512(x));
+        *maxbits = _mm512_max_epu32(*maxbits, abs);
+        let t = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x, k.inv), k.lim_lo), k.lim_hi);
+        _mm512_cvtps_epi32(t)
+    }
+}
+
 /// Quantizes pixels `0..hw / 16 * 16` of one `[c][hw]` `f32` plane into the `[hw][c]`
 /// byte plane `dst`; returns whether those inputs were all finite.
+///
+/// A block of 16 channels x 16 pixels: each channel row is rounded into sixteen `i32`
+/// lanes, then packed with saturation to `i16` (two rows a register), the zero point added
+/// with saturation, and packed with saturation to `u8` (four rows a register): register
+/// `g`'s 128-bit lane `L` then holds rows `4g..4g + 4` x pixels `4L..4L + 4`, a 4x4 byte
+/// block that one `pshufb` transposes; a 4x4 transpose of 32-bit lanes across the four
+/// registers leaves pixel `4L + j`'s sixteen channels in lane `L` of register `j`. The
+/// saturations are the clamp to `0..=255` (the rounded value lies in `[-2^22, 2^22]`), so
+/// every byte is `quantize_u8`'s. 24 shuffles a block where a byte transpose takes 64.
 ///
 /// # Safety
 /// AVX-512F/BW must be available; `src` readable for `c * hw` `f32`, `dst` writable for
@@ -108,36 +140,60 @@ pub(super) unsafe fn quantize_plane_nhwc_512(
             hi: _mm512_set1_ps(255.0),
             exp: _mm512_set1_epi32(0x7f80_0000),
         };
-        let mut bad: __mmask16 = 0;
+        let zp16 = _mm512_set1_epi16(zpf as i16);
+        let t4 = _mm512_broadcast_i32x4(_mm_loadu_si128(T4X4.as_ptr() as *const __m128i));
+        let mut maxbits = _mm512_setzero_si512();
         let hw16 = hw / 16 * 16;
         let mut p0 = 0;
         while p0 < hw16 {
             let mut c0 = 0;
             while c0 < c {
                 let rows = (c - c0).min(16);
-                let mut a = [_mm_setzero_si128(); 16];
-                for (i, v) in a.iter_mut().enumerate().take(rows) {
+                let mut v = [_mm512_setzero_si512(); 16];
+                for (i, r) in v.iter_mut().enumerate().take(rows) {
                     let row = src.add((c0 + i) * hw + p0);
-                    // the 16 rows are read side by side: the hardware prefetcher does not
+                    // the rows are read side by side: the hardware prefetcher does not
                     // follow them, so fetch each a few lines ahead
                     _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(AHEAD) as *const i8);
-                    *v = quantize16_512(row, &k, &mut bad);
+                    *r = round16_512(row, &k, &mut maxbits);
                 }
-                let t = transpose16(a);
-                if rows == 16 {
-                    for (j, v) in t.iter().enumerate() {
-                        _mm_storeu_si128(dst.add((p0 + j) * c + c0) as *mut __m128i, *v);
-                    }
-                } else {
-                    for (j, v) in t.iter().enumerate() {
-                        store_bytes(*v, dst.add((p0 + j) * c + c0), rows);
+                let pk: [__m512i; 8] = std::array::from_fn(|h| {
+                    _mm512_adds_epi16(_mm512_packs_epi32(v[2 * h], v[2 * h + 1]), zp16)
+                });
+                let t: [__m512i; 4] = std::array::from_fn(|g| {
+                    _mm512_shuffle_epi8(_mm512_packus_epi16(pk[2 * g], pk[2 * g + 1]), t4)
+                });
+                let u0 = _mm512_unpacklo_epi32(t[0], t[1]);
+                let u1 = _mm512_unpackhi_epi32(t[0], t[1]);
+                let u2 = _mm512_unpacklo_epi32(t[2], t[3]);
+                let u3 = _mm512_unpackhi_epi32(t[2], t[3]);
+                let r = [
+                    _mm512_unpacklo_epi64(u0, u2),
+                    _mm512_unpackhi_epi64(u0, u2),
+                    _mm512_unpacklo_epi64(u1, u3),
+                    _mm512_unpackhi_epi64(u1, u3),
+                ];
+                for (j, rj) in r.iter().enumerate() {
+                    let lanes = [
+                        _mm512_castsi512_si128(*rj),
+                        _mm512_extracti32x4_epi32::<1>(*rj),
+                        _mm512_extracti32x4_epi32::<2>(*rj),
+                        _mm512_extracti32x4_epi32::<3>(*rj),
+                    ];
+                    for (l, x) in lanes.iter().enumerate() {
+                        let at = dst.add((p0 + 4 * l + j) * c + c0);
+                        if rows == 16 {
+                            _mm_storeu_si128(at as *mut __m128i, *x);
+                        } else {
+                            store_bytes(*x, at, rows);
+                        }
                     }
                 }
                 c0 += 16;
             }
             p0 += 16;
         }
-        bad == 0
+        _mm512_cmpge_epu32_mask(maxbits, k.exp) == 0
     }
 }
 
