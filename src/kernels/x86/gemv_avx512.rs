@@ -19,6 +19,8 @@ use crate::kernels::requant::RequantParams;
 /// # Safety
 /// AVX-512F/BW/VNNI must be available; `kp % 4 == 0`; `a` readable for `R * kp` bytes,
 /// `b` for `np * NR * kp` bytes, `acc` writable for `np * R * NR` `i32`.
+// (indexed loops over the accumulator registers read clearer than zipped iterators)
+#[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn gemv_acc<const R: usize>(
     a: *const u8,
@@ -116,7 +118,7 @@ impl super::Avx2 {
         ldc: usize,
     ) -> bool {
         let (n, k, kp) = (w.n, w.k, w.kp);
-        let m = if k == 0 { 0 } else { a.len() / k };
+        let m = a.len().checked_div(k).unwrap_or(0);
         if !self.vnni || k == 0 || !(1..=4).contains(&m) {
             return false;
         }
