@@ -226,7 +226,24 @@ unsafe fn quantize8_256(src: *const f32, k: &Q256, bad: &mut __m256i) -> __m256i
     }
 }
 
-/// [`quantize_plane_nhwc_512`] with AVX2 (two registers of eight lanes a row).
+/// [`round16_512`] on eight floats with AVX2.
+///
+/// # Safety
+/// AVX2 must be available; `src` readable for 8 `f32`.
+#[inline(always)]
+unsafe fn round8_256(src: *const f32, k: &Q256, maxbits: &mut __m256i) -> __m256i {
+    // SAFETY: the caller upholds the contract (features, 8 readable floats).
+    unsafe {
+        let x = _mm256_loadu_ps(src);
+        let abs = _mm256_andnot_si256(_mm256_set1_epi32(i32::MIN), _mm256_castps_si256(x));
+        *maxbits = _mm256_max_epu32(*maxbits, abs);
+        let t = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(x, k.inv), k.lim_lo), k.lim_hi);
+        _mm256_cvtps_epi32(t)
+    }
+}
+
+/// [`quantize_plane_nhwc_512`] with AVX2: the same saturating packs and shuffles on the
+/// two eight-pixel halves of a block.
 ///
 /// # Safety
 /// AVX2 must be available; `src` readable for `c * hw` `f32`, `dst` writable for `hw * c`
@@ -252,44 +269,62 @@ pub(super) unsafe fn quantize_plane_nhwc_256(
             hi: _mm256_set1_ps(255.0),
             exp: _mm256_set1_epi32(0x7f80_0000),
         };
-        let mut bad = _mm256_setzero_si256();
+        let zp16 = _mm256_set1_epi16(zpf as i16);
+        let t4 = _mm256_broadcastsi128_si256(_mm_loadu_si128(T4X4.as_ptr() as *const __m128i));
+        let mut maxbits = _mm256_setzero_si256();
         let hw16 = hw / 16 * 16;
         let mut p0 = 0;
         while p0 < hw16 {
             let mut c0 = 0;
             while c0 < c {
                 let rows = (c - c0).min(16);
-                let mut a = [_mm_setzero_si128(); 16];
-                for (i, v) in a.iter_mut().enumerate().take(rows) {
-                    let row = src.add((c0 + i) * hw + p0);
-                    _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(AHEAD) as *const i8);
-                    let r0 = quantize8_256(row, &k, &mut bad);
-                    let r1 = quantize8_256(row.add(8), &k, &mut bad);
-                    let w0 = _mm_packs_epi32(
-                        _mm256_castsi256_si128(r0),
-                        _mm256_extracti128_si256::<1>(r0),
-                    );
-                    let w1 = _mm_packs_epi32(
-                        _mm256_castsi256_si128(r1),
-                        _mm256_extracti128_si256::<1>(r1),
-                    );
-                    *v = _mm_packus_epi16(w0, w1);
-                }
-                let t = transpose16(a);
-                if rows == 16 {
-                    for (j, v) in t.iter().enumerate() {
-                        _mm_storeu_si128(dst.add((p0 + j) * c + c0) as *mut __m128i, *v);
+                for half in 0..2 {
+                    let ph = p0 + 8 * half;
+                    let mut v = [_mm256_setzero_si256(); 16];
+                    for (i, r) in v.iter_mut().enumerate().take(rows) {
+                        let row = src.add((c0 + i) * hw + ph);
+                        if half == 0 {
+                            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(AHEAD) as *const i8);
+                        }
+                        *r = round8_256(row, &k, &mut maxbits);
                     }
-                } else {
-                    for (j, v) in t.iter().enumerate() {
-                        store_bytes(*v, dst.add((p0 + j) * c + c0), rows);
+                    let pk: [__m256i; 8] = std::array::from_fn(|h| {
+                        _mm256_adds_epi16(_mm256_packs_epi32(v[2 * h], v[2 * h + 1]), zp16)
+                    });
+                    let t: [__m256i; 4] = std::array::from_fn(|g| {
+                        _mm256_shuffle_epi8(_mm256_packus_epi16(pk[2 * g], pk[2 * g + 1]), t4)
+                    });
+                    let u0 = _mm256_unpacklo_epi32(t[0], t[1]);
+                    let u1 = _mm256_unpackhi_epi32(t[0], t[1]);
+                    let u2 = _mm256_unpacklo_epi32(t[2], t[3]);
+                    let u3 = _mm256_unpackhi_epi32(t[2], t[3]);
+                    let r = [
+                        _mm256_unpacklo_epi64(u0, u2),
+                        _mm256_unpackhi_epi64(u0, u2),
+                        _mm256_unpacklo_epi64(u1, u3),
+                        _mm256_unpackhi_epi64(u1, u3),
+                    ];
+                    for (j, rj) in r.iter().enumerate() {
+                        let lanes = [
+                            _mm256_castsi256_si128(*rj),
+                            _mm256_extracti128_si256::<1>(*rj),
+                        ];
+                        for (l, x) in lanes.iter().enumerate() {
+                            let at = dst.add((ph + 4 * l + j) * c + c0);
+                            if rows == 16 {
+                                _mm_storeu_si128(at as *mut __m128i, *x);
+                            } else {
+                                store_bytes(*x, at, rows);
+                            }
+                        }
                     }
                 }
                 c0 += 16;
             }
             p0 += 16;
         }
-        _mm256_testz_si256(bad, bad) == 1
+        let over = _mm256_cmpeq_epi32(_mm256_max_epu32(maxbits, k.exp), maxbits);
+        _mm256_testz_si256(over, over) == 1
     }
 }
 
