@@ -272,7 +272,7 @@ fn for_planes<S: Sync, D: Send>(
 /// order: `dst[(i * hw + p) * c + ch] = quantize(src[(i * c + ch) * hw + p])`, in one pass
 /// (the quantize border before a convolution). The portable set runs the plain loops;
 /// the SIMD sets quantize blocks of 16 channels x 16 pixels and transpose them in
-/// registers. Returns whether every input was finite; when it was not, `dst` is
+/// registers (three channels: interleaved by `pshufb`). Returns whether every input was finite; when it was not, `dst` is
 /// unspecified and the caller must report the NaN or infinity.
 ///
 /// # Panics
@@ -378,9 +378,11 @@ pub fn quantize_nchw_to_nhwc_vec(
 
 /// [`dequantize_u8`] of `b` NHWC images (`hw` pixels of `c` channels) written in NCHW
 /// order: `dst[(i * c + ch) * hw + p] = dequantize(src[(i * hw + p) * c + ch])` (the
-/// dequantize border after a convolution). Image by image: the bytes are transposed into
-/// one image of scratch, which is dequantized in memory order while it is in cache, so
-/// the floats are written sequentially. Every set gives the same bits.
+/// dequantize border after a convolution). The SIMD sets transpose blocks of 16 pixels x
+/// 16 channels in registers and write the floats straight to `dst` (three channels:
+/// de-interleaved by `pshufb`); other channel counts, and the portable set, transpose
+/// each image into byte scratch and dequantize it in memory order. Every set gives the
+/// same bits.
 ///
 /// # Panics
 /// When `src` or `dst` does not hold `b * c * hw` values.

@@ -1,18 +1,17 @@
-//! The quantize border of an int8 model with the layout change folded in: `f32` NCHW ->
-//! `u8` NHWC quantization in one pass (the dequantize border, `u8` NHWC -> `f32` NCHW, is
-//! `elementwise::dequantize_nhwc_to_nchw`: a transpose into cache-resident scratch then the
-//! plain dequantization, which writes the floats in order and measured faster than
-//! dequantizing transposed blocks, whose sixteen interleaved store streams stall).
+//! The borders of an int8 model with the layout change folded in, one pass each: `f32`
+//! NCHW -> `u8` NHWC quantization and `u8` NHWC -> `f32` NCHW dequantization.
 //!
-//! It works on one image plane in blocks of 16 channels x 16 pixels held in sixteen
-//! SSE registers: quantize a block's rows and transpose the bytes in
-//! registers (four rounds of `unpack{lo,hi}_epi8`, as `x86::transpose16x16`). A channel
-//! count that is not a multiple of 16 ends in a partial block (its missing rows are
-//! zeros, its stores cut short); the pixels past the last multiple of 16 are left to the
-//! caller. The arithmetic per element is `elementwise::quantize_u8`'s, lane for lane. The
-//! sixteen rows a block reads are prefetched a few lines ahead (the hardware prefetcher
-//! does not follow sixteen interleaved streams: without it the kernel ran at half speed
-//! on data out of cache).
+//! Both work on one image plane in blocks of 16 channels x 16 pixels transposed in
+//! registers. Quantize: each channel row rounded into `i32` lanes, packed with saturation
+//! (the clamp to `0..=255`) and transposed by `pshufb` and 32-bit unpacks (see
+//! [`quantize_plane_nhwc_512`]); the rows a block reads are prefetched a few lines ahead
+//! (the hardware prefetcher does not follow many interleaved streams). Dequantize: a
+//! 16x16 byte transpose, then sixteen floats a channel row, channel blocks outermost so
+//! the sixteen rows written advance in order. A channel count that is not a multiple of
+//! 16 ends in a partial block (its missing rows are zeros, its loads and stores cut
+//! short); three channels (an RGB image) are interleaved / de-interleaved by `pshufb`
+//! instead; the pixels past the last multiple of 16 are left to the caller. The arithmetic
+//! per element is `elementwise::quantize_u8`'s and `dequantize_u8`'s, bit for bit.
 
 use std::arch::x86_64::*;
 
