@@ -231,6 +231,14 @@ fn check_border(kind: &str, src: usize, dst: usize, b: usize, c: usize, hw: usiz
     );
 }
 
+/// Whether the SIMD sets convert a `c`-channel border in one fused pass (blocks of 16
+/// channels transposed in registers, or RGB triples interleaved by `pshufb`); other
+/// channel counts go through a flat conversion and a byte transpose in cache.
+#[cfg(target_arch = "x86_64")]
+fn fused_border(c: usize) -> bool {
+    c >= 16 || c == 3
+}
+
 /// Tensors of at least this many elements spread their images over rayon's pool.
 const PAR_MIN: usize = 1 << 18;
 
@@ -264,7 +272,7 @@ fn for_planes<S: Sync, D: Send>(
 /// order: `dst[(i * hw + p) * c + ch] = quantize(src[(i * c + ch) * hw + p])`, in one pass
 /// (the quantize border before a convolution). The portable set runs the plain loops;
 /// the SIMD sets quantize blocks of 16 channels x 16 pixels and transpose them in
-/// registers. Returns whether every input was finite; when it was not, `dst` is
+/// registers (three channels: interleaved by `pshufb`). Returns whether every input was finite; when it was not, `dst` is
 /// unspecified and the caller must report the NaN or infinity.
 ///
 /// # Panics
@@ -294,7 +302,7 @@ pub fn quantize_nchw_to_nhwc(
     let inv = 1.0f32 / scale;
     let zpf = zero_point as f32;
     #[cfg(target_arch = "x86_64")]
-    if let (Some(s), true) = (ks.simd, c >= 16) {
+    if let (Some(s), true) = (ks.simd, fused_border(c)) {
         return s.quantize_nchw_to_nhwc(src, b, c, hw, inv, zpf, dst);
     }
     if ks.simd.is_some() {
@@ -361,7 +369,7 @@ pub fn quantize_nchw_to_nhwc_vec(
 ) -> Option<Vec<u8>> {
     check_border("quantize_nchw_to_nhwc", src.len(), src.len(), b, c, hw);
     #[cfg(target_arch = "x86_64")]
-    if let (Some(s), true) = (ks.simd, c >= 16) {
+    if let (Some(s), true) = (ks.simd, fused_border(c)) {
         return s.quantize_nchw_to_nhwc_vec(src, b, c, hw, 1.0f32 / scale, zero_point as f32);
     }
     let mut v = vec![0u8; src.len()];
@@ -370,9 +378,11 @@ pub fn quantize_nchw_to_nhwc_vec(
 
 /// [`dequantize_u8`] of `b` NHWC images (`hw` pixels of `c` channels) written in NCHW
 /// order: `dst[(i * c + ch) * hw + p] = dequantize(src[(i * hw + p) * c + ch])` (the
-/// dequantize border after a convolution). Image by image: the bytes are transposed into
-/// one image of scratch, which is dequantized in memory order while it is in cache, so
-/// the floats are written sequentially. Every set gives the same bits.
+/// dequantize border after a convolution). The SIMD sets transpose blocks of 16 pixels x
+/// 16 channels in registers and write the floats straight to `dst` (three channels:
+/// de-interleaved by `pshufb`); other channel counts, and the portable set, transpose
+/// each image into byte scratch and dequantize it in memory order. Every set gives the
+/// same bits.
 ///
 /// # Panics
 /// When `src` or `dst` does not hold `b * c * hw` values.
@@ -397,6 +407,10 @@ pub fn dequantize_nhwc_to_nchw(
     dst: &mut [f32],
 ) {
     check_border("dequantize_nhwc_to_nchw", src.len(), dst.len(), b, c, hw);
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(s), true) = (ks.simd, fused_border(c)) {
+        return s.dequantize_nhwc_to_nchw(src, b, c, hw, scale, zero_point, dst);
+    }
     for_planes(src, dst, c * hw, |s, d, tmp| {
         super::transpose_u8(ks, s, hw, c, tmp);
         dequantize_u8(ks, tmp, scale, zero_point, d);
@@ -425,6 +439,10 @@ pub fn dequantize_nhwc_to_nchw_vec(
     zero_point: u8,
 ) -> Vec<f32> {
     check_border("dequantize_nhwc_to_nchw", src.len(), src.len(), b, c, hw);
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(s), true) = (ks.simd, fused_border(c)) {
+        return s.dequantize_nhwc_to_nchw_vec(src, b, c, hw, scale, zero_point);
+    }
     // Transposing the bytes first then dequantizing into a vector that is not zero-filled
     // measured faster here than zero-filling the floats for the image-by-image pass.
     let mut t = vec![0u8; src.len()];
@@ -592,6 +610,11 @@ mod tests {
             (1usize, 1usize, 1usize),
             (1, 3, 12544 / 16),
             (2, 3, 17),
+            (1, 3, 15),
+            (3, 3, 16),
+            (2, 3, 100_000),
+            (1, 2, 40),
+            (1, 4, 33),
             (1, 15, 16),
             (2, 16, 16),
             (3, 17, 33),
@@ -639,19 +662,34 @@ mod tests {
             }
         }
         // NaN / infinity in the block part, the partial channel block and the pixel tail
-        let (b, c, hw) = (2, 20, 18);
-        for ks in KernelSet::all_available() {
-            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
-                for at in [0, 5, 16 * 18 + 3, 19 * 18 + 17, 2 * 20 * 18 - 1] {
-                    let mut x = vec![0.5f32; b * c * hw];
-                    x[at] = bad;
-                    let mut q = vec![0u8; x.len()];
-                    let what = format!("{:?} {bad} at {at}", ks.backend());
-                    assert!(
-                        !quantize_nchw_to_nhwc(ks, &x, b, c, hw, 0.1, 3, &mut q),
-                        "{what}"
-                    );
-                    assert_eq!(quantize_nchw_to_nhwc_vec(ks, &x, b, c, hw, 0.1, 3), None);
+        // (and for three channels: each channel of the pshufb blocks and the tail)
+        for (b, c, hw, ats) in [
+            (
+                2,
+                20,
+                18,
+                vec![0, 5, 16 * 18 + 3, 19 * 18 + 17, 2 * 20 * 18 - 1],
+            ),
+            (
+                2,
+                3,
+                37,
+                vec![0, 15, 37 + 31, 2 * 37 + 2, 36, 3 * 37 + 33, 2 * 3 * 37 - 1],
+            ),
+        ] {
+            for ks in KernelSet::all_available() {
+                for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                    for &at in &ats {
+                        let mut x = vec![0.5f32; b * c * hw];
+                        x[at] = bad;
+                        let mut q = vec![0u8; x.len()];
+                        let what = format!("{:?} {bad} at {at}", ks.backend());
+                        assert!(
+                            !quantize_nchw_to_nhwc(ks, &x, b, c, hw, 0.1, 3, &mut q),
+                            "{what}"
+                        );
+                        assert_eq!(quantize_nchw_to_nhwc_vec(ks, &x, b, c, hw, 0.1, 3), None);
+                    }
                 }
             }
         }

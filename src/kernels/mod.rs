@@ -439,6 +439,13 @@ fn qgemm_impl(
     ldc: usize,
 ) -> Result<KernelPath> {
     check_args(&a, w, rq, out, ldc)?;
+    // Up to MR rows packed densely: a GEMV where the set has one.
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(s), 1..=4) = (simd, a.rows) {
+        if s.gemv_rows(a.data, a.zero_point, w, rq, out, ldc) {
+            return Ok(KernelPath::Avx512Vnni);
+        }
+    }
     let src = MatrixRows {
         data: a.data,
         k: w.k,

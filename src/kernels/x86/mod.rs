@@ -11,6 +11,7 @@ mod avx2;
 mod avx512_vnni;
 mod depthwise_avx2;
 mod depthwise_avx512;
+mod gemv_avx512;
 mod layout;
 
 pub(crate) use avx2::Avx2Kernel;
