@@ -243,12 +243,13 @@ fn fused_border(c: usize) -> bool {
 const PAR_MIN: usize = 1 << 18;
 
 /// Runs `f(src_plane, dst_plane, scratch)` over the `b` planes of `plane` elements, with
-/// one plane of byte scratch per worker (in parallel for large tensors with more than one
-/// image); true when every call returned true.
-fn for_planes<S: Sync, D: Send>(
+/// `scratch` bytes of scratch per worker (none allocated when 0; in parallel for large
+/// tensors with more than one image); true when every call returned true.
+pub(crate) fn for_planes<S: Sync, D: Send>(
     src: &[S],
     dst: &mut [D],
     plane: usize,
+    scratch: usize,
     f: impl Fn(&[S], &mut [D], &mut [u8]) -> bool + Sync,
 ) -> bool {
     use rayon::prelude::*;
@@ -258,10 +259,10 @@ fn for_planes<S: Sync, D: Send>(
     if src.len() > plane && src.len() >= PAR_MIN {
         dst.par_chunks_mut(plane)
             .zip(src.par_chunks(plane))
-            .map_init(|| vec![0u8; plane], |tmp, (d, s)| f(s, d, tmp))
+            .map_init(|| vec![0u8; scratch], |tmp, (d, s)| f(s, d, tmp))
             .reduce(|| true, |a, b| a & b)
     } else {
-        let mut tmp = vec![0u8; plane];
+        let mut tmp = vec![0u8; scratch];
         dst.chunks_mut(plane)
             .zip(src.chunks(plane))
             .fold(true, |ok, (d, s)| f(s, d, &mut tmp) & ok)
@@ -308,7 +309,7 @@ pub fn quantize_nchw_to_nhwc(
     if ks.simd.is_some() {
         // Few channels (an RGB stem): quantize in memory order, then interleave the
         // planes from cache (the 16-channel blocks would be mostly empty).
-        return for_planes(src, dst, c * hw, |s, d, tmp| {
+        return for_planes(src, dst, c * hw, c * hw, |s, d, tmp| {
             let ok = quantize_u8(ks, s, scale, zero_point, tmp);
             super::transpose_u8(ks, tmp, c, hw, d);
             ok
@@ -411,7 +412,7 @@ pub fn dequantize_nhwc_to_nchw(
     if let (Some(s), true) = (ks.simd, fused_border(c)) {
         return s.dequantize_nhwc_to_nchw(src, b, c, hw, scale, zero_point, dst);
     }
-    for_planes(src, dst, c * hw, |s, d, tmp| {
+    for_planes(src, dst, c * hw, c * hw, |s, d, tmp| {
         super::transpose_u8(ks, s, hw, c, tmp);
         dequantize_u8(ks, tmp, scale, zero_point, d);
         true
@@ -446,7 +447,7 @@ pub fn dequantize_nhwc_to_nchw_vec(
     // Transposing the bytes first then dequantizing into a vector that is not zero-filled
     // measured faster here than zero-filling the floats for the image-by-image pass.
     let mut t = vec![0u8; src.len()];
-    for_planes(src, &mut t, c * hw, |s, d, _| {
+    for_planes(src, &mut t, c * hw, 0, |s, d, _| {
         super::transpose_u8(ks, s, hw, c, d);
         true
     });

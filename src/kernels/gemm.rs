@@ -134,13 +134,31 @@ pub(crate) trait GemmKernel: Copy + Send + Sync {
     ) {
         // SAFETY: forwarded from this function's contract (`acc` holds MR * NR values).
         unsafe { self.kernel(a, deltas, seg, b, acc) };
-        for h in 0..Self::NR / NR {
+        self.requant_panels(acc, ep, rows, cols, out, ldc);
+    }
+
+    /// [`requant_tile`](Self::requant_tile) on each `NR`-column panel of a tile's sums
+    /// (`acc`, panel-major: `MR * NR` values a panel) that has valid columns.
+    fn requant_panels(
+        self,
+        acc: &[i32],
+        ep: &Epilogue<'_>,
+        rows: usize,
+        cols: usize,
+        out: &mut [u8],
+        ldc: usize,
+    ) {
+        for (h, panel) in acc
+            .chunks_exact(Self::MR * NR)
+            .take(Self::NR / NR)
+            .enumerate()
+        {
             let c0 = h * NR;
             if c0 >= cols {
                 break;
             }
             self.requant_tile(
-                &acc[h * Self::MR * NR..(h + 1) * Self::MR * NR],
+                panel,
                 rows,
                 NR.min(cols - c0),
                 ep.rowsum,
@@ -188,25 +206,7 @@ pub(crate) trait GemmKernel: Copy + Send + Sync {
         for (x, y) in acc.iter_mut().zip(acc2.iter()).take(Self::MR * Self::NR) {
             *x = x.wrapping_add(y.wrapping_shl(7));
         }
-        // Requantize the valid rows of each panel.
-        for h in 0..Self::NR / NR {
-            let c0 = h * NR;
-            if c0 >= cols {
-                break;
-            }
-            self.requant_tile(
-                &acc[h * Self::MR * NR..(h + 1) * Self::MR * NR],
-                rows,
-                NR.min(cols - c0),
-                ep.rowsum,
-                ep.a_zp,
-                ep.w,
-                ep.rq,
-                ep.j0 + c0,
-                &mut out[c0..],
-                ldc,
-            );
-        }
+        self.requant_panels(acc, ep, rows, cols, out, ldc);
     }
 }
 

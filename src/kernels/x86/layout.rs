@@ -668,33 +668,7 @@ pub(super) unsafe fn dequantize_plane_nchw_256(
 
 use std::mem::MaybeUninit;
 
-use rayon::prelude::*;
-
-/// Tensors of at least this many elements spread their images over rayon's pool.
-const PAR_MIN: usize = 1 << 18;
-
-/// Runs `f(src_plane, dst_plane)` over the `b` planes of `plane` elements (in parallel
-/// for large tensors with more than one image); true when every call returned true.
-fn for_planes<S: Sync, D: Send>(
-    src: &[S],
-    dst: &mut [D],
-    plane: usize,
-    f: impl Fn(&[S], &mut [D]) -> bool + Sync,
-) -> bool {
-    if plane == 0 {
-        return true;
-    }
-    if src.len() > plane && src.len() >= PAR_MIN {
-        dst.par_chunks_mut(plane)
-            .zip(src.par_chunks(plane))
-            .map(|(d, s)| f(s, d))
-            .reduce(|| true, |a, b| a & b)
-    } else {
-        dst.chunks_mut(plane)
-            .zip(src.chunks(plane))
-            .fold(true, |ok, (d, s)| f(s, d) & ok)
-    }
-}
+use crate::kernels::elementwise::for_planes;
 
 /// A vector of `n` values every one of which `fill` writes (`fill` returns its flag).
 ///
@@ -800,7 +774,7 @@ impl super::Avx2 {
         // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and only initialized values
         // are written through the view.
         let d = unsafe { &mut *(dst as *mut [f32] as *mut [MaybeUninit<f32>]) };
-        for_planes(src, d, c * hw, |s, d| {
+        for_planes(src, d, c * hw, 0, |s, d, _| {
             self.dequantize_plane_nchw(s, c, hw, scale, zp, d)
         });
     }
@@ -821,7 +795,7 @@ impl super::Avx2 {
         // `dequantize_plane_nchw`, which writes all of its values.
         let (v, _) = unsafe {
             filled_vec(n, |d| {
-                for_planes(src, d, c * hw, |s, d| {
+                for_planes(src, d, c * hw, 0, |s, d, _| {
                     self.dequantize_plane_nchw(s, c, hw, scale, zp, d)
                 })
             })
@@ -845,7 +819,7 @@ impl super::Avx2 {
         // SAFETY: `MaybeUninit<u8>` has the layout of `u8`, and only initialized bytes
         // are written through the view.
         let d = unsafe { &mut *(dst as *mut [u8] as *mut [MaybeUninit<u8>]) };
-        for_planes(src, d, c * hw, |s, d| {
+        for_planes(src, d, c * hw, 0, |s, d, _| {
             self.quantize_plane_nhwc(s, c, hw, inv, zpf, d)
         })
     }
@@ -867,7 +841,7 @@ impl super::Avx2 {
         // `quantize_plane_nhwc`, which writes all of its bytes.
         let (v, ok) = unsafe {
             filled_vec(n, |d| {
-                for_planes(src, d, c * hw, |s, d| {
+                for_planes(src, d, c * hw, 0, |s, d, _| {
                     self.quantize_plane_nhwc(s, c, hw, inv, zpf, d)
                 })
             })
